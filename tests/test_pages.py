@@ -125,15 +125,15 @@ def test_cli(site, tmp_path):
     (d / "bad_js.ipynb").write_text((site / "bad_js.ipynb").read_text())
     _write(d / "notes.ipynb", [md("# Notes\n\n$$\\eta = \\eta_0 / n$$"), code("1")], executed=True)
     _write(d / "draft.ipynb", [code("1")])                   # not executed: skipped
-    _write(d / "index.ipynb", [code("1")], executed=True)    # the index is not a page
+    _write(d / "index.ipynb", [code("1")], executed=True)    # the landing notebook's page is home.html
     run = lambda *a: subprocess.run([sys.executable, "-m", "effworkbench.pages", "check", *map(str, a)],
                                     capture_output=True, text=True, timeout=120)
     r = run(d, "--draw-timeout", "2")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAILED bad_js.html" in r.stdout and "boom" in r.stdout and "skip draft.ipynb" in r.stderr
     report = json.loads((d / "page_check.json").read_text())
-    assert report["ok"] is False and sorted(p["page"] for p in report["pages"]) == ["bad_js.html", "notes.html"]
-    assert not (d / "draft.html").exists() and not (d / "index.html").exists()
+    assert report["ok"] is False and sorted(p["page"] for p in report["pages"]) == ["bad_js.html", "home.html", "notes.html"]
+    assert not (d / "draft.html").exists() and not (d / "index.html").exists()   # index.html stays the site's index
     (d / "bad_js.ipynb").unlink(); (d / "bad_js.html").unlink()
     r = run(d, "--no-render")
     assert r.returncode == 0, r.stdout + r.stderr

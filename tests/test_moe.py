@@ -1,0 +1,137 @@
+"MoE layers: routing invariants, losses, backends against float64 (values and gradients), no host sync, GPT integration."
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from effworkbench.gpt import GPT, GPTConfig, flops_per_token, param_counts
+from effworkbench.moe import (MoEConfig, MoEFFN, load_balance_loss, moe_mlp, moe_stats, route_dynamic_k,
+                              route_expert_choice, route_token_choice)
+
+
+def reference(x, w_in, w_out, w_gate, idx, gates, act):
+    "Token by token in float64."
+    act_fn = {"gelu": torch.nn.functional.gelu, "relu": torch.relu}
+    y = torch.zeros(x.shape[0], w_out.shape[-1], dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[n, k])
+            if e < 0: continue
+            pre = x[n] @ w_in[e]
+            h = torch.nn.functional.silu(x[n] @ w_gate[e]) * pre if act == "swiglu" else act_fn[act](pre)
+            y[n] = y[n] + gates[n, k] * (h @ w_out[e])
+    return y
+
+
+def random_case(seed, N, d, h, E, K, swiglu, empty_expert=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g)
+    w = [torch.randn(E, d, h, generator=g) / d**0.5, torch.randn(E, h, d, generator=g) / h**0.5,
+         torch.randn(E, d, h, generator=g) / d**0.5 if swiglu else None]
+    hi = E - 1 if empty_expert else E                       # the last expert gets nothing
+    p = torch.rand(E - (E > 1), generator=g) ** 3 + 0.01    # uneven loads
+    idx = torch.multinomial(p[:hi] / p[:hi].sum(), N * K, replacement=True, generator=g).view(N, K)
+    idx[torch.rand(N, K, generator=g) < 0.2] = -1            # empty slots (dropped / dynamic-k)
+    idx[0] = -1                                              # a token with no expert at all
+    gates = torch.rand(N, K, generator=g)
+    return x, w, idx, gates
+
+
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+@pytest.mark.parametrize("act", ["gelu", "relu", "swiglu"])
+@pytest.mark.parametrize("N,K", [(1, 1), (37, 2), (64, 4)])
+def test_backend_matches_float64(backend, act, N, K):
+    seed = hash((backend, act, N, K)) % 10_000
+    x, (w_in, w_out, w_gate), idx, gates = random_case(seed, N, 16, 8, 5, K, act == "swiglu")
+    leaves = [t.clone().requires_grad_() for t in (x, w_in, w_out, gates)] + ([w_gate.clone().requires_grad_()] if w_gate is not None else [])
+    y = moe_mlp(leaves[0], leaves[1], leaves[2], idx, leaves[3], act, leaves[4] if w_gate is not None else None, backend=backend)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    yr = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2], ref_leaves[4] if w_gate is not None else None, idx, ref_leaves[3], act)
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(yr)
+    (y * gy.float()).sum().backward()
+    if yr.requires_grad: (yr * gy).sum().backward()          # (no slot at all: every gradient is zero)
+    for a, b in zip(leaves, ref_leaves):
+        want = b.grad if b.grad is not None else torch.zeros_like(b)
+        got = a.grad.double() if a.grad is not None else torch.zeros_like(b)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_drops_are_counted():
+    probs = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)).mul(3).softmax(-1)
+    for cf in (0.5, 1.0, 2.0):
+        r = route_token_choice(probs, 2, cf)
+        C = -(-int(cf * 200 * 2) // 8)
+        run = torch.zeros(8).scatter_add_(0, r.expert_idx[r.expert_idx >= 0], torch.ones(int((r.expert_idx >= 0).sum())))
+        assert (run <= C).all()
+        assert int(r.dropped) == int((r.wanted - C).clamp(min=0).sum()) == 400 - int(run.sum())
+        assert (r.gates[r.expert_idx < 0] == 0).all()
+    assert int(route_token_choice(probs, 2).dropped) == 0                    # dropless by default
+
+
+def test_expert_choice_is_balanced():
+    probs = torch.rand(64, 8).softmax(-1)
+    r = route_expert_choice(probs, 2)
+    assert ((r.expert_idx >= 0).sum(0) == 16).all()                          # C = N·k/n
+
+
+def test_dynamic_k_uses_fewer_experts_as_tau_rises():
+    probs = torch.randn(500, 16).softmax(-1)
+    means = [float((route_dynamic_k(probs, t).expert_idx >= 0).sum(-1).float().mean()) for t in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)]
+    assert all(a >= b for a, b in zip(means, means[1:])) and means[0] > means[-1] == 1.0
+
+
+def test_load_balance_loss_is_minimal_when_uniform():
+    n = 8
+    uni = load_balance_loss(torch.full((32, n), 1 / n), torch.full((n,), 4.0))
+    logits = torch.randn(32, n); logits[:, 0] += 5                           # most probability and all load on expert 0
+    skew = load_balance_loss(torch.softmax(logits, -1), torch.tensor([32.0] + [0.0] * (n - 1)))
+    assert float(uni) == pytest.approx(1.0) and float(skew) > 1.0
+
+
+class NoSync(TorchFunctionMode):
+    "Raises on operations that copy data-dependent values or shapes to the host."
+    FORBIDDEN = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+                 torch.Tensor.nonzero, torch.nonzero, torch.bincount, torch.Tensor.bincount, torch.unique,
+                 torch.masked_select, torch.Tensor.masked_select, torch.Tensor.cpu, torch.Tensor.numpy,
+                 torch.nn.functional.one_hot}
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FORBIDDEN: raise AssertionError(f"host sync inside the layer: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("routing,extra", [("token_choice", {}), ("token_choice", {"capacity_factor": 1.0}),
+                                           ("expert_choice", {}), ("dynamic_k", {"tau": 0.3}), ("switch", {"granularity": 1})])
+def test_layer_has_no_host_sync(routing, extra):
+    cfg = GPTConfig(vocab_size=64, seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, ffn="moe",
+                    ffn_kwargs={"expansion": 2, "granularity": 2, "routing": routing, "backend": "torch", **extra})
+    ffn = MoEFFN(cfg)
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    with NoSync():
+        y = ffn(x)
+        (y.sum() + sum(ffn.aux_loss.values())).backward()
+    assert x.grad is not None and ffn.w_in.grad.abs().sum() > 0
+    with pytest.raises(AssertionError, match="host sync"):                   # the check itself can fail
+        with NoSync(): moe_mlp(x.detach().view(-1, 16), ffn.w_in, ffn.w_out, torch.zeros(32, 1, dtype=torch.long),
+                               torch.ones(32, 1), "gelu", backend="loop")
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_gpt_counters_and_active_flops(G):
+    base = dict(vocab_size=128, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, act="swiglu")
+    c = GPTConfig(**base, ffn="moe", ffn_kwargs={"expansion": 4, "granularity": G})
+    m = GPT(c)
+    assert param_counts(c)["total"] == sum(p.numel() for p in m.parameters())
+    assert flops_per_token(c) - flops_per_token(GPTConfig(**base)) == 2 * 2 * 32 * 4 * G   # the router only
+    x = torch.randint(0, 128, (2, 16))
+    m(x)
+    st = moe_stats(m)
+    assert len(st) == 2 * 4 * G and st.groupby("layer").wanted.sum().round(6).eq(1).all()
+    assert (st.experts_per_token == G).all()
+
+
+def test_unknown_options_are_rejected():
+    with pytest.raises(ValueError, match="unknown MoE option"):
+        GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=1, n_heads=2, ffn="moe", ffn_kwargs={"experts": 8}))
+    with pytest.raises(ValueError, match="unknown MoE backend"):
+        moe_mlp(torch.randn(2, 4), torch.randn(1, 4, 4), torch.randn(1, 4, 4), torch.zeros(2, 1, dtype=torch.long),
+                torch.ones(2, 1), backend="cutlass")
