@@ -1,0 +1,101 @@
+"""Compile every Triton MoE kernel launch for NVIDIA GPUs ahead of time, on a machine without one (worker of
+test_moe_kernels.py, run in its own process because the kernels must be defined with TRITON_INTERPRET unset).
+
+The layer runs forward and backward on CPU tensors with `_launch` replaced by a recorder, so the launches — kernel,
+arguments, constexprs, warps, stages — are exactly the library's, with CUDA's tile choice. Each distinct launch is then
+specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 marked divisible, ints equal to 1 made
+constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
+(`warp_group_dot`) fed by a software-pipelined loop of async copies, and every kernel must fit in shared memory.
+Prints one line per compiled kernel; exit status 1 on any failure.
+
+    python tests/moe_aot.py          # sm_90 and sm_80
+    python tests/moe_aot.py 90       # sm_90 only"""
+import os
+import re
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import effworkbench.moe_kernels as mk
+
+SMEM = {90: 232448, 80: 166912}   # opt-in shared memory per block, bytes
+
+
+def record_launches():
+    seen = {}
+    def rec(kernel, n_programs, cfg, *args, max_stages=8, **meta):
+        seen.setdefault((kernel.fn.__name__, tuple(sorted(meta.items())), _spec_key(kernel, args)),
+                        (kernel, args, meta, cfg.num_warps, min(cfg.num_stages, max_stages)))
+    mk._launch = rec
+    g = torch.Generator().manual_seed(0)
+    N, E, d, h = 96, 4, 64, 128
+    for dtype in (torch.bfloat16, torch.float32):
+        for act, atomic, K in [(a, at, k) for a in ("gelu", "relu", "swiglu") for at in (False, True) for k in (1, 2)]:
+            x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+            w_in = torch.randn(E, d, h, generator=g).to(dtype).requires_grad_()
+            w_out = torch.randn(E, h, d, generator=g).to(dtype).requires_grad_()
+            w_gate = torch.randn(E, d, h, generator=g).to(dtype).requires_grad_() if act == "swiglu" else None
+            idx = torch.randint(-1, E, (N, K), generator=g)
+            gates = torch.rand(N, K, generator=g).requires_grad_()
+            y = mk.triton_moe_mlp(x, w_in, w_out, w_gate, idx, gates, act, atomic=atomic,
+                                  config=mk.kernel_config("cuda", dtype))
+            leaves = [t for t in (x, w_in, w_out, w_gate, gates) if t is not None]
+            torch.autograd.grad(y, leaves, torch.ones_like(y))
+    return list(seen.values())
+
+
+def _arg_spec(a):
+    if isinstance(a, torch.Tensor):
+        ty = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}[a.dtype]
+        return f"*{ty}", a.data_ptr() % 16 == 0
+    if isinstance(a, bool): return "i1", False
+    if isinstance(a, int):
+        if a == 1: return 1, False                                   # the JIT makes it a constant
+        return ("i32" if -2**31 <= a < 2**31 else "i64"), a % 16 == 0
+    raise TypeError(type(a))
+
+
+def _spec_key(kernel, args):
+    return tuple(_arg_spec(a) for a in args)
+
+
+def compile_all(ccs=(90, 80)):
+    failures = 0
+    for kernel, args, meta, warps, stages in record_launches():
+        names = kernel.arg_names
+        const, sig, attrs = dict(meta), {}, {}
+        for i, (n, a) in enumerate(zip(names, args)):
+            ty, div = _arg_spec(a)
+            if ty == 1: const[n] = 1
+            else:
+                sig[n] = ty
+                if div: attrs[(i,)] = [["tt.divisibility", 16]]
+        full = {n: ("constexpr" if n in const else sig[n]) for n in names}
+        label = f"{kernel.fn.__name__} {args[0].dtype if isinstance(args[0], torch.Tensor) else ''} " + \
+                " ".join(f"{k}={v}" for k, v in meta.items() if k not in ("BM", "BN", "BK"))
+        for cc in ccs:
+            try:
+                k = triton.compile(ASTSource(kernel, full, constexprs=const, attrs=attrs), target=GPUTarget("cuda", cc, 32),
+                                   options={"num_warps": warps, "num_stages": stages})
+            except Exception as e:
+                print(f"FAIL sm_{cc} {label}: {type(e).__name__}: {str(e)[:300]}"); failures += 1; continue
+            ttgir, smem = k.asm["ttgir"], k.metadata.shared
+            problems = []
+            if smem > SMEM[cc]: problems.append(f"shared memory {smem} > {SMEM[cc]}")
+            if cc == 90 and meta.get("PREC") == 1 and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.bfloat16:
+                if "warp_group_dot" not in ttgir: problems.append("no wgmma")
+                if "async_copy_global_to_local" not in ttgir: problems.append("loads not pipelined")
+            print(f"{'FAIL' if problems else 'ok  '} sm_{cc} {label}: warps {warps} stages {stages} smem {smem} "
+                  + ("wgmma " if "warp_group_dot" in ttgir else "") + ("pipelined" if "async_copy" in ttgir else "")
+                  + (f"  <- {'; '.join(problems)}" if problems else ""), flush=True)
+            failures += bool(problems)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(1 if compile_all(tuple(int(c) for c in sys.argv[1:]) or (90, 80)) else 0)   # args: compute capabilities

@@ -1,0 +1,307 @@
+"""The Triton MoE kernels (effworkbench.moe_kernels) against a float64 loop, forward and every gradient.
+
+Runs the kernels through the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) on CPU; on a CUDA
+machine the same tests run the compiled kernels. Small widths and token counts keep the interpreter fast."""
+import os
+
+if not os.environ.get("EFFWB_TEST_CUDA"): os.environ["TRITON_INTERPRET"] = "1"   # EFFWB_TEST_CUDA=1: compiled kernels on a GPU
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # a kernel defined before the variable was set would be compiled, not interpreted: make sure none was
+    from triton.runtime.interpreter import InterpretedFunction
+    import effworkbench.moe_kernels as mk
+    assert isinstance(mk._moe_up_kernel, InterpretedFunction), "effworkbench.moe_kernels was imported before TRITON_INTERPRET=1"
+else:
+    import effworkbench.moe_kernels as mk
+
+from effworkbench.moe_kernels import MoEKernelConfig, moe_plan, triton_moe_mlp
+
+DEV = torch.device("cuda" if os.environ.get("EFFWB_TEST_CUDA") and torch.cuda.is_available() else "cpu")
+CFG = MoEKernelConfig(32, 32, 32, 4, 1) if DEV.type == "cpu" else None   # 32-row tiles: N below is never a multiple
+
+
+def loop_reference(x, w_in, w_out, w_gate, expert_idx, gates, act):
+    "float64, one slot at a time: y[n] += g · act(x[n] W_in[e]) W_out[e] for each used slot."
+    x, w_in, w_out, gates = x.double(), w_in.double(), w_out.double(), gates.double()
+    w_gate = w_gate.double() if w_gate is not None else None
+    rows = []
+    for n in range(x.shape[0]):
+        yn = torch.zeros(w_out.shape[-1], dtype=torch.float64, device=x.device)
+        for k in range(expert_idx.shape[1]):
+            e = int(expert_idx[n, k])
+            if e < 0: continue
+            a = x[n] @ w_in[e]
+            if act == "swiglu": hid = F.silu(x[n] @ w_gate[e]) * a
+            elif act == "gelu": hid = F.gelu(a)
+            else: hid = torch.relu(a)
+            yn = yn + gates[n, k] * (hid @ w_out[e])
+        rows.append(yn)
+    return torch.stack(rows)
+
+
+def make_case(N, E, K, d, h, act, routing, seed):
+    "Fresh random inputs for one case (its own seed). Routings: uniform, skewed (with empty experts), dynamic_k, none."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g)
+    w_in, w_out = torch.randn(E, d, h, generator=g) / d**0.5, torch.randn(E, h, d, generator=g) / h**0.5
+    w_gate = torch.randn(E, d, h, generator=g) / d**0.5 if act == "swiglu" else None
+    if routing == "uniform":
+        idx = torch.randint(0, E, (N, K), generator=g)
+    elif routing == "skewed":                       # loads ∝ 1/(e+1)³ over the first half of the experts; the rest empty
+        p = torch.zeros(E, dtype=torch.float64); p[: max(1, E // 2)] = 1 / torch.arange(1, max(1, E // 2) + 1) ** 3
+        idx = torch.multinomial(p.expand(N, -1), K, replacement=True, generator=g)
+        idx[torch.rand(N, K, generator=g) < 0.2] = -1   # dropped slots
+    elif routing == "dynamic_k":                    # K = E slots, slot i = expert i when taken; some tokens take none
+        assert K == E
+        take = torch.rand(N, E, generator=g) < torch.rand(N, 1, generator=g)
+        take[: N // 5] = False
+        idx = torch.where(take, torch.arange(E).expand(N, E), -1)
+    elif routing == "none":
+        idx = torch.full((N, K), -1)
+    else:
+        raise ValueError(routing)
+    gates = torch.rand(N, K, generator=g) * (idx >= 0)
+    return [t.to(DEV) if t is not None else None for t in (x, w_in, w_out, w_gate, idx, gates)]
+
+
+CASES = {   # name: (N, E, K, d, h, act, routing)
+    "uneven_empty_k2_gelu": (77, 8, 2, 32, 32, "gelu", "skewed"),
+    "top1_relu": (45, 4, 1, 32, 32, "relu", "uniform"),
+    "k3_swiglu": (50, 6, 3, 32, 16, "swiglu", "skewed"),
+    "dynamic_k_gelu": (40, 5, 5, 16, 32, "gelu", "dynamic_k"),
+    "dynamic_k_swiglu": (33, 4, 4, 16, 16, "swiglu", "dynamic_k"),
+    "odd_widths_relu": (29, 3, 2, 24, 40, "relu", "uniform"),       # d, h not multiples of the tiles
+    "all_unused_gelu": (20, 4, 2, 16, 16, "gelu", "none"),          # every slot -1: y = 0, every gradient 0
+}
+
+
+def run_case(case, seed, atomic=False):
+    x, w_in, w_out, w_gate, idx, gates = make_case(*case, seed)
+    act = case[5]
+    leaves = [t.requires_grad_() for t in (x, w_in, w_out, w_gate, gates) if t is not None]
+    y = triton_moe_mlp(x, w_in, w_out, w_gate, idx, gates, act, atomic=atomic, config=CFG)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)
+    grads = torch.autograd.grad(y, leaves, dy)
+    x64, w_in64, w_out64, w_gate64, gates64 = (t.detach().double().requires_grad_() if t is not None else None
+                                               for t in (x, w_in, w_out, w_gate, gates))
+    leaves64 = [t for t in (x64, w_in64, w_out64, w_gate64, gates64) if t is not None]
+    y64 = loop_reference(x64, w_in64, w_out64, w_gate64, idx, gates64, act)
+    grads64 = (torch.autograd.grad(y64, leaves64, dy.double(), allow_unused=True) if y64.requires_grad
+               else [None] * len(leaves))                               # no used slot: y depends on nothing
+    names = ["y", "x", "w_in", "w_out"] + (["w_gate"] if w_gate is not None else []) + ["gates"]
+    return y, grads, names, [y64.detach(), *[g if g is not None else torch.zeros_like(l, dtype=torch.float64)
+                                             for g, l in zip(grads64, leaves64)]]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64_loop(name):
+    seed = 1000 + list(CASES).index(name)            # a different seed for every case
+    y, grads, names, refs = run_case(CASES[name], seed)
+    for n, got, ref in zip(names, [y, *grads], refs):
+        assert got.dtype == torch.float32 and got.shape == ref.shape, n
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=lambda m: f"{name} {n}: {m}")
+    if CASES[name][-1] == "none":
+        assert all(g.abs().max() == 0 for g in [y, *grads])
+    if CASES[name][-1] == "skewed":                  # empty experts get exactly zero weight gradients
+        assert (grads[1][CASES[name][1] // 2:] == 0).all() and (grads[2][CASES[name][1] // 2:] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(seed):
+    "Random sizes, activations and routings (a fresh draw per seed), forward and every gradient."
+    g = torch.Generator().manual_seed(3000 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    E = r(1, 9)
+    routing = ["uniform", "skewed", "dynamic_k"][seed % 3]
+    K = E if routing == "dynamic_k" else r(1, 4)
+    act = ["gelu", "relu", "swiglu"][r(0, 2)]
+    case = (r(1, 70), E, K, 8 * r(1, 5), 8 * r(1, 5), act, routing)
+    y, grads, names, refs = run_case(case, 3000 + seed)
+    for n, got, ref in zip(names, [y, *grads], refs):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0),
+                                   msg=lambda m: f"{case} {n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["uneven_empty_k2_gelu", "dynamic_k_swiglu"])
+def test_atomic_combine_matches(name):
+    seed = 2000 + list(CASES).index(name)
+    y, grads, names, refs = run_case(CASES[name], seed, atomic=True)
+    for n, got, ref in zip(names, [y, *grads], refs):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0), msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_bf16_and_autocast(act):
+    """The GPU dtype: bf16 inputs (bf16 A, H and outputs) within bf16 rounding of float64; under autocast, float32
+    master weights get float32 gradients through the casts."""
+    case = (60, 5, 2, 32, 32, act, "skewed")
+    x, w_in, w_out, w_gate, idx, gates = make_case(*case, seed=4000 + len(act))
+    leaves32 = [t.requires_grad_() for t in (x, w_in, w_out, w_gate, gates) if t is not None]
+    b = [t.detach().bfloat16().requires_grad_() for t in leaves32]
+    it = iter(b)
+    xb, wib, wob, wgb, gb = (next(it) if t is not None else None for t in (x, w_in, w_out, w_gate, gates))
+    y = triton_moe_mlp(xb, wib, wob, wgb, idx, gb, act, config=CFG)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(DEV)
+    got = [y, *torch.autograd.grad(y, b, dy.bfloat16())]
+    l64 = [t.detach().double().requires_grad_() for t in b]
+    it = iter(l64)
+    x64, wi64, wo64, wg64, g64 = (next(it) if t is not None else None for t in (x, w_in, w_out, w_gate, gates))
+    y64 = loop_reference(x64, wi64, wo64, wg64, idx, g64, act)
+    ref = [y64, *torch.autograd.grad(y64, l64, dy.bfloat16().double())]
+    for g_, r_ in zip(got, ref):
+        assert g_.dtype == torch.bfloat16
+        assert ((g_.double() - r_).abs().max() / r_.abs().max()).item() < 3e-2
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        ya = triton_moe_mlp(x, w_in, w_out, w_gate, idx, gates, act, config=CFG)
+    assert ya.dtype == torch.bfloat16
+    ga = torch.autograd.grad(ya, leaves32, dy.bfloat16())
+    assert all(g_.dtype == torch.float32 for g_ in ga)
+    for g_, r_ in zip([ya, *ga], ref):                                   # (the gates stay float32 under autocast)
+        assert ((g_.double() - r_).abs().max() / r_.abs().max()).item() < 3e-2
+
+
+@pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}), reason="triton without its NVIDIA backend")
+def test_kernels_compile_for_hopper():
+    "Every launch the layer makes, compiled for sm_90 without a GPU: wgmma, pipelined loads, shared memory that fits."
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("moe_aot.py")), "90"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("ok   sm_90") >= 20, r.stdout
+
+
+def test_deterministic_and_no_unwritten_reads(monkeypatch):
+    "Every buffer from NaN-filled memory: any element read before it is written would poison the result."
+    case = CASES["k3_swiglu"]
+    y1, g1, _, _ = run_case(case, 7)
+    monkeypatch.setattr(mk, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    y2, g2, _, _ = run_case(case, 7)
+    for a, b in zip([y1, *g1], [y2, *g2]):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)                     # bitwise: the default combine is deterministic
+
+
+def test_plan_invariants():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        N, K, E, B = (int(v) for v in torch.randint(1, 50, (4,), generator=g))
+        ei = torch.randint(-1, E, (N, K), generator=g)
+        if trial % 4 == 0: ei[ei % 3 == 0] = -1
+        p = moe_plan(ei, E, B)
+        S = N * K
+        key = ei.reshape(-1).masked_fill(ei.reshape(-1) < 0, E)
+        assert torch.equal(key[p.order.long()], key.sort(stable=True).values)
+        assert torch.equal(p.tok.long(), p.order.long() // K)
+        counts = torch.bincount(key, minlength=E + 1)
+        assert torch.equal(p.offsets.long(), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+        assert len(p.tile_e) == -(-S // B) + E + 1
+        cover = torch.zeros(S, dtype=torch.long)
+        for e, r0 in zip(p.tile_e.tolist(), p.tile_row.tolist()):
+            if e > E: continue
+            r1 = min(r0 + B, int(p.offsets[e + 1]))
+            assert int(p.offsets[e]) <= r0 < r1
+            cover[r0:r1] += 1
+        assert (cover == 1).all()
+
+
+# ---------------------------------------------------------------- no host synchronisation
+
+SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "bincount", "unique_dim",
+            "_unique", "_unique2", "unique_consecutive", "unique_dim_consecutive", "histogram", "histc", "allclose",
+            "masked_scatter", "repeat_interleave"}
+
+
+class NoHostSync(TorchDispatchMode):
+    """Every aten operator passes here: fail on those that read a device value on the host or produce a data-dependent
+    shape (what would sync on CUDA and break a CUDA graph), and on device → host copies; record (op, output shapes)."""
+    def __init__(self):
+        super().__init__(); self.trace = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS: raise AssertionError(f"host sync: aten.{name}")
+        if name.startswith(("index", "_index_put")) and len(args) > 1 and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())):
+            raise AssertionError(f"host sync: aten.{name} with a boolean mask (nonzero inside)")
+        if name in ("_to_copy", "to", "copy_") and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args) and (
+                kwargs.get("device") == torch.device("cpu") or (name == "copy_" and not args[0].is_cuda)):
+            raise AssertionError(f"host sync: device → host copy through aten.{name}")
+        out = func(*args, **kwargs)
+        flat = out if isinstance(out, (tuple, list)) else [out]
+        self.trace.append((str(func), tuple((tuple(o.shape), o.dtype) for o in flat if isinstance(o, torch.Tensor))))
+        return out
+
+
+@pytest.fixture
+def no_python_reads(monkeypatch):
+    "Python-level reads that bypass the dispatcher (tolist, numpy, __array__) fail when called from effworkbench code."
+    def guard(orig, what):
+        def wrapped(self, *a, **k):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("effworkbench"): raise AssertionError(f"host read: Tensor.{what} in {caller}")
+            return orig(self, *a, **k)
+        return wrapped
+    for what in ("tolist", "numpy", "__array__", "item", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, what, guard(getattr(torch.Tensor, what), what))
+
+
+def traced_step(idx, case, seed=5):
+    x, w_in, w_out, w_gate, _, gates = make_case(*case, seed)
+    leaves = [t.requires_grad_() for t in (x, w_in, w_out, w_gate, gates) if t is not None]
+    with NoHostSync() as mode:
+        y = triton_moe_mlp(x, w_in, w_out, w_gate, idx, gates, case[5], config=CFG)
+        torch.autograd.grad(y, leaves, torch.ones_like(y))
+    return mode.trace
+
+
+def test_layer_has_no_host_sync(no_python_reads):
+    "Forward + backward under the guard, for two routings of the same shapes: no sync op, and identical op/shape traces."
+    case = CASES["k3_swiglu"]
+    N, E, K = case[:3]
+    uniform = torch.randint(0, E, (N, K), generator=torch.Generator().manual_seed(1)).to(DEV)
+    skewed = make_case(*case, seed=2)[4]
+    skewed[:10] = -1
+    tr_u, tr_s = traced_step(uniform, case), traced_step(skewed, case)
+    assert tr_u == tr_s, "the operators or their shapes depend on the routing's values"
+    ops = {op for op, _ in tr_u}
+    assert any("sort" in op for op in ops) and any("scatter" in op for op in ops)   # forward and backward both traced
+
+
+def test_guard_catches_syncs(no_python_reads):
+    "The guard is not vacuous: each kind of host read it should catch raises."
+    t = torch.arange(6.0)
+    for fn in (lambda: t.sum().item(), lambda: bool(t.sum() > 0), lambda: t[t > 2], lambda: t.nonzero(),
+               lambda: torch.bincount(t.long()), lambda: torch.unique(t), lambda: int(t.max())):
+        with NoHostSync(), pytest.raises(AssertionError, match="host sync"): fn()
+
+
+def test_registered_as_backend():
+    from effworkbench import moe
+    assert moe.MOE_BACKENDS["triton"] is triton_moe_mlp
+    x, w_in, w_out, w_gate, idx, gates = make_case(*CASES["k3_swiglu"], seed=11)
+    y = moe.moe_mlp(x, w_in, w_out, idx, gates, "swiglu", w_gate=w_gate, backend="triton")
+    torch.testing.assert_close(y, moe.moe_mlp(x, w_in, w_out, idx, gates, "swiglu", w_gate=w_gate, backend="loop"),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    x, w_in, w_out, w_gate, idx, gates = make_case(*CASES["top1_relu"], seed=3)
+    with pytest.raises(ValueError, match="unknown act"): triton_moe_mlp(x, w_in, w_out, None, idx, gates, "tanh")
+    with pytest.raises(ValueError, match=r"x must be \(N, d\)"): triton_moe_mlp(x[None], w_in, w_out, None, idx, gates, "relu")
+    with pytest.raises(ValueError, match="w_out"): triton_moe_mlp(x, w_in, w_out[:, 1:], None, idx, gates, "relu")
+    with pytest.raises(ValueError, match="needs w_gate"): triton_moe_mlp(x, w_in, w_out, None, idx, gates, "swiglu")
+    with pytest.raises(ValueError, match=r"\(N, K\)"): triton_moe_mlp(x, w_in, w_out, None, idx[:-1], gates[:-1], "relu")
+    with pytest.raises(ValueError, match="integer"): triton_moe_mlp(x, w_in, w_out, None, idx.float(), gates, "relu")
