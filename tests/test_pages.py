@@ -18,7 +18,8 @@ md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
 
 NOTEBOOKS = {
     # math, an embedded plotly figure, a widget (its manager loads from a CDN: listed, not an error), a table
-    "good": [md("# Good\n\nInline $a^2+b^2$ and display\n\n$$\\sum_i x_i$$"),
+    "good": [md("# Good\n\nInline $a^2+b^2$ and display\n\n$$\\sum_i x_i$$\n\n"
+                "AMS fonts, which once made MathJax's font probe fail on file:// pages: $x \\in \\mathbb{R}^{N}$, $\\mathcal{L}_z$"),
              code("import plotly.graph_objects as go\ngo.Figure(go.Scatter(x=[1, 2, 3], y=[3, 1, 2])).show()"),
              code("import ipywidgets as w\nw.IntSlider(3)"),
              code("import pandas as pd\npd.DataFrame({'a': [1, 2]})")],
@@ -74,7 +75,7 @@ def test_render_html_is_standalone(site):
         # with saved widget state, require.js stays for the widget manager; nothing else is fetched by a src/href
         assert pages.outside_refs(good) == ["https://cdnjs.cloudflare.com/ajax/libs/require.js/2.1.10/require.min.js"]
         assert pages.outside_refs((site / "bad_js.html").read_text()) == []
-    assert pages.count_math(good) == 2
+    assert pages.count_math(good) == 4
     assert pages.is_executed(nbformat.read(site / "good.ipynb", as_version=4))
 
 
@@ -106,7 +107,7 @@ def test_check_pages(site):
     # the good page: figure drawn offline, formulas typeset, only the widget CDN requests listed
     assert good.ok, good.problems
     assert (good.figures, good.figures_drawn) == (1, 1)
-    assert good.math_ok and good.math_rendered >= good.math_expected == 2
+    assert good.math_ok and good.math_rendered >= good.math_expected == 4 and not good.console_errors
     assert good.page_errors == [] and good.console_errors == [] and good.local_failed == []
     assert {u.split("/")[2] for u in good.outside_requests} == {"cdnjs.cloudflare.com", "unpkg.com"}
     assert all("Failed to load resource" in e for e in good.outside_errors)  # listed, not failing
