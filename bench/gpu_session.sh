@@ -20,7 +20,7 @@ section "environment" | tee "$OUT/env.log"
 } 2>&1 | tee -a "$OUT/env.log"
 
 section "1. RLRS reuse, full preset, committed medium multipliers" | tee "$OUT/rlrs.log"
-timeout ${RLRS_TIMEOUT:-270} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
+timeout ${RLRS_TIMEOUT:-240} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
 import os, time
 from effworkbench.core import save_table
 from effworkbench.rlrs import RLRSConfig, run_experiment, speedups
@@ -34,11 +34,11 @@ PYEOF
 cp "$EFFWB_RESULTS"/rlrs_reuse_full.* "$OUT"/ 2>/dev/null
 
 section "2. Triton MoE kernel tests, compiled" | tee "$OUT/kernels.log"
-EFFWB_TEST_CUDA=1 timeout 150 $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -25 | tee -a "$OUT/kernels.log"
+EFFWB_TEST_CUDA=1 timeout 90 $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -25 | tee -a "$OUT/kernels.log"
 
 section "3. bench/moe.py" | tee "$OUT/bench_moe.log"
-timeout 110 $PY bench/moe.py 2>&1 | tee -a "$OUT/bench_moe.log"
+timeout 90 $PY bench/moe.py 2>&1 | tee -a "$OUT/bench_moe.log"
 
 section "4. bench/gpt.py" | tee "$OUT/bench_gpt.log"
-timeout 150 $PY bench/gpt.py 2>&1 | tee -a "$OUT/bench_gpt.log"
+timeout 120 $PY bench/gpt.py 2>&1 | tee -a "$OUT/bench_gpt.log"
 section "done"

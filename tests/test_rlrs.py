@@ -1,0 +1,142 @@
+"Relative LR schedules: the trainer reproduces the per-group formula, every parameter has one group, the search, the committed tuned multipliers."
+import json
+import math
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from effworkbench.core import ConfigError, load_table
+from effworkbench.gpt import GPT, GPTConfig, GROUPS, make_parameterization, param_groups
+from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, RelativeLR, RLRSConfig, coordinate_search, final_multipliers,
+                               relative_group, relative_lr, speedups, steps_to_reach, tuned_multipliers)
+from effworkbench.train import TrainConfig, Trainer, lr_at
+
+
+def trainer(ffn="moe", param_kwargs=None, schedule="cosine", steps=17, warmup=4, d=64):
+    cfg = TrainConfig(model=GPTConfig(vocab_size=512, seq_len=16, d_model=d, n_layers=2, n_heads=2, ffn=ffn,
+                                      ffn_kwargs={"expansion": 4, "granularity": 2} if ffn == "moe" else {}),
+                      max_bytes=200_000, steps=steps, warmup=warmup, batch_size=2, lr=3e-3, final_frac=0.07,
+                      schedule=schedule, param="rlrs", param_kwargs=param_kwargs or {})
+    return Trainer(cfg)
+
+
+def random_multipliers(rng, groups=TUNED_GROUPS):
+    return {g: [rng.choice([0.2, 2 / 3, 1.5, 5.0, 0.3, 7.0]), rng.choice([0.2, 2 / 3, 1.5, 5.0, 0.444])] for g in groups}
+
+
+@pytest.mark.parametrize("base,ffn", [("sp", "moe"), ("mup", "moe"), ("mup", "dense"), ("sp", "dense")])
+def test_trainer_lr_is_the_formula_at_every_step(base, ffn):
+    rng = random.Random(hash((base, ffn)) % 1000)
+    mult = random_multipliers(rng)
+    t = trainer(ffn, {"base": base, "base_kwargs": {"base_width": 32} if base == "mup" else {}, "multipliers": mult})
+    P, cfg = t.model.parameterization, t.cfg
+    ref = make_parameterization(base, **({"base_width": 32} if base == "mup" else {}))
+    m_g = {g: ref.group_hp(g, t.model).lr_mult for g in GROUPS}                 # the base's width factor
+    for step in range(cfg.steps + 3):                                          # past T too: the end value holds
+        t.set_lr(step)
+        for g in t.opt.param_groups:
+            rg = relative_group(g["group"])
+            r, f = mult.get(rg, (1.0, 1.0))
+            scale = g["base_lr"] / (cfg.lr * m_g[g["group"]])                   # μP's per-matrix fan-in ratio (else 1)
+            want = relative_lr(step, cfg.lr * m_g[g["group"]] * scale, r, f, cfg.final_frac, cfg.warmup, cfg.steps)
+            assert g["lr"] == pytest.approx(want, rel=1e-14, abs=0), (step, g["group"])
+            assert (g["lr_start"], g["lr_end"]) == (r, f) and P.rf(g["group"]) == (r, f)
+    # the schedule's landmarks: s_g at the end of warm-up, e_g from T on
+    t.set_lr(cfg.warmup - 1)
+    emb = next(g for g in t.opt.param_groups if g["group"] == "embedding")
+    assert emb["lr"] == pytest.approx(mult["embedding"][0] * cfg.lr, rel=1e-14)
+    t.set_lr(cfg.steps)
+    assert emb["lr"] == pytest.approx(cfg.final_frac * mult["embedding"][1] * cfg.lr, rel=1e-14)
+
+
+def test_relative_lr_matches_the_closed_form_on_random_points():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        W, T = int(torch.randint(1, 50, (1,), generator=g)), int(torch.randint(60, 500, (1,), generator=g))
+        eta, r, f, phi = (float(v) for v in torch.rand(4, generator=g, dtype=torch.float64) * torch.tensor([1e-2, 5, 5, 0.3]) + 1e-4)
+        t = int(torch.randint(0, T + 10, (1,), generator=g))
+        s, e = r * eta, phi * f * eta
+        if t < W: want = s * (t + 1) / W
+        elif t >= T: want = e
+        else: want = e + 0.5 * (s - e) * (1 + math.cos(math.pi * (t - W) / (T - W)))
+        assert relative_lr(t, eta, r, f, phi, W, T) == pytest.approx(want, rel=1e-15)
+        cfg = TrainConfig(steps=T, warmup=W, final_frac=phi)                    # the trainer's own schedule function
+        assert lr_at(t, s, e, cfg) == pytest.approx(want, rel=1e-13)
+
+
+@pytest.mark.parametrize("ffn", ["moe", "dense"])
+def test_every_parameter_in_exactly_one_group(ffn):
+    t = trainer(ffn, {"base": "mup", "base_kwargs": {"base_width": 32}, "multipliers": random_multipliers(random.Random(1))})
+    seen = [id(p) for g in t.opt.param_groups for p in g["params"]]
+    assert len(seen) == len(set(seen))
+    assert set(seen) == {id(p) for p in t.model.parameters()}
+    members = [m for ms in RELATIVE_GROUPS.values() for m in ms]
+    assert sorted(members) == sorted(GROUPS)                                   # the relative groups partition the groups
+    for g, params in param_groups(t.model).items():
+        for _, p in params:
+            assert sum(id(p) in {id(q) for q in pg["params"]} for pg in t.opt.param_groups) == 1
+
+
+def test_relative_lr_keeps_the_base_init_and_multipliers():
+    cfg = GPTConfig(vocab_size=512, seq_len=16, d_model=128, n_layers=2, n_heads=4, ffn="moe", ffn_kwargs={"expansion": 4})
+    torch.manual_seed(0); a = GPT(cfg, make_parameterization("mup", base_width=32))
+    torch.manual_seed(0); b = GPT(cfg, make_parameterization("rlrs", base="mup", base_kwargs={"base_width": 32},
+                                                             multipliers={"head": [0.5, 2.0], "ffn": [3.0, 1.0]}))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    assert a.blocks[0].attn.scale == b.blocks[0].attn.scale
+    ga = {g["group"]: g["lr"] for g in a.parameterization.optimizer_groups(a, 1.0, 0.1)}
+    gb = {g["group"]: g["lr"] for g in b.parameterization.optimizer_groups(b, 1.0, 0.1)}
+    assert ga == gb                                                           # base LRs untouched; (r, f) act in the schedule
+
+
+def test_bad_multipliers_are_refused():
+    with pytest.raises(ConfigError, match="unknown relative group"): RelativeLR(multipliers={"expert": [1, 1]})
+    with pytest.raises(ConfigError, match="positive"): RelativeLR(multipliers={"head": [1, -1]})
+    with pytest.raises(ConfigError, match="itself"): RelativeLR(base="rlrs")
+
+
+def test_coordinate_search_descends_a_planted_optimum():
+    target = {"embedding": (5.0, 2 / 3), "attention": (1.0, 0.2), "head": (2 / 3, 1.5)}
+    calls = []
+    def evaluate(cfgs, desc):
+        calls.append(len(cfgs))
+        return [sum((math.log(c.param_kwargs["multipliers"].get(g, (1, 1))[j]) - math.log(t[j])) ** 2
+                    for g, t in target.items() for j in (0, 1)) for c in cfgs]
+    rc = RLRSConfig(groups=["embedding", "attention", "head", "router"], coords=["r", "f"], rounds=2, min_gain=0.0)
+    h = coordinate_search(rc, "dense", 1e-3, evaluate=evaluate)
+    assert "router" not in set(h.group)                                        # dense: no router
+    fm = {r.group: (r.r, r.f) for r in final_multipliers(h).itertuples()}
+    for g, (r, f) in target.items():
+        assert fm[g] == (pytest.approx(r, rel=1e-5), pytest.approx(f, rel=1e-5))
+    assert h.best_loss.is_monotonic_decreasing and h.best_loss.iloc[-1] < 1e-9
+    assert calls == [1] + [4] * (2 * 3 * 2)
+
+
+def test_steps_to_reach_and_speedups():
+    assert steps_to_reach([0, 100, 200], [4.0, 3.0, 2.0], 2.5) == pytest.approx(150.0)
+    assert math.isnan(steps_to_reach([0, 100], [4.0, 3.0], 2.9))
+    toy = pd.DataFrame({"kind": "moe", "seed": 3, "params": 1, "schedule": ["uniform"] * 3 + ["tuned"] * 3,
+                        "step": [0, 100, 200] * 2, "val_loss": [4.0, 3.0, 2.5, 4.0, 2.0, 1.9]})
+    s = speedups(toy).iloc[0]
+    assert s.t_star == pytest.approx(75.0) and s.steps_saved == pytest.approx(0.625) and s.speedup == pytest.approx(200 / 75)
+
+
+def test_committed_tuned_multipliers_load_and_differ_from_uniform():
+    t = load_table("rlrs_tuned_medium")
+    assert set(t.kind) == {"dense", "moe"}
+    for kind in ("dense", "moe"):
+        m = tuned_multipliers(kind)
+        assert set(m) == set(RLRSConfig.for_preset("medium").search_groups(kind))
+        assert any(rf != (1.0, 1.0) for rf in m.values()), kind               # the search moved something
+        assert all(r > 0 and f > 0 for r, f in m.values())
+        P = RelativeLR(tuned=kind)
+        assert P.multipliers == m
+    h = load_table("rlrs_search_medium")
+    for kind, d in h.groupby("kind"):                                          # the committed search is consistent
+        last = json.loads(d[d.accepted].iloc[-1].multipliers)
+        assert {g: tuple(v) for g, v in last.items()} == tuned_multipliers(kind)
+        assert d.best_loss.iloc[-1] < d.val_loss.iloc[0]                        # and it improved on the uniform start
+        assert d.best_loss.is_monotonic_decreasing
