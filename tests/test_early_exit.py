@@ -66,9 +66,9 @@ def test_exit_costs_against_hand_counts():
     m = multi_exit("vgg", [0, 3], width=8)
     per = count_macs(m.backbone).set_index("layer").macs
     c = exit_macs(m)
-    assert c[0] == per["blocks.0.conv"] + 8 * 10
-    assert c[1] == per[[f"blocks.{i}.conv" for i in range(4)]].sum() + 8 * 10 + 16 * 10
-    assert c[2] == base_macs(m) + 8 * 10 + 16 * 10 and base_macs(m) == per.sum()
+    assert c[0] == per["blocks.0.conv"] + 8 * 16 * 10                               # head: 8 channels pooled to 4×4
+    assert c[1] == per[[f"blocks.{i}.conv" for i in range(4)]].sum() + 8 * 16 * 10 + 16 * 16 * 10
+    assert c[2] == base_macs(m) + 8 * 16 * 10 + 16 * 16 * 10 and base_macs(m) == per.sum()
 
 
 @pytest.mark.parametrize("arch,kw", [("vgg", {"width": 8}), ("vit", {"dim": 16, "depth": 3, "heads": 2})])
