@@ -157,7 +157,7 @@ def test_notebook_grid_runs_through_papermill(tmp_path):
     df = sweep(notebook_run, configs, store=store, executor="process", max_workers=2)
     assert df.status.tolist() == ["done", "failed"]
     assert df["result.square"].iloc[0] == 9
-    assert "a must be non-negative" in df.error.iloc[1]
+    assert "square.ipynb failed in cell" in df.error.iloc[1] and "AssertionError: a must be non-negative" in df.error.iloc[1]
     for key in df.key:                                   # the executed copy, with papermill's injected parameters
         cells = json.loads((store.get(key).path / "notebook.ipynb").read_text())["cells"]
         injected = [c for c in cells if "injected-parameters" in c["metadata"].get("tags", [])]
