@@ -67,6 +67,9 @@ import importlib, json, sys
 from effworkbench.store import RunStore
 from effworkbench.sweep import RayExecutor, sweep
 address, plan = sys.argv[1], json.loads(open(sys.argv[2]).read())
+if len(plan) > 1:   # one connection, so the sweeps share Ray's worker processes; a single sweep connects by itself
+    import ray
+    ray.init(address=address)
 for fn_spec, configs, root, out in plan:
     module, name = fn_spec.split(":")
     fn = getattr(importlib.import_module(module), name)
@@ -109,6 +112,7 @@ def write_square_notebook(path: Path):
     nbformat.write(nb, str(path))
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_on_a_head_node(ray_head, tmp_path):
     "Kill a sweep's driver mid-way; a new driver finishes it without re-running finished runs, and runs a notebook grid."
     store = RunStore(tmp_path / "runs")
