@@ -24,7 +24,8 @@ from effworkbench.sweep import RayExecutor, get_executor, notebook_grid, noteboo
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from sweep_ray_fns import CONFIGS, sleepy_square  # noqa: E402
+from sweep_ray_fns import CONFIGS  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
