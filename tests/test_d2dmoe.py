@@ -1,0 +1,107 @@
+"D2DMoE: lossless expert split, Hoyer lowers density, experts fall monotonically with τ, the τ rule, FLOPs accounting."
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effworkbench.d2dmoe import (DynamicKMLP, NormRouter, activation_density, balanced_kmeans, dynamic_k_model, hoyer, model_flops,
+                                 relufy, set_routing, split_experts, train_router)
+from effworkbench.gpt import GPT, GPTConfig, flops_per_token
+
+torch.set_num_threads(1)
+
+
+def unit_ffn(d=32, d_ff=128, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return (torch.randn(d_ff, d, dtype=dtype) / d ** 0.5, torch.randn(d, d_ff, dtype=dtype) / d_ff ** 0.5)
+
+
+@pytest.mark.parametrize("E", [1, 4, 16])
+def test_all_experts_equal_dense(E):
+    w_in, w_out = unit_ffn(dtype=torch.float64)
+    _, wi, wo = split_experts(w_in, w_out, E)
+    x = torch.randn(200, 32, dtype=torch.float64)
+    dense = F.relu(x @ w_in.T) @ w_out.T
+    layer = DynamicKMLP(wi, wo, None, mode="all", backend="loop")
+    with torch.no_grad(): y = layer(x)
+    assert torch.allclose(y, dense, rtol=0, atol=1e-12)                           # float64: equal to rounding
+    layer32 = DynamicKMLP(wi.float(), wo.float(), None, mode="all", backend="torch")
+    with torch.no_grad(): assert torch.allclose(layer32(x.float()), dense.float(), atol=1e-5)
+
+
+def test_balanced_kmeans_sizes_and_clusters():
+    g = torch.Generator().manual_seed(1)
+    dirs = F.normalize(torch.randn(8, 16, generator=g), dim=1)
+    rows = dirs.repeat_interleave(12, 0) * torch.rand(96, 1, generator=g) * 3 + 0.03 * torch.randn(96, 16, generator=g)
+    perm = torch.randperm(96, generator=g)
+    lab = balanced_kmeans(rows[perm], 8)
+    assert torch.bincount(lab).tolist() == [12] * 8
+    truth = torch.arange(96).div(12, rounding_mode="floor")[perm]
+    assert all(len(set(lab[truth == c].tolist())) == 1 for c in range(8))          # planted groups recovered (scale-free)
+    with pytest.raises(ValueError, match="equal clusters"): balanced_kmeans(rows[:10], 3)
+
+
+def test_tau_rule_and_monotone_experts():
+    w_in, w_out = unit_ffn()
+    _, wi, wo = split_experts(w_in, w_out, 16)
+    x = torch.randn(300, 32)
+    router, mse = train_router(x, wi, wo, hidden=32, steps=100)
+    layer = DynamicKMLP(wi, wo, router)
+    h = router(x).detach()
+    taus = torch.linspace(0, 1, 11).tolist()
+    counts = []
+    with torch.no_grad():
+        for tau in taus:
+            layer.tau = tau
+            take = layer.active(x)
+            ref = (h >= tau * h.max(-1, keepdim=True).values) & (h > 0)             # the paper's τ, not 1 − τ
+            assert torch.equal(take, ref)
+            layer(x); counts.append(float(layer.experts_per_token))
+            # the layer's output is the sum of exactly the active experts
+            per = torch.einsum("enh,ehd->ned", F.relu(torch.einsum("nd,edh->enh", x, wi)), wo)   # (N, E, d)
+            assert torch.allclose(layer(x), (per * take.unsqueeze(-1)).sum(1), atol=1e-5)
+    assert all(a >= b for a, b in zip(counts, counts[1:])) and counts[0] > counts[-1] == 1.0
+
+
+def test_hoyer_finetune_lowers_density():
+    "Same steps, same data: with the Hoyer term the FFN activations end up sparser than with ReLU fine-tuning alone."
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4, act="gelu"))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 64, (8, 17), generator=g) for _ in range(40)]
+    dens = {}
+    for lam in (0.0, 1.0):
+        m = relufy(base, lam).train()
+        opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+        for b in data:
+            _, loss = m(b[:, :-1].contiguous(), b[:, 1:].contiguous())
+            loss = loss + sum(m.aux_losses().values(), torch.zeros(()))
+            opt.zero_grad(); loss.backward(); opt.step()
+        dens[lam] = sum(activation_density(m, [b[:, :-1] for b in data[:4]]))
+    assert dens[1.0] < 0.8 * dens[0.0], dens
+
+
+def test_hoyer_measure():
+    a = torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, -1.0, 1.0, -1.0]])
+    assert torch.allclose(hoyer(a), torch.tensor([0.25, 1.0]))
+    x = torch.rand(5, 10)
+    assert torch.allclose(hoyer(3 * x), hoyer(x)) and ((hoyer(x) > 0.1 - 1e-6) & (hoyer(x) <= 1 + 1e-6)).all()
+
+
+def test_converted_model_all_experts_and_flops():
+    torch.manual_seed(0)
+    rm = relufy(GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4, act="relu")), 0.0).eval()
+    xb = [torch.randint(0, 64, (4, 16)) for _ in range(2)]
+    conv, info = dynamic_k_model(rm, xb, n_experts=8, router_hidden=16, router_steps=30, attention=True, attn_steps=30)
+    assert len(info) == 2 + 2 * 4
+    with torch.no_grad():
+        set_routing(conv, "all")
+        ffn_only = copy.deepcopy(conv)
+        for i, blk in enumerate(ffn_only.blocks): blk.attn = rm.blocks[i].attn
+        assert torch.allclose(ffn_only(xb[0]), rm(xb[0]), atol=1e-5)               # converted FFNs lose nothing
+        set_routing(conv, "topk", k=1); conv(xb[0])
+        d, dff, L = 32, 128, 2
+        r = 2 * (32 * 16 + 16 * 8)                                                  # router FLOPs of one layer
+        expect = flops_per_token(rm.cfg) + L * (r + 4 * d * dff / 8 - 4 * d * dff) + 4 * L * (r + 4 * d * 32 / 8 - 2 * d * d)
+        assert abs(model_flops(conv) - expect) < 1e-6 * expect
