@@ -169,7 +169,7 @@ def register_ffn(name: str):
         return builder
     return deco
 
-_FFN_MODULES = {"moe": "effworkbench.moe"}   # FFNs defined in later notebooks, imported on first use
+_FFN_MODULES = {"moe": "effworkbench.moe", "hoyer_relu": "effworkbench.d2dmoe"}   # FFNs of later notebooks, imported on first use
 
 class Block(nn.Module):
     "Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."
