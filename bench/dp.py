@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.5, 0.75])
     ap.add_argument("--no-opacus", action="store_true")
     a = ap.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)      # Opacus: secure RNG off, full backward hooks
     if a.threads: torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
