@@ -167,3 +167,10 @@ def test_selection_modes_and_density():
     p = dict(m.named_parameters())["blocks.3.conv.weight"].detach().abs()
     k = s["blocks.3.conv.weight"]
     assert p[k].min() >= p[masks["blocks.3.conv.weight"] & ~k].max()  # the largest live |θ| are selected
+
+
+def test_config_prune_is_applied_when_no_masks_given():
+    m = tiny(4); x, y = data(40, 4)
+    train_dp(m, x, y, DPConfig(epsilon=5.0, q=0.25, epochs=1.0, prune=0.6, prune_criterion="random", log_every=100))
+    w = m.blocks[2].conv.weight.detach()
+    assert abs(float((w == 0).float().mean()) - 0.6) < 0.01
