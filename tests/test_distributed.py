@@ -132,3 +132,23 @@ def test_cost_model_invariants():
     assert comm_bytes("fsdp", P, 4) == pytest.approx(1.5 * comm_bytes("ddp", P, 4))
     m1, m8 = memory_per_rank("fsdp", P, 1), memory_per_rank("fsdp", P, 8)
     assert m8 == pytest.approx(m1 / 8) and memory_per_rank("ddp", P, 8) == m1
+
+
+@pytest.mark.slow
+def test_effwb_train_nproc_launches_torchrun(tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus with words {i % 7} and {i % 11}." for i in range(2000)))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"corpus: {corpus}\nmax_bytes: null\nsteps: 2\nbatch_size: 4\nwarmup: 1\neval_batches: 1\n"
+                   "model: {vocab_size: 320, seq_len: 16, d_model: 16, n_layers: 1, n_heads: 2}\n")
+    env = {**os.environ, "EFFWB_RUNS": str(tmp_path / "runs"), "EFFWB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "EFFWB_QUIET": "1"}
+    env.pop("LOCAL_RANK", None)
+    effwb = Path(sys.executable).with_name("effwb")
+    r = subprocess.run([str(effwb), "train", str(cfg), "--nproc", "2"], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    res = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert res["steps"] == 2 and res["tokens"] == 2 * 4 * 16               # the global batch, counted once
+    log = (Path(res["path"]) / "metrics.jsonl").read_text()
+    assert '"step": 2' in log
