@@ -35,9 +35,13 @@ if mode == "fsdp":
     params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5); sched.step()
+    import numpy as np
+    from effworkbench.data import LMBatchSampler
+    sampler = LMBatchSampler(np.arange(1000), 4, 16, seed=3); next(sampler)       # at step 1, this rank's half
     ck = CheckpointManager(sys.argv[3])
     torch.manual_seed(1234 + rank)
-    state = {"app": ModelOptimizerState(model, opt), "progress": ProgressState(step=1), "rng": RNGState()}
+    state = {"app": ModelOptimizerState(model, opt), "progress": ProgressState(1, sched), "rng": RNGState(), "sampler": sampler}
     ck.save(1, state)
     if rank == 0:
         torch.save({"loss": gl.item(), "grads": grads, "params": params, "world": world,

@@ -47,9 +47,15 @@ def test_fsdp_two_ranks_match_one_process_and_checkpoint_loads_on_one(tmp_path):
     with torch.no_grad():
         for p in fresh.parameters(): p.zero_()
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    prog = ProgressState()
-    assert CheckpointManager(ck).load({"app": ModelOptimizerState(fresh, opt2), "progress": prog, "rng": RNGState()}) == 1
-    assert prog.step == 1
+    sched = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    prog = ProgressState(0, sched)
+    import numpy as np
+    from effworkbench.data import LMBatchSampler
+    sampler = LMBatchSampler(np.arange(1000), 4, 16, seed=0, rank=0, world_size=1)   # one rank now holds the whole batch
+    state = {"app": ModelOptimizerState(fresh, opt2), "progress": prog, "rng": RNGState(), "sampler": sampler}
+    assert CheckpointManager(ck).load(state) == 1
+    assert prog.step == 1 and sched.last_epoch == 1 and opt2.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert (sampler.seed, sampler.step) == (3, 1)
     for n, p in fresh.named_parameters():
         assert torch.equal(p.detach(), got["params"][n]), n
         assert torch.equal(opt2.state[p]["exp_avg"], got["exp_avg"][n]), n
