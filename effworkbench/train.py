@@ -30,7 +30,8 @@ from .store import Run, RunStore, run_function
 
 # %% auto #0
 __all__ = ['TrainConfig', 'lr_at', 'init_distributed', 'cleanup_distributed', 'TrainingDiverged', 'Trainer', 'fit', 'train_run',
-           'save_weights', 'load_weights', 'read_config_file', 'train_config_from', 'add_train_command', 'load_model']
+           'save_weights', 'load_weights', 'read_config_file', 'train_config_from', 'add_train_command',
+           'torchrun_command', 'load_model']
 
 # %% ../nbs/11_train.ipynb #3b80f7a1
 @dataclass
@@ -356,10 +357,32 @@ def add_train_command(sub):
     p.add_argument("--preset", choices=["smoke", "medium", "full"], default=None)
     p.add_argument("--rerun", action="store_true", help="train again even if the run is finished")
     p.add_argument("--save-weights", metavar="PATH", help="also write the trained weights as safetensors")
+    p.add_argument("--nproc", type=int, default=None, metavar="N", help="processes per node: relaunch itself under torchrun")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node job (the same command runs on each, e.g. srun)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="multi-node rendezvous (on the first node)")
     p.set_defaults(func=_cmd_train)
+
+def torchrun_command(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None) -> list[str]:
+    "The torchrun command line running `effwb train *argv` on `nproc` processes per node (`--standalone` on one node)."
+    import sys
+    if nproc < 1 or nnodes < 1: raise ConfigError(f"--nproc {nproc} and --nnodes {nnodes} must be >= 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1 and rdzv_endpoint is None: cmd.append("--standalone")
+    elif not rdzv_endpoint: raise ConfigError("a multi-node launch needs --rdzv-endpoint HOST:PORT (a port on the first node)")
+    else: cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                  f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'effwb')}"]
+    effwb = Path(sys.executable).with_name("effwb")
+    return cmd + [f"--nproc-per-node={nproc}", "--no-python", str(effwb) if effwb.exists() else "effwb", "train", *argv]
 
 def _cmd_train(args) -> int:
     import json
+    if args.nproc and "LOCAL_RANK" not in os.environ:       # the launcher: hand the same command over to torchrun
+        import subprocess
+        argv = ([args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
+        argv += (["--preset", args.preset] if args.preset else []) + (["--rerun"] if args.rerun else [])
+        argv += ["--save-weights", args.save_weights] if args.save_weights else []
+        env = {**os.environ, **({"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")} if args.nnodes == 1 else {})}
+        return subprocess.call(torchrun_command(argv, args.nproc, args.nnodes, args.rdzv_endpoint), env=env)
     cfg = train_config_from(args.config, args.set, args.preset)
     store = RunStore()
     rank = int(os.environ.get("RANK", "0"))
