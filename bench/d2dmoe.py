@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from effworkbench.core import git_info
 from effworkbench.d2dmoe import DynamicKMLP, NormRouter
 
 TAUS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -80,7 +81,7 @@ def main():
     tag = "h100" if "H100" in name else "h200" if "H200" in name else "cuda" if cuda else "cpu"
     df.to_csv(out / f"d2dmoe_speed_{tag}.csv", index=False)
     (out / f"d2dmoe_speed_{tag}.env.json").write_text(json.dumps({"device_name": name, "torch": torch.__version__,
-                                                                   "bench": "bench/d2dmoe.py"}, indent=1))
+                                                                   "bench": "bench/d2dmoe.py", **git_info()}, indent=1))
 
 
 if __name__ == "__main__":

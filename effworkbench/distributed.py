@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,9 @@ import torch.nn as nn
 
 from .core import ConfigError
 from .moe import MoEFFN, moe_mlp
+from .store import CheckpointError
 from .train import _rng_state, _set_rng_state
+if TYPE_CHECKING: import pandas as pd                   # annotations only
 
 # %% auto #0
 __all__ = ['SCHEMES', 'make_mesh', 'exit_distributed', 'default_mp_policy', 'shard', 'full_grads', 'ModelOptimizerState',
@@ -117,7 +119,10 @@ class RNGState(Stateful):
 
     def load_state_dict(self, sd: dict):
         buf = sd["ranks"]; buf.seek(0)
-        states = torch.load(buf, weights_only=False)        # our own checkpoint (numpy/python RNG states)
+        try: states = torch.load(buf, weights_only=True)    # tensors, ints and lists only: no code can run
+        except Exception as e:
+            raise CheckpointError(f"the RNG state of this checkpoint cannot be read with a weights-only load "
+                                  f"({type(e).__name__}): it is corrupt or was not written by RNGState") from None
         rank = dist.get_rank() if dist.is_initialized() else 0
         _set_rng_state(states[rank % len(states)])
 
@@ -165,10 +170,20 @@ class CheckpointManager:
     def load(self, state: dict[str, Any], step: int | None = None) -> int | None:
         "Load step `step` (default: the latest complete one) into `state` in place; returns the step, or None if none."
         from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.api import CheckpointException   # a BaseException gathering every rank's failure
         step = self.latest() if step is None else step
         if step is None: return None
-        if not (self.path(step) / ".metadata").is_file(): raise FileNotFoundError(f"no complete checkpoint at {self.path(step)}")
-        load(state, storage_reader=FileSystemReader(self.path(step)))
+        path = self.path(step)
+        if not (path / ".metadata").is_file(): raise FileNotFoundError(f"no complete checkpoint at {path}")
+        try: load(state, storage_reader=FileSystemReader(path))
+        except (Exception, CheckpointException) as e:
+            if isinstance(e, CheckpointException) and e.failures: e = next(iter(e.failures.values()))[0]   # (exception, traceback)
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            if "weights_only" in msg: msg = ""                                  # never pass on advice to load unsafely
+            why = str(e) if isinstance(e, CheckpointError) else type(e).__name__ + (f": {msg}" if msg else "")
+            prev = [s for s in self.checkpoints() if s < step]
+            raise CheckpointError(f"sharded checkpoint {path} cannot be loaded ({why}). If it is damaged, delete that folder"
+                                  + (f" to resume from step {prev[-1]}" if prev else "") + ", or load a different step") from None
         return step
 
 # %% ../nbs/90_distributed.ipynb #b4b9ef28

@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import math
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -27,9 +27,11 @@ Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parame
 
 # %% auto #0
 __all__ = ['Masks', 'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable', 'full_masks', 'prune_masks',
-           'apply_masks', 'density', 'prune_structured', 'select_coordinates', 'per_sample_grads', 'clip_per_sample',
-           'dp_sgd_step', 'DPConfig', 'train_dp', 'DPBench', 'public_private_splits', 'pretrain_public', 'start_model',
-           'run_grid', 'run_grid_seed']
+           'apply_masks', 'density', 'prune_structured', 'mask_kinds', 'select_coordinates', 'per_sample_grads',
+           'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep', 'weight_per_example', 'input_gram',
+           'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step',
+           'DPConfig', 'train_dp', 'DPBench', 'public_private_splits', 'pretrain_public', 'start_model', 'run_grid',
+           'run_grid_seed']
 
 # %% ../nbs/43_privacy.dp_prune.ipynb #bd7b3930
 def check_dp_model(model: nn.Module) -> nn.Module:
@@ -42,10 +44,19 @@ def check_dp_model(model: nn.Module) -> nn.Module:
     return model
 
 # %% ../nbs/43_privacy.dp_prune.ipynb #dd25b0ee
+def _check_accounting(q: float, sigma: float | None, steps: int, delta: float):
+    "Raise a `ConfigError` naming the bad argument of an accountant call (the accountants fail deep inside otherwise)."
+    if not 0 < q <= 1: raise ConfigError(f"sampling rate q={q} must be in (0, 1]: the probability that an example is in a batch")
+    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+        raise ConfigError(f"noise multiplier σ={sigma} must be finite and > 0: σ = 0 adds no noise, so ε is infinite")
+    if not (math.isfinite(steps) and steps >= 1 and int(steps) == steps): raise ConfigError(f"steps={steps!r} must be an integer ≥ 1")
+    if not 0 < delta < 1: raise ConfigError(f"δ={delta} must be in (0, 1), typically below 1/N")
+
 def epsilon(q: float, sigma: float, steps: int, delta: float, accountant: Literal["rdp", "prv"] = "rdp") -> float:
     "ε(δ) of `steps` Poisson-subsampled Gaussian steps (rate q, noise multiplier σ), from Opacus's RDP or PRV accountant."
     from opacus.accountants import PRVAccountant, RDPAccountant
     if accountant not in ("rdp", "prv"): raise ConfigError(f"accountant={accountant!r}: use 'rdp' or 'prv'")
+    _check_accounting(q, sigma, steps, delta)
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     acc.history = [(float(sigma), float(q), int(steps))]
     return float(acc.get_epsilon(delta=delta))
@@ -55,6 +66,8 @@ def noise_for_epsilon(target_epsilon: float, delta: float, q: float, steps: int,
     "The noise multiplier σ that spends `target_epsilon` in `steps` steps at rate q (Opacus's `get_noise_multiplier`; cached)."
     from opacus.accountants.utils import get_noise_multiplier
     if not math.isfinite(target_epsilon): return 0.0
+    if not target_epsilon > 0: raise ConfigError(f"target ε={target_epsilon} must be > 0 (inf: no noise)")
+    _check_accounting(q, None, steps, delta)
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
                                       accountant=accountant, epsilon_tolerance=0.005))
 
@@ -113,7 +126,40 @@ def prune_structured(model: BlockNet, rate: float) -> BlockNet:
         keep[n] = l1.argsort(descending=True)[:k]
     return prune_channels(model, keep)
 
+# %% ../nbs/43_privacy.dp_prune.ipynb #be146bd1
+_KINDS: dict[int, tuple] = {}     # id(mask) → (weak reference to it, its version counter, its kind); gone with the tensor
+
+def _remember(m: torch.Tensor, kind: str):
+    key = id(m)
+    _KINDS[key] = (weakref.ref(m, lambda _, k=key: _KINDS.pop(k, None)), m._version, kind)
+
+def mask_kinds(masks: Masks) -> dict[str, Literal["all", "part", "none"]]:
+    """name → `all` | `part` | `none`: whether each bool mask keeps every, some or no coordinate of its tensor.
+    Reading a device tensor is a host sync, so the answer is cached per tensor object (until it is changed in place)
+    and the unknown ones are read back together: one sync the first time masks are seen, none after."""
+    out, todo = {}, []
+    for n, m in masks.items():
+        hit = _KINDS.get(id(m))
+        if hit is not None and hit[0]() is m and hit[1] == m._version: out[n] = hit[2]
+        else: todo.append(n)
+    if todo:
+        flags = torch.stack([torch.stack([masks[n].all(), masks[n].any()]) for n in todo]).tolist()   # (k, 2): one read-back
+        for n, (every, some) in zip(todo, flags):
+            out[n] = "all" if every else "part" if some else "none"
+            _remember(masks[n], out[n])
+    return out
+
 # %% ../nbs/43_privacy.dp_prune.ipynb #d12b1d23
+def _counts(masks: Masks) -> torch.Tensor:
+    "Live coordinates per mask, (len(masks),) on the host: one read-back for all of them."
+    return torch.stack([m.sum() for m in masks.values()]).cpu() if masks else torch.zeros(0, dtype=torch.long)
+
+def _told(sel: Masks, kinds: dict[str, str]) -> Masks:
+    """Record the selection tensors' kinds for `mask_kinds` as known on the host, so that nothing is read back. `part`
+    is always safe (it only means: multiply by the mask, no ghost norm), even where a draw happened to keep everything."""
+    for n, t in sel.items(): _remember(t, kinds[n])
+    return sel
+
 def select_coordinates(model: nn.Module, masks: Masks, drop: float, mode: Literal["random", "layer", "magnitude"] = "random",
                        generator: torch.Generator | None = None) -> Masks:
     """The coordinates a step updates, S_t ⊆ live coordinates, chosen *without private data*:
@@ -125,25 +171,27 @@ def select_coordinates(model: nn.Module, masks: Masks, drop: float, mode: Litera
     if drop == 0: return masks
     g = generator or torch.Generator().manual_seed(0)
     params = dict(model.named_parameters())
+    kinds = mask_kinds(masks)                          # the masks' kinds are cached; a selection's are told, not read back
     if mode == "random":
-        return {n: m & (torch.rand(m.shape, generator=g) >= drop).to(m.device) for n, m in masks.items()}
+        out = {n: m & (torch.rand(m.shape, generator=g) >= drop).to(m.device) for n, m in masks.items()}
+        return _told(out, {n: "none" if kinds[n] == "none" else "part" for n in out})
     if mode == "layer":
         names = list(masks); order = torch.randperm(len(names), generator=g).tolist()
-        live = {n: int(masks[n].sum()) for n in names}; budget, got, sel = (1 - drop) * sum(live.values()), 0, {}
+        live = dict(zip(names, _counts(masks).tolist())); budget, got, sel = (1 - drop) * sum(live.values()), 0, {}
         for i in order:
             n = names[i]
             take = got < budget
             sel[n] = masks[n] if take else torch.zeros_like(masks[n])
             got += live[n] * take
-        return sel
+        return _told(sel, {n: kinds[n] if sel[n] is masks[n] else "none" for n in sel})
     if mode == "magnitude":
-        out = {}
+        out, live = {}, dict(zip(masks, _counts(masks).tolist()))
         for n, m in masks.items():
-            k = int(round((1 - drop) * int(m.sum())))
+            k = int(round((1 - drop) * live[n]))
             s = torch.where(m, params[n].detach().abs(), torch.tensor(-1.0, device=m.device)).flatten()
             keep = torch.zeros(m.numel(), dtype=torch.bool, device=m.device); keep[s.argsort(descending=True)[:k]] = True
             out[n] = keep.view_as(m) & m
-        return out
+        return _told(out, {n: "none" if kinds[n] == "none" else "part" for n in out})
     raise ConfigError(f"drop mode {mode!r}: use 'random', 'layer' or 'magnitude'")
 
 # %% ../nbs/43_privacy.dp_prune.ipynb #6bda1223
@@ -161,37 +209,252 @@ def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
 
 # %% ../nbs/43_privacy.dp_prune.ipynb #a13f89c6
 def clip_per_sample(grads: dict[str, torch.Tensor], sel: Masks, C: float,
-                    clip_on: Literal["selected", "full"] = "selected") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                    clip_on: Literal["selected", "full"] = "selected", masks: Masks | None = None
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """ḡ_i = g_i ⊙ S / max(1, ‖g_i‖/C) with ‖g_i‖ the norm of the selected coordinates g_i ⊙ S (`selected`) or of the
-    whole live gradient (`full`, then ‖ḡ_i ⊙ S‖ ≤ C still). Returns the clipped, selected per-sample grads and the norms (B,)."""
+    whole live gradient g_i ⊙ m (`full`: every coordinate the pre-pruning mask `masks` keeps, selected or not; then
+    ‖ḡ_i ⊙ S‖ ≤ C still). Pruned coordinates never count. Returns the clipped, selected per-sample grads and the norms (B,)."""
     if clip_on not in ("selected", "full"): raise ConfigError(f"clip_on={clip_on!r}: use 'selected' or 'full'")
+    if clip_on == "full" and masks is None:
+        raise ConfigError("clip_on='full' clips on the norm of the live gradient g ⊙ m: pass the pre-pruning masks "
+                          "(masks=full_masks(model) when nothing is pruned)")
     masked = {n: g * sel[n] for n, g in grads.items()}                                   # (B, *shape), zero off S
-    src = masked if clip_on == "selected" else grads
+    src = masked if clip_on == "selected" else {n: g * masks[n] for n, g in grads.items()}   # g ⊙ S  or  g ⊙ m
     B = next(iter(grads.values())).shape[0]
     norms = torch.sqrt(sum(g.reshape(B, -1).pow(2).sum(1) for g in src.values()))        # (B,)
     factor = (C / (norms + 1e-6)).clamp(max=1.0)                                           # min(1, C/‖g_i‖)
     return {n: g * factor.view(-1, *[1] * (g.dim() - 1)) for n, g in masked.items()}, norms
 
+# %% ../nbs/43_privacy.dp_prune.ipynb #4b122f4b
+def param_owners(model: nn.Module, names: list[str]) -> dict[nn.Module, dict[str, str]]:
+    "module → {'weight' | 'bias': parameter name}, for the parameters in `names`."
+    want, out = set(names), {}
+    for mn, m in model.named_modules():
+        for pn, _ in m.named_parameters(recurse=False):
+            full = f"{mn}.{pn}" if mn else pn
+            if full in want: out.setdefault(m, {})[pn] = full
+    return out
+
+def bk_unsupported(model: nn.Module, names: list[str]) -> list[str]:
+    "The parameters in `names` whose layer book-keeping cannot handle (it knows Linear, Conv2d with groups=1, GroupNorm)."
+    bad = []
+    for m, ps in param_owners(model, names).items():
+        ok = isinstance(m, (nn.Linear, nn.GroupNorm)) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                                                          and not isinstance(m.padding, str))
+        if not ok: bad += [f"{n} ({type(m).__name__})" for n in ps.values()]
+    return bad
+
+def _frontier(outs: dict[nn.Module, torch.Tensor]) -> list[torch.Tensor]:
+    "The outputs in `outs` with no other output of `outs` below them in the backward graph: a backward to these passes all."
+    fns = {o.grad_fn for o in outs.values()}
+    front = []
+    for o in outs.values():
+        stack, seen, below = [f for f, _ in o.grad_fn.next_functions if f is not None], set(), False
+        while stack and not below:
+            f = stack.pop()
+            if f in seen: continue
+            seen.add(f); below = f in fns
+            stack += [nf for nf, _ in f.next_functions if nf is not None]
+        if not below: front.append(o)
+    return front
+
+def book_keep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mods: list[nn.Module], visit=None
+              ) -> tuple[dict[nn.Module, torch.Tensor], dict[nn.Module, torch.Tensor]]:
+    """One forward and one backward of Σ_i ℓ_i. As the backward reaches each module in `mods`, `visit(m, a, b)` gets its
+    input a (B, …) and the gradient b = ∂(Σ_j ℓ_j)/∂y of its output, whose row i is ∂ℓ_i/∂y_i (no layer mixes examples);
+    both are dropped after the visit, so large activations and gradients are freed as the backward goes (keeping them
+    all to the end costs about half a backward more on one CPU thread). Without `visit` they are kept and returned.
+    The backward asks only for the outputs of the earliest modules in `mods` (`_frontier`): no parameter gradient is
+    computed, and nothing below those modules is."""
+    acts, outs, kept = {}, {}, ({}, {})
+    visit = visit or (lambda m, a, b: (kept[0].__setitem__(m, a), kept[1].__setitem__(m, b)))
+    def keep(m, inp, out):
+        if m in outs: raise ConfigError(f"{type(m).__name__} runs twice in one forward (shared weights): use method='vmap'")
+        acts[m], outs[m] = inp[0].detach(), out
+        def on_grad(b, m=m): visit(m, acts.pop(m), b)                          # returns None: b flows on unchanged
+        out.register_hook(on_grad)
+    frozen = [p for m in mods for p in m.parameters(recurse=False) if not p.requires_grad]   # DP-trained all the same
+    hooks = [m.register_forward_hook(keep) for m in mods]
+    try:
+        for p in frozen: p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y, reduction="sum")                   # Σ_i ℓ_i
+        for h in hooks: h.remove()
+        torch.autograd.grad(loss, _frontier(outs), allow_unused=True)
+    finally:
+        for h in hooks: h.remove()
+        for p in frozen: p.requires_grad_(False)
+    return kept                                        # a module the loss does not reach is never visited
+
+
+# %% ../nbs/43_privacy.dp_prune.ipynb #b67d2d2b
+def _in_rows(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    "A layer's inputs as rows a_t of y_t = W a_t, per example and position t: (B, T, D); a conv's a_t is its unfolded receptive field."
+    if isinstance(m, nn.Conv2d): return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)  # (B, T, Cin·kh·kw)
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+def _out_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    "The output gradients as rows g_t: (B, T, P)."
+    if isinstance(m, nn.Conv2d): return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+def weight_per_example(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients Σ_t g_t a_tᵀ of a Linear or Conv2d from its input a and output gradient g: (B, *weight.shape).
+    A conv with many output positions (T ≥ 256) uses the weight gradient of a grouped convolution with example b as group b
+    (input (1, B·Cin, H, W), output gradient (1, B·P, H', W')), which skips the (B, T, D) unfolded copy; else (B, P, T) @ (B, T, D)."""
+    B = a.shape[0]
+    if isinstance(m, nn.Conv2d) and g[0, 0].numel() >= 256:
+        gw = torch.nn.grad.conv2d_weight(a.reshape(1, -1, *a.shape[2:]), (B * m.out_channels, *m.weight.shape[1:]),
+                                         g.reshape(1, -1, *g.shape[2:]), m.stride, m.padding, m.dilation, groups=B)
+        return gw.view(B, *m.weight.shape)
+    return (_out_rows(m, g).transpose(1, 2) @ _in_rows(m, a)).view(B, *m.weight.shape)     # (B, P, T) @ (B, T, D)
+
+def _padded_grid(m: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    "The zero-padded input (B, C, Hp, Wp) and the output grid H' × W'."
+    (ph, pw), (kh, kw), (sh, sw), (dh, dw) = m.padding, m.kernel_size, m.stride, m.dilation
+    ap = F.pad(a, (pw, pw, ph, ph))
+    return ap, (ap.shape[2] - dh * (kh - 1) - 1) // sh + 1, (ap.shape[3] - dw * (kw - 1) - 1) // sw + 1
+
+def input_gram(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """(a_t · a_s) for every pair of positions t, s of each example: (B, T, T). For a conv, without unfolding: with
+    K = x_padᵀ x_pad the (Hp·Wp)² gram of the padded input over channels, a_t · a_s = Σ_δ K[p_t + δ, p_s + δ] summed over
+    the kh·kw kernel offsets δ (p_t = stride·t: the corner of t's receptive field)."""
+    if not isinstance(m, nn.Conv2d):
+        A = _in_rows(m, a); return A @ A.transpose(1, 2)
+    ap, Ho, Wo = _padded_grid(m, a)
+    B, _, Hp, Wp = ap.shape
+    flat = ap.flatten(2)                                                     # (B, C, Hp·Wp)
+    K = (flat.transpose(1, 2) @ flat).view(B, Hp, Wp, Hp, Wp)                # (B, Hp, Wp, Hp, Wp)
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    out = torch.zeros(B, Ho, Wo, Ho, Wo, dtype=a.dtype, device=a.device)
+    for i in range(kh):
+        ys = slice(dh * i, dh * i + sh * (Ho - 1) + 1, sh)
+        for j in range(kw):
+            xs = slice(dw * j, dw * j + sw * (Wo - 1) + 1, sw)
+            out += K[:, ys, xs, ys, xs]
+    return out.view(B, Ho * Wo, Ho * Wo)
+
+def ghost_cheaper(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Bu et al.'s layer-wise rule, FLOPs per example: the explicit product costs T·D·P; the ghost norm T²·P for the
+    output-gradient gram plus, for the input gram, T²·D (linear) or (Hp·Wp)²·C_in + kh·kw·T² (conv, `input_gram`)."""
+    T, P = _out_rows(m, g).shape[1:]
+    D = m.weight[0].numel()
+    if isinstance(m, nn.Conv2d):
+        ap, _, _ = _padded_grid(m, a[:1])
+        gram_a = (ap.shape[2] * ap.shape[3]) ** 2 * m.in_channels + m.kernel_size[0] * m.kernel_size[1] * T * T
+    else: gram_a = T * T * D
+    return gram_a + T * T * P < T * D * P
+
+def ghost_sq_norm(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    "‖Σ_t g_t a_tᵀ‖² = Σ_ts (a_t·a_s)(g_t·g_s) per example, without forming the gradient: (B,)."
+    G = _out_rows(m, g)
+    return (input_gram(m, a) * (G @ G.transpose(1, 2))).sum((1, 2))
+
+def weight_sum(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    "Σ_i Σ_t g_{i,t} a_{i,t}ᵀ over the batch: the layer's ordinary weight gradient for output gradients g."
+    if isinstance(m, nn.Conv2d): return torch.nn.grad.conv2d_weight(a, m.weight.shape, g, m.stride, m.padding, m.dilation)
+    return (_out_rows(m, g).flatten(0, 1).T @ _in_rows(m, a).flatten(0, 1)).view(m.weight.shape)
+
+def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "GroupNorm y = x̂·γ + β per channel: ∂ℓ_i/∂γ = Σ_hw g·x̂ and ∂ℓ_i/∂β = Σ_hw g in closed form, each (B, C)."
+    dims = tuple(range(2, a.dim()))
+    xhat = F.group_norm(a, m.num_groups, eps=m.eps)                          # (B, C, *), the normalised input
+    return (g * xhat).sum(dims), g.sum(dims)
+
+# %% ../nbs/43_privacy.dp_prune.ipynb #93631791
+def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], C: float,
+                     on: dict, ghost: Literal["auto", "always", "never"] = "auto") -> tuple[dict, torch.Tensor]:
+    """Σ_i min(1, C/‖g_i‖)·g_i for the parameters in `names`, and the per-example norms ‖g_i‖ (B,), from one forward and one
+    backward (book-keeping): ‖g_i‖² = Σ_n ‖g_{i,n} ⊙ on_n‖², `on[n]` a bool mask of the coordinates that count or None (all).
+    A weight whose `on` is None may use the ghost norm; a masked one always gets its explicit per-example product."""
+    if ghost not in ("auto", "always", "never"): raise ConfigError(f"ghost={ghost!r}: use 'auto', 'always' or 'never'")
+    owners = param_owners(model, names)
+    B = len(x)
+    per_ex, ghosts, sq = {}, {}, []                    # name → (B, *shape);  name → (layer, a, b);  ghost ‖g_{i,n}‖² (B,)
+    def visit(m, a, g):                                # called by the backward, layer by layer
+        ps = owners[m]
+        if isinstance(m, nn.GroupNorm):
+            gw, gb = norm_per_example(m, a, g)
+            if "weight" in ps: per_ex[ps["weight"]] = gw
+            if "bias" in ps: per_ex[ps["bias"]] = gb
+            return
+        if "bias" in ps: per_ex[ps["bias"]] = _out_rows(m, g).sum(1)         # Σ_t g_t  (B, P)
+        if "weight" not in ps: return
+        n = ps["weight"]
+        if on[n] is None and (ghost == "always" or (ghost == "auto" and ghost_cheaper(m, a, g))):
+            sq.append(ghost_sq_norm(m, a, g)); ghosts[n] = (m, a, g)           # a, g kept for the clipped sum
+        else: per_ex[n] = weight_per_example(m, a, g)
+    book_keep(model, x, y, list(owners), visit)
+    shape = {n: p.shape for n, p in model.named_parameters()}
+    for n, gi in per_ex.items():
+        sq.append(torch.linalg.vector_norm((gi if on[n] is None else gi * on[n]).reshape(B, -1), dim=1).square())
+    norms = torch.stack(sq).sum(0).sqrt() if sq else x.new_zeros(B)         # ‖g_i‖, (B,)
+    c = (C / (norms + 1e-6)).clamp(max=1.0)                                  # min(1, C/‖g_i‖), (B,)
+    total = {n: (c @ gi.reshape(B, -1)).view(shape[n]) for n, gi in per_ex.items()}       # Σ_i c_i g_i: a (B,)·(B, numel) product
+    for n, (m, a, g) in ghosts.items():                                      # Σ_i c_i Σ_t g_t a_tᵀ: the weight gradient of c·g
+        total[n] = weight_sum(m, a, g * c.view(B, *[1] * (g.dim() - 1)))
+    for n in names:                                                          # layers the loss does not reach: zero
+        if n not in total: total[n] = torch.zeros(shape[n], dtype=norms.dtype, device=norms.device)
+    return total, norms
+
 # %% ../nbs/43_privacy.dp_prune.ipynb #16773d8c
+def _chunk_sum(model, x, y, names, C, masks, sel, on, kon, clip_on, use_bk) -> dict[str, torch.Tensor]:
+    "Σ_i ḡ_i over one chunk, by book-keeping or by vmap per-example gradients + `clip_per_sample` (zero off S there)."
+    if use_bk: return clipped_grad_sum(model, x, y, names, C, {n: None if kon[n] == "all" else on[n] for n in names})[0]
+    with torch.enable_grad(): gs = per_sample_grads(model, x, y, names)
+    return {n: g.sum(0) for n, g in clip_per_sample(gs, sel, C, clip_on, masks)[0].items()}
+
+def _noise_and_update(params: list[torch.Tensor], totals: list[torch.Tensor], sel: list[torch.Tensor | None], *,
+                      C: float, sigma: float, lr: float, expected_batch: float, generator: torch.Generator | None):
+    """θ ← θ − lr·((Σ_i ḡ_i + σC·ξ) ⊙ S)/(qN), in place on `totals` and `params` with foreach ops; ξ ~ N(0, I) is one flat
+    draw for every tensor, on the generator's device (the parameters' when None). `sel[k]` None: the whole tensor."""
+    if sigma > 0:
+        sizes = [p.numel() for p in params]
+        dev = generator.device if generator is not None else params[0].device
+        xi = torch.randn(sum(sizes), generator=generator, device=dev, dtype=params[0].dtype).to(params[0].device)   # (Σ numel,)
+        torch._foreach_add_(totals, [z.view_as(p) for z, p in zip(xi.split(sizes), params)], alpha=sigma * C)
+    part = [k for k, s in enumerate(sel) if s is not None]
+    if part: torch._foreach_mul_([totals[k] for k in part], [sel[k] for k in part])     # zero off S
+    torch._foreach_add_(params, totals, alpha=-lr / expected_batch)
+
 @torch.no_grad()
-def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: Masks, sel: Masks, C: float, sigma: float,
-                lr: float, expected_batch: float, generator: torch.Generator, clip_on: str = "selected", chunk: int = 256) -> dict:
+def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float, sigma: float, lr: float,
+                masks: Masks | None = None, sel: Masks | None = None, expected_batch: float | None = None,
+                generator: torch.Generator | None = None, clip_on: str = "selected", chunk: int = 256,
+                method: Literal["auto", "bk", "vmap"] = "auto") -> dict:
     """One DP-SGD step on a Poisson batch (x, y): θ_S ← θ_S − lr·(Σ_i ḡ_i + σC·ξ_S)/(qN), ξ ~ N(0, I) on the selected
-    coordinates S only; every coordinate off S (pruned or dropped) is left bit-for-bit unchanged."""
+    coordinates S only; every coordinate off S (pruned or dropped) is left bit-for-bit unchanged.
+    Plain DP-SGD is `dp_sgd_step(model, x, y, C=1.0, sigma=1.0, lr=0.1)`: no pruning (`masks` all live), every live
+    coordinate selected (`sel = masks`), ξ from the device's default generator, and qN = len(x) (pass `expected_batch=q*N`
+    under Poisson sampling, where the batch size itself must not enter the update).
+    `method`: `bk` book-keeping (`clipped_grad_sum`), `vmap` torch.func per-example gradients (the reference, any model),
+    `auto` bk when every layer is supported (`bk_unsupported`), else vmap. `chunk` examples at a time bound the memory."""
     params = dict(model.named_parameters())
-    names = [n for n in params if sel[n].any()] if clip_on == "selected" else [n for n in params if masks[n].any()]
-    total = {n: torch.zeros_like(params[n]) for n in names}
-    with torch.enable_grad():
-        for i in range(0, len(x), chunk):                          # chunks bound the (chunk, P) per-sample memory
-            gs = per_sample_grads(model, x[i:i + chunk], y[i:i + chunk], names)
-            clipped, _ = clip_per_sample(gs, sel, C, clip_on)
-            for n, g in clipped.items(): total[n] += g.sum(0)
-    for n in names:
-        if not sel[n].any(): continue
-        noise = torch.randn(params[n].shape, generator=generator).to(params[n].device) * (sigma * C)
-        update = (total[n] + noise * sel[n]) / expected_batch     # zero off S
-        params[n].sub_(lr * update * sel[n])
+    masks = full_masks(model) if masks is None else masks
+    sel = masks if sel is None else sel
+    expected_batch = max(len(x), 1) if expected_batch is None else expected_batch
+    if not expected_batch > 0: raise ConfigError(f"expected_batch={expected_batch}: must be > 0 (q·N, the expected batch size)")
+    if clip_on not in ("selected", "full"): raise ConfigError(f"clip_on={clip_on!r}: use 'selected' or 'full'")
+    if method not in ("auto", "bk", "vmap"): raise ConfigError(f"method={method!r}: use 'auto', 'bk' or 'vmap'")
+    if not chunk >= 1: raise ConfigError(f"chunk={chunk}: must be ≥ 1 (examples per per-example pass)")
+    on = sel if clip_on == "selected" else masks                    # the coordinates the clipping norm counts
+    ksel = mask_kinds(sel); kon = ksel if clip_on == "selected" else mask_kinds(masks)
+    names = [n for n in params if kon[n] != "none"]                 # tensors whose per-example gradients are needed
+    upd = [n for n in names if ksel[n] != "none"]                   # tensors the step changes
+    bad = bk_unsupported(model, names) if method != "vmap" else []
+    if method == "bk" and bad: raise ConfigError(f"method='bk' cannot handle {bad[:3]}: use method='vmap' (or 'auto')")
+    use_bk = method != "vmap" and not bad
+    total = None
+    for i in range(0, len(x), chunk):
+        s = _chunk_sum(model, x[i:i + chunk], y[i:i + chunk], names, C, masks, sel, on, kon, clip_on, use_bk)
+        if total is None: total = s
+        else: torch._foreach_add_([total[n] for n in names], [s[n] for n in names])
+    total = total or {n: torch.zeros_like(params[n]) for n in names}
+    if upd:
+        _noise_and_update([params[n] for n in upd], [total[n] for n in upd], [sel[n] if ksel[n] == "part" else None for n in upd],
+                          C=C, sigma=sigma, lr=lr, expected_batch=expected_batch, generator=generator)
     return {"batch": len(x)}
+
 
 # %% ../nbs/43_privacy.dp_prune.ipynb #f80e1340
 @dataclass
@@ -210,7 +473,8 @@ class DPConfig(PresetConfig):
     drop_mode: str = "random"
     clip_on: str = "selected"
     accountant: str = "rdp"
-    chunk: int = 256
+    chunk: int = 256              # examples per per-example pass (memory bound)
+    method: str = "auto"          # dp_sgd_step method: auto | bk | vmap
     log_every: int = 10
     seed: int = 0
 
@@ -232,16 +496,18 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig, 
     sigma = noise_for_epsilon(cfg.epsilon, cfg.delta, q, steps, cfg.accountant)
     acc = RDPAccountant() if cfg.accountant == "rdp" else PRVAccountant()
     g_batch = torch.Generator().manual_seed(cfg.seed)
-    g_noise = torch.Generator().manual_seed(cfg.seed + 1)
     g_sel = torch.Generator().manual_seed(cfg.seed + 2)          # public randomness: independent of the data
     dev = next(model.parameters()).device
+    g_noise = torch.Generator(device=dev).manual_seed(cfg.seed + 1)    # noise drawn where the parameters live
+    xd, yd = x.to(dev), y.to(dev)                                      # the private set moves once; batches are gathered there
     rows, t0 = [], time.time()
     model.train()
     for t in range(1, steps + 1):
         idx = poisson_batch(n, q, g_batch)
         sel = select_coordinates(model, masks, cfg.drop, cfg.drop_mode, g_sel)
-        dp_sgd_step(model, x[idx].to(dev), y[idx].to(dev), masks, sel, cfg.clip, sigma, cfg.lr, q * n, g_noise,
-                    cfg.clip_on, cfg.chunk)
+        idx_d = idx.to(dev)
+        dp_sgd_step(model, xd[idx_d], yd[idx_d], C=cfg.clip, sigma=sigma, lr=cfg.lr, masks=masks, sel=sel,
+                    expected_batch=q * n, generator=g_noise, clip_on=cfg.clip_on, chunk=cfg.chunk, method=cfg.method)
         if sigma > 0: acc.step(noise_multiplier=sigma, sample_rate=q)
         if t % cfg.log_every == 0 or t == steps:
             row = {"step": t, "epsilon": float(acc.get_epsilon(cfg.delta)) if sigma > 0 else math.inf, "batch": len(idx),

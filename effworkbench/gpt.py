@@ -18,10 +18,31 @@ import torch.nn.functional as F
 from .core import ConfigError, PresetConfig
 
 # %% auto #0
-__all__ = ['GROUPS', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups', 'param_groups',
-           'RMSNorm', 'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'register_ffn', 'Block', 'GPT',
-           'GroupHP', 'Parameterization', 'fan_in', 'StandardParameterization', 'make_parameterization', 'param_counts',
-           'flops_per_token', 'size_table']
+__all__ = ['Rule', 'GROUPS', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'int_at_least', 'positive', 'non_negative', 'fraction',
+           'optional', 'check_fields', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups', 'param_groups', 'RMSNorm',
+           'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'register_ffn', 'Block',
+           'chunked_cross_entropy', 'GPT', 'GroupHP', 'Parameterization', 'fan_in', 'StandardParameterization',
+           'make_parameterization', 'param_counts', 'flops_per_token', 'size_table']
+
+# %% ../nbs/10_nn.gpt.ipynb #4b7a8f61
+Rule = tuple[Callable[[Any], bool], str]    # (test of a value, what a valid value is)
+
+def _real(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+
+def int_at_least(lo: int) -> Rule: return (lambda v: _int(v) and v >= lo, f"an integer >= {lo}")
+def positive() -> Rule: return (lambda v: _real(v) and v > 0, "a finite number > 0")
+def non_negative() -> Rule: return (lambda v: _real(v) and v >= 0, "a finite number >= 0")
+def fraction(closed_top: bool = True) -> Rule:
+    "A number in [0, 1] (or [0, 1) with `closed_top=False`)."
+    return (lambda v: _real(v) and 0 <= v and (v <= 1 if closed_top else v < 1), "a number in [0, 1" + ("]" if closed_top else ")"))
+def optional(rule: Rule) -> Rule: return (lambda v: v is None or rule[0](v), f"{rule[1]} (or None)")
+
+def check_fields(cfg: Any, rules: dict[str, Rule]) -> None:
+    "Raise `ConfigError` for the first field of `cfg` that breaks its rule, naming the field, its value and the valid range."
+    for name, (ok, what) in rules.items():
+        v = getattr(cfg, name)
+        if not ok(v): raise ConfigError(f"{type(cfg).__name__}.{name}={v!r} is out of range: set {name} to {what}")
 
 # %% ../nbs/10_nn.gpt.ipynb #0d3b338d
 @dataclass
@@ -45,8 +66,15 @@ class GPTConfig(PresetConfig):
                          "full": {"d_model": 768, "n_layers": 12, "n_heads": 12, "seq_len": 1024, "vocab_size": 50304}}
 
     def __post_init__(self):
-        if self.d_model % self.n_heads: raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2: raise ConfigError(f"head size {self.d_model // self.n_heads} must be even for rotary embeddings")
+        check_fields(self, {**{k: int_at_least(1) for k in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")},
+                            "d_ff": optional(int_at_least(1)), "rope_base": positive(), "dropout": fraction(closed_top=False)})
+        for k, choices in (("act", ("gelu", "relu", "swiglu")), ("norm", ("rms", "layer"))):
+            if getattr(self, k) not in choices: raise ConfigError(f"GPTConfig.{k}={getattr(self, k)!r}: choose one of {list(choices)}")
+        ok = lambda: [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and (self.d_model // h) % 2 == 0]
+        if self.d_model % self.n_heads: raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                                                          f"choose n_heads from {ok()} or change d_model")
+        if (self.d_model // self.n_heads) % 2: raise ConfigError(f"head size {self.d_model // self.n_heads} must be even for rotary "
+                                                                 f"embeddings; choose n_heads from {ok()} or change d_model")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.act != "swiglu" else 8 * ((8 * self.d_model // 3 + 7) // 8)
 
@@ -113,35 +141,58 @@ def make_norm(kind: str, d: int) -> nn.Module:
     return RMSNorm(d) if kind == "rms" else LayerNorm(d)
 
 class Rotary(nn.Module):
-    "Rotary position embedding on (B, H, T, Dh) queries and keys."
+    "Rotary position embedding of queries and keys from precomputed (seq_len, Dh) tables; a GPT builds one and shares it across its layers."
     def __init__(self, d_head: int, seq_len: int, base: float = 10_000.0):
         super().__init__()
         inv = base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)   # θ_i, (Dh/2,)
         ang = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv[None]         # t·θ_i, (T, Dh/2)
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
-    def forward(self, x):                                          # (B, H, T, Dh)
-        T = x.shape[-2]
+        cos, sin = ang.cos(), ang.sin()
+        # full-width tables, the sign folded in: cos at 2i and 2i+1; -sin at 2i, +sin at 2i+1         (T, Dh)
+        self.register_buffer("cos", cos.repeat_interleave(2, -1).float(), persistent=False)
+        self.register_buffer("sin", torch.stack((-sin, sin), -1).flatten(-2).float(), persistent=False)
+    def forward(self, x, seq_dim: int = -2):
+        "x with positions along `seq_dim` and head features last, (B, H, T, Dh) by default → x·cos + swap(x)·sin."
+        T = x.shape[seq_dim]
         if T > self.cos.shape[0]: raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cos.shape[0]}")
-        c, s = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]                        # the rotated pairs, (B, H, T, Dh/2)
-        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+        shape = (T,) + (1,) * (x.ndim - seq_dim % x.ndim - 2) + (x.shape[-1],)   # tables broadcast over the dims after T
+        c, s = self.cos[:T].to(x.dtype).view(shape), self.sin[:T].to(x.dtype).view(shape)
+        swap = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x_2i+1, x_2i) per pair: one contiguous copy
+        return x * c + swap * s                                    # (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin)
 
 # %% ../nbs/10_nn.gpt.ipynb #e6d4c291
 class Attention(nn.Module):
-    "Multi-head causal self-attention with rotary positions."
-    def __init__(self, cfg: GPTConfig):
+    "Multi-head causal self-attention with rotary positions (`rotary`: a table shared with other layers, else its own)."
+    fused: bool = True                                             # q, k, v from one (3d, d) matmul when they are plain GLinears
+    def __init__(self, cfg: GPTConfig, rotary: Rotary | None = None):
         super().__init__()
         d, self.n_heads, self.d_head = cfg.d_model, cfg.n_heads, cfg.d_head
         self.q, self.k, self.v = (GLinear(d, d, "attn_qkv", cfg.bias) for _ in range(3))
         self.o = GLinear(d, d, "attn_out", cfg.bias)
-        self.rotary = Rotary(cfg.d_head, cfg.seq_len, cfg.rope_base)
+        self.rotary = rotary if rotary is not None else Rotary(cfg.d_head, cfg.seq_len, cfg.rope_base)
         self.scale = 1 / math.sqrt(cfg.d_head)                     # set by the parameterization
         self.dropout = cfg.dropout
+    def _fusable(self) -> bool:
+        "q, k, v are unhooked plain `GLinear`s with one multiplier and matching biases (not swapped by compression or distillation)."
+        lin = (self.q, self.k, self.v)
+        return (self.fused and all(type(m) is GLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in lin)
+                and len({m.group_mult[m.group] for m in lin}) == 1 and len({m.bias is None for m in lin}) == 1)
+
+    def qkv(self, x):                                              # (B, T, d) -> 3 × (B, H, T, Dh), q and k rotated
+        B, T, _ = x.shape
+        H, Dh, lin = self.n_heads, self.d_head, (self.q, self.k, self.v)
+        if not self._fusable():                                    # three projections (the reference path)
+            q, k, v = (m(x).view(B, T, H, Dh).transpose(1, 2) for m in lin)
+            return self.rotary(q), self.rotary(k), v
+        w = torch.cat([m.weight for m in lin])                     # [W_q; W_k; W_v], (3d, d): one cast, one matmul
+        b = torch.cat([m.bias for m in lin]) if self.q.bias is not None else None
+        y = F.linear(x, w, b)                                      # (B, T, 3d)
+        if (mult := self.q.group_mult[self.q.group]) != 1.0: y = y * mult
+        q, k, v = y.view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)   # views, each (B, H, T, Dh); the backward stacks their grads once
+        return self.rotary(q), self.rotary(k), v
+
     def forward(self, x):                                          # (B, T, d)
         B, T, _ = x.shape
-        q, k, v = (m(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2) for m in (self.q, self.k, self.v))
-        q, k = self.rotary(q), self.rotary(k)                      # (B, H, T, Dh)
+        q, k, v = self.qkv(x)                                      # (B, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
@@ -173,18 +224,56 @@ _FFN_MODULES = {"moe": "effworkbench.moe", "hoyer_relu": "effworkbench.d2dmoe"} 
 
 class Block(nn.Module):
     "Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."
-    def __init__(self, cfg: GPTConfig, layer: int):
+    def __init__(self, cfg: GPTConfig, layer: int, rotary: Rotary | None = None):
         super().__init__()
         if cfg.ffn not in FFN_REGISTRY and cfg.ffn in _FFN_MODULES:
             import importlib; importlib.import_module(_FFN_MODULES[cfg.ffn])
         if cfg.ffn not in FFN_REGISTRY:
             raise ConfigError(f"unknown ffn {cfg.ffn!r}; registered: {sorted(FFN_REGISTRY)} (import the module that registers it)")
-        self.norm1, self.attn = make_norm(cfg.norm, cfg.d_model), Attention(cfg)
+        self.norm1, self.attn = make_norm(cfg.norm, cfg.d_model), Attention(cfg, rotary)
         self.norm2, self.ffn = make_norm(cfg.norm, cfg.d_model), FFN_REGISTRY[cfg.ffn](cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
     def forward(self, x):
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+# %% ../nbs/10_nn.gpt.ipynb #7d984690
+class _ChunkedCE(torch.autograd.Function):
+    "Mean cross-entropy of (N, V) logits, chunk by chunk; the gradient is formed in the forward pass and stored in the logits' dtype."
+    @staticmethod
+    def forward(ctx, z, y, ignore_index: int, rows: int):     # z (N, V), y (N,)
+        acc = torch.promote_types(z.dtype, torch.float32)          # float32 (float64 stays float64)
+        valid = y != ignore_index                                  # (N,)
+        n = valid.sum()                                            # rows counted in the mean
+        need, N = ctx.needs_input_grad[0], z.shape[0]
+        grad = torch.empty_like(z) if need and (rows < N or z.dtype != acc) else None
+        total = torch.zeros((), dtype=acc, device=z.device)
+        for s in range(0, N, rows):
+            vc = valid[s:s + rows]
+            yc = torch.where(vc, y[s:s + rows], 0)[:, None]        # (c, 1), ignored rows point at class 0
+            lp = torch.log_softmax(z[s:s + rows], -1, dtype=acc)  # (c, V) log p: reads the logits' dtype, writes float32
+            lpy = lp.gather(1, yc)                                 # (c, 1) log p_y
+            total = total - torch.where(vc, lpy[:, 0], 0).sum()    # Σ -log p_y = Σ (log Σ e^z - z_y)
+            if need:
+                dst = lp if grad is None else grad[s:s + rows]     # one float32 chunk is the gradient itself
+                torch.exp(lp, out=dst)                             # softmax, cast once into the logits' dtype
+                dst.scatter_(1, yc, (lpy.exp() - 1).to(dst.dtype)) # softmax - onehot(y), p_y - 1 rounded once
+                if grad is None: grad = lp
+        if need: ctx.save_for_backward(grad, valid, n)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, valid, n = ctx.saved_tensors
+        w = (valid[:, None] * (g / n)).to(grad.dtype)              # (N, 1): g / N, 0 on ignored rows
+        return grad * w, None, None, None                          # dℓ/dz = (softmax - onehot) · g / N
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                          chunk_elems: int = 2**25) -> torch.Tensor:
+    "Mean cross-entropy of `logits` (N, V) against `targets` (N,) like `F.cross_entropy`, in float32 blocks of about `chunk_elems` logits."
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected (N, V) and (N,)")
+    return _ChunkedCE.apply(logits, targets, ignore_index, max(1, chunk_elems // logits.shape[1]))
 
 # %% ../nbs/10_nn.gpt.ipynb #f6f6c64a
 class GPT(nn.Module):
@@ -193,21 +282,22 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = GEmbedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        rotary = Rotary(cfg.d_head, cfg.seq_len, cfg.rope_base)   # one (seq_len, Dh) pair of tables for every layer
+        self.blocks = nn.ModuleList(Block(cfg, i, rotary) for i in range(cfg.n_layers))
         self.norm_f = make_norm(cfg.norm, cfg.d_model)
         self.head = GLinear(cfg.d_model, cfg.vocab_size, "head")
         if cfg.tie_weights: self.head.weight = self.tok_emb.weight   # the shared matrix belongs to `embedding`
         self.parameterization = parameterization or StandardParameterization()
         self.parameterization.apply(self)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        "idx (B, T) token ids → logits (B, T, V); with targets (B, T), also the mean cross-entropy."
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
+        "idx (B, T) token ids → logits (B, T, V); with targets (B, T), (logits, mean cross-entropy), or (None, loss) without `return_logits`."
         x = self.tok_emb(idx)                                       # (B, T, d)
         for blk in self.blocks: x = blk(x)
-        logits = self.head(self.norm_f(x))                          # (B, T, V)
+        logits = self.head(self.norm_f(x))                          # (B, T, V), in the compute dtype
         if targets is None: return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        loss = chunked_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return (logits if return_logits else None), loss            # the trainer drops the logits before its backward
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         "Auxiliary losses of the last forward pass, summed over layers, by name."
@@ -314,32 +404,41 @@ def make_parameterization(name: str = "sp", **kwargs) -> Parameterization:
     return PARAMETERIZATIONS[name](**kwargs)
 
 # %% ../nbs/10_nn.gpt.ipynb #d6f5d02d
-def _ffn_params(cfg: GPTConfig) -> tuple[int, int]:
+def _ffn_params(cfg: GPTConfig, experts_per_token: float | None = None) -> tuple[int, float | None]:
     "(stored parameters, matmul weights active per token) of one layer's FFN: the registered FFN's own count if it has one."
     weights = (3 if cfg.act == "swiglu" else 2) * cfg.d_model * cfg.d_ff        # matmul weights
     biases = (cfg.d_ff * (2 if cfg.act == "swiglu" else 1) + cfg.d_model) * cfg.bias
     if cfg.ffn not in FFN_REGISTRY and cfg.ffn in _FFN_MODULES:
         import importlib; importlib.import_module(_FFN_MODULES[cfg.ffn])
     counter = getattr(FFN_REGISTRY.get(cfg.ffn), "param_counts", None)
+    if experts_per_token is not None:
+        if counter is None: raise ConfigError(f"experts_per_token is for MoE FFNs; ffn={cfg.ffn!r} runs all its weights")
+        return counter(cfg, experts_per_token=experts_per_token)
     return counter(cfg) if counter else (weights + biases, weights)
 
-def param_counts(cfg: GPTConfig) -> dict[str, int]:
-    "Analytic parameter counts: total, embedding, head, non-embedding, and the active matmul weights per token."
+def param_counts(cfg: GPTConfig, experts_per_token: float | None = None) -> dict[str, int]:
+    "Total, embedding, head, non-embedding and active matmul weights per token (MoE: at `experts_per_token` if given; None under dynamic-k without it)."
     d, L = cfg.d_model, cfg.n_layers
     attn = 4 * d * d + 4 * d * cfg.bias
     norm = d * (2 if cfg.norm == "layer" else 1)
-    ffn_stored, ffn_active = _ffn_params(cfg)
+    ffn_stored, ffn_active = _ffn_params(cfg, experts_per_token)
     emb = cfg.vocab_size * d
     head = 0 if cfg.tie_weights else cfg.vocab_size * d
     blocks = L * (attn + ffn_stored + 2 * norm)
     total = emb + head + blocks + norm
     return {"total": total, "embedding": emb, "head": head, "non_embedding": total - emb,
-            "matmul_active": L * (4 * d * d + ffn_active) + cfg.vocab_size * d}
+            "matmul_active": None if ffn_active is None else L * (4 * d * d + ffn_active) + cfg.vocab_size * d}
 
-def flops_per_token(cfg: GPTConfig, training: bool = False, seq_len: int | None = None) -> float:
-    "Forward (or training = 3× forward) FLOPs per token: 2·N_matmul + 4·L·T·d."
+def flops_per_token(cfg: GPTConfig, training: bool = False, seq_len: int | None = None,
+                    experts_per_token: float | None = None) -> float:
+    "Forward (or training = 3× forward) FLOPs per token: 2·N_matmul + 4·L·T·d (MoE: N_matmul at `experts_per_token` if given)."
     T = seq_len or cfg.seq_len
-    fwd = 2 * param_counts(cfg)["matmul_active"] + 4 * cfg.n_layers * T * cfg.d_model
+    active = param_counts(cfg, experts_per_token)["matmul_active"]
+    if active is None:
+        raise ConfigError(f"FLOPs of ffn={cfg.ffn!r} with {cfg.ffn_kwargs} depend on how many experts each token runs (dynamic-k "
+                          "routing): pass experts_per_token= as measured on your data (`effworkbench.moe.experts_per_token(model)` "
+                          "after a forward pass)")
+    fwd = 2 * active + 4 * cfg.n_layers * T * cfg.d_model
     return 3 * fwd if training else fwd
 
 # %% ../nbs/10_nn.gpt.ipynb #758e0c30

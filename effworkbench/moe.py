@@ -21,9 +21,10 @@ from .core import ConfigError
 from .gpt import GLinear, GPTConfig, register_ffn
 
 # %% auto #0
-__all__ = ['Routing', 'MOE_BACKENDS', 'MoEConfig', 'Routed', 'route_token_choice', 'route_expert_choice', 'route_dynamic_k',
-           'load_balance_loss', 'z_loss', 'moe_mlp_loop', 'moe_mlp_torch', 'register_moe_backend', 'resolve_backend',
-           'moe_mlp', 'MoEFFN', 'build_moe', 'moe_stats']
+__all__ = ['Routing', 'MOE_BACKENDS', 'MoEConfig', 'Routed', 'sort_key', 'expert_counts', 'queue_position', 'route_token_choice',
+           'route_expert_choice', 'route_dynamic_k', 'load_balance_loss', 'z_loss', 'moe_mlp_loop', 'moe_mlp_torch',
+           'register_moe_backend', 'resolve_backend', 'moe_mlp', 'MoEFFN', 'build_moe', 'experts_per_token',
+           'moe_stats']
 
 # %% ../nbs/12_moe.layers.ipynb #5c8e2b25
 Routing = Literal["token_choice", "switch", "expert_choice", "dynamic_k"]
@@ -75,18 +76,34 @@ class Routed:
 def _capacity(cf: float, n_tok: int, k: int, n_exp: int) -> int:
     return max(1, math.ceil(cf * n_tok * k / n_exp))
 
+def sort_key(key: torch.Tensor, n_values: int) -> torch.Tensor:
+    "`key` (values in [0, n_values)) as int32 when the values fit: a stable radix sort of int32 needs half the passes of int64."
+    return key.to(torch.int32) if n_values <= 2**31 - 1 else key
+
+def expert_counts(flat: torch.Tensor, n: int) -> torch.Tensor:
+    "(n,) int64 slots per expert: c_e = #{s : flat[s] = e} for flat (S,) in [0, n). A scatter-add, no one-hot, no host sync."
+    return torch.zeros(n, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+def queue_position(flat: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    "(S,) 1-based place of slot s in its expert's queue: 1 + #{s' < s : flat[s'] = flat[s]} (slots in order)."
+    S = flat.shape[0]
+    order = torch.sort(sort_key(flat, counts.shape[0]), stable=True).indices   # (S,) slots grouped by expert, in order
+    start = counts.cumsum(0) - counts                                   # (n,) first sorted row of each expert
+    rank = torch.arange(1, S + 1, device=flat.device) - start[flat[order]]     # (S,) place of sorted row r
+    return torch.empty_like(rank).scatter_(0, order, rank)              # back to slot order
+
 def route_token_choice(probs: torch.Tensor, k: int, capacity_factor: float | None = None) -> Routed:
     "Top-k experts per token (N, n probabilities); with a capacity, later tokens beyond C per expert are dropped."
     N, n = probs.shape
     top_p, idx = probs.topk(k, dim=-1)                                  # (N, k)
     gates = top_p / top_p.sum(-1, keepdim=True) if k > 1 else top_p
-    onehot = torch.zeros(N, k, n, dtype=probs.dtype, device=probs.device).scatter_(-1, idx.unsqueeze(-1), 1.0)  # (N, k, n)
-    wanted = onehot.sum((0, 1))                                         # (n,)
+    flat = idx.reshape(-1)                                              # (N·k,) slots in token order
+    counts = expert_counts(flat, n)                                     # (n,) int64
+    wanted = counts.to(probs.dtype)                                     # (n,)
     dropped = probs.new_zeros(())
     if capacity_factor is not None:
         C = _capacity(capacity_factor, N, k, n)
-        pos = onehot.reshape(N * k, n).cumsum(0).reshape(N, k, n)       # 1-based place in each expert's queue
-        keep = ((pos * onehot).sum(-1) <= C)                            # (N, k)
+        keep = (queue_position(flat, counts) <= C).view(N, k)           # (N, k) the first C slots of each expert
         dropped = (~keep).sum().to(probs.dtype)
         idx = torch.where(keep, idx, -1); gates = torch.where(keep, gates, 0.0)
     return Routed(idx, gates, wanted, dropped)
@@ -150,7 +167,7 @@ def moe_mlp_torch(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
         w_gate = w_gate.to(dt) if w_gate is not None else None
     flat = expert_idx.reshape(-1)                                       # (S,) S = N·K
     key = torch.where(flat < 0, E, flat)                                # empty slots sort after every expert
-    order = torch.argsort(key, stable=True)                             # (S,) slot ids, grouped by expert
+    order = torch.argsort(sort_key(key, E + 1), stable=True)            # (S,) slot ids, grouped by expert
     counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
     ends = torch.cumsum(counts[:E], 0).to(torch.int32)                  # (E,) group ends (no host sync, unlike bincount)
     valid = (key[order] < E).unsqueeze(1)                               # (S, 1) rows past the last group are junk
@@ -233,18 +250,27 @@ class MoEFFN(nn.Module):
                       "experts_per_token": (r.expert_idx >= 0).sum(-1).float().mean().detach()}
         return y.reshape(B, T, -1)
 
-def _moe_param_counts(cfg: GPTConfig) -> tuple[int, int]:
-    "(stored, active matmul weights per token) of one MoE FFN: experts + router; active = k experts + router."
+def _moe_param_counts(cfg: GPTConfig, experts_per_token: float | None = None) -> tuple[int, float | None]:
+    "(stored, active matmul weights per token) of one MoE FFN; active = e experts + router, e measured if given, else k (dynamic-k: None)."
     m = MoEConfig.from_gpt(cfg)
     per_expert = (3 if cfg.act == "swiglu" else 2) * cfg.d_model * m.expert_size(cfg)
     router = cfg.d_model * m.n_experts
-    return m.n_experts * per_expert + router, m.k * per_expert + router
+    if experts_per_token is None and m.routing == "dynamic_k": return m.n_experts * per_expert + router, None
+    e = m.k if experts_per_token is None else experts_per_token
+    if not 0 <= e <= m.n_experts: raise ConfigError(f"experts_per_token={e} must lie in [0, {m.n_experts}] (the experts there are)")
+    return m.n_experts * per_expert + router, e * per_expert + router
 
 @register_ffn("moe")
 def build_moe(cfg: GPTConfig, layer: int) -> MoEFFN:
     "The `moe` entry of the FFN registry: `GPTConfig(ffn='moe', ffn_kwargs={...MoEConfig fields})`."
     return MoEFFN(cfg)
 build_moe.param_counts = _moe_param_counts
+
+def experts_per_token(model: nn.Module) -> float:
+    "Mean experts run per token over `model`'s MoE layers in their last forward pass (slots run: capacity drops excluded)."
+    vals = [m.stats["experts_per_token"] for m in model.modules() if isinstance(m, MoEFFN) and "experts_per_token" in m.stats]
+    if not vals: raise ConfigError("no MoE layer has run a forward pass yet: run the model on a batch of your data first")
+    return float(torch.stack(vals).mean())      # FLOPs are linear in it and equal per layer: the layer mean is exact
 
 # %% ../nbs/12_moe.layers.ipynb #b6f070e8
 def moe_stats(model: nn.Module):

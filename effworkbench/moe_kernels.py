@@ -21,6 +21,8 @@ if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
 import triton
 import triton.language as tl
 
+from .moe import sort_key
+
 # %% auto #0
 __all__ = ['ACTS', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig', 'kernel_config', 'MoEMLPFunction',
            'triton_moe_mlp']
@@ -56,7 +58,7 @@ def moe_plan(expert_idx: torch.Tensor, n_experts: int, block_m: int) -> MoEPlan:
     S, E, dev = N * K, n_experts, expert_idx.device
     flat = expert_idx.reshape(-1)
     key = flat.masked_fill(flat < 0, E)                                     # (S,) unused slots sort last
-    skey, order = torch.sort(key, stable=True)                              # (S,)
+    skey, order = torch.sort(sort_key(key, E + 1), stable=True)             # (S,) int32 keys when E + 1 fits
     offsets = torch.searchsorted(skey, torch.arange(E + 2, device=dev, dtype=skey.dtype))   # (E+2,) first row ≥ e
     tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m           # (E+1,) ⌈c_e / B⌉
     tile_end = tiles.cumsum(0)                                              # (E+1,)

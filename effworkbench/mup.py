@@ -76,6 +76,8 @@ class MuP(Parameterization):
         return None if hp.init_std is None else hp.init_std * math.sqrt(self.fan_ratio(group, p, model.cfg))   # var × r
 
     def lr_scale(self, group, name, p, model) -> float:
+        "Matrices: LR × r. Vector-like parameters (biases) keep η whatever their group: × 1/(the group's LR multiplier)."
+        if p.ndim < 2: return 1.0 / self.group_hp(group, model).lr_mult                  # Δb adds to y directly: Θ(1) at η
         return self.fan_ratio(group, p, model.cfg)                                          # LR × r
 
     def __repr__(self):
@@ -330,8 +332,7 @@ def plot_lr(panels: pd.DataFrame, panel: str, y: str = "val_loss"):
     from effworkbench.viz import line
     d = panels[panels.panel == panel].dropna(subset=[y])
     if d.empty: raise ValueError(f"no sweep data for panel {panel!r}; panels: {sorted(panels.panel.unique())}")
-    order = {s: i for i, s in enumerate(sorted(d.setting.unique(), key=lambda s: float(s.split("=")[1])))}
-    fig = line(d.sort_values("setting", key=lambda s: s.map(order)), x="lr", y=y, color="setting", log_x=True, markers=True,
+    fig = line(d, x="lr", y=y, color="setting", log_x=True, markers=True,          # legend d=32, d=64, ...: `line` orders it
                title=f"{panel}: {y.replace('_', ' ')} against learning rate", labels={"lr": "base learning rate", y: y.replace("_", " ")})
     opt = optimal_lr(d, ["setting"], y)
     fig.add_trace(go.Scatter(x=opt.opt_lr, y=opt.best_loss, mode="markers", name="optimum (parabola)",

@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ConfigError, PresetConfig
-from .gpt import GPT, GPTConfig, Attention, DenseFFN, GEmbedding, GLinear, LayerNorm, RMSNorm, flops_per_token, param_counts
+from .gpt import GPT, GPTConfig, GEmbedding, GLinear, LayerNorm, RMSNorm, flops_per_token
 from .train import TrainConfig, Trainer
 
 # %% auto #0
 __all__ = ['PROJECTED', 'rotary_keep', 'attention_keep', 'target_config', 'compression_sizes', 'Selection',
            'activation_importance', 'weight_importance', 'select', 'one_hot', 'ProjectedLinear', 'ProjectedEmbedding',
            'ProjectedNorm', 'projected_model', 'finalize', 'hard_prune', 'projection_flops', 'training_flops_per_token',
-           'measured_flops_per_token', 'checkpoint_style', 'load_pretrained', 'save_pretrained', 'retrain',
-           'CompressConfig', 'calibration_batches', 'compare', 'best_lr', 'margin_table', 'plot_curves']
+           'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained', 'save_pretrained',
+           'retrain', 'CompressConfig', 'calibration_batches', 'compare', 'best_lr', 'margin_table', 'plot_curves']
 
 # %% ../nbs/30_compress.projected.ipynb #883f51ff
 def rotary_keep(d_head: int, k_head: int, rope_base: float) -> tuple[list[int], float]:
@@ -276,34 +274,28 @@ def measured_flops_per_token(model: GPT, x: torch.Tensor, y: torch.Tensor) -> fl
 
 # %% ../nbs/30_compress.projected.ipynb #33e52057
 def _llama_names(L: int) -> dict[str, str]:
-    "Llama (Hugging Face) tensor name → this GPT's name."
+    "Llama (Hugging Face) tensor name → this GPT's name, weights and biases (biases exist when attention_bias = mlp_bias = true)."
     m = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "norm_f.weight", "lm_head.weight": "head.weight"}
     for i in range(L):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
-        m |= {p + "input_layernorm.weight": q + "norm1.weight", p + "post_attention_layernorm.weight": q + "norm2.weight",
-              **{p + f"self_attn.{a}_proj.weight": q + f"attn.{a}.weight" for a in "qkvo"},
-              p + "mlp.gate_proj.weight": q + "ffn.w_gate.weight", p + "mlp.up_proj.weight": q + "ffn.w_in.weight",
-              p + "mlp.down_proj.weight": q + "ffn.w_out.weight"}
+        m |= {p + "input_layernorm.weight": q + "norm1.weight", p + "post_attention_layernorm.weight": q + "norm2.weight"}
+        lin = {**{f"self_attn.{a}_proj": f"attn.{a}" for a in "qkvo"},
+               "mlp.gate_proj": "ffn.w_gate", "mlp.up_proj": "ffn.w_in", "mlp.down_proj": "ffn.w_out"}
+        m |= {p + s + t: q + d + t for s, d in lin.items() for t in (".weight", ".bias")}
     return m
 
 def _half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    "Rows of a q/k projection from rotate-half pairs (i, i + Dh/2) to interleaved pairs (2i, 2i+1), per head."
-    d_out, d_in = w.shape
-    return w.view(n_heads, 2, d_out // n_heads // 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+    "Rows of a q/k projection (weight (d_out, d_in) or bias (d_out,)) from rotate-half pairs (i, i + Dh/2) to interleaved pairs (2i, 2i+1), per head."
+    return w.unflatten(0, (n_heads, 2, -1)).transpose(1, 2).flatten(0, 2)
 
 def _interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    d_out, d_in = w.shape
-    return w.view(n_heads, d_out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+    return w.unflatten(0, (n_heads, -1, 2)).transpose(1, 2).flatten(0, 2)
 
 def _n_layers(sd: dict, pattern: str) -> int:
     import re
     ids = {int(m.group(1)) for k in sd if (m := re.search(pattern, k))}
     if ids != set(range(len(ids))): raise ValueError(f"checkpoint layers are not numbered 0..n-1: {sorted(ids)}")
     return len(ids)
-
-def _read_json_config(path: Path) -> dict:
-    c = path.parent / "config.json"
-    return json.loads(c.read_text()) if c.is_file() else {}
 
 def checkpoint_style(sd: dict) -> str:
     "'llama' or 'gpt2' from the tensor names (a 'transformer.' prefix is allowed for GPT-2)."
@@ -312,24 +304,130 @@ def checkpoint_style(sd: dict) -> str:
     raise ValueError(f"unrecognised checkpoint: expected Llama names (model.layers.N.self_attn.q_proj.weight, ...) "
                      f"or GPT-2 names (h.N.attn.c_attn.weight, wte.weight, ...); first names are {sorted(sd)[:5]}")
 
-# %% ../nbs/30_compress.projected.ipynb #d00d2b38
-_GPT2_IGNORED = (".attn.bias", ".attn.masked_bias")      # causal-mask buffers some GPT-2 files carry
+# %% ../nbs/30_compress.projected.ipynb #c3a1b002
+_INDEX = "model.safetensors.index.json"
 
-def _gpt2_to_gpt(sd: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, dict]:
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(_GPT2_IGNORED)}
+def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None]:
+    "The safetensors files of the checkpoint at `path` (a .safetensors file, an index, or a folder holding either), and the index's weight map."
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", _INDEX) if (path / n).is_file()]
+        if not found: raise FileNotFoundError(f"checkpoint not found: {path} holds neither model.safetensors nor {_INDEX}")
+        path = found[0]
+    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} not found (give a .safetensors file, an {_INDEX}, or a folder holding one)")
+    if not path.name.endswith(".index.json"): return [path], None
+    try:
+        wm = json.loads(path.read_text())["weight_map"]
+        shards = sorted(set(wm.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a safetensors index (a JSON object whose weight_map maps tensor → shard file): {e!r}") from e
+    if bad := [s for s in shards if not isinstance(s, str) or Path(s).name != s]:
+        raise ValueError(f"{path} names shards outside its folder: {bad} (shard names must be plain file names)")
+    if absent := [s for s in shards if not (path.parent / s).is_file()]:
+        raise FileNotFoundError(f"{path} lists shards missing from {path.parent}: {absent}")
+    return [path.parent / s for s in shards], wm
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    "Every tensor of a single-file or sharded safetensors checkpoint, and the config.json beside it ({} when there is none)."
+    from safetensors.torch import load_file
+    files, wm = _checkpoint_files(Path(path))
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try: part = load_file(str(f))
+        except Exception as e: raise ValueError(f"{f} is not a readable safetensors file ({e})") from e
+        if twice := sorted(set(part) & set(sd)): raise ValueError(f"tensors {twice[:5]} appear in more than one shard ({f.name})")
+        sd |= part
+    if wm is not None and set(wm) != set(sd):
+        raise ValueError(f"the index and its shards disagree: listed but absent {sorted(set(wm) - set(sd))[:5]}, "
+                         f"present but not listed {sorted(set(sd) - set(wm))[:5]}")
+    cfg = files[0].parent / "config.json"
+    try: hf = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except ValueError as e: raise ConfigError(f"{cfg} is not valid JSON ({e})") from e
+    if not isinstance(hf, dict): raise ConfigError(f"{cfg} must hold a JSON object, not {type(hf).__name__}")
+    return sd, hf
+
+# %% ../nbs/30_compress.projected.ipynb #c3a1b005
+def _rope_base(hf: dict) -> float:
+    "The rotary base θ of a transformers config: `rope_parameters` (transformers ≥ 5) or `rope_theta` + `rope_scaling` (earlier); scaled or partial rotary is refused."
+    rp, sc = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if not isinstance(rp, dict) or not isinstance(sc, dict) or any(isinstance(v, dict) for v in rp.values()):
+        raise ConfigError(f"rope_parameters={rp!r}, rope_scaling={sc!r}: expected one flat dict (per-layer-type rotary settings are not supported)")
+    for name, d in (("rope_parameters", rp), ("rope_scaling", sc)):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind != "default":
+            raise ConfigError(f"{name}.rope_type={kind!r} (rotary scaling) is not supported: this GPT implements the plain "
+                              "rotary embedding θ_i = rope_theta^(-2i/head_dim), rope_type 'default'")
+    frac = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if frac != 1.0: raise ConfigError(f"partial_rotary_factor={frac} is not supported: this GPT rotates every head dimension")
+    if "rope_theta" in rp and "rope_theta" in hf and float(rp["rope_theta"]) != float(hf["rope_theta"]):
+        raise ConfigError(f"rope_parameters.rope_theta={rp['rope_theta']} disagrees with rope_theta={hf['rope_theta']}")
+    return float(rp.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+
+def _check_shapes(hf: dict, **shapes) -> None:
+    "ConfigError for config.json entries that disagree with the tensor shapes (or with the n_heads passed)."
+    if bad := [f"{k}={hf[k]} in config.json but {v} in the tensors or arguments" for k, v in shapes.items()
+               if v is not None and hf.get(k) is not None and hf[k] != v]:
+        raise ConfigError("; ".join(bad))
+
+def _llama_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, float]:
+    "GPTConfig and RMSNorm eps of a Llama checkpoint; ConfigError naming each config field this GPT cannot represent."
+    if hf.get("model_type", "llama") != "llama":
+        raise ConfigError(f"model_type={hf['model_type']!r}: Llama-named tensors are read only for model_type 'llama' (or GPT-2 checkpoints)")
+    if "model.embed_tokens.weight" not in sd: raise ValueError("Llama checkpoint without model.embed_tokens.weight")
+    V, d = sd["model.embed_tokens.weight"].shape
+    L = _n_layers(sd, r"^model\.layers\.(\d+)\.")
+    gate = sd.get("model.layers.0.mlp.gate_proj.weight")
+    _check_shapes(hf, vocab_size=V, hidden_size=d, num_hidden_layers=L, intermediate_size=None if gate is None else gate.shape[0],
+                  num_attention_heads=n_heads)
+    if (act := hf.get("hidden_act", "silu")) not in ("silu", "swish"):
+        raise ConfigError(f"hidden_act={act!r} is not supported: the Llama-style FFN here is SwiGLU, silu(W_gate x) ⊙ W_up x (hidden_act 'silu')")
+    if (kv := hf.get("num_key_value_heads") or n_heads) != n_heads:
+        raise ConfigError(f"num_key_value_heads={kv} for num_attention_heads={n_heads}: grouped-query attention is not supported "
+                          "(this GPT has one key/value head per query head)")
+    if (hd := hf.get("head_dim")) is not None and hd * n_heads != d:
+        raise ConfigError(f"head_dim={hd}: this GPT needs head_dim = hidden_size / num_attention_heads = {d // n_heads}")
+    ab, mb = hf.get("attention_bias"), hf.get("mlp_bias")
+    if ab is None and mb is None: bias = "model.layers.0.self_attn.q_proj.bias" in sd          # no config: the tensors tell
+    elif bool(ab) != bool(mb):
+        raise ConfigError(f"attention_bias={ab} with mlp_bias={mb}: this GPT has biases in every linear layer or in none (set both alike)")
+    else: bias = bool(ab)
+    tie = bool(hf.get("tie_word_embeddings", "lm_head.weight" not in sd))
+    cfg = GPTConfig(vocab_size=V, seq_len=seq_len, d_model=d, n_layers=L, n_heads=n_heads, d_ff=None if gate is None else gate.shape[0],
+                    act="swiglu", norm="rms", bias=bias, tie_weights=tie, rope_base=_rope_base(hf))
+    return cfg, float(hf.get("rms_norm_eps", 1e-6))
+
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")       # GPT-2's tanh approximations of GELU
+
+def _gpt2_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, float]:
+    "GPTConfig and LayerNorm eps of a GPT-2 checkpoint (names without the 'transformer.' prefix); ConfigError for fields it cannot represent."
+    if hf.get("model_type", "gpt2") != "gpt2": raise ConfigError(f"model_type={hf['model_type']!r}: GPT-2-named tensors are read only for model_type 'gpt2'")
     if "wte.weight" not in sd: raise ValueError("GPT-2 checkpoint without wte.weight (the token embedding)")
     V, d = sd["wte.weight"].shape
     L = _n_layers(sd, r"^h\.(\d+)\.")
     d_ff = sd["h.0.mlp.c_fc.weight"].shape[1] if "h.0.mlp.c_fc.weight" in sd else 4 * d
-    cfg = GPTConfig(vocab_size=V, seq_len=seq_len, d_model=d, n_layers=L, n_heads=n_heads, d_ff=d_ff, act="gelu",
-                    norm="layer", bias=True, tie_weights=True)
-    out, used = {"tok_emb.weight": sd["wte.weight"], "head.weight": sd["wte.weight"]}, {"wte.weight"}
-    if "wpe.weight" in sd:
-        used.add("wpe.weight")
-        warnings.warn("wpe.weight (learned positions) dropped: this GPT uses rotary positions, so fine-tune before use")
-    def take(k):                                                  # Conv1D stores (in, out): transpose to (out, in)
+    _check_shapes(hf, vocab_size=V, n_embd=d, n_layer=L, n_inner=d_ff, n_head=n_heads)
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu", "relu") + _GELU_TANH: raise ConfigError(f"activation_function={act!r} is not supported: 'gelu', 'relu' or a tanh GELU")
+    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
+        if bool(hf.get(key, ok)) != ok: raise ConfigError(f"{key}={hf[key]} is not supported: only {key}={str(ok).lower()} (scores scaled by 1/sqrt(head_dim), no cross-attention)")
+    notes = ["wpe.weight (learned positions) dropped: this GPT uses rotary positions, so fine-tune before use"] if "wpe.weight" in sd else []
+    if act in _GELU_TANH: notes.append(f"activation_function={act!r} (tanh GELU) computed as exact GELU (differs by < 1e-3 per activation)")
+    if notes: warnings.warn("GPT-2 checkpoint loaded as an approximation: " + "; ".join(notes))
+    tie = bool(hf.get("tie_word_embeddings", "lm_head.weight" not in sd))
+    cfg = GPTConfig(vocab_size=V, seq_len=seq_len, d_model=d, n_layers=L, n_heads=n_heads, d_ff=d_ff, act="relu" if act == "relu" else "gelu",
+                    norm="layer", bias=True, tie_weights=tie)
+    return cfg, float(hf.get("layer_norm_epsilon", 1e-5))
+
+# %% ../nbs/30_compress.projected.ipynb #d00d2b38
+_GPT2_IGNORED = (".attn.bias", ".attn.masked_bias")      # causal-mask buffers some GPT-2 files carry
+
+def _gpt2_tensors(sd: dict, cfg: GPTConfig) -> tuple[dict, list]:
+    "GPT-2 tensors (no 'transformer.' prefix) under this GPT's names, and the names left over."
+    out, used = {"tok_emb.weight": sd["wte.weight"]}, {"wte.weight", "wpe.weight"}
+    out["head.weight"] = sd["wte.weight"] if cfg.tie_weights else sd.get("lm_head.weight")
+    if not cfg.tie_weights or torch.equal(sd.get("lm_head.weight", sd["wte.weight"]), sd["wte.weight"]): used.add("lm_head.weight")
+    def take(k):                                                  # Conv1D stores (in, out): transposed to (out, in) below
         used.add(k); return sd[k]
-    for i in range(L):
+    for i in range(cfg.n_layers):
         h, b = f"h.{i}.", f"blocks.{i}."
         for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
             if h + src + ".weight" in sd: out[b + dst + ".weight"], out[b + dst + ".bias"] = take(h + src + ".weight"), take(h + src + ".bias")
@@ -340,86 +438,151 @@ def _gpt2_to_gpt(sd: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, dict]
         for src, dst in (("attn.c_proj", "attn.o"), ("mlp.c_fc", "ffn.w_in"), ("mlp.c_proj", "ffn.w_out")):
             if h + src + ".weight" in sd: out[b + dst + ".weight"], out[b + dst + ".bias"] = take(h + src + ".weight").T, take(h + src + ".bias")
     if "ln_f.weight" in sd: out["norm_f.weight"], out["norm_f.bias"] = take("ln_f.weight"), take("ln_f.bias")
-    return cfg, out, sorted(set(sd) - used)
+    return out, sorted(set(sd) - used)
 
-def _llama_to_gpt(sd: dict, n_heads: int, seq_len: int, hf: dict) -> tuple[GPTConfig, dict]:
-    if "model.embed_tokens.weight" not in sd: raise ValueError("Llama checkpoint without model.embed_tokens.weight")
-    V, d = sd["model.embed_tokens.weight"].shape
-    L = _n_layers(sd, r"^model\.layers\.(\d+)\.")
-    kv = hf.get("num_key_value_heads", n_heads)
-    if kv != n_heads: raise ValueError(f"grouped-query attention ({kv} key/value heads for {n_heads} query heads) is not supported by this GPT")
-    gate = sd.get("model.layers.0.mlp.gate_proj.weight")
-    cfg = GPTConfig(vocab_size=V, seq_len=seq_len, d_model=d, n_layers=L, n_heads=n_heads,
-                    d_ff=gate.shape[0] if gate is not None else None, act="swiglu", norm="rms",
-                    tie_weights="lm_head.weight" not in sd, rope_base=float(hf.get("rope_theta", 10_000.0)))
-    names = _llama_names(L)
+def _llama_tensors(sd: dict, cfg: GPTConfig) -> tuple[dict, list]:
+    "Llama tensors under this GPT's names (q, k rows re-ordered to interleaved pairs), and the names left over."
+    names = _llama_names(cfg.n_layers)
+    if cfg.tie_weights and "lm_head.weight" in sd:
+        if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+            raise ConfigError("tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
     out = {names[k]: v for k, v in sd.items() if k in names}
-    for k in list(out):
-        if k.endswith(("attn.q.weight", "attn.k.weight")): out[k] = _half_to_interleaved(out[k], n_heads)
+    for k in out:
+        if ".attn.q." in k or ".attn.k." in k: out[k] = _half_to_interleaved(out[k], cfg.n_heads)
     if cfg.tie_weights: out["head.weight"] = out.get("tok_emb.weight")
-    return cfg, out, sorted(set(sd) - set(names))
+    return out, sorted(set(sd) - set(names))
 
 def load_pretrained(path: str | Path, n_heads: int | None = None, seq_len: int | None = None) -> GPT:
-    "A GPT-2- or Llama-style safetensors checkpoint at a local `path` as this project's `GPT` (config from the shapes, and from a config.json beside it)."
-    from safetensors.torch import load_file
-    path = Path(path)
-    if path.is_dir(): path = path / "model.safetensors"
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} not found (give a .safetensors file or a folder holding model.safetensors)")
-    try: sd = load_file(str(path))
-    except Exception as e: raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
-    hf = _read_json_config(path)
+    "A GPT-2- or Llama-style safetensors checkpoint (one file or an index with shards) at a local `path` as this project's `GPT`: shapes from the tensors, the rest from the config.json beside it."
+    sd, hf = read_checkpoint(path)
     n_heads = n_heads or hf.get("num_attention_heads") or hf.get("n_head")
-    if not n_heads: raise ValueError(f"the number of heads cannot be read from tensor shapes: pass n_heads= or put a config.json beside {path.name}")
+    if not n_heads: raise ValueError(f"the number of heads cannot be read from tensor shapes: pass n_heads= or put a config.json beside {path}")
     seq_len = seq_len or hf.get("max_position_embeddings") or hf.get("n_positions") or 1024
     style = checkpoint_style(sd)
-    cfg, mapped, unknown = (_llama_to_gpt(sd, n_heads, seq_len, hf) if style == "llama" else _gpt2_to_gpt(sd, n_heads, seq_len))
+    if style == "gpt2":
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(_GPT2_IGNORED)}
+        cfg, eps = _gpt2_config(sd, hf, n_heads, seq_len)
+        mapped, unknown = _gpt2_tensors(sd, cfg)
+    else:
+        cfg, eps = _llama_config(sd, hf, n_heads, seq_len)
+        mapped, unknown = _llama_tensors(sd, cfg)
     model = GPT(cfg)
     own = model.state_dict()
+    unknown += sorted(k for k in mapped if k not in own)                               # e.g. biases of a bias-free model
     missing = sorted(set(own) - {k for k, v in mapped.items() if v is not None})
     shapes = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in mapped.items()
                     if v is not None and k in own and v.shape != own[k].shape)
     if unknown or missing or shapes:
         raise ValueError(f"{path} ({style} style) does not fit GPT(d_model={cfg.d_model}, n_layers={cfg.n_layers}, n_heads={n_heads}, "
-                         f"d_ff={cfg.d_ff}): " + "; ".join(x for x in (
+                         f"d_ff={cfg.d_ff}, bias={cfg.bias}): " + "; ".join(x for x in (
                              f"shape mismatch {shapes}" if shapes else "", f"tensors with no place in the model {unknown}" if unknown else "",
                              f"model tensors missing from the file {missing}" if missing else "") if x))
     model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True)
-    eps = hf.get("rms_norm_eps") or hf.get("layer_norm_epsilon")
-    if eps:
-        for m in model.modules():
-            if isinstance(m, (RMSNorm, LayerNorm)): m.eps = eps
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, LayerNorm)): m.eps = eps
     return model.eval()
 
-def save_pretrained(model: GPT, path: str | Path, style: Literal["llama", "gpt2"] = "llama") -> Path:
-    "Write `model` as a Llama-style (RMSNorm, no biases) or GPT-2-style (LayerNorm, biases, tied head) safetensors file plus config.json."
+# %% ../nbs/30_compress.projected.ipynb #c3a1b008
+def _norm_eps(model: GPT) -> float:
+    "The one epsilon of every norm in `model`."
+    eps = {m.eps for m in model.modules() if isinstance(m, (RMSNorm, LayerNorm))}
+    if len(eps) != 1: raise ConfigError(f"the norms of this model use several epsilons {sorted(eps)}: a checkpoint config holds one")
+    return float(eps.pop())
+
+def _check_exportable(model: GPT) -> None:
+    "ConfigError unless `model` computes what a plain transformers Llama/GPT-2 computes: dense FFN, no forward multipliers, scores scaled by 1/sqrt(Dh)."
+    if model.cfg.ffn != "dense": raise ConfigError(f"ffn={model.cfg.ffn!r}: only dense-FFN models can be written as Llama or GPT-2")
+    if any(isinstance(m, PROJECTED) for m in model.modules()): raise ConfigError("a projected model: call finalize(model) first")
+    if mults := sorted({(m.group, m.group_mult[m.group]) for m in model.modules() if hasattr(m, "group_mult") and m.group_mult[m.group] != 1.0}):
+        raise ConfigError(f"the {model.parameterization.name} parameterization multiplies group outputs {mults}: transformers' models have no such multipliers")
+    if any(abs(blk.attn.scale * blk.attn.d_head ** 0.5 - 1) > 1e-9 for blk in model.blocks):
+        raise ConfigError(f"attention scale ≠ 1/sqrt(head_dim) (the {model.parameterization.name} parameterization): transformers' Llama and GPT-2 use 1/sqrt(head_dim)")
+
+def _llama_out(model: GPT) -> tuple[dict, dict]:
+    "Llama tensors and a complete transformers LlamaConfig dict."
+    cfg, sd = model.cfg, model.state_dict()
+    if cfg.act != "swiglu" or cfg.norm != "rms": raise ConfigError("Llama style needs act='swiglu', norm='rms'")
+    inv = {v: k for k, v in _llama_names(cfg.n_layers).items()}
+    out = {inv[k]: (_interleaved_to_half(v, cfg.n_heads) if ".attn.q." in k or ".attn.k." in k else v)
+           for k, v in sd.items() if k in inv and not (cfg.tie_weights and k == "head.weight")}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+          "num_key_value_heads": cfg.n_heads, "head_dim": cfg.d_head, "hidden_act": "silu", "max_position_embeddings": cfg.seq_len,
+          "rms_norm_eps": _norm_eps(model), "rope_parameters": rope, "rope_theta": cfg.rope_base, "rope_scaling": None,
+          "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_weights}
+    return out, hf
+
+def _gpt2_out(model: GPT) -> tuple[dict, dict]:
+    "GPT-2 tensors ('transformer.' prefix, Conv1D (in, out) layout, a zero `wpe`) and a complete GPT2Config dict."
+    cfg, sd = model.cfg, model.state_dict()
+    if cfg.act not in ("gelu", "relu") or cfg.norm != "layer" or not cfg.bias:
+        raise ConfigError("GPT-2 style needs act='gelu' or 'relu', norm='layer', bias=True")
+    out = {"wte.weight": sd["tok_emb.weight"], "wpe.weight": torch.zeros(cfg.seq_len, cfg.d_model, dtype=sd["tok_emb.weight"].dtype),
+           "ln_f.weight": sd["norm_f.weight"], "ln_f.bias": sd["norm_f.bias"]}
+    for i in range(cfg.n_layers):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[h + src + ".weight"], out[h + src + ".bias"] = sd[b + dst + ".weight"], sd[b + dst + ".bias"]
+        out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{n}.weight"].T for n in "qkv"], 1)
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{n}.bias"] for n in "qkv"])
+        for src, dst in (("attn.c_proj", "attn.o"), ("mlp.c_fc", "ffn.w_in"), ("mlp.c_proj", "ffn.w_out")):
+            out[h + src + ".weight"], out[h + src + ".bias"] = sd[b + dst + ".weight"].T, sd[b + dst + ".bias"]
+    out = {"transformer." + k: v for k, v in out.items()}
+    if not cfg.tie_weights: out["lm_head.weight"] = sd["head.weight"]
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
+          "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_positions": cfg.seq_len, "n_inner": cfg.d_ff,
+          "activation_function": cfg.act, "layer_norm_epsilon": _norm_eps(model), "scale_attn_weights": True,
+          "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": cfg.tie_weights}
+    return out, hf
+
+def _shard_bytes(size: int | str) -> int:
+    "A shard size in bytes from an int or a string such as '5GB', '500MB', '64KiB'."
+    if isinstance(size, int) and size > 0: return size
+    import re
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        raise ConfigError(f"max_shard_size={size!r}: give bytes (an int > 0) or a size such as '500MB', '5GB', '64KiB'")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+def _write_tensors(out: dict, folder: Path, name: str, max_shard_size: int | str | None) -> Path:
+    "Write `out` as one safetensors file, or as shards of at most `max_shard_size` bytes plus an index; in the standard layout, remove an older checkpoint's files there."
     from safetensors.torch import save_file
-    cfg, path = model.cfg, Path(path)
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if style == "llama":
-        if cfg.act != "swiglu" or cfg.norm != "rms" or cfg.bias: raise ValueError("Llama style needs act='swiglu', norm='rms', bias=False")
-        inv = {v: k for k, v in _llama_names(cfg.n_layers).items()}
-        out = {inv[k]: (_interleaved_to_half(v, cfg.n_heads) if k.endswith(("attn.q.weight", "attn.k.weight")) else v)
-               for k, v in sd.items() if k in inv and not (cfg.tie_weights and k == "head.weight")}
-        hf = {"model_type": "llama", "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
-              "max_position_embeddings": cfg.seq_len, "rope_theta": cfg.rope_base, "rms_norm_eps": 1e-6}
-    else:
-        if cfg.act != "gelu" or cfg.norm != "layer" or not cfg.bias or not cfg.tie_weights:
-            raise ValueError("GPT-2 style needs act='gelu', norm='layer', bias=True, tie_weights=True")
-        out = {"wte.weight": sd["tok_emb.weight"], "wpe.weight": torch.zeros(cfg.seq_len, cfg.d_model),
-               "ln_f.weight": sd["norm_f.weight"], "ln_f.bias": sd["norm_f.bias"]}
-        for i in range(cfg.n_layers):
-            h, b = f"h.{i}.", f"blocks.{i}."
-            for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
-                out[h + src + ".weight"], out[h + src + ".bias"] = sd[b + dst + ".weight"], sd[b + dst + ".bias"]
-            out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{n}.weight"].T for n in "qkv"], 1).contiguous()
-            out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{n}.bias"] for n in "qkv"])
-            for src, dst in (("attn.c_proj", "attn.o"), ("mlp.c_fc", "ffn.w_in"), ("mlp.c_proj", "ffn.w_out")):
-                out[h + src + ".weight"], out[h + src + ".bias"] = sd[b + dst + ".weight"].T.contiguous(), sd[b + dst + ".bias"]
-        hf = {"model_type": "gpt2", "n_head": cfg.n_heads, "n_positions": cfg.seq_len, "layer_norm_epsilon": 1e-5}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
-    (path.parent / "config.json").write_text(json.dumps(hf, indent=1))
-    return path
+    out = {k: v.detach().contiguous() for k, v in out.items()}
+    groups = [list(out)]
+    if max_shard_size is not None:
+        limit, groups, size = _shard_bytes(max_shard_size), [[]], 0
+        for k, v in out.items():                                    # greedy, in order; a tensor larger than the limit gets its own shard
+            nbytes = v.numel() * v.element_size()
+            if groups[-1] and size + nbytes > limit: groups, size = groups + [[]], 0
+            groups[-1].append(k); size += nbytes
+    files = [name] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors", folder / _INDEX] if name == "model.safetensors" else []:
+        if old.name not in files and old.is_file(): old.unlink()          # else the loader would find the stale one first
+    for f, keys in zip(files, groups): save_file({k: out[k] for k in keys}, str(folder / f), metadata={"format": "pt"})
+    if len(groups) == 1: return folder / name
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in out.values())},
+             "weight_map": {k: f for f, keys in zip(files, groups) for k in keys}}
+    (folder / _INDEX).write_text(json.dumps(index, indent=1))
+    return folder / _INDEX
+
+def save_pretrained(model: GPT, path: str | Path, style: Literal["llama", "gpt2"] = "llama",
+                    max_shard_size: int | str | None = None) -> Path:
+    "Write `model` into the folder `path` (or as the file `path` if it ends in .safetensors) as a Llama- or GPT-2-style checkpoint with a complete config.json that transformers' `from_pretrained` reads; shards of at most `max_shard_size` bytes if given. Returns the weights file or the index."
+    path = Path(path)
+    folder, name = (path.parent, path.name) if path.suffix == ".safetensors" else (path, "model.safetensors")
+    if max_shard_size is not None and name != "model.safetensors":
+        raise ConfigError(f"max_shard_size with the file name {name}: give a folder, the shards are named model-0000i-of-0000n.safetensors")
+    if style not in ("llama", "gpt2"): raise ConfigError(f"unknown style {style!r}: 'llama' or 'gpt2'")
+    _check_exportable(model)
+    out, hf = _llama_out(model) if style == "llama" else _gpt2_out(model)
+    hf["dtype"] = str(next(iter(out.values())).dtype).removeprefix("torch.")
+    folder.mkdir(parents=True, exist_ok=True)
+    f = _write_tensors(out, folder, name, max_shard_size)
+    (folder / "config.json").write_text(json.dumps(hf, indent=1))
+    return f
 
 # %% ../nbs/30_compress.projected.ipynb #df2ca8dd
 def retrain(model: GPT, cfg: TrainConfig, corpus, eval_every: int) -> pd.DataFrame:

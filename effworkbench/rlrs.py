@@ -307,6 +307,7 @@ def schedule_frame(tuned: pd.DataFrame, steps: int, warmup: int, final_frac: flo
 
 def plot_schedule(r: float, f: float, steps: int = 500, warmup: int = 50, final_frac: float = 0.1, group: str = "group"):
     "One group's relative schedule for (r, f) against the uniform one."
+    from effworkbench.viz import line
     d = pd.DataFrame([{"schedule": s, "step": t, "lr_rel": relative_lr(t, 1.0, rr, ff, final_frac, warmup, steps)}
                       for s, (rr, ff) in ((f"{group}: r={r:.3g}, f={f:.3g}", (r, f)), ("uniform", (1.0, 1.0)))
                       for t in range(0, steps + 1, max(1, steps // 200))])

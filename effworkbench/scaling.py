@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .core import ConfigError, PresetConfig
+from .core import ConfigError
 
 # %% auto #0
 __all__ = ['PUBLISHED_MOE', 'PUBLISHED_DENSE', 'FineGrainedLaw', 'e_hat', 'JointLaw', 'joint_lr_rule', 'ModelShape',
@@ -344,6 +344,7 @@ def budget_optimum(law: FineGrainedLaw, log10_flops: float, memory_gb: float | N
 
 def plot_budget(law: FineGrainedLaw, log10_flops: float, memory_gb: float | None, expansion: float = 64, **kw):
     "Loss against G at one compute and memory budget, the optimum named in the title."
+    from effworkbench.viz import line
     o = budget_optimum(law, log10_flops, memory_gb, expansion, **kw)
     cap = "no memory cap" if memory_gb is None else f"{memory_gb:g} GB of weights"
     return line(o["table"], x="G", y="loss", log_x=True, markers=True,

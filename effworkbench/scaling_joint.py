@@ -69,6 +69,7 @@ def memory_grid(law: JointLaw, flops: Sequence[float], memory: Sequence[float], 
 # %% ../nbs/24_scaling.joint.ipynb #1093f139
 def plot_joint_budget(law: JointLaw, log10_flops: float, memory_bytes: float, flops_fn=None, experts=(1, 2, 4, 8, 16)):
     "Loss against E at one compute and memory budget, the optimum named in the title."
+    from effworkbench.viz import line
     t = joint_optimum(law, 10 ** log10_flops, memory_bytes=memory_bytes, experts=experts, flops_fn=flops_fn, N_range=(1e3, 1e12))
     b = t.loc[t.loss.idxmin()]
     return line(t, x="E", y="loss", log_x=True, markers=True,

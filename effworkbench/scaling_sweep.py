@@ -16,7 +16,7 @@ import pandas as pd
 
 from .core import PresetConfig
 from .gpt import GPTConfig
-from .scaling import FineGrainedSpec, ModelShape, bootstrap, compute_optimal, fit_law, rmse_log
+from .scaling import FineGrainedSpec, ModelShape, bootstrap, fit_law, rmse_log
 
 # %% auto #0
 __all__ = ['ScalingSweep', 'scaling_table', 'fit_granularity_law', 'family_flops', 'law_curves']

@@ -130,25 +130,30 @@ def _kernel_size_probs(n: int) -> np.ndarray:
     p = (n - 1) / (s * (n - s))
     return p / p.sum()
 
-def kernel_shap(game: Game, n_samples: int | None = None, seed: int = 0) -> np.ndarray:
+def kernel_shap(game: Game, n_evals: int | None = None, seed: int = 0) -> np.ndarray:
     """KernelSHAP (Lundberg & Lee 2017): φ = argmin Σ_S π(S) (v(S) − v(∅) − Σ_{i∈S} φ_i)² subject to
-    Σ φ_i = v(N) − v(∅), with the Shapley kernel π(S) = (n−1) / (C(n,|S|) |S| (n−|S|)). `n_samples=None` uses every
-    coalition with its weight, which gives the exact Shapley values; otherwise coalitions are drawn from π in
-    complementary pairs and weighted equally."""
+    Σ φ_i = v(N) − v(∅), with the Shapley kernel π(S) = (n−1) / (C(n,|S|) |S| (n−|S|)). `n_evals=None` (or ≥ 2ⁿ) uses
+    every coalition with its weight, which gives the exact Shapley values. Otherwise the budget is `n_evals` distinct
+    coalitions evaluated, ∅ and N included (`game.evals` on a fresh game): coalitions are drawn from π in complementary
+    pairs until n_evals − 2 distinct ones are drawn, each weighted by how often it was drawn."""
     n = game.n
+    if n_evals is not None and n_evals < 3:
+        raise ConfigError(f"n_evals={n_evals}: KernelSHAP evaluates ∅, N and at least one coalition between, so n_evals ≥ 3 "
+                          f"(n + 1 = {n + 1} determine the fit; None: all 2ⁿ = {1 << n})")
     v0, vN = game.v(0), game.v(game.grand)
-    if n_samples is None:
+    if n_evals is None or n_evals >= 1 << n:
         masks = np.arange(1, (1 << n) - 1)
         sizes = _popcount(n)[masks]
         w = (n - 1) / (np.array([math.comb(n, k) for k in sizes]) * sizes * (n - sizes))
     else:
-        rng = np.random.default_rng(seed)
-        ms = []
-        for _ in range((n_samples + 1) // 2):
-            s = rng.choice(np.arange(1, n), p=_kernel_size_probs(n))
+        rng, p = np.random.default_rng(seed), _kernel_size_probs(n)
+        counts: dict[int, int] = {}                                        # coalition → times drawn
+        while len(counts) < n_evals - 2:
+            s = rng.choice(np.arange(1, n), p=p)
             m = to_mask(rng.choice(n, s, replace=False))
-            ms += [m, game.grand ^ m]
-        masks, w = np.array(ms[:n_samples]), np.ones(min(len(ms), n_samples))
+            for c in (m, game.grand ^ m):                                  # the pair, unless one slot is left and c is new
+                if c in counts or len(counts) < n_evals - 2: counts[c] = counts.get(c, 0) + 1
+        masks, w = np.array(list(counts)), np.array(list(counts.values()), dtype=float)
     Z = ((masks[:, None] >> np.arange(n)) & 1).astype(float)              # (m, n) membership
     y = np.array([game.v(int(m)) for m in masks]) - v0                     # (m,)
     # eliminate φ_n = Δ − Σ_{i<n} φ_i, Δ = v(N) − v(∅): y − z_n Δ = Σ_{i<n} (z_i − z_n) φ_i
@@ -286,9 +291,9 @@ def plan_keep(scores: dict[str, np.ndarray], ratio: float, scope: Literal["globa
               groups: int = 1, min_keep: int = 1) -> dict[str, np.ndarray]:
     """Which channels to keep when a fraction `ratio` of all prunable channels is removed, lowest scores first:
     `layer` removes round(ratio·n_l) in every layer, `global` the lowest across all layers (scores must be comparable,
-    as Shapley values in accuracy units are). Each layer keeps ≥ max(min_keep, groups) channels, a multiple of `groups`."""
+    as Shapley values in accuracy units are). Each layer keeps ≥ max(min_keep, groups) channels, a multiple of `groups` (min_keep rounded up to one)."""
     if not 0 <= ratio < 1: raise ConfigError(f"ratio={ratio} must lie in [0, 1)")
-    floor = max(min_keep, groups)
+    floor = groups * math.ceil(max(min_keep, groups) / groups)                 # ≥ min_keep and a multiple of groups
     n = {k: len(v) for k, v in scores.items()}
     if scope == "layer":
         keep_n = {k: n[k] - round(ratio * n[k]) for k in n}

@@ -11,21 +11,26 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
+import pickle
+import re
 import shutil
 import time
 import traceback
+import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import torch
 
-from .core import env_report, runs_dir
+from .core import ConfigError, env_report, runs_dir
 
 # %% auto #0
-__all__ = ['to_jsonable', 'config_hash', 'atomic_write_bytes', 'atomic_write_json', 'read_json', 'Run', 'fn_name', 'run_function',
-           'RunStore']
+__all__ = ['to_jsonable', 'config_hash', 'atomic_write_bytes', 'to_json', 'atomic_write_json', 'read_json', 'clean_stale_tmp',
+           'Run', 'fn_name', 'run_function', 'CheckpointError', 'RunKeyError', 'RunStore']
 
 # %% ../nbs/00a_store.ipynb #9f154e52
 def to_jsonable(obj: Any) -> Any:
@@ -51,26 +56,68 @@ def _fsync_dir(d: Path):
     except OSError: pass  # not supported on every platform / file system
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    "Write `data` to `path` via temp file + fsync + rename: readers see the old or the new file, never a torn one."
+    "Write `data` to `path` via temp file `.NAME.PID.tmp` + fsync + rename: readers see the old or the new file, never a torn one."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:   # a full disk or an interrupt: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
     return path
 
+def _finite(obj: Any) -> Any:
+    "Non-finite floats (NaN, ±inf) as None, in nested dicts and lists."
+    if isinstance(obj, float) and not math.isfinite(obj): return None
+    if isinstance(obj, dict): return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list): return [_finite(v) for v in obj]
+    return obj
+
+def to_json(obj: Any, **kw) -> str:
+    "Strict JSON of `obj`: `to_jsonable`, with NaN and ±inf written as `null` (JSON has no token for them)."
+    return json.dumps(_finite(to_jsonable(obj)), allow_nan=False, default=str, **kw)
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    "`atomic_write_bytes` of indented JSON."
-    return atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=1, default=str) + "\n").encode())
+    "`atomic_write_bytes` of indented strict JSON (`to_json`)."
+    return atomic_write_bytes(path, (to_json(obj, indent=1) + "\n").encode())
 
 def read_json(path: str | Path) -> Any:
     "Read a JSON file, naming the file in the error if it is corrupt."
-    try: return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+    try: return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it or its run folder (`effwb runs rm KEY`)") from e
 
+_TMP = re.compile(r"\..+\.(\d+)\.tmp")
+
+def _pid_alive(pid: int) -> bool:
+    "Whether a process with this id exists on this machine."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True    # exists, owned by someone else
+    except OverflowError: return False
+    return True
+
+def clean_stale_tmp(folder: str | Path) -> list[str]:
+    "Delete the `.NAME.PID.tmp` files in `folder` that interrupted writes left and whose process is gone; returns their names."
+    gone = []
+    for p in Path(folder).glob(".*.tmp"):
+        m = _TMP.fullmatch(p.name)
+        if m and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+            p.unlink(missing_ok=True); gone.append(p.name)
+    return gone
+
 # %% ../nbs/00a_store.ipynb #1bb8e88a
+def _read_object(path: Path) -> dict:
+    "A JSON file that must hold an object (a truncated file, `[]` or `null` is corrupt): its dict, or a ValueError naming it."
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds {json.dumps(obj)[:40]} where a JSON object belongs; the run is corrupt: "
+                         f"remove it (`effwb runs rm {path.parent.name}`) and run it again")
+    return obj
+
 class Run:
     "One folder of the store: config, metrics log, checkpoint, result."
     def __init__(self, path: str | Path):
@@ -90,25 +137,50 @@ class Run:
     def checkpoint_file(self): return self.path / "checkpoint.pt"
 
     @property
+    def problem(self) -> str | None:
+        "Why the run's config, result or error file cannot be read (then the run is `corrupt`), or None."
+        for f in (self.config_file, self.result_file, self.error_file):
+            if f.exists():
+                try: _read_object(f)
+                except (ValueError, OSError) as e: return str(e)
+        return None
+
+    @property
     def status(self) -> str:
-        "`done`, `failed` or `unfinished`."
+        "`done`, `failed`, `unfinished`, or `corrupt` (a file that does not read: see `problem`)."
+        if self.problem: return "corrupt"
         if self.result_file.exists(): return "done"
         if self.error_file.exists(): return "failed"
         return "unfinished"
 
     @property
-    def record(self) -> dict: "The stored {fn, config}."; return read_json(self.config_file)
+    def record(self) -> dict: "The stored {fn, config}."; return _read_object(self.config_file)
     @property
     def config(self) -> dict: "The run's config as stored (JSON)."; return self.record["config"]
     @property
-    def result(self) -> dict | None: "The result dict, or None if unfinished."; return read_json(self.result_file) if self.result_file.exists() else None
+    def result(self) -> dict | None: "The result dict, or None if unfinished."; return _read_object(self.result_file) if self.result_file.exists() else None
     @property
-    def error(self) -> dict | None: "The recorded failure, or None."; return read_json(self.error_file) if self.error_file.exists() else None
+    def error(self) -> dict | None: "The recorded failure, or None."; return _read_object(self.error_file) if self.error_file.exists() else None
+
+    @property
+    def started(self) -> float | None:
+        "When the last attempt started (the time of its env.json, else of config.json), seconds since the epoch."
+        for f in (self.path / "env.json", self.config_file):
+            if f.exists(): return f.stat().st_mtime
+        return None
+
+    @property
+    def seconds(self) -> float | None:
+        "How long the finished or failed attempt took, or None."
+        try: rec = self.result if self.result_file.exists() else self.error or {}
+        except ValueError: return None
+        s = rec.get("_seconds", rec.get("seconds"))
+        return float(s) if isinstance(s, (int, float)) else None
 
     # metrics
     def log(self, **metrics):
-        "Append one metrics record (a JSON line), flushed at once."
-        line = json.dumps(to_jsonable(metrics), default=str) + "\n"
+        "Append one metrics record (a JSON line, NaN as null), flushed at once."
+        line = to_json(metrics) + "\n"
         if not getattr(self, "_tail_checked", False):   # a killed writer may have left a line without its newline
             if self.metrics_file.exists() and self.metrics_file.stat().st_size:
                 with open(self.metrics_file, "rb") as f:
@@ -119,12 +191,16 @@ class Run:
             f.write(line); f.flush()
 
     def metrics(self) -> pd.DataFrame:
-        "The metrics log as a DataFrame; a torn last line is skipped; a resumed run's repeated steps keep the latest."
-        rows = []
+        "The metrics log as a DataFrame; a resumed run's repeated steps keep the latest. Unreadable lines are skipped: a torn one silently (a killed writer leaves one), others (not UTF-8, not a JSON object) with a warning."
+        rows, bad = [], 0
         if self.metrics_file.exists():
-            for line in self.metrics_file.read_text().splitlines():
-                try: rows.append(json.loads(line))
-                except json.JSONDecodeError: continue  # a line cut by a killed writer
+            for raw in self.metrics_file.read_bytes().splitlines():
+                try: rec = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError: bad += 1; continue         # the log writes ASCII: not ours
+                except json.JSONDecodeError: continue                  # a line cut by a killed writer
+                if isinstance(rec, dict): rows.append(rec)
+                else: bad += 1
+        if bad: warnings.warn(f"{self.metrics_file}: skipped {bad} line(s) that are not UTF-8 JSON objects", stacklevel=2)
         df = pd.DataFrame(rows)
         if "step" in df: df = df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
         return df
@@ -138,7 +214,13 @@ class Run:
     def load_checkpoint(self, map_location="cpu") -> dict | None:
         "The last checkpoint (loaded with `weights_only=True`), or None."
         if not self.checkpoint_file.exists(): return None
-        return torch.load(self.checkpoint_file, map_location=map_location, weights_only=True)
+        try: return torch.load(self.checkpoint_file, map_location=map_location, weights_only=True)
+        except Exception as e:   # torch's own message may suggest weights_only=False: name the kind only, never chain it
+            why = {EOFError: "it is empty or cut short", RuntimeError: "it is not a complete torch zip archive",
+                   pickle.UnpicklingError: "it holds objects a weights-only load refuses"}.get(type(e), "it cannot be read")
+            raise CheckpointError(f"checkpoint {self.checkpoint_file} is truncated or corrupt: {why} ({type(e).__name__}). "
+                                  f"Delete that file to restart the run from scratch, or remove the run: "
+                                  f"`effwb runs rm {self.key}`") from None
 
     def __repr__(self): return f"Run({self.key}, {self.status})"
 
@@ -154,6 +236,19 @@ def run_function(name: str):
         return fn
     return deco
 
+class CheckpointError(ConfigError):
+    "A run's checkpoint cannot be used (truncated, corrupt, not finite, or not a training checkpoint); the message names the file and the fix."
+
+class RunKeyError(ConfigError, KeyError):
+    "A run key that names no run, several runs, or is not a key at all."
+    def __str__(self): return str(self.args[0])   # KeyError would print the message in quotes
+
+_HEX = re.compile(r"[0-9a-f]+")
+
+def _lock(run: Run, timeout: float = -1):
+    from filelock import FileLock   # imported here: the GPU benchmark machines have torch, numpy and pandas only
+    return FileLock(str(run.path / ".lock"), timeout=timeout)
+
 class RunStore:
     "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`)."
     def __init__(self, root: str | Path | None = None):
@@ -163,18 +258,26 @@ class RunStore:
         "The folder name of (fn, config)."
         return config_hash({"fn": fn if isinstance(fn, str) else fn_name(fn), "config": config})
 
+    def _folders(self) -> list[Path]:
+        "Run folders: real directories directly under `root`, named by a hex key, holding a config.json."
+        if not self.root.is_dir(): return []
+        return [p for p in self.root.iterdir() if _HEX.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+                and (p / "config.json").is_file()]
+
     def get(self, key: str) -> Run:
-        "The run with folder `key` (a unique prefix is enough)."
-        if (self.root / key).is_dir(): return Run(self.root / key)
-        hits = [p for p in self.root.glob(f"{key}*") if p.is_dir()] if self.root.is_dir() else []
-        if len(hits) == 1: return Run(hits[0])
-        raise KeyError(f"no run {key!r} in {self.root}" if not hits else f"{key!r} is ambiguous: {[h.name for h in hits]}")
+        "The run whose key is `key` or starts with it (a unique hex prefix); anything else, or a prefix of several runs, is a `RunKeyError`."
+        if not isinstance(key, str) or not _HEX.fullmatch(key):
+            raise RunKeyError(f"{key!r} is not a run key: a key is lowercase hex (or a unique prefix of one), "
+                              "as `effwb runs ls` lists them")
+        hits = sorted(p for p in self._folders() if p.name.startswith(key))
+        exact = [p for p in hits if p.name == key]
+        if exact or len(hits) == 1: return Run((exact or hits)[0])
+        if not hits: raise RunKeyError(f"no run {key!r} in {self.root} (`effwb runs ls` lists the runs)")
+        raise RunKeyError(f"{key!r} is the prefix of {len(hits)} runs: {', '.join(p.name for p in hits)}; give more digits")
 
     def runs(self) -> list[Run]:
         "All runs, oldest first."
-        if not self.root.is_dir(): return []
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and (p / "config.json").exists()]
-        return [Run(p) for p in sorted(dirs, key=lambda p: (p / "config.json").stat().st_mtime)]
+        return [Run(p) for p in sorted(self._folders(), key=lambda p: (p / "config.json").stat().st_mtime)]
 
     def run(self, fn: Callable[[Any, Run], dict], config: Any, rerun: bool = False, preset: str | None = None) -> dict:
         "Return the result of `fn(config, run)`, computing it only if no finished run has this config."
@@ -182,11 +285,13 @@ class RunStore:
         run = Run(self.root / key)
         run.path.mkdir(parents=True, exist_ok=True)
         if not rerun and run.status == "done": return run.result
-        from filelock import FileLock   # imported here: the GPU benchmark machines have torch, numpy and pandas only
-        with FileLock(str(run.path / ".lock")):
+        with _lock(run):
+            clean_stale_tmp(run.path)           # no other writer of this run can be alive while we hold its lock
             if rerun:
                 for f in (run.result_file, run.error_file, run.metrics_file, run.checkpoint_file): f.unlink(missing_ok=True)
+                if run.problem: run.config_file.unlink(missing_ok=True)
             elif run.status == "done": return run.result       # finished while we waited for the lock
+            elif run.status == "corrupt": raise ValueError(run.problem)
             if not run.config_file.exists():
                 atomic_write_json(run.config_file, {"fn": fn_name(fn), "config": config})
             atomic_write_json(run.path / "env.json", env_report(preset or getattr(config, "preset", None)))
@@ -194,44 +299,89 @@ class RunStore:
             t0 = time.time()
             try:
                 result = fn(config, run)
+                if not isinstance(result, dict):
+                    raise TypeError(f"{fn_name(fn)} must return a dict (JSON-able), got {type(result).__name__}")
             except BaseException as e:
-                atomic_write_json(run.error_file, {"type": type(e).__name__, "message": str(e),
-                                                   "traceback": traceback.format_exc(), "seconds": time.time() - t0})
+                _record_error(run, e, time.time() - t0)
                 raise
-            if not isinstance(result, dict):
-                raise TypeError(f"{fn_name(fn)} must return a dict (JSON-able), got {type(result).__name__}")
             atomic_write_json(run.result_file, {**to_jsonable(result), "_seconds": round(time.time() - t0, 3)})
         return run.result
 
-    def rm(self, key: str) -> str:
-        "Delete one run folder; returns its key."
+    def rm(self, key: str, timeout: float = 5) -> str:
+        "Delete the run `key` (see `get`), after taking its lock (a run being computed is refused); returns its key."
+        from filelock import Timeout
         run = self.get(key)
-        shutil.rmtree(run.path)
+        try:
+            with _lock(run, timeout):
+                trash = run.path.with_name(f".rm-{run.key}-{os.getpid()}")
+                os.rename(run.path, trash)              # the run disappears at once, whole
+        except Timeout:
+            raise RunKeyError(f"run {run.key} is being computed by another process (its lock is held); "
+                              "stop that process first") from None
+        shutil.rmtree(trash)
         return run.key
 
     def load(self, fn: Callable | str | None = None, status: str | None = None) -> pd.DataFrame:
-        "One tidy row per run: key, fn, status, `config.*` and `result.*` columns."
-        rows = []
+        "One tidy row per run: key, fn, status, `config.*` and `result.*` columns (`error` for failed and corrupt runs). A corrupt run is listed as such, with a warning."
+        rows, corrupt = [], []
         name = None if fn is None else fn if isinstance(fn, str) else fn_name(fn)
         for r in self.runs():
+            st, problem = r.status, r.problem
             try: rec = r.record
-            except ValueError: continue
+            except (ValueError, OSError): rec = {}
             if name is not None and rec.get("fn") != name: continue
-            if status is not None and r.status != status: continue
-            row = {"key": r.key, "fn": rec.get("fn"), "status": r.status}
-            row.update({f"config.{k}": v for k, v in _flat(rec.get("config", {})).items()})
-            row.update({f"result.{k}": v for k, v in _flat(r.result or {}).items()})
-            if r.status == "failed": row["error"] = (r.error or {}).get("message")
+            if status is not None and st != status: continue
+            row = {"key": r.key, "fn": rec.get("fn"), "status": st}
+            cfg = rec.get("config", {})
+            row.update({f"config.{k}": v for k, v in _flat(cfg).items()} if isinstance(cfg, dict) else {"config": cfg})
+            if st == "done": row.update({f"result.{k}": v for k, v in _flat(r.result).items()})
+            if st == "failed": row["error"] = r.error.get("message")
+            if st == "corrupt": row["error"] = problem; corrupt.append(r.key)
             rows.append(row)
+        if corrupt:
+            warnings.warn(f"{len(corrupt)} corrupt run(s) in {self.root}: {', '.join(corrupt)}; their `error` says which "
+                          "file; remove each with `effwb runs rm KEY`", stacklevel=2)
         return pd.DataFrame(rows)
+
+    def ls(self, fn: str | None = None, status: str | None = None) -> pd.DataFrame:
+        "A summary row per run for people: key, status, what ran (the notebook's file name, or the function), start time, seconds. `fn` filters by a substring of the function name."
+        rows = []
+        for r in self.runs():
+            try: rec = r.record
+            except (ValueError, OSError): rec = {}
+            what = str(rec.get("fn", "?"))
+            if fn and fn not in what: continue
+            st = r.status
+            if status is not None and st != status: continue
+            cfg = rec.get("config")
+            if isinstance(cfg, dict) and isinstance(cfg.get("notebook"), str): what = Path(cfg["notebook"]).name
+            t = r.started
+            rows.append({"key": r.key, "status": st, "run": what,
+                         "started": datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else None,
+                         "seconds": None if r.seconds is None else round(r.seconds, 1)})
+        return pd.DataFrame(rows, columns=["key", "status", "run", "started", "seconds"])
 
     def metrics(self, keys: list[str] | None = None, fn: Callable | str | None = None) -> pd.DataFrame:
         "Metrics of many runs in one long DataFrame with a `key` column."
         runs = [self.get(k) for k in keys] if keys is not None else self.runs()
         name = None if fn is None else fn if isinstance(fn, str) else fn_name(fn)
-        frames = [r.metrics().assign(key=r.key) for r in runs if name is None or r.record.get("fn") == name]
+        frames = []
+        for r in runs:
+            try: rec = r.record
+            except (ValueError, OSError): continue
+            if name is None or rec.get("fn") == name: frames.append(r.metrics().assign(key=r.key))
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+def _record_error(run: Run, e: BaseException, seconds: float):
+    "Write the run's error.json; if that write fails too (a read-only or full disk), say so on the exception and warn, never hide `e`."
+    try:
+        atomic_write_json(run.error_file, {"type": type(e).__name__, "message": str(e),
+                                           "traceback": traceback.format_exc(), "seconds": seconds})
+    except OSError as w:
+        msg = f"could not record the failure of run {run.key} in {run.error_file}: {w}"
+        if hasattr(e, "add_note"): e.add_note(msg)
+        warnings.warn(msg, stacklevel=3)
 
 def _flat(d: dict, prefix: str = "") -> dict:
     "Flatten nested dicts with dotted keys."

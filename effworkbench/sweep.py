@@ -7,25 +7,28 @@ Docs: https://effworkbench.github.io/effworkbench/sweep.html.md"""
 # %% ../nbs/03_sweep.ipynb #29f94619
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import hashlib
 import itertools
 import multiprocessing as mp
+import multiprocessing.connection as mpc
 import os
+import signal
+import stat
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
-from .core import is_quiet, progress
-from .store import Run, RunStore, read_json, run_function
+from .core import ConfigError, is_quiet, progress
+from .store import Run, RunStore, _flat, _lock, atomic_write_json, fn_name, read_json, run_function, to_jsonable
 
 # %% auto #0
-__all__ = ['grid', 'Executor', 'SerialExecutor', 'ProcessExecutor', 'RayExecutor', 'get_executor', 'sweep', 'file_sha256',
-           'notebook_grid', 'notebook_run']
+__all__ = ['grid', 'TaskFailed', 'Executor', 'SerialExecutor', 'ProcessExecutor', 'ray_token_file', 'secure_ray_token',
+           'RayExecutor', 'get_executor', 'sweep', 'file_sha256', 'notebook_grid', 'notebook_run']
 
 # %% ../nbs/03_sweep.ipynb #05ae172b
 def grid(base: Any = None, **axes: Sequence) -> list:
@@ -40,13 +43,17 @@ def grid(base: Any = None, **axes: Sequence) -> list:
     return [{**base, **p} for p in points]
 
 # %% ../nbs/03_sweep.ipynb #869ab581
+class TaskFailed(RuntimeError):
+    "A task that ended without a result: its worker died or timed out, or it raised SystemExit/KeyboardInterrupt."
+
 class Executor:
-    "Runs tasks `fn(*args)` and yields `(index, result)` in completion order."
+    "Runs tasks `fn(*args)` and yields `(index, result)` in completion order; a task that ended without a result yields a `TaskFailed`."
+    timeout: float | None = None
     def map(self, fn: Callable, argss: list[tuple]) -> Iterator[tuple[int, Any]]: raise NotImplementedError
     def close(self): pass
 
 class SerialExecutor(Executor):
-    "One task after another in this process."
+    "One task after another in this process (no timeout: nothing can stop a task from outside)."
     def map(self, fn, argss):
         for i, args in enumerate(argss): yield i, fn(*args)
 
@@ -55,22 +62,82 @@ def _init_worker(threads: int):
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
+def _exit_reason(code: int | None) -> str:
+    "What a child's exit code says: negative is the signal that killed it."
+    if code is not None and code < 0:
+        try: name = f" ({signal.Signals(-code).name})"
+        except ValueError: name = ""
+        return f"worker died: signal {-code}{name}"
+    return f"worker died: exit code {code} before returning a result"
+
+def _child(conn, threads: int, fn: Callable, args: tuple):
+    "Body of one task's process: run `fn(*args)` and send back ('ok', result), ('raise', exception) or ('base', text)."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is for the parent to handle
+    if hasattr(os, "setpgrp"): os.setpgrp()           # its own process group: a kill also ends what the run started
+    _init_worker(threads)
+    try: msg = ("ok", fn(*args))
+    except Exception as e: msg = ("raise", e)
+    except BaseException as e: msg = ("base", f"{type(e).__name__}: {e}".rstrip(": "))   # SystemExit, KeyboardInterrupt
+    try: conn.send(msg)
+    except Exception as e: conn.send(("raise", RuntimeError(f"the task's result could not be sent back: {e!r}")))
+    conn.close()
+
+def _kill(p):
+    "SIGKILL a task's process and its process group (what the run started: data loader workers, a notebook's kernel)."
+    try: os.killpg(p.pid, signal.SIGKILL) if hasattr(os, "killpg") else p.kill()
+    except (ProcessLookupError, PermissionError): pass
+    if p.exitcode is None: p.kill()
+    p.join()
+
 class ProcessExecutor(Executor):
-    "A local process pool (`fork` on Linux, `spawn` elsewhere)."
-    def __init__(self, max_workers: int | None = None, start_method: str | None = None):
+    "Each task in its own child process, at most `max_workers` at once (`fork` on Linux, `spawn` elsewhere); a dead or timed-out child fails its task only."
+    def __init__(self, max_workers: int | None = None, start_method: str | None = None, timeout: float | None = None):
         self.max_workers = max_workers or max(1, min(4, os.cpu_count() or 1))
         self.start_method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
+        if timeout is not None and not timeout > 0: raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.timeout = timeout
 
     def map(self, fn, argss):
         threads = max(1, (os.cpu_count() or 1) // self.max_workers)
         ctx = mp.get_context(self.start_method)
-        with cf.ProcessPoolExecutor(self.max_workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(threads,)) as pool:
-            futs = {pool.submit(fn, *args): i for i, args in enumerate(argss)}
-            try:
-                for f in cf.as_completed(futs): yield futs[f], f.result()
-            finally:   # interrupted: drop the tasks that have not started
-                for f in futs: f.cancel()
+        queue = list(enumerate(argss))[::-1]                    # pop() takes the next task
+        running = {}                                             # read end of the pipe → (index, process, start time)
+        try:
+            while queue or running:
+                while queue and len(running) < self.max_workers:
+                    i, args = queue.pop()
+                    r, w = ctx.Pipe(duplex=False)
+                    p = ctx.Process(target=_child, args=(w, threads, fn, args))   # not a daemon: a run may start processes
+                    p.start(); w.close()                         # the child's exit now closes the last write end: EOF
+                    running[r] = (i, p, time.monotonic())
+                wait = None
+                if self.timeout is not None:
+                    wait = max(0.0, min(t0 for _, _, t0 in running.values()) + self.timeout - time.monotonic())
+                for r in mpc.wait(list(running), timeout=wait):
+                    i, p, _ = running.pop(r)
+                    yield i, self._outcome(r, p)
+                if self.timeout is not None:
+                    for r, (i, p, t0) in list(running.items()):
+                        if time.monotonic() - t0 > self.timeout:
+                            _kill(p); r.close(); del running[r]
+                            yield i, TaskFailed(f"timed out after {self.timeout:g} s: worker killed")
+        finally:   # interrupted (Ctrl-C) or abandoned: queued tasks never start, running ones are killed (their runs resume later)
+            for r, (i, p, _) in running.items():
+                _kill(p); r.close()
+
+    @staticmethod
+    def _outcome(r, p):
+        "The task's result, its exception re-raised, or a TaskFailed saying how its process ended."
+        try: kind, value = r.recv()
+        except (EOFError, OSError):                              # no answer: the process died
+            p.join()
+            _kill(p)                                             # and whatever it started
+            return TaskFailed(_exit_reason(p.exitcode))
+        finally: r.close()
+        p.join()
+        if kind == "ok": return value
+        if kind == "base": return TaskFailed(f"worker raised {value}")
+        raise value
 
 # %% ../nbs/03_sweep.ipynb #0978489b
 def _import_ray():
@@ -80,8 +147,25 @@ def _import_ray():
         raise ImportError("the Ray executor needs ray, an optional dependency: pip install 'effworkbench[dist]'") from e
     return ray
 
+def ray_token_file() -> Path:
+    "The token file Ray reads: `RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`."
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+def secure_ray_token(create: bool = True) -> Path | None:
+    "Make Ray's token file private (mode 0600), first creating it with a fresh 256-bit token if `create` and there is none; None when the token comes from `RAY_AUTH_TOKEN` or there is no file."
+    if os.environ.get("RAY_AUTH_TOKEN"): return None
+    path = ray_token_file()
+    if not create and not path.exists(): return None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        import secrets
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # private from its first byte
+        with os.fdopen(fd, "w") as f: f.write(secrets.token_hex(32))
+    if stat.S_IMODE(path.stat().st_mode) & 0o077: os.chmod(path, 0o600)    # Ray writes it world-readable
+    return path
+
 class RayExecutor(Executor):
-    "Tasks on Ray: a new local instance (`address=None`) or an existing cluster (`'auto'` or `'host:port'`)."
+    "Tasks on Ray: a new local instance on 127.0.0.1 (`address=None`) or an existing cluster (`'auto'` or `'host:port'`), always with token auth."
     def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_task: float = 1,
                  gpus_per_task: float = 0, max_retries: int = 3, **init_kwargs):
         if address is not None and num_cpus is not None:
@@ -92,12 +176,21 @@ class RayExecutor(Executor):
         self._connected_here = False
 
     def connect(self):
-        "Join the cluster, or start the local instance; a connection this process already has is reused."
+        "Join the cluster (token auth required), or start the local instance on 127.0.0.1 with token auth; a connection this process already has is reused."
         ray = _import_ray()
         if not ray.is_initialized():
+            mode = os.environ.get("RAY_AUTH_MODE")     # unset: a new local instance turns token auth on by itself (Ray >= 2.59)
+            if mode != "token" and not (mode is None and self.address is None):
+                raise ConfigError("a Ray cluster without token authentication runs code for anyone who can reach it: "
+                                  "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
+                                  "`ray get-auth-token --generate` writes) on every node and in this process, before "
+                                  "ray is imported")
+            secure_ray_token(create=self.address is None)   # a cluster's token comes from its head: never make one up
             kw = {"log_to_driver": not is_quiet(), **self.init_kwargs}
-            if self.address is None: kw = {"num_cpus": self.num_cpus, "include_dashboard": False, **kw}
-            ray.init(address=self.address or "local", **kw)
+            if self.address is None:
+                kw = {"num_cpus": self.num_cpus, "include_dashboard": False, **kw}
+                with _loopback_ray(ray): ray.init(address="local", **kw)
+            else: ray.init(address=self.address, **kw)
             self._connected_here = True
         return ray
 
@@ -109,7 +202,13 @@ class RayExecutor(Executor):
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                yield index[done[0]], ray.get(done[0])
+                try: out = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:   # the task raised: re-raise its own exception, as the process executor does
+                    if isinstance(e.cause, Exception): raise e.cause from None
+                    out = TaskFailed(f"worker raised {type(e.cause).__name__}: {e.cause}")
+                except ray.exceptions.RayError as e:       # the worker or its node died, or the task was cancelled
+                    out = TaskFailed(f"worker died: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+                yield index[done[0]], out
         finally:   # interrupted or abandoned: stop what has not finished (its run stays resumable)
             for ref in pending:
                 try: ray.cancel(ref, force=True)
@@ -121,15 +220,37 @@ class RayExecutor(Executor):
             _import_ray().shutdown()
             self._connected_here = False
 
+class _loopback_ray:
+    "While a local Ray instance starts: its node address is 127.0.0.1 (what Ray does on macOS and Windows), inherited by the processes it starts."
+    def __init__(self, ray): self.ray = ray
+    def __enter__(self):
+        from ray._private import ray_constants
+        self.old = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    def __exit__(self, *exc):
+        from ray._private import ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = self.old[0]
+        if self.old[1] is None: os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else: os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = self.old[1]
+
 # %% ../nbs/03_sweep.ipynb #dc2eaf59
-def get_executor(executor: str | Executor = "process", max_workers: int | None = None) -> Executor:
-    "An `Executor` from a name (`serial`, `process`, `ray`: a local Ray instance of `max_workers` CPUs) or the instance itself."
-    if isinstance(executor, Executor): return executor
+def get_executor(executor: str | Executor = "process", max_workers: int | None = None, timeout: float | None = None) -> Executor:
+    "An `Executor` from a name (`serial`, `process`, `ray`: a local Ray instance of `max_workers` CPUs) or the instance itself; `timeout` (seconds per task) needs the process executor."
+    if isinstance(executor, Executor):
+        if timeout is not None:
+            if not isinstance(executor, ProcessExecutor):
+                raise ConfigError(f"a per-run timeout needs the process executor, not {type(executor).__name__}")
+            executor.timeout = timeout
+        return executor
+    if executor not in ("serial", "process", "ray"):
+        raise ValueError(f"unknown executor {executor!r}: use 'serial', 'process', 'ray' or an Executor instance "
+                         "(e.g. RayExecutor(address=...))")
+    if timeout is not None and executor != "process":
+        raise ConfigError(f"a per-run timeout needs executor='process' (a {executor} task cannot be stopped from outside here)")
     if executor == "serial": return SerialExecutor()
-    if executor == "process": return ProcessExecutor(max_workers)
-    if executor == "ray": return RayExecutor(num_cpus=max_workers)
-    raise ValueError(f"unknown executor {executor!r}: use 'serial', 'process', 'ray' or an Executor instance "
-                     "(e.g. RayExecutor(address=...))")
+    if executor == "process": return ProcessExecutor(max_workers, timeout=timeout)
+    return RayExecutor(num_cpus=max_workers)
 
 # %% ../nbs/03_sweep.ipynb #79d7854f
 def _run_one(root: str, fn: Callable, config: Any) -> dict:
@@ -141,31 +262,68 @@ def _run_one(root: str, fn: Callable, config: Any) -> dict:
     except Exception as e:  # recorded by the store; the sweep goes on
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": time.time() - t0}
 
+def _record_failure(store: RunStore, key: str, fn: Callable, config: Any, message: str) -> str | None:
+    "Write error.json for a run whose worker ended without writing it; returns why that was not possible, or None."
+    from filelock import Timeout
+    run = Run(store.root / key)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        with _lock(run, timeout=0):                             # held: someone else is computing this run now
+            if run.result_file.exists(): return None
+            if not run.config_file.exists(): atomic_write_json(run.config_file, {"fn": fn_name(fn), "config": config})
+            atomic_write_json(run.error_file, {"type": "TaskFailed", "message": message, "traceback": ""})
+    except Timeout: return "another process holds the run's lock"
+    except OSError as e: return f"{type(e).__name__}: {e}"
+    return None
+
+def _config_columns(config: Any) -> dict:
+    "A config as `load`'s `config.*` columns."
+    c = to_jsonable(config)
+    return {f"config.{k}": v for k, v in _flat(c).items()} if isinstance(c, dict) else {"config": c}
+
 def sweep(fn: Callable, configs: Sequence, store: RunStore | None = None, executor: str | Executor = "process",
-          max_workers: int | None = None, desc: str | None = None) -> pd.DataFrame:
-    "Run every config of `configs` through `store` (default `RunStore()`); returns one tidy row per distinct config."
+          max_workers: int | None = None, desc: str | None = None, timeout: float | None = None) -> pd.DataFrame:
+    "Run every config of `configs` through `store` (default `RunStore()`); returns one tidy row per distinct config. `timeout`: seconds a run may take (process executor)."
     store = store or RunStore()
     keys = [store.key(fn, c) for c in configs]
     todo = {}
     for k, c in zip(keys, configs):
         if k not in todo and not (store.root / k / "result.json").exists(): todo[k] = c
     n_cached = len(set(keys)) - len(todo)
-    ex = get_executor(executor, max_workers)
-    failed = 0
-    bar = progress(total=len(todo), desc=desc or f"sweep {fn.__name__}", unit="run")
+    ex = get_executor(executor, max_workers, timeout)
+    failures = {}                                               # key → error, for the runs that failed in this sweep
+    todo_keys = list(todo)
+    bar = progress(total=len(todo), desc=desc or f"sweep {getattr(fn, '__name__', 'run')}", unit="run")
     if n_cached: bar.set_postfix(cached=n_cached)
     outcomes = ex.map(_run_one, [(str(store.root.absolute()), fn, c) for c in todo.values()])
     try:
-        for _, out in outcomes:
-            failed += out["status"] == "failed"
-            bar.update(1); bar.set_postfix(cached=n_cached, failed=failed)
+        for i, out in outcomes:
+            k = todo_keys[i]
+            if isinstance(out, BaseException):                  # the worker ended without recording anything
+                failures[k] = str(out)
+                why = _record_failure(store, k, fn, todo[k], str(out))
+                if why: failures[k] += f" (not recorded in the store: {why})"
+            elif out["status"] == "failed": failures[k] = out["error"]
+            bar.update(1); bar.set_postfix(cached=n_cached, failed=len(failures))
     finally:   # closing the generator first lets an executor cancel its unfinished tasks
         bar.close(); getattr(outcomes, "close", lambda: None)(); ex.close()
+    return _sweep_table(store, fn, keys, dict(zip(keys, configs)), failures)
+
+def _sweep_table(store: RunStore, fn: Callable, keys: list[str], configs: dict, failures: dict) -> pd.DataFrame:
+    "`store.load()` rows of the sweep's keys in input order; a failure the store does not show gets its row from `failures`, with a warning."
     df = store.load()
-    if len(df) == 0: return df
-    order = {k: i for i, k in reversed(list(enumerate(keys)))}
-    return (df[df.key.isin(order)].assign(_o=lambda d: d.key.map(order)).sort_values("_o")
-            .drop(columns="_o").reset_index(drop=True))
+    rows = {r["key"]: r for r in df.to_dict("records")} if len(df) else {}
+    out, lost = [], []
+    for k in dict.fromkeys(keys):
+        row = dict(rows.get(k) or {"key": k, "status": Run(store.root / k).status})
+        if not isinstance(row.get("fn"), str): row.update(fn=fn_name(fn), **_config_columns(configs[k]))   # config.json missing or unreadable
+        if k in failures and row["status"] not in ("failed", "done", "corrupt"):
+            row.update(status="failed", error=failures[k]); lost.append(k)
+        out.append(row)
+    if lost:
+        warnings.warn(f"{len(lost)} failed run(s) have no error.json in {store.root}: {', '.join(lost)}; their errors are "
+                      "in the returned table only", stacklevel=3)
+    return pd.DataFrame(out, columns=list(dict.fromkeys([c for r in out for c in r])))
 
 # %% ../nbs/03_sweep.ipynb #e54d2a78
 def file_sha256(path: str | Path, length: int = 16) -> str:

@@ -15,25 +15,36 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigError, PresetConfig, autocast, get_device, is_quiet, progress, set_seed
+from .core import ConfigError, PresetConfig, autocast, get_device, progress, set_seed
 from .gpt import GPT, GPTConfig, make_parameterization
-from .store import Run, RunStore, run_function
+from .store import CheckpointError, Run, RunStore, run_function
 # effworkbench.data (tokenizers, filelock) is imported where it is used, so `bench/gpt.py` runs on machines with
 # torch, numpy and pandas only, feeding the trainer a synthetic corpus.
+if TYPE_CHECKING: from effworkbench.data import LMBatchSampler, TokenCorpus   # annotations only
 
 # %% auto #0
-__all__ = ['TrainConfig', 'lr_at', 'init_distributed', 'cleanup_distributed', 'TrainingDiverged', 'Trainer', 'fit', 'train_run',
-           'save_weights', 'load_weights', 'read_config_file', 'train_config_from', 'add_train_command',
-           'torchrun_command', 'load_model']
+__all__ = ['CHECKPOINT_KEYS', 'TrainConfig', 'lr_at', 'init_distributed', 'cleanup_distributed', 'TrainingDiverged',
+           'load_run_checkpoint', 'all_finite', 'Trainer', 'fit', 'train_run', 'forward_spec', 'save_weights',
+           'load_weights', 'read_config_file', 'parse_set', 'apply_sets', 'coerce_text', 'train_config_from',
+           'add_train_command', 'torchrun_command', 'load_model']
 
 # %% ../nbs/11_train.ipynb #3b80f7a1
+from .gpt import check_fields, fraction, int_at_least, non_negative, optional, positive
+
+def _device_ok(v) -> bool:
+    "None, or a string torch reads as a device ('cpu', 'cuda', 'cuda:1', 'mps'); whether it is present is checked at run time."
+    if v is None: return True
+    if not isinstance(v, str): return False
+    try: torch.device(v); return True
+    except (RuntimeError, ValueError): return False
+
 @dataclass
 class TrainConfig(PresetConfig):
     "A language-model training run."
@@ -78,6 +89,20 @@ class TrainConfig(PresetConfig):
 
     def __post_init__(self):
         if isinstance(self.model, dict): self.model = GPTConfig(**self.model)
+        check_fields(self, {
+            "corpus": (lambda v: isinstance(v, str) and v.strip() != "",
+                       "'shakespeare', 'stdlib' or the path of a text file or folder (not empty)"),
+            "max_bytes": optional(int_at_least(1)), "val_frac": fraction(closed_top=False),
+            **{k: int_at_least(1) for k in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every")},
+            "micro_batch": optional(int_at_least(1)), "lr": positive(), "weight_decay": non_negative(),
+            "betas": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(fraction(False)[0](b) for b in v),
+                      "two numbers in [0, 1), e.g. (0.9, 0.95)"),
+            "grad_clip": non_negative(), "warmup": int_at_least(0), "final_frac": fraction(), "decay_frac": fraction(),
+            "batch_rampup": (lambda v: isinstance(v, (list, tuple)) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and int_at_least(0)[0](p[0]) and int_at_least(1)[0](p[1]) for p in v),
+                "a list of [tokens >= 0, batch_size >= 1] pairs"),
+            "seed": int_at_least(0), "device": (_device_ok, "None (cuda → mps → cpu) or a device such as 'cpu', 'cuda', 'cuda:1', 'mps'"),
+            "schedule": (lambda v: v in ("cosine", "wsd", "constant"), "one of 'cosine', 'wsd', 'constant'")})
         if self.schedule != "wsd" and self.decay_branches: raise ConfigError("decay_branches need schedule='wsd'")
         for b in self.decay_branches:
             if not self.warmup < b - round(self.decay_frac * b) and b < self.steps:
@@ -114,7 +139,24 @@ def cleanup_distributed():
 
 # %% ../nbs/11_train.ipynb #995e3cab
 class TrainingDiverged(RuntimeError):
-    "The loss became NaN or infinite; the last good checkpoint is kept."
+    "The loss, the gradient norm or the weights became NaN or infinite; the optimizer step is not taken, the last finite checkpoint is kept."
+
+CHECKPOINT_KEYS = ("step", "tokens", "model", "opt", "rng")
+
+def _bad_checkpoint(run: Run, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {run.checkpoint_file} {why}. Delete the run and train it again: `effwb runs rm {run.key}`")
+
+def load_run_checkpoint(run: Run, map_location="cpu") -> dict | None:
+    "`run`'s checkpoint (a weights-only load), or None if it has none; an unreadable one raises `CheckpointError`."
+    ck = run.load_checkpoint(map_location=map_location)   # an unreadable file raises the store's CheckpointError
+    if ck is not None and not (isinstance(ck, dict) and set(CHECKPOINT_KEYS) <= set(ck)):
+        raise _bad_checkpoint(run, f"is not a training checkpoint (expected a dict with keys {list(CHECKPOINT_KEYS)})")
+    return ck
+
+def all_finite(tensors) -> bool:
+    "True iff no floating-point tensor in `tensors` holds a NaN or ±inf (one host sync)."
+    flags = [torch.isfinite(t).all() for t in tensors if torch.is_floating_point(t) and t.dim() > 0]
+    return bool(torch.stack(flags).all()) if flags else True
 
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64)),
@@ -143,8 +185,10 @@ class Trainer:
         self.model = (model or GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))).to(self.device)
         self.param = self.model.parameterization
         groups = self.param.optimizer_groups(self.model, cfg.lr, cfg.weight_decay)
-        fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+        # the fused AdamW kernel skips its whole update (weights, moments, step count) when `opt.found_inf` is set:
+        # the no-sync divergence guard of `train_step` rests on it
+        self.fused_opt = self.device.type in ("cuda", "cpu", "mps", "xpu")
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=self.fused_opt or None)
         for g in self.opt.param_groups:                      # schedule end points of each group
             g["lr_s"] = g["base_lr"] * g["lr_start"]; g["lr_e"] = g["base_lr"] * cfg.final_frac * g["lr_end"]
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -152,6 +196,9 @@ class Trainer:
         self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.step, self.tokens = 0, 0
         self._samplers: dict[int, LMBatchSampler] = {}
+        self._next: tuple | None = None                      # the prefetched batch: ((step, batch size), (x, y))
+        self._bad: torch.Tensor | None = None                # (flag, step, loss, grad norm) of the first non-finite unsynced step
+        self._tokens_at: dict[int, int] = {}                 # tokens before each unsynced step (to rewind to the first bad one)
         set_seed(cfg.seed, rank=self.rank)                   # dropout etc. differ per rank
 
     # ----- data
@@ -161,6 +208,16 @@ class Trainer:
         for t, b in sorted(self.cfg.batch_rampup):
             if tokens >= t: bs = b
         return bs
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "This rank's (x, y) of `step` at `batch_size`: the prefetched one if it matches, else drawn now (a pure function of both)."
+        nxt, self._next = self._next, None
+        if nxt is not None and nxt[0] == (step, batch_size): return nxt[1]
+        return self.sampler(batch_size).batch(step)
+
+    def prefetch(self, step: int, batch_size: int):
+        "Draw the batch of `step` now: the host gathers it while the device still runs this step, its copy is pinned and non-blocking."
+        self._next = ((step, batch_size), self.sampler(batch_size).batch(step))
 
     def sampler(self, batch_size: int) -> LMBatchSampler:
         from effworkbench.data import LMBatchSampler
@@ -176,8 +233,13 @@ class Trainer:
 
     def compute_grads(self, step: int) -> tuple[float, int]:
         "Forward/backward of the global batch of `step` (this rank's share); returns (global mean loss, batch tokens)."
+        loss, ntok = self._grads(step)
+        return loss.item(), ntok
+
+    def _grads(self, step: int) -> tuple[torch.Tensor, int]:
+        "`compute_grads` without the host sync: the loss stays a () tensor on the device."
         bs = self.batch_size_at(self.tokens)
-        x, y = self.sampler(bs).batch(step)                  # (b, T) this rank's rows of the global batch
+        x, y = self.batch(step, bs)                          # (b, T) this rank's rows of the global batch
         mb = self.cfg.micro_batch or len(x)
         chunks = list(zip(x.split(mb), y.split(mb)))
         self.opt.zero_grad(set_to_none=True)
@@ -186,26 +248,64 @@ class Trainer:
             sync = i == len(chunks) - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx, autocast(self.device):
-                _, loss = self.fwd(xb, yb)
+                _, loss = self.fwd(xb, yb, **self._fwd_kwargs)   # no logits kept alive through the backward
                 aux = sum(self.model.aux_losses().values(), torch.zeros((), device=self.device))
                 part = (loss + aux) * (len(xb) / len(x))     # micro-batch mean → this rank's mean
             part.backward()
             total += loss.detach() * (len(xb) / len(x))
+        ntok = bs * self.cfg.model.seq_len
+        self.prefetch(step + 1, self.batch_size_at(self.tokens + ntok))   # overlaps the device's work on this step
         if self.world > 1: dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        return total.item(), bs * self.cfg.model.seq_len
+        return total, ntok
 
-    def train_step(self, end: int | None = None) -> float:
-        "One optimizer step at `self.step`; returns the loss."
-        loss, ntok = self.compute_grads(self.step)
-        if not math.isfinite(loss):
-            ck = self.run.load_checkpoint() if self.run else None
-            raise TrainingDiverged(f"loss is {loss} at step {self.step}; the last good checkpoint "
-                                   f"(step {ck['step'] if ck else 'none'}) is kept" + (f" in {self.run.path}" if self.run else ""))
-        if self.cfg.grad_clip: torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+    @property
+    def _fwd_kwargs(self) -> dict:
+        return {"return_logits": False} if isinstance(self.model, GPT) else {}
+
+    def grad_norm(self) -> torch.Tensor:
+        "Global gradient L2 norm, () on the device; clips the gradients to `grad_clip` when it is set (DDP: grads are already averaged)."
+        if self.cfg.grad_clip: return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        "The `TrainingDiverged` error for `what` at this step, naming the last checkpoint kept."
+        kept = "none"
+        if self.run is not None:
+            try: kept = (load_run_checkpoint(self.run) or {}).get("step", "none")
+            except CheckpointError: kept = "unreadable"
+        return TrainingDiverged(f"{what} at step {self.step}: training diverged and the optimizer step was not taken; "
+                                f"the last good checkpoint (step {kept}) is kept" + (f" in {self.run.path}" if self.run else "")
+                                + ". Lower the learning rate (or raise warmup) and train again.")
+
+    def train_step(self, end: int | None = None, sync: bool = True) -> float | None:
+        """One optimizer step at `self.step`. With `sync`, returns the loss, and a non-finite loss or gradient norm (now or
+        at an earlier unsynced step) raises `TrainingDiverged`; without it, nothing is copied to the host and None is returned."""
+        loss_t, ntok = self._grads(self.step)
+        norm = self.grad_norm()
+        if not sync and self.fused_opt: return self._masked_step(loss_t, norm, ntok, end)
+        bad = self._bad if self._bad is not None else torch.zeros(4, device=self.device)
+        loss, gnorm, *first = torch.cat([torch.stack([loss_t.float(), norm.float()]), bad]).tolist()   # the one host sync
+        if first[0]:                                          # an unsynced step went non-finite: its update and all later ones were skipped
+            self.step, self.tokens = int(first[1]), self._tokens_at[int(first[1])]
+            loss, gnorm = first[2], first[3]
+        self._bad, self._tokens_at, self.opt.found_inf = None, {}, None
+        if not math.isfinite(loss): raise self.diverged(f"loss is {loss}")
+        if not math.isfinite(gnorm): raise self.diverged(f"gradient norm is {gnorm} (loss {loss:.4g})")
         self.set_lr(self.step, end)
         self.opt.step()
         self.step += 1; self.tokens += ntok
         return loss
+
+    def _masked_step(self, loss_t: torch.Tensor, norm: torch.Tensor, ntok: int, end: int | None) -> None:
+        "The optimizer step without a host sync: skipped on the device (`found_inf`) from the first non-finite loss or norm on."
+        now = torch.stack([loss_t.float(), norm.float()])                                # (2,)
+        rec = torch.cat([(~now.isfinite().all()).float()[None], torch.full((1,), float(self.step), device=self.device), now])
+        self._bad = rec if self._bad is None else torch.where(self._bad[0] > 0, self._bad, rec)   # keeps the first bad step
+        self._tokens_at[self.step] = self.tokens
+        self.opt.found_inf = self._bad[0]                     # 1.0: the fused AdamW leaves weights, moments and step count as they are
+        self.set_lr(self.step, end)
+        self.opt.step()
+        self.step += 1; self.tokens += ntok
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -227,11 +327,20 @@ class Trainer:
                 "opt": self.opt.state_dict(), "rng": _rng_state()}
 
     def load_state_dict(self, s: dict):
+        self._next, self._bad, self._tokens_at, self.opt.found_inf = None, None, {}, None   # nothing pending from before
         self.step, self.tokens = int(s["step"]), int(s["tokens"])
         self.model.load_state_dict(s["model"]); self.opt.load_state_dict(s["opt"]); _set_rng_state(s["rng"])
 
+    def state_is_finite(self) -> bool:
+        "No NaN or ±inf in the weights or the optimizer state (one host sync)."
+        opt = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return all_finite([*self.model.state_dict().values(), *opt])
+
     def checkpoint(self):
-        if self.run is not None and self.rank == 0: self.run.save_checkpoint(self.state_dict())
+        "Save the training state in the run (rank 0 writes); a non-finite state raises `TrainingDiverged` and is never saved."
+        if self.run is None: return
+        if not self.state_is_finite(): raise self.diverged("a weight or optimizer state is NaN or infinite")
+        if self.rank == 0: self.run.save_checkpoint(self.state_dict())
 
     def log(self, **m):
         if self.run is not None and self.rank == 0: self.run.log(**m)
@@ -251,8 +360,10 @@ def _run_branch(t: Trainer, end: int) -> float:
 def fit(t: Trainer) -> dict[str, Any]:
     "Train `t` to `t.cfg.steps` (resuming from its run's checkpoint); returns the final losses and throughput."
     cfg, run = t.cfg, t.run
-    ck = run.load_checkpoint(map_location=t.device) if run is not None else None
-    if ck is not None: t.load_state_dict(ck)
+    ck = load_run_checkpoint(run, map_location=t.device) if run is not None else None
+    if ck is not None:
+        t.load_state_dict(ck)
+        if not t.state_is_finite(): raise _bad_checkpoint(run, "holds NaN or infinite weights (saved after a divergence)")
     branches = {b - round(cfg.decay_frac * b): b for b in cfg.decay_branches}
     bar = progress(total=cfg.steps, initial=t.step, desc="train", unit="step", disable=t.rank != 0)
     loss, val, t0, tok0 = float("nan"), None, time.time(), t.tokens
@@ -260,7 +371,11 @@ def fit(t: Trainer) -> dict[str, Any]:
         if t.step in branches:
             b = branches[t.step]
             t.log(step=t.step, branch_end=b, branch_val_loss=_run_branch(t, b), tokens=t.tokens)
-        loss = t.train_step()
+        nxt = t.step + 1                                     # host sync only where the loss is read or the state saved
+        sync = (nxt % cfg.log_every == 0 or nxt % cfg.eval_every == 0 or nxt % cfg.ckpt_every == 0 or nxt == cfg.steps
+                or nxt in branches)
+        out = t.train_step(sync=sync)
+        loss = loss if out is None else out
         bar.update(1)
         last = t.step == cfg.steps
         if t.step % cfg.log_every == 0 or last:
@@ -286,20 +401,46 @@ def train_run(cfg: TrainConfig, run: Run | None = None) -> dict[str, Any]:
     return res
 
 # %% ../nbs/11_train.ipynb #4f0e56a6
+def forward_spec(model: nn.Module) -> dict[str, Any]:
+    "What the forward reads besides the tensors: each grouped layer's multiplier `mult[name]` and each attention's logit `scale[name]`, plus the parameterization's repr."
+    from effworkbench.gpt import Attention
+    mult = {n: float(m.group_mult[m.group]) for n, m in model.named_modules() if hasattr(m, "group_mult")}  # y = mult · (x Wᵀ + b)
+    scale = {n: float(m.scale) for n, m in model.named_modules() if isinstance(m, Attention)}            # softmax(scale · q kᵀ)
+    pz = getattr(model, "parameterization", None)
+    name = repr(pz) if type(pz).__repr__ is not object.__repr__ else type(pz).__name__   # MuP(base_width=…, …) or the class
+    return {"mult": mult, "scale": scale, "parameterization": name}
+
 def save_weights(model: nn.Module, path: str | Path) -> Path:
-    "Write `model`'s weights to a safetensors file (shared tensors stored once)."
+    "Write `model`'s weights to a safetensors file (shared tensors stored once), with its `forward_spec` in the metadata."
+    import json
     from safetensors.torch import save_model
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path))
+    save_model(model, str(path), metadata={"effwb.forward": json.dumps(forward_spec(model))})
     return path
 
+def _check_forward(model: nn.Module, path: Path, meta: dict[str, str] | None):
+    "Refuse weights saved under other forward multipliers or attention scales than `model`'s (same tensors would give other logits)."
+    import json
+    if not meta or "effwb.forward" not in meta: return                          # a file from elsewhere: nothing to compare
+    saved, own = json.loads(meta["effwb.forward"]), forward_spec(model)
+    for key, what in (("mult", "forward multipliers"), ("scale", "attention scale")):
+        bad = [f"{n}: file {saved[key][n]:g} vs model {v:g}" for n, v in own[key].items()
+               if n in saved[key] and not math.isclose(saved[key][n], v, rel_tol=1e-6)]
+        if bad:
+            raise ConfigError(f"{path} was saved with other {what} than the model's ({'; '.join(bad[:4])}"
+                              f"{'; ...' if len(bad) > 4 else ''}): it was saved under {saved['parameterization']}, the model "
+                              f"uses {own['parameterization']}; build the model with that parameterization "
+                              f"(GPT(cfg, make_parameterization(name, **kwargs))) before loading")
+
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    "Load a safetensors file into `model`; a mismatch raises an error listing the offending tensors."
+    "Load a safetensors file into `model`; a mismatch of tensors, or of the forward multipliers and attention scale it was saved with, raises an error naming it."
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"weights file {path} not found")
-    try: sd = load_file(str(path))
+    try:
+        sd = load_file(str(path))
+        with safe_open(str(path), "pt") as f: meta = f.metadata()
     except Exception as e: raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
     own = model.state_dict()
     shared = {n for n in own if n not in sd and any(own[n].data_ptr() == own[m].data_ptr() for m in sd if m in own)}  # tied
@@ -311,43 +452,96 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
         raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(
             x for x in [f"shape mismatch {shapes}" if shapes else "", f"missing {missing}" if missing else "",
                         f"unexpected {unexpected}" if unexpected else ""] if x))
+    _check_forward(model, path, meta)
     model.load_state_dict(sd, strict=False)
     return model
 
 # %% ../nbs/11_train.ipynb #1df6facd
+import re
+from typing import Sequence
+
 def _parse_value(text: str) -> Any:
     import ast
     try: return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # not a literal: text
         return {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), text)
 
 def read_config_file(path: str | Path) -> dict:
-    "A YAML or TOML config file as a dict."
+    "A YAML or TOML config file as a dict (`yaml.safe_load`: tags that would build Python objects are refused)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"config file {path} not found")
-    text = path.read_text()
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e: raise ConfigError(f"{path} is not UTF-8 text ({e})") from None
     if path.suffix == ".toml":
         try: import tomllib
         except ModuleNotFoundError: import tomli as tomllib
-        return tomllib.loads(text)
+        try: return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e: raise ConfigError(f"{path} is not valid TOML: {e}") from None
     import yaml
-    d = yaml.safe_load(text) or {}
+    try: d = yaml.safe_load(text) or {}
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{path}: YAML tags that build Python objects are refused; write plain values ("
+                          + " ".join(str(e).split()) + ")") from None
+    except yaml.YAMLError as e: raise ConfigError(f"{path} is not valid YAML: " + " ".join(str(e).split())) from None
     if not isinstance(d, dict): raise ConfigError(f"{path} must hold a mapping of TrainConfig fields")
     return d
 
-def train_config_from(path: str | Path | None = None, sets: list[str] = (), preset: str | None = None) -> TrainConfig:
-    "A `TrainConfig` from a file plus `key=value` overrides (dotted keys reach into `model`)."
-    d = read_config_file(path) if path else {}
+_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+def parse_set(s: str) -> tuple[list[str], Any]:
+    "`a.b=v` → (['a', 'b'], value): the key path and the value read as a Python literal, `true/false/null`, else text."
+    k, eq, v = s.partition("=")
+    if not eq: raise ConfigError(f"--set {s!r}: expected key=value, e.g. model.d_model=256")
+    if not _KEY.fullmatch(k.strip()): raise ConfigError(f"--set {s!r}: {k!r} is not a field name or a dotted path (model.d_model)")
+    return k.strip().split("."), _parse_value(v.strip())
+
+def apply_sets(d: dict, sets: Sequence[str]) -> dict:
+    "Apply `--set` overrides to the nested dict `d` in place (a dotted key reaches into a nested config)."
     for s in sets:
-        if "=" not in s: raise ConfigError(f"--set {s!r}: expected key=value")
-        k, v = s.split("=", 1)
+        (*parents, leaf), value = parse_set(s)
         node = d
-        *parents, leaf = k.split(".")
-        for p in parents: node = node.setdefault(p, {})
-        node[leaf] = _parse_value(v)
+        for i, p in enumerate(parents):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {s!r}: {'.'.join(parents[:i + 1])} is {node!r}, not a config with fields")
+        node[leaf] = value
+    return d
+
+def _number(tp: Any, v: str) -> Any:
+    "The text `v` as `tp` (int or float) when it is one, else `v` unchanged (then the type check names the field)."
+    try: x = float(v)
+    except ValueError: return v
+    if tp is float: return x
+    try: return int(v)
+    except ValueError: return int(x) if x.is_integer() else v
+
+def coerce_text(tp: Any, v: Any) -> Any:
+    """Numbers that a config file spells as text become numbers of the field's type. YAML 1.1 reads `lr: 1e-3` (no dot
+    in the mantissa) as the string '1e-3'; a float field takes it as 0.001. Recurses into nested configs, lists and tuples."""
+    import dataclasses, types, typing
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a in (int, float) and isinstance(v, str) and _number(a, v) is not v: return _number(a, v)
+        nested = [a for a in args if a is not type(None)]
+        return coerce_text(nested[0], v) if len(nested) == 1 else v
+    if isinstance(v, str) and tp in (int, float): return _number(tp, v)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(v, dict):
+        hints = typing.get_type_hints(tp)
+        return {k: coerce_text(hints[k], x) if k in hints else x for k, x in v.items()}
+    if origin in (list, tuple) and isinstance(v, (list, tuple)) and args:
+        if origin is tuple and args[-1] is not Ellipsis and len(args) == len(v):
+            return type(v)(coerce_text(a, x) for a, x in zip(args, v))
+        return type(v)(coerce_text(args[0], x) for x in v)
+    return v
+
+def train_config_from(path: str | Path | None = None, sets: Sequence[str] = (), preset: str | None = None) -> TrainConfig:
+    "A `TrainConfig` from a file plus `key=value` overrides (dotted keys reach into `model`)."
+    d = apply_sets(read_config_file(path) if path else {}, sets)
     preset = preset or d.pop("preset", "smoke")
     d.pop("preset", None)
-    return TrainConfig.for_preset(preset, **d)
+    if not isinstance(preset, str): raise ConfigError(f"preset={preset!r}: choose one of smoke, medium, full")
+    return TrainConfig.for_preset(preset, **coerce_text(TrainConfig, d))
 
 def add_train_command(sub):
     "Adds `effwb train` to the `effwb` parser."
@@ -374,8 +568,24 @@ def torchrun_command(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint
     effwb = Path(sys.executable).with_name("effwb")
     return cmd + [f"--nproc-per-node={nproc}", "--no-python", str(effwb) if effwb.exists() else "effwb", "train", *argv]
 
+def _check_output_file(path: str | Path, what: str) -> Path:
+    "`path` can be written: not a folder, and its nearest existing parent is a writable folder."
+    p = Path(path).expanduser()
+    if p.is_dir(): raise ConfigError(f"{what} {p} is a folder: give a file name, e.g. {p / 'model.safetensors'}")
+    parent = next(a for a in [p.parent, *p.parent.parents] if a.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"{what} {p} cannot be written ({parent} is not a writable folder): choose another path")
+    return p
+
 def _cmd_train(args) -> int:
     import json
+    from effworkbench.cli import CommandFailed
+    if args.nproc is not None and args.nproc < 1: raise ConfigError(f"--nproc {args.nproc}: give N >= 1 processes per node")
+    if args.nnodes < 1: raise ConfigError(f"--nnodes {args.nnodes}: give N >= 1 nodes")
+    cfg = train_config_from(args.config, args.set, args.preset)    # checked here, once, before anything starts
+    if args.save_weights: _check_output_file(args.save_weights, "--save-weights")
+    try: get_device(cfg.device)
+    except RuntimeError as e: raise ConfigError(f"{e}; or give the config another device (--set device=cpu)") from None
     if args.nproc and "LOCAL_RANK" not in os.environ:       # the launcher: hand the same command over to torchrun
         import subprocess
         argv = ([args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
@@ -383,7 +593,6 @@ def _cmd_train(args) -> int:
         argv += ["--save-weights", args.save_weights] if args.save_weights else []
         env = {**os.environ, **({"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")} if args.nnodes == 1 else {})}
         return subprocess.call(torchrun_command(argv, args.nproc, args.nnodes, args.rdzv_endpoint), env=env)
-    cfg = train_config_from(args.config, args.set, args.preset)
     store = RunStore()
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -396,6 +605,8 @@ def _cmd_train(args) -> int:
                 model = GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))
                 model.load_state_dict(store.get(key).load_checkpoint()["model"])
                 print(f"weights -> {save_weights(model, args.save_weights)}")
+    except TrainingDiverged as e:
+        raise CommandFailed(str(e)) from None   # the message names the step, the checkpoint kept and the fix
     finally:
         cleanup_distributed()
     return 0
@@ -409,6 +620,6 @@ def load_model(cfg: TrainConfig, store: RunStore | None = None, train_if_missing
         if not train_if_missing: raise FileNotFoundError(f"no finished run for this config in {store.root}; train it first")
         store.run(train_run, cfg); run = store.get(store.key(train_run, cfg))
     model = GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))
-    model.load_state_dict(run.load_checkpoint()["model"])
+    model.load_state_dict(load_run_checkpoint(run)["model"])
     from effworkbench.data import token_corpus
     return model.eval(), token_corpus(cfg.corpus, cfg.model.vocab_size, cfg.val_frac, cfg.max_bytes)

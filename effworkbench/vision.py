@@ -333,6 +333,9 @@ def read_cifar10_bin(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cifar10_splits(folder: str | Path, n_train: int | None = None, n_test: int | None = None) -> ImageSplits:
     "CIFAR-10 from a user's binary-release folder (`cifar-10-batches-bin`, or its parent): x float in [0, 1], (N, 3, 32, 32)."
+    for name, n in (("n_train", n_train), ("n_test", n_test)):   # a negative n would slice records off the end
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"cifar10_splits({name}={n!r}): give a count >= 1, or None for all images")
     folder = Path(folder)
     if (folder / "cifar-10-batches-bin").is_dir(): folder = folder / "cifar-10-batches-bin"
     train = [folder / f"data_batch_{i}.bin" for i in range(1, 6)]

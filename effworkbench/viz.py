@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import os
+import re
 import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Mapping, Sequence
@@ -27,8 +29,9 @@ except ImportError:  # plain Python without IPython: print the repr instead
 
 # %% auto #0
 __all__ = ['TEMPLATE', 'COLORWAY', 'FONT', 'NOTEBOOK_RENDERER', 'make_template', 'register_template', 'apply_style', 'is_static',
-           'is_live', 'configure_renderer', 'ColumnError', 'fmt', 'line', 'scatter', 'bar', 'heatmap', 'slider_figure',
-           'dropdown_figure', 'make_control', 'Explorer', 'show']
+           'is_live', 'configure_renderer', 'ColumnError', 'fmt', 'natural_key', 'natural_sorted', 'category_order',
+           'tick_label', 'log_ticks', 'tidy_log_axes', 'line', 'add_reference', 'scatter', 'bar', 'heatmap',
+           'slider_figure', 'dropdown_figure', 'make_control', 'Explorer', 'show']
 
 # %% ../nbs/02_viz.ipynb #12dace5a
 TEMPLATE = "effwb"
@@ -118,15 +121,105 @@ def _label(col: str | None, labels: Mapping[str, str] | None) -> str | None:
     "The display name of `col` (from `labels`, else the column name)."
     return None if col is None else (labels or {}).get(col, str(col))
 
+# %% ../nbs/02_viz.ipynb #a7c31e02
+_NUMBER = re.compile(r"(?:(?<![\w.])[-+])?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")  # -1.5e-3, 128, .5; not the '-' of 'top-2'
+
+def natural_key(v: Any) -> tuple:
+    "Sort key comparing the numbers inside values as numbers: 'd=32' < 'd=128', '0.9 kB' < '19.0 kB', 2 < '10'; missing values last."
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)): return (1, (), "")
+    if isinstance(v, (bool, int, float, np.number)): return (0, ((0, float(v)),), str(v))
+    s, parts, pos = str(v), [], 0
+    for m in _NUMBER.finditer(s):
+        if s[pos:m.start()].strip(): parts.append((1, s[pos:m.start()].strip().casefold()))
+        parts.append((0, float(m.group())))
+        pos = m.end()
+    if s[pos:].strip(): parts.append((1, s[pos:].strip().casefold()))
+    return (0, tuple(parts), s)      # the string itself breaks ties ('A' vs 'a', '1.0' vs '1')
+
+def natural_sorted(values) -> list:
+    "`values` (any iterable) sorted by `natural_key`."
+    return sorted(values, key=natural_key)
+
+def category_order(s: pd.Series) -> list:
+    "The distinct non-missing values of `s` in the order the builders show them: an ordered Categorical's own order, else `natural_key`."
+    if isinstance(s.dtype, pd.CategoricalDtype) and s.dtype.ordered:
+        present = set(s.dropna().unique())
+        return [c for c in s.dtype.categories if c in present]
+    return natural_sorted(s.dropna().unique())
+
+
+# %% ../nbs/02_viz.ipynb #b8d42f02
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+def tick_label(v: float) -> str:
+    "A short full label for a tick value: 0.002 → '0.002', 5000 → '5000', 2e15 → '2×10¹⁵', 1e-5 → '10⁻⁵'."
+    if v == 0: return "0"
+    e = math.floor(math.log10(abs(v)) + 1e-9)
+    if -3 <= e <= 3: return f"{v:.6g}"
+    m = f"{v / 10 ** e:.3g}"
+    return ("" if m == "1" else ("-" if m == "-1" else m + "×")) + "10" + str(e).translate(_SUPERSCRIPT)
+
+def _nice_step(raw: float) -> float:
+    "The smallest of 1, 2, 2.5, 5 × 10^k that is ≥ `raw`."
+    e = math.floor(math.log10(raw))
+    return next(m * 10 ** e for m in (1, 2, 2.5, 5, 10) if m * 10 ** e >= raw * (1 - 1e-9))
+
+def log_ticks(lo: float, hi: float, max_ticks: int = 8) -> list[float]:
+    "Tick values for a log axis over [lo, hi]: decades, else 1-2-5, 1-2-3-5 or 1…9 steps, else even steps; the coarsest with ≥ 3 ticks."
+    if not (0 < lo <= hi and math.isfinite(hi)): raise ValueError(f"log_ticks needs 0 < lo <= hi, got lo={lo}, hi={hi}")
+    inside = lambda vs: [v for v in vs if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+    k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    decades = list(range(k0, k1 + 1))
+    if len(inside([10.0 ** k for k in decades])) >= 3:
+        step = next(s for s in (1, 2, 3, 4, 5, 10, 20, 50, 100) if len(decades) / s <= max_ticks)
+        return inside([10.0 ** k for k in decades if k % step == 0])
+    for mants in ((1, 2, 5), (1, 2, 3, 5), range(1, 10)):
+        ticks = inside([float(f"{m}e{k}") for k in decades for m in mants])
+        if len(ticks) >= 3: return ticks
+    step = _nice_step((hi - lo) / 4) if hi > lo else 1.0
+    ticks = inside([float(f"{i * step:.12g}") for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)])
+    return ticks or [lo]
+
+def _axis_values(fig: go.Figure, axis) -> np.ndarray:
+    "The positive finite data values of every trace drawn on `axis` (a layout x- or y-axis)."
+    letter, suffix = axis.plotly_name[0], axis.plotly_name[5:]           # 'xaxis2' -> 'x', '2'
+    vals = []
+    for t in fig.data:
+        if getattr(t, f"{letter}axis", None) not in (None, letter + suffix) or getattr(t, letter, None) is None: continue
+        v = pd.to_numeric(pd.Series(np.ravel(np.asarray(t[letter], dtype=object))), errors="coerce").to_numpy(float)
+        vals.append(v[np.isfinite(v) & (v > 0)])
+    return np.concatenate(vals) if vals else np.array([])
+
+def _is_grid(v: np.ndarray, max_ticks: int) -> bool:
+    "True for 3 … `max_ticks` sorted distinct values, each a short number, evenly spaced in log (32, 64, …, 1024): a swept grid."
+    if not 3 <= v.size <= max_ticks or any(len(f"{t:.6g}") > 5 for t in v): return False
+    gaps = np.diff(np.log(v))                                    # log-spacing of the grid
+    return bool(np.all(np.abs(gaps - gaps.mean()) <= 0.15 * gaps.mean()))
+
+def tidy_log_axes(fig: go.Figure, max_ticks: int = 8) -> go.Figure:
+    "Give every log axis of `fig` labelled ticks, in place: its few short data values (widths 32 … 1024), else `log_ticks` over its range or data."
+    for axis in [*fig.select_xaxes(), *fig.select_yaxes()]:
+        if axis.type != "log" or axis.tickvals is not None: continue   # ticks set by hand are left alone
+        v = np.unique(_axis_values(fig, axis))
+        if _is_grid(v, max_ticks): ticks = [float(t) for t in v]
+
+        elif axis.range is not None: ticks = log_ticks(*(10.0 ** r for r in axis.range), max_ticks)
+        elif v.size: ticks = log_ticks(float(v[0]), float(v[-1]), max_ticks)
+        else: continue
+        axis.update(tickmode="array", tickvals=ticks, ticktext=[tick_label(t) for t in ticks])
+    return fig
+
+
 # %% ../nbs/02_viz.ipynb #380c11ba
 def _color_map(values: Sequence) -> dict:
     "A fixed colour per value, so the same value keeps its colour across slider steps and figures."
     return {v: COLORWAY[i % len(COLORWAY)] for i, v in enumerate(values)}
 
 def _groups(df: pd.DataFrame, col: str | None) -> list[tuple[Any, pd.DataFrame]]:
-    "`[(value, rows)]` for each value of `col` in sorted order, or `[(None, df)]` when `col` is None."
+    "`[(value, rows)]` for each value of `col` in `category_order` (numbers as numbers), or `[(None, df)]` when `col` is None."
     if col is None: return [(None, df)]
-    return [(k[0] if isinstance(k, tuple) else k, g) for k, g in df.groupby(col, sort=True, observed=True)]
+    rows = {(k[0] if isinstance(k, tuple) else k): g for k, g in df.groupby(col, sort=False, observed=True)}
+    return [(v, rows[v]) for v in category_order(df[col]) if v in rows]
 
 def _xy_traces(df, x, y, color=None, *, mode="lines", colors=None, labels=None, text=None, meta=None,
                sort_x=True, visible=True) -> list[go.Scatter]:
@@ -139,7 +232,7 @@ def _xy_traces(df, x, y, color=None, *, mode="lines", colors=None, labels=None, 
         if sort_x: g = g.sort_values(x)
         c = colors.get(v, COLORWAY[0]) if color is not None else COLORWAY[0]
         head = f"{lc}={fmt(v)}<br>" if color is not None else ""
-        hover = head + (f"%{{text}}<br>" if text else "") + f"{lx}=%{{x}}<br>{ly}=%{{y}}<extra></extra>"
+        hover = head + ("%{text}<br>" if text else "") + f"{lx}=%{{x}}<br>{ly}=%{{y}}<extra></extra>"
         traces.append(go.Scatter(
             x=g[x].to_numpy(), y=g[y].to_numpy(), mode=mode, name=fmt(v) if color is not None else str(ly),
             showlegend=color is not None,
@@ -149,12 +242,12 @@ def _xy_traces(df, x, y, color=None, *, mode="lines", colors=None, labels=None, 
 
 def _finish(fig, *, x_title, y_title, title=None, legend_title=None, log_x=False, log_y=False, height=None,
             width=None) -> go.Figure:
-    "Apply the template, titles and axis types shared by all builders."
+    "Apply the template, titles and axis types shared by all builders; log axes get `tidy_log_axes`' ticks."
     fig.update_layout(template=TEMPLATE, title_text=title, legend_title_text=legend_title, height=height, width=width)
     fig.update_xaxes(title_text=x_title); fig.update_yaxes(title_text=y_title)
     if log_x: fig.update_xaxes(type="log")
     if log_y: fig.update_yaxes(type="log")
-    return fig
+    return tidy_log_axes(fig)
 
 def line(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, log_x: bool = False, log_y: bool = False,
          markers: bool = False, title: str | None = None, labels: Mapping[str, str] | None = None,
@@ -166,6 +259,17 @@ def line(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, log_x: b
     fig = go.Figure(_xy_traces(df, x, y, color, mode="lines+markers" if markers else "lines", labels=labels))
     return _finish(fig, x_title=_label(x, labels), y_title=_label(y, labels), title=title,
                    legend_title=_label(color, labels), log_x=log_x, log_y=log_y, height=height, width=width)
+
+# %% ../nbs/02_viz.ipynb #c9e53a02
+def add_reference(fig: go.Figure, y: float, name: str, *, dash: str = "dot", color: str = "#4D4D4D") -> go.Figure:
+    "A horizontal line at `y` over the x range of `fig`'s data, named `name` in the legend (no label inside the plot); returns `fig`."
+    xs = [v for t in fig.data if getattr(t, "x", None) is not None for v in np.ravel(np.asarray(t.x, dtype=object))]
+    xs = pd.to_numeric(pd.Series(xs, dtype=object), errors="coerce").dropna()
+    if xs.empty: raise ValueError("add_reference needs a figure with numeric x data to span; add the data traces first")
+    fig.add_trace(go.Scatter(x=[xs.min(), xs.max()], y=[y, y], mode="lines", name=name, showlegend=True,
+                             line=dict(color=color, width=1.5, dash=dash), hovertemplate=f"{name}: %{{y}}<extra></extra>"))
+    return fig
+
 
 # %% ../nbs/02_viz.ipynb #751c6854
 def scatter(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, text: str | None = None,
@@ -187,7 +291,7 @@ def bar(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, barmode: 
     if log_y: _check_log(df, y, "y")
     groups = _groups(df, color)
     colors = _color_map([v for v, _ in groups])
-    cats = [fmt(v) for v in sorted(df[x].unique())]
+    cats = [fmt(v) for v in category_order(df[x])]
     lx, ly, lc = _label(x, labels), _label(y, labels), _label(color, labels)
     head = lambda v: f"{lc}={fmt(v)}<br>" if color is not None else ""
     fig = go.Figure([go.Bar(x=[fmt(v) for v in g[x]], y=g[y].to_numpy(),
@@ -205,7 +309,9 @@ def heatmap(df: pd.DataFrame, x: str, y: str, z: str, *, agg: str | Callable = "
     "A grid of `z` over (`x`, `y`) pivoted from a tidy frame; `best` ('min' or 'max') marks the best cell per column."
     _check_frame(df, x=x, y=y, z=z)
     if best not in (None, "min", "max"): raise ValueError(f"best={best!r}: use 'min', 'max' or None")
-    grid = df.pivot_table(index=y, columns=x, values=z, aggfunc=agg, sort=True)   # rows: y, columns: x
+    grid = df.pivot_table(index=y, columns=x, values=z, aggfunc=agg, sort=False)  # rows: y, columns: x
+    grid = grid.reindex(index=[v for v in category_order(df[y]) if v in grid.index],
+                        columns=[v for v in category_order(df[x]) if v in grid.columns])
     xs, ys = [fmt(v) for v in grid.columns], [fmt(v) for v in grid.index]
     lx, ly, lz = _label(x, labels), _label(y, labels), _label(z, labels)
     fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=xs, y=ys, colorscale=colorscale, colorbar=dict(title=dict(text=lz)),

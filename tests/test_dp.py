@@ -1,6 +1,5 @@
 "DP-SGD with pre-pruning and gradient dropping (effworkbench.dp): clipping, noise placement, masks, sampling, accounting."
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -10,9 +9,9 @@ from scipy import stats
 
 pytest.importorskip("opacus")
 from effworkbench.core import ConfigError
-from effworkbench.dp import (DPConfig, apply_masks, check_dp_model, clip_per_sample, density, dp_sgd_step, epsilon,
-                             full_masks, noise_for_epsilon, per_sample_grads, poisson_batch, prune_masks,
-                             prune_structured, select_coordinates, train_dp)
+from effworkbench.dp import (DPConfig, apply_masks, book_keep, check_dp_model, clip_per_sample, clipped_grad_sum, density,
+                             dp_sgd_step, epsilon, full_masks, mask_kinds, noise_for_epsilon, per_sample_grads, poisson_batch,
+                             prune_masks, prune_structured, select_coordinates, train_dp)
 from effworkbench.vision import resnet_small, vgg_small
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order")
@@ -51,7 +50,7 @@ def test_clipped_per_sample_norms_at_most_C(clip_on):
     gs = {n: g * torch.linspace(0.01, 30, len(x)).view(-1, *[1] * (g.dim() - 1)) for n, g in gs.items()}   # tiny to huge
     sel = select_coordinates(m, full_masks(m), 0.5, "random", torch.Generator().manual_seed(3))
     C = 0.7
-    clipped, norms = clip_per_sample(gs, sel, C, clip_on)
+    clipped, norms = clip_per_sample(gs, sel, C, clip_on, full_masks(m))
     after = sq_norms(clipped, len(x)).sqrt()
     assert (after <= C + 1e-5).all()
     sel_norm = sq_norms({n: g * sel[n] for n, g in gs.items()}, len(x)).sqrt()
@@ -62,13 +61,240 @@ def test_clipped_per_sample_norms_at_most_C(clip_on):
     for n, g in clipped.items(): assert (g[:, ~sel[n]] == 0).all()     # nothing off the selection
 
 
+def loop_update(m, x, y, masks, sel, C, clip_on, expected_batch):
+    "Reference DP-SGD update without noise, one backward per example in float64: −(Σ_i ḡ_i)/(qN) on S."
+    total = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    for i in range(len(x)):
+        m.zero_grad(); F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        g = {n: p.grad.clone() for n, p in m.named_parameters()}
+        on = sel if clip_on == "selected" else masks                      # the coordinates the norm counts
+        norm = math.sqrt(sum(float((g[n] * on[n]).pow(2).sum()) for n in g))
+        for n in g: total[n] += g[n] * sel[n] * min(1.0, C / norm)
+    return {n: -t / expected_batch for n, t in total.items()}
+
+
+@pytest.mark.parametrize("method", ["bk", "vmap"])
+@pytest.mark.parametrize("drop_mode", ["random", "layer"])
+@pytest.mark.parametrize("clip_on", ["selected", "full"])
+def test_step_matches_per_example_loop_on_pruned_masks(clip_on, drop_mode, method):
+    """50 %-pruned, 50 %-dropped float64 model, C, lr, qN ≠ 1, σ = 0: the step equals the per-example loop; pruned gradients
+    never count. Both methods; coordinate-wise dropping (partial masks) and layer-wise dropping (whole tensors left out)."""
+    m = tiny(7).double(); masks = prune_masks(m, 0.5, "random", seed=7); apply_masks(m, masks)
+    sel = select_coordinates(m, masks, 0.5, drop_mode, torch.Generator().manual_seed(8))
+    x, y = data(8, 7); x = x.double()
+    C = 0.05                                                              # well below the gradient norms: every example clipped
+    ref = loop_update(m, x, y, masks, sel, C, clip_on, expected_batch=5.0)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    lr = 0.3                                                              # ≠ 1, like C and qN: each must enter the update
+    dp_sgd_step(m, x, y, C=C, sigma=0.0, lr=lr, masks=masks, sel=sel, expected_batch=5.0, clip_on=clip_on, chunk=3, method=method)
+    got = torch.cat([(p.detach() - before[n]).flatten() for n, p in m.named_parameters()])
+    want = lr * torch.cat([ref[n].flatten() for n, _ in m.named_parameters()])
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_noise_std_is_sigma_times_C():
+    "Pure-noise update (empty batch) with C ≠ 1: each selected coordinate moves by N(0, (σC/(qN))²); σ alone is rejected."
+    m = vgg_small(num_classes=5, width=8, norm="group"); masks = full_masks(m)
+    sel = select_coordinates(m, masks, 0.5, "random", torch.Generator().manual_seed(1))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    sigma, C, qN = 1.5, 0.25, 4.0
+    x, y = data(0)
+    dp_sgd_step(m, x, y, C=C, sigma=sigma, lr=1.0, masks=masks, sel=sel, expected_batch=qN, generator=torch.Generator().manual_seed(2))
+    d = torch.cat([(p.detach() - before[n])[sel[n]] for n, p in m.named_parameters()]).double().numpy()
+    k = len(d)                                                            # Σ d² / s² ~ χ²(k) for the true std s
+    assert k > 2000
+    for s, should_pass in ((sigma * C / qN, True), (sigma / qN, False)):
+        p = stats.chi2(k).cdf(float((d ** 2).sum()) / s ** 2)
+        assert (min(p, 1 - p) > 1e-4) == should_pass, (s, p)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_plain_dp_sgd_is_a_one_liner(method):
+    "Defaults: no pruning, every coordinate selected, qN = len(x), global generator; σ = 0 matches the per-example loop."
+    m = tiny(9).double(); x, y = data(6, 9); x = x.double()
+    masks = full_masks(m)
+    ref = loop_update(m, x, y, masks, masks, 0.3, "selected", expected_batch=len(x))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    dp_sgd_step(m, x, y, C=0.3, sigma=0.0, lr=1.0, method=method)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], ref[n], rtol=1e-6, atol=1e-9)
+    mid = {n: p.detach().clone() for n, p in m.named_parameters()}
+    dp_sgd_step(m, x, y, C=0.3, sigma=1.0, lr=1.0)                       # with noise every coordinate moves
+    assert all((p != mid[n]).all() for n, p in m.named_parameters())
+
+
+def noise_free_update(make, method, *, C, clip_on="selected", prune=0.0, drop=0.0, drop_mode="random", chunk=256, n=9, seed=0):
+    "The σ = 0 update of one float64 step (lr 0.7, qN 6.5) of `make()` with the given pruning and dropping, flattened."
+    torch.manual_seed(seed)
+    m = make().double()
+    masks = prune_masks(m, prune, "random", seed=seed) if prune else full_masks(m); apply_masks(m, masks)
+    sel = select_coordinates(m, masks, drop, drop_mode, torch.Generator().manual_seed(seed + 1))
+    x, y = data(n, seed)
+    w0 = torch.cat([p.detach().flatten() for p in m.parameters()])
+    dp_sgd_step(m, x.double(), y, C=C, sigma=0.0, lr=0.7, masks=masks, sel=sel, expected_batch=6.5, clip_on=clip_on,
+                chunk=chunk, method=method)
+    return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0
+
+
+MODELS = {"vgg_group": lambda: vgg_small(num_classes=5, width=4, groups=2, norm="group"),
+          "vgg_bias": lambda: vgg_small(num_classes=5, width=4, norm="none"),                      # conv biases, no norm
+          "resnet_group": lambda: resnet_small(num_classes=5, width=4, groups=2, norm="group")}    # strided 1×1 shortcut convs
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("C, clip_on, prune, drop, drop_mode", [
+    (0.05, "selected", 0.0, 0.0, "random"),     # every example clipped, nothing masked: ghost norms allowed
+    (3.0, "selected", 0.0, 0.0, "random"),      # C above most norms: some examples unclipped
+    (0.2, "selected", 0.6, 0.5, "random"),      # unstructured pruning + coordinate dropping: explicit products only
+    (0.2, "full", 0.6, 0.5, "magnitude"),       # norm over the live (unpruned) coordinates, update on S
+    (0.2, "selected", 0.0, 0.6, "layer"),       # whole tensors dropped: left out of the per-example pass
+    (0.2, "full", 0.0, 0.6, "layer")])          # … but still counted in the full norm
+def test_book_keeping_equals_vmap(model, C, clip_on, prune, drop, drop_mode):
+    "The book-keeping step and the vmap reference give the same noise-free update, batch split into chunks or not."
+    kw = dict(C=C, clip_on=clip_on, prune=prune, drop=drop, drop_mode=drop_mode)
+    want = noise_free_update(MODELS[model], "vmap", **kw)
+    assert want.abs().max() > 0
+    for chunk in (4, 256):
+        torch.testing.assert_close(noise_free_update(MODELS[model], "bk", chunk=chunk, **kw), want, rtol=1e-9, atol=1e-12)
+
+
+def test_ghost_norm_is_used_only_on_whole_tensors():
+    """A partial mask cannot restrict the ghost identity: with the ghost norm forced wherever allowed, the norms are still
+    those of the masked gradients (float64 reference), and they differ from the unmasked norms."""
+    m = tiny(5).double(); x, y = data(7, 5); x = x.double()
+    names = [n for n, _ in m.named_parameters()]
+    gs = per_sample_grads(m, x, y, names)
+    on = prune_masks(m, 0.5, "random", seed=5)
+    on["head.fc.weight"] = torch.ones_like(on["head.fc.weight"])             # one whole weight: the ghost norm is allowed there
+    kinds = mask_kinds(on)
+    assert kinds["head.fc.weight"] == "all" and kinds["blocks.0.conv.weight"] == "part"
+    _, norms = clipped_grad_sum(m, x, y, names, 1.0, {n: None if kinds[n] == "all" else on[n] for n in names}, "always")
+    ref = sq_norms({n: g * on[n] for n, g in gs.items()}, len(x)).sqrt()
+    torch.testing.assert_close(norms, ref, rtol=1e-10, atol=0)
+    assert (sq_norms(gs, len(x)).sqrt() > 1.05 * ref).all()
+
+
+def test_book_keeping_forms_no_parameter_gradient_and_skips_dropped_layers():
+    m = tiny(6); x, y = data(5, 6)
+    convs = [m.blocks[3].conv, m.blocks[5].conv]
+    calls = []
+    m.blocks[0].conv.register_full_backward_hook(lambda *a: calls.append(0))   # before the earliest needed layer
+    acts, bs = book_keep(m, x, y, convs)
+    assert all(p.grad is None for p in m.parameters())
+    assert calls == []                                                       # the backward stopped at blocks.3
+    assert set(bs) == set(convs) and bs[convs[0]].shape == (5, 8, 8, 8)
+
+
+def test_frozen_parameters_are_trained_alike():
+    "Parameters with requires_grad=False get the same DP update by both methods (the masks, not requires_grad, decide)."
+    def make():
+        m = vgg_small(num_classes=5, width=4, groups=2, norm="group")
+        for p in m.blocks[0].parameters(): p.requires_grad_(False)
+        return m
+    d = noise_free_update(make, "bk", C=0.1)
+    torch.testing.assert_close(d, noise_free_update(make, "vmap", C=0.1), rtol=1e-9, atol=1e-12)
+    assert d[:36].abs().max() > 0                                             # blocks.0.conv.weight moved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_has_no_host_sync_on_cuda():
+    "After the first step has seen the masks, a step on the GPU never waits for the device."
+    dev = torch.device("cuda")
+    m = vgg_small(num_classes=5, width=8, norm="group").to(dev); masks = prune_masks(m, 0.5)
+    sel = select_coordinates(m, masks, 0.0)
+    x, y = (t.to(dev) for t in data(32))
+    g = torch.Generator(device=dev).manual_seed(0)
+    kw = dict(C=1.0, sigma=1.0, lr=0.1, masks=masks, sel=sel, expected_batch=30.0, generator=g, chunk=16)
+    dp_sgd_step(m, x, y, **kw); torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try: dp_sgd_step(m, x, y, **kw)
+    finally: torch.cuda.set_sync_debug_mode("default")
+
+
+def test_layer_outside_the_loss_gets_zero_gradient():
+    "A parameterised layer the forward never uses (or whose output never reaches the loss) counts zero, as in vmap."
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.spare = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4, 5), torch.nn.Linear(4, 4)
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            self.spare(h)                                                     # computed, never reaches the loss
+            return self.fc(h)
+    d = noise_free_update(Net, "bk", C=0.5)
+    torch.testing.assert_close(d, noise_free_update(Net, "vmap", C=0.5), rtol=1e-9, atol=1e-12)
+    assert d.abs().max() > 0
+
+
+def test_unsupported_layers_fall_back_to_vmap():
+    "A grouped conv: method='bk' names it and the fix; 'auto' runs the vmap path and equals it."
+    make = lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.Flatten(),
+                                       torch.nn.Linear(4 * 12 * 12, 5))
+    with pytest.raises(ConfigError, match="method='vmap'"): noise_free_update(make, "bk", C=0.5)
+    torch.testing.assert_close(noise_free_update(make, "auto", C=0.5), noise_free_update(make, "vmap", C=0.5))
+    with pytest.raises(ConfigError, match="method="): noise_free_update(make, "ghost", C=0.5)
+
+
+def test_noise_is_one_flat_draw_from_the_generator():
+    "Empty batch: the update is −lr·σC/(qN)·ξ ⊙ S with ξ the next Σ numel normals of the generator, split in parameter order."
+    m = tiny(2); masks = prune_masks(m, 0.5); apply_masks(m, masks)
+    sel = select_coordinates(m, masks, 0.5, "layer", torch.Generator().manual_seed(3))
+    before = [p.detach().clone() for p in m.parameters()]
+    x, y = data(0)
+    dp_sgd_step(m, x, y, C=0.5, sigma=2.0, lr=0.3, masks=masks, sel=sel, expected_batch=4.0, generator=torch.Generator().manual_seed(9))
+    live = [n for n, _ in m.named_parameters() if sel[n].any()]
+    xi = torch.randn(sum(sel[n].numel() for n in live), generator=torch.Generator().manual_seed(9)).split([sel[n].numel() for n in live])
+    want = dict(zip(live, xi))
+    for (n, p), b in zip(m.named_parameters(), before):
+        exp = -0.3 * 2.0 * 0.5 / 4.0 * want[n].view_as(p) * sel[n] if n in want else torch.zeros_like(p)
+        torch.testing.assert_close(p.detach() - b, exp, rtol=1e-5, atol=1e-7)
+
+
+def test_mask_kinds_cached_until_changed():
+    m = tiny(); mk = prune_masks(m, 0.5)
+    k = mask_kinds(mk)
+    assert k["blocks.0.conv.weight"] == "part" and k["blocks.0.norm.weight"] == "all"
+    mk["blocks.0.conv.weight"].zero_()                                         # in place: the cached kind must not be reused
+    assert mask_kinds(mk)["blocks.0.conv.weight"] == "none"
+
+
+@pytest.mark.parametrize("mode", ["random", "layer", "magnitude"])
+def test_selection_kinds_known_without_read_back(mode, monkeypatch):
+    "select_coordinates records its selections' kinds (exact or the always-safe `part`), so the step reads nothing back."
+    m = tiny(); masks = prune_masks(m, 0.5); mask_kinds(masks)
+    sel = select_coordinates(m, masks, 0.5, mode, torch.Generator().manual_seed(0))
+    def no_read_back(self): raise AssertionError("read back")
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back)
+    k = mask_kinds(sel)
+    for n, t in sel.items():
+        exact = "all" if t.all() else "part" if t.any() else "none"
+        assert k[n] == exact or (k[n] == "part" and mode != "layer"), (n, k[n], exact)   # `part` is safe for any draw
+
+
+def test_full_clip_needs_masks():
+    m, (x, y) = tiny(), data(4)
+    gs = per_sample_grads(m, x, y, [n for n, _ in m.named_parameters()])
+    with pytest.raises(ConfigError, match="masks"): clip_per_sample(gs, full_masks(m), 1.0, "full")
+
+
+@pytest.mark.parametrize("args, msg", [((1.5, 1.0, 10, 1e-5), "q=1.5"), ((0.0, 1.0, 10, 1e-5), "q=0.0"),
+                                       ((0.05, 0.0, 10, 1e-5), "σ=0.0"), ((0.05, -1.0, 10, 1e-5), "σ=-1.0"),
+                                       ((0.05, 1.0, 0, 1e-5), "steps=0"), ((0.05, 1.0, math.inf, 1e-5), "steps=inf"),
+                                       ((0.05, 1.0, 10, 1.0), "δ=1.0")])
+def test_epsilon_rejects_bad_arguments(args, msg):
+    for acc in ("rdp", "prv"):
+        with pytest.raises(ConfigError, match=msg): epsilon(*args, accountant=acc)
+    with pytest.raises(ConfigError, match="q=1.5"): noise_for_epsilon(2.0, 1e-5, 1.5, 10)
+
+
 def test_noise_only_on_selected_coordinates():
     "With all examples' gradients zeroed out (empty batch) the update is pure noise: it must sit exactly on S."
     m = tiny(); masks = prune_masks(m, 0.5); apply_masks(m, masks)
     sel = select_coordinates(m, masks, 0.6, "random", torch.Generator().manual_seed(1))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     x, y = data(0)
-    dp_sgd_step(m, x, y, masks, sel, C=1.0, sigma=2.0, lr=1.0, expected_batch=10.0, generator=torch.Generator().manual_seed(2))
+    dp_sgd_step(m, x, y, C=1.0, sigma=2.0, lr=1.0, masks=masks, sel=sel, expected_batch=10.0, generator=torch.Generator().manual_seed(2))
     moved = {n: (p.detach() != before[n]) for n, p in m.named_parameters()}
     for n in moved:
         assert torch.equal(moved[n], sel[n]), n                     # changed exactly on S (noise is a.s. non-zero)
@@ -83,7 +309,7 @@ def test_pruned_and_dropped_coordinates_unchanged(mode):
     sel = select_coordinates(m, masks, 0.5, mode, torch.Generator().manual_seed(5))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     x, y = data(16, 1)
-    dp_sgd_step(m, x, y, masks, sel, C=1.0, sigma=1.0, lr=0.5, expected_batch=16, generator=torch.Generator().manual_seed(6))
+    dp_sgd_step(m, x, y, C=1.0, sigma=1.0, lr=0.5, masks=masks, sel=sel, expected_batch=16, generator=torch.Generator().manual_seed(6))
     n_moved = 0
     for n, p in m.named_parameters():
         assert torch.equal(p.detach()[~sel[n]], before[n][~sel[n]]), n

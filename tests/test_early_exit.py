@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.early_exit import (REGIMES, ExitBench, MultiExit, accuracy_at_budgets, base_macs, block_ranks, exit_macs,
+from effworkbench.early_exit import (REGIMES, ExitBench, accuracy_at_budgets, base_macs, block_ranks, exit_macs,
                                      exit_probs, loss_surface, multi_exit, multi_exit_loss, simulate_exits, threshold_curve,
                                      train_regime)
-from effworkbench.vision import MacCounter, count_macs, vgg_small
+from effworkbench.vision import MacCounter, count_macs
 
 torch.set_num_threads(1)
 
@@ -129,3 +129,15 @@ def test_loss_surface_center_and_restore():
 def test_bench_presets():
     c = ExitBench.for_preset("medium")
     assert c.epochs == 10 and c.backbone_frac == 0.5 and REGIMES == ("disjoint", "joint", "mixed")
+
+
+def test_multi_exit_with_colour_input():
+    "in_channels = 3 (every other test uses 1): the model takes RGB, and only the first convolution's MACs grow (×3)."
+    m1 = multi_exit("vgg", [0, 2], width=4, groups=2).eval()
+    m3 = multi_exit("vgg", [0, 2], in_channels=3, width=4, groups=2).eval()
+    with torch.no_grad(): outs = m3(torch.rand(2, 3, 32, 32))
+    assert [o.shape for o in outs] == [(2, 10)] * 3
+    d = exit_macs(m3) - exit_macs(m1)                                            # the same extra MACs at every exit
+    first = next(mod for mod in m1.modules() if isinstance(mod, torch.nn.Conv2d))
+    stem = 32 * 32 * first.kernel_size[0] * first.kernel_size[1] * first.out_channels   # one input channel, stride 1, same size
+    assert np.allclose(d, 2 * stem), (d, stem)

@@ -1,10 +1,12 @@
 "MoE layers: routing invariants, losses, backends against float64 (values and gradients), no host sync, GPT integration."
+import math
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from effworkbench.gpt import GPT, GPTConfig, flops_per_token, param_counts
-from effworkbench.moe import (MoEConfig, MoEFFN, load_balance_loss, moe_mlp, moe_stats, route_dynamic_k,
+from effworkbench.moe import (MoEFFN, load_balance_loss, moe_mlp, moe_stats, route_dynamic_k,
                               route_expert_choice, route_token_choice)
 
 
@@ -135,3 +137,98 @@ def test_unknown_options_are_rejected():
     with pytest.raises(ValueError, match="unknown MoE backend"):
         moe_mlp(torch.randn(2, 4), torch.randn(1, 4, 4), torch.randn(1, 4, 4), torch.zeros(2, 1, dtype=torch.long),
                 torch.ones(2, 1), backend="cutlass")
+
+
+def _brute_force_flops_per_token(model, x) -> float:
+    "Every matmul FLOP that ran (torch's operator counter; the loop backend runs only the routed slots), per token."
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(x)
+    return fc.get_total_flops() / x.numel()
+
+
+@pytest.mark.parametrize("tau,sharpen,act", [(0.5, 10.0, "gelu"), (0.3, 3.0, "swiglu"), (0.8, 30.0, "gelu")])
+def test_dynamic_k_flops_count_what_ran(tau, sharpen, act):
+    from effworkbench.core import ConfigError
+    from effworkbench.moe import experts_per_token
+    base = dict(vocab_size=96, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, act=act)
+    kw = {"expansion": 4, "granularity": 2, "top_k": 1}                    # k = 2 of 8 experts
+    c = GPTConfig(**base, ffn="moe", ffn_kwargs={**kw, "routing": "dynamic_k", "tau": tau, "backend": "loop"})
+    with pytest.raises(ConfigError, match="experts_per_token"):            # not defined by the config alone
+        flops_per_token(c)
+    assert param_counts(c)["matmul_active"] is None and param_counts(c)["total"] == param_counts(
+        GPTConfig(**base, ffn="moe", ffn_kwargs=kw))["total"]
+    torch.manual_seed(1)
+    m = GPT(c).eval()
+    with torch.no_grad():
+        for b in m.blocks: b.ffn.router.weight.mul_(sharpen)
+    x = torch.randint(0, 96, (3, 16))
+    brute = _brute_force_flops_per_token(m, x)
+    e = experts_per_token(m)
+    assert e != kw["granularity"] * kw["top_k"]                              # the k-count would be wrong here
+    assert flops_per_token(c, experts_per_token=e) == pytest.approx(brute, rel=1e-6)
+    # the per-token active parameters agree: 2·N_active = FLOPs less attention's T×T products
+    assert 2 * param_counts(c, experts_per_token=e)["matmul_active"] == pytest.approx(brute - 4 * 2 * 16 * 32, rel=1e-6)
+    top = GPTConfig(**base, ffn="moe", ffn_kwargs={**kw, "backend": "loop"})   # token choice: k ran, the default count holds
+    torch.manual_seed(1)
+    mt = GPT(top).eval()
+    assert flops_per_token(top) == pytest.approx(_brute_force_flops_per_token(mt, x), rel=1e-9)
+    with pytest.raises(ConfigError, match="experts_per_token"):
+        flops_per_token(GPTConfig(**base), experts_per_token=1.0)          # dense: nothing to measure
+
+
+class SortDtypes(TorchFunctionMode):
+    "Records the dtype of every tensor handed to a sort."
+    def __init__(self):
+        super().__init__(); self.dtypes = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort): self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_token_choice_counts_match_one_hot(seed):
+    "Counts, capacity drops and the load-balance loss against a float64 one-hot brute force (odd N, empty experts)."
+    from effworkbench.moe import expert_counts, queue_position
+    g = torch.Generator().manual_seed(100 + seed)
+    N = 2 * int(torch.randint(1, 60, (1,), generator=g)) + 1                # odd
+    n = int(torch.randint(2, 12, (1,), generator=g)); k = int(torch.randint(1, n - n // 2 + 1, (1,), generator=g))
+    logits = torch.randn(N, n, generator=g) * 4
+    logits[:, 1::2] -= 100                                                  # the odd experts stay empty
+    probs = logits.softmax(-1)
+    _, idx = probs.topk(k, -1)
+    onehot = torch.zeros(N, k, n, dtype=torch.float64).scatter_(-1, idx.unsqueeze(-1), 1.0)   # (N, k, n) the old way
+    want = onehot.sum((0, 1))
+    flat = idx.reshape(-1)
+    assert torch.equal(expert_counts(flat, n).double(), want)
+    pos = onehot.reshape(N * k, n).cumsum(0).reshape(N, k, n)
+    assert torch.equal(queue_position(flat, expert_counts(flat, n)).double(), (pos * onehot).sum(-1).reshape(-1))
+    brute = [sum(1 for j in range(s + 1) if flat[j] == flat[s]) for s in range(N * k)]   # 1 + earlier slots of that expert
+    assert queue_position(flat, expert_counts(flat, n)).tolist() == brute
+    r = route_token_choice(probs, k)
+    assert r.wanted.dtype == probs.dtype and torch.equal(r.wanted.double(), want)
+    assert (r.wanted[1::2] == 0).all()
+    lb_onehot = n * ((want / want.sum()) * probs.double().mean(0)).sum()   # n · Σ f_i P_i, float64
+    torch.testing.assert_close(load_balance_loss(probs, r.wanted).double(), lb_onehot, rtol=1e-6, atol=0)
+    assert float(load_balance_loss(probs, r.wanted)) == float(load_balance_loss(probs, want.float()))   # identical
+    for cf in (0.3, 1.0):
+        C = max(1, math.ceil(cf * N * k / n))
+        rc = route_token_choice(probs, k, cf)
+        keep = (pos * onehot).sum(-1) <= C                                  # (N, k) the one-hot rule
+        assert torch.equal(rc.expert_idx, torch.where(keep, idx, -1))
+        assert int(rc.dropped) == int((~keep).sum())
+
+
+def test_sorts_use_int32_keys():
+    "The dispatch sorts (capacity queue, torch backend) run on int32 keys; keys that do not fit stay int64."
+    from effworkbench.moe import sort_key
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(33, 8, generator=g).softmax(-1)
+    x, w_in, w_out = torch.randn(33, 16, generator=g), torch.randn(8, 16, 16, generator=g), torch.randn(8, 16, 16, generator=g)
+    with SortDtypes() as m:
+        r = route_token_choice(probs, 2, 1.0)
+        moe_mlp(x, w_in, w_out, r.expert_idx, r.gates, backend="torch")
+    assert m.dtypes and all(d == torch.int32 for d in m.dtypes), m.dtypes
+    key = torch.tensor([3, 0, 2])
+    assert sort_key(key, 2**31 - 1).dtype == torch.int32 and sort_key(key, 2**31).dtype == torch.int64

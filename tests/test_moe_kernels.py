@@ -216,6 +216,35 @@ def test_plan_invariants():
         assert (cover == 1).all()
 
 
+def test_plan_matches_brute_force_with_int32_keys():
+    "order, tok and offsets against a per-expert scan (odd N, empty experts); the sort inside runs on int32 keys."
+    from torch.overrides import TorchFunctionMode
+
+    class SortDtypes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__(); self.dtypes = []
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.sort, torch.Tensor.sort, torch.argsort): self.dtypes.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(25):
+        N = 2 * int(torch.randint(0, 40, (1,), generator=g)) + 1                  # odd
+        K, E, B = (int(v) for v in torch.randint(1, 20, (3,), generator=g))
+        ei = torch.randint(-1, E, (N, K), generator=g)
+        ei[ei % 2 == 1] = -1                                                      # every odd expert empty
+        with SortDtypes() as m:
+            p = moe_plan(ei, E, B)
+        assert m.dtypes == [torch.int32]
+        flat = ei.reshape(-1).tolist()
+        groups = [[s for s, e in enumerate(flat) if e == x] for x in range(E)] + [[s for s, e in enumerate(flat) if e < 0]]
+        assert p.order.tolist() == [s for grp in groups for s in grp]             # grouped by expert, slot order within
+        assert p.tok.tolist() == [s // K for grp in groups for s in grp]
+        sizes = [len(grp) for grp in groups]
+        assert p.offsets.tolist() == [sum(sizes[:i]) for i in range(E + 2)]
+        assert all(sizes[e] == 0 for e in range(1, E, 2))
+
+
 # ---------------------------------------------------------------- no host synchronisation
 
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "bincount", "unique_dim",

@@ -218,3 +218,18 @@ def test_lr_plot_and_panels():
     assert [t.name for t in fig.data] == ["d=32", "d=64", "optimum (parabola)"]
     assert list(fig.data[-1].x) == pytest.approx([2.0 ** -7, 2.0 ** -8])
     with pytest.raises(ValueError, match="panels"): plot_lr(panels, "SP: experts")
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_biases_keep_the_base_lr_under_mup(ffn):
+    "μP for Adam: hidden matrices get η/m, their biases (vector-like) keep η; checked at m = 4, so a 1/m slip shows."
+    lr, m = 3e-3, 4
+    model = GPT(cfg(32 * m, ffn=ffn, bias=True), make_parameterization("mup", base_width=32))
+    lr_of = {id(p): g["lr"] for g in model.parameterization.optimizer_groups(model, lr, 0.1) for p in g["params"]}
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    hidden = [n for n in biases if ".attn." in n or ".ffn." in n]
+    assert len(hidden) >= 4                                               # q, k, v, o (and the dense FFN's) biases exist
+    for n, p in biases.items():
+        assert lr_of[id(p)] == pytest.approx(lr, rel=1e-12), n
+    for n in ("blocks.0.attn.q.weight", "blocks.1.attn.o.weight"):
+        assert lr_of[id(named(model)[n])] == pytest.approx(lr / m, rel=1e-12), n

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from effworkbench.gpt import GPT, GPTConfig, param_counts
-from effworkbench.projected import (PROJECTED, ProjectedLinear, finalize, hard_prune, load_pretrained, measured_flops_per_token,
+from effworkbench.projected import (PROJECTED, finalize, hard_prune, load_pretrained, measured_flops_per_token,
                                     projected_model, save_pretrained, select, target_config, training_flops_per_token)
 
 torch.set_num_threads(1)
@@ -81,7 +81,7 @@ def test_projection_flops_match_counter():
                                       ("gpt2", dict(act="gelu", norm="layer", bias=True, tie_weights=True))])
 def test_checkpoint_round_trip(tmp_path, style, kw):
     m = trained_like(GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=4, **kw))
-    f = save_pretrained(m, tmp_path / "model.safetensors", style)
+    save_pretrained(m, tmp_path / "model.safetensors", style)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         m2 = load_pretrained(tmp_path)
@@ -93,7 +93,7 @@ def test_checkpoint_round_trip(tmp_path, style, kw):
 
 def test_llama_rotary_convention(tmp_path):
     "A Llama q row pair (i, i + Dh/2) lands on our interleaved pair (2i, 2i+1)."
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     m = trained_like(GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=1, n_heads=2, act="swiglu"))
     save_pretrained(m, tmp_path / "model.safetensors", "llama")
     sd = load_file(str(tmp_path / "model.safetensors"))

@@ -2,12 +2,11 @@
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import effworkbench.moe  # noqa: F401  registers the `moe` FFN
-from effworkbench.gpt import GPT, GPTConfig, flops_per_token, param_counts
-from effworkbench.scaling import (PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedLaw, FineGrainedSpec, JointLaw, JointSpec,
+from effworkbench.gpt import GPT, GPTConfig, flops_per_token
+from effworkbench.scaling import (PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedSpec, JointLaw, JointSpec,
                                   ModelShape, bootstrap, compute_optimal, dense_equivalent_flops, e_hat, fit_law,
                                   joint_lr_rule, joint_optimum, rmse_log, synthetic_runs, total_over_active)
 
@@ -109,3 +108,32 @@ def test_joint_optimum_respects_memory():
     capped = joint_optimum(PLANTED_JOINT, F, memory_bytes=M)
     assert (capped.N_total * 2 <= M * 1.0001).all()
     assert capped.loss.min() >= free.loss.min() - 1e-12
+
+
+@pytest.mark.parametrize("bytes_per_param, ffn_ratio, gated", [(3.0, 4.0, False), (2.0, 2.5, True)])
+def test_joint_memory_cap_counts_total_parameters(bytes_per_param, ffn_ratio, gated):
+    "A binding cap M puts each E at N_total·bytes = M with N_total = N_act·(N_total/N_act)(E), not at N_act·bytes = M."
+    F, experts = 1e19, (1, 4, 16)
+    kw = dict(experts=experts, bytes_per_param=bytes_per_param, ffn_ratio=ffn_ratio, gated=gated)
+    free = joint_optimum(PLANTED_JOINT, F, **kw)
+    M = 0.5 * free.N_act.min() * bytes_per_param                # below every free optimum: binds for every E
+    capped = joint_optimum(PLANTED_JOINT, F, memory_bytes=M, **kw)
+    assert capped.E.tolist() == list(experts) and capped.memory_capped.all()
+    for r in capped.itertuples():
+        ratio = total_over_active(r.E, ffn_ratio, gated)
+        assert r.N_total == pytest.approx(r.N_act * ratio, rel=1e-9)
+        assert r.N_total * bytes_per_param == pytest.approx(M, rel=2e-3)          # at the cap, counted on total parameters
+        assert r.memory_gb == pytest.approx(M / 1e9, rel=2e-3)
+    assert capped.N_act.iloc[-1] < capped.N_act.iloc[0] / 5                      # more experts: fewer active parameters fit
+
+
+@pytest.mark.parametrize("bytes_per_param", [2.0, 4.0])
+def test_fine_grained_memory_cap_binds_at_N_bytes(bytes_per_param):
+    "A cap M below the compute optimum puts every G at N·bytes = M (flagged memory_capped); bytes per parameter ≠ 2 too."
+    F, Gs = 1e21, (1, 4, 16)
+    free = compute_optimal(PUBLISHED_MOE, F, Gs)
+    M = 0.3 * free.N.min() * bytes_per_param
+    capped = compute_optimal(PUBLISHED_MOE, F, Gs, memory_bytes=M, bytes_per_param=bytes_per_param)
+    assert capped.memory_capped.all() and not free.memory_capped.any()
+    assert np.allclose(capped.N * bytes_per_param, M, rtol=2e-3)
+    assert (capped.loss.to_numpy() > free.loss.to_numpy()).all()

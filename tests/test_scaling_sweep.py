@@ -1,5 +1,4 @@
 "Scaling sweeps: decay branches become (N, D) rows, fits on sweep tables, the memory-efficiency check can go either way."
-import math
 
 import numpy as np
 import pandas as pd

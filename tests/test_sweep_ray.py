@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from effworkbench.sweep import RayExecutor, get_executor, notebook_grid, noteboo
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from sweep_ray_fns import CONFIGS  # noqa: E402
+
+CRASHES = [{"x": 1, "how": "sigkill"}, {"x": 2, "how": "ok"}, {"x": 3, "how": "ok"}]
 
 
 def _free_port() -> int:
@@ -135,7 +138,8 @@ def test_killed_sweep_resumes_on_a_head_node(ray_head, tmp_path):
     write_square_notebook(nb)
     finish(ray_driver(ray_head, [("sweep_ray_fns:sleepy_square", CONFIGS, store.root, tmp_path / "resumed.json"),
                                  ("effworkbench.sweep:notebook_run", notebook_grid(nb, a=[2, 5]), tmp_path / "nb_runs",
-                                  tmp_path / "notebooks.json")], tmp_path), tmp_path)
+                                  tmp_path / "notebooks.json"),
+                                 ("runfns:crash", CRASHES, tmp_path / "crash_runs", tmp_path / "crashes.json")], tmp_path), tmp_path)
 
     df = read_sweep(tmp_path / "resumed.json")
     assert df["config.x"].tolist() == list(range(10))
@@ -148,6 +152,11 @@ def test_killed_sweep_resumes_on_a_head_node(ray_head, tmp_path):
     assert {k: calls[k] for k in done_at_kill} == {k: calls_at_kill[k] for k in done_at_kill} == dict.fromkeys(done_at_kill, 1)
     assert all(calls[k] >= 1 for k in df.key)                               # every run ran at least once
     assert os.getpid() not in ok["result.pid"].tolist()                     # in Ray's workers, not here
+
+    crashes = read_sweep(tmp_path / "crashes.json")                         # a killed Ray worker fails its run only
+    assert crashes.status.tolist() == ["failed", "done", "done"]
+    assert crashes.error[0].startswith("worker died: ") and "Crash" in crashes.error[0], crashes.error[0]
+    assert RunStore(tmp_path / "crash_runs").get(crashes.key[0]).error["message"] == crashes.error[0]
 
     nbs = read_sweep(tmp_path / "notebooks.json")                           # notebooks as runs, on the cluster
     assert nbs.status.tolist() == ["done", "done"] and nbs["result.square"].tolist() == [4, 25]
@@ -183,10 +192,12 @@ def test_ray_is_optional(monkeypatch):
         get_executor("ray")
 
 
-def test_local_instance_and_cluster_take_the_same_path(monkeypatch):
+def test_local_instance_and_cluster_take_the_same_path(monkeypatch, tmp_path):
     "address=None starts a new local instance of num_cpus; an address joins a cluster, where num_cpus is an error."
     ray = pytest.importorskip("ray")
     seen = []
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.append((address, kw)))
     RayExecutor(num_cpus=2).connect()
@@ -196,3 +207,75 @@ def test_local_instance_and_cluster_take_the_same_path(monkeypatch):
     with pytest.raises(ValueError, match="num_cpus"):
         RayExecutor(address="10.0.0.1:6379", num_cpus=2)
     assert isinstance(get_executor("ray", 2), RayExecutor) and get_executor("ray", 2).num_cpus == 2
+
+
+def test_cluster_use_requires_token_auth_and_the_token_file_is_private(monkeypatch, tmp_path):
+    "Joining a cluster without RAY_AUTH_MODE=token is refused; a local instance turns token auth on with a 0600 token file."
+    ray = pytest.importorskip("ray")
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.append((address, os.environ.get("RAY_AUTH_MODE"))))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    for mode in [None, "disabled"]:
+        if mode is None: monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        else: monkeypatch.setenv("RAY_AUTH_MODE", mode)
+        with pytest.raises(ValueError, match="RAY_AUTH_MODE=token"):
+            RayExecutor(address="10.0.0.1:6379").connect()
+    assert seen == []
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    RayExecutor(num_cpus=1).connect()                                      # a local instance: token auth, by default
+    token = tmp_path / ".ray" / "auth_token"
+    assert seen == [("local", None)] and len(token.read_text()) == 64      # Ray turns token auth on for a new instance
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    token.chmod(0o644)                                                     # what Ray itself writes
+    RayExecutor(num_cpus=1).connect()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    token.chmod(0o644)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")                           # joining a cluster: its token file is made private too
+    RayExecutor(address="10.0.0.1:6379").connect()
+    assert seen[-1] == ("10.0.0.1:6379", "token") and stat.S_IMODE(token.stat().st_mode) == 0o600
+    with pytest.raises(ValueError, match="RAY_AUTH_MODE=token"):           # explicitly disabled: refused for a local head too
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        RayExecutor(num_cpus=1).connect()
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+LISTEN = """
+import json, psutil, sys
+from effworkbench.sweep import RayExecutor
+ex = RayExecutor(num_cpus=1, _temp_dir=sys.argv[1])
+ray = ex.connect()
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+procs = psutil.Process().children(recursive=True)
+procs += [p for p in psutil.process_iter(["cmdline"]) if sys.argv[1] in " ".join(p.info["cmdline"] or []) and p not in procs]
+seen = set()
+for p in procs:
+    try: seen |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    except psutil.Error: pass
+print(json.dumps(sorted(seen)))
+ex.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_local_instance_listens_on_loopback_only(tmp_path):
+    "GCS, raylet, dashboard agent and workers of the instance RayExecutor starts bind 127.0.0.1 (Ray's default is every interface)."
+    if importlib.util.find_spec("ray") is None: pytest.skip("ray is not installed (the [dist] extra)")
+    tmp = Path(tempfile.mkdtemp(prefix="effwb-ray-"))                      # short: Ray's unix sockets live under it
+    env = {**os.environ, "HOME": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"): env.pop(var, None)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    try:
+        proc = subprocess.run([sys.executable, "-c", LISTEN, str(tmp / "ray")], env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = {n for n, _ in seen}
+    assert {"gcs_server", "raylet"} <= names, seen
+    assert all(ip in LOOPBACK for _, ip in seen), [s for s in seen if s[1] not in LOOPBACK]

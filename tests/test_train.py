@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
-from effworkbench.gpt import FFN_REGISTRY, GPT, GPTConfig, DenseFFN, param_groups, register_ffn
+from effworkbench.gpt import FFN_REGISTRY, GPT, GPTConfig, DenseFFN, register_ffn
 from effworkbench.store import Run, RunStore
-from effworkbench.train import (TrainConfig, Trainer, TrainingDiverged, fit, load_weights, lr_at, save_weights,
-                                train_config_from, train_run)
+from effworkbench.core import ConfigError
+from effworkbench.train import (CheckpointError, TrainConfig, Trainer, TrainingDiverged, fit, load_weights,
+                                save_weights, train_config_from, train_run)
 
 WORDS = "the king queen sword crown night day love death speak hear see ".split()
 
@@ -62,7 +62,7 @@ def test_every_parameter_in_exactly_one_optimizer_group(corpus_file):
 
 def test_resume_is_bit_exact(corpus_file, tmp_path):
     cfg = tiny(corpus_file, model={"dropout": 0.1})              # dropout: the RNG state must be restored too
-    store = RunStore(tmp_path)
+    RunStore(tmp_path)
     straight = Trainer(cfg, Run(tmp_path / "a")); (tmp_path / "a").mkdir()
     fit(straight)
     (tmp_path / "b").mkdir()
@@ -133,6 +133,107 @@ def test_nan_stops_and_keeps_last_good_checkpoint(corpus_file, tmp_path):
     with pytest.raises(TrainingDiverged, match="last good checkpoint \\(step 3\\)"):
         fit(t)
     assert Run(tmp_path / "r").load_checkpoint()["step"] == 3
+
+
+def _finite(ck) -> bool:
+    opt = [t for st in ck["opt"]["state"].values() for t in st.values() if torch.is_tensor(t)]
+    return all(torch.isfinite(t).all() for t in [*ck["model"].values(), *opt] if t.is_floating_point())
+
+
+def test_divergence_never_saves_a_nonfinite_checkpoint(corpus_file, tmp_path):
+    "lr = 1e9 with a checkpoint every step: the checkpoint kept is finite and a rerun resumes from it, not from NaNs."
+    cfg = tiny(corpus_file, lr=1e9, ckpt_every=1, warmup=1)
+    (tmp_path / "r").mkdir()
+    with pytest.raises(TrainingDiverged, match="optimizer step was not taken") as e:
+        fit(Trainer(cfg, Run(tmp_path / "r")))
+    ck = Run(tmp_path / "r").load_checkpoint()
+    assert ck is not None and _finite(ck)
+    assert f"last good checkpoint (step {ck['step']})" in str(e.value)
+    again = Trainer(cfg, Run(tmp_path / "r"))
+    with pytest.raises(TrainingDiverged):
+        fit(again)
+    assert again.step == ck["step"] and again.state_is_finite()          # resumed from the finite state, stopped before a NaN step
+    assert _finite(Run(tmp_path / "r").load_checkpoint())
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_nonfinite_gradient_stops_before_the_step(corpus_file, clip):
+    "A finite loss with an infinite gradient: no optimizer step, weights and optimizer state untouched."
+    t = Trainer(tiny(corpus_file, grad_clip=clip))
+    t.train_step()
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    w = t.model.blocks[0].ffn.w_in.weight
+    h = w.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(TrainingDiverged, match="gradient norm is (inf|nan)"):
+        t.train_step()
+    h.remove()
+    assert t.step == 1 and all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+    assert all(int(s["step"]) == 1 for s in t.opt.state.values())
+
+
+def test_checkpoint_refuses_a_nonfinite_state(corpus_file, tmp_path):
+    (tmp_path / "r").mkdir()
+    t = Trainer(tiny(corpus_file), Run(tmp_path / "r"))
+    t.train_step(); t.checkpoint()
+    t.train_step()
+    with torch.no_grad(): t.model.blocks[1].attn.q.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite.*last good checkpoint \(step 1\)"):
+        t.checkpoint()
+    assert Run(tmp_path / "r").load_checkpoint()["step"] == 1
+
+
+class _Evil:
+    def __init__(self, target): self.target = target
+    def __reduce__(self): return (open, (self.target, "w"))             # unpickling it creates a file
+
+
+def _corrupt(kind: str, good: bytes, tmp_path) -> bytes:
+    import io
+    if kind == "empty": return b""
+    if kind == "truncated": return good[: len(good) // 3]
+    if kind == "garbage": return good[:64] + bytes(range(256)) * 4
+    if kind == "not_a_checkpoint":
+        buf = io.BytesIO(); torch.save([torch.ones(2)], buf); return buf.getvalue()
+    buf = io.BytesIO(); torch.save({"step": 1, "model": _Evil(str(tmp_path / "pwned"))}, buf); return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "not_a_checkpoint", "code"])
+def test_corrupt_checkpoint_names_the_file_and_the_fix(corpus_file, tmp_path, kind):
+    cfg = tiny(corpus_file)
+    run = Run(tmp_path / "3f9a0c")
+    run.path.mkdir()
+    t = Trainer(cfg, run); t.train_step(); t.checkpoint()
+    run.checkpoint_file.write_bytes(_corrupt(kind, run.checkpoint_file.read_bytes(), tmp_path))
+    with pytest.raises(CheckpointError) as e:
+        fit(Trainer(cfg, run))
+    msg = str(e.value)
+    assert str(run.checkpoint_file) in msg and "effwb runs rm 3f9a0c" in msg and "weights_only" not in msg
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)         # torch's advice is not chained in
+    assert isinstance(e.value, ConfigError) and not (tmp_path / "pwned").exists()
+
+
+def test_poisoned_checkpoint_of_an_older_run_is_refused(corpus_file, tmp_path):
+    "A checkpoint saved with NaN weights (before this check existed) is not resumed from."
+    cfg = tiny(corpus_file)
+    run = Run(tmp_path / "a1b2"); run.path.mkdir()
+    t = Trainer(cfg, run); t.train_step()
+    sd = t.state_dict(); sd["model"]["blocks.0.ffn.w_out.weight"][0, 0] = float("nan")
+    run.save_checkpoint(sd)
+    with pytest.raises(CheckpointError, match="NaN or infinite weights.*effwb runs rm a1b2"):
+        fit(Trainer(cfg, run))
+
+
+def test_effwb_train_corrupt_checkpoint_is_a_clear_error(corpus_file, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"corpus: {corpus_file}\nmax_bytes: null\nsteps: 4\nbatch_size: 4\nwarmup: 2\neval_every: 3\neval_batches: 1\n"
+                 "model: {vocab_size: 320, seq_len: 16, d_model: 32, n_layers: 1, n_heads: 2}\n")
+    store = RunStore(tmp_path / "runs")
+    key = store.key(train_run, train_config_from(f))
+    (store.root / key).mkdir(parents=True)
+    (store.root / key / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    r = _effwb("train", str(f), env={"EFFWB_RUNS": str(store.root)})
+    assert r.returncode == 2 and r.stderr.startswith("effwb: error: checkpoint "), r.stderr
+    assert f"effwb runs rm {key}" in r.stderr and "Traceback" not in r.stderr and "weights_only" not in r.stderr
 
 
 def test_weights_roundtrip_and_mismatch(tmp_path):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from effworkbench.core import ConfigError
 from effworkbench.data import DataError
-from effworkbench.vision import (CIFAR10_RECORD, VGG, MacCounter, ResNet, ViT, accuracy, cifar10_splits, count_macs, fit,
+from effworkbench.vision import (CIFAR10_RECORD, MacCounter, ViT, accuracy, cifar10_splits, count_macs, fit,
                                  layer_widths, make_model, make_norm, n_params, prune_channels, read_cifar10_bin,
                                  resnet_small, total_macs, vgg_small, vit_small)
 
@@ -128,6 +128,8 @@ def test_cifar_binary_reader(tmp_path):
     lab = tmp_path / "lab.bin"; r = np.zeros(CIFAR10_RECORD, np.uint8); r[0] = 12; r.tofile(lab)
     with pytest.raises(DataError, match="out of range"): read_cifar10_bin(lab)
     with pytest.raises(DataError, match="binary release"): cifar10_splits(tmp_path / "nowhere")
+    for bad_n in [dict(n_train=-1), dict(n_test=0), dict(n_train=2.5)]:      # -1 used to drop the last record silently
+        with pytest.raises(ConfigError, match="give a count >= 1"): cifar10_splits(tmp_path, **bad_n)
 
 
 def test_fit_learns_separable_data():
@@ -138,3 +140,22 @@ def test_fit_learns_separable_data():
     h = fit(m, x, y, epochs=3, batch_size=32)
     assert h.loss.iloc[-1] < h.loss.iloc[0] and accuracy(m, x, y) > 0.9
     with pytest.raises(ConfigError, match="optimizer"): fit(m, x, y, optimizer="lion")
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_conv_macs_are_the_sum_of_its_groups(groups):
+    "groups ≠ 1 (the direct count above uses 1): a grouped conv costs what its `groups` separate convs on channel slices cost."
+    cin, cout = 2 * groups, 3 * groups
+    conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1, groups=groups)
+    x = torch.randn(2, cin, 9, 9)
+    with MacCounter(conv) as c: y = conv(x)
+    parts, total = [], 0
+    for g in range(groups):
+        sub = nn.Conv2d(cin // groups, cout // groups, 3, stride=2, padding=1)
+        with torch.no_grad():
+            sub.weight.copy_(conv.weight[g * (cout // groups):(g + 1) * (cout // groups)])
+            sub.bias.copy_(conv.bias[g * (cout // groups):(g + 1) * (cout // groups)])
+        with MacCounter(sub) as cs: parts.append(sub(x[:, g * (cin // groups):(g + 1) * (cin // groups)]))
+        total += cs.total
+    assert torch.allclose(torch.cat(parts, 1), y, atol=1e-5)                  # the split is the same function
+    assert c.total == total

@@ -12,8 +12,10 @@ import pytest
 ipywidgets = pytest.importorskip("ipywidgets")
 
 from effworkbench import viz
-from effworkbench.viz import (COLORWAY, TEMPLATE, ColumnError, Explorer, bar, configure_renderer, dropdown_figure,
-                              fmt, heatmap, is_live, is_static, line, make_control, scatter, show, slider_figure)
+from effworkbench.viz import (COLORWAY, TEMPLATE, ColumnError, Explorer, add_reference, bar, category_order,
+                              configure_renderer, dropdown_figure, fmt, heatmap, is_live, is_static, line, log_ticks,
+                              make_control, natural_key, natural_sorted, scatter, show, slider_figure, tick_label,
+                              tidy_log_axes)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +176,136 @@ def test_static_figures_serialise(runs):
     fig = slider_figure(runs, "step", "loss", slider="lr", color="width")
     back = pio.from_json(fig.to_json())
     assert len(back.layout.sliders[0].steps) == 3 and len(back.data) == 6
+
+
+# ---------------------------------------------------------------- order: numbers sort as numbers
+
+CAPS = ["19.0 kB", "0.5 kB", "2.4 kB", "9.5 kB", "0.9 kB", "4.7 kB"]      # as a notebook builds them, unsorted
+CAPS_SORTED = ["0.5 kB", "0.9 kB", "2.4 kB", "4.7 kB", "9.5 kB", "19.0 kB"]
+WIDTHS = ["d=128", "d=256", "d=32", "d=64"]
+WIDTHS_SORTED = ["d=32", "d=64", "d=128", "d=256"]
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    "A sweep whose category columns are strings made from numbers, in a deliberately unsorted row order."
+    rows = [{"cap": c, "d": d, "G": G, "tau": tau, "loss": 3 + 10 / float(d[2:]) + float(c.split()[0]) / 100 + G / 10 + tau}
+            for c in CAPS for d in WIDTHS for G in (4, 1, 16, 2) for tau in (0.5, 0.05, 1.0)]
+    return pd.DataFrame(rows).sample(frac=1, random_state=1)
+
+
+def test_natural_sorted_examples():
+    assert natural_sorted(CAPS) == CAPS_SORTED
+    assert natural_sorted(WIDTHS) == WIDTHS_SORTED
+    assert natural_sorted(["lr 1e-2", "lr 3e-3", "lr 1e-1"]) == ["lr 3e-3", "lr 1e-2", "lr 1e-1"]
+    assert natural_sorted(["x=-1", "x=-10", "x=2"]) == ["x=-10", "x=-1", "x=2"]
+    assert natural_sorted(["top-10", "top-2"]) == ["top-2", "top-10"]            # a hyphen in a word is no minus sign
+    assert natural_sorted(["GELU base", "dense", "ReLU"]) == ["dense", "GELU base", "ReLU"]   # text: case-insensitive
+    assert natural_sorted([10, "3", 2.5, None, np.int64(1)]) == [1, 2.5, "3", 10, None]
+    assert natural_key("a") != natural_key("A")                                   # ties broken: a total order
+
+
+def test_natural_sorted_matches_numeric_order_property():
+    "Random numbers rendered in several label styles sort exactly as the numbers shown in the labels do."
+    import re
+    rng = np.random.default_rng(0)
+    styles = ["{:.1f} kB", "d={:g}", "τ = {:.3g}", "E={:g}, top-1", "{:.2e}", "lr {:.0e} (warm-up)"]
+    for trial in range(300):
+        style = styles[trial % len(styles)]
+        vals = rng.choice([-1, 1], 8) * 10 ** rng.uniform(-4, 6, 8)
+        labels = list(dict.fromkeys(style.format(v) for v in vals))
+        shown = {lab: float(re.search(r"-?[\d.]+(?:e[-+]\d+)?", lab).group()) for lab in labels}
+        want = sorted(labels, key=lambda lab: (shown[lab], lab))
+        assert natural_sorted(rng.permutation(labels).tolist()) == want, style
+
+
+def test_category_order_respects_ordered_categorical():
+    s = pd.Series(pd.Categorical(["b", "a", "c"], categories=["c", "a", "b"], ordered=True))
+    assert category_order(s) == ["c", "a", "b"]
+    unordered = pd.Series(pd.Categorical(["d=64", "d=32", "d=128"]))             # pandas sorts these lexically
+    assert category_order(unordered) == ["d=32", "d=64", "d=128"]
+    assert category_order(pd.Series(["G=16", None, "G=2"])) == ["G=2", "G=16"]
+    c = pd.Categorical(["b", "a", "c", "b"], categories=["c", "b", "a"], ordered=True)
+    fig = line(pd.DataFrame({"x": [1, 1, 1, 2], "y": [1, 2, 3, 4], "c": c}), "x", "y", "c")
+    assert [t.name for t in fig.data] == ["c", "b", "a"]                         # the legend follows the categories
+
+
+def test_legend_order_is_numeric(labelled):
+    one = labelled[(labelled.cap == "0.5 kB") & (labelled.tau == 0.5)]
+    for fig in (line(one, "G", "loss", color="d"), scatter(one, "G", "loss", color="d")):
+        assert [t.name for t in fig.data] == WIDTHS_SORTED
+        assert [t.line.color for t in fig.data] == list(COLORWAY[:4])               # colours follow the order
+    b = bar(one, "d", "loss", color="G")
+    assert [t.name for t in b.data] == ["1", "2", "4", "16"]
+    assert list(b.layout.xaxis.categoryarray) == WIDTHS_SORTED
+
+
+def test_slider_steps_and_dropdown_buttons_are_numeric(labelled):
+    sub = labelled[labelled.tau == 0.5]
+    sf = slider_figure(sub, "G", "loss", slider="cap", color="d", log_x=True)
+    steps = sf.layout.sliders[0].steps
+    assert [s.label for s in steps] == CAPS_SORTED
+    for s in steps:                                    # each step still shows its own traces, legend in order
+        assert visible_labels(sf, s.args[0]["visible"]) == [s.label] * 4
+        assert [t.name for t, v in zip(sf.data, s.args[0]["visible"]) if v] == WIDTHS_SORTED
+    df_ = dropdown_figure(sub, "G", "loss", by="d", color="cap")
+    assert [b.label for b in df_.layout.updatemenus[0].buttons] == [f"d = {w}" for w in WIDTHS_SORTED]
+    for b in df_.layout.updatemenus[0].buttons:
+        assert [t.name for t, v in zip(df_.data, b.args[0]["visible"]) if v] == CAPS_SORTED
+    tau = slider_figure(sub.assign(tau=labelled.tau.astype(str)), "G", "loss", slider="cap", color="d")
+    assert [s.label for s in tau.layout.sliders[0].steps] == CAPS_SORTED
+
+
+def test_heatmap_axes_are_numeric(labelled):
+    sub = labelled[labelled.tau == 0.5]
+    fig = heatmap(sub, "cap", "d", "loss")
+    assert list(fig.data[0].x) == CAPS_SORTED and list(fig.data[0].y) == WIDTHS_SORTED
+    grid = sub.groupby(["d", "cap"]).loss.mean()
+    assert np.asarray(fig.data[0].z)[0, -1] == pytest.approx(grid[("d=32", "19.0 kB")])   # values follow their labels
+
+
+# ---------------------------------------------------------------- log axes and reference lines
+
+def test_log_ticks_and_labels():
+    assert log_ticks(1e-4, 0.5) == [1e-4, 1e-3, 1e-2, 0.1]
+    assert log_ticks(1e2, 1e14) == [10.0 ** k for k in range(2, 15, 2)]
+    assert log_ticks(64, 1024) == [100, 200, 500, 1000]
+    assert log_ticks(0.12, 0.9) == [0.2, 0.3, 0.5]
+    assert log_ticks(3.2, 4.5) == [3.5, 4.0, 4.5]
+    for lo, hi in [(1e-9, 1e9), (0.02, 0.03), (5, 5), (7e14, 3e16), (0.3, 2.0)]:
+        t = log_ticks(lo, hi)
+        assert 1 <= len(t) <= 10 and all(lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9) for v in t) and t == sorted(t)
+    with pytest.raises(ValueError, match="0 < lo"):
+        log_ticks(-1, 1)
+    assert [tick_label(v) for v in (0.002, 5000, 2e15, 1e-5, 0.3, 128)] == ["0.002", "5000", "2×10¹⁵", "10⁻⁵", "0.3", "128"]
+
+
+def test_builders_put_full_labels_on_log_axes(runs):
+    fig = line(runs, "step", "loss", color="width", log_x=True, log_y=True)
+    x, y = fig.layout.xaxis, fig.layout.yaxis
+    assert x.tickmode == "array" and list(x.ticktext) == ["1", "10", "100", "1000"]      # steps 1 … 5000: decades
+    assert y.tickmode == "array" and len(y.tickvals) >= 3                                  # loss 2.6 … 3.9: inside a decade
+    assert all(runs.loss.min() <= v <= runs.loss.max() for v in y.tickvals)
+    assert line(runs, "step", "loss").layout.xaxis.tickvals is None                       # linear axes untouched
+    grid = pd.DataFrame({"width": [256, 32, 128, 64], "lr": [2.0 ** -8, 2.0 ** -6, 2.0 ** -7, 2.0 ** -5]})
+    g = line(grid, "width", "lr", log_x=True, log_y=True)
+    assert list(g.layout.xaxis.ticktext) == ["32", "64", "128", "256"]                     # a swept grid: its own values
+    assert list(g.layout.yaxis.ticktext) == ["0.005", "0.01", "0.02"]                      # long values: 1-2-5 steps
+    sf = slider_figure(runs, "step", "loss", slider="lr", log_x=True)                     # fixed range: ticks over it
+    lo, hi = (10 ** r for r in sf.layout.xaxis.range)
+    assert all(lo <= v <= hi for v in sf.layout.xaxis.tickvals)
+    hand = go.Figure(go.Scatter(x=[1e12, 1e15], y=[1, 2])).update_xaxes(type="log", tickvals=[1e13])
+    assert list(tidy_log_axes(hand).layout.xaxis.tickvals) == [1e13]                       # ticks set by hand stay
+
+
+def test_add_reference_goes_to_the_legend(runs):
+    fig = line(runs[runs.lr == 0.01], "step", "loss", color="width")
+    add_reference(fig, 2.5, "dense GELU base"); add_reference(fig, 2.52, "dense ReLU + Hoyer", dash="dash")
+    assert [t.name for t in fig.data] == ["64", "128", "dense GELU base", "dense ReLU + Hoyer"]
+    assert len(fig.layout.annotations) == 0 and len(fig.layout.shapes) == 0                # no labels inside the plot
+    assert list(fig.data[-1].x) == [1, 5000] and fig.data[-1].line.dash == "dash"
+    with pytest.raises(ValueError, match="numeric x data"):
+        add_reference(go.Figure(), 1.0, "x")
 
 
 # ---------------------------------------------------------------- live explorer

@@ -1,0 +1,209 @@
+"The GPT training step: fused q/k/v and table rotary equal the plain formulas (float64), the chunked cross-entropy, and a trainer step with no host sync off logging steps."
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effworkbench.gpt import GPT, GPTConfig, chunked_cross_entropy, make_parameterization
+from effworkbench.train import TrainConfig, Trainer, TrainingDiverged
+
+
+def reference_forward(model: GPT, idx, targets):
+    "The GPT written out the plain way: three q/k/v matmuls, interleaved rotary by strided slices and `stack`, F.cross_entropy on float32 (float64) logits."
+    cfg = model.cfg
+    B, T = idx.shape
+    H, Dh = cfg.n_heads, cfg.d_head
+    inv = cfg.rope_base ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]             # (T, Dh/2)
+    c, s = ang.cos().float().to(model.tok_emb.weight.dtype), ang.sin().float().to(model.tok_emb.weight.dtype)
+
+    def rope(x):                                                                # (B, H, T, Dh)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+
+    def lin(m, x): return F.linear(x, m.weight, m.bias) * m.group_mult[m.group]
+    x = model.tok_emb(idx)
+    for blk in model.blocks:
+        a = blk.attn
+        h = blk.norm1(x)
+        q, k, v = (lin(m, h).view(B, T, H, Dh).transpose(1, 2) for m in (a.q, a.k, a.v))
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, scale=a.scale)
+        x = x + lin(a.o, y.transpose(1, 2).reshape(B, T, -1))
+        x = x + blk.ffn(blk.norm2(x))
+    logits = lin(model.head, model.norm_f(x))
+    acc = torch.promote_types(logits.dtype, torch.float32)                      # float32, or float64 in this test
+    return logits, F.cross_entropy(logits.to(acc).view(-1, logits.size(-1)), targets.view(-1))
+
+
+@pytest.mark.parametrize("param,kw", [("sp", {}), ("sp", {"bias": True, "act": "swiglu", "tie_weights": True}), ("mup", {})])
+def test_fused_step_equals_the_plain_formulas_in_float64(param, kw):
+    "Logits, loss and every gradient of the fused model equal the plain formulas, under SP and μP (non-unit multipliers)."
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, seq_len=24, d_model=48, n_layers=2, n_heads=4, **kw)
+    model = GPT(cfg, make_parameterization(param)).double()
+    if param == "mup": assert any(m.group_mult[m.group] != 1.0 for m in model.modules() if hasattr(m, "group_mult"))
+    if kw: model.apply(lambda m: setattr(m, "group_mult", {**m.group_mult, "attn_qkv": 0.7}) if hasattr(m, "group_mult") else None)
+    idx, tgt = torch.randint(0, 97, (3, 24)), torch.randint(0, 97, (3, 24))
+    logits, loss = model(idx, tgt)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_logits, ref_loss = reference_forward(model, idx, tgt)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+    for (n, _), g, r in zip(model.named_parameters(), grads, ref_grads): torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13, msg=n)
+
+
+def test_unfused_fallback_when_a_projection_is_replaced():
+    "A q projection swapped for another module (as compression does) still runs, through three separate calls."
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, seq_len=8, d_model=16, n_layers=1, n_heads=2)).double()
+    idx = torch.randint(0, 50, (2, 8))
+    before = model(idx)
+    a = model.blocks[0].attn
+    w = a.q.weight.detach().clone()
+    a.q = torch.nn.Linear(16, 16, bias=False).double()
+    with torch.no_grad(): a.q.weight.copy_(w)
+    assert not a._fusable()
+    torch.testing.assert_close(model(idx), before, rtol=0, atol=1e-12)
+
+
+def test_chunked_cross_entropy_matches_torch_in_float64():
+    torch.manual_seed(1)
+    z = torch.randn(53, 29, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 29, (53,)); y[::7] = -100
+    for chunk in (29, 7 * 29, 10**6):                                     # 1 row, 7 rows, everything in one chunk
+        loss = chunked_cross_entropy(z, y, chunk_elems=chunk)
+        ref = F.cross_entropy(z, y)
+        torch.testing.assert_close(loss, ref, rtol=0, atol=1e-13)
+        torch.testing.assert_close(torch.autograd.grad(2.5 * loss, z)[0], torch.autograd.grad(2.5 * ref, z)[0], rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="expected \\(N, V\\)"): chunked_cross_entropy(z[None], y)
+
+
+def _saved_during(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_training_forward_keeps_no_float32_logits():
+    "Under bf16 autocast the training forward returns no logits and saves no float32 tensor as large as the logits."
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, seq_len=16, d_model=32, n_layers=1, n_heads=2))
+    x, y = torch.randint(0, 512, (4, 16)), torch.randint(0, 512, (4, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (logits, loss), saved = _saved_during(lambda: model(x, y, return_logits=False))
+    assert logits is None and loss.dtype == torch.float32
+    assert not [s for s in saved if s[0] == torch.float32 and s[1] >= 4 * 16 * 512], saved
+    with torch.autocast("cpu", dtype=torch.bfloat16): ref = F.cross_entropy(model(x).float().view(-1, 512), y.view(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----- the trainer step
+
+def toy_trainer(**kw) -> Trainer:
+    g = np.random.default_rng(0)
+    corpus = SimpleNamespace(train=g.integers(0, 48, 4000), val=g.integers(0, 48, 400), vocab_size=48)
+    cfg = TrainConfig(model=GPTConfig(vocab_size=48, seq_len=8, d_model=16, n_layers=1, n_heads=2, dropout=0.1), steps=20,
+                      batch_size=4, warmup=2, lr=3e-3, eval_every=10**6, log_every=10**6, ckpt_every=10**6, **kw)
+    return Trainer(cfg, corpus=corpus)
+
+
+def test_unsynced_steps_are_bit_identical_to_synced_ones():
+    a = toy_trainer()                                                              # dropout: the global RNG streams must match too
+    for _ in range(6): a.train_step(sync=True)
+    b = toy_trainer()
+    for _ in range(5): assert b.train_step(sync=False) is None
+    b.train_step(sync=True)
+    assert (a.step, a.tokens) == (b.step, b.tokens)
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()): assert torch.equal(p, q), n
+
+
+class _NoSync:
+    "Make every Python-level device-to-host read of a tensor an error."
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
+        def boom(*a, **k): raise AssertionError("host sync")
+        for n in self.names: setattr(torch.Tensor, n, boom)
+    def __exit__(self, *exc):
+        for n, f in self.saved.items(): setattr(torch.Tensor, n, f)
+
+
+def test_unsynced_step_reads_nothing_back():
+    t = toy_trainer()
+    t.train_step()
+    with _NoSync():
+        for _ in range(3): t.train_step(sync=False)
+    with pytest.raises(AssertionError, match="host sync"), _NoSync(): t.train_step(sync=True)   # the logging step does read
+
+
+def test_nonfinite_unsynced_step_is_skipped_and_reported_at_the_next_sync():
+    "A NaN at an unsynced step: that update and all later ones are skipped on the device, the next sync raises and rewinds to it."
+    t = toy_trainer()
+    for _ in range(2): t.train_step(sync=False)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    opt_before = [{k: v.clone() for k, v in s.items()} for s in t.opt.state.values()]
+    tokens = t.tokens
+    h = t.model.blocks[0].register_forward_hook(lambda m, i, out: out * float("nan") if t.step == 2 else out)  # step 2 only
+    for _ in range(3): t.train_step(sync=False)                                    # steps 2 (NaN), 3 and 4 (finite again)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 2: .*optimizer step was not taken"):
+        t.train_step(sync=True)
+    h.remove()
+    assert (t.step, t.tokens) == (2, tokens)
+    assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+    assert all(int(s["step"]) == 2 for s in t.opt.state.values())
+    assert all(torch.equal(s[k], b[k]) for s, b in zip(t.opt.state.values(), opt_before) for k in b)   # moments untouched
+
+
+def test_infinite_gradient_at_an_unsynced_step():
+    t = toy_trainer(grad_clip=0.5)
+    t.train_step(sync=False)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    h = t.model.blocks[0].ffn.w_in.weight.register_hook(lambda g: g * float("inf"))
+    t.train_step(sync=False)
+    h.remove()
+    t.train_step(sync=False)                                                       # finite, but after the bad step: skipped too
+    with pytest.raises(TrainingDiverged, match="gradient norm is (inf|nan) .*at step 1"):
+        t.train_step()
+    assert t.step == 1 and all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+
+
+def test_prefetched_batch_is_the_batch_of_the_next_step():
+    t = toy_trainer(batch_rampup=[[64, 8]])
+    t.train_step(sync=False)                                                       # 32 tokens: the next batch has 4 rows
+    (key, (x, y)) = t._next
+    assert key == (1, 4)
+    xs, ys = t.sampler(4).batch(1)
+    assert torch.equal(x, xs) and torch.equal(y, ys)
+    t.train_step(sync=False)                                                       # 64 tokens: the ramp-up switches to 8 rows
+    assert t._next[0] == (2, 8) and t._next[1][0].shape == (8, 8)
+    assert torch.equal(t.batch(5, 8)[0], t.sampler(8).batch(5)[0]) and t._next is None   # a stale prefetch is not used
+
+
+def test_chunked_cross_entropy_bf16_gradient_is_rounded_once():
+    "bf16 logits, confident rows (p_y near 1): the gradient p_y - 1 is formed in float32 and rounded once, as autocast's cast would."
+    torch.manual_seed(2)
+    z = torch.randn(24, 40) * 0.1
+    y = torch.randint(0, 40, (24,))
+    z[torch.arange(24), y] += torch.linspace(2, 12, 24)                       # p_y from ~0.15 to ~0.9999
+    zb = z.bfloat16().requires_grad_()
+    g = torch.autograd.grad(chunked_cross_entropy(zb, y, chunk_elems=5 * 40), zb)[0]
+    zf = zb.detach().float().requires_grad_()
+    ref = torch.autograd.grad(F.cross_entropy(zf, y), zf)[0]
+    torch.testing.assert_close(g.float(), ref, rtol=2 ** -7, atol=1e-7)
+
+
+def test_hooks_on_a_projection_still_fire():
+    "A forward hook on attn.q (as distillation's input collection uses) sees its input: attention calls the modules then."
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, seq_len=8, d_model=16, n_layers=1, n_heads=2))
+    idx = torch.randint(0, 50, (2, 8))
+    before, seen = model(idx), []
+    h = model.blocks[0].attn.q.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    after = model(idx)
+    h.remove()
+    assert seen == [(2, 8, 16)] and model.blocks[0].attn._fusable()
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
