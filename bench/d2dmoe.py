@@ -3,7 +3,7 @@
     python bench/d2dmoe.py            # CUDA: d=1024, d_ff=4096, 16384 tokens, bf16, Triton kernels and torch._grouped_mm
     python bench/d2dmoe.py --tiny     # CPU: a tiny shape, the grouped-GEMM path only
 
-The layer is `effworkbench.d2dmoe.DynamicKMLP`: a norm-predicting router (2-layer MLP of width 128, random weights here:
+The layer is `effworkbench.compress.d2dmoe.DynamicKMLP`: a norm-predicting router (2-layer MLP of width 128, random weights here:
 the speed does not depend on what it learned), the τ·max rule, and the MoE dispatch of `12_moe.layers` / `13_moe.kernels`.
 For each number of experts E and each τ, printed: experts run per token, the layer's FLOPs over the dense FFN's
 (router included), and its forward wall time over the dense FFN's (median of CUDA-event timings). Writes
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from effworkbench.core import git_info
-from effworkbench.d2dmoe import DynamicKMLP, NormRouter
+from effworkbench.compress.d2dmoe import DynamicKMLP, NormRouter
 
 TAUS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 

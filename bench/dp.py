@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effworkbench.dp import (DPConfig, apply_masks, dp_sgd_step, full_masks, poisson_batch, prune_masks, prune_structured,
+from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, dp_sgd_step, full_masks, poisson_batch, prune_masks, prune_structured,
                              select_coordinates)
-from effworkbench.vision import vgg_small
+from effworkbench.vision.models import vgg_small
 
 
 class Batches:

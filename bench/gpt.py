@@ -6,7 +6,7 @@
 Rows (eager, then compiled):
   reference            plain GPT: one fused QKV matmul, SDPA, GELU MLP, RMSNorm; no rotary, no clipping, no groups
   reference+rope+clip  the same with rotary positions (precomputed half-split tables) and global-norm clipping
-  workbench model      effworkbench.gpt.GPT in the reference+rope+clip loop (separates the model from the trainer)
+  workbench model      effworkbench.nn.gpt.GPT in the reference+rope+clip loop (separates the model from the trainer)
   workbench trainer    effworkbench.train.Trainer.train_step: batch sampling + prefetch, per-group LR schedule,
                        clipping, loss/grad-norm check synced on every --log-every-th step as `fit` does
                        (on CUDA, three unsynced steps are then run under torch.cuda.set_sync_debug_mode("error"))
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effworkbench.gpt import GPT, GPTConfig, param_counts
+from effworkbench.nn.gpt import GPT, GPTConfig, param_counts
 from effworkbench.train import TrainConfig, Trainer
 
 SHAPES = {

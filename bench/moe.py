@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from effworkbench.moe import moe_mlp_loop, moe_mlp_torch
-from effworkbench.moe_kernels import MoEKernelConfig, moe_mlp_reference, triton_moe_mlp
+from effworkbench.moe.layers import moe_mlp_loop, moe_mlp_torch
+from effworkbench.moe.kernels import MoEKernelConfig, moe_mlp_reference, triton_moe_mlp
 
 CASES = [(8, 1, 1), (32, 4, 4), (64, 8, 8), (128, 16, 16)]   # (experts, top-k, granularity)
 SHAPES = {"h100": dict(d=1024, d_ff=4096, T=32768), "tiny": dict(d=32, d_ff=128, T=64)}

@@ -14,11 +14,13 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ import torch
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_INFO', 'project_root', 'runs_dir', 'data_dir', 'cache_dir', 'results_dir', 'get_device',
            'autocast_dtype', 'autocast', 'set_seed', 'PresetInfo', 'ConfigError', 'check_preset', 'PresetConfig',
-           'dist_rank', 'is_quiet', 'progress', 'git_info', 'device_name', 'env_report', 'save_table', 'load_table']
+           'Registry', 'read_config_file', 'parse_set', 'apply_sets', 'coerce_text', 'config_from', 'dist_rank',
+           'is_quiet', 'progress', 'git_info', 'device_name', 'env_report', 'save_table', 'load_table']
 
 # %% ../nbs/00_core.ipynb #96fea712
 def project_root(start: str | Path | None = None) -> Path:
@@ -171,6 +174,145 @@ class PresetConfig:
         "A JSON-ready dict of the fields."
         return dataclasses.asdict(self)
 
+# %% ../nbs/00_core.ipynb #92e7271b
+from collections.abc import Mapping
+
+class Registry(Mapping):
+    "Named implementations of one kind, filled by `register` and, on first lookup of a missing name, by entry points."
+    def __init__(self, kind: str, group: str | None = None):
+        self.kind, self.group = kind, group or f"effworkbench.{kind}"
+        self._items: dict[str, Any] = {}
+        self._failed: dict[str, str] = {}        # entry point name -> why its module could not be imported
+
+    def register(self, name: str, obj: Any = None):
+        "Register `obj` as `name`; without `obj`, a decorator. A different object under a taken name raises `ConfigError`."
+        def deco(o):
+            old = self._items.get(name)
+            if old is not None and old is not o and _qualname(old) != _qualname(o):
+                raise ConfigError(f"{self.kind} {name!r} is already registered ({_qualname(old)}); "
+                                  f"{_qualname(o)} cannot take the name: choose another")
+            self._items[name] = o
+            return o
+        return deco if obj is None else deco(obj)
+
+    def _entry_points(self, name: str | None = None) -> list:
+        from importlib.metadata import entry_points
+        return [ep for ep in entry_points(group=self.group) if name is None or ep.name == name]
+
+    def _load(self, name: str | None = None):
+        "Import the module of entry point `name` (all, if None) that is not registered yet."
+        for ep in self._entry_points(name):
+            if ep.name in self._items or ep.name in self._failed: continue
+            try: obj = ep.load()
+            except ImportError as e:                # an optional dependency (Triton, Opacus) is missing
+                self._failed[ep.name] = f"{ep.value}: {e}"; continue
+            if ep.name not in self._items and not isinstance(obj, types.ModuleType): self.register(ep.name, obj)
+
+    def __getitem__(self, name: str):
+        if name not in self._items: self._load(name)
+        if name not in self._items:
+            why = f" ({self._failed[name]})" if name in self._failed else ""
+            raise ConfigError(f"unknown {self.kind} {name!r}{why}; registered: {sorted(self)}")
+        return self._items[name]
+
+    def __contains__(self, name) -> bool:
+        try: self[name]; return True
+        except ConfigError: return False
+
+    def __iter__(self):
+        self._load()
+        return iter(sorted(self._items))
+
+    def __len__(self) -> int: return len(list(iter(self)))
+    def __repr__(self): return f"Registry({self.kind!r}: {', '.join(self)})"
+
+def _qualname(o: Any) -> str:
+    return getattr(o, "__qualname__", None) or type(o).__qualname__
+
+# %% ../nbs/00_core.ipynb #1ecf3ac0
+def _parse_value(text: str) -> Any:
+    import ast
+    try: return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # not a literal: text
+        return {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), text)
+
+def read_config_file(path: str | Path) -> dict:
+    "A YAML or TOML config file as a dict (`yaml.safe_load`: tags that would build Python objects are refused)."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"config file {path} not found")
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e: raise ConfigError(f"{path} is not UTF-8 text ({e})") from None
+    if path.suffix == ".toml":
+        try: import tomllib
+        except ModuleNotFoundError: import tomli as tomllib
+        try: return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e: raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    import yaml
+    try: d = yaml.safe_load(text) or {}
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{path}: YAML tags that build Python objects are refused; write plain values ("
+                          + " ".join(str(e).split()) + ")") from None
+    except yaml.YAMLError as e: raise ConfigError(f"{path} is not valid YAML: " + " ".join(str(e).split())) from None
+    if not isinstance(d, dict): raise ConfigError(f"{path} must hold a mapping of config fields")
+    return d
+
+_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+def parse_set(s: str) -> tuple[list[str], Any]:
+    "`a.b=v` → (['a', 'b'], value): the key path and the value read as a Python literal, `true/false/null`, else text."
+    k, eq, v = s.partition("=")
+    if not eq: raise ConfigError(f"override {s!r}: expected key=value, e.g. model.d_model=256")
+    if not _KEY.fullmatch(k.strip()): raise ConfigError(f"override {s!r}: {k!r} is not a field name or a dotted path (model.d_model)")
+    return k.strip().split("."), _parse_value(v.strip())
+
+def apply_sets(d: dict, sets: Sequence[str]) -> dict:
+    "Apply `key=value` overrides to the nested dict `d` in place (a dotted key reaches into a nested config)."
+    for s in sets:
+        (*parents, leaf), value = parse_set(s)
+        node = d
+        for i, p in enumerate(parents):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {s!r}: {'.'.join(parents[:i + 1])} is {node!r}, not a config with fields")
+        node[leaf] = value
+    return d
+
+def _number(tp: Any, v: str) -> Any:
+    "The text `v` as `tp` (int or float) when it is one, else `v` unchanged (then the type check names the field)."
+    try: x = float(v)
+    except ValueError: return v
+    if tp is float: return x
+    try: return int(v)
+    except ValueError: return int(x) if x.is_integer() else v
+
+def coerce_text(tp: Any, v: Any) -> Any:
+    """Numbers that a config file spells as text become numbers of the field's type. YAML 1.1 reads `lr: 1e-3` (no dot
+    in the mantissa) as the string '1e-3'; a float field takes it as 0.001. Recurses into nested configs, lists and tuples."""
+    import dataclasses, types, typing
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a in (int, float) and isinstance(v, str) and _number(a, v) is not v: return _number(a, v)
+        nested = [a for a in args if a is not type(None)]
+        return coerce_text(nested[0], v) if len(nested) == 1 else v
+    if isinstance(v, str) and tp in (int, float): return _number(tp, v)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(v, dict):
+        hints = typing.get_type_hints(tp)
+        return {k: coerce_text(hints[k], x) if k in hints else x for k, x in v.items()}
+    if origin in (list, tuple) and isinstance(v, (list, tuple)) and args:
+        if origin is tuple and args[-1] is not Ellipsis and len(args) == len(v):
+            return type(v)(coerce_text(a, x) for a, x in zip(args, v))
+        return type(v)(coerce_text(args[0], x) for x in v)
+    return v
+
+def config_from(cls: type, preset: str | None = None, sets: Sequence[str] = (), path: str | Path | None = None):
+    "The `cls` config (a `PresetConfig`) of `preset` with the overrides of the file `path` (YAML/TOML), then of `sets` (`a.b=v`)."
+    d = apply_sets(read_config_file(path) if path else {}, sets)
+    preset = preset or d.pop("preset", "smoke")
+    d.pop("preset", None)
+    if not isinstance(preset, str): raise ConfigError(f"preset={preset!r}: choose one of smoke, medium, full")
+    return cls.for_preset(preset, **coerce_text(cls, d))
+
 # %% ../nbs/00_core.ipynb #33b37804
 def dist_rank() -> int:
     "This process's rank under torchrun (`RANK`), 0 otherwise."
@@ -230,15 +372,16 @@ def env_report(preset: str | None = None, device: torch.device | str | None = No
             "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 # %% ../nbs/00_core.ipynb #72254a72
-def save_table(df, name: str, preset: str, **extra) -> Path:
+def save_table(df, name: str, preset: str, env: dict | None = None, **extra) -> Path:
     """Write `df` to `results/<name>.csv` and its environment report (plus `extra`) to `results/<name>.env.json`. The
-    record always carries the checkout's `git_hash` and `git_dirty` (`extra` cannot replace them); CI rejects a committed
-    table whose record is not a clean commit, so a dirty checkout gets a warning."""
+    report is `env` when given (the one a run recorded when it started: `effworkbench.experiment.publish`), else this
+    process's. The record always carries the report's `git_hash` and `git_dirty` (`extra` cannot replace them); CI
+    rejects a committed table whose record is not a clean commit, so a dirty checkout gets a warning."""
     check_preset(preset)
     d = results_dir(); d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.csv"
     df.to_csv(path, index=False)
-    rep = env_report(preset)
+    rep = env_report(preset) if env is None else env
     rec = {**rep, **extra, "git_hash": rep["git_hash"], "git_dirty": rep["git_dirty"]}
     (d / f"{name}.env.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
     if rep["git_dirty"] is not False:

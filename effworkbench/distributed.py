@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .core import ConfigError
-from .moe import MoEFFN, moe_mlp
+from .moe.layers import MoEFFN, moe_mlp
 from .store import CheckpointError
 from .train import _rng_state, _set_rng_state
 if TYPE_CHECKING: import pandas as pd                   # annotations only
@@ -240,7 +240,7 @@ class ExpertParallelMoE(nn.Module):
         out = ys.new_zeros(N * K, ys.shape[-1]).index_copy(0, slot, ys)   # (N·K, d) back in slot order
         y = (out.view(N, K, -1) * r.gates.unsqueeze(-1).to(out.dtype)).sum(1)   # y = Σ_k g_k · expert_k(x)
         if mo != 1.0: y = y * mo
-        from effworkbench.moe import load_balance_loss, z_loss
+        from effworkbench.moe.layers import load_balance_loss, z_loss
         self.aux_loss = {"load_balance": self.moe.lb_weight * load_balance_loss(probs, r.wanted),
                          "router_z": self.moe.z_weight * z_loss(logits)} if self.training else {}
         return y.reshape(B, T, -1)
@@ -303,7 +303,7 @@ def _median_time(fn: Callable, reps: int) -> float:
 
 def _bench_models(d_model: int, n_layers: int, seed: int = 0):
     from effworkbench.core import set_seed
-    from effworkbench.gpt import GPT, GPTConfig
+    from effworkbench.nn.gpt import GPT, GPTConfig
     base = dict(vocab_size=256, seq_len=64, d_model=d_model, n_layers=n_layers, n_heads=4)
     set_seed(seed); dense = GPT(GPTConfig(**base))
     set_seed(seed); moe = GPT(GPTConfig(**base, ffn="moe", ffn_kwargs={"expansion": 4, "top_k": 2, "backend": "torch"}))

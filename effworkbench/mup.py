@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .core import ConfigError, PresetConfig
-from .gpt import GPT, GPTConfig, GroupHP, PARAMETERIZATIONS, Attention, Parameterization, fan_in, param_groups
+from .nn.gpt import GPT, GPTConfig, GroupHP, PARAMETERIZATIONS, Attention, Parameterization, fan_in, param_groups
 
 # %% auto #0
 __all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'dense_fan_in', 'MuP', 'MuPWipRouter', 'hp_table', 'CoordCheck', 'coord_data',
@@ -144,7 +144,7 @@ class CoordCheck(PresetConfig):
 
 def _probe(model: GPT, rec: dict) -> list:
     "Hooks recording mean |x| of the embedding, each block's attention logits, attention and FFN outputs and router logits, the last residual stream and the logits."
-    from effworkbench.moe import MoEFFN
+    from effworkbench.moe.layers import MoEFFN
     def put(layer, q):
         def hook(mod, inp, out): rec[(layer, q)] = out.detach().float().abs().mean().item()
         return hook

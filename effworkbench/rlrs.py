@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .core import ConfigError, PresetConfig
-from .gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts
+from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts
 
 # %% auto #0
 __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers', 'RelativeLR',

@@ -222,6 +222,25 @@ class Run:
                                   f"Delete that file to restart the run from scratch, or remove the run: "
                                   f"`effwb runs rm {self.key}`") from None
 
+    # an experiment's result tables and the environment the run recorded
+    def save_tables(self, tables: dict[str, pd.DataFrame]):
+        "Write each table atomically as CSV in the run's folder (names: letters, digits, `_`)."
+        for name, df in tables.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ConfigError(f"table name {name!r}: use letters, digits and _")
+            atomic_write_bytes(self.path / "tables" / f"{name}.csv", df.to_csv(index=False).encode())
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        "The saved tables by name."
+        return {p.stem: pd.read_csv(p) for p in sorted((self.path / "tables").glob("*.csv"))}
+
+    @property
+    def env(self) -> dict:
+        "The environment report of the run's last start (versions, git commit, device), or {}."
+        p = self.path / "env.json"
+        try: return _read_object(p) if p.exists() else {}
+        except ValueError: return {}
+
     def __repr__(self): return f"Run({self.key}, {self.status})"
 
 # %% ../nbs/00a_store.ipynb #db99e094
@@ -274,6 +293,10 @@ class RunStore:
         if exact or len(hits) == 1: return Run((exact or hits)[0])
         if not hits: raise RunKeyError(f"no run {key!r} in {self.root} (`effwb runs ls` lists the runs)")
         raise RunKeyError(f"{key!r} is the prefix of {len(hits)} runs: {', '.join(p.name for p in hits)}; give more digits")
+
+    def is_done(self, fn: Callable | str, config: Any) -> bool:
+        "Whether the run of (fn, config) has finished (its result is stored)."
+        return (self.root / self.key(fn, config) / "result.json").is_file()
 
     def runs(self) -> list[Run]:
         "All runs, oldest first."

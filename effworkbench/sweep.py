@@ -288,7 +288,7 @@ def sweep(fn: Callable, configs: Sequence, store: RunStore | None = None, execut
     keys = [store.key(fn, c) for c in configs]
     todo = {}
     for k, c in zip(keys, configs):
-        if k not in todo and not (store.root / k / "result.json").exists(): todo[k] = c
+        if k not in todo and not store.is_done(fn, c): todo[k] = c
     n_cached = len(set(keys)) - len(todo)
     ex = get_executor(executor, max_workers, timeout)
     failures = {}                                               # key → error, for the runs that failed in this sweep

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigError, PresetConfig, autocast, get_device, progress, set_seed
-from .gpt import GPT, GPTConfig, make_parameterization
+from .core import ConfigError, PresetConfig, coerce_text, config_from, autocast, get_device, progress, set_seed
+from .nn.gpt import GPT, GPTConfig, make_parameterization
 from .store import CheckpointError, Run, RunStore, run_function
 # effworkbench.data (tokenizers, filelock) is imported where it is used, so `bench/gpt.py` runs on machines with
 # torch, numpy and pandas only, feeding the trainer a synthetic corpus.
@@ -32,11 +32,10 @@ if TYPE_CHECKING: from effworkbench.data import LMBatchSampler, TokenCorpus   # 
 # %% auto #0
 __all__ = ['CHECKPOINT_KEYS', 'TrainConfig', 'lr_at', 'init_distributed', 'cleanup_distributed', 'TrainingDiverged',
            'load_run_checkpoint', 'all_finite', 'Trainer', 'fit', 'train_run', 'forward_spec', 'save_weights',
-           'load_weights', 'read_config_file', 'parse_set', 'apply_sets', 'coerce_text', 'train_config_from',
-           'add_train_command', 'torchrun_command', 'load_model']
+           'load_weights', 'train_config_from', 'add_train_command', 'torchrun_command', 'load_model']
 
 # %% ../nbs/11_train.ipynb #3b80f7a1
-from .gpt import check_fields, fraction, int_at_least, non_negative, optional, positive
+from .nn.gpt import check_fields, fraction, int_at_least, non_negative, optional, positive
 
 def _device_ok(v) -> bool:
     "None, or a string torch reads as a device ('cpu', 'cuda', 'cuda:1', 'mps'); whether it is present is checked at run time."
@@ -396,14 +395,14 @@ def train_run(cfg: TrainConfig, run: Run | None = None) -> dict[str, Any]:
     t = Trainer(cfg, run)
     res = fit(t)
     if run is not None and t.rank == 0:
-        from effworkbench.gpt import param_counts
+        from effworkbench.nn.gpt import param_counts
         res.update({"params": param_counts(cfg.model)["total"]})
     return res
 
 # %% ../nbs/11_train.ipynb #4f0e56a6
 def forward_spec(model: nn.Module) -> dict[str, Any]:
     "What the forward reads besides the tensors: each grouped layer's multiplier `mult[name]` and each attention's logit `scale[name]`, plus the parameterization's repr."
-    from effworkbench.gpt import Attention
+    from effworkbench.nn.gpt import Attention
     mult = {n: float(m.group_mult[m.group]) for n, m in model.named_modules() if hasattr(m, "group_mult")}  # y = mult · (x Wᵀ + b)
     scale = {n: float(m.scale) for n, m in model.named_modules() if isinstance(m, Attention)}            # softmax(scale · q kᵀ)
     pz = getattr(model, "parameterization", None)
@@ -457,91 +456,11 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     return model
 
 # %% ../nbs/11_train.ipynb #1df6facd
-import re
 from typing import Sequence
-
-def _parse_value(text: str) -> Any:
-    import ast
-    try: return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # not a literal: text
-        return {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), text)
-
-def read_config_file(path: str | Path) -> dict:
-    "A YAML or TOML config file as a dict (`yaml.safe_load`: tags that would build Python objects are refused)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"config file {path} not found")
-    try: text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e: raise ConfigError(f"{path} is not UTF-8 text ({e})") from None
-    if path.suffix == ".toml":
-        try: import tomllib
-        except ModuleNotFoundError: import tomli as tomllib
-        try: return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e: raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    import yaml
-    try: d = yaml.safe_load(text) or {}
-    except yaml.constructor.ConstructorError as e:
-        raise ConfigError(f"{path}: YAML tags that build Python objects are refused; write plain values ("
-                          + " ".join(str(e).split()) + ")") from None
-    except yaml.YAMLError as e: raise ConfigError(f"{path} is not valid YAML: " + " ".join(str(e).split())) from None
-    if not isinstance(d, dict): raise ConfigError(f"{path} must hold a mapping of TrainConfig fields")
-    return d
-
-_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-def parse_set(s: str) -> tuple[list[str], Any]:
-    "`a.b=v` → (['a', 'b'], value): the key path and the value read as a Python literal, `true/false/null`, else text."
-    k, eq, v = s.partition("=")
-    if not eq: raise ConfigError(f"--set {s!r}: expected key=value, e.g. model.d_model=256")
-    if not _KEY.fullmatch(k.strip()): raise ConfigError(f"--set {s!r}: {k!r} is not a field name or a dotted path (model.d_model)")
-    return k.strip().split("."), _parse_value(v.strip())
-
-def apply_sets(d: dict, sets: Sequence[str]) -> dict:
-    "Apply `--set` overrides to the nested dict `d` in place (a dotted key reaches into a nested config)."
-    for s in sets:
-        (*parents, leaf), value = parse_set(s)
-        node = d
-        for i, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {s!r}: {'.'.join(parents[:i + 1])} is {node!r}, not a config with fields")
-        node[leaf] = value
-    return d
-
-def _number(tp: Any, v: str) -> Any:
-    "The text `v` as `tp` (int or float) when it is one, else `v` unchanged (then the type check names the field)."
-    try: x = float(v)
-    except ValueError: return v
-    if tp is float: return x
-    try: return int(v)
-    except ValueError: return int(x) if x.is_integer() else v
-
-def coerce_text(tp: Any, v: Any) -> Any:
-    """Numbers that a config file spells as text become numbers of the field's type. YAML 1.1 reads `lr: 1e-3` (no dot
-    in the mantissa) as the string '1e-3'; a float field takes it as 0.001. Recurses into nested configs, lists and tuples."""
-    import dataclasses, types, typing
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            if a in (int, float) and isinstance(v, str) and _number(a, v) is not v: return _number(a, v)
-        nested = [a for a in args if a is not type(None)]
-        return coerce_text(nested[0], v) if len(nested) == 1 else v
-    if isinstance(v, str) and tp in (int, float): return _number(tp, v)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(v, dict):
-        hints = typing.get_type_hints(tp)
-        return {k: coerce_text(hints[k], x) if k in hints else x for k, x in v.items()}
-    if origin in (list, tuple) and isinstance(v, (list, tuple)) and args:
-        if origin is tuple and args[-1] is not Ellipsis and len(args) == len(v):
-            return type(v)(coerce_text(a, x) for a, x in zip(args, v))
-        return type(v)(coerce_text(args[0], x) for x in v)
-    return v
 
 def train_config_from(path: str | Path | None = None, sets: Sequence[str] = (), preset: str | None = None) -> TrainConfig:
     "A `TrainConfig` from a file plus `key=value` overrides (dotted keys reach into `model`)."
-    d = apply_sets(read_config_file(path) if path else {}, sets)
-    preset = preset or d.pop("preset", "smoke")
-    d.pop("preset", None)
-    if not isinstance(preset, str): raise ConfigError(f"preset={preset!r}: choose one of smoke, medium, full")
-    return TrainConfig.for_preset(preset, **coerce_text(TrainConfig, d))
+    return config_from(TrainConfig, preset, sets, path)
 
 def add_train_command(sub):
     "Adds `effwb train` to the `effwb` parser."
@@ -615,7 +534,7 @@ def _cmd_train(args) -> int:
 def load_model(cfg: TrainConfig, store: RunStore | None = None, train_if_missing: bool = True) -> tuple[GPT, TokenCorpus]:
     "The trained model of `cfg` from the run store (trained first if missing) and its corpus."
     store = store or RunStore()
-    run = store.get(store.key(train_run, cfg)) if (store.root / store.key(train_run, cfg) / "result.json").exists() else None
+    run = store.get(store.key(train_run, cfg)) if store.is_done(train_run, cfg) else None
     if run is None:
         if not train_if_missing: raise FileNotFoundError(f"no finished run for this config in {store.root}; train it first")
         store.run(train_run, cfg); run = store.get(store.key(train_run, cfg))

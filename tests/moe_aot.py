@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import effworkbench.moe_kernels as mk
+import effworkbench.moe.kernels as mk
 
 SMEM = {90: 232448, 80: 166912}   # opt-in shared memory per block, bytes
 

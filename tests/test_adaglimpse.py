@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from effworkbench.core import ConfigError, load_table
-from effworkbench.adaglimpse import (POLICIES, SAC, Actor, GlimpseEnv, GlimpseViT, ReplayBuffer, SACConfig, action_to_box,
+from effworkbench.vision.adaglimpse import (POLICIES, SAC, Actor, GlimpseEnv, GlimpseViT, ReplayBuffer, SACConfig, action_to_box,
                                      bootstrap_diff, box_to_action, centre_zoom_policy, evaluate_policy, extract_glimpse,
                                      grid_policy, patch_boxes, pixels_seen, random_policy, take_glimpses)
 
@@ -162,7 +162,7 @@ def test_train_agent_stores_scaled_rewards():
     "The buffer holds reward_scale · r (every other test runs at the default 1): same episodes, 7× the stored rewards."
     from types import SimpleNamespace
 
-    from effworkbench.adaglimpse import train_agent
+    from effworkbench.vision.adaglimpse import train_agent
     torch.manual_seed(0)
     model = GlimpseViT(16, 8, dim=16, depth=1, heads=2).eval()
     g = torch.Generator().manual_seed(3)

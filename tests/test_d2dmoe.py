@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effworkbench.d2dmoe import (DynamicKMLP, activation_density, balanced_kmeans, dynamic_k_model, hoyer, model_flops,
+from effworkbench.compress.d2dmoe import (DynamicKMLP, activation_density, balanced_kmeans, dynamic_k_model, hoyer, model_flops,
                                  relufy, set_routing, split_experts, train_router)
-from effworkbench.gpt import GPT, GPTConfig, flops_per_token
+from effworkbench.nn.gpt import GPT, GPTConfig, flops_per_token
 
 torch.set_num_threads(1)
 
@@ -114,7 +114,7 @@ def test_experiment_runs_without_hoyer(lam):
 
     import numpy as np
 
-    from effworkbench.d2dmoe import D2DConfig, d2d_experiment
+    from effworkbench.compress.d2dmoe import D2DConfig, d2d_experiment
     torch.manual_seed(0)
     base = GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=1, n_heads=4, act="gelu"))
     g = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"DP-SGD with pre-pruning and gradient dropping (effworkbench.dp): clipping, noise placement, masks, sampling, accounting."
+"DP-SGD with pre-pruning and gradient dropping (effworkbench.privacy.dp_prune): clipping, noise placement, masks, sampling, accounting."
 import math
 
 import numpy as np
@@ -9,10 +9,10 @@ from scipy import stats
 
 pytest.importorskip("opacus")
 from effworkbench.core import ConfigError
-from effworkbench.dp import (DPConfig, apply_masks, book_keep, check_dp_model, clip_per_sample, clipped_grad_sum, density,
+from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, book_keep, check_dp_model, clip_per_sample, clipped_grad_sum, density,
                              dp_sgd_step, epsilon, full_masks, mask_kinds, noise_for_epsilon, per_sample_grads, poisson_batch,
                              prune_masks, prune_structured, select_coordinates, train_dp)
-from effworkbench.vision import resnet_small, vgg_small
+from effworkbench.vision.models import resnet_small, vgg_small
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order")
 torch.set_num_threads(1)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.early_exit import (REGIMES, ExitBench, accuracy_at_budgets, base_macs, block_ranks, exit_macs,
+from effworkbench.vision.early_exit import (REGIMES, ExitBench, accuracy_at_budgets, base_macs, block_ranks, exit_macs,
                                      exit_probs, loss_surface, multi_exit, multi_exit_loss, simulate_exits, threshold_curve,
                                      train_regime)
-from effworkbench.vision import MacCounter, count_macs
+from effworkbench.vision.models import MacCounter, count_macs
 
 torch.set_num_threads(1)
 

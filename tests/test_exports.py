@@ -11,10 +11,11 @@ from pathlib import Path
 import effworkbench
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted(m.name for m in pkgutil.iter_modules(effworkbench.__path__) if not m.name.startswith("_"))
+MODULES = sorted(m.name.split(".", 1)[1] for m in pkgutil.walk_packages(effworkbench.__path__, "effworkbench.")
+                 if not m.ispkg and not m.name.rsplit(".", 1)[-1].startswith("_"))
 
 # figure builders whose names do not start with plot_ (module → names)
-OTHER_BUILDERS = {"adaglimpse": ["glimpse_animation"],
+OTHER_BUILDERS = {"vision.adaglimpse": ["glimpse_animation"],
                   "viz": ["line", "scatter", "bar", "heatmap", "slider_figure", "dropdown_figure"]}
 
 PLOTS = r'''
@@ -25,11 +26,14 @@ def check(fig, name):
     done.append(name)
 done = []
 
-from effworkbench import rlrs, scaling, scaling_joint, mup, projected, d2dmoe, adaglimpse, viz
+from effworkbench import rlrs, mup, viz
+from effworkbench.scaling import laws as scaling, joint as scaling_joint
+from effworkbench.compress import projected, d2dmoe
+from effworkbench.vision import adaglimpse
 check(rlrs.plot_schedule(0.5, 2.0, steps=100, warmup=10), "rlrs.plot_schedule")
-check(scaling.plot_budget(scaling.PUBLISHED_MOE, 20.0, 1.0), "scaling.plot_budget")
+check(scaling.plot_budget(scaling.PUBLISHED_MOE, 20.0, 1.0), "scaling.laws.plot_budget")
 law = scaling.JointLaw(a=40.0, alpha=-0.18, delta=0.15, gamma=-0.012, b=60.0, beta=-0.21, omega=0.08, zeta=-0.006, c=1.2)
-check(scaling_joint.plot_joint_budget(law, 15.0, 1e6), "scaling_joint.plot_joint_budget")
+check(scaling_joint.plot_joint_budget(law, 15.0, 1e6), "scaling.joint.plot_joint_budget")
 
 coord = pd.DataFrame([{"param": "mup", "name": "ffn", "layer": "ffn", "quantity": "out", "width": w, "seed": 0, "step": s,
                        "value": float(w) ** 0.1 * (1 + 0.1 * s)} for w in (32, 64, 128) for s in (1, 2, 3)])
@@ -41,18 +45,18 @@ check(mup.plot_lr(panels, "width"), "mup.plot_lr")
 curves = pd.DataFrame([{"step": s, "tokens": 1000 * s, "val_loss": 4 - 0.1 * s + 0.05 * (m == "hard prune") + 0.01 * lr,
                         "method": m, "lr": lr, "ratio": r, "base_val_loss": 3.0}
                        for m in ("projected", "hard prune") for lr in (1e-3, 3e-3) for r in (0.5, 0.25) for s in (1, 2, 3)])
-check(projected.plot_curves(curves, 0.5), "projected.plot_curves")
-check(projected.plot_curves(curves, 0.5, "margin"), "projected.plot_curves margin")
+check(projected.plot_curves(curves, 0.5), "compress.projected.plot_curves")
+check(projected.plot_curves(curves, 0.5, "margin"), "compress.projected.plot_curves margin")
 
 sweep = pd.DataFrame([{"variant": "v", "mode": "dynamic-k", "tau": t, "k": np.nan, "module": f"blocks.{i}.ffn", "experts": 4 - 3 * t,
                        "loss": 3.0 + t, "flops_ratio": 1 - t / 2, "avg_experts": 4 - 3 * t} for t in (0.0, 0.5) for i in range(2)])
-check(d2dmoe.plot_tau(sweep, 0.5, "v"), "d2dmoe.plot_tau")
+check(d2dmoe.plot_tau(sweep, 0.5, "v"), "compress.d2dmoe.plot_tau")
 
 images = pd.DataFrame([{"image": k, "label": k, "size": 8, "pixels": " ".join(str(v) for v in rng.integers(0, 256, 64))}
                        for k in range(2)])
 samples = pd.DataFrame([{"policy": "sac", "image": k, "label": k, "t": t, "x0": t, "y0": t, "d": 3, "correct": bool(t % 2)}
                         for k in range(2) for t in (1, 2)])
-check(adaglimpse.glimpse_animation(images, samples, "sac"), "adaglimpse.glimpse_animation")
+check(adaglimpse.glimpse_animation(images, samples, "sac"), "vision.adaglimpse.glimpse_animation")
 
 df = pd.DataFrame({"x": [1, 2, 3, 1, 2, 3], "y": [3.0, 2.0, 1.5, 2.5, 2.0, 1.0], "c": list("aaabbb")})
 check(viz.line(df, "x", "y", "c"), "viz.line")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effworkbench.gpt import GPT, GPTConfig, chunked_cross_entropy, make_parameterization
+from effworkbench.nn.gpt import GPT, GPTConfig, chunked_cross_entropy, make_parameterization
 from effworkbench.train import TrainConfig, Trainer, TrainingDiverged
 
 

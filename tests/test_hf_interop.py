@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.gpt import GPT, GPTConfig, LayerNorm, RMSNorm
-from effworkbench.projected import load_pretrained, save_pretrained
+from effworkbench.nn.gpt import GPT, GPTConfig, LayerNorm, RMSNorm
+from effworkbench.compress.projected import load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -198,7 +198,7 @@ def test_save_refuses_what_transformers_cannot_compute(tmp_path):
     m = GPT(GPTConfig(vocab_size=V, seq_len=16, d_model=32, n_layers=1, n_heads=4, act="swiglu"))
     m.head.group_mult = {**m.head.group_mult, "head": 0.5}
     with pytest.raises(ConfigError, match="multiplies group outputs"): save_pretrained(m, tmp_path)
-    from effworkbench.gpt import make_parameterization
+    from effworkbench.nn.gpt import make_parameterization
     m = GPT(GPTConfig(vocab_size=V, seq_len=16, d_model=32, n_layers=1, n_heads=4, act="swiglu"), make_parameterization("mup"))
     with pytest.raises(ConfigError, match="mup parameterization"): save_pretrained(m, tmp_path)
     with pytest.raises(ConfigError, match="max_shard_size"): save_pretrained(GPT(GPTConfig(vocab_size=V, seq_len=16, d_model=32, n_layers=1, n_heads=4, act="swiglu")), tmp_path, max_shard_size="lots")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from effworkbench.gpt import GPT, GPTConfig, flops_per_token, param_counts
-from effworkbench.moe import (MoEFFN, load_balance_loss, moe_mlp, moe_stats, route_dynamic_k,
+from effworkbench.nn.gpt import GPT, GPTConfig, flops_per_token, param_counts
+from effworkbench.moe.layers import (MoEFFN, load_balance_loss, moe_mlp, moe_stats, route_dynamic_k,
                               route_expert_choice, route_token_choice)
 
 
@@ -151,7 +151,7 @@ def _brute_force_flops_per_token(model, x) -> float:
 @pytest.mark.parametrize("tau,sharpen,act", [(0.5, 10.0, "gelu"), (0.3, 3.0, "swiglu"), (0.8, 30.0, "gelu")])
 def test_dynamic_k_flops_count_what_ran(tau, sharpen, act):
     from effworkbench.core import ConfigError
-    from effworkbench.moe import experts_per_token
+    from effworkbench.moe.layers import experts_per_token
     base = dict(vocab_size=96, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, act=act)
     kw = {"expansion": 4, "granularity": 2, "top_k": 1}                    # k = 2 of 8 experts
     c = GPTConfig(**base, ffn="moe", ffn_kwargs={**kw, "routing": "dynamic_k", "tau": tau, "backend": "loop"})
@@ -190,7 +190,7 @@ class SortDtypes(TorchFunctionMode):
 @pytest.mark.parametrize("seed", range(6))
 def test_token_choice_counts_match_one_hot(seed):
     "Counts, capacity drops and the load-balance loss against a float64 one-hot brute force (odd N, empty experts)."
-    from effworkbench.moe import expert_counts, queue_position
+    from effworkbench.moe.layers import expert_counts, queue_position
     g = torch.Generator().manual_seed(100 + seed)
     N = 2 * int(torch.randint(1, 60, (1,), generator=g)) + 1                # odd
     n = int(torch.randint(2, 12, (1,), generator=g)); k = int(torch.randint(1, n - n // 2 + 1, (1,), generator=g))
@@ -222,7 +222,7 @@ def test_token_choice_counts_match_one_hot(seed):
 
 def test_sorts_use_int32_keys():
     "The dispatch sorts (capacity queue, torch backend) run on int32 keys; keys that do not fit stay int64."
-    from effworkbench.moe import sort_key
+    from effworkbench.moe.layers import sort_key
     g = torch.Generator().manual_seed(0)
     probs = torch.randn(33, 8, generator=g).softmax(-1)
     x, w_in, w_out = torch.randn(33, 16, generator=g), torch.randn(8, 16, 16, generator=g), torch.randn(8, 16, 16, generator=g)

@@ -1,4 +1,4 @@
-"""The Triton MoE kernels (effworkbench.moe_kernels) against a float64 loop, forward and every gradient.
+"""The Triton MoE kernels (effworkbench.moe.kernels) against a float64 loop, forward and every gradient.
 
 Runs the kernels through the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) on CPU; on a CUDA
 machine the same tests run the compiled kernels. Small widths and token counts keep the interpreter fast."""
@@ -19,12 +19,12 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     # a kernel defined before the variable was set would be compiled, not interpreted: make sure none was
     from triton.runtime.interpreter import InterpretedFunction
-    import effworkbench.moe_kernels as mk
-    assert isinstance(mk._moe_up_kernel, InterpretedFunction), "effworkbench.moe_kernels was imported before TRITON_INTERPRET=1"
+    import effworkbench.moe.kernels as mk
+    assert isinstance(mk._moe_up_kernel, InterpretedFunction), "effworkbench.moe.kernels was imported before TRITON_INTERPRET=1"
 else:
-    import effworkbench.moe_kernels as mk
+    import effworkbench.moe.kernels as mk
 
-from effworkbench.moe_kernels import MoEKernelConfig, moe_plan, triton_moe_mlp
+from effworkbench.moe.kernels import MoEKernelConfig, moe_plan, triton_moe_mlp
 
 DEV = torch.device("cuda" if os.environ.get("EFFWB_TEST_CUDA") and torch.cuda.is_available() else "cpu")
 CFG = MoEKernelConfig(32, 32, 32, 4, 1) if DEV.type == "cpu" else None   # 32-row tiles: N below is never a multiple
@@ -318,7 +318,7 @@ def test_guard_catches_syncs(no_python_reads):
 
 
 def test_registered_as_backend():
-    from effworkbench import moe
+    from effworkbench.moe import layers as moe
     assert moe.MOE_BACKENDS["triton"] is triton_moe_mlp
     x, w_in, w_out, w_gate, idx, gates = make_case(*CASES["k3_swiglu"], seed=11)
     y = moe.moe_mlp(x, w_in, w_out, idx, gates, "swiglu", w_gate=w_gate, backend="triton")

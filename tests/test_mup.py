@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-import effworkbench.gpt as gpt
-import effworkbench.moe  # noqa: F401  registers the `moe` FFN
+import effworkbench.nn.gpt as gpt
+import effworkbench.moe.layers  # noqa: F401  registers the `moe` FFN
 from effworkbench.core import ConfigError
-from effworkbench.gpt import GPT, GPTConfig, make_parameterization
+from effworkbench.nn.gpt import GPT, GPTConfig, make_parameterization
 from effworkbench.mup import (SLOPE_THRESHOLD, CoordCheck, LRSweep, MuP, coord_data, coord_frame, coord_slopes, hp_table,
                               lr_panels, max_growth, optimal_lr, plot_coord, plot_lr)
 from effworkbench.train import TrainConfig, Trainer
@@ -145,7 +145,7 @@ def test_registered_in_a_fresh_process():
     "A fresh interpreter (an `effwb train`, a spawned sweep worker) must find `mup` without importing effworkbench.mup."
     if not hasattr(gpt, "_PARAM_MODULES"):
         pytest.skip("gpt.make_parameterization has no lazy-import map yet; fork workers inherit the registry")
-    code = "from effworkbench.gpt import make_parameterization as m; print(type(m('mup')).__name__, type(m('mup_wip_router')).__name__)"
+    code = "from effworkbench.nn.gpt import make_parameterization as m; print(type(m('mup')).__name__, type(m('mup_wip_router')).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["MuP", "MuPWipRouter"]
 

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from effworkbench.gpt import GPT, GPTConfig, param_counts
-from effworkbench.projected import (PROJECTED, finalize, hard_prune, load_pretrained, measured_flops_per_token,
+from effworkbench.nn.gpt import GPT, GPTConfig, param_counts
+from effworkbench.compress.projected import (PROJECTED, finalize, hard_prune, load_pretrained, measured_flops_per_token,
                                     projected_model, save_pretrained, select, target_config, training_flops_per_token)
 
 torch.set_num_threads(1)

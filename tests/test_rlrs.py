@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError, load_table
-from effworkbench.gpt import GPT, GPTConfig, GROUPS, make_parameterization, param_groups
+from effworkbench.nn.gpt import GPT, GPTConfig, GROUPS, make_parameterization, param_groups
 from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, RelativeLR, RLRSConfig, coordinate_search, final_multipliers,
                                relative_group, relative_lr, speedups, steps_to_reach, tuned_multipliers)
 from effworkbench.train import TrainConfig, Trainer, lr_at

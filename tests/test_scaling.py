@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-import effworkbench.moe  # noqa: F401  registers the `moe` FFN
-from effworkbench.gpt import GPT, GPTConfig, flops_per_token
-from effworkbench.scaling import (PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedSpec, JointLaw, JointSpec,
+import effworkbench.moe.layers  # noqa: F401  registers the `moe` FFN
+from effworkbench.nn.gpt import GPT, GPTConfig, flops_per_token
+from effworkbench.scaling.laws import (PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedSpec, JointLaw, JointSpec,
                                   ModelShape, bootstrap, compute_optimal, dense_equivalent_flops, e_hat, fit_law,
                                   joint_lr_rule, joint_optimum, rmse_log, synthetic_runs, total_over_active)
 

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from effworkbench.scaling import PUBLISHED_DENSE, PUBLISHED_MOE, JointLaw, ModelShape
-from effworkbench.scaling_joint import fit_joint, joint_sweep, memory_grid
-from effworkbench.scaling_sweep import ScalingSweep, family_flops, fit_granularity_law, scaling_table
+from effworkbench.scaling.laws import PUBLISHED_DENSE, PUBLISHED_MOE, JointLaw, ModelShape
+from effworkbench.scaling.joint import fit_joint, joint_sweep, memory_grid
+from effworkbench.scaling.granularity import ScalingSweep, family_flops, fit_granularity_law, scaling_table
 from effworkbench.store import RunStore
 from effworkbench.sweep import sweep
 from effworkbench.train import train_run

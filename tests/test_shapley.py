@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.shapley import (Game, PruneBench, TableGame, all_values, channel_game, compare_estimators, exact_shapley,
+from effworkbench.vision.shapley import (Game, PruneBench, TableGame, all_values, channel_game, compare_estimators, exact_shapley,
                                   kernel_shap, l1_scores, leave_one_out, oracle_importance, oracle_sets, partial_shapley,
                                   permutation_shapley, plan_keep, random_unanimity_game, to_mask, unanimity_game)
-from effworkbench.vision import prune_channels, resnet_small, vgg_small
+from effworkbench.vision.models import prune_channels, resnet_small, vgg_small
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from effworkbench.gpt import FFN_REGISTRY, GPT, GPTConfig, DenseFFN, register_ffn
+from effworkbench.nn.gpt import FFN_REGISTRY, GPT, GPTConfig, DenseFFN, register_ffn
 from effworkbench.store import Run, RunStore
 from effworkbench.core import ConfigError
 from effworkbench.train import (CheckpointError, TrainConfig, Trainer, TrainingDiverged, fit, load_weights,

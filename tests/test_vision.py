@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from effworkbench.core import ConfigError
 from effworkbench.data import DataError
-from effworkbench.vision import (CIFAR10_RECORD, MacCounter, ViT, accuracy, cifar10_splits, count_macs, fit,
+from effworkbench.vision.models import (CIFAR10_RECORD, MacCounter, ViT, accuracy, cifar10_splits, count_macs, fit,
                                  layer_widths, make_model, make_norm, n_params, prune_channels, read_cifar10_bin,
                                  resnet_small, total_macs, vgg_small, vit_small)
 

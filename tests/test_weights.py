@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.gpt import GPT, GPTConfig, make_parameterization
+from effworkbench.nn.gpt import GPT, GPTConfig, make_parameterization
 from effworkbench.train import load_weights, save_weights
 
 CFG = GPTConfig(vocab_size=50, seq_len=8, d_model=32, n_layers=2, n_heads=2)

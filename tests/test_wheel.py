@@ -24,7 +24,9 @@ def test_wheel_installs_in_fresh_venv(tmp_path):
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    modules = sorted(p.stem for p in (ROOT / "effworkbench").glob("*.py") if not p.stem.startswith("_"))
+    pkg = ROOT / "effworkbench"      # every module, subpackages (moe/, scaling/, ...) included
+    modules = sorted(".".join(p.relative_to(pkg).with_suffix("").parts) for p in pkg.rglob("*.py") if not p.stem.startswith("_"))
+    assert "moe.layers" in modules and "vision.early_exit" in modules
     code = ("import importlib, effworkbench, sys; "
             f"mods = [importlib.import_module('effworkbench.' + m) for m in {modules!r}]; "
             "print(effworkbench.__file__); print(len(mods))")

@@ -2,7 +2,7 @@
 import torch
 
 from effworkbench.core import set_seed
-from effworkbench.gpt import GPT, GPTConfig
+from effworkbench.nn.gpt import GPT, GPTConfig
 
 
 def fsdp_case():
@@ -16,7 +16,7 @@ def fsdp_case():
 
 def moe_case():
     "An MoE FFN with 4 experts, top-2 dropless routing, d=16; input x (8, 6, 16) and loss weights w."
-    from effworkbench.moe import MoEFFN
+    from effworkbench.moe.layers import MoEFFN
     set_seed(0)
     cfg = GPTConfig(vocab_size=64, seq_len=6, d_model=16, n_layers=1, n_heads=2, d_ff=32, ffn="moe",
                     ffn_kwargs={"expansion": 4, "top_k": 2, "backend": "torch"})
