@@ -8,8 +8,6 @@ Docs: https://effworkbench.github.io/effworkbench/experiment.html.md"""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from .core import ConfigError, Registry, check_preset, config_from, is_quiet, results_dir, save_table
+from .core import ConfigError, Registry, check_preset, config_from, is_quiet, save_table
 from .store import Run, RunStore, run_function
 from .sweep import sweep
 
