@@ -65,6 +65,7 @@ def resolve_notebook(name: str | Path, folder: str | Path | None = None) -> Path
                                    "give one of these names")
     raise FileNotFoundError(f"no notebook {str(name)!r}; `effwb list` shows them: {[n.stem for n in nbs]}")
 
+# %% ../nbs/04_cli.ipynb #e6c42631
 def notebook_params(path: str | Path) -> dict[str, Any]:
     "name → default of the assignments in the notebook's single `parameters`-tagged cell."
     import nbformat
@@ -121,6 +122,7 @@ def validate_params(path: str | Path, params: dict[str, Any] | None = None, pres
     check_preset(out.get("preset", defaults["preset"]))
     return out
 
+# %% ../nbs/04_cli.ipynb #1ce50c37
 def _method_overrides(path: str | Path, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     "A method notebook's parameters: keys it does not have become `key=value` overrides, checked against its experiment's config."
     from effworkbench.experiment import experiment_for_notebook
@@ -164,6 +166,7 @@ def local_kernel_manager() -> type | None:
         _KERNEL_MANAGER = IPCKernelManager
     return _KERNEL_MANAGER
 
+# %% ../nbs/04_cli.ipynb #8654d45c
 class CellProgress:
     "`NAME: cell i/n · t s` on `stream` while a notebook runs (nbclient hooks); see the text above for when it writes."
     def __init__(self, name: str, every: float | None = None, stream=None):
@@ -222,6 +225,7 @@ def _env(**kv):
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
+# %% ../nbs/04_cli.ipynb #cfbbf275
 def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, Any] | None = None,
                  out_dir: str | Path = "_site", timeout: float | None = None, html: bool = True,
                  progress: bool | float | None = None) -> dict[str, Any]:
@@ -261,6 +265,7 @@ def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, 
     return {"notebook": path.name, "preset": overrides["preset"], "seconds": round(seconds, 2),
             "output": str(out), "html": str(page) if page else None, "status": "ok"}
 
+# %% ../nbs/04_cli.ipynb #75a7cbd2
 def run_all(preset: str = "smoke", out_dir: str | Path = "_site", html: bool = True) -> pd.DataFrame:
     "Run every notebook (stopping at none), then build the documentation site into `out_dir`; one row per notebook."
     rows = []
@@ -315,6 +320,7 @@ def _cmd_publish(args) -> int:
     for p in publish(exp, cfg, allow_dirty=args.allow_dirty): print(f"published {p}")
     return 0
 
+# %% ../nbs/04_cli.ipynb #8fa0acbd
 def _add_experiment_commands(sub):
     "`effwb exp` and `effwb publish`."
     for cmd, help_ in (("exp", "run a method's experiment through the run store (no notebook)"),
@@ -366,6 +372,7 @@ def _cmd_run(args) -> int:
     print(f"{r['notebook']}: ok in {r['seconds']} s -> {r['html'] or r['output']}")
     return 0
 
+# %% ../nbs/04_cli.ipynb #27d961a5
 def _cmd_runs(args) -> int:
     "`effwb runs ls|show|rm`: keys resolve inside the store only (`RunStore.get`), so no path or pattern reaches the disk."
     store = RunStore(args.root) if args.root else RunStore()
@@ -401,6 +408,7 @@ def _cmd_runs(args) -> int:
             except OSError as e: raise ConfigError(f"could not remove run {run.key}: {e}") from e
     return 0
 
+# %% ../nbs/04_cli.ipynb #29be3ae0
 def parser() -> argparse.ArgumentParser:
     "The `effwb` argument parser; later modules add subcommands through the `effworkbench.commands` entry point."
     p = argparse.ArgumentParser(prog="effwb", description="effworkbench: notebooks, runs and training from the shell")
@@ -434,6 +442,7 @@ def command_plugins() -> list:
     "Functions `add(subparsers)` of later modules (e.g. `effwb train`), found through the `effworkbench.commands` entry points."
     return [COMMANDS[name] for name in COMMANDS]
 
+# %% ../nbs/04_cli.ipynb #caa1777c
 def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `effwb` console script."
     p = parser()

@@ -84,6 +84,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     "`atomic_write_bytes` of indented strict JSON (`to_json`)."
     return atomic_write_bytes(path, (to_json(obj, indent=1) + "\n").encode())
 
+# %% ../nbs/00a_store.ipynb #568ae9fd
 def read_json(path: str | Path) -> Any:
     "Read a JSON file, naming the file in the error if it is corrupt."
     try: return json.loads(Path(path).read_bytes().decode("utf-8"))
@@ -118,6 +119,7 @@ def _read_object(path: Path) -> dict:
                          f"remove it (`effwb runs rm {path.parent.name}`) and run it again")
     return obj
 
+# %% ../nbs/00a_store.ipynb #dd06ac4b
 class Run:
     "One folder of the store: config, metrics log, checkpoint, result."
     def __init__(self, path: str | Path):
@@ -268,6 +270,7 @@ def _lock(run: Run, timeout: float = -1):
     from filelock import FileLock   # imported here: the GPU benchmark machines have torch, numpy and pandas only
     return FileLock(str(run.path / ".lock"), timeout=timeout)
 
+# %% ../nbs/00a_store.ipynb #ef11cfa1
 class RunStore:
     "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`)."
     def __init__(self, root: str | Path | None = None):
@@ -396,6 +399,7 @@ class RunStore:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+# %% ../nbs/00a_store.ipynb #b7185dad
 def _record_error(run: Run, e: BaseException, seconds: float):
     "Write the run's error.json; if that write fails too (a read-only or full disk), say so on the exception and warn, never hide `e`."
     try:
