@@ -305,6 +305,11 @@ def _cmd_exp(args) -> int:
     if args.list:
         rows = [{"experiment": e.name, "notebook": e.notebook, "config": e.config.__name__} for e in EXPERIMENTS.values()]
         print(pd.DataFrame(rows).to_string(index=False) if rows else "no experiments registered"); return 0
+    if args.cont:
+        if args.name or args.param or args.config: raise ConfigError("--continue takes no experiment, -p or --config: it continues every unfinished one")
+        from effworkbench.experiment import continue_experiments
+        keys = continue_experiments(workers=args.workers, max_minutes=args.max_minutes, log=print)
+        print(f"finished {len(keys)} experiment runs" + "".join(f"\n  {k}" for k in keys)); return 0
     if not args.name: raise ConfigError("name an experiment (`effwb exp --list` shows them)")
     exp, cfg = _exp_config(args)
     tables = run_experiment(exp, cfg, workers=args.workers, max_minutes=args.max_minutes, rerun=args.rerun, log=print)
@@ -333,6 +338,8 @@ def _add_experiment_commands(sub):
         e.add_argument("--allow-dirty", action="store_true", help="publish runs made from uncommitted code (CI rejects them)")
         if cmd == "exp":
             e.add_argument("--list", action="store_true", help="list the experiments")
+            e.add_argument("--continue", dest="cont", action="store_true",
+                           help="continue every unfinished experiment run of the store (with --max-minutes: the next chunk)")
             e.add_argument("--workers", type=int, default=1, help="parallel worker processes for independent units")
             e.add_argument("--max-minutes", type=float, default=None, help="stop between units after this long (exit 3)")
             e.add_argument("--rerun", action="store_true", help="run the experiment again (its finished units are kept)")

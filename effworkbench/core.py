@@ -221,6 +221,10 @@ class Registry(Mapping):
         try: self[name]; return True
         except ConfigError: return False
 
+    def get(self, name: str, default: Any = None):
+        "The object registered as `name`, or `default` (a lookup error is a ConfigError, which `Mapping.get` would not catch)."
+        return self[name] if name in self else default
+
     def __iter__(self):
         self._load()
         return iter(sorted(self._items))

@@ -113,3 +113,13 @@ def test_run_routes_dotted_overrides_into_a_method_notebook(dirs):
     assert EXPERIMENTS["toyx"].config_for(got["preset"], got["overrides"]).seeds == (4,)
     with pytest.raises(ConfigError, match="no field"):
         validate_params(path, {"noise.sigma": "1"}, "smoke")
+
+
+def test_continue_finishes_every_stopped_experiment(dirs, monkeypatch):
+    import effworkbench.experiment as ex
+    for scale in ("0.3", "0.4"):
+        assert main(["exp", "toyx", "-p", f"noise.scale={scale}", "--max-minutes", "-1"]) == 3   # stopped before any unit
+    assert [c.noise.scale for _, c, _ in ex.unfinished_experiments()] == [0.3, 0.4]
+    assert main(["exp", "--continue", "--max-minutes", "5"]) == 0
+    assert CALLS == [0, 1, 2, 0, 1, 2] and ex.unfinished_experiments() == []
+    assert main(["exp", "--continue", "toyx"]) == 2
