@@ -12,7 +12,8 @@ from effworkbench.store import RunStore
 torch.set_num_threads(1)
 
 # experiment → overrides of its smoke config that keep the run to a few seconds (and at least two units)
-TINY = {"vision.early_exit": ["n_train=64", "n_test=32", "epochs=2", "n_diag=16", "slice_points=3", "width=4"]}
+TINY = {"vision.early_exit": ["n_train=64", "n_test=32", "epochs=2", "n_diag=16", "slice_points=3", "width=4"],
+        "vision.models": ["n_train=64", "n_test=32", "epochs=1", "width=4", "vit_dim=16", "vit_depth=1"]}
 
 
 def counted_units(monkeypatch, name: str) -> list:
