@@ -13,7 +13,9 @@ torch.set_num_threads(1)
 
 # experiment → overrides of its smoke config that keep the run to a few seconds (and at least two units)
 TINY = {"vision.early_exit": ["n_train=64", "n_test=32", "epochs=2", "n_diag=16", "slice_points=3", "width=4"],
-        "vision.models": ["n_train=64", "n_test=32", "epochs=1", "width=4", "vit_dim=16", "vit_depth=1"]}
+        "vision.models": ["n_train=64", "n_test=32", "epochs=1", "width=4", "vit_dim=16", "vit_depth=1"],
+        "vision.shapley": ["n_train=64", "n_val=32", "n_test=32", "epochs=1", "width=4", "exact_layers=['0']",
+                           "perms=[1]", "kernel=[8]", "seeds=1", "ratios=[0.5]", "time_repeats=1"]}
 
 
 def counted_units(monkeypatch, name: str) -> list:
