@@ -7,7 +7,6 @@ Docs: https://effworkbench.github.io/effworkbench/vision.shapley.html.md"""
 # %% ../../nbs/42_vision.shapley.ipynb #feeb5b98
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import time
