@@ -15,7 +15,9 @@ torch.set_num_threads(1)
 TINY = {"vision.early_exit": ["n_train=64", "n_test=32", "epochs=2", "n_diag=16", "slice_points=3", "width=4"],
         "vision.models": ["n_train=64", "n_test=32", "epochs=1", "width=4", "vit_dim=16", "vit_depth=1"],
         "vision.shapley": ["n_train=64", "n_val=32", "n_test=32", "epochs=1", "width=4", "exact_layers=['0']",
-                           "perms=[1]", "kernel=[8]", "seeds=1", "ratios=[0.5]", "time_repeats=1"]}
+                           "perms=[1]", "kernel=[8]", "seeds=1", "ratios=[0.5]", "time_repeats=1"],
+        "privacy.dp_prune": ["n_train=120", "n_test=40", "size=8", "width=4", "pretrain_epochs=1", "epsilons=(8.0,)",
+                             "prunes=(0.5,)", "drops=(0.0,)", "dp.q=0.2", "dp.epochs=0.4"]}
 
 
 def counted_units(monkeypatch, name: str) -> list:
