@@ -153,7 +153,7 @@ class RLRSConfig(PresetConfig):
     base: str = "mup"                        # parameterization under the relative schedule; μP base width = `small.width`
     small: Stage = field(default_factory=Stage)                          # where η and the multipliers are tuned
     search: Search = field(default_factory=Search)
-    large: Stage = field(default_factory=lambda: Stage(64, 2, 40))      # where they are reused unchanged
+    large: Stage = field(default_factory=lambda: Stage(64, 2, 40))      # where they are reused unchanged (as in "smoke" below)
     seeds: list[int] = field(default_factory=lambda: [1])                # of the reuse runs (the search uses seed 0)
     tuned: Tuned = field(default_factory=Tuned)                          # tunings given as numbers: skip those searches
     n_heads: int = 4
@@ -167,6 +167,7 @@ class RLRSConfig(PresetConfig):
     eval_batches: int = 4
     evals: int = 10                          # validation points along each reuse run (the loss curve)
     presets: ClassVar = {
+        "smoke": {"large": {"width": 64, "n_layers": 2, "steps": 40}},    # so that `large.steps=…` keeps the other fields
         "medium": {**_SEARCH_MEDIUM, "large": {"width": 128, "n_layers": 4, "steps": 500}, "seeds": [1, 2]},
         "full": {**_SEARCH_MEDIUM, "large": {"width": 256, "n_layers": 8, "steps": 2000}, "seeds": [1, 2, 3]},   # medium's search
     }

@@ -162,6 +162,7 @@ def test_tuned_multipliers_enter_the_keys_as_numbers():
     d0 = EXPERIMENTS["rlrs"].config_for("smoke")
     d1 = EXPERIMENTS["rlrs"].config_for("smoke", ["search.moves=[0.2, 0.6666666666666666, 1.5, 5]", "small.width=32"])
     assert store.key("experiment.rlrs", d0) == store.key("experiment.rlrs", d1)
+    assert config_from(RLRSConfig, "smoke", ["large.steps=4"]).large == config_from(RLRSConfig, "smoke").large.__class__(64, 2, 4)
     with pytest.raises(ConfigError, match="tuned.dense"): config_from(RLRSConfig, "smoke", ["tuned.dense.multipliers.head=(2, 1)"])
 
 
