@@ -8,7 +8,6 @@ Docs: https://effworkbench.github.io/effworkbench/compress.projected.html.md"""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 import warnings
@@ -107,6 +106,7 @@ def weight_importance(model: GPT) -> dict[str, Any]:
         ff.append(blk.ffn.w_in.weight.norm(dim=1) * blk.ffn.w_out.weight.norm(dim=0))
     return {"model": s.detach().cpu(), "ff": [f.detach().cpu() for f in ff]}
 
+# %% ../../nbs/30_compress.projected.ipynb #5c9d5057
 def select(model: GPT, k_model: int, k_ff: int, importance: Literal["activation", "weight"] = "activation",
            batches: list[torch.Tensor] | None = None) -> Selection:
     "The kept dimensions of `model` for target sizes (k_model, k_ff) by the chosen importance."
@@ -148,6 +148,7 @@ class ProjectedLinear(nn.Module):
         m = self.group_mult[self.group]
         return y if m == 1.0 else y * m
 
+# %% ../../nbs/30_compress.projected.ipynb #d9b8b8c6
 class ProjectedEmbedding(nn.Module):
     "E_C = E · Pᵀ + E_aux: E (V, d) frozen, P (k, d) and E_aux (V, k) trained."
     def __init__(self, emb: GEmbedding, idx: torch.Tensor):
@@ -222,6 +223,7 @@ def finalize(model: GPT) -> GPT:
     out.load_state_dict(sd, strict=True)
     return out.train(model.training)
 
+# %% ../../nbs/30_compress.projected.ipynb #435c4658
 def hard_prune(base: GPT, sel: Selection) -> GPT:
     "The hard-pruned plain GPT: every weight restricted to the kept rows and columns, W[idx_out][:, idx_in]."
     tcfg = target_config(base.cfg, len(sel.model), len(sel.ff[0]))
@@ -379,6 +381,7 @@ def _check_shapes(hf: dict, **shapes) -> None:
                if v is not None and hf.get(k) is not None and hf[k] != v]:
         raise ConfigError("; ".join(bad))
 
+# %% ../../nbs/30_compress.projected.ipynb #573f6222
 def _llama_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, float]:
     "GPTConfig and RMSNorm eps of a Llama checkpoint; ConfigError naming each config field this GPT cannot represent."
     if hf.get("model_type", "llama") != "llama":
@@ -408,6 +411,7 @@ def _llama_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTCo
 
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")       # GPT-2's tanh approximations of GELU
 
+# %% ../../nbs/30_compress.projected.ipynb #bb3160b3
 def _gpt2_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, float]:
     "GPTConfig and LayerNorm eps of a GPT-2 checkpoint (names without the 'transformer.' prefix); ConfigError for fields it cannot represent."
     if hf.get("model_type", "gpt2") != "gpt2": raise ConfigError(f"model_type={hf['model_type']!r}: GPT-2-named tensors are read only for model_type 'gpt2'")
@@ -464,6 +468,7 @@ def _llama_tensors(sd: dict, cfg: GPTConfig) -> tuple[dict, list]:
     if cfg.tie_weights: out["head.weight"] = out.get("tok_emb.weight")
     return out, sorted(set(sd) - set(names))
 
+# %% ../../nbs/30_compress.projected.ipynb #3d3c4e32
 def load_pretrained(path: str | Path, n_heads: int | None = None, seq_len: int | None = None) -> GPT:
     "A GPT-2- or Llama-style safetensors checkpoint (one file or an index with shards) at a local `path` as this project's `GPT`: shapes from the tensors, the rest from the config.json beside it."
     sd, hf = read_checkpoint(path)
@@ -525,6 +530,7 @@ def _llama_out(model: GPT) -> tuple[dict, dict]:
           "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_weights}
     return out, hf
 
+# %% ../../nbs/30_compress.projected.ipynb #6bb873a1
 def _gpt2_out(model: GPT) -> tuple[dict, dict]:
     "GPT-2 tensors ('transformer.' prefix, Conv1D (in, out) layout, a zero `wpe`) and a complete GPT2Config dict."
     cfg, sd = model.cfg, model.state_dict()
@@ -558,6 +564,7 @@ def _shard_bytes(size: int | str) -> int:
         raise ConfigError(f"max_shard_size={size!r}: give bytes (an int > 0) or a size such as '500MB', '5GB', '64KiB'")
     return int(float(m.group(1)) * units[m.group(2).upper()])
 
+# %% ../../nbs/30_compress.projected.ipynb #3ab7e088
 def _write_tensors(out: dict, folder: Path, name: str, max_shard_size: int | str | None) -> Path:
     "Write `out` as one safetensors file, or as shards of at most `max_shard_size` bytes plus an index; in the standard layout, remove an older checkpoint's files there."
     from safetensors.torch import save_file
