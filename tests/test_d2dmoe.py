@@ -107,24 +107,74 @@ def test_converted_model_all_experts_and_flops():
         assert abs(model_flops(conv) - expect) < 1e-6 * expect
 
 
+TINY = ["base.steps=4", "base.model.vocab_size=300", "base.max_bytes=100000", "base.model.d_model=32", "sparsify_steps=2",
+        "batch_size=4", "n_experts=4", "router_hidden=8", "router_steps=2", "calib_batches=1", "eval_batches=1",
+        "taus=(0.0, 1.0)", "ks=(1, 4)", "attn_steps=2"]
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.5])
-def test_experiment_runs_without_hoyer(lam):
-    "λ = 0 (ReLU fine-tuning only) is a valid config: the pipeline still returns every table, the speed one included."
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from effworkbench.compress.d2dmoe import D2DConfig, d2d_experiment
-    torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=1, n_heads=4, act="gelu"))
-    g = np.random.default_rng(0)
-    corpus = SimpleNamespace(train=g.integers(0, 64, 4000).astype(np.uint16), val=g.integers(0, 64, 1000).astype(np.uint16),
-                             vocab_size=64)
-    dc = D2DConfig(base={"model": base.cfg.to_dict()}, hoyer=lam, sparsify_steps=2, batch_size=4, n_experts=4, router_hidden=8,
-                   router_steps=2, calib_batches=1, eval_batches=1, taus=[0.0, 1.0], ks=[1, 4], attention=False)
-    res = d2d_experiment(dc, base, corpus)
+def test_experiment_runs_without_hoyer(tmp_path, lam):
+    "λ = 0 (ReLU fine-tuning only) is a valid config: the experiment still returns every table, the speed one included."
+    from effworkbench.experiment import EXPERIMENTS, run_experiment
+    from effworkbench.store import RunStore
+    cfg = EXPERIMENTS["compress.d2dmoe"].config_for("smoke", TINY + [f"hoyer={lam}", "attention=false"])
+    res = run_experiment("compress.d2dmoe", cfg, store=RunStore(tmp_path))
     assert set(res) == {"sweep", "density", "routers", "speed"} and len(res["speed"])
     assert set(res["density"].model) == ({"ReLU fine-tune", "ReLU + Hoyer"} if lam else {"ReLU fine-tune"})
+    sw = res["sweep"]
+    assert (sw.ffn_flops < sw.flops).all()                                  # FFN-only FLOPs beside the whole model's:
+    assert (sw.flops - sw.ffn_flops).round(3).nunique() == 1                # routing the FFNs changes only their share
+    assert (sw[sw.k == 4].ffn_flops_ratio > 1).all()                        # all 4 experts plus the routers cost more than dense
+
+
+def test_killed_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    "A run killed in its first routing sweep, then out of time, then run again: no finished unit is computed twice."
+    import effworkbench.compress.d2dmoe as d2d
+    from effworkbench.experiment import EXPERIMENTS, OutOfTime, run_experiment
+    from effworkbench.store import RunStore
+    calls = {n: 0 for n in ("sparsify", "dynamic_k_model", "routing_sweep", "layer_speed")}
+    kill = {"routing_sweep": 1}                                             # the first sweep is killed mid-unit
+
+    def counting(name):
+        fn = getattr(d2d, name)
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            if kill.get(name) == calls[name]: raise KeyboardInterrupt("killed")
+            return fn(*a, **kw)
+        return wrapped
+    for n in calls: monkeypatch.setattr(d2d, n, counting(n))
+    store = RunStore(tmp_path)
+    cfg = EXPERIMENTS["compress.d2dmoe"].config_for("smoke", TINY + ["attention=false"])
+    with pytest.raises(KeyboardInterrupt): run_experiment("compress.d2dmoe", cfg, store=store)
+    assert calls == {"sparsify": 1, "dynamic_k_model": 1, "routing_sweep": 1, "layer_speed": 0}
+    kill.clear()
+    with pytest.raises(OutOfTime): run_experiment("compress.d2dmoe", cfg, store=store, max_minutes=-1)
+    assert calls == {"sparsify": 1, "dynamic_k_model": 1, "routing_sweep": 1, "layer_speed": 0}   # nothing new started
+    res = run_experiment("compress.d2dmoe", cfg, store=store)
+    # two sparsifications (ReLU, Hoyer), two conversions, the killed sweep again plus one, one speed measurement
+    assert calls == {"sparsify": 2, "dynamic_k_model": 2, "routing_sweep": 3, "layer_speed": 1}
+    assert set(res["sweep"].variant) == {"ReLU fine-tune, FFN", "ReLU + Hoyer, FFN"}
+    run_experiment("compress.d2dmoe", cfg, store=store)                     # finished: the stored tables, nothing computed
+    assert calls["routing_sweep"] == 3
+
+
+def test_equal_configs_equal_keys(tmp_path):
+    "Configs that resolve to the same experiment have the same run key; the base model's training is the unit 30 trains."
+    from effworkbench.compress.projected import compress_base
+    from effworkbench.experiment import EXPERIMENTS, experiment_run, run_experiment
+    from effworkbench.store import RunStore, config_hash
+    from effworkbench.train import train_run
+    exp = EXPERIMENTS["compress.d2dmoe"]
+    a = exp.config_for("smoke", TINY)
+    b = exp.config_for("smoke", TINY + ["base.model.d_ff=128", "taus=[0, 1]", "base.model.n_layers=2", "hoyer=0.3"])
+    assert a == b and config_hash(a) == config_hash(b)
+    assert config_hash(exp.config_for("smoke", TINY + ["hoyer=0.4"])) != config_hash(a)
+    assert exp.config_for("medium").base == compress_base("medium") == EXPERIMENTS["compress.projected"].config_for("medium").base
+    assert exp.config_for("medium").base.preset == "medium"                 # the medium run's base is the medium base
+    store = RunStore(tmp_path)
+    run_experiment(exp, a, store=store, max_minutes=None)
+    assert experiment_run(exp, b, store).status == "done"
+    assert store.is_done(train_run, a.base)
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.7])

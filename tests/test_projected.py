@@ -125,3 +125,59 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="not a readable"):
         load_pretrained(tmp_path / "junk.safetensors", n_heads=4)
+
+
+TINY = ["base.steps=4", "base.model.vocab_size=300", "base.max_bytes=100000", "base.model.d_model=32", "base.model.n_heads=2",
+        "ratios=[0.5]", "steps=2", "eval_every=2", "calib_batches=1", "batch_size=4", "eval_batches=1", "lr_pc=[1e-3, 3e-3]"]
+
+
+def test_killed_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    "A run killed in its second retraining run, then out of time, then run again: no finished unit is computed twice."
+    import effworkbench.compress.projected as pc
+    import effworkbench.train as train
+    from effworkbench.experiment import EXPERIMENTS, OutOfTime, run_experiment
+    from effworkbench.store import RunStore
+    calls, retrain, fit = {"retrain": 0, "base": 0}, pc.retrain, train.fit
+
+    def counted_retrain(*a, **kw):
+        calls["retrain"] += 1
+        if calls["retrain"] == 2 and kill: raise KeyboardInterrupt("killed")
+        return retrain(*a, **kw)
+
+    def counted_fit(*a, **kw):
+        calls["base"] += 1
+        return fit(*a, **kw)
+    monkeypatch.setattr(pc, "retrain", counted_retrain)
+    monkeypatch.setattr(train, "fit", counted_fit)
+    kill, store = True, RunStore(tmp_path)
+    cfg = EXPERIMENTS["compress.projected"].config_for("smoke", TINY)
+    with pytest.raises(KeyboardInterrupt): run_experiment("compress.projected", cfg, store=store)
+    assert calls == {"retrain": 2, "base": 1}
+    kill = False
+    with pytest.raises(OutOfTime): run_experiment("compress.projected", cfg, store=store, max_minutes=-1)
+    assert calls == {"retrain": 2, "base": 1}                               # the finished units are read back, nothing started
+    tables = run_experiment("compress.projected", cfg, store=store)
+    assert calls == {"retrain": 4, "base": 1}                               # the killed run again, and the last one
+    assert len(tables["flops"]) == 2 and set(tables["curves"].lr) == {1e-3, 3e-3}
+    assert (tables["flops"].computed_ffn < tables["flops"].computed).all()   # FFN-only FLOPs beside the whole model's
+    wider = EXPERIMENTS["compress.projected"].config_for("smoke", TINY + ["ratios=[0.5, 0.75]"])
+    run_experiment("compress.projected", wider, store=store)                 # a new experiment reuses the stored units
+    assert calls == {"retrain": 7, "base": 1}
+
+
+def test_equal_configs_equal_keys():
+    "Configs that resolve to the same experiment have the same run key (defaults filled in, lists as tuples)."
+    from effworkbench.experiment import EXPERIMENTS
+    from effworkbench.compress.projected import RetrainUnit, retrain_unit, retrain_units
+    from effworkbench.store import RunStore, config_hash
+    exp = EXPERIMENTS["compress.projected"]
+    a = exp.config_for("smoke", TINY)
+    b = exp.config_for("smoke", TINY + ["base.model.d_ff=128", "ratios=(0.5,)", "importance=activation", "base.preset=smoke"])
+    assert a == b and config_hash(a) == config_hash(b)
+    assert config_hash(exp.config_for("smoke", TINY + ["steps=3"])) != config_hash(a)
+    assert config_hash(exp.config_for("smoke")) == config_hash(exp.config_for("smoke", ["base.model.d_model=64"]))
+    with pytest.raises(Exception, match="no field"): exp.config_for("smoke", ["base.model.width=3"])
+    store = RunStore("/nonexistent")
+    ka = [store.key(retrain_unit, u) for u in retrain_units(a)]
+    kb = [store.key(retrain_unit, u) for u in retrain_units(exp.config_for("smoke", TINY + ["ratios=[0.75, 0.5]"]))]
+    assert set(ka) < set(kb) and isinstance(retrain_units(a)[0], RetrainUnit)   # a unit's key does not depend on the others

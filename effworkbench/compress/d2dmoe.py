@@ -19,16 +19,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, PresetConfig
+from .projected import CompressionConfig, compress_base
+from ..core import ConfigError
+from ..experiment import Context, register_experiment
+from ..moe.layers import moe_mlp, route_dynamic_k
 from ..nn.gpt import GPT, GPTConfig, DenseFFN, flops_per_token, register_ffn
-from ..moe.layers import moe_mlp
-from ..train import TrainConfig, Trainer
+from ..store import Run, RunStore, run_function
+from ..train import TrainConfig, Trainer, load_model, load_weights, save_weights, train_run
 
 # %% auto #0
-__all__ = ['ATTN_PROJ', 'hoyer', 'HoyerFFN', 'build_hoyer_ffn', 'relufy', 'activation_density', 'balanced_kmeans',
-           'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'DynamicKMLP', 'collect_inputs',
-           'distill_mlp', 'dynamic_k_model', 'set_routing', 'model_flops', 'evaluate', 'routing_sweep', 'layer_speed',
-           'D2DConfig', 'sparsify', 'd2d_experiment', 'frontier', 'plot_tau']
+__all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerFFN', 'build_hoyer_ffn', 'relufy', 'activation_density', 'balanced_kmeans',
+           'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'dynamic_k_slots', 'DynamicKMLP',
+           'collect_inputs', 'distill_mlp', 'converted_names', 'dynamic_k_model', 'dynamic_k_skeleton', 'set_routing',
+           'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed', 'D2DMoEConfig', 'SparsifyUnit',
+           'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified', 'stored_conversion', 'mean_loss',
+           'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit', 'sparsify_units', 'convert_units', 'run',
+           'frontier', 'plot_tau']
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #3f8f73a3
 def hoyer(a: torch.Tensor) -> torch.Tensor:
@@ -131,48 +137,56 @@ def train_router(x: torch.Tensor, w_in_e: torch.Tensor, w_out_e: torch.Tensor, h
     return r.eval(), mse
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #51c8a489
+def dynamic_k_slots(h: torch.Tensor, mode: Literal["dynamic", "topk", "all"] = "dynamic", tau: float = 0.5, k: int = 1) -> torch.Tensor:
+    """The expert of every slot (N, K), -1 where a slot is empty, from predicted norms h (N, E) ≥ 0: every expert (K = E),
+    the top k (K = k), or dynamic-k: the τ·max rule of `route_dynamic_k` (K = E, slot i holds expert i when it runs),
+    less the experts predicted to output nothing (ĥ_i = 0)."""
+    N, E = h.shape
+    if mode == "all": return torch.arange(E, device=h.device).expand(N, E)
+    if mode == "topk": return h.topk(k, -1).indices
+    return route_dynamic_k(h, tau).expert_idx.masked_fill(h <= 0, -1)      # ĥ_i ≥ τ · max_j ĥ_j and ĥ_i > 0
+
+# %% ../../nbs/31_compress.d2dmoe.ipynb #8befbae2
 class DynamicKMLP(nn.Module):
     "An MLP split into experts, y = Σ_{i active} W_out_i relu(W_in_i x); expert i active iff ĥ_i ≥ τ · max_j ĥ_j (and ĥ_i > 0). (..., d) → (..., d)."
     def __init__(self, w_in_e: torch.Tensor, w_out_e: torch.Tensor, router: NormRouter | None, tau: float = 0.5,
-                 mode: Literal["dynamic", "topk", "all"] = "dynamic", k: int = 1, backend: str = "torch"):
+                 mode: Literal["dynamic", "topk", "all"] = "dynamic", k: int = 1, backend: str = "torch",
+                 dense_weights: int | None = None):
         super().__init__()
-        self.w_in, self.w_out = nn.Parameter(w_in_e.clone()), nn.Parameter(w_out_e.clone())   # (E, d, h), (E, h, d)
+        self.w_in, self.w_out = nn.Parameter(w_in_e.clone()), nn.Parameter(w_out_e.clone())   # (E, d, h), (E, h, d_out)
         self.router, self.tau, self.mode, self.k, self.backend = router, tau, mode, k, backend
+        self.dense_weights = int(w_in_e.numel() + w_out_e.numel()) if dense_weights is None else int(dense_weights)  # of the layer replaced
         self.param_groups = {"w_in": "ffn_in", "w_out": "ffn_out"}
         self.experts_per_token = torch.tensor(float("nan"))
 
     @property
     def n_experts(self) -> int: return self.w_in.shape[0]
 
+    def slots(self, x: torch.Tensor) -> torch.Tensor:
+        "Expert per slot (N, K), -1 = empty, for tokens x (N, d)."
+        return dynamic_k_slots(self.router(x) if self.mode != "all" else x.new_zeros(len(x), self.n_experts), self.mode, self.tau, self.k)
+
     def active(self, x: torch.Tensor) -> torch.Tensor:
         "Mask (N, E) of the experts that run for each token x (N, d)."
-        N, E = x.shape[0], self.n_experts
-        if self.mode == "all": return torch.ones(N, E, dtype=torch.bool, device=x.device)
-        h = self.router(x)                                                        # (N, E) predicted norms ĥ
-        if self.mode == "topk":
-            return torch.zeros(N, E, dtype=torch.bool, device=x.device).scatter_(1, h.topk(self.k, -1).indices, True)
-        return (h >= self.tau * h.max(-1, keepdim=True).values) & (h > 0)      # τ·max rule (the paper's τ)
+        idx, E = self.slots(x), self.n_experts
+        return torch.zeros(len(x), E + 1, dtype=torch.bool, device=x.device).scatter_(1, torch.where(idx >= 0, idx, E), True)[:, :E]
 
     def forward(self, x):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])                                             # (N, d)
-        take = self.active(xf)                                                    # (N, E)
-        self.experts_per_token = take.sum(-1).float().mean().detach()
-        k_max = max(1, int(take.sum(-1).max()))                                    # slots per token (one host sync)
-        order = torch.sort(take.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k_max]   # (N, k_max) active experts first
-        on = take.gather(1, order)
-        idx = torch.where(on, order, -1)                                          # (N, k_max) expert per slot, -1 = empty
-        y = moe_mlp(xf, self.w_in, self.w_out, idx, on.to(x.dtype), "relu", backend=self.backend)
-        return y.reshape(shape)
+        idx = self.slots(xf)                                                      # (N, K)
+        on = idx >= 0
+        self.experts_per_token = on.sum(-1).float().mean().detach()
+        y = moe_mlp(xf, self.w_in, self.w_out, idx, on.to(x.dtype), "relu", backend=self.backend)   # gate 1: added unscaled
+        return y.reshape(*shape[:-1], y.shape[-1])
 
     def flops_per_token(self, experts: float | None = None) -> float:
-        "Forward FLOPs per token: router 2(d·r + r·E) plus 4·d·h per expert run (`experts`, default: measured in the last forward)."
-        E, d, h = self.w_in.shape
-        router = 0.0 if self.mode == "all" else 2.0 * sum(m.weight.numel() for m in self.router.net if isinstance(m, nn.Linear))
+        "Forward FLOPs per token as `flops_per_token` counts them, 2 × the matmul weights used: the router's, plus W_in_i and W_out_i per expert run."
+        router = 0 if self.mode == "all" else sum(m.weight.numel() for m in self.router.net if isinstance(m, nn.Linear))
         e = float(self.experts_per_token) if experts is None else experts
         if math.isnan(e): raise ConfigError("the experts a dynamic-k layer runs per token are measured in its forward pass: "
                                             "run it on a batch first (or pass experts=)")
-        return router + 4.0 * d * h * e
+        return 2.0 * (router + e * (self.w_in.numel() + self.w_out.numel()) / self.n_experts)
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #441187ed
 @torch.no_grad()
@@ -207,26 +221,47 @@ def distill_mlp(lin: nn.Module, x: torch.Tensor, hidden: int, steps: int = 300, 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #b0dae811
 ATTN_PROJ = ("q", "k", "v", "o")
 
+def converted_names(model: GPT, attention: bool = False) -> list[str]:
+    "The submodules a conversion replaces: every FFN, and with `attention` every attention projection."
+    names = [f"blocks.{i}.ffn" for i in range(len(model.blocks))]
+    return names + ([f"blocks.{i}.attn.{p}" for i in range(len(model.blocks)) for p in ATTN_PROJ] if attention else [])
+
 def dynamic_k_model(model: GPT, batches: list[torch.Tensor], n_experts: int, router_hidden: int = 128, router_steps: int = 300,
                     attention: bool = False, attn_hidden: int | None = None, attn_steps: int = 300, seed: int = 0) -> tuple[GPT, pd.DataFrame]:
     "A copy of a ReLU `model` with every FFN (and, with `attention`, every attention projection, distilled into a ReLU MLP) as a dynamic-k MoE."
     out = copy.deepcopy(model).eval()
-    names = [f"blocks.{i}.ffn" for i in range(len(model.blocks))]
-    if attention: names += [f"blocks.{i}.attn.{p}" for i in range(len(model.blocks)) for p in ATTN_PROJ]
+    names = converted_names(model, attention)
     inputs = collect_inputs(model, batches, names)
     mods, rows = dict(out.named_modules()), []
     for n in names:
-        m, x = mods[n], inputs[n]
-        if n.endswith("ffn"): w_in, w_out, rel = m.w_in.weight, m.w_out.weight, 0.0
+        m, x, ffn = mods[n], inputs[n], n.endswith("ffn")
+        if ffn: w_in, w_out, rel = m.w_in.weight, m.w_out.weight, 0.0
         else: w_in, w_out, rel = distill_mlp(m, x, attn_hidden or x.shape[1], attn_steps, seed=seed)
         _, wi, wo = split_experts(w_in, w_out, n_experts, seed)
         router, mse = train_router(x, wi, wo, router_hidden, router_steps, seed=seed)
         parent, attr = n.rsplit(".", 1)
-        setattr(mods[parent], attr, DynamicKMLP(wi, wo, router))
-        rows.append({"module": n, "kind": "ffn" if n.endswith("ffn") else "attention", "distill_rel_err": rel, "router_mse": mse,
+        setattr(mods[parent], attr, DynamicKMLP(wi, wo, router, dense_weights=None if ffn else m.weight.numel()))
+        rows.append({"module": n, "kind": "ffn" if ffn else "attention", "distill_rel_err": rel, "router_mse": mse,
                      "mean_norm": float(expert_norms(x, wi, wo).mean())})
     return out, pd.DataFrame(rows)
 
+# %% ../../nbs/31_compress.d2dmoe.ipynb #eade543b
+def dynamic_k_skeleton(model: GPT, n_experts: int, router_hidden: int = 128, attention: bool = False,
+                       attn_hidden: int | None = None) -> GPT:
+    "A copy of `model` with the layers `dynamic_k_model` converts as untrained dynamic-k layers of the same shapes: what a stored conversion loads into."
+    out = copy.deepcopy(model).eval()
+    mods = dict(out.named_modules())
+    for n in converted_names(model, attention):
+        m = mods[n]
+        if n.endswith("ffn"): (h, d), d_out, dense = m.w_in.weight.shape, m.w_out.weight.shape[0], None
+        else: (d_out, d), dense = m.weight.shape, m.weight.numel(); h = attn_hidden or d
+        E = n_experts
+        parent, attr = n.rsplit(".", 1)
+        setattr(mods[parent], attr, DynamicKMLP(torch.zeros(E, d, h // E), torch.zeros(E, h // E, d_out), NormRouter(d, E, router_hidden),
+                                                dense_weights=dense))
+    return out
+
+# %% ../../nbs/31_compress.d2dmoe.ipynb #fd881b86
 def set_routing(model: nn.Module, mode: str, tau: float = 0.5, k: int = 1) -> nn.Module:
     "Every dynamic-k layer of `model` to mode 'dynamic' (threshold τ), 'topk' (k experts) or 'all'."
     for m in model.modules():
@@ -234,42 +269,43 @@ def set_routing(model: nn.Module, mode: str, tau: float = 0.5, k: int = 1) -> nn
     return model
 
 def model_flops(model: GPT) -> float:
-    "Forward FLOPs per token of the last forward pass: the dense count with every dynamic-k layer at its measured experts per token."
-    cfg, f = model.cfg, flops_per_token(model.cfg)
-    for n, m in model.named_modules():
-        if isinstance(m, DynamicKMLP):
-            dense = 4.0 * cfg.d_model * cfg.d_ff if n.endswith("ffn") else 2.0 * cfg.d_model * cfg.d_model
-            f += m.flops_per_token() - dense
-    return f
+    "Forward FLOPs per token of the last forward pass: `flops_per_token` of the config, each dynamic-k layer counted in place of the dense layer it replaced."
+    return flops_per_token(model.cfg) + sum(m.flops_per_token() - 2.0 * m.dense_weights for m in model.modules() if isinstance(m, DynamicKMLP))
+
+def ffn_flops(model: GPT) -> float:
+    "Forward FLOPs per token of the FFNs alone, counted the same way (dynamic-k FFNs at their last forward pass)."
+    return sum(b.ffn.flops_per_token() if isinstance(b.ffn, DynamicKMLP) else
+               2.0 * sum(m.weight.numel() for m in b.ffn.modules() if isinstance(m, nn.Linear)) for b in model.blocks)
 
 @torch.no_grad()
-def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, dict[str, float]]:
-    "Mean loss, forward FLOPs per token and experts per token of each dynamic-k layer, token-averaged over `batches`."
+def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    "Mean loss, forward FLOPs per token (whole model and FFNs) and experts per token of each dynamic-k layer, averaged over `batches`."
     model.eval()
-    loss, flops, experts = 0.0, 0.0, {}
+    out, experts = {"loss": 0.0, "flops": 0.0, "ffn_flops": 0.0}, {}
     for x, y in batches:
-        loss += model(x, y)[1].item() / len(batches)
-        flops += model_flops(model) / len(batches)
+        out["loss"] += model(x, y)[1].item() / len(batches)
+        out["flops"] += model_flops(model) / len(batches); out["ffn_flops"] += ffn_flops(model) / len(batches)
         for n, m in model.named_modules():
             if isinstance(m, DynamicKMLP): experts[n] = experts.get(n, 0.0) + float(m.experts_per_token) / len(batches)
-    return loss, flops, experts
+    return {**out, "experts": experts}
 
-# %% ../../nbs/31_compress.d2dmoe.ipynb #ac6a0d44
-def routing_sweep(model: GPT, batches, taus: list[float], ks: list[int], variant: str, dense_flops: float) -> pd.DataFrame:
-    "Loss, FLOPs and experts per token of every layer under dynamic-k at each τ and top-k at each k (long: one row per layer)."
+# %% ../../nbs/31_compress.d2dmoe.ipynb #28dca5b3
+def routing_sweep(model: GPT, batches, taus: list[float], ks: list[int], dense_flops: float, dense_ffn_flops: float) -> pd.DataFrame:
+    "Loss, FLOPs (whole model and FFNs) and experts per token of every layer under dynamic-k at each τ and top-k at each k (one row per layer)."
     rows = []
     for mode, values in (("dynamic-k", taus), ("top-k", ks)):
         for v in values:
             set_routing(model, "dynamic" if mode == "dynamic-k" else "topk", tau=v, k=int(v))
-            loss, flops, experts = evaluate(model, batches)
-            for n, e in experts.items():
-                rows.append({"variant": variant, "mode": mode, "tau": v if mode == "dynamic-k" else np.nan,
-                             "k": int(v) if mode == "top-k" else np.nan, "loss": loss, "flops": flops,
-                             "flops_ratio": flops / dense_flops, "module": n.removeprefix("blocks."), "experts": e,
-                             "avg_experts": float(np.mean(list(experts.values())))})
+            r = evaluate(model, batches)
+            for n, e in r["experts"].items():
+                rows.append({"mode": mode, "tau": v if mode == "dynamic-k" else np.nan, "k": int(v) if mode == "top-k" else np.nan,
+                             "loss": r["loss"], "flops": r["flops"], "flops_ratio": r["flops"] / dense_flops,
+                             "ffn_flops": r["ffn_flops"], "ffn_flops_ratio": r["ffn_flops"] / dense_ffn_flops,
+                             "module": n.removeprefix("blocks."), "experts": e, "avg_experts": float(np.mean(list(r["experts"].values())))})
     set_routing(model, "dynamic", tau=0.5)
     return pd.DataFrame(rows)
 
+# %% ../../nbs/31_compress.d2dmoe.ipynb #231f0be7
 def layer_speed(layer: DynamicKMLP, x: torch.Tensor, taus: list[float], repeats: int = 5) -> pd.DataFrame:
     "Wall time of the dynamic-k layer at each τ over the dense MLP it came from, beside its FLOPs ratio (x: (N, d))."
     E, d, h = layer.w_in.shape
@@ -290,17 +326,17 @@ def layer_speed(layer: DynamicKMLP, x: torch.Tensor, taus: list[float], repeats:
             layer.mode, layer.tau = "dynamic", tau
             t = timed(lambda: layer(x))
             rows.append({"tau": tau, "experts": float(layer.experts_per_token), "n_experts": E,
-                         "flops_ratio": layer.flops_per_token() / (4.0 * d * E * h), "time_ratio": t / t_dense,
+                         "flops_ratio": layer.flops_per_token() / (2.0 * layer.dense_weights), "time_ratio": t / t_dense,
                          "dense_ms": 1e3 * t_dense, "dynamic_ms": 1e3 * t, "backend": layer.backend, "device": x.device.type})
     return pd.DataFrame(rows)
 
-# %% ../../nbs/31_compress.d2dmoe.ipynb #db4b65d4
+# %% ../../nbs/31_compress.d2dmoe.ipynb #e046ee5d
 @dataclass
-class D2DConfig(PresetConfig):
+class D2DMoEConfig(CompressionConfig):
     "Dense → dynamic-k MoE conversion of a trained GPT (arXiv 2310.04361)."
     preset: str = "smoke"
-    base: dict = field(default_factory=dict)          # overrides of TrainConfig.for_preset("smoke") for the base model
-    hoyer: float = 0.3                                # λ of the Hoyer penalty (per layer, averaged over layers)
+    base: TrainConfig = field(default_factory=compress_base)   # the base GPT and its training (`compress_base(preset)`)
+    hoyer: float = 0.3                                # λ of the Hoyer penalty (per layer, averaged over layers); 0: ReLU only
     sparsify_steps: int = 30                          # fine-tuning steps with ReLU (+ Hoyer)
     sparsify_lr: float = 1e-3
     batch_size: int = 16
@@ -309,63 +345,152 @@ class D2DConfig(PresetConfig):
     router_steps: int = 100
     calib_batches: int = 6                            # training batches for routers and distillation
     eval_batches: int = 2
-    taus: list = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 1.0])
-    ks: list = field(default_factory=lambda: [1, 2, 4, 16])      # top-k MoEfication
+    taus: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 1.0)
+    ks: tuple[int, ...] = (1, 2, 4, 16)               # top-k MoEfication (those ≤ n_experts)
     attention: bool = True                            # also convert the attention projections
     attn_hidden_mult: float = 1.0                     # distilled MLP width = mult · d_model
     attn_steps: int = 100
     seed: int = 0
-    presets: ClassVar = {"medium": {"base": {"model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "seq_len": 128},
-                                             "steps": 600, "warmup": 50, "eval_every": 200, "ckpt_every": 200},
-                                    "sparsify_steps": 150, "router_hidden": 64, "router_steps": 500,
-                                    "eval_batches": 6, "attn_steps": 500, "ks": [1, 2, 4, 8, 16], "calib_batches": 12,
-                                    "taus": [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0]}}
+    presets: ClassVar = {"medium": {"sparsify_steps": 150, "router_hidden": 64, "router_steps": 500, "eval_batches": 6,
+                                    "attn_steps": 500, "ks": (1, 2, 4, 8, 16), "calib_batches": 12,
+                                    "taus": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0)},
+                         "full": {"sparsify_steps": 1000, "batch_size": 32, "n_experts": 32, "router_hidden": 128,
+                                  "router_steps": 1000, "eval_batches": 16, "attn_steps": 1000, "calib_batches": 32,
+                                  "ks": (1, 2, 4, 8, 16, 32), "taus": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0)}}
 
-    def base_config(self) -> TrainConfig: return TrainConfig.for_preset("smoke", **self.base)
+# %% ../../nbs/31_compress.d2dmoe.ipynb #e4ef11d5
+@dataclass
+class SparsifyUnit:
+    "ReLU fine-tuning of the base model, with a Hoyer penalty of weight `hoyer` (0: none)."
+    base: TrainConfig
+    hoyer: float = 0.0
+    steps: int = 30
+    lr: float = 1e-3
+    batch_size: int = 16
+    eval_batches: int = 2
+    seed: int = 0
 
-    def sparsify_config(self, model_cfg: GPTConfig) -> TrainConfig:
-        b = self.base_config()
-        return TrainConfig(model=model_cfg.to_dict(), corpus=b.corpus, max_bytes=b.max_bytes, val_frac=b.val_frac,
-                           steps=self.sparsify_steps, batch_size=self.batch_size, lr=self.sparsify_lr, weight_decay=0.0,
-                           warmup=max(1, self.sparsify_steps // 10), eval_batches=self.eval_batches, seed=self.seed + 1, device=b.device)
+    def train_config(self, model_cfg: GPTConfig) -> TrainConfig:
+        b = self.base
+        return TrainConfig(model=model_cfg, corpus=b.corpus, max_bytes=b.max_bytes, val_frac=b.val_frac, steps=self.steps,
+                           batch_size=self.batch_size, lr=self.lr, weight_decay=0.0, warmup=max(1, self.steps // 10),
+                           eval_batches=self.eval_batches, seed=self.seed + 1, device=b.device)
 
-def sparsify(model: GPT, dc: D2DConfig, corpus, hoyer_weight: float) -> GPT:
-    "ReLU in every FFN, then `sparsify_steps` of fine-tuning with loss + λ·Hoyer (λ = 0: ReLU fine-tuning only)."
-    m = relufy(model, hoyer_weight).train()                     # the Hoyer term is added in training mode only
-    t = Trainer(dc.sparsify_config(m.cfg), None, corpus, m)
-    while t.step < dc.sparsify_steps: t.train_step()
+@dataclass
+class ConvertUnit:
+    "The conversion of one sparsified model: expert split and routers of every FFN (and with `attention`, of every distilled projection)."
+    sparsify: SparsifyUnit
+    attention: bool = False
+    n_experts: int = 16
+    router_hidden: int = 32
+    router_steps: int = 100
+    calib_batches: int = 6
+    attn_hidden_mult: float = 1.0
+    attn_steps: int = 100
+
+    def attn_hidden(self) -> int: return int(self.attn_hidden_mult * self.sparsify.base.model.d_model)
+
+@dataclass
+class SweepUnit:
+    "The routing of one converted model at every τ (dynamic-k) and k (top-k); the speed unit reads only `taus`."
+    convert: ConvertUnit
+    taus: tuple[float, ...] = ()
+    ks: tuple[int, ...] = ()
+
+# %% ../../nbs/31_compress.d2dmoe.ipynb #201d946c
+WEIGHTS = "model.safetensors"
+
+def sparsify(model: GPT, u: SparsifyUnit, corpus) -> GPT:
+    "ReLU in every FFN, then `u.steps` of fine-tuning with loss + λ·Hoyer (λ = 0: ReLU fine-tuning only)."
+    m = relufy(model, u.hoyer).train()                          # the Hoyer term is added in training mode only
+    t = Trainer(u.train_config(m.cfg), None, corpus, m)
+    while t.step < u.steps: t.train_step()
     return m.eval()
 
-# %% ../../nbs/31_compress.d2dmoe.ipynb #761c3b30
-def d2d_experiment(dc: D2DConfig, base: GPT, corpus) -> dict[str, pd.DataFrame]:
-    "The whole pipeline from a trained GELU/ReLU GPT: sparsify (with and without Hoyer), convert, sweep τ and k; tables by name."
-    from effworkbench.data import LMBatchSampler, eval_batches
-    s = LMBatchSampler(corpus.train, dc.batch_size, base.cfg.seq_len, seed=dc.seed + 11)
-    calib = [s.batch(i)[0] for i in range(dc.calib_batches)]                      # (B, T) each
-    val = list(eval_batches(corpus.val, dc.batch_size, base.cfg.seq_len, dc.eval_batches, torch.device("cpu")))
-    dense = flops_per_token(base.cfg)
-    base = base.cpu().eval()
-    with torch.no_grad(): base_loss = float(np.mean([base(x, y)[1].item() for x, y in val]))
-    sweeps, dens, infos = [], [], []
-    runs = [("ReLU fine-tune", 0.0)] + ([("ReLU + Hoyer", dc.hoyer)] if dc.hoyer else [])     # λ = 0: the first run only
-    for name, lam in runs:
-        m = sparsify(base, dc, corpus, lam)
-        with torch.no_grad(): loss = float(np.mean([m(x, y)[1].item() for x, y in val]))
-        d = activation_density(m, [x for x, _ in val])
-        dens += [{"model": name, "hoyer": lam, "layer": i, "density": v, "dense_loss": loss} for i, v in enumerate(d)]
-        variants = [("FFN", False)] + ([("FFN + attention", True)] if dc.attention and lam else [])
-        for vname, att in variants:
-            conv, info = dynamic_k_model(m, calib, dc.n_experts, dc.router_hidden, dc.router_steps, att,
-                                         int(dc.attn_hidden_mult * base.cfg.d_model), dc.attn_steps, dc.seed)
-            label = f"{name}, {vname}"
-            infos.append(info.assign(variant=label))
-            sweeps.append(routing_sweep(conv, val, dc.taus, [k for k in dc.ks if k <= dc.n_experts], label, dense)
-                          .assign(dense_loss=loss, base_loss=base_loss))
-            if not att: speed_model = conv              # the last FFN-only conversion: Hoyer when λ > 0
-    layer = speed_model.blocks[0].ffn
-    x = torch.cat([b[0] for b in val])
-    with torch.no_grad(): h = collect_inputs(speed_model, [x[:4]], ["blocks.0.ffn"])["blocks.0.ffn"]
-    speed = layer_speed(layer, h, dc.taus)
+def val_batches(corpus, u: SparsifyUnit, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    "The first `eval_batches` validation batches (x, y), each (B, T), on the CPU."
+    from effworkbench.data import eval_batches
+    return list(eval_batches(corpus.val, u.batch_size, seq_len, u.eval_batches, torch.device("cpu")))
+
+def stored_sparsified(u: SparsifyUnit, store: RunStore) -> tuple[GPT, object]:
+    "The sparsified model of `u` from its run folder, and the corpus."
+    _, corpus = load_model(u.base, store, train_if_missing=False)
+    m = relufy(GPT(u.base.model), u.hoyer)
+    return load_weights(m, store.get(store.key(sparsify_unit, u)).path / WEIGHTS).eval(), corpus
+
+def stored_conversion(u: ConvertUnit, store: RunStore) -> tuple[GPT, object]:
+    "The converted model of `u` from its run folder, and the corpus."
+    m, corpus = stored_sparsified(u.sparsify, store)
+    conv = dynamic_k_skeleton(m, u.n_experts, u.router_hidden, u.attention, u.attn_hidden())
+    return load_weights(conv, store.get(store.key(convert_unit, u)).path / WEIGHTS).eval(), corpus
+
+@torch.no_grad()
+def mean_loss(model: GPT, batches) -> float: return float(np.mean([model.eval()(x, y)[1].item() for x, y in batches]))
+
+# %% ../../nbs/31_compress.d2dmoe.ipynb #8738c2fb
+@run_function("compress.d2dmoe.sparsify")
+def sparsify_unit(u: SparsifyUnit, run: Run) -> dict:
+    "Fine-tune the stored base model with ReLU FFNs (+ Hoyer) and save it: its loss, the base model's, its activation density per layer."
+    base, corpus = load_model(u.base, RunStore(run.path.parent), train_if_missing=False)
+    m = sparsify(base, u, corpus)
+    save_weights(m, run.path / WEIGHTS)
+    val = val_batches(corpus, u, base.cfg.seq_len)
+    return {"dense_loss": mean_loss(m, val), "base_loss": mean_loss(base, val), "density": activation_density(m, [x for x, _ in val])}
+
+@run_function("compress.d2dmoe.convert")
+def convert_unit(u: ConvertUnit, run: Run) -> dict:
+    "Split, route (train the routers) and, with `attention`, distil the stored sparsified model, and save it: per layer, the routers' fit."
+    from effworkbench.data import LMBatchSampler
+    m, corpus = stored_sparsified(u.sparsify, RunStore(run.path.parent))
+    s = LMBatchSampler(corpus.train, u.sparsify.batch_size, m.cfg.seq_len, seed=u.sparsify.seed + 11)
+    calib = [s.batch(i)[0] for i in range(u.calib_batches)]                       # (B, T) each
+    conv, info = dynamic_k_model(m, calib, u.n_experts, u.router_hidden, u.router_steps, u.attention, u.attn_hidden(),
+                                 u.attn_steps, u.sparsify.seed)
+    save_weights(conv, run.path / WEIGHTS)
+    return {"routers": info.to_dict("records")}
+
+@run_function("compress.d2dmoe.sweep")
+def sweep_unit(u: SweepUnit, run: Run) -> dict:
+    "The stored conversion's loss, FLOPs and experts per token at every τ and k, over the dense ReLU model's FLOPs."
+    conv, corpus = stored_conversion(u.convert, RunStore(run.path.parent))
+    dense = relufy(GPT(u.convert.sparsify.base.model))
+    val = val_batches(corpus, u.convert.sparsify, conv.cfg.seq_len)
+    return {"sweep": routing_sweep(conv, val, u.taus, u.ks, flops_per_token(dense.cfg), ffn_flops(dense)).to_dict("records")}
+
+@run_function("compress.d2dmoe.speed")
+def speed_unit(u: SweepUnit, run: Run) -> dict:
+    "Wall time of the stored conversion's first FFN at every τ over the dense FFN, on 4 validation sequences."
+    conv, corpus = stored_conversion(u.convert, RunStore(run.path.parent))
+    x = torch.cat([b[0] for b in val_batches(corpus, u.convert.sparsify, conv.cfg.seq_len)])[:4]
+    h = collect_inputs(conv, [x], ["blocks.0.ffn"])["blocks.0.ffn"]                 # (4·T, d)
+    return {"speed": layer_speed(conv.blocks[0].ffn, h, list(u.taus)).to_dict("records")}
+
+# %% ../../nbs/31_compress.d2dmoe.ipynb #efdedb09
+def sparsify_units(cfg: D2DMoEConfig) -> list[tuple[str, SparsifyUnit]]:
+    "The ReLU fine-tune, and (λ > 0) the ReLU + Hoyer one, with their names."
+    u = SparsifyUnit(cfg.base, 0.0, cfg.sparsify_steps, cfg.sparsify_lr, cfg.batch_size, cfg.eval_batches, cfg.seed)
+    return [("ReLU fine-tune", u)] + ([("ReLU + Hoyer", replace(u, hoyer=cfg.hoyer))] if cfg.hoyer else [])
+
+def convert_units(cfg: D2DMoEConfig, su: SparsifyUnit) -> list[tuple[str, ConvertUnit]]:
+    "The FFN-only conversion of a sparsified model, and (Hoyer model, `attention`) the FFN + attention one, with their names."
+    u = ConvertUnit(su, False, cfg.n_experts, cfg.router_hidden, cfg.router_steps, cfg.calib_batches, cfg.attn_hidden_mult, cfg.attn_steps)
+    return [("FFN", u)] + ([("FFN + attention", replace(u, attention=True))] if cfg.attention and su.hoyer else [])
+
+@register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe")
+def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "Base model, sparsification, conversion, routing sweep and speed, unit by unit: the sweep, density, routers and speed tables."
+    ctx.unit(train_run, cfg.base)
+    ks, sweeps, dens, infos = tuple(k for k in cfg.ks if k <= cfg.n_experts), [], [], []
+    for name, su in sparsify_units(cfg):
+        s = ctx.unit(sparsify_unit, su)
+        dens += [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"]} for i, v in enumerate(s["density"])]
+        for vname, cu in convert_units(cfg, su):
+            infos.append(pd.DataFrame(ctx.unit(convert_unit, cu)["routers"]).assign(variant=f"{name}, {vname}"))
+            sw = pd.DataFrame(ctx.unit(sweep_unit, SweepUnit(cu, cfg.taus, ks))["sweep"])
+            sweeps.append(sw.assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"]))
+            sweeps[-1].insert(0, "variant", f"{name}, {vname}")
+            if not cu.attention: fastest = cu                    # the last FFN-only conversion: the Hoyer one when λ > 0
+    speed = pd.DataFrame(ctx.unit(speed_unit, SweepUnit(fastest, cfg.taus))["speed"])
     return {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens),
             "routers": pd.concat(infos, ignore_index=True), "speed": speed}
 

@@ -20,16 +20,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, PresetConfig
+from ..core import ConfigError, PresetConfig, check_preset
+from ..experiment import Context, register_experiment
 from ..nn.gpt import GPT, GPTConfig, GEmbedding, GLinear, LayerNorm, RMSNorm, flops_per_token
-from ..train import TrainConfig, Trainer
+from ..store import Run, RunStore, run_function
+from ..train import TrainConfig, Trainer, load_model, train_run
 
 # %% auto #0
-__all__ = ['PROJECTED', 'rotary_keep', 'attention_keep', 'target_config', 'compression_sizes', 'Selection',
+__all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'target_config', 'compression_sizes', 'Selection',
            'activation_importance', 'weight_importance', 'select', 'one_hot', 'ProjectedLinear', 'ProjectedEmbedding',
            'ProjectedNorm', 'projected_model', 'finalize', 'hard_prune', 'projection_flops', 'training_flops_per_token',
-           'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained', 'save_pretrained',
-           'retrain', 'CompressConfig', 'calibration_batches', 'compare', 'best_lr', 'margin_table', 'plot_curves']
+           'ffn_flops_per_token', 'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained',
+           'save_pretrained', 'compress_base', 'CompressionConfig', 'ProjectedConfig', 'RetrainUnit', 'retrain_units',
+           'retrain', 'calibration_batches', 'stored_base', 'base_loss_unit', 'retrain_unit', 'run', 'best_lr',
+           'margin_table', 'plot_curves']
 
 # %% ../../nbs/30_compress.projected.ipynb #883f51ff
 def rotary_keep(d_head: int, k_head: int, rope_base: float) -> tuple[list[int], float]:
@@ -102,6 +106,7 @@ def weight_importance(model: GPT) -> dict[str, Any]:
         ff.append(blk.ffn.w_in.weight.norm(dim=1) * blk.ffn.w_out.weight.norm(dim=0))
     return {"model": s.detach().cpu(), "ff": [f.detach().cpu() for f in ff]}
 
+# %% ../../nbs/30_compress.projected.ipynb #5c9d5057
 def select(model: GPT, k_model: int, k_ff: int, importance: Literal["activation", "weight"] = "activation",
            batches: list[torch.Tensor] | None = None) -> Selection:
     "The kept dimensions of `model` for target sizes (k_model, k_ff) by the chosen importance."
@@ -143,6 +148,7 @@ class ProjectedLinear(nn.Module):
         m = self.group_mult[self.group]
         return y if m == 1.0 else y * m
 
+# %% ../../nbs/30_compress.projected.ipynb #d9b8b8c6
 class ProjectedEmbedding(nn.Module):
     "E_C = E · Pᵀ + E_aux: E (V, d) frozen, P (k, d) and E_aux (V, k) trained."
     def __init__(self, emb: GEmbedding, idx: torch.Tensor):
@@ -217,6 +223,7 @@ def finalize(model: GPT) -> GPT:
     out.load_state_dict(sd, strict=True)
     return out.train(model.training)
 
+# %% ../../nbs/30_compress.projected.ipynb #435c4658
 def hard_prune(base: GPT, sel: Selection) -> GPT:
     "The hard-pruned plain GPT: every weight restricted to the kept rows and columns, W[idx_out][:, idx_in]."
     tcfg = target_config(base.cfg, len(sel.model), len(sel.ff[0]))
@@ -262,6 +269,12 @@ def training_flops_per_token(model: GPT, tokens_per_step: int) -> dict[str, floa
     per_tok = flops_per_token(model.cfg, training=True)
     proj = projection_flops(model, training=True) / tokens_per_step
     return {"model": per_tok, "projections": proj, "total": per_tok + proj}
+
+def ffn_flops_per_token(model: GPT, training: bool = False) -> float:
+    "FLOPs per token of the FFNs alone as `flops_per_token` counts a model (2 × matmul weights forward, 3× in training); a projected FFN at its merged size."
+    n = sum(m.w_aux.numel() if isinstance(m, ProjectedLinear) else m.weight.numel()
+            for blk in model.blocks for m in blk.ffn.modules() if isinstance(m, (ProjectedLinear, nn.Linear)))
+    return (3.0 if training else 1.0) * 2.0 * n
 
 def measured_flops_per_token(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
     "FLOPs of one forward + backward counted by `torch.utils.flop_counter` (matmuls and attention), per token."
@@ -368,6 +381,7 @@ def _check_shapes(hf: dict, **shapes) -> None:
                if v is not None and hf.get(k) is not None and hf[k] != v]:
         raise ConfigError("; ".join(bad))
 
+# %% ../../nbs/30_compress.projected.ipynb #573f6222
 def _llama_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, float]:
     "GPTConfig and RMSNorm eps of a Llama checkpoint; ConfigError naming each config field this GPT cannot represent."
     if hf.get("model_type", "llama") != "llama":
@@ -397,6 +411,7 @@ def _llama_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTCo
 
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")       # GPT-2's tanh approximations of GELU
 
+# %% ../../nbs/30_compress.projected.ipynb #bb3160b3
 def _gpt2_config(sd: dict, hf: dict, n_heads: int, seq_len: int) -> tuple[GPTConfig, float]:
     "GPTConfig and LayerNorm eps of a GPT-2 checkpoint (names without the 'transformer.' prefix); ConfigError for fields it cannot represent."
     if hf.get("model_type", "gpt2") != "gpt2": raise ConfigError(f"model_type={hf['model_type']!r}: GPT-2-named tensors are read only for model_type 'gpt2'")
@@ -453,6 +468,7 @@ def _llama_tensors(sd: dict, cfg: GPTConfig) -> tuple[dict, list]:
     if cfg.tie_weights: out["head.weight"] = out.get("tok_emb.weight")
     return out, sorted(set(sd) - set(names))
 
+# %% ../../nbs/30_compress.projected.ipynb #3d3c4e32
 def load_pretrained(path: str | Path, n_heads: int | None = None, seq_len: int | None = None) -> GPT:
     "A GPT-2- or Llama-style safetensors checkpoint (one file or an index with shards) at a local `path` as this project's `GPT`: shapes from the tensors, the rest from the config.json beside it."
     sd, hf = read_checkpoint(path)
@@ -514,6 +530,7 @@ def _llama_out(model: GPT) -> tuple[dict, dict]:
           "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_weights}
     return out, hf
 
+# %% ../../nbs/30_compress.projected.ipynb #6bb873a1
 def _gpt2_out(model: GPT) -> tuple[dict, dict]:
     "GPT-2 tensors ('transformer.' prefix, Conv1D (in, out) layout, a zero `wpe`) and a complete GPT2Config dict."
     cfg, sd = model.cfg, model.state_dict()
@@ -547,6 +564,7 @@ def _shard_bytes(size: int | str) -> int:
         raise ConfigError(f"max_shard_size={size!r}: give bytes (an int > 0) or a size such as '500MB', '5GB', '64KiB'")
     return int(float(m.group(1)) * units[m.group(2).upper()])
 
+# %% ../../nbs/30_compress.projected.ipynb #3ab7e088
 def _write_tensors(out: dict, folder: Path, name: str, max_shard_size: int | str | None) -> Path:
     "Write `out` as one safetensors file, or as shards of at most `max_shard_size` bytes plus an index; in the standard layout, remove an older checkpoint's files there."
     from safetensors.torch import save_file
@@ -584,7 +602,82 @@ def save_pretrained(model: GPT, path: str | Path, style: Literal["llama", "gpt2"
     (folder / "config.json").write_text(json.dumps(hf, indent=1))
     return f
 
-# %% ../../nbs/30_compress.projected.ipynb #df2ca8dd
+# %% ../../nbs/30_compress.projected.ipynb #e14eb1ee
+COMPRESS_BASE = {     # the TrainConfig fields of the base GPT at each preset (as given: d_ff follows d_model unless set)
+    "smoke": {"model": {"vocab_size": 1024, "seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 4}},   # = 11_train's smoke run
+    "medium": {"model": {"vocab_size": 4096, "seq_len": 128, "d_model": 128, "n_layers": 4, "n_heads": 4},
+               "steps": 600, "warmup": 50, "eval_every": 200, "ckpt_every": 200},
+    "full": {"model": {"vocab_size": 4096, "seq_len": 256, "d_model": 512, "n_layers": 8, "n_heads": 8}, "max_bytes": None,
+             "steps": 5000, "lr": 1e-3, "warmup": 200, "eval_every": 500, "eval_batches": 16, "ckpt_every": 500}}
+
+def _merged(a: dict, b: dict) -> dict:
+    "`a` with the keys of `b` laid over it; nested dicts merged key by key."
+    return {**a, **{k: _merged(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()}}
+
+def compress_base(preset: str = "smoke", **fields) -> TrainConfig:
+    "The base GPT (and its training) that `30_compress.projected` and `31_compress.d2dmoe` compress, at `preset`, with `fields` over it."
+    return TrainConfig(**_merged({"preset": check_preset(preset), **COMPRESS_BASE[preset]}, fields))
+
+class CompressionConfig(PresetConfig):
+    "A compression experiment's config: its `base` is `compress_base(preset)` with the overrides' `base` fields laid over it."
+    @classmethod
+    def for_preset(cls, preset: str = "smoke", **overrides):
+        base = overrides.pop("base", {})
+        if not isinstance(base, TrainConfig):                      # checked field by field by PresetConfig
+            base = _merged({"preset": check_preset(preset), **COMPRESS_BASE[preset]}, base)
+        return super().for_preset(preset, base=base, **overrides)
+
+# %% ../../nbs/30_compress.projected.ipynb #f20e93fa
+@dataclass
+class ProjectedConfig(CompressionConfig):
+    "Projected compression against hard pruning + retraining, from one trained base model (arXiv 2506.22255)."
+    preset: str = "smoke"
+    base: TrainConfig = field(default_factory=compress_base)   # the base GPT and its training (`compress_base(preset)`)
+    ratios: tuple[float, ...] = (0.5, 0.75)           # kept fraction of d_model and d_ff
+    importance: Literal["activation", "weight"] = "activation"   # activation: on `calib_batches` training batches
+    calib_batches: int = 8
+    steps: int = 40                                   # retraining steps (same tokens for both methods)
+    batch_size: int = 16
+    lr_pc: tuple[float, ...] = (1e-3,)                # learning rates tried for the projections and W_aux
+    lr_prune: tuple[float, ...] = (1e-3,)             # ... and for the hard-pruned model's weights
+    eval_every: int = 10
+    eval_batches: int = 4
+    seed: int = 0
+    presets: ClassVar = {"medium": {"steps": 300, "eval_every": 25, "eval_batches": 8, "lr_pc": (1e-4, 1e-3),
+                                    "lr_prune": (3e-4, 1e-3)},
+                         "full": {"steps": 2000, "batch_size": 32, "eval_every": 100, "eval_batches": 16,
+                                  "lr_pc": (1e-4, 3e-4, 1e-3), "lr_prune": (1e-4, 3e-4, 1e-3)}}
+
+# %% ../../nbs/30_compress.projected.ipynb #6391af57
+@dataclass
+class RetrainUnit:
+    "One retraining run: `method` at kept fraction `ratio` and learning rate `lr`, from the base model `base`."
+    base: TrainConfig
+    method: Literal["projected", "hard prune"]
+    ratio: float
+    lr: float
+    importance: str = "activation"
+    calib_batches: int = 8
+    steps: int = 40
+    batch_size: int = 16
+    eval_every: int = 10
+    eval_batches: int = 4
+    seed: int = 0
+
+    def train_config(self, model_cfg: GPTConfig, lr: float | None = None) -> TrainConfig:
+        "The retraining run's TrainConfig: the base's corpus, AdamW without decay, cosine with 10 % warm-up."
+        b = self.base
+        return TrainConfig(model=model_cfg, corpus=b.corpus, max_bytes=b.max_bytes, val_frac=b.val_frac, steps=self.steps,
+                           batch_size=self.batch_size, lr=self.lr if lr is None else lr, weight_decay=0.0,
+                           warmup=max(1, self.steps // 10), eval_batches=self.eval_batches, seed=self.seed + 1, device=b.device)
+
+def retrain_units(cfg: ProjectedConfig) -> list[RetrainUnit]:
+    "Every (ratio, method, lr) run of the experiment, in table order."
+    same = {k: getattr(cfg, k) for k in ("importance", "calib_batches", "steps", "batch_size", "eval_every", "eval_batches", "seed")}
+    return [RetrainUnit(cfg.base, m, r, lr, **same) for r in cfg.ratios
+            for m, lrs in (("projected", cfg.lr_pc), ("hard prune", cfg.lr_prune)) for lr in lrs]
+
+# %% ../../nbs/30_compress.projected.ipynb #ae002d52
 def retrain(model: GPT, cfg: TrainConfig, corpus, eval_every: int) -> pd.DataFrame:
     "Train `model` (projected or plain) with the trainer for `cfg.steps`; validation loss at step 0 and every `eval_every` steps."
     t = Trainer(cfg, None, corpus, model)
@@ -595,66 +688,57 @@ def retrain(model: GPT, cfg: TrainConfig, corpus, eval_every: int) -> pd.DataFra
             rows.append({"step": t.step, "tokens": t.tokens, "val_loss": t.evaluate()})
     return pd.DataFrame(rows)
 
-@dataclass
-class CompressConfig(PresetConfig):
-    "Projected compression against hard pruning + retraining, from one trained base model."
-    preset: str = "smoke"
-    base: dict = field(default_factory=dict)          # overrides of TrainConfig.for_preset("smoke") for the base model
-    ratios: list = field(default_factory=lambda: [0.5, 0.75])   # kept fraction of d_model and d_ff
-    importance: str = "activation"                    # "activation" (calibration set) or "weight"
-    calib_batches: int = 8
-    steps: int = 40                                   # retraining steps (same tokens for both methods)
-    batch_size: int = 16
-    lr_pc: list = field(default_factory=lambda: [1e-3])      # learning rates tried for the projections and W_aux
-    lr_prune: list = field(default_factory=lambda: [1e-3])   # ... and for the hard-pruned model's weights
-    eval_every: int = 10
-    eval_batches: int = 4
-    seed: int = 0
-    presets: ClassVar = {"medium": {"base": {"model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "seq_len": 128},
-                                             "steps": 600, "warmup": 50, "eval_every": 200, "ckpt_every": 200},
-                                    "steps": 300, "eval_every": 25, "eval_batches": 8,
-                                    "lr_pc": [1e-4, 1e-3], "lr_prune": [3e-4, 1e-3]}}
-
-    def base_config(self) -> TrainConfig: return TrainConfig.for_preset("smoke", **self.base)
-
-    def retrain_config(self, model_cfg: GPTConfig, lr: float) -> TrainConfig:
-        b = self.base_config()
-        return TrainConfig(model=model_cfg.to_dict(), corpus=b.corpus, max_bytes=b.max_bytes, val_frac=b.val_frac, steps=self.steps,
-                           batch_size=self.batch_size, lr=lr, weight_decay=0.0, warmup=max(1, self.steps // 10),
-                           eval_batches=self.eval_batches, seed=self.seed + 1, device=b.device)
-
-# %% ../../nbs/30_compress.projected.ipynb #df27c9f5
-def calibration_batches(corpus, cc: CompressConfig, seq_len: int) -> list[torch.Tensor]:
-    "`calib_batches` training batches for activation importance."
+def calibration_batches(corpus, u: RetrainUnit, seq_len: int) -> list[torch.Tensor]:
+    "`calib_batches` training batches (B, T) for activation importance (and the FLOP counter's batch)."
     from effworkbench.data import LMBatchSampler
-    s = LMBatchSampler(corpus.train, cc.batch_size, seq_len, seed=cc.seed + 7)
-    return [s.batch(i)[0] for i in range(cc.calib_batches)]
+    s = LMBatchSampler(corpus.train, u.batch_size, seq_len, seed=u.seed + 7)
+    return [s.batch(i)[0] for i in range(max(1, u.calib_batches))]
 
-def compare(cc: CompressConfig, base: GPT, corpus) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Loss curves of projected compression and of hard pruning + retraining at every ratio and learning rate, and their training FLOPs per token."
-    curves, flops = [], []
-    calib = calibration_batches(corpus, cc, base.cfg.seq_len) if cc.importance == "activation" else None
-    x = calib[0] if calib else calibration_batches(corpus, cc, base.cfg.seq_len)[0]        # (B, T) batch for the FLOP counter
-    for ratio in cc.ratios:
-        k_model, k_ff = compression_sizes(base.cfg, ratio)
-        sel = select(base, k_model, k_ff, cc.importance, calib)
-        runs = [("projected", lr) for lr in cc.lr_pc] + [("hard prune", lr) for lr in cc.lr_prune]
-        for method, lr in runs:
-            model = projected_model(base, sel) if method == "projected" else hard_prune(base, sel)
-            tcfg = cc.retrain_config(model.cfg, lr)
-            tokens_per_step = cc.batch_size * model.cfg.seq_len
-            comp = training_flops_per_token(model, tokens_per_step)
-            meas = measured_flops_per_token(model, x, torch.roll(x, -1, 1))
-            t0 = time.time()
-            df = retrain(model, tcfg, corpus, cc.eval_every)
-            curves.append(df.assign(method=method, lr=lr, ratio=ratio, k_model=k_model, k_ff=k_ff))
-            flops.append({"method": method, "ratio": ratio, "k_model": k_model, "k_ff": k_ff,
-                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          "computed_model": comp["model"], "computed_projections": comp["projections"], "computed": comp["total"],
-                          "measured": meas, "seconds": time.time() - t0})
-    base_flops = flops_per_token(base.cfg, training=True)
-    flops = pd.DataFrame(flops).drop_duplicates(["method", "ratio"])                   # the same model at every LR
-    return pd.concat(curves, ignore_index=True), flops.assign(base_model=base_flops)
+def stored_base(base: TrainConfig, run: Run) -> tuple[GPT, Any]:
+    "The trained base model of `base` and its corpus, from the store that holds `run` (its training is a unit of its own)."
+    return load_model(base, RunStore(run.path.parent), train_if_missing=False)
+
+# %% ../../nbs/30_compress.projected.ipynb #7e297720
+@run_function("compress.projected.base_loss")
+def base_loss_unit(u: RetrainUnit, run: Run) -> dict:
+    "The base model's validation loss on the batches every retraining run evaluates on."
+    base, corpus = stored_base(u.base, run)
+    return {"val_loss": Trainer(u.train_config(base.cfg), None, corpus, base).evaluate()}
+
+@run_function("compress.projected.retrain")
+def retrain_unit(u: RetrainUnit, run: Run) -> dict:
+    "Select at `u.ratio`, build the projected or hard-pruned model, count its FLOPs, train it: its loss curve and FLOPs."
+    base, corpus = stored_base(u.base, run)
+    calib = calibration_batches(corpus, u, base.cfg.seq_len)
+    k_model, k_ff = compression_sizes(base.cfg, u.ratio)
+    sel = select(base, k_model, k_ff, u.importance, calib if u.importance == "activation" else None)
+    model = projected_model(base, sel) if u.method == "projected" else hard_prune(base, sel)
+    comp = training_flops_per_token(model, u.batch_size * model.cfg.seq_len)
+    x = calib[0]                                                                  # (B, T)
+    flops = {"method": u.method, "ratio": u.ratio, "k_model": k_model, "k_ff": k_ff,
+             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "computed_model": comp["model"], "computed_projections": comp["projections"], "computed": comp["total"],
+             "computed_ffn": ffn_flops_per_token(model, training=True),
+             "measured": measured_flops_per_token(model, x, torch.roll(x, -1, 1))}
+    t0 = time.time()
+    curve = retrain(model, u.train_config(model.cfg), corpus, u.eval_every)
+    return {"curve": curve.to_dict("records"), "flops": {**flops, "seconds": time.time() - t0}}
+
+# %% ../../nbs/30_compress.projected.ipynb #22cf48cd
+@register_experiment("compress.projected", ProjectedConfig, notebook="30_compress.projected")
+def run(cfg: ProjectedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "Train the base model, evaluate it, retrain at every (ratio, method, lr): the loss curves and the FLOPs per token."
+    ctx.unit(train_run, cfg.base)
+    units = retrain_units(cfg)
+    base_loss = ctx.unit(base_loss_unit, RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size,
+                                                      eval_batches=cfg.eval_batches))["val_loss"]
+    results = ctx.units(retrain_unit, units, desc="retraining runs")
+    curves = pd.concat([pd.DataFrame(r["curve"]).assign(method=u.method, lr=u.lr, ratio=u.ratio, k_model=r["flops"]["k_model"],
+                                                        k_ff=r["flops"]["k_ff"]) for u, r in zip(units, results)], ignore_index=True)
+    flops = pd.DataFrame([r["flops"] for r in results]).drop_duplicates(["method", "ratio"])   # the same model at every LR
+    return {"curves": curves.assign(base_val_loss=base_loss),
+            "flops": flops.assign(base_model=flops_per_token(cfg.base.model, training=True),
+                                  base_ffn=ffn_flops_per_token(GPT(cfg.base.model), training=True))}
 
 # %% ../../nbs/30_compress.projected.ipynb #757777fc
 def best_lr(curves: pd.DataFrame) -> pd.DataFrame:
