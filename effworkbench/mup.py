@@ -20,9 +20,9 @@ from .nn.gpt import (GPT, GPTConfig, GroupHP, Attention, Parameterization, fan_i
                                  register_parameterization)
 
 # %% auto #0
-__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'dense_fan_in', 'MuPConfig', 'MuPWipConfig', 'MuP', 'MuPWipRouter', 'hp_table',
-           'CoordCheck', 'coord_data', 'coord_slopes', 'max_growth', 'coord_frame', 'plot_coord', 'LRSweep',
-           'sweep_table', 'optimal_lr', 'lr_panels', 'plot_lr']
+__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'LR_SWEEP_PRESETS', 'dense_fan_in', 'MuPConfig', 'MuPWipConfig', 'MuP',
+           'MuPWipRouter', 'hp_table', 'CoordCheck', 'coord_data', 'coord_slopes', 'max_growth', 'coord_frame',
+           'plot_coord', 'LRSweep', 'sweep_points', 'sweep_table', 'optimal_lr', 'lr_panels', 'plot_lr']
 
 # %% ../nbs/20_mup.ipynb #a5c4ea95
 HIDDEN_GROUPS = ("attn_qkv", "attn_out", "ffn_in", "ffn_out")   # width → width matrices
@@ -238,6 +238,17 @@ def plot_coord(df: pd.DataFrame, param: str, name: str, max_width: int | None = 
                labels={"value": "mean |x|", "step": "step"})
     return fig
 
+# %% ../nbs/20_mup.ipynb #973c51a9
+LR_SWEEP_PRESETS = {                     # LRSweep's fields that differ from its defaults, per preset
+    "medium": {"lr_exps": [-10, -9, -8, -7, -6, -5], "moe_lr_exps": [-9, -8, -7, -6, -5], "widths": [32, 64, 128, 256], "experts": [2, 4, 8],
+               "granularities": [1, 2, 4], "expert_rules": ["fan_in", "width"], "steps": 200, "batch_size": 16,
+               "eval_batches": 16},
+    "full": {"lr_exps": [-12, -11, -10, -9, -8, -7, -6, -5], "widths": [128, 256, 512, 1024, 2048],
+             "experts": [4, 8, 16, 32], "granularities": [1, 2, 4, 8], "expert_rules": ["fan_in", "width"],
+             "moe_expansion": 8, "moe_width": 256, "steps": 5000, "batch_size": 64, "seq_len": 256, "n_layers": 4,
+             "vocab_size": 8192, "max_bytes": None, "eval_batches": 32},
+}
+
 # %% ../nbs/20_mup.ipynb #4922e122
 @dataclass
 class LRSweep(PresetConfig):
@@ -261,15 +272,7 @@ class LRSweep(PresetConfig):
     max_bytes: int | None = 300_000
     eval_batches: int = 2
     seed: int = 0
-    presets: ClassVar = {
-        "medium": {"lr_exps": [-10, -9, -8, -7, -6, -5], "moe_lr_exps": [-9, -8, -7, -6, -5], "widths": [32, 64, 128, 256], "experts": [2, 4, 8],
-                   "granularities": [1, 2, 4], "expert_rules": ["fan_in", "width"], "steps": 200, "batch_size": 16,
-                   "eval_batches": 16},
-        "full": {"lr_exps": [-12, -11, -10, -9, -8, -7, -6, -5], "widths": [128, 256, 512, 1024, 2048],
-                 "experts": [4, 8, 16, 32], "granularities": [1, 2, 4, 8], "expert_rules": ["fan_in", "width"],
-                 "moe_expansion": 8, "moe_width": 256, "steps": 5000, "batch_size": 64, "seq_len": 256, "n_layers": 4,
-                 "vocab_size": 8192, "max_bytes": None, "eval_batches": 32},
-    }
+    presets: ClassVar = LR_SWEEP_PRESETS
 
     def train_config(self, param: str, width: int, expansion: int, granularity: int, lr: float, param_kwargs: dict | None = None):
         "One run: an MoE GPT (top-G, E·G experts) trained with `param` at `lr`."
@@ -283,16 +286,21 @@ class LRSweep(PresetConfig):
 
     def points(self) -> list[tuple[dict, Any]]:
         "(labels, TrainConfig) of every point of the three sweeps; shared points appear under each sweep."
-        lrs = [2.0 ** e for e in self.lr_exps]
-        pts = [({"sweep": "width", "param": p, "expert_rule": "-" if p == "sp" else "fan_in"},
-                self.train_config(p, w, self.moe_expansion, 1, lr)) for p in self.params for w in self.widths for lr in lrs]
-        lrs = [2.0 ** e for e in (self.moe_lr_exps or self.lr_exps)]
-        pts += [({"sweep": "experts", "param": "mup", "expert_rule": "fan_in"}, self.train_config("mup", self.moe_width, E, 1, lr))
-                for E in self.experts for lr in lrs]
-        pts += [({"sweep": "granularity", "param": "mup", "expert_rule": rule},          # at G = 1 the two rules agree
-                 self.train_config("mup", self.moe_width, self.moe_expansion, G, lr, {"expert_rule": rule if G > 1 else "fan_in"}))
-                for rule in self.expert_rules for G in self.granularities for lr in lrs]
-        return pts
+        return sweep_points(self)
+
+# %% ../nbs/20_mup.ipynb #f680ebb8
+def sweep_points(sw: LRSweep) -> list[tuple[dict, Any]]:
+    "(labels, TrainConfig) of every point of the three sweeps of `sw`; shared points appear under each sweep."
+    lrs = [2.0 ** e for e in sw.lr_exps]
+    pts = [({"sweep": "width", "param": p, "expert_rule": "-" if p == "sp" else "fan_in"},
+            sw.train_config(p, w, sw.moe_expansion, 1, lr)) for p in sw.params for w in sw.widths for lr in lrs]
+    lrs = [2.0 ** e for e in (sw.moe_lr_exps or sw.lr_exps)]
+    pts += [({"sweep": "experts", "param": "mup", "expert_rule": "fan_in"}, sw.train_config("mup", sw.moe_width, E, 1, lr))
+            for E in sw.experts for lr in lrs]
+    pts += [({"sweep": "granularity", "param": "mup", "expert_rule": rule},          # at G = 1 the two rules agree
+             sw.train_config("mup", sw.moe_width, sw.moe_expansion, G, lr, {"expert_rule": rule if G > 1 else "fan_in"}))
+            for rule in sw.expert_rules for G in sw.granularities for lr in lrs]
+    return pts
 
 # %% ../nbs/20_mup.ipynb #b7236595
 def sweep_table(points: Sequence[tuple[dict, Any]], runs: pd.DataFrame, store=None) -> pd.DataFrame:

@@ -157,6 +157,7 @@ class GEmbedding(nn.Embedding):
         m = self.group_mult["embedding"]
         return y if m == 1.0 else y * m
 
+# %% ../../nbs/10_nn.gpt.ipynb #c3c9d50b
 def module_groups(module: nn.Module) -> dict[str, str]:
     "Local parameter name → group of `module`'s own parameters (not its children's)."
     own = dict(module.named_parameters(recurse=False))
