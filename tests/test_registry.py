@@ -110,3 +110,21 @@ def test_module_imports_form_no_cycle():
         state[m] = "done"
     for m in MODULES: visit(m, [])
     assert "effworkbench.moe.kernels" not in graph["effworkbench.moe.layers"]
+
+
+def test_auto_backend_on_cuda_asks_the_registry_and_falls_back_to_torch(monkeypatch):
+    "`auto` on CUDA is MOE_BACKENDS['triton'] (found through its entry point); where it cannot be loaded, torch with a warning."
+    import torch
+    import effworkbench.moe.layers as layers
+    missing = Registry("moe_backends_test_missing")          # a group no distribution provides: 'triton' cannot be found
+    missing.register("torch", layers.moe_mlp_torch)
+    monkeypatch.setattr(layers, "MOE_BACKENDS", missing)
+    with pytest.warns(UserWarning, match="Triton MoE kernels unavailable"):
+        assert layers.resolve_backend("auto", torch.device("cuda")) is layers.moe_mlp_torch
+    assert layers.resolve_backend("auto", torch.device("cpu")) is layers.moe_mlp_torch
+    with pytest.raises(ConfigError, match="unknown MoE backend 'triton'"):
+        layers.resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.undo()
+    pytest.importorskip("triton")
+    from effworkbench.moe.kernels import triton_moe_mlp
+    assert layers.resolve_backend("auto", torch.device("cuda")) is triton_moe_mlp
