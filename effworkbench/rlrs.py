@@ -91,7 +91,7 @@ class RelativeLR(Parameterization):
         mult = {g: [round(r, 4), round(f, 4)] for g, (r, f) in self.multipliers.items()}
         return f"RelativeLR(base={self.base!r}, multipliers={mult})"
 
-PARAMETERIZATIONS["rlrs"] = RelativeLR
+PARAMETERIZATIONS.register("rlrs", RelativeLR)
 
 # %% ../nbs/21_rlrs.ipynb #f9f58196
 @dataclass

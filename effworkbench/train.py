@@ -35,7 +35,7 @@ __all__ = ['CHECKPOINT_KEYS', 'TrainConfig', 'lr_at', 'init_distributed', 'clean
            'load_weights', 'train_config_from', 'add_train_command', 'torchrun_command', 'load_model']
 
 # %% ../nbs/11_train.ipynb #3b80f7a1
-from .nn.gpt import check_fields, fraction, int_at_least, non_negative, optional, positive
+from .nn.gpt import check_fields, fraction, int_at_least, non_negative, optional, parameterization_options, positive
 
 def _device_ok(v) -> bool:
     "None, or a string torch reads as a device ('cpu', 'cuda', 'cuda:1', 'mps'); whether it is present is checked at run time."
@@ -88,6 +88,7 @@ class TrainConfig(PresetConfig):
 
     def __post_init__(self):
         if isinstance(self.model, dict): self.model = GPTConfig(**self.model)
+        self.param_kwargs = parameterization_options(self.param, self.param_kwargs)   # all options, defaults filled in
         check_fields(self, {
             "corpus": (lambda v: isinstance(v, str) and v.strip() != "",
                        "'shakespeare', 'stdlib' or the path of a text file or folder (not empty)"),
@@ -402,12 +403,15 @@ def train_run(cfg: TrainConfig, run: Run | None = None) -> dict[str, Any]:
 # %% ../nbs/11_train.ipynb #4f0e56a6
 def forward_spec(model: nn.Module) -> dict[str, Any]:
     "What the forward reads besides the tensors: each grouped layer's multiplier `mult[name]` and each attention's logit `scale[name]`, plus the parameterization's repr."
-    from effworkbench.nn.gpt import Attention
-    mult = {n: float(m.group_mult[m.group]) for n, m in model.named_modules() if hasattr(m, "group_mult")}  # y = mult · (x Wᵀ + b)
+    from effworkbench.nn.gpt import Attention, gpt_spec
+    mult = {n: float(m.group_mult[m.group]) for n, m in model.named_modules() if hasattr(m, "group_mult") and hasattr(m, "group")}  # y = mult · (x Wᵀ + b)
+    mult |= {f"{n}[{g}]": float(m.group_mult[g]) for n, m in model.named_modules()            # modules of several groups (MoE experts)
+             if hasattr(m, "group_mult") and not hasattr(m, "group") for g in sorted(set(getattr(m, "param_groups", {}).values()))}
     scale = {n: float(m.scale) for n, m in model.named_modules() if isinstance(m, Attention)}            # softmax(scale · q kᵀ)
     pz = getattr(model, "parameterization", None)
     name = repr(pz) if type(pz).__repr__ is not object.__repr__ else type(pz).__name__   # MuP(base_width=…, …) or the class
-    return {"mult": mult, "scale": scale, "parameterization": name}
+    gpt = gpt_spec(model) if isinstance(model, GPT) else None                   # what `load_gpt(path)` rebuilds the model from
+    return {"mult": mult, "scale": scale, "parameterization": name, "gpt": gpt}
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     "Write `model`'s weights to a safetensors file (shared tensors stored once), with its `forward_spec` in the metadata."
