@@ -7,8 +7,8 @@ Docs: https://effworkbench.github.io/effworkbench/distributed.html.md"""
 # %% ../nbs/90_distributed.ipynb #ed5e9a7a
 from __future__ import annotations
 
+import contextlib
 import io
-import math
 import os
 import shutil
 from pathlib import Path
@@ -21,26 +21,16 @@ import torch.nn as nn
 from .core import ConfigError
 from .moe.layers import MoEFFN, moe_mlp
 from .store import CheckpointError
-from .train import _rng_state, _set_rng_state
+from .train import PARALLEL, Parallelism, make_mesh, rng_state, set_rng_state
 if TYPE_CHECKING: import pandas as pd                   # annotations only
 
 # %% auto #0
-__all__ = ['SCHEMES', 'make_mesh', 'exit_distributed', 'default_mp_policy', 'shard', 'full_grads', 'ModelOptimizerState',
-           'ProgressState', 'RNGState', 'CheckpointManager', 'ExpertParallelMoE', 'expert_parallel', 'sync_grads',
-           'comm_bytes', 'memory_per_rank', 'predict_step_time', 'measure_step_times']
+__all__ = ['SCHEMES', 'exit_distributed', 'default_mp_policy', 'shard', 'full_grads', 'ModelOptimizerState', 'ProgressState',
+           'RNGState', 'CheckpointManager', 'ExpertParallelMoE', 'expert_parallel', 'sync_grads', 'TrainerProgress',
+           'ExpertParallelState', 'ShardedParallelism', 'FullyShardedDataParallel', 'ExpertParallelism', 'comm_bytes',
+           'memory_per_rank', 'predict_step_time', 'measure_step_times']
 
 # %% ../nbs/90_distributed.ipynb #3d4d7383
-def make_mesh(shape: tuple[int, ...] | None = None, names: tuple[str, ...] = ("dp",), device_type: str | None = None):
-    "A `DeviceMesh` over all ranks of the running process group: `shape` (default (world,)) named `names`."
-    from torch.distributed.device_mesh import init_device_mesh
-    if not dist.is_initialized(): raise ConfigError("no process group: launch under torchrun (or dist.init_process_group) first")
-    world = dist.get_world_size()
-    shape = tuple(shape or (world,))
-    if math.prod(shape) != world: raise ConfigError(f"mesh {shape} has {math.prod(shape)} ranks but the world has {world}")
-    if len(names) != len(shape): raise ConfigError(f"mesh {shape} needs {len(shape)} dimension names, got {names}")
-    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
-    return init_device_mesh(device_type, shape, mesh_dim_names=tuple(names))
-
 def exit_distributed(code: int = 0):
     "End a torchrun worker: barrier, destroy the process group, flush, and leave without interpreter teardown."
     import sys
@@ -111,7 +101,7 @@ class ProgressState(Stateful):
 class RNGState(Stateful):
     "Every rank's torch/numpy/python RNG, gathered into one blob; on load rank r takes state r mod (ranks saved)."
     def state_dict(self) -> dict:
-        mine = _rng_state()
+        mine = rng_state()
         states = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
         if dist.is_initialized(): dist.all_gather_object(states, mine)
         buf = io.BytesIO(); torch.save(states, buf); buf.seek(0)
@@ -124,7 +114,7 @@ class RNGState(Stateful):
             raise CheckpointError(f"the RNG state of this checkpoint cannot be read with a weights-only load "
                                   f"({type(e).__name__}): it is corrupt or was not written by RNGState") from None
         rank = dist.get_rank() if dist.is_initialized() else 0
-        _set_rng_state(states[rank % len(states)])
+        set_rng_state(states[rank % len(states)])
 
 # %% ../nbs/90_distributed.ipynb #40e22052
 def _barrier():
@@ -266,6 +256,95 @@ def sync_grads(model: nn.Module, mesh, ep_dim: str = "ep") -> None:
             if dp_group is not None: dist.all_reduce(p.grad, group=dp_group)
         else: dist.all_reduce(p.grad)
         p.grad.div_(world)
+
+# %% ../nbs/90_distributed.ipynb #9f23c3bb
+class TrainerProgress(Stateful):
+    "A `Trainer`'s step and token count, for a sharded checkpoint."
+    def __init__(self, t): self.t = t
+    def state_dict(self) -> dict: return {"step": self.t.step, "tokens": self.t.tokens}
+    def load_state_dict(self, sd: dict): self.t.step, self.t.tokens = int(sd["step"]), int(sd["tokens"])
+
+class ExpertParallelState(ModelOptimizerState):
+    "`ModelOptimizerState` of an expert-parallel model: each rank's experts (and their AdamW moments) as its rows of one DTensor."
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh, dim: str = "ep"):
+        super().__init__(model, optimizer)
+        self.mesh, self.dim = mesh, dim
+        self.experts = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
+
+    def _dt(self, t: torch.Tensor):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        placements = [Shard(0) if n == self.dim else Replicate() for n in self.mesh.mesh_dim_names]
+        return DTensor.from_local(t, self.mesh, placements, run_check=False)   # (E/ep, ...) local -> (E, ...) global
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["model"] = {k: self._dt(v) if k in self.experts else v for k, v in sd["model"].items()}
+        if "optim" in sd:
+            sd["optim"]["state"] = {k: {s: self._dt(v) if k in self.experts and v.dim() > 0 else v for s, v in st.items()}
+                                    for k, st in sd["optim"]["state"].items()}
+        return sd
+
+    def load_state_dict(self, sd: dict):
+        local = lambda v: v.to_local() if hasattr(v, "to_local") else v
+        sd["model"] = {k: local(v) for k, v in sd["model"].items()}
+        if "optim" in sd: sd["optim"]["state"] = {k: {s: local(v) for s, v in st.items()} for k, st in sd["optim"]["state"].items()}
+        super().load_state_dict(sd)
+
+# %% ../nbs/90_distributed.ipynb #9f4b4fca
+class ShardedParallelism(Parallelism):
+    "A scheme whose ranks hold different tensors: each rank saves and loads its shard under `run.path/checkpoints/`."
+    sharded = True
+    def app_state(self, model: nn.Module, opt) -> Stateful: return ModelOptimizerState(model, opt)
+    def state(self, t) -> dict:
+        return {"app": self.app_state(t.model, t.opt), "progress": TrainerProgress(t), "rng": RNGState()}
+    def save(self, t, run): CheckpointManager(run.path / "checkpoints").save(t.step, self.state(t))
+    def load(self, t, run) -> bool:
+        t.forget_pending()
+        return CheckpointManager(run.path / "checkpoints").load(self.state(t)) is not None
+    def load_model(self, model: nn.Module, run) -> nn.Module:
+        "`model` (one process, unsharded) with the weights of the run's latest sharded checkpoint."
+        if CheckpointManager(run.path / "checkpoints").load({"app": ModelOptimizerState(model)}) is None:
+            return super().load_model(model, run)
+        return model
+
+@PARALLEL.register("fsdp")
+class FullyShardedDataParallel(ShardedParallelism):
+    "FSDP2 (`shard`): parameters, gradients and AdamW state split over the mesh, gathered block by block."
+    def apply(self, model, mesh, cfg): return shard(model, mesh)
+
+    @contextlib.contextmanager
+    def no_sync(self, fwd):
+        m = getattr(fwd, "_orig_mod", fwd)                        # under torch.compile: the FSDP2 module
+        m.set_requires_gradient_sync(False)
+        try: yield
+        finally: m.set_requires_gradient_sync(True)
+
+# %% ../nbs/90_distributed.ipynb #562e50e8
+@PARALLEL.register("ep")
+class ExpertParallelism(ShardedParallelism):
+    "Expert parallelism: each rank holds n_experts / ep experts of every MoE layer; the rest is replicated."
+    def mesh(self, cfg, device_type: str):
+        world = dist.get_world_size(); ep = cfg.ep_degree or world
+        if world % ep: raise ConfigError(f"ep_degree={ep} does not divide the {world} ranks")
+        return make_mesh((ep,), ("ep",), device_type) if ep == world else make_mesh((world // ep, ep), ("dp", "ep"), device_type)
+
+    def apply(self, model, mesh, cfg):
+        if "ep" not in (mesh.mesh_dim_names or ()): raise ConfigError(f"parallel='ep' needs a mesh with an 'ep' dimension, got {mesh}")
+        self.mesh_ = mesh
+        return expert_parallel(model, mesh)
+
+    def sync_grads(self, model, mesh): sync_grads(model, mesh)
+
+    def grad_norm(self, model) -> torch.Tensor:
+        "‖g‖² = Σ replicated g² + Σ over the expert group of every rank's expert g²."
+        grads = [(p.grad, getattr(p, "expert_parallel", False)) for p in model.parameters() if p.grad is not None]
+        sq = lambda gs: torch.nn.utils.get_total_norm(gs).square() if gs else torch.zeros((), device=grads[0][0].device)
+        experts = sq([g for g, e in grads if e])
+        dist.all_reduce(experts, group=self.mesh_.get_group("ep"))
+        return (sq([g for g, e in grads if not e]) + experts).sqrt()
+
+    def app_state(self, model, opt):                              # one process (no mesh): a plain model reads the shards
+        return ExpertParallelState(model, opt, self.mesh_) if hasattr(self, "mesh_") else ModelOptimizerState(model, opt)
 
 # %% ../nbs/90_distributed.ipynb #a83e4f43
 SCHEMES = ("ddp", "fsdp", "ep")

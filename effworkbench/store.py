@@ -30,8 +30,8 @@ from .core import ConfigError, Registry, env_report, runs_dir
 
 # %% auto #0
 __all__ = ['LOGGERS', 'to_jsonable', 'config_hash', 'atomic_write_bytes', 'to_json', 'atomic_write_json', 'read_json',
-           'clean_stale_tmp', 'Run', 'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name', 'run_function',
-           'CheckpointError', 'RunKeyError', 'RunStore']
+           'clean_stale_tmp', 'logger_names', 'Run', 'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name',
+           'run_function', 'CheckpointError', 'RunKeyError', 'RunStore']
 
 # %% ../nbs/00a_store.ipynb #9f154e52
 def to_jsonable(obj: Any) -> Any:
@@ -119,14 +119,18 @@ def _read_object(path: Path) -> dict:
                          f"remove it (`effwb runs rm {path.parent.name}`) and run it again")
     return obj
 
+def logger_names(loggers: Sequence[str] | None = None) -> tuple[str, ...]:
+    "`loggers`, or by default the comma-separated names in `$EFFWB_LOG` (see `LOGGERS`)."
+    if loggers is None: loggers = [n.strip() for n in os.environ.get("EFFWB_LOG", "").split(",") if n.strip()]
+    return tuple(loggers)
+
 class Run:
     "One folder of the store: config, metrics log, checkpoint, result; `loggers` (default `$EFFWB_LOG`) also get the metrics."
     def __init__(self, path: str | Path, loggers: Sequence[str] | None = None):
         self.path = Path(path)
         self.key = self.path.name
-        env = [n.strip() for n in os.environ.get("EFFWB_LOG", "").split(",") if n.strip()]
-        self.loggers = tuple(env if loggers is None else loggers)   # names in `LOGGERS`: "tensorboard", "mlflow"
-        self._sinks: list | None = None                             # opened at the first `log`
+        self.loggers = logger_names(loggers)        # names in `LOGGERS`: "tensorboard", "mlflow"
+        self._sinks: list | None = None             # opened at the first `log`
 
     # files
     @property
