@@ -467,6 +467,7 @@ def _run_branch(t: Trainer, end: int) -> float:
     t.load_state_dict(snap)
     return val
 
+# %% ../nbs/11_train.ipynb #e21ebf63
 def fit(t: Trainer) -> dict[str, Any]:
     "Train `t` to `t.cfg.steps` (resuming from its run's checkpoint); returns the final losses and throughput."
     cfg = t.cfg
@@ -533,6 +534,7 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     save_model(model, str(path), metadata={"effwb.forward": json.dumps(forward_spec(model))})
     return path
 
+# %% ../nbs/11_train.ipynb #d3c58aef
 def _check_forward(model: nn.Module, path: Path, meta: dict[str, str] | None):
     "Refuse weights saved under other forward multipliers or attention scales than `model`'s (same tensors would give other logits)."
     import json

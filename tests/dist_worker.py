@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from effworkbench.distributed import exit_distributed, full_grads
+from effworkbench.distributed import exit_distributed
 from effworkbench.store import Run
 from effworkbench.train import Trainer
 from tests_common import toy_corpus, trainer_cfg

@@ -1,4 +1,5 @@
 "FSDP2, expert parallelism and sharded checkpoints on CPU process groups (gloo, 2–4 processes on loopback), checked against one process."
+import importlib.util
 import os
 import signal
 import subprocess
@@ -190,20 +191,30 @@ def test_cost_model_invariants():
 
 
 @pytest.mark.slow
-def test_effwb_train_nproc_launches_torchrun(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ep"])
+def test_effwb_train_nproc_launches_torchrun(tmp_path, parallel):
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n".join(f"line {i} of a small corpus with words {i % 7} and {i % 11}." for i in range(2000)))
     cfg = tmp_path / "cfg.yaml"
+    moe = ", ffn: moe, ffn_kwargs: {expansion: 2, top_k: 1, backend: torch}" if parallel == "ep" else ""
     cfg.write_text(f"corpus: {corpus}\nmax_bytes: null\nsteps: 2\nbatch_size: 4\nwarmup: 1\neval_batches: 1\n"
-                   "model: {vocab_size: 320, seq_len: 16, d_model: 16, n_layers: 1, n_heads: 2}\n")
+                   f"model: {{vocab_size: 320, seq_len: 16, d_model: 16, n_layers: 1, n_heads: 2{moe}}}\n")
     env = {**os.environ, "EFFWB_RUNS": str(tmp_path / "runs"), "EFFWB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "EFFWB_QUIET": "1"}
     env.pop("LOCAL_RANK", None)
+    env.pop("EFFWB_LOG", None)
     effwb = Path(sys.executable).with_name("effwb")
-    r = subprocess.run([str(effwb), "train", str(cfg), "--nproc", "2"], capture_output=True, text=True, env=env, timeout=240)
+    log = ["--log", "tensorboard"] if parallel == "ddp" and importlib.util.find_spec("tensorboard") else []
+    r = subprocess.run([str(effwb), "train", str(cfg), "--nproc", "2", "--set", f"parallel={parallel}",
+                        "--save-weights", str(tmp_path / "w.safetensors"), *log],
+                       capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     res = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
     assert res["steps"] == 2 and res["tokens"] == 2 * 4 * 16               # the global batch, counted once
-    log = (Path(res["path"]) / "metrics.jsonl").read_text()
-    assert '"step": 2' in log
+    run = Path(res["path"])
+    assert '"step": 2' in (run / "metrics.jsonl").read_text()
+    sharded = parallel != "ddp"
+    assert (run / "checkpoint.pt").exists() != sharded and (run / "checkpoints").is_dir() == sharded
+    assert (tmp_path / "w.safetensors").stat().st_size > 0                  # the weights, read back in one process
+    if log: assert list((run / "tensorboard").glob("events.*"))
