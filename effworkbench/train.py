@@ -1,4 +1,4 @@
-"""AdamW with per-group learning rates from the parameterization, cosine / warmup-stable-decay (with decay branches) / constant schedules, gradient accumulation and batch-size ramp-up, auxiliary losses, checkpoints with bit-exact resume, and the same trainer under `torchrun` with DDP.
+"""AdamW with per-group learning rates from the parameterization, cosine / warmup-stable-decay (with decay branches) / constant schedules, gradient accumulation and batch-size ramp-up, auxiliary losses, checkpoints with bit-exact resume, and the same trainer under `torchrun` with DDP, FSDP2 or expert parallelism, applied in one `parallelize` step.
 
 Docs: https://effworkbench.github.io/effworkbench/train.html.md"""
 
@@ -520,7 +520,12 @@ def run_model(cfg: TrainConfig, run: Run) -> GPT:
 def forward_spec(model: nn.Module) -> dict[str, Any]:
     "What the forward reads besides the tensors: each grouped layer's multiplier `mult[name]` and each attention's logit `scale[name]`, plus the parameterization's repr."
     from effworkbench.nn.gpt import Attention
-    mult = {n: float(m.group_mult[m.group]) for n, m in model.named_modules() if hasattr(m, "group_mult")}  # y = mult · (x Wᵀ + b)
+    mult = {}                                                                                            # y = mult · (x Wᵀ + b)
+    for n, m in model.named_modules():
+        gm = getattr(m, "group_mult", None)
+        if gm is None: continue
+        if hasattr(m, "group"): mult[n] = float(gm[m.group])
+        else: mult.update({f"{n}[{g}]": float(v) for g, v in gm.items()})   # a layer of several groups (MoE: ffn_in, ffn_out)
     scale = {n: float(m.scale) for n, m in model.named_modules() if isinstance(m, Attention)}            # softmax(scale · q kᵀ)
     pz = getattr(model, "parameterization", None)
     name = repr(pz) if type(pz).__repr__ is not object.__repr__ else type(pz).__name__   # MuP(base_width=…, …) or the class
@@ -620,8 +625,9 @@ def _relaunch(args) -> int:
     import subprocess
     argv = ([args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
     argv += (["--preset", args.preset] if args.preset else []) + (["--rerun"] if args.rerun else [])
-    argv += (["--save-weights", args.save_weights] if args.save_weights else []) + [a for n in args.log or [] for a in ("--log", n)]
+    argv += ["--save-weights", args.save_weights] if args.save_weights else []
     env = {**os.environ, **({"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")} if args.nnodes == 1 else {})}
+    if args.log is not None: env["EFFWB_LOG"] = ",".join(args.log)   # not `--log`: torchrun would take it for its --log-dir
     return subprocess.call(torchrun_command(argv, args.nproc, args.nnodes, args.rdzv_endpoint), env=env)
 
 # %% ../nbs/11_train.ipynb #e0b07c12
