@@ -1,5 +1,6 @@
-"""Worker for tests/test_distributed.py, launched by torchrun on CPU (gloo): `Trainer` with parallel=fsdp or ep, one step.
-Arguments: MODE OUT RUN_DIR [EP_DEGREE]; MODE is fsdp or ep."""
+"""Worker for tests/test_distributed.py, launched by torchrun on CPU (gloo): `Trainer` with parallel=fsdp or ep.
+`MODE OUT RUN_DIR [EP_DEGREE]` (MODE fsdp or ep): one step, checked against one process;
+`train PARALLEL OUT RUN_DIR STOP`: resume from RUN_DIR's checkpoint, train and checkpoint every step until STOP."""
 import sys
 
 import torch
@@ -11,6 +12,15 @@ from effworkbench.train import Trainer
 from tests_common import toy_corpus, trainer_cfg
 
 torch.set_num_threads(1)
+if sys.argv[1] == "train":
+    parallel, out, run_dir, stop = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    t = Trainer(trainer_cfg(parallel, moe=parallel == "ep", steps=4), Run(run_dir, loggers=()), corpus=toy_corpus())
+    start = t.step if t.resume() else None
+    while t.step < stop: t.train_step(); t.checkpoint()
+    params = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in t.model.named_parameters()}
+    mine = {n: p.detach().clone() for n, p in params.items()}      # ep: this rank's experts
+    torch.save({"params": mine, "start": start, "step": t.step, "tokens": t.tokens}, f"{out}.{t.rank}")
+    exit_distributed()
 mode, out, run_dir = sys.argv[1:4]
 kw = {"ep_degree": int(sys.argv[4])} if len(sys.argv) > 4 else {}
 t = Trainer(trainer_cfg(mode, moe=mode == "ep", **kw), Run(run_dir, loggers=()), corpus=toy_corpus())

@@ -90,6 +90,24 @@ def test_expert_parallel_matches_single_process(tmp_path, ep_degree):
     _resumed_in_one_process(cfg, run_dir, got)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", "ep"])
+def test_sharded_resume_is_bit_exact(tmp_path, parallel):
+    "4 steps in one go, and 2 steps + a resume from the sharded checkpoint for 2 more: the same weights, bit for bit."
+    _torchrun(2, "train", parallel, str(tmp_path / "once"), str(tmp_path / "once_run"), "4")
+    _torchrun(2, "train", parallel, str(tmp_path / "half"), str(tmp_path / "resumed_run"), "2")
+    _torchrun(2, "train", parallel, str(tmp_path / "resumed"), str(tmp_path / "resumed_run"), "4")
+    for rank in (0, 1):
+        once = torch.load(f"{tmp_path / 'once'}.{rank}", weights_only=True)
+        half = torch.load(f"{tmp_path / 'half'}.{rank}", weights_only=True)
+        resumed = torch.load(f"{tmp_path / 'resumed'}.{rank}", weights_only=True)
+        assert (once["start"], half["start"], resumed["start"]) == (None, None, 2)   # the second half resumed at step 2
+        assert half["step"] == 2 and (once["step"], once["tokens"]) == (resumed["step"], resumed["tokens"]) == (4, 4 * 8 * 16)
+        for n, p in once["params"].items():
+            assert torch.equal(p, resumed["params"][n]), n
+            assert not torch.equal(p, half["params"][n]), n              # the last two steps did change it
+
+
 KILLED_SAVE = textwrap.dedent("""
     import sys, time, torch
     from torch.distributed.checkpoint import FileSystemWriter
