@@ -6,7 +6,7 @@ import pytest
 
 from effworkbench.scaling.laws import PUBLISHED_DENSE, PUBLISHED_MOE, JointLaw, ModelShape
 from effworkbench.core import config_from
-from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, run_experiment
+from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, publish, run_experiment
 from effworkbench.scaling.joint import JointConfig, fit_joint, memory_grid
 from effworkbench.scaling.granularity import (FitSettings, GranularityConfig, ScalingGrid, family_flops, fit_granularity_law,
                                               fits_from_tables, granularity_fits, grid_points, points_table)
@@ -119,6 +119,7 @@ def finished(store: RunStore) -> dict[str, int]:
             if r.status == "done" and r.record["fn"] == "effworkbench.train.train_run"}
 
 
+@pytest.mark.filterwarnings("ignore:.*the checkout is")   # publish from a dirty test checkout
 @pytest.mark.parametrize("name,extra", [("scaling.granularity", ["grid.granularities=[1, 2]", "grid.expansions=[2]"]),
                                         ("scaling.joint", ["grid.expansions=[2]"])])
 def test_a_killed_sweep_resumes_without_recomputing(tmp_path, monkeypatch, name, extra):
@@ -140,3 +141,7 @@ def test_a_killed_sweep_resumes_without_recomputing(tmp_path, monkeypatch, name,
     after = finished(store)
     assert {k: after[k] for k in first} == first and len(after) == n
     assert len(tables["sweep"]) == n * 2 and set(tables) == {"sweep", "fit", "errors"}
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
+    paths = publish(name, cfg, store=store, allow_dirty=True)
+    prefix = name.replace(".", "_")
+    assert sorted(p.name for p in paths) == sorted(f"{prefix}_{t}_smoke.csv" for t in ("sweep", "fit", "errors"))
