@@ -159,8 +159,7 @@ class DynamicKMLP(nn.Module):
         self.param_groups = {"w_in": "ffn_in", "w_out": "ffn_out"}
         self.experts_per_token = torch.tensor(float("nan"))
 
-    @property
-    def n_experts(self) -> int: return self.w_in.shape[0]
+    n_experts = property(lambda self: self.w_in.shape[0], doc="E, the number of experts")
 
     def slots(self, x: torch.Tensor) -> torch.Tensor:
         "Expert per slot (N, K), -1 = empty, for tokens x (N, d)."
@@ -496,8 +495,9 @@ def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #4d171563
 def frontier(sweep: pd.DataFrame) -> pd.DataFrame:
-    "One row per (variant, mode, setting): loss, FLOPs ratio, average experts per token, and a label."
-    g = sweep.groupby(["variant", "mode", "tau", "k"], dropna=False, sort=False)[["loss", "flops_ratio", "avg_experts", "dense_loss", "base_loss"]].first().reset_index()
+    "One row per (variant, mode, setting): loss, FLOPs ratio (and the FFNs' alone, when counted), average experts per token, and a label."
+    cols = ["loss", "flops_ratio", "avg_experts", "dense_loss", "base_loss"] + [c for c in ("ffn_flops_ratio",) if c in sweep]
+    g = sweep.groupby(["variant", "mode", "tau", "k"], dropna=False, sort=False)[cols].first().reset_index()
     g["curve"] = g.variant + " · " + g["mode"]
     g["setting"] = np.where(g["mode"] == "dynamic-k", "τ=" + g.tau.round(3).astype(str), "k=" + g.k.astype("Int64").astype(str))
     return g
