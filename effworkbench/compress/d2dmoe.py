@@ -29,12 +29,12 @@ from ..train import TrainConfig, Trainer, load_model, load_weights, save_weights
 
 # %% auto #0
 __all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerFFN', 'build_hoyer_ffn', 'relufy', 'activation_density', 'balanced_kmeans',
-           'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'dynamic_k_slots', 'DynamicKMLP',
-           'collect_inputs', 'distill_mlp', 'converted_names', 'dynamic_k_model', 'dynamic_k_skeleton', 'set_routing',
-           'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed', 'D2DMoEConfig', 'SparsifyUnit',
-           'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified', 'stored_conversion', 'mean_loss',
-           'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit', 'sparsify_units', 'convert_units', 'run',
-           'frontier', 'plot_tau']
+           'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'dynamic_k_slots', 'compact_slots',
+           'DynamicKMLP', 'collect_inputs', 'distill_mlp', 'converted_names', 'dynamic_k_model', 'dynamic_k_skeleton',
+           'set_routing', 'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed', 'D2DMoEConfig',
+           'SparsifyUnit', 'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified',
+           'stored_conversion', 'mean_loss', 'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit',
+           'sparsify_units', 'convert_units', 'run', 'frontier', 'plot_tau']
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #3f8f73a3
 def hoyer(a: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,12 @@ def dynamic_k_slots(h: torch.Tensor, mode: Literal["dynamic", "topk", "all"] = "
     if mode == "topk": return h.topk(k, -1).indices
     return route_dynamic_k(h, tau).expert_idx.masked_fill(h <= 0, -1)      # ĥ_i ≥ τ · max_j ĥ_j and ĥ_i > 0
 
+def compact_slots(idx: torch.Tensor) -> torch.Tensor:
+    "Slots (N, K) with the empty ones (-1) moved last and the columns no token fills dropped: (N, k_max), one host sync."
+    on = idx >= 0
+    k_max = max(1, int(on.sum(-1).max()))                                   # the busiest token's experts
+    return idx.gather(1, torch.sort(on.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k_max])
+
 # %% ../../nbs/31_compress.d2dmoe.ipynb #8befbae2
 class DynamicKMLP(nn.Module):
     "An MLP split into experts, y = Σ_{i active} W_out_i relu(W_in_i x); expert i active iff ĥ_i ≥ τ · max_j ĥ_j (and ĥ_i > 0). (..., d) → (..., d)."
@@ -173,7 +179,7 @@ class DynamicKMLP(nn.Module):
     def forward(self, x):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])                                             # (N, d)
-        idx = self.slots(xf)                                                      # (N, K)
+        idx = self.slots(xf) if self.mode != "dynamic" else compact_slots(self.slots(xf))   # (N, K)
         on = idx >= 0
         self.experts_per_token = on.sum(-1).float().mean().detach()
         y = moe_mlp(xf, self.w_in, self.w_out, idx, on.to(x.dtype), "relu", backend=self.backend)   # gate 1: added unscaled
