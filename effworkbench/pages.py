@@ -110,6 +110,7 @@ def _clean_outputs(cell, key: str) -> None:
         outs.append(o)
     cell["outputs"] = outs
 
+# %% ../nbs/02a_pages.ipynb #364defde
 def _show_doc_md(name: str, module: str | None) -> str | None:
     "The Markdown `show_doc` gives for `name` (dotted names allowed) of `module`; None if it cannot be imported."
     from nbdev.showdoc import show_doc
@@ -243,6 +244,7 @@ def landing_cells(pages: dict[str, str]) -> list[str]:
     return ["## Contents\n\nThe notebooks by part (the same as the navigation on the left), the [API reference](api/index.md) "
             "and the [run status](status.md) of the run that built these pages.\n\n" + "\n\n".join(tocs)]
 
+# %% ../nbs/02a_pages.ipynb #b35321d0
 def write_sources(site_dir: str | Path, src_dir: str | Path, runs: pd.DataFrame | None = None,
                   docs_dir: str | Path | None = None, package: str = "effworkbench",
                   modules: Sequence[str] | None = None) -> list[str]:
@@ -279,6 +281,7 @@ def write_sources(site_dir: str | Path, src_dir: str | Path, runs: pd.DataFrame 
         if f.is_file() and f.suffix in (".ipynb", ".md") and f.relative_to(src_dir).as_posix() not in keep: f.unlink()
     return sorted(pages)
 
+# %% ../nbs/02a_pages.ipynb #7df3da8a
 def is_executed(nb) -> bool:
     "True if the notebook node has been run: papermill metadata, an execution count or an output."
     if "papermill" in nb.metadata: return True
@@ -331,6 +334,7 @@ def render_html(ipynb_path: str | Path, html_path: str | Path | None = None) -> 
     if html_path is not None and Path(html_path).resolve() != page.resolve(): shutil.copy2(page, html_path)
     return page
 
+# %% ../nbs/02a_pages.ipynb #fc00e94d
 def site_pages(site_dir: str | Path) -> list[Path]:
     "Every documentation page of a built site (not Sphinx's generated index, search or source folders)."
     site_dir = Path(site_dir)
@@ -404,6 +408,7 @@ def _page_error(e) -> str:
     frames = [l.strip() for l in (e.stack or "").splitlines()[1:2]]
     return ": ".join(x for x in (e.name, e.message) if x) + "".join(f" | {f}" for f in frames)
 
+# %% ../nbs/02a_pages.ipynb #ebbd0adb
 def _watch(ctx, page, ev: dict) -> None:
     "Block outside hosts and record errors and requests of `page` into `ev`."
     ctx.route(re.compile(r"^(https?|wss?)://"),
@@ -414,6 +419,7 @@ def _watch(ctx, page, ev: dict) -> None:
     page.on("request", lambda r: ev["outside"].append(r.url) if is_outside(r.url) else None)
     page.on("requestfailed", lambda r: None if is_outside(r.url) else ev["local_failed"].append(f"{r.url} ({r.failure})"))
 
+# %% ../nbs/02a_pages.ipynb #5985b4e9
 def _check_one(browser, url: str, name: str, draw_timeout_s: float) -> dict:
     "Open one page in a fresh context and sort what happened (see `check_site`)."
     from playwright.sync_api import TimeoutError as PWTimeout
@@ -486,6 +492,7 @@ def _nav_check(browser, base: str) -> dict:
     except Exception as e: return {"check": "navigation", "ok": False, "detail": f"{type(e).__name__}: {e}"}
     finally: ctx.close()
 
+# %% ../nbs/02a_pages.ipynb #42e1d784
 def _slider_check(browser, base: str, page_name: str) -> dict:
     "Click the far end of the first figure slider on `page_name`: the figure's data or layout changes."
     ctx = browser.new_context(); page = ctx.new_page(); ev = {"page_errors": [], "console": [], "outside": [], "local_failed": []}
@@ -530,6 +537,7 @@ PAGE_COLUMNS = ["page", "ok", "problems", "figures", "figures_drawn", "sliders",
                 "page_errors", "console_errors", "local_failed", "outside_requests", "math_errors", "undrawn", "figure_tex",
                 "kb", "seconds"]
 
+# %% ../nbs/02a_pages.ipynb #c933ddd8
 def check_site(site_dir: str | Path, pages: Iterable[str | Path] | None = None, draw_timeout_s: float = 20.0,
                search: tuple[str, str] | None = ("Hoyer", "31_compress.d2dmoe.html"), max_kb: float = 1536) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Check every page of a built site in headless Chromium, then search, navigation and a slider; (pages, site checks)."
@@ -564,6 +572,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         "errors": [len(a) + len(b) + len(c) for a, b, c in zip(df.page_errors, df.console_errors, df.local_failed)],
         "outside requests": [len(u) for u in df.outside_requests]})
 
+# %% ../nbs/02a_pages.ipynb #af412786
 def main(argv: Sequence[str] | None = None) -> int:
     "Build the documentation site of DIR's executed notebooks, and check its pages in headless Chromium."
     ap = argparse.ArgumentParser(prog="python -m effworkbench.pages", description=main.__doc__)

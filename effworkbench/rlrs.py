@@ -16,12 +16,15 @@ import numpy as np
 import pandas as pd
 
 from .core import ConfigError, PresetConfig
+from .experiment import Context, register_experiment
 from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts
 
 # %% auto #0
 __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers', 'RelativeLR',
-           'RLRSConfig', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach', 'reuse_configs',
-           'reuse_curves', 'speedups', 'run_experiment', 'tuned_multipliers', 'schedule_frame', 'plot_schedule']
+           'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig', 'model_config', 'train_config',
+           'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach', 'speedups', 'reuse_configs',
+           'reuse_curves', 'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'run', 'schedule_frame',
+           'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -47,7 +50,7 @@ def relative_lr(t: int, eta: float, r: float, f: float, final_frac: float, warmu
     if t >= steps: return e
     return e + 0.5 * (s - e) * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
 
-# %% ../nbs/21_rlrs.ipynb #b6217ddc
+# %% ../nbs/21_rlrs.ipynb #b70cedc3
 def check_multipliers(multipliers: dict) -> dict[str, tuple[float, float]]:
     "Validated {relative group: (r, f)}; groups left out keep (1, 1)."
     out = {}
@@ -59,18 +62,18 @@ def check_multipliers(multipliers: dict) -> dict[str, tuple[float, float]]:
         out[g] = (r, f)
     return out
 
+# %% ../nbs/21_rlrs.ipynb #d3c28cf7
 class RelativeLR(Parameterization):
     "Relative LR schedules: the wrapped parameterization's init and LRs, each group's schedule scaled by (r_g, f_g)."
     name = "rlrs"
     def __init__(self,
-                 multipliers: dict | None = None,   # {relative group: [r, f]}; missing groups: [1, 1]
-                 tuned: str | None = None,          # "dense" or "moe": the committed tuned multipliers (results/), before `multipliers`
+                 multipliers: dict | None = None,   # {relative group: [r, f]} as numbers; missing groups: [1, 1]
                  base: str = "sp",                  # the wrapped parameterization
                  base_kwargs: dict | None = None):
         if base == self.name: raise ConfigError("rlrs cannot wrap itself")
         self.base = make_parameterization(base, **(base_kwargs or {}))
-        self.base_name, self.tuned = base, tuned
-        self.multipliers = {**(tuned_multipliers(tuned) if tuned else {}), **check_multipliers(multipliers or {})}
+        self.base_name = base
+        self.multipliers = check_multipliers(multipliers or {})
 
     def rf(self, group: str) -> tuple[float, float]:
         "(r, f) of a parameter group."
@@ -90,29 +93,69 @@ class RelativeLR(Parameterization):
 
 PARAMETERIZATIONS["rlrs"] = RelativeLR
 
-# %% ../nbs/21_rlrs.ipynb #c61e5939
+# %% ../nbs/21_rlrs.ipynb #f9f58196
 @dataclass
-class RLRSConfig(PresetConfig):
-    "The experiment: tune η, then (r_g, f_g) by coordinate search on a small model; reuse both on a larger one."
-    kinds: list = field(default_factory=lambda: ["dense", "moe"])
-    expansion: int = 8                       # MoE: E experts, top-1 (G = 1)
-    base: str = "mup"                        # parameterization under the relative schedule; μP base width = `width`
-    # the small model, where η and the multipliers are tuned
+class Stage:
+    "One model size of the experiment and its run length."
     width: int = 32
     n_layers: int = 1
     steps: int = 30
-    lr_exps: list = field(default_factory=lambda: [-7, -6])          # η grid of the uniform schedule: 2^e
-    groups: list = field(default_factory=lambda: ["embedding", "ffn"])   # searched relative groups (router: MoE only)
-    coords: list = field(default_factory=lambda: ["r"])             # which multipliers: "r" start, "f" end
-    moves: list = field(default_factory=lambda: [0.2, 2 / 3, 1.5, 5.0])
+
+@dataclass
+class Search:
+    "The tuning on the small model: the η grid of the uniform schedule, then coordinate search over (r_g, f_g)."
+    lr_exps: list[int] = field(default_factory=lambda: [-7, -6])              # η grid: 2^e
+    groups: list[str] = field(default_factory=lambda: ["embedding", "ffn"])   # searched relative groups (router: MoE only)
+    coords: list[str] = field(default_factory=lambda: ["r"])                   # which multipliers: "r" start, "f" end
+    moves: list[float] = field(default_factory=lambda: [0.2, 2 / 3, 1.5, 5.0])
     rounds: int = 1
-    min_gain: float = 0.002                  # a move must lower the loss by more than this
-    # the larger model, where they are reused unchanged
-    large_width: int = 64
-    large_layers: int = 2
-    large_steps: int = 40
-    seeds: list = field(default_factory=lambda: [1])
-    # shared
+    min_gain: float = 0.002                                                    # a move must lower the loss by more than this
+
+# %% ../nbs/21_rlrs.ipynb #f3ffec62
+@dataclass
+class GroupMultipliers:
+    "(r, f) of each tuned relative group: start and end multiplier of its schedule; (1, 1) is the uniform schedule."
+    embedding: tuple[float, float] = (1.0, 1.0)
+    attention: tuple[float, float] = (1.0, 1.0)
+    ffn: tuple[float, float] = (1.0, 1.0)
+    router: tuple[float, float] = (1.0, 1.0)
+    head: tuple[float, float] = (1.0, 1.0)
+
+    def as_dict(self) -> dict[str, tuple[float, float]]:
+        "{group: (r, f)} of every tuned group."
+        return {g: tuple(float(v) for v in getattr(self, g)) for g in TUNED_GROUPS}
+
+@dataclass
+class KindTuning:
+    "η and (r_g, f_g) of one kind, tuned before (e.g. by the committed medium search); given, that kind's search is skipped."
+    eta: float = 0.0
+    multipliers: GroupMultipliers = field(default_factory=GroupMultipliers)
+    def __post_init__(self):
+        if not self.eta > 0: raise ConfigError(f"a given tuning needs its base LR: eta={self.eta} (set tuned.<kind>.eta)")
+
+@dataclass
+class Tuned:
+    "The tunings given per kind (None: tune that kind on the small model)."
+    dense: KindTuning | None = None
+    moe: KindTuning | None = None
+
+# %% ../nbs/21_rlrs.ipynb #aaff5bdc
+_SEARCH_MEDIUM = {"small": {"width": 64, "n_layers": 2, "steps": 200}, "seq_len": 64, "batch_size": 16, "max_bytes": 1_000_000,
+                  "search": {"lr_exps": [-9, -8, -7, -6], "groups": list(TUNED_GROUPS), "coords": ["r", "f"], "rounds": 2},
+                  "eval_batches": 16, "evals": 20}
+
+@dataclass
+class RLRSConfig(PresetConfig):
+    "The experiment: tune η, then (r_g, f_g) by coordinate search on a small model; reuse both on a larger one."
+    preset: str = "smoke"
+    kinds: list[str] = field(default_factory=lambda: ["dense", "moe"])
+    expansion: int = 8                       # MoE: E experts, top-1 (G = 1)
+    base: str = "mup"                        # parameterization under the relative schedule; μP base width = `small.width`
+    small: Stage = field(default_factory=Stage)                          # where η and the multipliers are tuned
+    search: Search = field(default_factory=Search)
+    large: Stage = field(default_factory=lambda: Stage(64, 2, 40))      # where they are reused unchanged (as in "smoke" below)
+    seeds: list[int] = field(default_factory=lambda: [1])                # of the reuse runs (the search uses seed 0)
+    tuned: Tuned = field(default_factory=Tuned)                          # tunings given as numbers: skip those searches
     n_heads: int = 4
     seq_len: int = 32
     batch_size: int = 8
@@ -124,87 +167,91 @@ class RLRSConfig(PresetConfig):
     eval_batches: int = 4
     evals: int = 10                          # validation points along each reuse run (the loss curve)
     presets: ClassVar = {
-        "medium": {"width": 64, "n_layers": 2, "steps": 200, "lr_exps": [-9, -8, -7, -6],
-                   "groups": list(TUNED_GROUPS), "coords": ["r", "f"], "rounds": 2,
-                   "large_width": 128, "large_layers": 4, "large_steps": 500, "seeds": [1, 2],
-                   "seq_len": 64, "batch_size": 16, "max_bytes": 1_000_000, "eval_batches": 16, "evals": 20},
-        "full": {"width": 64, "n_layers": 2, "steps": 200, "lr_exps": [-9, -8, -7, -6],     # medium's search (fast on a GPU)
-                 "groups": list(TUNED_GROUPS), "coords": ["r", "f"], "rounds": 2,
-                 "large_width": 256, "large_layers": 8, "large_steps": 2000, "seeds": [1, 2, 3],
-                 "seq_len": 64, "batch_size": 16, "max_bytes": 1_000_000, "eval_batches": 16, "evals": 20},
+        "smoke": {"large": {"width": 64, "n_layers": 2, "steps": 40}},    # so that `large.steps=…` keeps the other fields
+        "medium": {**_SEARCH_MEDIUM, "large": {"width": 128, "n_layers": 4, "steps": 500}, "seeds": [1, 2]},
+        "full": {**_SEARCH_MEDIUM, "large": {"width": 256, "n_layers": 8, "steps": 2000}, "seeds": [1, 2, 3]},   # medium's search
     }
 
     def search_groups(self, kind: str) -> list[str]:
-        return [g for g in self.groups if kind == "moe" or g != "router"]
+        return [g for g in self.search.groups if kind == "moe" or g != "router"]
 
-    def model(self, kind: str, large: bool = False) -> GPTConfig:
-        return GPTConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, n_heads=self.n_heads,
-                         d_model=self.large_width if large else self.width, n_layers=self.large_layers if large else self.n_layers,
-                         ffn=kind, ffn_kwargs={"expansion": self.expansion} if kind == "moe" else {})
+# %% ../nbs/21_rlrs.ipynb #ad68d700
+def model_config(cfg: RLRSConfig, kind: str, large: bool = False) -> GPTConfig:
+    "The small (or large) `kind` model."
+    st = cfg.large if large else cfg.small
+    return GPTConfig(vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, n_heads=cfg.n_heads, d_model=st.width,
+                     n_layers=st.n_layers, ffn=kind, ffn_kwargs={"expansion": cfg.expansion} if kind == "moe" else {})
 
-    def train_config(self, kind: str, lr: float, multipliers: dict | None = None, large: bool = False, seed: int = 0):
-        "One run: the small (or large) `kind` model, η = lr, the relative schedule `multipliers` over `base`."
-        from effworkbench.train import TrainConfig
-        steps = self.large_steps if large else self.steps
-        mult = {g: [round(float(r), 6), round(float(f), 6)] for g, (r, f) in sorted((multipliers or {}).items())
-                if (r, f) != (1.0, 1.0)}
-        return TrainConfig(model=self.model(kind, large), corpus=self.corpus, max_bytes=self.max_bytes, lr=lr,
-                           steps=steps, batch_size=self.batch_size, warmup=max(1, round(self.warmup_frac * steps)),
-                           final_frac=self.final_frac, param="rlrs",
-                           param_kwargs={"base": self.base, "base_kwargs": {"base_width": self.width} if self.base == "mup" else {},
-                                         "multipliers": mult},
-                           eval_every=max(1, steps // self.evals) if large else steps, eval_batches=self.eval_batches,
-                           log_every=max(1, steps // 10), ckpt_every=steps, seed=seed)
+def train_config(cfg: RLRSConfig, kind: str, lr: float, multipliers: dict | None = None, large: bool = False, seed: int = 0):
+    "One run: the small (or large) `kind` model, η = lr, the relative schedule `multipliers` ({group: (r, f)}) over `base`."
+    from effworkbench.train import TrainConfig
+    steps = (cfg.large if large else cfg.small).steps
+    mult = {g: [round(float(r), 6), round(float(f), 6)] for g, (r, f) in sorted((multipliers or {}).items())
+            if (round(float(r), 6), round(float(f), 6)) != (1.0, 1.0)}        # the uniform groups are left out: one key
+    return TrainConfig(model=model_config(cfg, kind, large), corpus=cfg.corpus, max_bytes=cfg.max_bytes, lr=lr,
+                       steps=steps, batch_size=cfg.batch_size, warmup=max(1, round(cfg.warmup_frac * steps)),
+                       final_frac=cfg.final_frac, param="rlrs",
+                       param_kwargs={"base": cfg.base, "base_kwargs": {"base_width": cfg.small.width} if cfg.base == "mup" else {},
+                                     "multipliers": mult},
+                       eval_every=max(1, steps // cfg.evals) if large else steps, eval_batches=cfg.eval_batches,
+                       log_every=max(1, steps // 10), ckpt_every=steps, seed=seed)
 
-# %% ../nbs/21_rlrs.ipynb #2f2431de
-def _losses(cfgs: Sequence, store, max_workers: int, desc: str, executor: str = "process") -> list[float]:
-    "Final validation loss of each config, trained through the sweep engine (inf where a run diverged)."
-    from effworkbench.sweep import sweep
+# %% ../nbs/21_rlrs.ipynb #cab0bb60
+def _loss(ctx: Context, cfg) -> float:
+    "Final validation loss of the run `cfg`, a unit of `ctx` (inf if it diverged: stored as failed, not retried)."
+    from effworkbench.store import RunKeyError
+    from effworkbench.train import TrainingDiverged, train_run
+    try: err = ctx.store.get(ctx.store.key(train_run, cfg)).error
+    except RunKeyError: err = None
+    if err and err.get("type") == "TrainingDiverged": return math.inf
+    try: return float(ctx.unit(train_run, cfg)["val_loss"])
+    except TrainingDiverged: return math.inf
+
+def _losses(ctx: Context, cfgs: Sequence, desc: str) -> list[float]:
+    "Final validation loss of each config, trained as units of `ctx` (in parallel when it has workers)."
+    from effworkbench.experiment import OutOfTime
     from effworkbench.train import train_run
-    sweep(train_run, list(cfgs), store=store, executor=executor, max_workers=max_workers, desc=desc)
-    out = []
-    for c in cfgs:
-        res = store.get(store.key(train_run, c)).result
-        out.append(float(res["val_loss"]) if res else math.inf)
-    return out
+    if ctx.workers > 1:
+        try: ctx.units(train_run, list(cfgs), desc)
+        except OutOfTime: raise
+        except RuntimeError: pass                           # a diverged run: its loss is inf below
+    return [_loss(ctx, c) for c in cfgs]
 
-def tune_eta(rc: RLRSConfig, kind: str, store=None, max_workers: int = 2, executor: str = "process") -> pd.DataFrame:
+def tune_eta(cfg: RLRSConfig, kind: str, ctx: Context) -> pd.DataFrame:
     "The uniform schedule's loss on the η grid: one row per η."
-    from effworkbench.store import RunStore
-    store = store or RunStore()
-    lrs = [2.0 ** e for e in rc.lr_exps]
-    losses = _losses([rc.train_config(kind, lr) for lr in lrs], store, max_workers, f"{kind}: η sweep", executor)
+    lrs = [2.0 ** e for e in cfg.search.lr_exps]
+    losses = _losses(ctx, [train_config(cfg, kind, lr) for lr in lrs], f"{kind}: η sweep")
     return pd.DataFrame({"kind": kind, "lr": lrs, "val_loss": losses})
 
-def coordinate_search(rc: RLRSConfig, kind: str, eta: float, store=None, max_workers: int = 2,
-                      evaluate: Callable[[list, str], list[float]] | None = None, executor: str = "process") -> pd.DataFrame:
+# %% ../nbs/21_rlrs.ipynb #65f070d6
+def coordinate_search(cfg: RLRSConfig, kind: str, eta: float, ctx: Context | None = None,
+                      evaluate: Callable[[list, str], list[float]] | None = None) -> pd.DataFrame:
     "Coordinate search over (r_g, f_g) with multiplicative moves; one row per evaluated candidate (the start first)."
-    if evaluate is None:                     # default objective: final validation loss of the training run
-        from effworkbench.store import RunStore
-        store = store or RunStore()
-        evaluate = lambda cfgs, desc: _losses(cfgs, store, max_workers, desc, executor)
-    x = {g: [1.0, 1.0] for g in rc.search_groups(kind)}
-    best = evaluate([rc.train_config(kind, eta, x)], f"{kind}: start")[0]
+    evaluate = evaluate or (lambda cfgs, desc: _losses(ctx, cfgs, desc))    # default: final validation loss of the run
+    s = cfg.search
+    x = {g: [1.0, 1.0] for g in cfg.search_groups(kind)}
+    best = evaluate([train_config(cfg, kind, eta, x)], f"{kind}: start")[0]
     rows = [{"kind": kind, "eta": eta, "round": 0, "group": "-", "coord": "-", "move": 1.0, "value": 1.0,
              "val_loss": best, "accepted": True, "best_loss": best, "multipliers": json.dumps(x)}]
-    for rnd in range(1, rc.rounds + 1):
-        for g in rc.search_groups(kind):
-            for coord in rc.coords:
+    for rnd in range(1, s.rounds + 1):
+        for g in cfg.search_groups(kind):
+            for coord in s.coords:
                 j = "rf".index(coord)
                 cands = []
-                for mv in rc.moves:
+                for mv in s.moves:
                     c = {k: list(v) for k, v in x.items()}
                     c[g][j] = round(c[g][j] * mv, 6)
                     cands.append(c)
-                losses = evaluate([rc.train_config(kind, eta, c) for c in cands], f"{kind}: round {rnd}, {g}.{coord}")
+                losses = evaluate([train_config(cfg, kind, eta, c) for c in cands], f"{kind}: round {rnd}, {g}.{coord}")
                 i = int(np.argmin(losses))
-                take = losses[i] < best - rc.min_gain
+                take = losses[i] < best - s.min_gain
                 if take: x, best = cands[i], losses[i]
                 rows += [{"kind": kind, "eta": eta, "round": rnd, "group": g, "coord": coord, "move": mv, "value": c[g][j],
                           "val_loss": l, "accepted": take and k == i, "best_loss": best, "multipliers": json.dumps(c)}
-                         for k, (mv, c, l) in enumerate(zip(rc.moves, cands, losses))]
+                         for k, (mv, c, l) in enumerate(zip(s.moves, cands, losses))]
     return pd.DataFrame(rows)
 
+# %% ../nbs/21_rlrs.ipynb #6c9243b2
 def final_multipliers(history: pd.DataFrame) -> pd.DataFrame:
     "The tuned (r, f) per kind and group: the last accepted point of each kind's search."
     rows = []
@@ -215,7 +262,7 @@ def final_multipliers(history: pd.DataFrame) -> pd.DataFrame:
                          "start_loss": h.iloc[0].val_loss})
     return pd.DataFrame(rows)
 
-# %% ../nbs/21_rlrs.ipynb #e5d07a33
+# %% ../nbs/21_rlrs.ipynb #12e7c3e1
 def steps_to_reach(steps: Sequence[float], losses: Sequence[float], target: float) -> float:
     "First step at which the loss curve reaches `target`, interpolated linearly between points; NaN if it never does."
     s, l = np.asarray(steps, float), np.asarray(losses, float)
@@ -224,29 +271,6 @@ def steps_to_reach(steps: Sequence[float], losses: Sequence[float], target: floa
     i = int(hit[0])
     if i == 0: return float(s[0])
     return float(s[i - 1] + (l[i - 1] - target) / (l[i - 1] - l[i]) * (s[i] - s[i - 1]))
-
-def reuse_configs(rc: RLRSConfig, tuned: pd.DataFrame) -> list[tuple[dict, Any]]:
-    "(labels, TrainConfig) of the reuse runs: per kind and seed, the uniform and the tuned schedule on the large model."
-    out = []
-    for kind, t in tuned.groupby("kind", sort=False):
-        if kind not in rc.kinds: continue
-        mult, eta = {r.group: (r.r, r.f) for r in t.itertuples()}, float(t.eta.iloc[0])
-        for seed in rc.seeds:
-            out.append(({"kind": kind, "schedule": "uniform", "seed": seed}, rc.train_config(kind, eta, None, True, seed)))
-            out.append(({"kind": kind, "schedule": "tuned", "seed": seed}, rc.train_config(kind, eta, mult, True, seed)))
-    return out
-
-def reuse_curves(points: Sequence[tuple[dict, Any]], store=None) -> pd.DataFrame:
-    "Validation-loss curves of the reuse runs: kind, schedule, seed, step, tokens, val_loss."
-    from effworkbench.store import RunStore
-    from effworkbench.train import train_run
-    store = store or RunStore()
-    frames = []
-    for labels, c in points:
-        m = store.get(store.key(train_run, c)).metrics()
-        m = m.dropna(subset=["val_loss"]) if "val_loss" in m else m.iloc[:0]
-        frames.append(m[["step", "tokens", "val_loss"]].assign(**labels, params=param_counts(c.model)["total"]))
-    return pd.concat(frames, ignore_index=True)
 
 def speedups(curves: pd.DataFrame) -> pd.DataFrame:
     "Per kind and seed: the uniform final loss, the tuned final loss, t* and the share of steps saved."
@@ -261,30 +285,29 @@ def speedups(curves: pd.DataFrame) -> pd.DataFrame:
                      "speedup": T / ts if ts == ts and ts > 0 else math.nan})
     return pd.DataFrame(rows)
 
-# %% ../nbs/21_rlrs.ipynb #433a5756
-def run_experiment(rc: RLRSConfig, store=None, max_workers: int = 2, reuse_committed: bool = False,
-                   executor: str = "process") -> dict[str, pd.DataFrame]:
-    "The whole experiment: η sweep and coordinate search per kind (or the committed medium ones), then the reuse runs."
-    from effworkbench.core import load_table
-    from effworkbench.store import RunStore
-    from effworkbench.sweep import sweep
-    from effworkbench.train import train_run
-    store = store or RunStore()
-    if reuse_committed:
-        etas, history, tuned = (load_table(f"rlrs_{n}_medium") for n in ("eta", "search", "tuned"))
-    else:
-        etas = pd.concat([tune_eta(rc, k, store, max_workers, executor) for k in rc.kinds], ignore_index=True)
-        eta_of = etas.loc[etas.groupby("kind").val_loss.idxmin()].set_index("kind").lr
-        history = pd.concat([coordinate_search(rc, k, float(eta_of[k]), store, max_workers, executor=executor) for k in rc.kinds],
-                            ignore_index=True)
-        tuned = final_multipliers(history)
-    points = reuse_configs(rc, tuned)
-    runs = sweep(train_run, [c for _, c in points], store=store, executor=executor, max_workers=max_workers,
-                 desc="reuse on the larger model")
-    if not (runs.status == "done").all(): raise RuntimeError(f"reuse runs failed: {runs.get('error')}")
-    return {"etas": etas, "history": history, "tuned": tuned, "curves": reuse_curves(points, store)}
+# %% ../nbs/21_rlrs.ipynb #743f6ac3
+def reuse_configs(cfg: RLRSConfig, tuned: pd.DataFrame) -> list[tuple[dict, Any]]:
+    "(labels, TrainConfig) of the reuse runs: per kind and seed, the uniform and the tuned schedule on the large model."
+    out = []
+    for kind, t in tuned.groupby("kind", sort=False):
+        if kind not in cfg.kinds: continue
+        mult, eta = {r.group: (r.r, r.f) for r in t.itertuples()}, float(t.eta.iloc[0])
+        for seed in cfg.seeds:
+            out.append(({"kind": kind, "schedule": "uniform", "seed": seed}, train_config(cfg, kind, eta, None, True, seed)))
+            out.append(({"kind": kind, "schedule": "tuned", "seed": seed}, train_config(cfg, kind, eta, mult, True, seed)))
+    return out
 
-# %% ../nbs/21_rlrs.ipynb #24efc3e0
+def reuse_curves(points: Sequence[tuple[dict, Any]], store) -> pd.DataFrame:
+    "Validation-loss curves of the (finished) reuse runs in `store`: kind, schedule, seed, step, tokens, val_loss."
+    from effworkbench.train import train_run
+    frames = []
+    for labels, c in points:
+        m = store.get(store.key(train_run, c)).metrics()
+        m = m.dropna(subset=["val_loss"]) if "val_loss" in m else m.iloc[:0]
+        frames.append(m[["step", "tokens", "val_loss"]].assign(**labels, params=param_counts(c.model)["total"]))
+    return pd.concat(frames, ignore_index=True)
+
+# %% ../nbs/21_rlrs.ipynb #038aab5e
 def tuned_multipliers(kind: str, table: pd.DataFrame | None = None) -> dict[str, tuple[float, float]]:
     "The committed tuned (r, f) per relative group for `kind` (\"dense\" or \"moe\"), from `results/rlrs_tuned_medium.csv`."
     from effworkbench.core import load_table
@@ -293,7 +316,38 @@ def tuned_multipliers(kind: str, table: pd.DataFrame | None = None) -> dict[str,
     if t.empty: raise ConfigError(f"no tuned multipliers for kind {kind!r}; kinds: {sorted(set(table.kind if table is not None else []))}")
     return {r.group: (float(r.r), float(r.f)) for r in t.itertuples()}
 
+def committed_tuning(kinds: Sequence[str] = ("dense", "moe"), table: pd.DataFrame | None = None) -> Tuned:
+    "The committed medium search's η and (r_g, f_g) of `kinds`, as numbers for `RLRSConfig.tuned` (the search is then skipped)."
+    from effworkbench.core import load_table
+    t = load_table("rlrs_tuned_medium") if table is None else table
+    return Tuned(**{k: KindTuning(float(t[t.kind == k].eta.iloc[0]), GroupMultipliers(**tuned_multipliers(k, t))) for k in kinds})
+
+def tuning_frame(kind: str, tuning: KindTuning) -> pd.DataFrame:
+    "A given tuning as rows of the `tuned` table (as `final_multipliers` writes them)."
+    return pd.DataFrame([{"kind": kind, "group": g, "r": r, "f": f, "eta": tuning.eta, "val_loss": math.nan, "start_loss": math.nan}
+                         for g, (r, f) in tuning.multipliers.as_dict().items() if kind == "moe" or g != "router"])
+
 PAPER_MOE = {"embedding": (5.0, 0.666), "head": (0.666, 0.444), "router": (0.666, 1.0), "ffn": (0.3, 1.125), "attention": (1.0, 1.0)}
+
+# %% ../nbs/21_rlrs.ipynb #97f121e3
+@register_experiment("rlrs", RLRSConfig, notebook="21_rlrs", prefix="rlrs")
+def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "η sweep and coordinate search per kind (skipped for a kind `cfg.tuned` gives), then the reuse runs on the larger model."
+    from effworkbench.train import train_run
+    etas, history, tuned = [], [], []
+    for kind in cfg.kinds:
+        if (given := getattr(cfg.tuned, kind)) is not None:
+            tuned.append(tuning_frame(kind, given)); continue
+        etas.append(tune_eta(cfg, kind, ctx))
+        eta = float(etas[-1].lr[etas[-1].val_loss.idxmin()])
+        history.append(coordinate_search(cfg, kind, eta, ctx))
+        tuned.append(final_multipliers(history[-1]))
+    tuned = pd.concat(tuned, ignore_index=True)
+    points = reuse_configs(cfg, tuned)
+    ctx.units(train_run, [c for _, c in points], desc="reuse on the larger model")
+    out = {"tuned": tuned, "reuse": reuse_curves(points, ctx.store)}
+    if etas: out.update(eta=pd.concat(etas, ignore_index=True), search=pd.concat(history, ignore_index=True))
+    return out
 
 # %% ../nbs/21_rlrs.ipynb #e65fd8aa
 def schedule_frame(tuned: pd.DataFrame, steps: int, warmup: int, final_frac: float, n: int = 200) -> pd.DataFrame:

@@ -21,16 +21,17 @@ import traceback
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
 
-from .core import ConfigError, env_report, runs_dir
+from .core import ConfigError, Registry, env_report, runs_dir
 
 # %% auto #0
-__all__ = ['to_jsonable', 'config_hash', 'atomic_write_bytes', 'to_json', 'atomic_write_json', 'read_json', 'clean_stale_tmp',
-           'Run', 'fn_name', 'run_function', 'CheckpointError', 'RunKeyError', 'RunStore']
+__all__ = ['LOGGERS', 'to_jsonable', 'config_hash', 'atomic_write_bytes', 'to_json', 'atomic_write_json', 'read_json',
+           'clean_stale_tmp', 'Run', 'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name', 'run_function',
+           'CheckpointError', 'RunKeyError', 'RunStore']
 
 # %% ../nbs/00a_store.ipynb #9f154e52
 def to_jsonable(obj: Any) -> Any:
@@ -84,6 +85,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     "`atomic_write_bytes` of indented strict JSON (`to_json`)."
     return atomic_write_bytes(path, (to_json(obj, indent=1) + "\n").encode())
 
+# %% ../nbs/00a_store.ipynb #568ae9fd
 def read_json(path: str | Path) -> Any:
     "Read a JSON file, naming the file in the error if it is corrupt."
     try: return json.loads(Path(path).read_bytes().decode("utf-8"))
@@ -118,11 +120,15 @@ def _read_object(path: Path) -> dict:
                          f"remove it (`effwb runs rm {path.parent.name}`) and run it again")
     return obj
 
+# %% ../nbs/00a_store.ipynb #dd06ac4b
 class Run:
-    "One folder of the store: config, metrics log, checkpoint, result."
-    def __init__(self, path: str | Path):
+    "One folder of the store: config, metrics log, checkpoint, result; `loggers` (default `$EFFWB_LOG`) also get the metrics."
+    def __init__(self, path: str | Path, loggers: Sequence[str] | None = None):
         self.path = Path(path)
         self.key = self.path.name
+        env = [n.strip() for n in os.environ.get("EFFWB_LOG", "").split(",") if n.strip()]
+        self.loggers = tuple(env if loggers is None else loggers)   # names in `LOGGERS`: "tensorboard", "mlflow"
+        self._sinks: list | None = None                             # opened at the first `log`
 
     # files
     @property
@@ -179,7 +185,7 @@ class Run:
 
     # metrics
     def log(self, **metrics):
-        "Append one metrics record (a JSON line, NaN as null), flushed at once."
+        "Append one metrics record (a JSON line, NaN as null), flushed at once; the run's loggers get its finite numbers."
         line = to_json(metrics) + "\n"
         if not getattr(self, "_tail_checked", False):   # a killed writer may have left a line without its newline
             if self.metrics_file.exists() and self.metrics_file.stat().st_size:
@@ -189,6 +195,20 @@ class Run:
             self._tail_checked = True
         with open(self.metrics_file, "a") as f:
             f.write(line); f.flush()
+        if self.loggers: self._send(metrics)
+
+    def _send(self, metrics: dict):
+        "The record's finite numbers (bar `step`) to every logger, at the record's `step` (else its count)."
+        if self._sinks is None: self._sinks = [LOGGERS[n](self) for n in check_loggers(self.loggers)]
+        self._count = getattr(self, "_count", -1) + 1
+        vals = {k: float(v) for k, v in metrics.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        for s in self._sinks: s.log(vals, int(metrics.get("step", self._count)))
+
+    def close_loggers(self, status: str = "FINISHED"):
+        "Flush and close the loggers (MLflow records `status`: FINISHED, FAILED or KILLED)."
+        for s in self._sinks or []: s.close(status)
+        self._sinks = None
 
     def metrics(self) -> pd.DataFrame:
         "The metrics log as a DataFrame; a resumed run's repeated steps keep the latest. Unreadable lines are skipped: a torn one silently (a killed writer leaves one), others (not UTF-8, not a JSON object) with a warning."
@@ -243,6 +263,62 @@ class Run:
 
     def __repr__(self): return f"Run({self.key}, {self.status})"
 
+# %% ../nbs/00a_store.ipynb #ac02db86
+LOGGERS = Registry("logger")   # name -> class(run) with .log(values: dict[str, float], step: int) and .close(status: str)
+
+def check_loggers(names: Sequence[str]) -> tuple[str, ...]:
+    "`names`, if each is a registered logger whose package is installed; else a `ConfigError` naming the install command."
+    import importlib.util
+    for n in names:
+        cls = LOGGERS[n]                                    # an unknown name: a ConfigError listing the known ones
+        if importlib.util.find_spec(cls.package) is None:
+            raise ConfigError(f"the {n} logger needs the `{cls.package}` package, which is not installed: "
+                              f"pip install 'effworkbench[log]' (or pip install {cls.requirement})")
+    return tuple(names)
+
+@LOGGERS.register("tensorboard")
+class TensorBoardLogger:
+    "Scalars into event files under `run.path/tensorboard/`, flushed at every record."
+    package, requirement = "tensorboard", "tensorboard"
+    def __init__(self, run: Run):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(run.path / "tensorboard"))
+
+    def log(self, values: dict[str, float], step: int):
+        for k, v in values.items(): self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self, status: str): self.writer.close()
+
+# %% ../nbs/00a_store.ipynb #5d95eb2f
+@LOGGERS.register("mlflow")
+class MLflowLogger:
+    "One MLflow run per store run (tag `effwb.key`), in `$MLFLOW_TRACKING_URI` or the file store `mlruns/` beside the runs."
+    package, requirement = "mlflow", "mlflow-skinny"
+    def __init__(self, run: Run):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 keeps its file store only on request
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or (run.path.parent / "mlruns").resolve().as_uri()
+        self.client = c = MlflowClient(self.uri)
+        rec = run.record if run.config_file.exists() else {"fn": "effworkbench", "config": {}}
+        exp = c.get_experiment_by_name(rec["fn"])                   # one experiment per run function
+        eid = exp.experiment_id if exp else c.create_experiment(rec["fn"])
+        old = c.search_runs([eid], filter_string=f"tags.`effwb.key` = '{run.key}'", max_results=1)
+        if old:                                                    # a resumed run continues its MLflow run
+            self.id = old[0].info.run_id; c.update_run(self.id, status="RUNNING"); return
+        self.id = c.create_run(eid, run_name=run.key, tags={"effwb.key": run.key, "effwb.path": str(run.path)}).info.run_id
+        cfg = rec["config"] if isinstance(rec["config"], dict) else {"config": rec["config"]}
+        params = [Param(k, str(v)[:500]) for k, v in _flat(cfg).items()]
+        for i in range(0, len(params), 100): c.log_batch(self.id, params=params[i:i + 100])   # MLflow's batch limit
+
+    def log(self, values: dict[str, float], step: int):
+        from mlflow.entities import Metric
+        ms = int(time.time() * 1000)
+        if values: self.client.log_batch(self.id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
+
+    def close(self, status: str): self.client.set_terminated(self.id, status)
+
 # %% ../nbs/00a_store.ipynb #db99e094
 def fn_name(fn: Callable) -> str:
     "The run function's name, part of the run key: its `run_name` if it has one, else `module.qualname`."
@@ -268,10 +344,12 @@ def _lock(run: Run, timeout: float = -1):
     from filelock import FileLock   # imported here: the GPU benchmark machines have torch, numpy and pandas only
     return FileLock(str(run.path / ".lock"), timeout=timeout)
 
+# %% ../nbs/00a_store.ipynb #ef11cfa1
 class RunStore:
-    "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`)."
-    def __init__(self, root: str | Path | None = None):
+    "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`); `loggers`: see `Run`."
+    def __init__(self, root: str | Path | None = None, loggers: Sequence[str] | None = None):
         self.root = Path(root) if root is not None else runs_dir()
+        self.loggers = loggers                  # not part of any key: where metrics are shown, not what is computed
 
     def key(self, fn: Callable | str, config: Any) -> str:
         "The folder name of (fn, config)."
@@ -305,9 +383,10 @@ class RunStore:
     def run(self, fn: Callable[[Any, Run], dict], config: Any, rerun: bool = False, preset: str | None = None) -> dict:
         "Return the result of `fn(config, run)`, computing it only if no finished run has this config."
         key = self.key(fn, config)
-        run = Run(self.root / key)
+        run = Run(self.root / key, self.loggers)
         run.path.mkdir(parents=True, exist_ok=True)
         if not rerun and run.status == "done": return run.result
+        check_loggers(run.loggers)              # a logger asked for but not installed fails now, not at the first log
         with _lock(run):
             clean_stale_tmp(run.path)           # no other writer of this run can be alive while we hold its lock
             if rerun:
@@ -326,7 +405,9 @@ class RunStore:
                     raise TypeError(f"{fn_name(fn)} must return a dict (JSON-able), got {type(result).__name__}")
             except BaseException as e:
                 _record_error(run, e, time.time() - t0)
+                run.close_loggers("FAILED" if isinstance(e, Exception) else "KILLED")
                 raise
+            run.close_loggers()
             atomic_write_json(run.result_file, {**to_jsonable(result), "_seconds": round(time.time() - t0, 3)})
         return run.result
 
@@ -396,6 +477,7 @@ class RunStore:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+# %% ../nbs/00a_store.ipynb #b7185dad
 def _record_error(run: Run, e: BaseException, seconds: float):
     "Write the run's error.json; if that write fails too (a read-only or full disk), say so on the exception and warn, never hide `e`."
     try:

@@ -82,6 +82,7 @@ def _child(conn, threads: int, fn: Callable, args: tuple):
     except Exception as e: conn.send(("raise", RuntimeError(f"the task's result could not be sent back: {e!r}")))
     conn.close()
 
+# %% ../nbs/03_sweep.ipynb #2b8f3c6d
 def _kill(p):
     "SIGKILL a task's process and its process group (what the run started: data loader workers, a notebook's kernel)."
     try: os.killpg(p.pid, signal.SIGKILL) if hasattr(os, "killpg") else p.kill()
@@ -89,6 +90,7 @@ def _kill(p):
     if p.exitcode is None: p.kill()
     p.join()
 
+# %% ../nbs/03_sweep.ipynb #755dcc80
 class ProcessExecutor(Executor):
     "Each task in its own child process, at most `max_workers` at once (`fork` on Linux, `spawn` elsewhere); a dead or timed-out child fails its task only."
     def __init__(self, max_workers: int | None = None, start_method: str | None = None, timeout: float | None = None):
@@ -164,6 +166,7 @@ def secure_ray_token(create: bool = True) -> Path | None:
     if stat.S_IMODE(path.stat().st_mode) & 0o077: os.chmod(path, 0o600)    # Ray writes it world-readable
     return path
 
+# %% ../nbs/03_sweep.ipynb #ee8119af
 class RayExecutor(Executor):
     "Tasks on Ray: a new local instance on 127.0.0.1 (`address=None`) or an existing cluster (`'auto'` or `'host:port'`), always with token auth."
     def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_task: float = 1,
@@ -220,6 +223,7 @@ class RayExecutor(Executor):
             _import_ray().shutdown()
             self._connected_here = False
 
+# %% ../nbs/03_sweep.ipynb #82418f15
 class _loopback_ray:
     "While a local Ray instance starts: its node address is 127.0.0.1 (what Ray does on macOS and Windows), inherited by the processes it starts."
     def __init__(self, ray): self.ray = ray
@@ -281,6 +285,7 @@ def _config_columns(config: Any) -> dict:
     c = to_jsonable(config)
     return {f"config.{k}": v for k, v in _flat(c).items()} if isinstance(c, dict) else {"config": c}
 
+# %% ../nbs/03_sweep.ipynb #70495364
 def sweep(fn: Callable, configs: Sequence, store: RunStore | None = None, executor: str | Executor = "process",
           max_workers: int | None = None, desc: str | None = None, timeout: float | None = None) -> pd.DataFrame:
     "Run every config of `configs` through `store` (default `RunStore()`); returns one tidy row per distinct config. `timeout`: seconds a run may take (process executor)."
@@ -309,6 +314,7 @@ def sweep(fn: Callable, configs: Sequence, store: RunStore | None = None, execut
         bar.close(); getattr(outcomes, "close", lambda: None)(); ex.close()
     return _sweep_table(store, fn, keys, dict(zip(keys, configs)), failures)
 
+# %% ../nbs/03_sweep.ipynb #664bb87e
 def _sweep_table(store: RunStore, fn: Callable, keys: list[str], configs: dict, failures: dict) -> pd.DataFrame:
     "`store.load()` rows of the sweep's keys in input order; a failure the store does not show gets its row from `failures`, with a warning."
     df = store.load()

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigError, PresetConfig, coerce_text, config_from, autocast, get_device, progress, set_seed
+from .core import ConfigError, PresetConfig, config_from, autocast, get_device, progress, set_seed
 from .nn.gpt import GPT, GPTConfig, make_parameterization
 from .store import CheckpointError, Run, RunStore, run_function
 # effworkbench.data (tokenizers, filelock) is imported where it is used, so `bench/gpt.py` runs on machines with

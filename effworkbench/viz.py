@@ -180,6 +180,7 @@ def log_ticks(lo: float, hi: float, max_ticks: int = 8) -> list[float]:
     ticks = inside([float(f"{i * step:.12g}") for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)])
     return ticks or [lo]
 
+# %% ../nbs/02_viz.ipynb #37ffaaa3
 def _axis_values(fig: go.Figure, axis) -> np.ndarray:
     "The positive finite data values of every trace drawn on `axis` (a layout x- or y-axis)."
     letter, suffix = axis.plotly_name[0], axis.plotly_name[5:]           # 'xaxis2' -> 'x', '2'
@@ -208,7 +209,6 @@ def tidy_log_axes(fig: go.Figure, max_ticks: int = 8) -> go.Figure:
         else: continue
         axis.update(tickmode="array", tickvals=ticks, ticktext=[tick_label(t) for t in ticks])
     return fig
-
 
 # %% ../nbs/02_viz.ipynb #380c11ba
 def _color_map(values: Sequence) -> dict:
@@ -249,6 +249,7 @@ def _finish(fig, *, x_title, y_title, title=None, legend_title=None, log_x=False
     if log_y: fig.update_yaxes(type="log")
     return tidy_log_axes(fig)
 
+# %% ../nbs/02_viz.ipynb #8c00cc2b
 def line(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, log_x: bool = False, log_y: bool = False,
          markers: bool = False, title: str | None = None, labels: Mapping[str, str] | None = None,
          height: int | None = None, width: int | None = None) -> go.Figure:
@@ -359,6 +360,7 @@ def _stepped(df, x, y, by, color, *, kind, log_x, log_y, labels, active, fixed_r
         fig.update_xaxes(range=_span(df[x], log_x)); fig.update_yaxes(range=_span(df[y], log_y))
     return fig, names, masks, active
 
+# %% ../nbs/02_viz.ipynb #4109c43e
 def slider_figure(df: pd.DataFrame, x: str, y: str, slider: str, color: str | None = None, *, kind: str = "line",
                   log_x: bool = False, log_y: bool = False, active: int = 0, fixed_range: bool = True,
                   title: str | None = None, labels: Mapping[str, str] | None = None, height: int | None = None,
@@ -514,6 +516,7 @@ class Explorer:
     def __repr__(self) -> str:
         return f"Explorer({getattr(self.fn, '__name__', 'fn')}, values={self.values})"
 
+# %% ../nbs/02_viz.ipynb #4a820ba4
 def _check_signature(fn: Callable, specs: Mapping[str, Any]) -> None:
     "Every control must name a parameter of `fn`, and every required parameter of `fn` must have a control."
     params, name = inspect.signature(fn).parameters, getattr(fn, "__name__", repr(fn))

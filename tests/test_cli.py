@@ -48,20 +48,20 @@ def test_list_shows_parameters_and_defaults(nbs):
 
 
 def test_unknown_parameter_is_rejected_before_running(nbs, tmp_path):
-    r = _effwb("run", "toy", "-p", "stepz", "4")
+    r = _effwb("run", "toy", "-p", "stepz=4")
     assert r.returncode == 2
     assert "no parameter(s) ['stepz']" in r.stderr and "steps=3" in r.stderr
     assert not (tmp_path / "_site").exists()                      # nothing ran
 
 
-@pytest.mark.parametrize("args,msg", [(["-p", "steps", "four"], "expected int"), (["--preset", "huge"], "invalid choice")])
+@pytest.mark.parametrize("args,msg", [(["-p", "steps=four"], "expected int"), (["--preset", "huge"], "invalid choice")])
 def test_bad_values_are_rejected(nbs, args, msg):
     r = _effwb("run", "toy", *args)
     assert r.returncode == 2 and msg in r.stderr
 
 
 def test_run_injects_typed_parameters(nbs, tmp_path):
-    r = _effwb("run", "10_toy", "--preset", "medium", "-p", "steps", "4", "-p", "lr", "1", "--no-html")
+    r = _effwb("run", "10_toy", "--preset", "medium", "-p", "steps=4", "-p", "lr=1", "--no-html")
     assert r.returncode == 0, r.stderr
     out = nbformat.read(tmp_path / "_site" / "10_toy.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []))
@@ -134,8 +134,9 @@ def test_ambiguous_notebook_name_lists_the_matches(nbs):
         resolve_notebook("nope")
 
 
-@pytest.mark.parametrize("args,msg", [(["-p", "preset", "medium"], "use --preset medium"),
-                                      (["-p", "steps", "3", "-p", "steps", "4"], "given twice")])
+@pytest.mark.parametrize("args,msg", [(["-p", "preset=medium"], "use --preset medium"),
+                                      (["-p", "steps=3", "-p", "steps=4"], "given twice"),
+                                      (["-p", "steps"], "expected KEY=VALUE")])
 def test_run_param_misuse_is_rejected(nbs, tmp_path, args, msg):
     r = _effwb("run", "10_toy", "--no-html", *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.vision.early_exit import (REGIMES, ExitBench, accuracy_at_budgets, base_macs, block_ranks, exit_macs,
+from effworkbench.vision.early_exit import (REGIMES, EarlyExitConfig, accuracy_at_budgets, base_macs, block_ranks, exit_macs,
                                      exit_probs, loss_surface, multi_exit, multi_exit_loss, simulate_exits, threshold_curve,
                                      train_regime)
 from effworkbench.vision.models import MacCounter, count_macs
@@ -126,8 +126,8 @@ def test_loss_surface_center_and_restore():
     assert s.loss.max() > l0                                                       # moving away costs loss somewhere
 
 
-def test_bench_presets():
-    c = ExitBench.for_preset("medium")
+def test_config_presets():
+    c = EarlyExitConfig.for_preset("medium")
     assert c.epochs == 10 and c.backbone_frac == 0.5 and REGIMES == ("disjoint", "joint", "mixed")
 
 

@@ -69,9 +69,9 @@ def test_any_text_parses_to_the_default_type_or_is_a_config_error(s, default):
 def test_run_params_accept_each_name_once_and_never_preset(pairs):
     names = [k for k, _ in pairs]
     if "preset" in names or len(set(names)) < len(names):
-        with pytest.raises(ConfigError, match="--preset|given twice"): _run_params([list(p) for p in pairs])
+        with pytest.raises(ConfigError, match="--preset|given twice"): _run_params([f"{k}={v}" for k, v in pairs])
     else:
-        assert _run_params([list(p) for p in pairs]) == dict(pairs)
+        assert _run_params([f"{k}={v}" for k, v in pairs]) == dict(pairs)
 
 
 @pytest.fixture(scope="module")

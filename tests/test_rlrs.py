@@ -9,8 +9,12 @@ import torch
 
 from effworkbench.core import ConfigError, load_table
 from effworkbench.nn.gpt import GPT, GPTConfig, GROUPS, make_parameterization, param_groups
-from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, RelativeLR, RLRSConfig, coordinate_search, final_multipliers,
-                               relative_group, relative_lr, speedups, steps_to_reach, tuned_multipliers)
+from effworkbench.core import config_from
+from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, run_experiment
+from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, KindTuning, RelativeLR, RLRSConfig, Search, Tuned, committed_tuning,
+                               coordinate_search, final_multipliers, relative_group, relative_lr, speedups, steps_to_reach,
+                               train_config, tuned_multipliers)
+from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, Trainer, lr_at
 
 
@@ -105,7 +109,7 @@ def test_coordinate_search_descends_a_planted_optimum():
         calls.append(len(cfgs))
         return [sum((math.log(c.param_kwargs["multipliers"].get(g, (1, 1))[j]) - math.log(t[j])) ** 2
                     for g, t in target.items() for j in (0, 1)) for c in cfgs]
-    rc = RLRSConfig(groups=["embedding", "attention", "head", "router"], coords=["r", "f"], rounds=2, min_gain=0.0)
+    rc = RLRSConfig(search=Search(groups=["embedding", "attention", "head", "router"], coords=["r", "f"], rounds=2, min_gain=0.0))
     h = coordinate_search(rc, "dense", 1e-3, evaluate=evaluate)
     assert "router" not in set(h.group)                                        # dense: no router
     fm = {r.group: (r.r, r.f) for r in final_multipliers(h).itertuples()}
@@ -132,11 +136,73 @@ def test_committed_tuned_multipliers_load_and_differ_from_uniform():
         assert set(m) == set(RLRSConfig.for_preset("medium").search_groups(kind))
         assert any(rf != (1.0, 1.0) for rf in m.values()), kind               # the search moved something
         assert all(r > 0 and f > 0 for r, f in m.values())
-        P = RelativeLR(tuned=kind)
-        assert P.multipliers == m
+        assert RelativeLR(multipliers=m).multipliers == m
     h = load_table("rlrs_search_medium")
     for kind, d in h.groupby("kind"):                                          # the committed search is consistent
         last = json.loads(d[d.accepted].iloc[-1].multipliers)
         assert {g: tuple(v) for g, v in last.items()} == tuned_multipliers(kind)
         assert d.best_loss.iloc[-1] < d.val_loss.iloc[0]                        # and it improved on the uniform start
         assert d.best_loss.is_monotonic_decreasing
+
+
+def test_tuned_multipliers_enter_the_keys_as_numbers():
+    "A given tuning is numbers in the config: written as overrides or read from the committed table, one key; no names."
+    t = committed_tuning()
+    assert t.moe.multipliers.as_dict()["router"] == tuned_multipliers("moe")["router"] and t.moe.eta > 0
+    ov = [f"tuned.moe.eta={t.moe.eta!r}"] + [f"tuned.moe.multipliers.{g}={v!r}" for g, v in tuned_multipliers("moe").items()]
+    a, b = config_from(RLRSConfig, "medium", ov), RLRSConfig.for_preset("medium", tuned=Tuned(moe=t.moe))
+    store = RunStore("/nonexistent")
+    assert store.key("experiment.rlrs", a) == store.key("experiment.rlrs", b)
+    c = RLRSConfig.for_preset("medium", tuned=Tuned(moe=KindTuning(t.moe.eta, {**vars(t.moe.multipliers), "head": (1, 1)})))
+    assert store.key("experiment.rlrs", c) != store.key("experiment.rlrs", a)              # other numbers, other key
+    run_cfg = train_config(a, "moe", a.tuned.moe.eta, a.tuned.moe.multipliers.as_dict(), large=True)
+    assert run_cfg.param_kwargs["multipliers"]["embedding"] == list(tuned_multipliers("moe")["embedding"])
+    assert "tuned" not in run_cfg.param_kwargs
+    # equal configs, equal keys: ints for floats, and the defaults written out, change nothing
+    d0 = EXPERIMENTS["rlrs"].config_for("smoke")
+    d1 = EXPERIMENTS["rlrs"].config_for("smoke", ["search.moves=[0.2, 0.6666666666666666, 1.5, 5]", "small.width=32"])
+    assert store.key("experiment.rlrs", d0) == store.key("experiment.rlrs", d1)
+    assert config_from(RLRSConfig, "smoke", ["large.steps=4"]).large == config_from(RLRSConfig, "smoke").large.__class__(64, 2, 4)
+    with pytest.raises(ConfigError, match="tuned.dense"): config_from(RLRSConfig, "smoke", ["tuned.dense.multipliers.head=(2, 1)"])
+
+
+TINY = ["small.width=16", "small.steps=3", "large.width=16", "large.steps=4", "n_heads=2", "seq_len=8", "batch_size=2",
+        "max_bytes=20000", "eval_batches=1", "evals=2", "search.lr_exps=[-6]", "search.groups=['embedding']",
+        "search.moves=[0.2, 5.0]", "seeds=[1]", "kinds=['dense']"]
+
+
+def finished(store: RunStore) -> dict[str, int]:
+    "key → mtime of result.json of every finished unit (train_run) in the store."
+    return {r.key: r.result_file.stat().st_mtime_ns for r in store.runs()
+            if r.status == "done" and r.record["fn"] == "effworkbench.train.train_run"}
+
+
+def test_a_killed_experiment_resumes_without_recomputing(tmp_path, monkeypatch):
+    "The time budget runs out after the η sweep; the same call then finishes, reading back every stored unit."
+    store, cfg = RunStore(tmp_path), EXPERIMENTS["rlrs"].config_for("smoke", TINY)
+    checks, real = [], Context._check_time
+    def budget(self, what):                      # a budget that is spent once two batches of units have started
+        checks.append(what)
+        if len(checks) > 2: raise OutOfTime(f"time budget spent before {what}")
+        return real(self, what)
+    monkeypatch.setattr(Context, "_check_time", budget)
+    with pytest.raises(OutOfTime): run_experiment("rlrs", cfg, store=store)
+    first = finished(store)
+    assert 1 <= len(first) < 1 + 1 + 2 + 2               # some units stored, not all (η, start, 2 moves, 2 reuse)
+    monkeypatch.setattr(Context, "_check_time", real)
+    tables = run_experiment("rlrs", cfg, store=store)
+    after = finished(store)
+    assert {k: after[k] for k in first} == first          # no stored unit was computed again
+    assert set(tables) == {"eta", "search", "tuned", "reuse"} and len(after) > len(first)
+    assert set(tables["reuse"].schedule) == {"uniform", "tuned"}
+    again = run_experiment("rlrs", cfg, store=store)       # finished: the stored tables, nothing trained
+    assert finished(store) == after and again["tuned"].equals(tables["tuned"])
+
+
+def test_given_tunings_skip_the_search(tmp_path):
+    store = RunStore(tmp_path)
+    cfg = EXPERIMENTS["rlrs"].config_for("smoke", TINY + ["tuned.dense.eta=0.0078125", "tuned.dense.multipliers.head=(2.0, 0.5)"])
+    tables = run_experiment("rlrs", cfg, store=store)
+    assert set(tables) == {"tuned", "reuse"} and len(finished(store)) == 2       # only the two reuse runs
+    t = tables["tuned"].set_index("group")
+    assert (t.loc["head", "r"], t.loc["head", "f"]) == (2.0, 0.5) and "router" not in t.index

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.vision.shapley import (Game, PruneBench, TableGame, all_values, channel_game, compare_estimators, exact_shapley,
+from effworkbench.vision.shapley import (Game, ShapleyConfig, TableGame, all_values, channel_game, compare_estimators, exact_shapley,
                                   kernel_shap, l1_scores, leave_one_out, oracle_importance, oracle_sets, partial_shapley,
                                   permutation_shapley, plan_keep, random_unanimity_game, to_mask, unanimity_game)
 from effworkbench.vision.models import prune_channels, resnet_small, vgg_small
@@ -144,8 +144,8 @@ def test_l1_scores_are_filter_norms():
 
 
 def test_bench_presets():
-    assert PruneBench.for_preset("medium").exact_layers == ["1"]
-    with pytest.raises(ConfigError): PruneBench.for_preset("smoke", widht=4)
+    assert ShapleyConfig.for_preset("medium").exact_layers == ["1"]
+    with pytest.raises(ConfigError): ShapleyConfig.for_preset("smoke", widht=4)
 
 
 @pytest.mark.parametrize("n", [2, 5, 10])

@@ -11,7 +11,7 @@ import functools
 import math
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import pandas as pd
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ..core import ConfigError, PresetConfig, set_seed
-from ..vision.models import BlockNet, accuracy, fit, prune_channels, vgg_small
+from ..experiment import Context, register_experiment
+from ..store import Run, run_function
+from ..vision.models import BlockNet, accuracy, fit, prune_channels, unit_weights, vgg_small
 
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
@@ -30,8 +32,8 @@ __all__ = ['Masks', 'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_b
            'apply_masks', 'density', 'prune_structured', 'mask_kinds', 'select_coordinates', 'per_sample_grads',
            'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep', 'weight_per_example', 'input_gram',
            'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step',
-           'DPConfig', 'train_dp', 'DPBench', 'public_private_splits', 'pretrain_public', 'start_model', 'run_grid',
-           'run_grid_seed']
+           'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit', 'public_private_splits', 'pretrain_public_unit',
+           'start_model', 'grid_cell_unit', 'run']
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #bd7b3930
 def check_dp_model(model: nn.Module) -> nn.Module:
@@ -518,9 +520,11 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig, 
     return hist, {"q": q, "sigma": sigma, "steps": steps, "delta": cfg.delta, "epsilon": hist.epsilon.iloc[-1],
                   "density": density(masks), "seconds": time.time() - t0}
 
-# %% ../../nbs/43_privacy.dp_prune.ipynb #ea434cd6
+# %% ../../nbs/43_privacy.dp_prune.ipynb #266098d5
+_GRID_DP = {"q": 0.1, "epochs": 1.0, "log_every": 10 ** 9}   # the grid's private runs: no intermediate logging
+
 @dataclass
-class DPBench(PresetConfig):
+class DPPruneConfig(PresetConfig):
     "The prune × drop × ε grid of `43_privacy.dp_prune`, in two settings: from scratch, and public pretraining + private fine-tuning."
     preset: str = "smoke"
     n_train: int = 600            # generated digit images before the public (0–4) / private (5–9) split
@@ -532,64 +536,70 @@ class DPBench(PresetConfig):
     prunes: tuple[float, ...] = (0.0, 0.7)
     drops: tuple[float, ...] = (0.0, 0.7)
     settings: tuple[str, ...] = ("scratch", "finetune")
-    q: float = 0.1
-    epochs: float = 1.0
-    clip: float = 1.0
-    lr: float = 1.0
-    drop_mode: str = "random"
-    seed: int = 0
     seeds: tuple[int, ...] = (0,)  # independent repeats (data draw, pretraining, init, sampling and noise)
-    presets: ClassVar = {"medium": {"seeds": [0, 1], "n_train": 3000, "n_test": 1000, "epochs": 5.0, "q": 0.05, "pretrain_epochs": 5,
-                                    "epsilons": [1.0, 3.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.5, 0.8]},
-                         "full": {"n_train": 20000, "n_test": 4000, "size": 32, "width": 16, "epochs": 20.0, "q": 0.02,
-                                  "pretrain_epochs": 10, "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0],
-                                  "prunes": [0.0, 0.3, 0.5, 0.7, 0.9], "drops": [0.0, 0.3, 0.5, 0.7, 0.9]}}
+    dp: DPConfig = field(default_factory=lambda: DPConfig(**_GRID_DP))   # every private run; the grid sets epsilon, prune, drop, seed
+    presets: ClassVar = {"smoke": {"dp": _GRID_DP},
+                         "medium": {"seeds": [0, 1], "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
+                                    "epsilons": [1.0, 3.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.5, 0.8],
+                                    "dp": {**_GRID_DP, "epochs": 5.0, "q": 0.05}},
+                         "full": {"n_train": 20000, "n_test": 4000, "size": 32, "width": 16, "pretrain_epochs": 10,
+                                  "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0], "prunes": [0.0, 0.3, 0.5, 0.7, 0.9],
+                                  "drops": [0.0, 0.3, 0.5, 0.7, 0.9], "dp": {**_GRID_DP, "epochs": 20.0, "q": 0.02}}}
 
-def public_private_splits(cfg: DPBench) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def data_unit(cfg: DPPruneConfig, seed: int) -> dict:
+    "The run-store config of the data and the public model of one seed."
+    return {"n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "width": cfg.width,
+            "pretrain_epochs": cfg.pretrain_epochs, "seed": seed}
+
+# %% ../../nbs/43_privacy.dp_prune.ipynb #f22c1510
+def public_private_splits(d: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     "Generated digits split by label: `public` 0–4 (labels 0–4), `private` and `test` 5–9 (relabelled 0–4)."
     from effworkbench.data import upscaled_digits
-    s = upscaled_digits(cfg.n_train, cfg.n_test, size=cfg.size, seed=cfg.seed)
+    s = upscaled_digits(d["n_train"], d["n_test"], size=d["size"], seed=d["seed"])
     pub, prv, te = s.y_train < 5, s.y_train >= 5, s.y_test >= 5
     return {"public": (s.x_train[pub], s.y_train[pub]), "private": (s.x_train[prv], s.y_train[prv] - 5),
             "test": (s.x_test[te], s.y_test[te] - 5)}
 
-def pretrain_public(cfg: DPBench, data: dict) -> BlockNet:
-    "Non-private training on the public digits 0–4."
-    set_seed(cfg.seed)
-    m = vgg_small(num_classes=5, width=cfg.width, norm="group")
-    fit(m, *data["public"], epochs=cfg.pretrain_epochs, lr=0.05, batch_size=64, seed=cfg.seed)
-    return m
+@run_function("privacy.dp_prune.pretrain")
+def pretrain_public_unit(d: dict, run: Run) -> dict:
+    "Unit: non-private training on the public digits 0–4; saves the weights."
+    set_seed(d["seed"])
+    m = vgg_small(num_classes=5, width=d["width"], norm="group")
+    fit(m, *public_private_splits(d)["public"], epochs=d["pretrain_epochs"], lr=0.05, batch_size=64, seed=d["seed"])
+    run.save_checkpoint({"model": m.state_dict()})
+    return {"public_params": sum(p.numel() for p in m.parameters())}
 
-def start_model(cfg: DPBench, setting: str, public_model: BlockNet | None) -> BlockNet:
+def start_model(d: dict, setting: str, public_state: dict | None) -> BlockNet:
     "A fresh model (`scratch`) or the public model with a re-initialised head (`finetune`)."
-    set_seed(cfg.seed + 1)
-    m = vgg_small(num_classes=5, width=cfg.width, norm="group")
+    set_seed(d["seed"] + 1)
+    m = vgg_small(num_classes=5, width=d["width"], norm="group")
     if setting == "finetune":
-        if public_model is None: raise ConfigError("setting 'finetune' needs the public model")
-        m.load_state_dict({k: v for k, v in public_model.state_dict().items() if not k.startswith("head.")}, strict=False)
+        if public_state is None: raise ConfigError("setting 'finetune' needs the public model")
+        m.load_state_dict({k: v for k, v in public_state.items() if not k.startswith("head.")}, strict=False)
     elif setting != "scratch": raise ConfigError(f"setting={setting!r}: use 'scratch' or 'finetune'")
     return m
 
-def run_grid(cfg: DPBench) -> pd.DataFrame:
-    "`run_grid_seed` for every seed in `cfg.seeds`, stacked (column `seed`)."
-    return pd.concat([run_grid_seed(replace(cfg, seed=s)).assign(seed=s) for s in cfg.seeds], ignore_index=True)
+# %% ../../nbs/43_privacy.dp_prune.ipynb #8f55abd7
+@run_function("privacy.dp_prune.cell")
+def grid_cell_unit(u: dict, run: Run) -> dict:
+    """Unit: one private run of the grid, setting `u["setting"]` with the `DPConfig` `u["dp"]` (its ε, prune, drop, seed):
+    pre-pruning by magnitude (of the public or initial weights), DP-SGD; test accuracy, the accountant's ε, σ, steps."""
+    d, setting = u["data"], u["setting"]
+    dp = u["dp"] if isinstance(u["dp"], DPConfig) else DPConfig(**u["dp"])
+    data = public_private_splits(d)
+    public = unit_weights(run, pretrain_public_unit, d) if setting == "finetune" else None
+    m = start_model(d, setting, public)
+    masks = prune_masks(m, dp.prune, "magnitude", seed=dp.seed)          # on public (pretrained) or initial weights
+    hist, s = train_dp(m, *data["private"], dp, masks)
+    return {"setting": setting, "prune": dp.prune, "drop": dp.drop, "target_epsilon": dp.epsilon, "epsilon": s["epsilon"],
+            "sigma": s["sigma"], "steps": s["steps"], "q": s["q"], "n_private": len(data["private"][0]),
+            "accuracy": accuracy(m, *data["test"]), "seconds": s["seconds"], "seed": dp.seed}
 
-def run_grid_seed(cfg: DPBench, data: dict | None = None) -> pd.DataFrame:
-    "One private run per (setting, prune, drop, ε) at `cfg.seed`: test accuracy, the accountant's ε, σ, steps and seconds."
-    data = data or public_private_splits(cfg)
-    public_model = pretrain_public(cfg, data) if "finetune" in cfg.settings else None
-    n_priv = len(data["private"][0])
-    rows = []
-    for setting in cfg.settings:
-        for prune in cfg.prunes:
-            for drop in cfg.drops:
-                for eps in cfg.epsilons:
-                    m = start_model(cfg, setting, public_model)
-                    masks = prune_masks(m, prune, "magnitude", seed=cfg.seed)   # on public (pretrained) or initial weights
-                    dcfg = DPConfig(epsilon=eps, q=cfg.q, epochs=cfg.epochs, clip=cfg.clip, lr=cfg.lr, drop=drop,
-                                    drop_mode=cfg.drop_mode, log_every=10 ** 9, seed=cfg.seed)
-                    hist, s = train_dp(m, *data["private"], dcfg, masks)
-                    rows.append({"setting": setting, "prune": prune, "drop": drop, "target_epsilon": eps,
-                                 "epsilon": s["epsilon"], "sigma": s["sigma"], "steps": s["steps"], "q": s["q"],
-                                 "n_private": n_priv, "accuracy": accuracy(m, *data["test"]), "seconds": s["seconds"]})
-    return pd.DataFrame(rows)
+@register_experiment("privacy.dp_prune", DPPruneConfig, notebook="43_privacy.dp_prune", prefix="dp")
+def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "One private run per (setting, prune, drop, ε, seed), each a unit; the table `grid`, one row per run."
+    cells = [{"data": data_unit(cfg, seed), "setting": setting,
+              "dp": replace(cfg.dp, epsilon=eps, prune=prune, drop=drop, seed=seed)}
+             for seed in cfg.seeds for setting in cfg.settings for prune in cfg.prunes for drop in cfg.drops for eps in cfg.epsilons]
+    if "finetune" in cfg.settings: ctx.units(pretrain_public_unit, [data_unit(cfg, s) for s in cfg.seeds], desc="public pretraining")
+    return {"grid": pd.DataFrame(ctx.units(grid_cell_unit, cells, desc="private runs"))}

@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/vision.early_exit.html.md"""
 # %% ../../nbs/41_vision.early_exit.ipynb #25d2d10c
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Sequence
@@ -18,13 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import ConfigError, PresetConfig, set_seed
+from ..experiment import Context, register_experiment
+from ..store import Run, run_function
 from .models import BlockNet, MacCounter, TokenHead, fit, make_model, total_macs
 
 # %% auto #0
-__all__ = ['Regime', 'REGIMES', 'ExitHead', 'MultiExit', 'multi_exit', 'exit_macs', 'base_macs', 'multi_exit_loss',
+__all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'ExitHead', 'MultiExit', 'multi_exit', 'exit_macs', 'base_macs', 'multi_exit_loss',
            'backbone_only_loss', 'train_regime', 'exit_probs', 'simulate_exits', 'threshold_curve',
-           'accuracy_at_budgets', 'block_ranks', 'filter_normalized_direction', 'loss_surface', 'ExitBench',
-           'run_regimes']
+           'accuracy_at_budgets', 'block_ranks', 'filter_normalized_direction', 'loss_surface', 'EarlyExitConfig',
+           'regime_unit', 'train_regime_unit', 'run']
 
 # %% ../../nbs/41_vision.early_exit.ipynb #895cfb6f
 class ExitHead(nn.Module):
@@ -250,9 +253,9 @@ def loss_surface(model: MultiExit, x: torch.Tensor, y: torch.Tensor, alphas: Seq
         model.train(was)
     return pd.DataFrame(rows)
 
-# %% ../../nbs/41_vision.early_exit.ipynb #41a54eaf
+# %% ../../nbs/41_vision.early_exit.ipynb #8df71261
 @dataclass
-class ExitBench(PresetConfig):
+class EarlyExitConfig(PresetConfig):
     "The early-exit regimes experiment of `41_vision.early_exit`."
     preset: str = "smoke"
     arch: str = "vgg"
@@ -272,33 +275,48 @@ class ExitBench(PresetConfig):
                          "full": {"arch": "resnet", "width": 32, "exit_blocks": [0, 1, 2, 3, 4, 5, 6], "n_train": 20000,
                                   "n_test": 5000, "epochs": 60, "n_diag": 1000, "slice_points": 41}}
 
-def run_regimes(cfg: ExitBench) -> dict[str, pd.DataFrame]:
-    """Train one multi-exit model per regime on the digits; returns the tables `curves` (threshold sweep), `budgets`
-    (accuracy at 25/50/75/100 % of the base FLOPs), `exits` (per-exit accuracy and MACs), `ranks`, `slice1d`, `slice2d`
-    and `history`."""
+EXIT_TABLES = ("curves", "budgets", "exits", "ranks", "slice1d", "slice2d", "history")
+
+def regime_unit(cfg: EarlyExitConfig, regime: str) -> dict:
+    "The run-store config of one regime's unit: the experiment's fields but `preset` (a size name, not a model), and the regime."
+    return {"regime": regime, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "preset"}}
+
+# %% ../../nbs/41_vision.early_exit.ipynb #87adb5c3
+@run_function("vision.early_exit.regime")
+def train_regime_unit(u: dict, run: Run) -> dict:
+    """One unit: train the multi-exit model of regime `u["regime"]` on the digits, save its weights in the unit's folder,
+    and evaluate it; returns the rows (lists of dicts) of the tables in `EXIT_TABLES`."""
     from effworkbench.data import upscaled_digits
+    regime, cfg = u["regime"], EarlyExitConfig(**{k: v for k, v in u.items() if k != "regime"})
     d = upscaled_digits(cfg.n_train, cfg.n_test, size=32, seed=cfg.seed)
     xd, yd = d.x_test[:cfg.n_diag], d.y_test[:cfg.n_diag]
-    out = {k: [] for k in ("curves", "budgets", "exits", "ranks", "slice1d", "slice2d", "history")}
+    set_seed(cfg.seed)
+    model = multi_exit(cfg.arch, cfg.exit_blocks, width=cfg.width)
+    t0 = time.time()
+    hist = train_regime(model, regime, d.x_train, d.y_train, cfg.epochs, round(cfg.backbone_frac * cfg.epochs),
+                        lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    sec = time.time() - t0
+    run.save_checkpoint({"model": model.state_dict()})
+    probs, costs, base = exit_probs(model, d.x_test), exit_macs(model), base_macs(model)
+    curve = threshold_curve(probs, d.y_test, costs, base)
+    accs = (probs.argmax(-1) == d.y_test).float().mean(1)
+    blocks = list(cfg.exit_blocks) + [len(model.backbone.blocks) - 1]
     alphas = np.linspace(-cfg.slice_range, cfg.slice_range, cfg.slice_points)
     grid = np.linspace(-cfg.slice_range, cfg.slice_range, cfg.slice_points // 2 + 1)
-    for regime in REGIMES:
-        set_seed(cfg.seed)
-        model = multi_exit(cfg.arch, cfg.exit_blocks, width=cfg.width)
-        t0 = time.time()
-        hist = train_regime(model, regime, d.x_train, d.y_train, cfg.epochs, round(cfg.backbone_frac * cfg.epochs),
-                            lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
-        sec = time.time() - t0
-        probs, costs, base = exit_probs(model, d.x_test), exit_macs(model), base_macs(model)
-        curve = threshold_curve(probs, d.y_test, costs, base)
-        out["curves"].append(curve.assign(regime=regime))
-        out["budgets"] += [{"regime": regime, "budget": b, "accuracy": a} for b, a in accuracy_at_budgets(curve).items()]
-        accs = (probs.argmax(-1) == d.y_test).float().mean(1)
-        out["exits"] += [{"regime": regime, "exit": k, "block": (cfg.exit_blocks + [len(model.backbone.blocks) - 1])[k],
-                          "accuracy": float(accs[k]), "macs": float(costs[k]), "flops_frac": float(costs[k] / base),
-                          "train_s": sec} for k in range(model.n_exits)]
-        out["ranks"].append(block_ranks(model, xd).assign(regime=regime))
-        out["slice1d"].append(loss_surface(model, xd, yd, alphas, seed=cfg.seed).assign(regime=regime))
-        out["slice2d"].append(loss_surface(model, xd, yd, grid, grid, seed=cfg.seed).assign(regime=regime))
-        out["history"].append(hist)
-    return {k: pd.concat(v, ignore_index=True) if isinstance(v[0], pd.DataFrame) else pd.DataFrame(v) for k, v in out.items()}
+    out = {"curves": curve, "history": hist,
+           "budgets": pd.DataFrame([{"budget": b, "accuracy": a} for b, a in accuracy_at_budgets(curve).items()]),
+           "exits": pd.DataFrame([{"exit": k, "block": blocks[k], "accuracy": float(accs[k]), "macs": float(costs[k]),
+                                   "flops_frac": float(costs[k] / base), "train_s": sec} for k in range(model.n_exits)]),
+           "ranks": block_ranks(model, xd),
+           "slice1d": loss_surface(model, xd, yd, alphas, seed=cfg.seed),
+           "slice2d": loss_surface(model, xd, yd, grid, grid, seed=cfg.seed)}
+    return {k: v.assign(regime=regime).to_dict("records") for k, v in out.items()}
+
+# %% ../../nbs/41_vision.early_exit.ipynb #2a80adb3
+@register_experiment("vision.early_exit", EarlyExitConfig, notebook="41_vision.early_exit", prefix="early_exit")
+def run(cfg: EarlyExitConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    """The early-exit experiment: one unit per regime (same seed, data and epochs); returns the tables `curves` (threshold
+    sweep), `budgets` (accuracy at 25/50/75/100 % of the base FLOPs), `exits` (per-exit accuracy and MACs), `ranks`,
+    `slice1d`, `slice2d` and `history`."""
+    units = ctx.units(train_regime_unit, [regime_unit(cfg, r) for r in REGIMES], desc="early-exit regimes")
+    return {name: pd.DataFrame([row for u in units for row in u[name]]) for name in EXIT_TABLES}

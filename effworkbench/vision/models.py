@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/vision.models.html.md"""
 # %% ../../nbs/40_vision.models.ipynb #6ba5ca78
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 
 from ..core import ConfigError, PresetConfig, set_seed
 from ..data import DataError, ImageSplits
+from ..experiment import Context, register_experiment
+from ..store import Run, RunStore, run_function
 
 Norm = Literal["batch", "group", "none"]
 
@@ -29,7 +32,8 @@ __all__ = ['Norm', 'CIFAR10_CLASSES', 'CIFAR10_RECORD', 'make_norm', 'ChannelGat
            'BlockNet', 'VGG', 'vgg_small', 'ResNet', 'resnet_small', 'PatchEmbed', 'SelfAttention', 'ViTBlock',
            'TokenHead', 'ViT', 'vit_small', 'make_model', 'module_macs', 'MacCounter', 'count_macs', 'total_macs',
            'n_params', 'prune_channels', 'layer_widths', 'read_cifar10_bin', 'cifar10_splits', 'predict_logits',
-           'accuracy', 'fit', 'recalibrate_bn', 'time_forward', 'ModelsBench', 'compare_models']
+           'accuracy', 'fit', 'recalibrate_bn', 'time_forward', 'unit_weights', 'ModelsConfig', 'train_model_unit',
+           'run']
 
 # %% ../../nbs/40_vision.models.ipynb #a0d0197c
 def make_norm(norm: Norm, channels: int, groups: int = 4) -> nn.Module:
@@ -420,9 +424,21 @@ def time_forward(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
     model.train(was)
     return float(np.median(ts))
 
-# %% ../../nbs/40_vision.models.ipynb #d147820f
+# %% ../../nbs/40_vision.models.ipynb #8215a588
+def unit_weights(run: Run, fn: Callable, cfg, key: str = "model") -> dict:
+    """The weights (`key` of the checkpoint) saved by the unit `fn(cfg)` of the store that holds `run`, computing that
+    unit first if it is not finished. How a unit loads the trained model another unit made."""
+    store = RunStore(run.path.parent)
+    store.run(fn, cfg)
+    state = store.get(store.key(fn, cfg)).load_checkpoint()
+    if not state or key not in state:
+        raise ConfigError(f"unit {store.key(fn, cfg)} ({getattr(fn, 'run_name', fn)}) saved no {key!r} weights: "
+                          f"remove it (`effwb runs rm {store.key(fn, cfg)}`) and run again")
+    return state[key]
+
+# %% ../../nbs/40_vision.models.ipynb #86dfb1aa
 @dataclass
-class ModelsBench(PresetConfig):
+class ModelsConfig(PresetConfig):
     "The side-by-side comparison of `40_vision.models`."
     preset: str = "smoke"
     n_train: int = 400
@@ -433,6 +449,7 @@ class ModelsBench(PresetConfig):
     epochs: int = 2
     batch_size: int = 64
     seed: int = 0
+    cifar_dir: str = ""       # a CIFAR-10 binary-release folder (cifar-10-batches-bin) to train on instead of the digits
     presets: ClassVar = {"medium": {"n_train": 4000, "n_test": 1000, "width": 16, "vit_dim": 64, "vit_depth": 4, "epochs": 10},
                          "full": {"n_train": 20000, "n_test": 5000, "width": 32, "vit_dim": 128, "vit_depth": 6, "epochs": 30}}
 
@@ -443,19 +460,34 @@ class ModelsBench(PresetConfig):
                 "resnet / batch": lambda: resnet_small(norm="batch", **kw), "resnet / group": lambda: resnet_small(norm="group", **kw),
                 "vit": lambda: vit_small(num_classes, in_channels, dim=self.vit_dim, depth=self.vit_depth)}
 
-def compare_models(cfg: ModelsBench, splits: ImageSplits) -> pd.DataFrame:
-    "Train every model of `cfg` on `splits`; one row per model: accuracy, MACs and parameters per image, seconds."
-    rows = []
-    shape = (1, *splits.x_train.shape[1:])
-    n_cls = int(splits.y_train.max()) + 1
-    for name, make in cfg.models(shape[1], n_cls).items():
-        set_seed(cfg.seed)
-        m = make()
-        vit = name == "vit"
-        t0 = time.time()
-        h = fit(m, splits.x_train, splits.y_train, cfg.epochs, lr=2e-3 if vit else 0.05, batch_size=cfg.batch_size,
-                weight_decay=0.05 if vit else 5e-4, optimizer="adamw" if vit else "sgd", seed=cfg.seed)
-        rows.append({"model": name, "accuracy": accuracy(m, splits.x_test, splits.y_test), "train_loss": h.loss.iloc[-1],
-                     "macs": total_macs(m, shape), "params": n_params(m), "train_s": time.time() - t0,
-                     "ms_per_image": 1e3 * time_forward(m, splits.x_test[:256], 3) / len(splits.x_test[:256])})
-    return pd.DataFrame(rows)
+    def splits(self) -> ImageSplits:
+        "The data: CIFAR-10 from `cifar_dir` if set, else the upscaled digits."
+        from effworkbench.data import upscaled_digits
+        return (cifar10_splits(self.cifar_dir, self.n_train, self.n_test) if self.cifar_dir else
+                upscaled_digits(self.n_train, self.n_test, size=32, seed=self.seed))
+
+# %% ../../nbs/40_vision.models.ipynb #86d52fb5
+@run_function("vision.models.train")
+def train_model_unit(u: dict, run: Run) -> dict:
+    "One unit: train model `u[\"model\"]` of the comparison, save its weights, and measure it; returns its row."
+    cfg = ModelsConfig(**{k: v for k, v in u.items() if k != "model"})
+    splits = cfg.splits()
+    shape, n_cls = (1, *splits.x_train.shape[1:]), int(splits.y_train.max()) + 1
+    set_seed(cfg.seed)
+    m, vit = cfg.models(shape[1], n_cls)[u["model"]](), u["model"] == "vit"
+    t0 = time.time()
+    h = fit(m, splits.x_train, splits.y_train, cfg.epochs, lr=2e-3 if vit else 0.05, batch_size=cfg.batch_size,
+            weight_decay=0.05 if vit else 5e-4, optimizer="adamw" if vit else "sgd", seed=cfg.seed)
+    sec = time.time() - t0
+    run.save_checkpoint({"model": m.state_dict()})
+    return {"model": u["model"], "accuracy": accuracy(m, splits.x_test, splits.y_test), "train_loss": float(h.loss.iloc[-1]),
+            "macs": total_macs(m, shape), "params": n_params(m), "train_s": sec,
+            "ms_per_image": 1e3 * time_forward(m, splits.x_test[:256], 3) / len(splits.x_test[:256])}
+
+@register_experiment("vision.models", ModelsConfig, notebook="40_vision.models", prefix="vision")
+def run(cfg: ModelsConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    """Every model of `cfg` trained on the same data, one unit each; the table `models` (`models_cifar10` on CIFAR-10):
+    one row per model with accuracy, MACs and parameters per image, and seconds."""
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "preset"}
+    rows = ctx.units(train_model_unit, [{"model": name, **base} for name in cfg.models()], desc="vision models")
+    return {"models_cifar10" if cfg.cifar_dir else "models": pd.DataFrame(rows)}

@@ -20,14 +20,18 @@ import torch.nn.functional as F
 from scipy import stats
 
 from ..core import ConfigError, PresetConfig, set_seed
-from .models import BlockNet, accuracy, fit, prune_channels, layer_widths, total_macs, time_forward, n_params
+from ..experiment import Context, register_experiment
+from ..store import Run, run_function
+from .models import (BlockNet, accuracy, fit, prune_channels, layer_widths, total_macs, time_forward, n_params,
+                                       unit_weights, vgg_small)
 
 # %% auto #0
 __all__ = ['PRUNE_METHODS', 'Game', 'to_mask', 'TableGame', 'all_values', 'exact_shapley', 'unanimity_game',
            'random_unanimity_game', 'permutation_shapley', 'kernel_shap', 'partial_shapley', 'leave_one_out',
            'oracle_sets', 'oracle_importance', 'block_index', 'channel_game', 'rank_corr', 'estimator_runs',
-           'compare_estimators', 'layer_shapley', 'l1_scores', 'plan_keep', 'PruneBench', 'train_base',
-           'estimator_table', 'channel_scores', 'scores_of', 'prune_eval', 'pruning_table']
+           'compare_estimators', 'layer_shapley', 'l1_scores', 'plan_keep', 'ShapleyConfig', 'base_unit', 'base_data',
+           'train_base_unit', 'base_model', 'estimators_unit', 'layer_scores_unit', 'baseline_scores', 'scores_of',
+           'prune_eval', 'prune_unit', 'pruning_table', 'run']
 
 # %% ../../nbs/42_vision.shapley.ipynb #19216dd6
 class Game:
@@ -261,12 +265,13 @@ def compare_estimators(game: Game, **kw) -> pd.DataFrame:
 
 # %% ../../nbs/42_vision.shapley.ipynb #232ac6e5
 def layer_shapley(model: BlockNet, x: torch.Tensor, y: torch.Tensor, perms: Sequence[int] = (8,), exact_max_n: int = 0,
-                  metric: Literal["acc", "loss"] = "acc", seed: int = 0) -> pd.DataFrame:
+                  metric: Literal["acc", "loss"] = "acc", seed: int = 0, layers: Sequence[str] | None = None) -> pd.DataFrame:
     """Shapley values of every prunable layer's channels on the batch (x, y): exact where the layer has ≤ `exact_max_n`
     channels, else permutation sampling, reported at each budget in `perms` (the budgets share their first orders,
-    so the evaluations are counted cumulatively). Rows: layer, channel, budget, phi, evals (of that layer so far)."""
+    so the evaluations are counted cumulatively); only `layers` if given. Rows: layer, channel, budget, phi, evals (of that layer so far)."""
     rows = []
     for layer, n in layer_widths(model).items():
+        if layers is not None and layer not in layers: continue
         game = channel_game(model, layer, x, y, metric)
         if n <= exact_max_n:
             phi = exact_shapley(game)
@@ -311,7 +316,7 @@ def plan_keep(scores: dict[str, np.ndarray], ratio: float, scope: Literal["globa
 
 # %% ../../nbs/42_vision.shapley.ipynb #28a70030
 @dataclass
-class PruneBench(PresetConfig):
+class ShapleyConfig(PresetConfig):
     "The Shapley-pruning experiment of `42_vision.shapley`."
     preset: str = "smoke"
     n_train: int = 400
@@ -337,45 +342,66 @@ class PruneBench(PresetConfig):
                                   "exact_layers": ["0", "1"], "perms": [4, 16, 64], "kernel": [32, 128, 512, 2048],
                                   "seeds": 5, "ratios": [0.25, 0.5, 0.625, 0.75, 0.875]}}
 
-# %% ../../nbs/42_vision.shapley.ipynb #e0a7a036
-def train_base(cfg: PruneBench):
-    "The data (train, validation batch for the game, test) and the trained `vgg_small` to prune."
+def base_unit(cfg: ShapleyConfig) -> dict:
+    "The run-store config of the base model's unit: the fields that decide the data and the trained model."
+    return {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test", "width", "epochs", "batch_size", "seed")}
+
+def base_data(base: dict) -> dict:
+    "The data of a base unit: train, the validation batch of the games (held out of the training images), test."
     from effworkbench.data import upscaled_digits
-    from effworkbench.vision.models import vgg_small
-    d = upscaled_digits(cfg.n_train + cfg.n_val, cfg.n_test, size=32, seed=cfg.seed)
-    data = dict(x_train=d.x_train[:cfg.n_train], y_train=d.y_train[:cfg.n_train], x_val=d.x_train[cfg.n_train:],
-                y_val=d.y_train[cfg.n_train:], x_test=d.x_test, y_test=d.y_test)
-    set_seed(cfg.seed)
-    model = vgg_small(width=cfg.width, norm="batch")
-    fit(model, data["x_train"], data["y_train"], cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
-    return model, data
+    d = upscaled_digits(base["n_train"] + base["n_val"], base["n_test"], size=32, seed=base["seed"])
+    n = base["n_train"]
+    return dict(x_train=d.x_train[:n], y_train=d.y_train[:n], x_val=d.x_train[n:], y_val=d.y_train[n:],
+                x_test=d.x_test, y_test=d.y_test)
 
-def estimator_table(model: BlockNet, cfg: PruneBench, data: dict) -> pd.DataFrame:
-    "`compare_estimators` on the channel game of each of `cfg.exact_layers` (all 2ⁿ values evaluated once, then looked up)."
-    out = []
-    for layer in cfg.exact_layers:
-        game = channel_game(model, layer, data["x_val"], data["y_val"], cfg.metric)
-        t0 = time.time(); V = all_values(game); sec = time.time() - t0
-        df = compare_estimators(TableGame(V), perms=(1, 2, 4, 8, 16, 32), kernel=cfg.kernel, seeds=range(cfg.seeds))
-        out.append(df.assign(layer=layer, n=game.n, sec_per_eval=sec / len(V)))
-    return pd.concat(out, ignore_index=True)
+# %% ../../nbs/42_vision.shapley.ipynb #a3e78bb0
+@run_function("vision.shapley.base")
+def train_base_unit(base: dict, run: Run) -> dict:
+    "Unit: train the `vgg_small` to prune and save its weights; its test accuracy, layer widths and L1 channel scores."
+    data = base_data(base)
+    set_seed(base["seed"])
+    model = vgg_small(width=base["width"], norm="batch")
+    fit(model, data["x_train"], data["y_train"], base["epochs"], batch_size=base["batch_size"], seed=base["seed"])
+    run.save_checkpoint({"model": model.state_dict()})
+    return {"accuracy": accuracy(model, data["x_test"], data["y_test"]), "widths": layer_widths(model),
+            "l1": {k: v.tolist() for k, v in l1_scores(model).items()}}
 
-def channel_scores(model: BlockNet, cfg: PruneBench, data: dict) -> pd.DataFrame:
-    "One row per (method, budget, layer, channel): Shapley values at each permutation budget, L1 norms, random scores."
+def base_model(run: Run, base: dict) -> BlockNet:
+    "The trained base model of the unit `base` (computed first if the store lacks it), in eval mode."
+    model = vgg_small(width=base["width"], norm="batch")
+    model.load_state_dict(unit_weights(run, train_base_unit, base))
+    return model.eval()
+
+@run_function("vision.shapley.estimators")
+def estimators_unit(u: dict, run: Run) -> dict:
+    "Unit: `compare_estimators` on the channel game of layer `u[\"layer\"]` (all 2ⁿ values evaluated once, then looked up)."
+    model, data = base_model(run, u["base"]), base_data(u["base"])
+    game = channel_game(model, u["layer"], data["x_val"], data["y_val"], u["metric"])
+    t0 = time.time(); V = all_values(game); sec = time.time() - t0
+    df = compare_estimators(TableGame(V), perms=(1, 2, 4, 8, 16, 32), kernel=u["kernel"], seeds=range(u["seeds"]))
+    return {"rows": df.assign(layer=u["layer"], n=game.n, sec_per_eval=sec / len(V)).to_dict("records")}
+
+@run_function("vision.shapley.scores")
+def layer_scores_unit(u: dict, run: Run) -> dict:
+    "Unit: the Shapley values of layer `u[\"layer\"]`'s channels at every permutation budget."
+    model, data = base_model(run, u["base"]), base_data(u["base"])
     t0 = time.time()
-    sh = layer_shapley(model, data["x_val"], data["y_val"], cfg.perms, 0, cfg.metric, cfg.seed)
-    sh = sh.rename(columns={"phi": "score"}).assign(method="shapley", seconds=time.time() - t0)
-    rng = np.random.default_rng(cfg.seed)
-    rest = [{"method": m, "budget": 0, "layer": k, "channel": c, "score": s, "evals": 0, "seconds": 0.0}
-            for k, v in l1_scores(model).items() for m, vals in (("l1", v), ("random", rng.random(len(v)))) for c, s in enumerate(vals)]
-    return pd.concat([sh, pd.DataFrame(rest)], ignore_index=True)
+    sh = layer_shapley(model, data["x_val"], data["y_val"], u["perms"], 0, u["metric"], u["seed"], layers=[u["layer"]])
+    return {"rows": sh.rename(columns={"phi": "score"}).assign(method="shapley", seconds=time.time() - t0).to_dict("records")}
+
+# %% ../../nbs/42_vision.shapley.ipynb #8e7f06c1
+def baseline_scores(l1: dict[str, list[float]], seed: int = 0) -> pd.DataFrame:
+    "The scores that cost no evaluations: each channel's L1 norm, and uniform random scores; rows as `layer_scores_unit`'s."
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame([{"method": m, "budget": 0, "layer": k, "channel": c, "score": s, "evals": 0, "seconds": 0.0}
+                         for k, v in l1.items() for m, vals in (("l1", v), ("random", rng.random(len(v)))) for c, s in enumerate(vals)])
 
 def scores_of(scores: pd.DataFrame, method: str, budget: int | None = None) -> dict[str, np.ndarray]:
-    "Layer → per-channel scores of `method` (Shapley: at `budget`, default the largest) from a `channel_scores` table."
+    "Layer → per-channel scores of `method` (Shapley: at `budget`, default the largest) from a scores table."
     d = scores[scores.method == method]
     if budget is None: budget = d.budget.max()
     d = d[d.budget == budget]
-    return {k: g.sort_values("channel").score.to_numpy() for k, g in d.groupby("layer", sort=False)}
+    return {str(k): g.sort_values("channel").score.to_numpy() for k, g in d.groupby("layer", sort=False)}
 
 PRUNE_METHODS = {"shapley / global": ("shapley", "global"), "shapley / per layer": ("shapley", "layer"),
                  "l1 / per layer": ("l1", "layer"), "random / per layer": ("random", "layer")}
@@ -392,20 +418,43 @@ def prune_eval(model: BlockNet, keep: dict, data: dict, finetune_epochs: int, se
             "param_ratio": n_params(small) / n_params(model), "time_ratio": time_forward(small, xb, time_repeats) / time_forward(model, xb, time_repeats),
             "channels": sum(len(v) for v in keep.values())}
 
-def pruning_table(model: BlockNet, cfg: PruneBench, data: dict, scores: pd.DataFrame) -> pd.DataFrame:
-    """Every method at every ratio (the largest Shapley budget), and Shapley / global at `cost_ratio` for every budget;
-    one row each, plus the unpruned model's (ratio 0)."""
-    base = {"method": "unpruned", "ratio": 0.0, "budget": 0, "evals": 0, "acc_pruned": accuracy(model, data["x_test"], data["y_test"])}
-    rows = [{**base, "accuracy": base["acc_pruned"], "mac_ratio": 1.0, "param_ratio": 1.0, "time_ratio": 1.0,
-             "channels": sum(layer_widths(model).values())}]
+@run_function("vision.shapley.prune")
+def prune_unit(u: dict, run: Run) -> dict:
+    "Unit: the base model with only the channels `u[\"keep\"]` (layer → indices), fine-tuned and measured (`prune_eval`)."
+    model, data = base_model(run, u["base"]), base_data(u["base"])
+    return prune_eval(model, {k: np.asarray(v) for k, v in u["keep"].items()}, data, u["finetune_epochs"], u["base"]["seed"],
+                      u["base"]["batch_size"], u["time_repeats"])
+
+# %% ../../nbs/42_vision.shapley.ipynb #02c79b62
+def pruning_table(cfg: ShapleyConfig, ctx: Context, base: dict, b: dict, scores: pd.DataFrame) -> pd.DataFrame:
+    """Every method at every ratio (the largest Shapley budget), and Shapley / global at `cost_ratio` for every budget,
+    one unit each; one row each, plus the unpruned model's (ratio 0)."""
+    rows = [{"method": "unpruned", "ratio": 0.0, "budget": 0, "evals": 0, "acc_pruned": b["accuracy"], "accuracy": b["accuracy"],
+             "mac_ratio": 1.0, "param_ratio": 1.0, "time_ratio": 1.0, "channels": sum(b["widths"].values())}]
     sh_evals = scores[scores.method == "shapley"].groupby(["budget", "layer"]).evals.max().groupby("budget").sum()
     runs = [(name, r, None) for name in PRUNE_METHODS for r in cfg.ratios]
     runs += [("shapley / global", cfg.cost_ratio, b) for b in sorted(cfg.perms)[:-1]]
+    heads, units = [], []
     for name, r, budget in runs:
         crit, scope = PRUNE_METHODS[name]
-        sc = scores_of(scores, crit, budget)
-        b = int(max(cfg.perms) if budget is None and crit == "shapley" else budget or 0)
-        keep = plan_keep(sc, r, scope)
-        rows.append({"method": name, "ratio": r, "budget": b, "evals": int(sh_evals.get(b, 0)) if crit == "shapley" else 0,
-                     **prune_eval(model, keep, data, cfg.finetune_epochs, cfg.seed, cfg.batch_size, cfg.time_repeats)})
-    return pd.DataFrame(rows)
+        keep = plan_keep(scores_of(scores, crit, budget), r, scope)
+        bud = int(max(cfg.perms) if budget is None and crit == "shapley" else budget or 0)
+        heads.append({"method": name, "ratio": r, "budget": bud, "evals": int(sh_evals.get(bud, 0)) if crit == "shapley" else 0})
+        units.append({"base": base, "keep": {k: v.tolist() for k, v in keep.items()}, "finetune_epochs": cfg.finetune_epochs,
+                      "time_repeats": cfg.time_repeats})
+    outs = ctx.units(prune_unit, units, desc="pruned models")
+    return pd.DataFrame(rows + [{**h, **o} for h, o in zip(heads, outs)])
+
+@register_experiment("vision.shapley", ShapleyConfig, notebook="42_vision.shapley", prefix="shapley")
+def run(cfg: ShapleyConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    """The Shapley-pruning experiment; tables `estimators` (each estimator against the exact values and the oracle rank),
+    `scores` (every channel's score by each method and budget) and `pruning` (one row per pruned model)."""
+    base = base_unit(cfg)
+    b = ctx.unit(train_base_unit, base)
+    est = ctx.units(estimators_unit, [{"base": base, "layer": layer, "metric": cfg.metric, "kernel": list(cfg.kernel),
+                                       "seeds": cfg.seeds} for layer in cfg.exact_layers], desc="estimators")
+    sh = ctx.units(layer_scores_unit, [{"base": base, "layer": layer, "perms": list(cfg.perms), "metric": cfg.metric,
+                                        "seed": cfg.seed} for layer in b["widths"]], desc="layer scores")
+    scores = pd.concat([pd.DataFrame(r["rows"]) for r in sh] + [baseline_scores(b["l1"], cfg.seed)], ignore_index=True)
+    return {"estimators": pd.DataFrame([row for r in est for row in r["rows"]]), "scores": scores,
+            "pruning": pruning_table(cfg, ctx, base, b, scores)}

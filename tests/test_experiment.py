@@ -1,0 +1,125 @@
+"""The experiment layer end to end: a toy experiment through `effwb exp` (chunks that stop on their time budget and
+resume without recomputing a unit), `effwb publish` with provenance, `effwb run NB -p a.b=v` routed into a method
+notebook's `overrides` and checked against its config, equal configs giving equal keys."""
+import dataclasses
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from effworkbench.cli import main, validate_params
+from effworkbench.core import ConfigError, PresetConfig
+from effworkbench.experiment import EXPERIMENTS, Context, experiment_run, register_experiment, run_experiment
+from effworkbench.store import RunStore, run_function
+
+CALLS: list[int] = []
+
+
+@dataclasses.dataclass
+class Noise:
+    scale: float = 0.1
+
+
+@dataclasses.dataclass
+class ToyXConfig(PresetConfig):
+    preset: str = "smoke"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    noise: Noise = dataclasses.field(default_factory=Noise)
+    presets = {"medium": {"seeds": (0, 1, 2, 3)}}
+
+
+@run_function("tests.toyx.unit")
+def unit(cfg: dict, run) -> dict:
+    CALLS.append(cfg["seed"])
+    return {"y": cfg["seed"] * cfg["scale"]}
+
+
+@register_experiment("toyx", ToyXConfig, notebook="99_toyx")
+def run_toyx(cfg: ToyXConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    rows = [{"seed": s, **ctx.unit(unit, {"seed": s, "scale": cfg.noise.scale})} for s in cfg.seeds]
+    return {"values": pd.DataFrame(rows)}
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFWB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
+    CALLS.clear()
+    return tmp_path
+
+
+def test_exp_runs_in_chunks_and_resumes_without_recomputing(dirs, monkeypatch, capsys):
+    import effworkbench.experiment as ex
+    spent = []                      # per deadline check (made only before a unit that is not stored): is the budget spent?
+    def check(self, what):
+        if spent.pop(0): raise ex.OutOfTime(what)
+    monkeypatch.setattr(ex.Context, "_check_time", check)
+    args = ["exp", "toyx", "-p", "noise.scale=0.5", "--max-minutes", "1"]
+    spent[:] = [True]; assert main(args) == 3 and CALLS == []                   # spent before the first unit
+    spent[:] = [False, True]; assert main(args) == 3 and CALLS == [0]           # one unit, then spent
+    spent[:] = [False, False]; assert main(args) == 0 and CALLS == [0, 1, 2]    # the rest; unit 0 read back
+    assert main(["exp", "toyx", "-p", "noise.scale=0.5"]) == 0 and CALLS == [0, 1, 2]   # done: read back, no check
+    spent[:] = [False]
+    assert main(["exp", "toyx", "--preset", "medium", "-p", "noise.scale=0.5", "--max-minutes", "1"]) == 0
+    assert CALLS == [0, 1, 2, 3] and spent == []                                # reuses the three stored units
+    assert "table values: 4 rows" in capsys.readouterr().out
+
+
+def test_exp_refuses_unknown_fields_and_names(dirs, capsys):
+    assert main(["exp", "toyx", "-p", "noise.sigma=1"]) == 2
+    assert "no field" in capsys.readouterr().err
+    assert main(["exp", "nosuch"]) == 2
+    assert main(["exp", "toyx", "-p", "seeds"]) == 2
+    assert CALLS == []
+
+
+def test_publish_writes_tables_with_provenance(dirs):
+    cfg = EXPERIMENTS["toyx"].config_for("smoke", ["noise.scale=2"])
+    assert main(["publish", "toyx", "-p", "noise.scale=2", "--allow-dirty"]) == 2       # not run yet: nothing to publish
+    run_experiment("toyx", cfg)
+    assert main(["publish", "toyx", "-p", "noise.scale=2", "--allow-dirty"]) == 0
+    df = pd.read_csv(dirs / "results" / "toyx_values_smoke.csv")
+    assert df.y.tolist() == [0.0, 2.0, 4.0]
+    rec = json.loads((dirs / "results" / "toyx_values_smoke.env.json").read_text())
+    assert rec["experiment"] == "toyx" and rec["run"] == experiment_run("toyx", cfg).key and rec["units"] == 3
+    assert rec["config"]["noise"] == {"scale": 2.0} and "git_hash" in rec
+
+
+def test_publish_refuses_runs_from_uncommitted_code(dirs, monkeypatch):
+    import effworkbench.store as st
+    monkeypatch.setattr(st, "env_report", lambda preset=None: {"preset": preset, "git_hash": "abc", "git_dirty": True})
+    run_experiment("toyx", EXPERIMENTS["toyx"].config_for("smoke"))
+    assert main(["publish", "toyx"]) == 2
+    assert not (dirs / "results").exists()
+
+
+def test_equal_configs_equal_keys(dirs):
+    store = RunStore()
+    a = ToyXConfig.for_preset("smoke")
+    b = ToyXConfig.for_preset("smoke", seeds=[0, 1, 2], noise={"scale": 0.1})     # defaults spelled out, list for tuple
+    c = ToyXConfig.for_preset("smoke", noise={"scale": 0.2})
+    key = lambda cfg: experiment_run.__globals__["_experiment_fn"](EXPERIMENTS["toyx"])
+    assert store.key(key(a), a) == store.key(key(b), b) != store.key(key(c), c)
+
+
+def test_run_routes_dotted_overrides_into_a_method_notebook(dirs):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("preset = 'smoke'\noverrides = []"); cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell]
+    path = dirs / "99_toyx.ipynb"; nbformat.write(nb, path)
+    got = validate_params(path, {"noise.scale": "0.5", "seeds": "(4,)"}, "medium")
+    assert got == {"preset": "medium", "overrides": ["noise.scale=0.5", "seeds=(4,)"]}
+    assert EXPERIMENTS["toyx"].config_for(got["preset"], got["overrides"]).seeds == (4,)
+    with pytest.raises(ConfigError, match="no field"):
+        validate_params(path, {"noise.sigma": "1"}, "smoke")
+
+
+def test_continue_finishes_every_stopped_experiment(dirs, monkeypatch):
+    import effworkbench.experiment as ex
+    for scale in ("0.3", "0.4"):
+        assert main(["exp", "toyx", "-p", f"noise.scale={scale}", "--max-minutes", "-1"]) == 3   # stopped before any unit
+    assert [c.noise.scale for _, c, _ in ex.unfinished_experiments()] == [0.3, 0.4]
+    assert main(["exp", "--continue", "--max-minutes", "5"]) == 0
+    assert CALLS == [0, 1, 2, 0, 1, 2] and ex.unfinished_experiments() == []
+    assert main(["exp", "--continue", "toyx"]) == 2

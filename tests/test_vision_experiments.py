@@ -1,0 +1,64 @@
+"""The vision and privacy experiments go through the run store unit by unit: a run stopped by its time budget
+(`OutOfTime`) continues without recomputing a finished unit, and equal configs give equal run keys."""
+import importlib
+
+import pytest
+import torch
+
+from effworkbench import experiment
+from effworkbench.experiment import EXPERIMENTS, OutOfTime, run_experiment
+from effworkbench.store import RunStore
+
+torch.set_num_threads(1)
+
+# experiment → overrides of its smoke config that keep the run to a few seconds (and at least two units)
+TINY = {"vision.early_exit": ["n_train=64", "n_test=32", "epochs=2", "n_diag=16", "slice_points=3", "width=4"],
+        "vision.models": ["n_train=64", "n_test=32", "epochs=1", "width=4", "vit_dim=16", "vit_depth=1"],
+        "vision.shapley": ["n_train=64", "n_val=32", "n_test=32", "epochs=1", "width=4", "exact_layers=['0']",
+                           "perms=[1]", "kernel=[8]", "seeds=1", "ratios=[0.5]", "time_repeats=1"],
+        "privacy.dp_prune": ["n_train=120", "n_test=40", "size=8", "width=4", "pretrain_epochs=1", "epsilons=(8.0,)",
+                             "prunes=(0.5,)", "drops=(0.0,)", "dp.q=0.2", "dp.epochs=0.4"]}
+
+
+def counted_units(monkeypatch, name: str) -> list:
+    """Wrap every unit function of the experiment's module so that each computed unit is recorded (its run name and
+    config); after the first one the context's time budget is spent, so the next unit raises `OutOfTime`."""
+    mod = importlib.import_module(EXPERIMENTS[name].run.__module__)
+    calls = []
+    for attr, fn in list(vars(mod).items()):
+        if not getattr(fn, "run_name", "").startswith(name + "."): continue
+        def wrapped(cfg, run, _fn=fn):
+            out = _fn(cfg, run)
+            calls.append((_fn.run_name, repr(cfg)))
+            ctx = experiment._ACTIVE_CONTEXT
+            if ctx is not None and ctx.deadline is not None: ctx.deadline = 0.0   # the budget runs out here
+            return out
+        wrapped.run_name = fn.run_name
+        monkeypatch.setattr(mod, attr, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_killed_run_resumes_without_recomputing(name, tmp_path, monkeypatch):
+    calls = counted_units(monkeypatch, name)
+    exp, store = EXPERIMENTS[name], RunStore(tmp_path)
+    cfg = exp.config_for("smoke", TINY[name])
+    with pytest.raises(OutOfTime): run_experiment(name, cfg, store=store, max_minutes=60)
+    first = list(calls)
+    assert len(first) >= 1
+    tables = run_experiment(name, cfg, store=store)
+    assert all(len(df) for df in tables.values())
+    assert len(calls) > len(first) and not set(calls[len(first):]) & set(first)   # the finished units were read back
+    run_experiment(name, cfg, store=store)
+    assert len(calls) == len(set(calls))                                           # done: nothing computed again
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_equal_configs_equal_keys(name, tmp_path):
+    exp, store = EXPERIMENTS[name], RunStore(tmp_path)
+    key = lambda c: store.key(f"experiment.{name}", c)
+    a, b = exp.config_for("smoke"), exp.config_for("smoke", TINY[name])
+    assert key(a) == key(exp.config_for("smoke")) and key(a) != key(b)
+    same = [f"{f}={getattr(a, f)!r}" for f in ("seed",) if hasattr(a, f)]           # a default written out: the same key
+    assert key(exp.config_for("smoke", same)) == key(a)
+    assert experiment.experiment_for_notebook(exp.notebook) is exp
