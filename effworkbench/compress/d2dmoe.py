@@ -483,21 +483,23 @@ def convert_units(cfg: D2DMoEConfig, su: SparsifyUnit) -> list[tuple[str, Conver
 
 @register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe")
 def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "Base model, sparsification, conversion, routing sweep and speed, unit by unit: the sweep, density, routers and speed tables."
+    "Base model, then in stages (each stage's units in parallel with workers) sparsification, conversion, routing sweep, speed."
     ctx.unit(train_run, cfg.base)
-    ks, sweeps, dens, infos = tuple(k for k in cfg.ks if k <= cfg.n_experts), [], [], []
-    for name, su in sparsify_units(cfg):
-        s = ctx.unit(sparsify_unit, su)
-        dens += [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"]} for i, v in enumerate(s["density"])]
-        for vname, cu in convert_units(cfg, su):
-            infos.append(pd.DataFrame(ctx.unit(convert_unit, cu)["routers"]).assign(variant=f"{name}, {vname}"))
-            sw = pd.DataFrame(ctx.unit(sweep_unit, SweepUnit(cu, cfg.taus, ks))["sweep"])
-            sweeps.append(sw.assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"]))
-            sweeps[-1].insert(0, "variant", f"{name}, {vname}")
-            if not cu.attention: fastest = cu                    # the last FFN-only conversion: the Hoyer one when λ > 0
+    spars = sparsify_units(cfg)                                                   # [(name, unit)]
+    s_res = ctx.units(sparsify_unit, [su for _, su in spars], desc="sparsify")
+    convs = [(f"{name}, {v}", s, cu) for (name, su), s in zip(spars, s_res) for v, cu in convert_units(cfg, su)]
+    c_res = ctx.units(convert_unit, [cu for *_, cu in convs], desc="convert")
+    ks = tuple(k for k in cfg.ks if k <= cfg.n_experts)
+    w_res = ctx.units(sweep_unit, [SweepUnit(cu, cfg.taus, ks) for *_, cu in convs], desc="sweep")
+    fastest = [cu for *_, cu in convs if not cu.attention][-1]                   # the last FFN-only conversion: Hoyer when λ > 0
     speed = pd.DataFrame(ctx.unit(speed_unit, SweepUnit(fastest, cfg.taus))["speed"])
+    dens = [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"]}
+            for (name, su), s in zip(spars, s_res) for i, v in enumerate(s["density"])]
+    routers = [pd.DataFrame(c["routers"]).assign(variant=label) for (label, *_), c in zip(convs, c_res)]
+    sweeps = [pd.DataFrame(w["sweep"]).assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"]) for (_, s, _), w in zip(convs, w_res)]
+    for (label, *_), sw in zip(convs, sweeps): sw.insert(0, "variant", label)
     return {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens),
-            "routers": pd.concat(infos, ignore_index=True), "speed": speed}
+            "routers": pd.concat(routers, ignore_index=True), "speed": speed}
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #4d171563
 def frontier(sweep: pd.DataFrame) -> pd.DataFrame:
