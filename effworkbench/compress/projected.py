@@ -664,11 +664,11 @@ class RetrainUnit:
     eval_batches: int = 4
     seed: int = 0
 
-    def train_config(self, model_cfg: GPTConfig, lr: float | None = None) -> TrainConfig:
+    def train_config(self, model_cfg: GPTConfig) -> TrainConfig:
         "The retraining run's TrainConfig: the base's corpus, AdamW without decay, cosine with 10 % warm-up."
         b = self.base
         return TrainConfig(model=model_cfg, corpus=b.corpus, max_bytes=b.max_bytes, val_frac=b.val_frac, steps=self.steps,
-                           batch_size=self.batch_size, lr=self.lr if lr is None else lr, weight_decay=0.0,
+                           batch_size=self.batch_size, lr=self.lr, weight_decay=0.0,
                            warmup=max(1, self.steps // 10), eval_batches=self.eval_batches, seed=self.seed + 1, device=b.device)
 
 def retrain_units(cfg: ProjectedConfig) -> list[RetrainUnit]:
@@ -730,8 +730,8 @@ def run(cfg: ProjectedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "Train the base model, evaluate it, retrain at every (ratio, method, lr): the loss curves and the FLOPs per token."
     ctx.unit(train_run, cfg.base)
     units = retrain_units(cfg)
-    base_loss = ctx.unit(base_loss_unit, RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size,
-                                                      eval_batches=cfg.eval_batches))["val_loss"]
+    evaluation = RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size, eval_batches=cfg.eval_batches)
+    base_loss = ctx.unit(base_loss_unit, evaluation)["val_loss"]                 # (method, ratio, lr: not read, fixed)
     results = ctx.units(retrain_unit, units, desc="retraining runs")
     curves = pd.concat([pd.DataFrame(r["curve"]).assign(method=u.method, lr=u.lr, ratio=u.ratio, k_model=r["flops"]["k_model"],
                                                         k_ff=r["flops"]["k_ff"]) for u, r in zip(units, results)], ignore_index=True)
