@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .projected import CompressionConfig, compress_base
-from ..core import ConfigError
+from .projected import CompressionPresets, compress_base
+from ..core import ConfigError, PresetConfig
 from ..experiment import Context, register_experiment
 from ..moe.layers import moe_mlp, route_dynamic_k
 from ..nn.gpt import GPT, GPTConfig, DenseFFN, flops_per_token, register_ffn
@@ -337,7 +337,7 @@ def layer_speed(layer: DynamicKMLP, x: torch.Tensor, taus: list[float], repeats:
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #e046ee5d
 @dataclass
-class D2DMoEConfig(CompressionConfig):
+class D2DMoEConfig(CompressionPresets, PresetConfig):
     "Dense → dynamic-k MoE conversion of a trained GPT (arXiv 2310.04361)."
     preset: str = "smoke"
     base: TrainConfig = field(default_factory=compress_base)   # the base GPT and its training (`compress_base(preset)`)

@@ -31,7 +31,7 @@ __all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'targe
            'activation_importance', 'weight_importance', 'select', 'one_hot', 'ProjectedLinear', 'ProjectedEmbedding',
            'ProjectedNorm', 'projected_model', 'finalize', 'hard_prune', 'projection_flops', 'training_flops_per_token',
            'ffn_flops_per_token', 'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained',
-           'save_pretrained', 'compress_base', 'CompressionConfig', 'ProjectedConfig', 'RetrainUnit', 'retrain_units',
+           'save_pretrained', 'compress_base', 'CompressionPresets', 'ProjectedConfig', 'RetrainUnit', 'retrain_units',
            'retrain', 'calibration_batches', 'stored_base', 'base_loss_unit', 'retrain_unit', 'run', 'best_lr',
            'margin_table', 'plot_curves']
 
@@ -618,8 +618,8 @@ def compress_base(preset: str = "smoke", **fields) -> TrainConfig:
     "The base GPT (and its training) that `30_compress.projected` and `31_compress.d2dmoe` compress, at `preset`, with `fields` over it."
     return TrainConfig(**_merged({"preset": check_preset(preset), **COMPRESS_BASE[preset]}, fields))
 
-class CompressionConfig(PresetConfig):
-    "A compression experiment's config: its `base` is `compress_base(preset)` with the overrides' `base` fields laid over it."
+class CompressionPresets:
+    "Mixin of a compression experiment's config (before `PresetConfig`): its `base` is `compress_base(preset)` with the overrides' `base` fields over it."
     @classmethod
     def for_preset(cls, preset: str = "smoke", **overrides):
         base = overrides.pop("base", {})
@@ -629,7 +629,7 @@ class CompressionConfig(PresetConfig):
 
 # %% ../../nbs/30_compress.projected.ipynb #f20e93fa
 @dataclass
-class ProjectedConfig(CompressionConfig):
+class ProjectedConfig(CompressionPresets, PresetConfig):
     "Projected compression against hard pruning + retraining, from one trained base model (arXiv 2506.22255)."
     preset: str = "smoke"
     base: TrainConfig = field(default_factory=compress_base)   # the base GPT and its training (`compress_base(preset)`)
