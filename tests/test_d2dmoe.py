@@ -146,12 +146,12 @@ def test_killed_run_resumes_without_recomputing(tmp_path, monkeypatch):
     store = RunStore(tmp_path)
     cfg = EXPERIMENTS["compress.d2dmoe"].config_for("smoke", TINY + ["attention=false"])
     with pytest.raises(KeyboardInterrupt): run_experiment("compress.d2dmoe", cfg, store=store)
-    assert calls == {"sparsify": 1, "dynamic_k_model": 1, "routing_sweep": 1, "layer_speed": 0}
+    assert calls == {"sparsify": 2, "dynamic_k_model": 2, "routing_sweep": 1, "layer_speed": 0}   # (ReLU, Hoyer) × FFN
     kill.clear()
     with pytest.raises(OutOfTime): run_experiment("compress.d2dmoe", cfg, store=store, max_minutes=-1)
-    assert calls == {"sparsify": 1, "dynamic_k_model": 1, "routing_sweep": 1, "layer_speed": 0}   # nothing new started
+    assert calls == {"sparsify": 2, "dynamic_k_model": 2, "routing_sweep": 1, "layer_speed": 0}   # nothing new started
     res = run_experiment("compress.d2dmoe", cfg, store=store)
-    # two sparsifications (ReLU, Hoyer), two conversions, the killed sweep again plus one, one speed measurement
+    # the killed sweep again plus the other one, one speed measurement; no sparsification or conversion again
     assert calls == {"sparsify": 2, "dynamic_k_model": 2, "routing_sweep": 3, "layer_speed": 1}
     assert set(res["sweep"].variant) == {"ReLU fine-tune, FFN", "ReLU + Hoyer, FFN"}
     run_experiment("compress.d2dmoe", cfg, store=store)                     # finished: the stored tables, nothing computed

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .projected import CompressionConfig, compress_base
-from ..core import ConfigError
+from .projected import CompressionPresets, compress_base
+from ..core import ConfigError, PresetConfig
 from ..experiment import Context, register_experiment
 from ..moe.layers import moe_mlp, route_dynamic_k
 from ..nn.gpt import GPT, GPTConfig, DenseFFN, flops_per_token, register_ffn
@@ -29,12 +29,12 @@ from ..train import TrainConfig, Trainer, load_model, load_weights, save_weights
 
 # %% auto #0
 __all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerFFN', 'build_hoyer_ffn', 'relufy', 'activation_density', 'balanced_kmeans',
-           'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'dynamic_k_slots', 'DynamicKMLP',
-           'collect_inputs', 'distill_mlp', 'converted_names', 'dynamic_k_model', 'dynamic_k_skeleton', 'set_routing',
-           'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed', 'D2DMoEConfig', 'SparsifyUnit',
-           'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified', 'stored_conversion', 'mean_loss',
-           'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit', 'sparsify_units', 'convert_units', 'run',
-           'frontier', 'plot_tau']
+           'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'dynamic_k_slots', 'compact_slots',
+           'DynamicKMLP', 'collect_inputs', 'distill_mlp', 'converted_names', 'dynamic_k_model', 'dynamic_k_skeleton',
+           'set_routing', 'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed', 'D2DMoEConfig',
+           'SparsifyUnit', 'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified',
+           'stored_conversion', 'mean_loss', 'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit',
+           'sparsify_units', 'convert_units', 'run', 'frontier', 'plot_tau']
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #3f8f73a3
 def hoyer(a: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,12 @@ def dynamic_k_slots(h: torch.Tensor, mode: Literal["dynamic", "topk", "all"] = "
     if mode == "topk": return h.topk(k, -1).indices
     return route_dynamic_k(h, tau).expert_idx.masked_fill(h <= 0, -1)      # ĥ_i ≥ τ · max_j ĥ_j and ĥ_i > 0
 
+def compact_slots(idx: torch.Tensor) -> torch.Tensor:
+    "Slots (N, K) with the empty ones (-1) moved last and the columns no token fills dropped: (N, k_max), one host sync."
+    on = idx >= 0
+    k_max = max(1, int(on.sum(-1).max()))                                   # the busiest token's experts
+    return idx.gather(1, torch.sort(on.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k_max])
+
 # %% ../../nbs/31_compress.d2dmoe.ipynb #8befbae2
 class DynamicKMLP(nn.Module):
     "An MLP split into experts, y = Σ_{i active} W_out_i relu(W_in_i x); expert i active iff ĥ_i ≥ τ · max_j ĥ_j (and ĥ_i > 0). (..., d) → (..., d)."
@@ -159,8 +165,7 @@ class DynamicKMLP(nn.Module):
         self.param_groups = {"w_in": "ffn_in", "w_out": "ffn_out"}
         self.experts_per_token = torch.tensor(float("nan"))
 
-    @property
-    def n_experts(self) -> int: return self.w_in.shape[0]
+    n_experts = property(lambda self: self.w_in.shape[0], doc="E, the number of experts")
 
     def slots(self, x: torch.Tensor) -> torch.Tensor:
         "Expert per slot (N, K), -1 = empty, for tokens x (N, d)."
@@ -174,7 +179,7 @@ class DynamicKMLP(nn.Module):
     def forward(self, x):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])                                             # (N, d)
-        idx = self.slots(xf)                                                      # (N, K)
+        idx = self.slots(xf) if self.mode != "dynamic" else compact_slots(self.slots(xf))   # (N, K)
         on = idx >= 0
         self.experts_per_token = on.sum(-1).float().mean().detach()
         y = moe_mlp(xf, self.w_in, self.w_out, idx, on.to(x.dtype), "relu", backend=self.backend)   # gate 1: added unscaled
@@ -332,7 +337,7 @@ def layer_speed(layer: DynamicKMLP, x: torch.Tensor, taus: list[float], repeats:
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #e046ee5d
 @dataclass
-class D2DMoEConfig(CompressionConfig):
+class D2DMoEConfig(CompressionPresets, PresetConfig):
     "Dense → dynamic-k MoE conversion of a trained GPT (arXiv 2310.04361)."
     preset: str = "smoke"
     base: TrainConfig = field(default_factory=compress_base)   # the base GPT and its training (`compress_base(preset)`)
@@ -478,26 +483,29 @@ def convert_units(cfg: D2DMoEConfig, su: SparsifyUnit) -> list[tuple[str, Conver
 
 @register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe")
 def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "Base model, sparsification, conversion, routing sweep and speed, unit by unit: the sweep, density, routers and speed tables."
+    "Base model, then in stages (each stage's units in parallel with workers) sparsification, conversion, routing sweep, speed."
     ctx.unit(train_run, cfg.base)
-    ks, sweeps, dens, infos = tuple(k for k in cfg.ks if k <= cfg.n_experts), [], [], []
-    for name, su in sparsify_units(cfg):
-        s = ctx.unit(sparsify_unit, su)
-        dens += [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"]} for i, v in enumerate(s["density"])]
-        for vname, cu in convert_units(cfg, su):
-            infos.append(pd.DataFrame(ctx.unit(convert_unit, cu)["routers"]).assign(variant=f"{name}, {vname}"))
-            sw = pd.DataFrame(ctx.unit(sweep_unit, SweepUnit(cu, cfg.taus, ks))["sweep"])
-            sweeps.append(sw.assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"]))
-            sweeps[-1].insert(0, "variant", f"{name}, {vname}")
-            if not cu.attention: fastest = cu                    # the last FFN-only conversion: the Hoyer one when λ > 0
+    spars = sparsify_units(cfg)                                                   # [(name, unit)]
+    s_res = ctx.units(sparsify_unit, [su for _, su in spars], desc="sparsify")
+    convs = [(f"{name}, {v}", s, cu) for (name, su), s in zip(spars, s_res) for v, cu in convert_units(cfg, su)]
+    c_res = ctx.units(convert_unit, [cu for *_, cu in convs], desc="convert")
+    ks = tuple(k for k in cfg.ks if k <= cfg.n_experts)
+    w_res = ctx.units(sweep_unit, [SweepUnit(cu, cfg.taus, ks) for *_, cu in convs], desc="sweep")
+    fastest = [cu for *_, cu in convs if not cu.attention][-1]                   # the last FFN-only conversion: Hoyer when λ > 0
     speed = pd.DataFrame(ctx.unit(speed_unit, SweepUnit(fastest, cfg.taus))["speed"])
+    dens = [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"]}
+            for (name, su), s in zip(spars, s_res) for i, v in enumerate(s["density"])]
+    routers = [pd.DataFrame(c["routers"]).assign(variant=label) for (label, *_), c in zip(convs, c_res)]
+    sweeps = [pd.DataFrame(w["sweep"]).assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"]) for (_, s, _), w in zip(convs, w_res)]
+    for (label, *_), sw in zip(convs, sweeps): sw.insert(0, "variant", label)
     return {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens),
-            "routers": pd.concat(infos, ignore_index=True), "speed": speed}
+            "routers": pd.concat(routers, ignore_index=True), "speed": speed}
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #4d171563
 def frontier(sweep: pd.DataFrame) -> pd.DataFrame:
-    "One row per (variant, mode, setting): loss, FLOPs ratio, average experts per token, and a label."
-    g = sweep.groupby(["variant", "mode", "tau", "k"], dropna=False, sort=False)[["loss", "flops_ratio", "avg_experts", "dense_loss", "base_loss"]].first().reset_index()
+    "One row per (variant, mode, setting): loss, FLOPs ratio (and the FFNs' alone, when counted), average experts per token, and a label."
+    cols = ["loss", "flops_ratio", "avg_experts", "dense_loss", "base_loss"] + [c for c in ("ffn_flops_ratio",) if c in sweep]
+    g = sweep.groupby(["variant", "mode", "tau", "k"], dropna=False, sort=False)[cols].first().reset_index()
     g["curve"] = g.variant + " · " + g["mode"]
     g["setting"] = np.where(g["mode"] == "dynamic-k", "τ=" + g.tau.round(3).astype(str), "k=" + g.k.astype("Int64").astype(str))
     return g

@@ -31,7 +31,7 @@ __all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'targe
            'activation_importance', 'weight_importance', 'select', 'one_hot', 'ProjectedLinear', 'ProjectedEmbedding',
            'ProjectedNorm', 'projected_model', 'finalize', 'hard_prune', 'projection_flops', 'training_flops_per_token',
            'ffn_flops_per_token', 'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained',
-           'save_pretrained', 'compress_base', 'CompressionConfig', 'ProjectedConfig', 'RetrainUnit', 'retrain_units',
+           'save_pretrained', 'compress_base', 'CompressionPresets', 'ProjectedConfig', 'RetrainUnit', 'retrain_units',
            'retrain', 'calibration_batches', 'stored_base', 'base_loss_unit', 'retrain_unit', 'run', 'best_lr',
            'margin_table', 'plot_curves']
 
@@ -618,8 +618,8 @@ def compress_base(preset: str = "smoke", **fields) -> TrainConfig:
     "The base GPT (and its training) that `30_compress.projected` and `31_compress.d2dmoe` compress, at `preset`, with `fields` over it."
     return TrainConfig(**_merged({"preset": check_preset(preset), **COMPRESS_BASE[preset]}, fields))
 
-class CompressionConfig(PresetConfig):
-    "A compression experiment's config: its `base` is `compress_base(preset)` with the overrides' `base` fields laid over it."
+class CompressionPresets:
+    "Mixin of a compression experiment's config (before `PresetConfig`): its `base` is `compress_base(preset)` with the overrides' `base` fields over it."
     @classmethod
     def for_preset(cls, preset: str = "smoke", **overrides):
         base = overrides.pop("base", {})
@@ -629,7 +629,7 @@ class CompressionConfig(PresetConfig):
 
 # %% ../../nbs/30_compress.projected.ipynb #f20e93fa
 @dataclass
-class ProjectedConfig(CompressionConfig):
+class ProjectedConfig(CompressionPresets, PresetConfig):
     "Projected compression against hard pruning + retraining, from one trained base model (arXiv 2506.22255)."
     preset: str = "smoke"
     base: TrainConfig = field(default_factory=compress_base)   # the base GPT and its training (`compress_base(preset)`)
@@ -664,11 +664,11 @@ class RetrainUnit:
     eval_batches: int = 4
     seed: int = 0
 
-    def train_config(self, model_cfg: GPTConfig, lr: float | None = None) -> TrainConfig:
+    def train_config(self, model_cfg: GPTConfig) -> TrainConfig:
         "The retraining run's TrainConfig: the base's corpus, AdamW without decay, cosine with 10 % warm-up."
         b = self.base
         return TrainConfig(model=model_cfg, corpus=b.corpus, max_bytes=b.max_bytes, val_frac=b.val_frac, steps=self.steps,
-                           batch_size=self.batch_size, lr=self.lr if lr is None else lr, weight_decay=0.0,
+                           batch_size=self.batch_size, lr=self.lr, weight_decay=0.0,
                            warmup=max(1, self.steps // 10), eval_batches=self.eval_batches, seed=self.seed + 1, device=b.device)
 
 def retrain_units(cfg: ProjectedConfig) -> list[RetrainUnit]:
@@ -730,8 +730,8 @@ def run(cfg: ProjectedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "Train the base model, evaluate it, retrain at every (ratio, method, lr): the loss curves and the FLOPs per token."
     ctx.unit(train_run, cfg.base)
     units = retrain_units(cfg)
-    base_loss = ctx.unit(base_loss_unit, RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size,
-                                                      eval_batches=cfg.eval_batches))["val_loss"]
+    evaluation = RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size, eval_batches=cfg.eval_batches)
+    base_loss = ctx.unit(base_loss_unit, evaluation)["val_loss"]                 # (method, ratio, lr: not read, fixed)
     results = ctx.units(retrain_unit, units, desc="retraining runs")
     curves = pd.concat([pd.DataFrame(r["curve"]).assign(method=u.method, lr=u.lr, ratio=u.ratio, k_model=r["flops"]["k_model"],
                                                         k_ff=r["flops"]["k_ff"]) for u, r in zip(units, results)], ignore_index=True)
