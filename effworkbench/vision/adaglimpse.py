@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -90,6 +89,7 @@ def fourier_features(c: torch.Tensor, n_freq: int) -> torch.Tensor:
     z = c[..., None] * f                                                      # (..., k, n_freq)
     return torch.cat([z.sin(), z.cos()], -1).flatten(-2)
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #cceaf39f
 class GlimpseViT(nn.Module):
     "ViT over glimpse patches at arbitrary positions and scales; tokens accumulate, the class token classifies."
     def __init__(self, glimpse: int = 16, patch: int = 8, dim: int = 64, depth: int = 2, heads: int = 4,
@@ -139,6 +139,7 @@ def object_actions(boxes: torch.Tensor, hw: tuple[int, int], jitter: float = 4.0
     cy = (b[:, 1] + b[:, 3]) / 2 + jitter * (2 * torch.rand(len(b), generator=gen) - 1)
     return box_to_action(cx, cy, torch.full((len(b),), min(hw) / 2), hw)
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #ee53135a
 def pretrain_encoder(model: GlimpseViT, x: torch.Tensor, y: torch.Tensor, budget: int, epochs: int = 5, lr: float = 2e-3,
                      batch_size: int = 64, seed: int = 0, boxes: torch.Tensor | None = None, object_prob: float = 0.5) -> pd.DataFrame:
     """Train `model` on uniformly random glimpses: mean cross-entropy over prefixes t = 1..budget. With object `boxes`
@@ -253,6 +254,7 @@ class Critic(nn.Module):
         self.feat, self.body = feat, mlp(feat_dim + act_dim, hidden, 1)
     def forward(self, s, a): return self.body(torch.cat([self.feat(s), a], -1))[:, 0]
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #d43d3efc
 class ReplayBuffer:
     "Circular buffer of (s, a, r, s', done) tensors of fixed shapes."
     def __init__(self, capacity: int, state_shape: tuple, act_dim: int):
@@ -283,6 +285,7 @@ class SACConfig:
     batch_size: int = 128
     buffer: int = 10000
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #cd67d570
 class SAC:
     "Compact Soft Actor-Critic: squashed Gaussian actor, twin critics + targets, automatic entropy temperature."
     def __init__(self, make_feat: Callable[[], tuple[nn.Module, int]], act_dim: int, cfg: SACConfig = SACConfig(), seed: int = 0):
@@ -402,6 +405,7 @@ def evaluate_policy(env: GlimpseEnv, x: torch.Tensor, y: torch.Tensor, policy: C
         out["seen"].append(torch.stack([pixels_seen(env.boxes[:, :t + 1], env.hw) for t in range(env.budget)], 1))
     return {k: torch.cat(v) for k, v in out.items()}
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #fa2a7788
 def bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
     "Paired bootstrap of mean(a − b) over images (rows resampled with replacement): the mean and a percentile interval."
     d = np.asarray(a, float) - np.asarray(b, float)
@@ -450,6 +454,7 @@ POLICIES = ("sac", "random", "grid", "centre-zoom")
 
 def _pick(cfg, *names) -> dict: return {k: getattr(cfg, k) for k in names}
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #09b0f85a
 def encoder_unit(cfg: AdaGlimpseConfig) -> dict:
     "The run-store config of the pre-trained encoder: the data, the encoder and its pre-training."
     return _pick(cfg, "canvas", "n_train", "n_test", "seed", "budget", "glimpse", "patch", "dim", "depth", "heads",

@@ -37,6 +37,7 @@ class ExitHead(nn.Module):
         self.pool, self.fc = nn.AdaptiveAvgPool2d(pool), nn.Linear(channels * pool * pool, num_classes)
     def forward(self, x): return self.fc(self.pool(x).flatten(1))
 
+# %% ../../nbs/41_vision.early_exit.ipynb #1df60bc4
 class MultiExit(nn.Module):
     """A `BlockNet` backbone with internal classifier heads after the blocks in `exit_blocks` (`ExitHead` for CNN
     features, token mean → linear for a ViT). `forward` returns every exit's logits, the backbone's own head last."""
@@ -85,6 +86,7 @@ class MultiExit(nn.Module):
         pred[idx] = self.backbone.head(self.backbone.forward_blocks(h, start)).argmax(-1)
         return pred, where
 
+# %% ../../nbs/41_vision.early_exit.ipynb #dacd1b84
 def multi_exit(arch: str = "vgg", exit_blocks: Sequence[int] = (0, 1, 2, 3, 4), num_classes: int = 10, in_channels: int = 1,
                head_pool: int = 4, **kwargs) -> MultiExit:
     "A `MultiExit` over `make_model(arch, ...)` with heads after `exit_blocks`."
@@ -112,6 +114,7 @@ def base_macs(model: MultiExit) -> float:
 
 # %% ../../nbs/41_vision.early_exit.ipynb #1451b893
 Regime = Literal["disjoint", "joint", "mixed"]
+
 REGIMES: tuple[str, ...] = ("disjoint", "joint", "mixed")
 
 def multi_exit_loss(model: MultiExit, x, y, exits: Sequence[int] | None = None) -> torch.Tensor:
@@ -128,6 +131,7 @@ def _frozen_backbone_mode(model: MultiExit):
     "Train mode for the heads only: the backbone stays in eval mode, so its BatchNorm statistics do not move."
     model.eval(); model.heads.train()
 
+# %% ../../nbs/41_vision.early_exit.ipynb #55100589
 def train_regime(model: MultiExit, regime: Regime, x: torch.Tensor, y: torch.Tensor, epochs: int,
                  backbone_epochs: int | None = None, lr: float = 0.05, batch_size: int = 64, seed: int = 0,
                  **fit_kw) -> pd.DataFrame:
