@@ -55,12 +55,19 @@ def test_killed_run_resumes_without_recomputing(name, tmp_path, monkeypatch):
     assert len(calls) == len(set(calls))                                           # done: nothing computed again
 
 
+# experiment → overrides that restate its smoke defaults (nested parts too, an int for a float): the same config
+SAME = {"vision.early_exit": ["epochs=4", "exit_blocks=[0, 1, 2, 3, 4]", "lr=0.05"],
+        "vision.models": ["epochs=2", "seed=0", "cifar_dir="],
+        "vision.shapley": ["metric=acc", "ratios=[0.5]", "cost_ratio=0.5"],
+        "privacy.dp_prune": ["dp.clip=1", "dp.q=0.1", "epsilons=(2, 8)"],
+        "vision.adaglimpse": ["sac.hidden=64", "sac.gamma=0.99", "budget=4"]}
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_equal_configs_equal_keys(name, tmp_path):
     exp, store = EXPERIMENTS[name], RunStore(tmp_path)
     key = lambda c: store.key(f"experiment.{name}", c)
     a, b = exp.config_for("smoke"), exp.config_for("smoke", TINY[name])
-    assert key(a) == key(exp.config_for("smoke")) and key(a) != key(b)
-    same = [f"{f}={getattr(a, f)!r}" for f in ("seed",) if hasattr(a, f)]           # a default written out: the same key
-    assert key(exp.config_for("smoke", same)) == key(a)
+    assert key(a) == key(exp.config_for("smoke")) == key(exp.config()) and key(a) != key(b)
+    assert key(exp.config_for("smoke", SAME[name])) == key(a)                      # defaults written out: the same key
     assert experiment.experiment_for_notebook(exp.notebook) is exp
