@@ -71,3 +71,20 @@ def test_equal_configs_equal_keys(name, tmp_path):
     assert key(a) == key(exp.config_for("smoke")) == key(exp.config()) and key(a) != key(b)
     assert key(exp.config_for("smoke", SAME[name])) == key(a)                      # defaults written out: the same key
     assert experiment.experiment_for_notebook(exp.notebook) is exp
+
+
+# experiment, an override on top of TINY, and the units that depend on it (all others are read back from the store)
+CHANGES = [("vision.adaglimpse", "rounds=3", ["vision.adaglimpse.agent", "vision.adaglimpse.policy"]),
+           ("privacy.dp_prune", "pretrain_epochs=2", ["privacy.dp_prune.pretrain", "privacy.dp_prune.cell"]),
+           ("vision.shapley", "finetune_epochs=2", ["vision.shapley.prune"] * 4),
+           ("vision.early_exit", "slice_range=0.5", ["vision.early_exit.evaluate"] * 3)]
+
+
+@pytest.mark.parametrize("name,change,redone", CHANGES)
+def test_a_change_recomputes_only_the_units_that_depend_on_it(name, change, redone, tmp_path, monkeypatch):
+    calls = counted_units(monkeypatch, name)
+    exp, store = EXPERIMENTS[name], RunStore(tmp_path)
+    run_experiment(name, exp.config_for("smoke", TINY[name]), store=store)
+    n = len(calls)
+    run_experiment(name, exp.config_for("smoke", TINY[name] + [change]), store=store)
+    assert sorted(fn for fn, _ in calls[n:]) == sorted(redone)

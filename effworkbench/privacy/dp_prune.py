@@ -601,7 +601,10 @@ def grid_cell_unit(u: dict, run: Run) -> dict:
 @register_experiment("privacy.dp_prune", DPPruneConfig, notebook="43_privacy.dp_prune", prefix="dp")
 def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "One private run per (setting, prune, drop, ε, seed), each a unit; the table `grid`, one row per run."
-    cells = [{"data": data_unit(cfg, seed), "setting": setting,
+    def data(seed, setting):   # a scratch run does not depend on the public pretraining
+        d = data_unit(cfg, seed)
+        return d if setting == "finetune" else {k: v for k, v in d.items() if k != "pretrain_epochs"}
+    cells = [{"data": data(seed, setting), "setting": setting,
               "dp": replace(cfg.dp, epsilon=eps, prune=prune, drop=drop, seed=seed)}
              for seed in cfg.seeds for setting in cfg.settings for prune in cfg.prunes for drop in cfg.drops for eps in cfg.epsilons]
     if "finetune" in cfg.settings: ctx.units(pretrain_public_unit, [data_unit(cfg, s) for s in cfg.seeds], desc="public pretraining")

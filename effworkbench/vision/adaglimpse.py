@@ -504,7 +504,7 @@ def train_agent_unit(u: dict, run: Run) -> dict:
 # %% ../../nbs/44_vision.adaglimpse.ipynb #d487ad18
 def policy_for(run: Run, u: dict, env: GlimpseEnv, draw: int = 0) -> Callable:
     "The policy `u[\"policy\"]` on `env`: the trained agent's (its actor loaded), random draw `draw`, grid or centre-zoom."
-    name, seed = u["policy"], u["agent"]["encoder"]["seed"]
+    name, seed = u["policy"], u["encoder"]["seed"]
     if name == "sac":
         sac = u["agent"]["sac"] if isinstance(u["agent"]["sac"], SACConfig) else SACConfig(**u["agent"]["sac"])
         agent = make_agent(env, sac, seed)
@@ -517,8 +517,9 @@ def policy_for(run: Run, u: dict, env: GlimpseEnv, draw: int = 0) -> Callable:
 def evaluate_policy_unit(u: dict, run: Run) -> dict:
     """Unit: policy `u["policy"]` on every test canvas (random: `u["draws"]` draws, averaged); per image and glimpse count
     `correct` (N, T), the means of score and pixels seen per glimpse count, and the first draw's boxes and correctness
-    on the first `u["n_samples"]` images."""
-    e = u["agent"]["encoder"]
+    on the first `u["n_samples"]` images. Only the SAC policy's unit names the agent (`u["agent"]`): the others do not
+    depend on its training."""
+    e = u["encoder"]
     env, data = load_env(run, e), glimpse_data(e)
     ev = [evaluate_policy(env, data.x_test, data.y_test, policy_for(run, u, env, r)) for r in range(u["draws"])]
     k = u["n_samples"]
@@ -534,7 +535,8 @@ def run(cfg: AdaGlimpseConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     pre = ctx.unit(pretrain_encoder_unit, encoder_unit(cfg))
     train = ctx.unit(train_agent_unit, agent_unit(cfg))
     ev = dict(zip(POLICIES, ctx.units(evaluate_policy_unit, [
-        {"agent": agent_unit(cfg), "policy": p, "draws": cfg.n_random if p == "random" else 1, "n_samples": cfg.n_samples}
+        {"encoder": encoder_unit(cfg), "agent": agent_unit(cfg) if p == "sac" else None, "policy": p,
+         "draws": cfg.n_random if p == "random" else 1, "n_samples": cfg.n_samples}
         for p in POLICIES], desc="policies")))
     T, k, corr = cfg.budget, cfg.n_samples, {p: np.asarray(ev[p]["correct"]) for p in POLICIES}
     curves = [{"policy": p, "glimpses": t + 1, "accuracy": float(corr[p][:, t].mean()), "pixels_seen": ev[p]["seen"][t],
