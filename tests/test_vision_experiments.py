@@ -1,6 +1,7 @@
 """The vision and privacy experiments go through the run store unit by unit: a run stopped by its time budget
 (`OutOfTime`) continues without recomputing a finished unit, and equal configs give equal run keys."""
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -88,3 +89,19 @@ def test_a_change_recomputes_only_the_units_that_depend_on_it(name, change, redo
     n = len(calls)
     run_experiment(name, exp.config_for("smoke", TINY[name] + [change]), store=store)
     assert sorted(fn for fn, _ in calls[n:]) == sorted(redone)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_published_names_match_the_committed_tables(name, tmp_path, monkeypatch):
+    "`publish` writes `<prefix>_<table>_<preset>.csv`: every committed medium table of the experiment is one of them."
+    from pathlib import Path
+    from effworkbench.experiment import publish
+    exp, store = EXPERIMENTS[name], RunStore(tmp_path / "runs")
+    cfg = exp.config_for("smoke", TINY[name])
+    run_experiment(name, cfg, store=store)
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
+    with warnings.catch_warnings():                     # a dirty checkout (while editing) warns; a clean one does not
+        warnings.simplefilter("ignore")
+        written = {p.name.removesuffix("_smoke.csv") for p in publish(name, cfg, store=store, allow_dirty=True)}
+    committed = {p.name.removesuffix("_medium.csv") for p in (Path(__file__).parents[1] / "results").glob(f"{exp.table_prefix}_*_medium.csv")}
+    assert committed and committed <= written, (committed, written)
