@@ -24,8 +24,8 @@ from ..store import Run, run_function
 from .models import BlockNet, MacCounter, TokenHead, fit, make_model, total_macs, unit_result, unit_weights
 
 # %% auto #0
-__all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'ExitHead', 'MultiExit', 'multi_exit', 'exit_macs', 'base_macs', 'multi_exit_loss',
-           'backbone_only_loss', 'train_regime', 'exit_probs', 'simulate_exits', 'threshold_curve',
+__all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'ExitHead', 'MultiExit', 'multi_exit', 'threshold_exit', 'exit_macs', 'base_macs',
+           'multi_exit_loss', 'backbone_only_loss', 'train_regime', 'exit_probs', 'simulate_exits', 'threshold_curve',
            'accuracy_at_budgets', 'block_ranks', 'filter_normalized_direction', 'loss_surface', 'EarlyExitConfig',
            'regime_unit', 'eval_unit', 'regime_data', 'train_regime_unit', 'evaluate_regime_unit', 'run']
 
@@ -69,22 +69,9 @@ class MultiExit(nn.Module):
         outs.append(self.backbone.head(self.backbone.forward_blocks(h, start)))
         return outs
 
-    @torch.no_grad()
     def early_exit(self, x, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference with confidence-threshold exiting: a sample leaves at the first exit whose max softmax probability
-        is ≥ `threshold` (the last exit takes the rest). Only samples still undecided run the next blocks.
-        Returns the predictions (B,) and the exit index of every sample (B,)."""
-        pred = torch.empty(len(x), dtype=torch.long, device=x.device); where = torch.full_like(pred, self.n_exits - 1)
-        idx, h, start = torch.arange(len(x), device=x.device), self.backbone.stem(x), 0
-        for j, (b, head) in enumerate(zip(self.exit_blocks, self.heads)):
-            h = self.backbone.forward_blocks(h, start, b + 1); start = b + 1
-            conf, p = head(h).softmax(-1).max(-1)
-            done = conf >= threshold
-            pred[idx[done]], where[idx[done]] = p[done], j
-            idx, h = idx[~done], h[~done]
-            if len(idx) == 0: return pred, where
-        pred[idx] = self.backbone.head(self.backbone.forward_blocks(h, start)).argmax(-1)
-        return pred, where
+        "Confidence-threshold inference (`threshold_exit`): the predictions (B,) and the exit of every sample (B,)."
+        return threshold_exit(self, x, threshold)
 
 # %% ../../nbs/41_vision.early_exit.ipynb #dacd1b84
 def multi_exit(arch: str = "vgg", exit_blocks: Sequence[int] = (0, 1, 2, 3, 4), num_classes: int = 10, in_channels: int = 1,
@@ -92,6 +79,24 @@ def multi_exit(arch: str = "vgg", exit_blocks: Sequence[int] = (0, 1, 2, 3, 4), 
     "A `MultiExit` over `make_model(arch, ...)` with heads after `exit_blocks`."
     bb = make_model(arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
     return MultiExit(bb, exit_blocks, num_classes, (1, in_channels, 32, 32), head_pool)
+
+# %% ../../nbs/41_vision.early_exit.ipynb #acf32b1d
+@torch.no_grad()
+def threshold_exit(model: MultiExit, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference with confidence-threshold exiting: a sample leaves at the first exit whose max softmax probability
+    is ≥ `threshold` (the last exit takes the rest). Only samples still undecided run the next blocks.
+    Returns the predictions (B,) and the exit index of every sample (B,)."""
+    pred = torch.empty(len(x), dtype=torch.long, device=x.device); where = torch.full_like(pred, model.n_exits - 1)
+    idx, h, start = torch.arange(len(x), device=x.device), model.backbone.stem(x), 0
+    for j, (b, head) in enumerate(zip(model.exit_blocks, model.heads)):
+        h = model.backbone.forward_blocks(h, start, b + 1); start = b + 1
+        conf, p = head(h).softmax(-1).max(-1)
+        done = conf >= threshold
+        pred[idx[done]], where[idx[done]] = p[done], j
+        idx, h = idx[~done], h[~done]
+        if len(idx) == 0: return pred, where
+    pred[idx] = model.backbone.head(model.backbone.forward_blocks(h, start)).argmax(-1)
+    return pred, where
 
 # %% ../../nbs/41_vision.early_exit.ipynb #e160a8ca
 def exit_macs(model: MultiExit) -> np.ndarray:
