@@ -7,8 +7,8 @@ Docs: https://effworkbench.github.io/effworkbench/distributed.html.md"""
 # %% ../nbs/90_distributed.ipynb #ed5e9a7a
 from __future__ import annotations
 
+import contextlib
 import io
-import math
 import os
 import shutil
 from pathlib import Path
@@ -21,26 +21,16 @@ import torch.nn as nn
 from .core import ConfigError
 from .moe.layers import MoEFFN, moe_mlp
 from .store import CheckpointError
-from .train import _rng_state, _set_rng_state
+from .train import PARALLEL, Parallelism, make_mesh, rng_state, set_rng_state
 if TYPE_CHECKING: import pandas as pd                   # annotations only
 
 # %% auto #0
-__all__ = ['SCHEMES', 'make_mesh', 'exit_distributed', 'default_mp_policy', 'shard', 'full_grads', 'ModelOptimizerState',
-           'ProgressState', 'RNGState', 'CheckpointManager', 'ExpertParallelMoE', 'expert_parallel', 'sync_grads',
-           'comm_bytes', 'memory_per_rank', 'predict_step_time', 'measure_step_times']
+__all__ = ['SCHEMES', 'exit_distributed', 'default_mp_policy', 'shard', 'full_grads', 'ModelOptimizerState', 'ProgressState',
+           'RNGState', 'CheckpointManager', 'ExpertParallelMoE', 'expert_parallel', 'sync_grads', 'TrainerProgress',
+           'ExpertParallelState', 'ShardedParallelism', 'FullyShardedDataParallel', 'ExpertParallelism', 'comm_bytes',
+           'memory_per_rank', 'predict_step_time', 'measure_step_times']
 
 # %% ../nbs/90_distributed.ipynb #3d4d7383
-def make_mesh(shape: tuple[int, ...] | None = None, names: tuple[str, ...] = ("dp",), device_type: str | None = None):
-    "A `DeviceMesh` over all ranks of the running process group: `shape` (default (world,)) named `names`."
-    from torch.distributed.device_mesh import init_device_mesh
-    if not dist.is_initialized(): raise ConfigError("no process group: launch under torchrun (or dist.init_process_group) first")
-    world = dist.get_world_size()
-    shape = tuple(shape or (world,))
-    if math.prod(shape) != world: raise ConfigError(f"mesh {shape} has {math.prod(shape)} ranks but the world has {world}")
-    if len(names) != len(shape): raise ConfigError(f"mesh {shape} needs {len(shape)} dimension names, got {names}")
-    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
-    return init_device_mesh(device_type, shape, mesh_dim_names=tuple(names))
-
 def exit_distributed(code: int = 0):
     "End a torchrun worker: barrier, destroy the process group, flush, and leave without interpreter teardown."
     import sys
@@ -96,6 +86,7 @@ class ModelOptimizerState(Stateful):
         if self.optimizer is None: set_model_state_dict(self.model, sd["model"])
         else: set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
+# %% ../nbs/90_distributed.ipynb #33072610
 class ProgressState(Stateful):
     "Step counter (and an optional LR scheduler) of a run; `.step` is read back after a load."
     def __init__(self, step: int = 0, scheduler: Any = None):
@@ -111,7 +102,7 @@ class ProgressState(Stateful):
 class RNGState(Stateful):
     "Every rank's torch/numpy/python RNG, gathered into one blob; on load rank r takes state r mod (ranks saved)."
     def state_dict(self) -> dict:
-        mine = _rng_state()
+        mine = rng_state()
         states = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
         if dist.is_initialized(): dist.all_gather_object(states, mine)
         buf = io.BytesIO(); torch.save(states, buf); buf.seek(0)
@@ -124,7 +115,7 @@ class RNGState(Stateful):
             raise CheckpointError(f"the RNG state of this checkpoint cannot be read with a weights-only load "
                                   f"({type(e).__name__}): it is corrupt or was not written by RNGState") from None
         rank = dist.get_rank() if dist.is_initialized() else 0
-        _set_rng_state(states[rank % len(states)])
+        set_rng_state(states[rank % len(states)])
 
 # %% ../nbs/90_distributed.ipynb #40e22052
 def _barrier():
@@ -132,6 +123,23 @@ def _barrier():
 
 def _rank() -> int: return dist.get_rank() if dist.is_initialized() else 0
 
+def _publish(tmp: Path, final: Path):
+    "Rename the finished save `tmp` to `final` (atomic: a checkpoint is all there or absent) and sync the folder."
+    if final.exists(): shutil.rmtree(final)
+    os.rename(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY); os.fsync(fd); os.close(fd)
+
+def _load_failure(e: BaseException, path: Path, earlier: list[int]) -> CheckpointError:
+    "The `CheckpointError` for a failed load of `path`: why, and the earlier complete step to fall back on."
+    from torch.distributed.checkpoint.api import CheckpointException   # a BaseException gathering every rank's failure
+    if isinstance(e, CheckpointException) and e.failures: e = next(iter(e.failures.values()))[0]   # (exception, traceback)
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    if "weights_only" in msg: msg = ""                                  # never pass on advice to load unsafely
+    why = str(e) if isinstance(e, CheckpointError) else type(e).__name__ + (f": {msg}" if msg else "")
+    return CheckpointError(f"sharded checkpoint {path} cannot be loaded ({why}). If it is damaged, delete that folder"
+                           + (f" to resume from step {earlier[-1]}" if earlier else "") + ", or load a different step")
+
+# %% ../nbs/90_distributed.ipynb #f70e7a36
 class CheckpointManager:
     "Sharded checkpoints `root/step-NNNNNNNN/` through torch.distributed.checkpoint; written to a temp dir, then renamed."
     def __init__(self, root: str | Path, keep: int = 2):
@@ -159,9 +167,7 @@ class CheckpointManager:
         save(state, storage_writer=(writer or FileSystemWriter)(tmp))   # each rank writes its shards; rank 0 the .metadata
         _barrier()
         if _rank() == 0:
-            if final.exists(): shutil.rmtree(final)
-            os.rename(tmp, final)                                        # atomic: a checkpoint is all there or absent
-            fd = os.open(self.root, os.O_RDONLY); os.fsync(fd); os.close(fd)
+            _publish(tmp, final)
             for s in self.checkpoints()[:-self.keep]: shutil.rmtree(self.path(s), ignore_errors=True)
             for t in self.root.glob(".tmp-step-*"): shutil.rmtree(t, ignore_errors=True)   # left by a killed save
         _barrier()
@@ -177,13 +183,7 @@ class CheckpointManager:
         if not (path / ".metadata").is_file(): raise FileNotFoundError(f"no complete checkpoint at {path}")
         try: load(state, storage_reader=FileSystemReader(path))
         except (Exception, CheckpointException) as e:
-            if isinstance(e, CheckpointException) and e.failures: e = next(iter(e.failures.values()))[0]   # (exception, traceback)
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            if "weights_only" in msg: msg = ""                                  # never pass on advice to load unsafely
-            why = str(e) if isinstance(e, CheckpointError) else type(e).__name__ + (f": {msg}" if msg else "")
-            prev = [s for s in self.checkpoints() if s < step]
-            raise CheckpointError(f"sharded checkpoint {path} cannot be loaded ({why}). If it is damaged, delete that folder"
-                                  + (f" to resume from step {prev[-1]}" if prev else "") + ", or load a different step") from None
+            raise _load_failure(e, path, [s for s in self.checkpoints() if s < step]) from None
         return step
 
 # %% ../nbs/90_distributed.ipynb #b4b9ef28
@@ -191,6 +191,23 @@ import warnings
 import torch.distributed.nn.functional as dist_nn
 warnings.filterwarnings("ignore", message=".*nn.functional.all_to_all_single is deprecated", category=FutureWarning)
 
+def _to_experts(xf: torch.Tensor, expert_idx: torch.Tensor, n_experts: int, ep: int, group) -> tuple:
+    "Send each filled slot's token (xf: (N, d); expert_idx: (N, K), -1 empty) to its expert's rank by all-to-all."
+    K, n_local = expert_idx.shape[1], n_experts // ep
+    flat = expert_idx.reshape(-1)                                     # (N·K,) expert of each slot, -1 empty
+    slot = (flat >= 0).nonzero().squeeze(1)
+    slot = slot[torch.argsort(flat[slot], stable=True)]               # (S,) filled slots, grouped by expert
+    counts = torch.bincount(flat[slot], minlength=n_experts)          # (E,) rows for each expert
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)                # (ep·E/ep,) rows each source sends my experts
+    send_splits = counts.view(ep, n_local).sum(1).tolist()            # rows to each rank
+    recv_splits = recv.view(ep, n_local).sum(1).tolist()
+    xs = xf[slot // K]                                                # (S, d)
+    xr = dist_nn.all_to_all_single(xs.new_empty(sum(recv_splits), xf.shape[1]), xs, recv_splits, send_splits, group)
+    local = torch.arange(n_local, device=xf.device).repeat(ep).repeat_interleave(recv)   # (R,) local expert of each row
+    return xr, local, slot, send_splits, recv_splits
+
+# %% ../nbs/90_distributed.ipynb #21fcedd7
 class ExpertParallelMoE(nn.Module):
     "An `MoEFFN` whose experts are split over the ranks of `group`: tokens go to their experts' rank and back by all-to-all."
     param_groups = MoEFFN.param_groups
@@ -219,24 +236,13 @@ class ExpertParallelMoE(nn.Module):
         xf = x.reshape(B * T, d)                                          # (N, d)
         r, logits, probs = self.route(xf)
         N, K = r.expert_idx.shape
-        flat = r.expert_idx.reshape(-1)                                   # (N·K,) expert of each slot, -1 empty
-        slot = (flat >= 0).nonzero().squeeze(1)
-        order = torch.argsort(flat[slot], stable=True)
-        slot = slot[order]                                                # (S,) filled slots, grouped by expert
-        counts = torch.bincount(flat[slot], minlength=self.moe.n_experts)  # (E,) rows for each expert
-        recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=self.group)           # (ep·E/ep,) rows each source sends my experts
-        send_splits = counts.view(self.ep, self.n_local).sum(1).tolist()  # rows to each rank
-        recv_splits = recv.view(self.ep, self.n_local).sum(1).tolist()
-        xs = xf[slot // K]                                                # (S, d)
-        xr = dist_nn.all_to_all_single(xs.new_empty(sum(recv_splits), d), xs, recv_splits, send_splits, self.group)
-        local = torch.arange(self.n_local, device=x.device).repeat(self.ep).repeat_interleave(recv)  # (R,) local expert
+        xr, local, slot, send_splits, recv_splits = _to_experts(xf, r.expert_idx, self.moe.n_experts, self.ep, self.group)
         mi, mo = self.group_mult["ffn_in"], self.group_mult["ffn_out"]
         w_in = self.w_in * mi if mi != 1.0 else self.w_in
         w_gate = (self.w_gate * mi if mi != 1.0 else self.w_gate) if self.w_gate is not None else None
         ones = torch.ones(len(xr), 1, dtype=xr.dtype, device=x.device)
         yr = moe_mlp(xr, w_in, self.w_out, local.unsqueeze(1), ones, self.act, w_gate, self.moe.backend)  # (R, d)
-        ys = dist_nn.all_to_all_single(yr.new_empty(len(xs), yr.shape[-1]), yr, send_splits, recv_splits, self.group)
+        ys = dist_nn.all_to_all_single(yr.new_empty(len(slot), yr.shape[-1]), yr, send_splits, recv_splits, self.group)   # back
         out = ys.new_zeros(N * K, ys.shape[-1]).index_copy(0, slot, ys)   # (N·K, d) back in slot order
         y = (out.view(N, K, -1) * r.gates.unsqueeze(-1).to(out.dtype)).sum(1)   # y = Σ_k g_k · expert_k(x)
         if mo != 1.0: y = y * mo
@@ -266,6 +272,95 @@ def sync_grads(model: nn.Module, mesh, ep_dim: str = "ep") -> None:
             if dp_group is not None: dist.all_reduce(p.grad, group=dp_group)
         else: dist.all_reduce(p.grad)
         p.grad.div_(world)
+
+# %% ../nbs/90_distributed.ipynb #9f23c3bb
+class TrainerProgress(Stateful):
+    "A `Trainer`'s step and token count, for a sharded checkpoint."
+    def __init__(self, t): self.t = t
+    def state_dict(self) -> dict: return {"step": self.t.step, "tokens": self.t.tokens}
+    def load_state_dict(self, sd: dict): self.t.step, self.t.tokens = int(sd["step"]), int(sd["tokens"])
+
+class ExpertParallelState(ModelOptimizerState):
+    "`ModelOptimizerState` of an expert-parallel model: each rank's experts (and their AdamW moments) as its rows of one DTensor."
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh, dim: str = "ep"):
+        super().__init__(model, optimizer)
+        self.mesh, self.dim = mesh, dim
+        self.experts = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
+
+    def _dt(self, t: torch.Tensor):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        placements = [Shard(0) if n == self.dim else Replicate() for n in self.mesh.mesh_dim_names]
+        return DTensor.from_local(t, self.mesh, placements, run_check=False)   # (E/ep, ...) local -> (E, ...) global
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["model"] = {k: self._dt(v) if k in self.experts else v for k, v in sd["model"].items()}
+        if "optim" in sd:
+            sd["optim"]["state"] = {k: {s: self._dt(v) if k in self.experts and v.dim() > 0 else v for s, v in st.items()}
+                                    for k, st in sd["optim"]["state"].items()}
+        return sd
+
+    def load_state_dict(self, sd: dict):
+        local = lambda v: v.to_local() if hasattr(v, "to_local") else v
+        sd["model"] = {k: local(v) for k, v in sd["model"].items()}
+        if "optim" in sd: sd["optim"]["state"] = {k: {s: local(v) for s, v in st.items()} for k, st in sd["optim"]["state"].items()}
+        super().load_state_dict(sd)
+
+# %% ../nbs/90_distributed.ipynb #9f4b4fca
+class ShardedParallelism(Parallelism):
+    "A scheme whose ranks hold different tensors: each rank saves and loads its shard under `run.path/checkpoints/`."
+    sharded = True
+    def app_state(self, model: nn.Module, opt) -> Stateful: return ModelOptimizerState(model, opt)
+    def state(self, t) -> dict:
+        return {"app": self.app_state(t.model, t.opt), "progress": TrainerProgress(t), "rng": RNGState()}
+    def save(self, t, run): CheckpointManager(run.path / "checkpoints").save(t.step, self.state(t))
+    def load(self, t, run) -> bool:
+        t.forget_pending()
+        return CheckpointManager(run.path / "checkpoints").load(self.state(t)) is not None
+    def load_model(self, model: nn.Module, run) -> nn.Module:
+        "`model` (one process, unsharded) with the weights of the run's latest sharded checkpoint."
+        if CheckpointManager(run.path / "checkpoints").load({"app": ModelOptimizerState(model)}) is None:
+            return super().load_model(model, run)
+        return model
+
+@PARALLEL.register("fsdp")
+class FullyShardedDataParallel(ShardedParallelism):
+    "FSDP2 (`shard`): parameters, gradients and AdamW state split over the mesh, gathered block by block."
+    def apply(self, model, mesh, cfg): return shard(model, mesh)
+
+    @contextlib.contextmanager
+    def no_sync(self, fwd):
+        m = getattr(fwd, "_orig_mod", fwd)                        # under torch.compile: the FSDP2 module
+        m.set_requires_gradient_sync(False)
+        try: yield
+        finally: m.set_requires_gradient_sync(True)
+
+# %% ../nbs/90_distributed.ipynb #562e50e8
+@PARALLEL.register("ep")
+class ExpertParallelism(ShardedParallelism):
+    "Expert parallelism: each rank holds n_experts / ep experts of every MoE layer; the rest is replicated."
+    def mesh(self, cfg, device_type: str):
+        world = dist.get_world_size(); ep = cfg.ep_degree or world
+        if world % ep: raise ConfigError(f"ep_degree={ep} does not divide the {world} ranks")
+        return make_mesh((ep,), ("ep",), device_type) if ep == world else make_mesh((world // ep, ep), ("dp", "ep"), device_type)
+
+    def apply(self, model, mesh, cfg):
+        if "ep" not in (mesh.mesh_dim_names or ()): raise ConfigError(f"parallel='ep' needs a mesh with an 'ep' dimension, got {mesh}")
+        self.mesh_ = mesh
+        return expert_parallel(model, mesh)
+
+    def sync_grads(self, model, mesh): sync_grads(model, mesh)
+
+    def grad_norm(self, model) -> torch.Tensor:
+        "‖g‖² = Σ replicated g² + Σ over the expert group of every rank's expert g²."
+        grads = [(p.grad, getattr(p, "expert_parallel", False)) for p in model.parameters() if p.grad is not None]
+        sq = lambda gs: torch.nn.utils.get_total_norm(gs).square() if gs else torch.zeros((), device=grads[0][0].device)
+        experts = sq([g for g, e in grads if e])
+        dist.all_reduce(experts, group=self.mesh_.get_group("ep"))
+        return (sq([g for g, e in grads if not e]) + experts).sqrt()
+
+    def app_state(self, model, opt):                              # one process (no mesh): a plain model reads the shards
+        return ExpertParallelState(model, opt, self.mesh_) if hasattr(self, "mesh_") else ModelOptimizerState(model, opt)
 
 # %% ../nbs/90_distributed.ipynb #a83e4f43
 SCHEMES = ("ddp", "fsdp", "ep")
@@ -309,57 +404,69 @@ def _bench_models(d_model: int, n_layers: int, seed: int = 0):
     set_seed(seed); moe = GPT(GPTConfig(**base, ffn="moe", ffn_kwargs={"expansion": 4, "top_k": 2, "backend": "torch"}))
     return dense, moe
 
+def _link(world: int) -> tuple[float, float]:
+    "(bandwidth in bytes/s per rank, latency in s) of all-reduce, from a small and a large buffer: t = latency + bytes / bw."
+    f = (world - 1) / world
+    small, big = 2 ** 8, 2 ** 20
+    t_small = _median_time(lambda: dist.all_reduce(torch.ones(small)), 20)
+    t_big = _median_time(lambda: dist.all_reduce(torch.ones(big)), 5)
+    bw = 2 * f * 4 * (big - small) / max(t_big - t_small, 1e-9)
+    return bw, max(t_small - 2 * f * 4 * small / bw, 0.0)
+
+def _step_fn(model, opt, xs, ys, after_backward=lambda: None):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(xs, ys); loss.backward(); after_backward(); opt.step()
+    return step
+
+# %% ../nbs/90_distributed.ipynb #7813f8b6
+def _one_process_times(x, y, steps: int, d_model: int, n_layers: int) -> dict[str, float]:
+    "Rank 0 alone: median step time of the dense and the MoE model on the whole batch (other ranks wait)."
+    import time
+    one = {}
+    for name in ("dense", "moe"):
+        m = _bench_models(d_model, n_layers)[name == "moe"]
+        fn = _step_fn(m, torch.optim.AdamW(m.parameters(), lr=1e-3), x, y)
+        if _rank() == 0:
+            fn(); ts = []
+            for _ in range(steps): t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+            one[name] = sorted(ts)[len(ts) // 2]
+        _barrier()
+    return one
+
+def _scheme_time(scheme: str, mesh, xl, yl, steps: int, d_model: int, n_layers: int) -> tuple[float, int]:
+    "(median step time, collectives per step) of `scheme` on this rank's rows."
+    m = _bench_models(d_model, n_layers)[scheme == "ep"]
+    hook = lambda: None
+    if scheme == "ddp": m = nn.parallel.DistributedDataParallel(m); n_coll = 1 + sum(p.numel() * 4 > 25 * 2 ** 20 for p in m.parameters())
+    elif scheme == "fsdp": shard(m, mesh, mp_policy=None); n_coll = 3 * (n_layers + 1)
+    else:
+        expert_parallel(m, mesh); hook = lambda: sync_grads(m, mesh)
+        n_coll = 6 * n_layers + sum(1 for _ in m.parameters())   # counts + 2 a2a fwd, 2 a2a bwd, one all-reduce per tensor
+    fn = _step_fn(m, torch.optim.AdamW(m.parameters(), lr=1e-3), xl, yl, hook)
+    fn()
+    return _median_time(fn, steps), n_coll
+
+# %% ../nbs/90_distributed.ipynb #fe3308d1
 def _bench_worker(out: str, steps: int, batch: int, d_model: int, n_layers: int):
     "Run under torchrun: all-reduce latency/bandwidth, then DDP, FSDP2 and expert-parallel step times (and 1-rank times)."
     import json
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    f = (world - 1) / world
-    small, big = 2 ** 8, 2 ** 20
-    t_small = _median_time(lambda: dist.all_reduce(torch.ones(small)), 20)
-    t_big = _median_time(lambda: dist.all_reduce(torch.ones(big)), 5)
-    bw = 2 * f * 4 * (big - small) / max(t_big - t_small, 1e-9)     # bytes/s per rank: t = latency + bytes / bw
-    lat = max(t_small - 2 * f * 4 * small / bw, 0.0)
+    bw, lat = _link(world)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, 64), generator=g); y = torch.randint(0, 256, (batch, 64), generator=g)
     b = batch // world
     xl, yl = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
-
-    def step_fn(model, opt, xs, ys, after_backward=lambda: None):
-        def step():
-            opt.zero_grad(set_to_none=True)
-            _, loss = model(xs, ys); loss.backward(); after_backward(); opt.step()
-        return step
-
-    one = {}                                                          # 1 process on the whole batch, ranks > 0 wait
-    for name in ("dense", "moe"):
-        m = _bench_models(d_model, n_layers)[name == "moe"]
-        o = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        fn = step_fn(m, o, x, y)
-        if rank == 0:
-            fn(); import time; ts = []
-            for _ in range(steps): t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-            one[name] = sorted(ts)[len(ts) // 2]
-        _barrier()
+    one = _one_process_times(x, y, steps, d_model, n_layers)
     mesh = make_mesh((world,), ("ep",))
-    rows = []
     dense, moe = _bench_models(d_model, n_layers)
-    n_dense = sum(p.numel() for p in dense.parameters())
-    n_moe = sum(p.numel() for p in moe.parameters())
+    n_dense, n_moe = sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in moe.parameters())
     n_exp = sum(p.numel() for n, p in moe.named_parameters() if n.endswith(("w_in", "w_out", "w_gate")))
+    rows = []
     for scheme in ("ddp", "fsdp", "ep"):
-        m = _bench_models(d_model, n_layers)[scheme == "ep"]
-        hook = lambda: None
-        if scheme == "ddp": m = nn.parallel.DistributedDataParallel(m); n_coll = 1 + sum(p.numel() * 4 > 25 * 2 ** 20 for p in m.parameters())
-        elif scheme == "fsdp": shard(m, mesh, mp_policy=None); n_coll = 3 * (n_layers + 1)
-        else:
-            expert_parallel(m, mesh); mm = m; hook = lambda: sync_grads(mm, mesh)
-            n_coll = 6 * n_layers + sum(1 for _ in m.parameters())   # counts + 2 a2a fwd, 2 a2a bwd, one all-reduce per tensor
-        o = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        fn = step_fn(m, o, xl, yl, hook)
-        fn()
-        t = _median_time(fn, steps)
+        t, n_coll = _scheme_time(scheme, mesh, xl, yl, steps, d_model, n_layers)
         params = n_moe if scheme == "ep" else n_dense
         nbytes = comm_bytes(scheme, params, world, expert_params=n_exp if scheme == "ep" else 0,
                             tokens=b * 64, d_model=d_model, top_k=2, moe_layers=n_layers)

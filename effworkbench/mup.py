@@ -16,49 +16,64 @@ import pandas as pd
 import torch
 
 from .core import ConfigError, PresetConfig
-from .nn.gpt import GPT, GPTConfig, GroupHP, PARAMETERIZATIONS, Attention, Parameterization, fan_in, param_groups
+from .nn.gpt import (GPT, GPTConfig, GroupHP, Attention, Parameterization, fan_in, param_groups,
+                                 register_parameterization)
 
 # %% auto #0
-__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'dense_fan_in', 'MuP', 'MuPWipRouter', 'hp_table', 'CoordCheck', 'coord_data',
-           'coord_slopes', 'max_growth', 'coord_frame', 'plot_coord', 'LRSweep', 'sweep_table', 'optimal_lr',
-           'lr_panels', 'plot_lr']
+__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'LR_SWEEP_PRESETS', 'dense_fan_in', 'MuPConfig', 'MuPWipConfig', 'MuP',
+           'MuPWipRouter', 'hp_table', 'CoordCheck', 'coord_data', 'coord_slopes', 'max_growth', 'coord_frame',
+           'plot_coord', 'LRSweep', 'sweep_points', 'sweep_table', 'optimal_lr', 'lr_panels', 'plot_lr']
 
-# %% ../nbs/20_mup.ipynb #927915d4
+# %% ../nbs/20_mup.ipynb #a5c4ea95
 HIDDEN_GROUPS = ("attn_qkv", "attn_out", "ffn_in", "ffn_out")   # width → width matrices
 
 def dense_fan_in(group: str, cfg: GPTConfig) -> int:
     "Fan-in of `group`'s matrices in the dense GPT of the same width: d_ff for `ffn_out`, d_model otherwise."
     return cfg.d_ff if group == "ffn_out" else cfg.d_model
 
-class MuP(Parameterization):
-    "μP for Adam on dense and MoE GPTs; widths are measured against `base_width`, where the constants are set."
-    name = "mup"
-    def __init__(self,
-                 base_width: int = 64,        # d₀: at d = d₀ the hidden groups have SP's init std and LR
-                 alpha_in: float = 1.0,       # embedding output multiplier
-                 alpha_out: float = 1.0,      # head multiplier at d₀ (α_out / m at width d)
-                 init_std: float = 0.02,      # σ: base init std
-                 router: Literal["derived", "wip"] = "derived",     # derived: output layer; wip: LR ×1, init σ
-                 expert_rule: Literal["fan_in", "width"] = "fan_in",  # fan_in: ×G on expert output matrices; width: 1/m only
-                 attn_mult: float | None = None):  # logits × attn_mult / d_head; None: √(d_head at d₀), SP's scale at d₀
-        if base_width <= 0: raise ConfigError(f"base_width={base_width} must be > 0")
-        if router not in ("derived", "wip"): raise ConfigError(f"router={router!r}: use 'derived' (μP's output-layer rule) or 'wip'")
-        if expert_rule not in ("fan_in", "width"): raise ConfigError(f"expert_rule={expert_rule!r}: use 'fan_in' or 'width'")
-        self.base_width, self.alpha_in, self.alpha_out, self.base_std = base_width, alpha_in, alpha_out, init_std
-        self.router, self.expert_rule, self.attn_mult = router, expert_rule, attn_mult
+@dataclass
+class MuPConfig:
+    "Options of μP (`TrainConfig(param='mup', param_kwargs={...})`); widths are measured against `base_width`."
+    base_width: int = 64                               # d₀: at d = d₀ the hidden groups have SP's init std and LR
+    alpha_in: float = 1.0                              # embedding output multiplier
+    alpha_out: float = 1.0                             # head multiplier at d₀ (α_out / m at width d)
+    init_std: float = 0.02                             # σ: base init std
+    router: Literal["derived", "wip"] = "derived"      # derived: output layer; wip: LR ×1, init σ
+    expert_rule: Literal["fan_in", "width"] = "fan_in" # fan_in: ×G on expert output matrices; width: 1/m only
+    attn_mult: float | None = None                     # logits × attn_mult / d_head; None: √(d_head at d₀), SP's scale at d₀
+    def __post_init__(self):
+        if not self.base_width > 0: raise ConfigError(f"base_width={self.base_width} must be > 0")
+        if self.router not in ("derived", "wip"): raise ConfigError(f"router={self.router!r}: use 'derived' (μP's output-layer rule) or 'wip'")
+        if self.expert_rule not in ("fan_in", "width"): raise ConfigError(f"expert_rule={self.expert_rule!r}: use 'fan_in' or 'width'")
 
-    def width_mult(self, cfg: GPTConfig) -> float:
-        "m = d / d₀"
-        return cfg.d_model / self.base_width
+@dataclass
+class MuPWipConfig(MuPConfig):
+    "μP with the router rule of the authors' work-in-progress code (router='wip' fixed)."
+    router: Literal["derived", "wip"] = "wip"
+    def __post_init__(self):
+        if self.router != "wip": raise ConfigError("mup_wip_router fixes router='wip'; use 'mup' for the derived rule")
+        super().__post_init__()
+
+# %% ../nbs/20_mup.ipynb #3e6da502
+@register_parameterization("mup")
+class MuP(Parameterization):
+    "μP for Adam on dense and MoE GPTs (options: `MuPConfig`); per matrix: init variance × r, LR × r, weight decay ÷ r."
+    name, Config = "mup", MuPConfig
+    def __init__(self, **options):
+        super().__init__(**options)
+        c = self.config
+        self.base_width, self.alpha_in, self.alpha_out, self.base_std = c.base_width, c.alpha_in, c.alpha_out, c.init_std
+        self.router, self.expert_rule, self.attn_mult = c.router, c.expert_rule, c.attn_mult
+    def width_mult(self, cfg: GPTConfig) -> float: return cfg.d_model / self.base_width        # m = d / d₀
 
     def group_hp(self, group: str, model: GPT) -> GroupHP:
         m, s, L = self.width_mult(model.cfg), self.base_std, model.cfg.n_layers
         if group == "norm": return GroupHP(init_std=None)                                   # gains 1, LR η
         if group == "embedding": return GroupHP(init_std=s, mult=self.alpha_in)            # input: σ², α_in, η
-        if group in ("attn_qkv", "ffn_in"): return GroupHP(init_std=s / math.sqrt(m), lr_mult=1 / m)          # σ²/m, η/m
-        if group in ("attn_out", "ffn_out"): return GroupHP(init_std=s / math.sqrt(2 * L * m), lr_mult=1 / m)  # σ²/(2Lm), η/m
+        if group in ("attn_qkv", "ffn_in"): return GroupHP(init_std=s / math.sqrt(m), lr_mult=1 / m, wd_mult=m)          # σ²/m, η/m, λm
+        if group in ("attn_out", "ffn_out"): return GroupHP(init_std=s / math.sqrt(2 * L * m), lr_mult=1 / m, wd_mult=m)  # σ²/(2Lm), η/m, λm
         if group == "router":
-            if self.router == "derived": return GroupHP(init_std=s / m, lr_mult=1 / m)     # output: σ²/m², η/m
+            if self.router == "derived": return GroupHP(init_std=s / m, lr_mult=1 / m, wd_mult=m)   # output: σ²/m², η/m, λm
             return GroupHP(init_std=s)                                                     # wip: σ², η
         if group == "head": return GroupHP(init_std=s, mult=self.alpha_out / m)            # output: σ², α_out/m, η
         raise ValueError(f"unknown group {group!r}")
@@ -66,32 +81,26 @@ class MuP(Parameterization):
     def attn_scale(self, cfg: GPTConfig) -> float:
         c = self.attn_mult if self.attn_mult is not None else math.sqrt(self.base_width / cfg.n_heads)
         return c / cfg.d_head                                                              # q·k · √d_h0 / d_head
-
     def fan_ratio(self, group: str, p: torch.Tensor, cfg: GPTConfig) -> float:
         "r = (dense fan-in) / fan_in(p): G for an expert's output matrix under the fan-in rule, else 1."
         if group not in HIDDEN_GROUPS or self.expert_rule == "width" or p.ndim < 2: return 1.0
         return dense_fan_in(group, cfg) / fan_in(p)
-
     def init_std(self, group, name, p, model, hp):
         return None if hp.init_std is None else hp.init_std * math.sqrt(self.fan_ratio(group, p, model.cfg))   # var × r
-
     def lr_scale(self, group, name, p, model) -> float:
         "Matrices: LR × r. Vector-like parameters (biases) keep η whatever their group: × 1/(the group's LR multiplier)."
         if p.ndim < 2: return 1.0 / self.group_hp(group, model).lr_mult                  # Δb adds to y directly: Θ(1) at η
         return self.fan_ratio(group, p, model.cfg)                                          # LR × r
+    def wd_scale(self, group, name, p, model) -> float:
+        "Matrices: decay ÷ r, so that every matrix decays by (η·lr_mult·r)·(λ·wd_mult/r) = η·λ per step, at every width."
+        return 1.0 / self.fan_ratio(group, p, model.cfg)
+    def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
-    def __repr__(self):
-        return (f"{type(self).__name__}(base_width={self.base_width}, alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, "
-                f"init_std={self.base_std}, router={self.router!r}, expert_rule={self.expert_rule!r}, attn_mult={self.attn_mult})")
-
+# %% ../nbs/20_mup.ipynb #e5a09f23
+@register_parameterization("mup_wip_router")
 class MuPWipRouter(MuP):
     "μP with the router rule of the authors' work-in-progress code: router LR ×1 and a width-independent init σ²."
-    name = "mup_wip_router"
-    def __init__(self, **kwargs):
-        if kwargs.get("router", "wip") != "wip": raise ConfigError("mup_wip_router fixes router='wip'; use 'mup' for the derived rule")
-        super().__init__(**{**kwargs, "router": "wip"})
-
-PARAMETERIZATIONS.update({"mup": MuP, "mup_wip_router": MuPWipRouter})
+    name, Config = "mup_wip_router", MuPWipConfig
 
 # %% ../nbs/20_mup.ipynb #5a0fca4d
 def hp_table(model: GPT) -> pd.DataFrame:
@@ -142,6 +151,7 @@ class CoordCheck(PresetConfig):
                            steps=self.steps, batch_size=self.batch_size, schedule="constant", warmup=0, grad_clip=0.0,
                            weight_decay=0.0, seed=seed, device=self.device)
 
+# %% ../nbs/20_mup.ipynb #c9d081f3
 def _probe(model: GPT, rec: dict) -> list:
     "Hooks recording mean |x| of the embedding, each block's attention logits, attention and FFN outputs and router logits, the last residual stream and the logits."
     from effworkbench.moe.layers import MoEFFN
@@ -165,6 +175,7 @@ def _probe(model: GPT, rec: dict) -> list:
            model.head.register_forward_hook(put("output", "logits"))]
     return hs
 
+# %% ../nbs/20_mup.ipynb #82f5cbb6
 def coord_data(cc: CoordCheck, corpus=None) -> pd.DataFrame:
     "Tidy coordinate-check data: one row per (param, width, seed, step, layer, quantity); value = mean |x| over the batch."
     from effworkbench.train import Trainer
@@ -227,6 +238,17 @@ def plot_coord(df: pd.DataFrame, param: str, name: str, max_width: int | None = 
                labels={"value": "mean |x|", "step": "step"})
     return fig
 
+# %% ../nbs/20_mup.ipynb #973c51a9
+LR_SWEEP_PRESETS = {                     # LRSweep's fields that differ from its defaults, per preset
+    "medium": {"lr_exps": [-10, -9, -8, -7, -6, -5], "moe_lr_exps": [-9, -8, -7, -6, -5], "widths": [32, 64, 128, 256], "experts": [2, 4, 8],
+               "granularities": [1, 2, 4], "expert_rules": ["fan_in", "width"], "steps": 200, "batch_size": 16,
+               "eval_batches": 16},
+    "full": {"lr_exps": [-12, -11, -10, -9, -8, -7, -6, -5], "widths": [128, 256, 512, 1024, 2048],
+             "experts": [4, 8, 16, 32], "granularities": [1, 2, 4, 8], "expert_rules": ["fan_in", "width"],
+             "moe_expansion": 8, "moe_width": 256, "steps": 5000, "batch_size": 64, "seq_len": 256, "n_layers": 4,
+             "vocab_size": 8192, "max_bytes": None, "eval_batches": 32},
+}
+
 # %% ../nbs/20_mup.ipynb #4922e122
 @dataclass
 class LRSweep(PresetConfig):
@@ -250,15 +272,7 @@ class LRSweep(PresetConfig):
     max_bytes: int | None = 300_000
     eval_batches: int = 2
     seed: int = 0
-    presets: ClassVar = {
-        "medium": {"lr_exps": [-10, -9, -8, -7, -6, -5], "moe_lr_exps": [-9, -8, -7, -6, -5], "widths": [32, 64, 128, 256], "experts": [2, 4, 8],
-                   "granularities": [1, 2, 4], "expert_rules": ["fan_in", "width"], "steps": 200, "batch_size": 16,
-                   "eval_batches": 16},
-        "full": {"lr_exps": [-12, -11, -10, -9, -8, -7, -6, -5], "widths": [128, 256, 512, 1024, 2048],
-                 "experts": [4, 8, 16, 32], "granularities": [1, 2, 4, 8], "expert_rules": ["fan_in", "width"],
-                 "moe_expansion": 8, "moe_width": 256, "steps": 5000, "batch_size": 64, "seq_len": 256, "n_layers": 4,
-                 "vocab_size": 8192, "max_bytes": None, "eval_batches": 32},
-    }
+    presets: ClassVar = LR_SWEEP_PRESETS
 
     def train_config(self, param: str, width: int, expansion: int, granularity: int, lr: float, param_kwargs: dict | None = None):
         "One run: an MoE GPT (top-G, E·G experts) trained with `param` at `lr`."
@@ -272,17 +286,23 @@ class LRSweep(PresetConfig):
 
     def points(self) -> list[tuple[dict, Any]]:
         "(labels, TrainConfig) of every point of the three sweeps; shared points appear under each sweep."
-        lrs = [2.0 ** e for e in self.lr_exps]
-        pts = [({"sweep": "width", "param": p, "expert_rule": "-" if p == "sp" else "fan_in"},
-                self.train_config(p, w, self.moe_expansion, 1, lr)) for p in self.params for w in self.widths for lr in lrs]
-        lrs = [2.0 ** e for e in (self.moe_lr_exps or self.lr_exps)]
-        pts += [({"sweep": "experts", "param": "mup", "expert_rule": "fan_in"}, self.train_config("mup", self.moe_width, E, 1, lr))
-                for E in self.experts for lr in lrs]
-        pts += [({"sweep": "granularity", "param": "mup", "expert_rule": rule},          # at G = 1 the two rules agree
-                 self.train_config("mup", self.moe_width, self.moe_expansion, G, lr, {"expert_rule": rule} if rule != "fan_in" and G > 1 else {}))
-                for rule in self.expert_rules for G in self.granularities for lr in lrs]
-        return pts
+        return sweep_points(self)
 
+# %% ../nbs/20_mup.ipynb #f680ebb8
+def sweep_points(sw: LRSweep) -> list[tuple[dict, Any]]:
+    "(labels, TrainConfig) of every point of the three sweeps of `sw`; shared points appear under each sweep."
+    lrs = [2.0 ** e for e in sw.lr_exps]
+    pts = [({"sweep": "width", "param": p, "expert_rule": "-" if p == "sp" else "fan_in"},
+            sw.train_config(p, w, sw.moe_expansion, 1, lr)) for p in sw.params for w in sw.widths for lr in lrs]
+    lrs = [2.0 ** e for e in (sw.moe_lr_exps or sw.lr_exps)]
+    pts += [({"sweep": "experts", "param": "mup", "expert_rule": "fan_in"}, sw.train_config("mup", sw.moe_width, E, 1, lr))
+            for E in sw.experts for lr in lrs]
+    pts += [({"sweep": "granularity", "param": "mup", "expert_rule": rule},          # at G = 1 the two rules agree
+             sw.train_config("mup", sw.moe_width, sw.moe_expansion, G, lr, {"expert_rule": rule if G > 1 else "fan_in"}))
+            for rule in sw.expert_rules for G in sw.granularities for lr in lrs]
+    return pts
+
+# %% ../nbs/20_mup.ipynb #b7236595
 def sweep_table(points: Sequence[tuple[dict, Any]], runs: pd.DataFrame, store=None) -> pd.DataFrame:
     "One tidy row per sweep point: its labels, width, experts, granularity, lr and final losses (NaN where a run failed)."
     from effworkbench.store import RunStore
@@ -299,6 +319,7 @@ def sweep_table(points: Sequence[tuple[dict, Any]], runs: pd.DataFrame, store=No
                      "status": r.status})
     return pd.DataFrame(rows)
 
+# %% ../nbs/20_mup.ipynb #a1b04714
 def optimal_lr(df: pd.DataFrame, by: Sequence[str], y: str = "val_loss") -> pd.DataFrame:
     "Per group of `by`: the best LR on the grid, and the vertex of a parabola in log₂ LR through it and its two neighbours."
     out = []

@@ -18,6 +18,7 @@ import pandas as pd
 from .core import ConfigError, PresetConfig
 from .experiment import Context, register_experiment
 from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts
+from .train import schedule_lr
 
 # %% auto #0
 __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers', 'RelativeLR',
@@ -45,10 +46,7 @@ def relative_group(group: str) -> str:
 
 def relative_lr(t: int, eta: float, r: float, f: float, final_frac: float, warmup: int, steps: int) -> float:
     "η_g(t) of a group with start multiplier r and end multiplier f: warm-up to s = rη, cosine to e = φfη, then e."
-    s, e = r * eta, final_frac * f * eta
-    if t < warmup: return s * (t + 1) / warmup
-    if t >= steps: return e
-    return e + 0.5 * (s - e) * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
+    return schedule_lr(t, r * eta, final_frac * f * eta, steps, warmup, "cosine")   # the trainer's one schedule function
 
 # %% ../nbs/21_rlrs.ipynb #b70cedc3
 def check_multipliers(multipliers: dict) -> dict[str, tuple[float, float]]:
@@ -91,7 +89,7 @@ class RelativeLR(Parameterization):
         mult = {g: [round(r, 4), round(f, 4)] for g, (r, f) in self.multipliers.items()}
         return f"RelativeLR(base={self.base!r}, multipliers={mult})"
 
-PARAMETERIZATIONS["rlrs"] = RelativeLR
+PARAMETERIZATIONS.register("rlrs", RelativeLR)
 
 # %% ../nbs/21_rlrs.ipynb #f9f58196
 @dataclass

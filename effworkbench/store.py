@@ -30,8 +30,8 @@ from .core import ConfigError, Registry, env_report, runs_dir
 
 # %% auto #0
 __all__ = ['LOGGERS', 'to_jsonable', 'config_hash', 'atomic_write_bytes', 'to_json', 'atomic_write_json', 'read_json',
-           'clean_stale_tmp', 'Run', 'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name', 'run_function',
-           'CheckpointError', 'RunKeyError', 'RunStore']
+           'clean_stale_tmp', 'logger_names', 'Run', 'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name',
+           'run_function', 'CheckpointError', 'RunKeyError', 'RunStore']
 
 # %% ../nbs/00a_store.ipynb #9f154e52
 def to_jsonable(obj: Any) -> Any:
@@ -85,7 +85,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     "`atomic_write_bytes` of indented strict JSON (`to_json`)."
     return atomic_write_bytes(path, (to_json(obj, indent=1) + "\n").encode())
 
-# %% ../nbs/00a_store.ipynb #568ae9fd
+# %% ../nbs/00a_store.ipynb #e3bc23e3
 def read_json(path: str | Path) -> Any:
     "Read a JSON file, naming the file in the error if it is corrupt."
     try: return json.loads(Path(path).read_bytes().decode("utf-8"))
@@ -120,15 +120,19 @@ def _read_object(path: Path) -> dict:
                          f"remove it (`effwb runs rm {path.parent.name}`) and run it again")
     return obj
 
-# %% ../nbs/00a_store.ipynb #dd06ac4b
+def logger_names(loggers: Sequence[str] | None = None) -> tuple[str, ...]:
+    "`loggers`, or by default the comma-separated names in `$EFFWB_LOG` (see `LOGGERS`)."
+    if loggers is None: loggers = [n.strip() for n in os.environ.get("EFFWB_LOG", "").split(",") if n.strip()]
+    return tuple(loggers)
+
+# %% ../nbs/00a_store.ipynb #a9043f6f
 class Run:
     "One folder of the store: config, metrics log, checkpoint, result; `loggers` (default `$EFFWB_LOG`) also get the metrics."
     def __init__(self, path: str | Path, loggers: Sequence[str] | None = None):
         self.path = Path(path)
         self.key = self.path.name
-        env = [n.strip() for n in os.environ.get("EFFWB_LOG", "").split(",") if n.strip()]
-        self.loggers = tuple(env if loggers is None else loggers)   # names in `LOGGERS`: "tensorboard", "mlflow"
-        self._sinks: list | None = None                             # opened at the first `log`
+        self.loggers = logger_names(loggers)        # names in `LOGGERS`: "tensorboard", "mlflow"
+        self._sinks: list | None = None             # opened at the first `log`
 
     # files
     @property
@@ -344,7 +348,7 @@ def _lock(run: Run, timeout: float = -1):
     from filelock import FileLock   # imported here: the GPU benchmark machines have torch, numpy and pandas only
     return FileLock(str(run.path / ".lock"), timeout=timeout)
 
-# %% ../nbs/00a_store.ipynb #ef11cfa1
+# %% ../nbs/00a_store.ipynb #f698c865
 class RunStore:
     "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`); `loggers`: see `Run`."
     def __init__(self, root: str | Path | None = None, loggers: Sequence[str] | None = None):
@@ -477,7 +481,7 @@ class RunStore:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-# %% ../nbs/00a_store.ipynb #b7185dad
+# %% ../nbs/00a_store.ipynb #29d5a639
 def _record_error(run: Run, e: BaseException, seconds: float):
     "Write the run's error.json; if that write fails too (a read-only or full disk), say so on the exception and warn, never hide `e`."
     try:

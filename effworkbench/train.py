@@ -1,4 +1,4 @@
-"""AdamW with per-group learning rates from the parameterization, cosine / warmup-stable-decay (with decay branches) / constant schedules, gradient accumulation and batch-size ramp-up, auxiliary losses, checkpoints with bit-exact resume, and the same trainer under `torchrun` with DDP.
+"""AdamW with per-group learning rates from the parameterization, cosine / warmup-stable-decay (with decay branches) / constant schedules, gradient accumulation and batch-size ramp-up, auxiliary losses, checkpoints with bit-exact resume, and the same trainer under `torchrun` with DDP, FSDP2 or expert parallelism, applied in one `parallelize` step.
 
 Docs: https://effworkbench.github.io/effworkbench/train.html.md"""
 
@@ -15,27 +15,30 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigError, PresetConfig, config_from, autocast, get_device, progress, set_seed
+from .core import ConfigError, PresetConfig, Registry, config_from, autocast, get_device, progress, set_seed
 from .nn.gpt import GPT, GPTConfig, make_parameterization
-from .store import CheckpointError, Run, RunStore, run_function
+from .store import CheckpointError, Run, RunStore, check_loggers, logger_names, run_function
 # effworkbench.data (tokenizers, filelock) is imported where it is used, so `bench/gpt.py` runs on machines with
 # torch, numpy and pandas only, feeding the trainer a synthetic corpus.
 if TYPE_CHECKING: from effworkbench.data import LMBatchSampler, TokenCorpus   # annotations only
 
 # %% auto #0
-__all__ = ['CHECKPOINT_KEYS', 'TrainConfig', 'lr_at', 'init_distributed', 'cleanup_distributed', 'TrainingDiverged',
-           'load_run_checkpoint', 'all_finite', 'Trainer', 'fit', 'train_run', 'forward_spec', 'save_weights',
-           'load_weights', 'train_config_from', 'add_train_command', 'torchrun_command', 'load_model']
+__all__ = ['TRAIN_PRESETS', 'CHECKPOINT_KEYS', 'PARALLEL', 'TrainConfig', 'wsd_decay_start', 'schedule_lr', 'lr_at',
+           'init_distributed', 'cleanup_distributed', 'make_mesh', 'TrainingDiverged', 'load_run_checkpoint',
+           'all_finite', 'rng_state', 'set_rng_state', 'Parallelism', 'DataParallel', 'parallelize', 'TrainerData',
+           'TrainerState', 'TrainerGrads', 'TrainerStep', 'TrainerRun', 'Trainer', 'fit', 'train_run', 'run_model',
+           'forward_spec', 'save_weights', 'load_weights', 'train_config_from', 'add_train_command', 'torchrun_command',
+           'load_model']
 
 # %% ../nbs/11_train.ipynb #3b80f7a1
-from .nn.gpt import check_fields, fraction, int_at_least, non_negative, optional, positive
+from .nn.gpt import check_fields, fraction, int_at_least, non_negative, optional, parameterization_options, positive
 
 def _device_ok(v) -> bool:
     "None, or a string torch reads as a device ('cpu', 'cuda', 'cuda:1', 'mps'); whether it is present is checked at run time."
@@ -44,6 +47,39 @@ def _device_ok(v) -> bool:
     try: torch.device(v); return True
     except (RuntimeError, ValueError): return False
 
+TRAIN_PRESETS = {
+    "medium": {"model": {"vocab_size": 4096, "seq_len": 128, "d_model": 128, "n_layers": 4, "n_heads": 4},
+               "max_bytes": None, "steps": 1500, "batch_size": 16, "warmup": 100, "eval_every": 250, "eval_batches": 16,
+               "ckpt_every": 250},
+    "full": {"model": {"vocab_size": 8192, "seq_len": 1024, "d_model": 768, "n_layers": 12, "n_heads": 12},
+             "max_bytes": None, "steps": 5000, "batch_size": 64, "lr": 1e-3, "warmup": 200, "eval_every": 500,
+             "eval_batches": 32, "ckpt_every": 500, "compile": True},
+}
+
+# %% ../nbs/11_train.ipynb #ae5bfd32
+def _check_train_config(c) -> None:
+    "Every field of `TrainConfig` `c` in its range (a `ConfigError` naming the field otherwise)."
+    check_fields(c, {
+        "corpus": (lambda v: isinstance(v, str) and v.strip() != "",
+                   "'shakespeare', 'stdlib' or the path of a text file or folder (not empty)"),
+        "max_bytes": optional(int_at_least(1)), "val_frac": fraction(closed_top=False),
+        **{k: int_at_least(1) for k in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every")},
+        "micro_batch": optional(int_at_least(1)), "lr": positive(), "weight_decay": non_negative(),
+        "betas": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(fraction(False)[0](b) for b in v),
+                  "two numbers in [0, 1), e.g. (0.9, 0.95)"),
+        "grad_clip": non_negative(), "warmup": int_at_least(0), "final_frac": fraction(), "decay_frac": fraction(),
+        "batch_rampup": (lambda v: isinstance(v, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and int_at_least(0)[0](p[0]) and int_at_least(1)[0](p[1]) for p in v),
+            "a list of [tokens >= 0, batch_size >= 1] pairs"),
+        "seed": int_at_least(0), "device": (_device_ok, "None (cuda → mps → cpu) or a device such as 'cpu', 'cuda', 'cuda:1', 'mps'"),
+        "schedule": (lambda v: v in ("cosine", "wsd", "constant"), "one of 'cosine', 'wsd', 'constant'"),
+        "parallel": (lambda v: v in ("ddp", "fsdp", "ep"), "one of 'ddp', 'fsdp', 'ep'"), "ep_degree": optional(int_at_least(1))})
+    if c.schedule != "wsd" and c.decay_branches: raise ConfigError("decay_branches need schedule='wsd'")
+    for b in c.decay_branches:
+        if not c.warmup < wsd_decay_start(b, c.decay_frac) and b < c.steps:
+            raise ConfigError(f"decay branch ending at step {b} must start after warm-up ({c.warmup}) and end before {c.steps}")
+
+# %% ../nbs/11_train.ipynb #3fbbbd22
 @dataclass
 class TrainConfig(PresetConfig):
     "A language-model training run."
@@ -69,6 +105,9 @@ class TrainConfig(PresetConfig):
     decay_branches: list = field(default_factory=list)  # WSD: extra runs ending at these steps, branched off the stable phase
     param: str = "sp"                        # parameterization: "sp"; later notebooks add "mup", "rlrs"
     param_kwargs: dict = field(default_factory=dict)
+    # parallelism under torchrun (one process: none)
+    parallel: Literal["ddp", "fsdp", "ep"] = "ddp"   # DDP, FSDP2 (sharded) or expert parallel (MoE experts split)
+    ep_degree: int | None = None             # ep: ranks per expert group (None: all; else a dp × ep mesh)
     # bookkeeping
     eval_every: int = 50
     eval_batches: int = 4
@@ -77,48 +116,35 @@ class TrainConfig(PresetConfig):
     seed: int = 0
     device: str | None = None                # None: cuda → mps → cpu
     compile: bool = False
-    presets: ClassVar = {
-        "medium": {"model": {"vocab_size": 4096, "seq_len": 128, "d_model": 128, "n_layers": 4, "n_heads": 4},
-                   "max_bytes": None, "steps": 1500, "batch_size": 16, "warmup": 100, "eval_every": 250, "eval_batches": 16,
-                   "ckpt_every": 250},
-        "full": {"model": {"vocab_size": 8192, "seq_len": 1024, "d_model": 768, "n_layers": 12, "n_heads": 12},
-                 "max_bytes": None, "steps": 5000, "batch_size": 64, "lr": 1e-3, "warmup": 200, "eval_every": 500,
-                 "eval_batches": 32, "ckpt_every": 500, "compile": True},
-    }
+    presets: ClassVar = TRAIN_PRESETS
 
     def __post_init__(self):
         if isinstance(self.model, dict): self.model = GPTConfig(**self.model)
-        check_fields(self, {
-            "corpus": (lambda v: isinstance(v, str) and v.strip() != "",
-                       "'shakespeare', 'stdlib' or the path of a text file or folder (not empty)"),
-            "max_bytes": optional(int_at_least(1)), "val_frac": fraction(closed_top=False),
-            **{k: int_at_least(1) for k in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every")},
-            "micro_batch": optional(int_at_least(1)), "lr": positive(), "weight_decay": non_negative(),
-            "betas": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(fraction(False)[0](b) for b in v),
-                      "two numbers in [0, 1), e.g. (0.9, 0.95)"),
-            "grad_clip": non_negative(), "warmup": int_at_least(0), "final_frac": fraction(), "decay_frac": fraction(),
-            "batch_rampup": (lambda v: isinstance(v, (list, tuple)) and all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and int_at_least(0)[0](p[0]) and int_at_least(1)[0](p[1]) for p in v),
-                "a list of [tokens >= 0, batch_size >= 1] pairs"),
-            "seed": int_at_least(0), "device": (_device_ok, "None (cuda → mps → cpu) or a device such as 'cpu', 'cuda', 'cuda:1', 'mps'"),
-            "schedule": (lambda v: v in ("cosine", "wsd", "constant"), "one of 'cosine', 'wsd', 'constant'")})
-        if self.schedule != "wsd" and self.decay_branches: raise ConfigError("decay_branches need schedule='wsd'")
-        for b in self.decay_branches:
-            if not self.warmup < b - round(self.decay_frac * b) and b < self.steps:
-                raise ConfigError(f"decay branch ending at step {b} must start after warm-up ({self.warmup}) and end before {self.steps}")
+        self.param_kwargs = parameterization_options(self.param, self.param_kwargs)   # all options, defaults filled in
+        _check_train_config(self)
 
 # %% ../nbs/11_train.ipynb #b1f57fb1
-def lr_at(step: int, s: float, e: float, cfg: TrainConfig, end: int | None = None) -> float:
-    "Learning rate at `step` of a group with start LR `s` and end LR `e` (a WSD branch ends at `end`)."
-    W, T = cfg.warmup, end or cfg.steps
-    if step < W: return s * (step + 1) / W
-    if cfg.schedule == "constant": return s
-    if cfg.schedule == "cosine":
+def wsd_decay_start(steps: int, decay_frac: float) -> int:
+    "First step of the linear decay of a WSD run (or branch) of `steps` steps: the last `decay_frac` of it decays."
+    return steps - round(decay_frac * steps)
+
+def schedule_lr(step: int, s: float, e: float, steps: int, warmup: int, schedule: str = "cosine",
+                decay_frac: float = 0.2) -> float:
+    "LR at `step` of a `steps`-step run from start LR `s` to end LR `e`: linear warm-up, then cosine, WSD or constant."
+    W, T = warmup, steps
+    if step < W: return s * (step + 1) / W                     # η(t) = s (t+1)/W
+    if schedule == "constant": return s
+    if schedule == "cosine":                                   # η(t) = e + ½(s−e)(1 + cos π(t−W)/(T−W)), e after T
         p = min(1.0, (step - W) / max(1, T - W))
         return e + 0.5 * (s - e) * (1 + math.cos(math.pi * p))
-    d0 = T - round(cfg.decay_frac * T)                      # WSD: decay starts here
-    if step < d0: return s
-    return e + (s - e) * (1 - min(1.0, (step - d0) / max(1, T - d0)))
+    if schedule != "wsd": raise ConfigError(f"unknown schedule {schedule!r}: use 'cosine', 'wsd' or 'constant'")
+    d0 = wsd_decay_start(T, decay_frac)
+    if step < d0: return s                                     # stable
+    return e + (s - e) * (1 - min(1.0, (step - d0) / max(1, T - d0)))   # linear decay to e at T
+
+def lr_at(step: int, s: float, e: float, cfg: TrainConfig, end: int | None = None) -> float:
+    "`schedule_lr` with `cfg`'s schedule (a WSD branch ends at `end`)."
+    return schedule_lr(step, s, e, end or cfg.steps, cfg.warmup, cfg.schedule, cfg.decay_frac)
 
 # %% ../nbs/11_train.ipynb #e3d95009
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
@@ -135,6 +161,17 @@ def cleanup_distributed():
     "Barrier, then destroy the process group (if one is running)."
     if dist.is_available() and dist.is_initialized():
         dist.barrier(); dist.destroy_process_group()
+
+def make_mesh(shape: tuple[int, ...] | None = None, names: tuple[str, ...] = ("dp",), device_type: str | None = None):
+    "A `DeviceMesh` over all ranks of the running process group: `shape` (default (world,)) named `names`."
+    from torch.distributed.device_mesh import init_device_mesh
+    if not dist.is_initialized(): raise ConfigError("no process group: launch under torchrun (or dist.init_process_group) first")
+    world = dist.get_world_size()
+    shape = tuple(shape or (world,))
+    if math.prod(shape) != world: raise ConfigError(f"mesh {shape} has {math.prod(shape)} ranks but the world has {world}")
+    if len(names) != len(shape): raise ConfigError(f"mesh {shape} needs {len(shape)} dimension names, got {names}")
+    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
+    return init_device_mesh(device_type, shape, mesh_dim_names=tuple(names))
 
 # %% ../nbs/11_train.ipynb #995e3cab
 class TrainingDiverged(RuntimeError):
@@ -153,54 +190,64 @@ def load_run_checkpoint(run: Run, map_location="cpu") -> dict | None:
     return ck
 
 def all_finite(tensors) -> bool:
-    "True iff no floating-point tensor in `tensors` holds a NaN or ±inf (one host sync)."
-    flags = [torch.isfinite(t).all() for t in tensors if torch.is_floating_point(t) and t.dim() > 0]
+    "True iff no floating-point tensor in `tensors` holds a NaN or ±inf (one host sync); sharded tensors: this rank's shard."
+    ts = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    flags = [torch.isfinite(t).all() for t in ts if torch.is_floating_point(t) and t.dim() > 0]
     return bool(torch.stack(flags).all()) if flags else True
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    "Every random stream the next step reads (torch, numpy, python, CUDA), as tensors, ints and lists: a weights-only load reads it."
     return {"torch": torch.get_rng_state(), "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64)),
             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1]),
             **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
 
-def _set_rng_state(s: dict):
+def set_rng_state(s: dict):
+    "Restore the streams `rng_state` saved."
     torch.set_rng_state(s["torch"])
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(s["python"]), None))
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
-class Trainer:
-    "Trains `GPT(cfg.model)` on `cfg.corpus`; `fit()` runs to `cfg.steps`, logging to and checkpointing in `run`."
-    def __init__(self, cfg: TrainConfig, run: Run | None = None, corpus: TokenCorpus | None = None,
-                 model: nn.Module | None = None):
-        self.cfg, self.run = cfg, run
-        self.rank, self.world, self.device = init_distributed(cfg.device)
-        if corpus is None:
-            from effworkbench.data import token_corpus
-            corpus = token_corpus(cfg.corpus, cfg.model.vocab_size, cfg.val_frac, cfg.max_bytes)
-        self.corpus = corpus                                 # .train, .val: 1-D token arrays; .vocab_size
-        if self.corpus.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"the tokenizer has {self.corpus.vocab_size} tokens but the model only {cfg.model.vocab_size}")
-        set_seed(cfg.seed)                                   # the same init on every rank
-        self.model = (model or GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))).to(self.device)
-        self.param = self.model.parameterization
-        groups = self.param.optimizer_groups(self.model, cfg.lr, cfg.weight_decay)
-        # the fused AdamW kernel skips its whole update (weights, moments, step count) when `opt.found_inf` is set:
-        # the no-sync divergence guard of `train_step` rests on it
-        self.fused_opt = self.device.type in ("cuda", "cpu", "mps", "xpu")
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=self.fused_opt or None)
-        for g in self.opt.param_groups:                      # schedule end points of each group
-            g["lr_s"] = g["base_lr"] * g["lr_start"]; g["lr_e"] = g["base_lr"] * cfg.final_frac * g["lr_end"]
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                    if self.world > 1 else self.model)
-        self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
-        self.step, self.tokens = 0, 0
-        self._samplers: dict[int, LMBatchSampler] = {}
-        self._next: tuple | None = None                      # the prefetched batch: ((step, batch size), (x, y))
-        self._bad: torch.Tensor | None = None                # (flag, step, loss, grad norm) of the first non-finite unsynced step
-        self._tokens_at: dict[int, int] = {}                 # tokens before each unsynced step (to rewind to the first bad one)
-        set_seed(cfg.seed, rank=self.rank)                   # dropout etc. differ per rank
+# %% ../nbs/11_train.ipynb #4f113c82
+PARALLEL = Registry("parallel")   # cfg.parallel -> a Parallelism class; "fsdp", "ep": entry points (effworkbench.distributed)
 
-    # ----- data
+class Parallelism:
+    "How the ranks share the model; this base is one process (nothing to share)."
+    sharded = False                                        # True: each rank saves and loads its own shard
+    def mesh(self, cfg: TrainConfig, device_type: str):
+        "The default mesh: every rank on one data-parallel dimension."
+        return make_mesh(None, ("dp",), device_type)
+    def apply(self, model: nn.Module, mesh, cfg: TrainConfig) -> nn.Module:
+        "Spread `model` over `mesh` (before the optimizer is built); returns the module whose forward the trainer calls."
+        return model
+    def no_sync(self, fwd: nn.Module): return contextlib.nullcontext()   # around all but the last micro-batch
+    def sync_grads(self, model: nn.Module, mesh): pass                    # after the backward of the last micro-batch
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        "Global gradient L2 norm, () on the device (a sharded norm is reduced over the mesh)."
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    def load_model(self, model: nn.Module, run: Run) -> nn.Module:
+        "`model` with the weights of `run`'s sharded checkpoint, in one process (this scheme saves none)."
+        raise FileNotFoundError(f"run {run.key} holds no checkpoint ({run.path})")
+
+@PARALLEL.register("ddp")
+class DataParallel(Parallelism):
+    "DDP: replicas whose gradients are averaged by all-reduce during the backward."
+    def apply(self, model, mesh, cfg):
+        dev = next(model.parameters()).device
+        return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                   process_group=mesh.get_group())
+    def no_sync(self, fwd): return fwd.no_sync()
+
+def parallelize(model: nn.Module, mesh, cfg: TrainConfig) -> tuple[nn.Module, Parallelism]:
+    "Apply `cfg.parallel` over `mesh` (None: one process) and `cfg.compile`: (the module to call, the `Parallelism`)."
+    scheme = PARALLEL[cfg.parallel]() if mesh is not None else Parallelism()
+    fwd = scheme.apply(model, mesh, cfg) if mesh is not None else model
+    return (torch.compile(fwd) if cfg.compile else fwd), scheme
+
+# %% ../nbs/11_train.ipynb #1cfc609a
+class TrainerData:
+    "The batches of a `Trainer`: each a pure function of (step, batch size), drawn one step ahead."
     def batch_size_at(self, tokens: int) -> int:
         "Global batch size after `tokens` training tokens (the ramp-up)."
         bs = self.cfg.batch_size
@@ -225,11 +272,47 @@ class Trainer:
                                                         seed=self.cfg.seed, device=self.device, rank=self.rank, world_size=self.world)
         return self._samplers[batch_size]
 
-    # ----- one step
-    def set_lr(self, step: int, end: int | None = None) -> float:
-        for g in self.opt.param_groups: g["lr"] = lr_at(step, g["lr_s"], g["lr_e"], self.cfg, end)
-        return self.opt.param_groups[0]["lr"]
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        "Mean loss over the first `eval_batches` validation batches (all ranks together)."
+        from effworkbench.data import eval_batches
+        self.model.eval()
+        tot, n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for x, y in eval_batches(self.corpus.val, self.cfg.batch_size // self.world, self.cfg.model.seq_len,
+                                 self.cfg.eval_batches, self.device, self.rank, self.world):
+            with autocast(self.device): _, loss = self.model(x, y)
+            tot += loss.float() * len(x); n += len(x)
+        if self.world > 1: dist.all_reduce(tot); dist.all_reduce(n)
+        self.model.train()
+        return (tot / n.clamp(min=1)).item()
 
+# %% ../nbs/11_train.ipynb #1c85a575
+class TrainerState:
+    "The state of a `Trainer`: everything the next step depends on, saved in its run (sharded: every rank its shard)."
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, s: dict):
+        self.forget_pending()
+        self.step, self.tokens = int(s["step"]), int(s["tokens"])
+        self.model.load_state_dict(s["model"]); self.opt.load_state_dict(s["opt"]); set_rng_state(s["rng"])
+
+    def forget_pending(self):
+        "Drop the prefetched batch and the unsynced divergence record (before a load)."
+        self._next, self._bad, self._tokens_at, self.opt.found_inf = None, None, {}, None
+
+    def state_is_finite(self) -> bool:
+        "No NaN or ±inf in the weights or the optimizer state (one host sync; sharded: on every rank)."
+        opt = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        ok = all_finite([*self.model.state_dict().values(), *opt])
+        if self.scheme.sharded and self.world > 1:
+            f = torch.tensor([float(ok)], device=self.device); dist.all_reduce(f, op=dist.ReduceOp.MIN); ok = bool(f.item())
+        return ok
+
+# %% ../nbs/11_train.ipynb #92b481bb
+class TrainerGrads:
+    "The gradients of one step of a `Trainer`: micro-batches, auxiliary losses, the gradient sync and the norm."
     def compute_grads(self, step: int) -> tuple[float, int]:
         "Forward/backward of the global batch of `step` (this rank's share); returns (global mean loss, batch tokens)."
         loss, ntok = self._grads(step)
@@ -244,14 +327,14 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for i, (xb, yb) in enumerate(chunks):
-            sync = i == len(chunks) - 1 or self.world == 1
-            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-            with ctx, autocast(self.device):
+            last = i == len(chunks) - 1
+            with (contextlib.nullcontext() if last else self.scheme.no_sync(self.fwd)), autocast(self.device):
                 _, loss = self.fwd(xb, yb, **self._fwd_kwargs)   # no logits kept alive through the backward
                 aux = sum(self.model.aux_losses().values(), torch.zeros((), device=self.device))
                 part = (loss + aux) * (len(xb) / len(x))     # micro-batch mean → this rank's mean
             part.backward()
             total += loss.detach() * (len(xb) / len(x))
+        self.scheme.sync_grads(self.model, self.mesh)
         ntok = bs * self.cfg.model.seq_len
         self.prefetch(step + 1, self.batch_size_at(self.tokens + ntok))   # overlaps the device's work on this step
         if self.world > 1: dist.all_reduce(total, op=dist.ReduceOp.AVG)
@@ -262,19 +345,17 @@ class Trainer:
         return {"return_logits": False} if isinstance(self.model, GPT) else {}
 
     def grad_norm(self) -> torch.Tensor:
-        "Global gradient L2 norm, () on the device; clips the gradients to `grad_clip` when it is set (DDP: grads are already averaged)."
-        if self.cfg.grad_clip: return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        "Global gradient L2 norm, () on the device; clips the gradients to `grad_clip` when it is set (synced gradients)."
+        norm = self.scheme.grad_norm(self.model)
+        if self.cfg.grad_clip: torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip, norm)
+        return norm
 
-    def diverged(self, what: str) -> TrainingDiverged:
-        "The `TrainingDiverged` error for `what` at this step, naming the last checkpoint kept."
-        kept = "none"
-        if self.run is not None:
-            try: kept = (load_run_checkpoint(self.run) or {}).get("step", "none")
-            except CheckpointError: kept = "unreadable"
-        return TrainingDiverged(f"{what} at step {self.step}: training diverged and the optimizer step was not taken; "
-                                f"the last good checkpoint (step {kept}) is kept" + (f" in {self.run.path}" if self.run else "")
-                                + ". Lower the learning rate (or raise warmup) and train again.")
+# %% ../nbs/11_train.ipynb #2c4d2253
+class TrainerStep:
+    "One optimizer step of a `Trainer`, with the divergence guard (synced or on the device)."
+    def set_lr(self, step: int, end: int | None = None) -> float:
+        for g in self.opt.param_groups: g["lr"] = lr_at(step, g["lr_s"], g["lr_e"], self.cfg, end)
+        return self.opt.param_groups[0]["lr"]
 
     def train_step(self, end: int | None = None, sync: bool = True) -> float | None:
         """One optimizer step at `self.step`. With `sync`, returns the loss, and a non-finite loss or gradient norm (now or
@@ -306,43 +387,74 @@ class Trainer:
         self.opt.step()
         self.step += 1; self.tokens += ntok
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        "Mean loss over the first `eval_batches` validation batches (all ranks together)."
-        from effworkbench.data import eval_batches
-        self.model.eval()
-        tot, n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for x, y in eval_batches(self.corpus.val, self.cfg.batch_size // self.world, self.cfg.model.seq_len,
-                                 self.cfg.eval_batches, self.device, self.rank, self.world):
-            with autocast(self.device): _, loss = self.model(x, y)
-            tot += loss.float() * len(x); n += len(x)
-        if self.world > 1: dist.all_reduce(tot); dist.all_reduce(n)
-        self.model.train()
-        return (tot / n.clamp(min=1)).item()
-
-    # ----- state
-    def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(), "rng": _rng_state()}
-
-    def load_state_dict(self, s: dict):
-        self._next, self._bad, self._tokens_at, self.opt.found_inf = None, None, {}, None   # nothing pending from before
-        self.step, self.tokens = int(s["step"]), int(s["tokens"])
-        self.model.load_state_dict(s["model"]); self.opt.load_state_dict(s["opt"]); _set_rng_state(s["rng"])
-
-    def state_is_finite(self) -> bool:
-        "No NaN or ±inf in the weights or the optimizer state (one host sync)."
-        opt = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        return all_finite([*self.model.state_dict().values(), *opt])
+# %% ../nbs/11_train.ipynb #e76f3926
+class TrainerRun:
+    "What a `Trainer` keeps in its run: checkpoints (sharded: every rank its shard), metrics, and where a diverged run stands."
+    def resume(self) -> bool:
+        "Load the run's checkpoint, if it has one (one process also reads a sharded one); NaN or ±inf in it raises `CheckpointError`."
+        if self.run is None: return False
+        if self.scheme.sharded: found = self.scheme.load(self, self.run)
+        else:
+            ck = load_run_checkpoint(self.run, map_location=self.device)
+            if ck is not None: self.load_state_dict(ck)
+            found = ck is not None
+            if not found and self.world == 1 and PARALLEL[self.cfg.parallel].sharded:   # saved by N ranks, resumed by one
+                found = PARALLEL[self.cfg.parallel]().load(self, self.run)
+        if found and not self.state_is_finite(): raise _bad_checkpoint(self.run, "holds NaN or infinite weights (saved after a divergence)")
+        return found
 
     def checkpoint(self):
-        "Save the training state in the run (rank 0 writes); a non-finite state raises `TrainingDiverged` and is never saved."
+        "Save the training state in the run; a non-finite state raises `TrainingDiverged` and is never saved."
         if self.run is None: return
         if not self.state_is_finite(): raise self.diverged("a weight or optimizer state is NaN or infinite")
-        if self.rank == 0: self.run.save_checkpoint(self.state_dict())
+        if self.scheme.sharded: self.scheme.save(self, self.run)      # every rank writes its shard
+        elif self.rank == 0: self.run.save_checkpoint(self.state_dict())
 
     def log(self, **m):
         if self.run is not None and self.rank == 0: self.run.log(**m)
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        "The `TrainingDiverged` error for `what` at this step, naming the last checkpoint kept."
+        kept = "none"
+        if self.run is not None:
+            try: kept = (load_run_checkpoint(self.run) or {}).get("step", "none")
+            except CheckpointError: kept = "unreadable"
+        return TrainingDiverged(f"{what} at step {self.step}: training diverged and the optimizer step was not taken; "
+                                f"the last good checkpoint (step {kept}) is kept" + (f" in {self.run.path}" if self.run else "")
+                                + ". Lower the learning rate (or raise warmup) and train again.")
+
+# %% ../nbs/11_train.ipynb #220eff49
+class Trainer(TrainerRun, TrainerState, TrainerStep, TrainerGrads, TrainerData):
+    "Trains `GPT(cfg.model)` on `cfg.corpus`; `fit()` runs to `cfg.steps`, logging to and checkpointing in `run`."
+    def __init__(self, cfg: TrainConfig, run: Run | None = None, corpus: TokenCorpus | None = None,
+                 model: nn.Module | None = None, mesh=None):
+        self.cfg, self.run = cfg, run
+        self.rank, self.world, self.device = init_distributed(cfg.device)
+        if corpus is None:
+            from effworkbench.data import token_corpus
+            corpus = token_corpus(cfg.corpus, cfg.model.vocab_size, cfg.val_frac, cfg.max_bytes)
+        self.corpus = corpus                                 # .train, .val: 1-D token arrays; .vocab_size
+        if self.corpus.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.corpus.vocab_size} tokens but the model only {cfg.model.vocab_size}")
+        set_seed(cfg.seed)                                   # the same init on every rank
+        self.model = (model or GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))).to(self.device)
+        self.param = self.model.parameterization
+        if mesh is None and self.world > 1: mesh = PARALLEL[cfg.parallel]().mesh(cfg, self.device.type)
+        self.mesh = mesh
+        self.fwd, self.scheme = parallelize(self.model, mesh, cfg)   # before the optimizer: FSDP2 and EP swap parameters
+        groups = self.param.optimizer_groups(self.model, cfg.lr, cfg.weight_decay)
+        # the fused AdamW kernel skips its whole update (weights, moments, step count) when `opt.found_inf` is set:
+        # the no-sync divergence guard of `train_step` rests on it (sharded states sync every step instead)
+        self.fused_opt = self.device.type in ("cuda", "cpu", "mps", "xpu") and not self.scheme.sharded
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=self.fused_opt or None)
+        for g in self.opt.param_groups:                      # schedule end points of each group
+            g["lr_s"] = g["base_lr"] * g["lr_start"]; g["lr_e"] = g["base_lr"] * cfg.final_frac * g["lr_end"]
+        self.step, self.tokens = 0, 0
+        self._samplers: dict[int, LMBatchSampler] = {}
+        self._next: tuple | None = None                      # the prefetched batch: ((step, batch size), (x, y))
+        self._bad: torch.Tensor | None = None                # (flag, step, loss, grad norm) of the first non-finite unsynced step
+        self._tokens_at: dict[int, int] = {}                 # tokens before each unsynced step (to rewind to the first bad one)
+        set_seed(cfg.seed, rank=self.rank)                   # dropout etc. differ per rank
 
 # %% ../nbs/11_train.ipynb #9469c9d8
 @torch.no_grad()
@@ -356,14 +468,12 @@ def _run_branch(t: Trainer, end: int) -> float:
     t.load_state_dict(snap)
     return val
 
+# %% ../nbs/11_train.ipynb #e21ebf63
 def fit(t: Trainer) -> dict[str, Any]:
     "Train `t` to `t.cfg.steps` (resuming from its run's checkpoint); returns the final losses and throughput."
-    cfg, run = t.cfg, t.run
-    ck = load_run_checkpoint(run, map_location=t.device) if run is not None else None
-    if ck is not None:
-        t.load_state_dict(ck)
-        if not t.state_is_finite(): raise _bad_checkpoint(run, "holds NaN or infinite weights (saved after a divergence)")
-    branches = {b - round(cfg.decay_frac * b): b for b in cfg.decay_branches}
+    cfg = t.cfg
+    t.resume()
+    branches = {wsd_decay_start(b, cfg.decay_frac): b for b in cfg.decay_branches}   # branch start -> end
     bar = progress(total=cfg.steps, initial=t.step, desc="train", unit="step", disable=t.rank != 0)
     loss, val, t0, tok0 = float("nan"), None, time.time(), t.tokens
     while t.step < cfg.steps:
@@ -389,6 +499,7 @@ def fit(t: Trainer) -> dict[str, Any]:
     return {"loss": loss, "val_loss": val, "steps": t.step, "tokens": t.tokens,
             "tokens_per_s": (t.tokens - tok0) / max(1e-9, time.time() - t0)}
 
+# %% ../nbs/11_train.ipynb #c849c514
 @run_function("effworkbench.train.train_run")
 def train_run(cfg: TrainConfig, run: Run | None = None) -> dict[str, Any]:
     "The run-store function: train `cfg` in `run` (`RunStore().run(train_run, cfg)`)."
@@ -399,15 +510,28 @@ def train_run(cfg: TrainConfig, run: Run | None = None) -> dict[str, Any]:
         res.update({"params": param_counts(cfg.model)["total"]})
     return res
 
+def run_model(cfg: TrainConfig, run: Run) -> GPT:
+    "The weights `run` holds for `cfg` in a one-process `GPT`: from its checkpoint, or its sharded one (saved on any number of ranks)."
+    model = GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))
+    ck = load_run_checkpoint(run)
+    if ck is not None: model.load_state_dict(ck["model"]); return model
+    return PARALLEL[cfg.parallel]().load_model(model, run)
+
 # %% ../nbs/11_train.ipynb #4f0e56a6
 def forward_spec(model: nn.Module) -> dict[str, Any]:
     "What the forward reads besides the tensors: each grouped layer's multiplier `mult[name]` and each attention's logit `scale[name]`, plus the parameterization's repr."
-    from effworkbench.nn.gpt import Attention
-    mult = {n: float(m.group_mult[m.group]) for n, m in model.named_modules() if hasattr(m, "group_mult")}  # y = mult · (x Wᵀ + b)
+    from effworkbench.nn.gpt import Attention, gpt_spec
+    mult = {}                                                                                            # y = mult · (x Wᵀ + b)
+    for n, m in model.named_modules():
+        gm = getattr(m, "group_mult", None)
+        if gm is None: continue
+        if hasattr(m, "group"): mult[n] = float(gm[m.group])
+        else: mult.update({f"{n}[{g}]": float(v) for g, v in gm.items()})   # a layer of several groups (MoE: ffn_in, ffn_out)
     scale = {n: float(m.scale) for n, m in model.named_modules() if isinstance(m, Attention)}            # softmax(scale · q kᵀ)
     pz = getattr(model, "parameterization", None)
     name = repr(pz) if type(pz).__repr__ is not object.__repr__ else type(pz).__name__   # MuP(base_width=…, …) or the class
-    return {"mult": mult, "scale": scale, "parameterization": name}
+    gpt = gpt_spec(model) if isinstance(model, GPT) else None                   # what `load_gpt(path)` rebuilds the model from
+    return {"mult": mult, "scale": scale, "parameterization": name, "gpt": gpt}
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     "Write `model`'s weights to a safetensors file (shared tensors stored once), with its `forward_spec` in the metadata."
@@ -417,6 +541,7 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     save_model(model, str(path), metadata={"effwb.forward": json.dumps(forward_spec(model))})
     return path
 
+# %% ../nbs/11_train.ipynb #d3c58aef
 def _check_forward(model: nn.Module, path: Path, meta: dict[str, str] | None):
     "Refuse weights saved under other forward multipliers or attention scales than `model`'s (same tensors would give other logits)."
     import json
@@ -456,8 +581,6 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     return model
 
 # %% ../nbs/11_train.ipynb #1df6facd
-from typing import Sequence
-
 def train_config_from(path: str | Path | None = None, sets: Sequence[str] = (), preset: str | None = None) -> TrainConfig:
     "A `TrainConfig` from a file plus `key=value` overrides (dotted keys reach into `model`)."
     return config_from(TrainConfig, preset, sets, path)
@@ -470,11 +593,14 @@ def add_train_command(sub):
     p.add_argument("--preset", choices=["smoke", "medium", "full"], default=None)
     p.add_argument("--rerun", action="store_true", help="train again even if the run is finished")
     p.add_argument("--save-weights", metavar="PATH", help="also write the trained weights as safetensors")
+    p.add_argument("--log", action="append", default=None, choices=["tensorboard", "mlflow"],
+                   help="also send the metrics to TensorBoard or MLflow (repeatable; default: $EFFWB_LOG)")
     p.add_argument("--nproc", type=int, default=None, metavar="N", help="processes per node: relaunch itself under torchrun")
     p.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node job (the same command runs on each, e.g. srun)")
     p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="multi-node rendezvous (on the first node)")
     p.set_defaults(func=_cmd_train)
 
+# %% ../nbs/11_train.ipynb #08a78461
 def torchrun_command(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None) -> list[str]:
     "The torchrun command line running `effwb train *argv` on `nproc` processes per node (`--standalone` on one node)."
     import sys
@@ -496,6 +622,17 @@ def _check_output_file(path: str | Path, what: str) -> Path:
         raise ConfigError(f"{what} {p} cannot be written ({parent} is not a writable folder): choose another path")
     return p
 
+def _relaunch(args) -> int:
+    "Hand the same `effwb train` command over to torchrun (`--nproc`)."
+    import subprocess
+    argv = ([args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
+    argv += (["--preset", args.preset] if args.preset else []) + (["--rerun"] if args.rerun else [])
+    argv += ["--save-weights", args.save_weights] if args.save_weights else []
+    env = {**os.environ, **({"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")} if args.nnodes == 1 else {})}
+    if args.log is not None: env["EFFWB_LOG"] = ",".join(args.log)   # not `--log`: torchrun would take it for its --log-dir
+    return subprocess.call(torchrun_command(argv, args.nproc, args.nnodes, args.rdzv_endpoint), env=env)
+
+# %% ../nbs/11_train.ipynb #e0b07c12
 def _cmd_train(args) -> int:
     import json
     from effworkbench.cli import CommandFailed
@@ -503,31 +640,22 @@ def _cmd_train(args) -> int:
     if args.nnodes < 1: raise ConfigError(f"--nnodes {args.nnodes}: give N >= 1 nodes")
     cfg = train_config_from(args.config, args.set, args.preset)    # checked here, once, before anything starts
     if args.save_weights: _check_output_file(args.save_weights, "--save-weights")
+    store = RunStore(loggers=check_loggers(logger_names(args.log)))   # a logger asked for but not installed: now
     try: get_device(cfg.device)
     except RuntimeError as e: raise ConfigError(f"{e}; or give the config another device (--set device=cpu)") from None
-    if args.nproc and "LOCAL_RANK" not in os.environ:       # the launcher: hand the same command over to torchrun
-        import subprocess
-        argv = ([args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
-        argv += (["--preset", args.preset] if args.preset else []) + (["--rerun"] if args.rerun else [])
-        argv += ["--save-weights", args.save_weights] if args.save_weights else []
-        env = {**os.environ, **({"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")} if args.nnodes == 1 else {})}
-        return subprocess.call(torchrun_command(argv, args.nproc, args.nnodes, args.rdzv_endpoint), env=env)
-    store = RunStore()
+    if args.nproc and "LOCAL_RANK" not in os.environ: return _relaunch(args)   # the launcher
     rank = int(os.environ.get("RANK", "0"))
+    key = store.key(train_run, cfg)
     try:
         if rank == 0: res = store.run(train_run, cfg, rerun=args.rerun)
-        else: res = train_run(cfg, Run(store.root / store.key(train_run, cfg)))   # reads rank 0's checkpoint, writes nothing
-        if rank == 0:
-            key = store.key(train_run, cfg)
-            print(json.dumps({"run": key, "path": str(store.root / key), **res}, indent=1))
-            if args.save_weights:
-                model = GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))
-                model.load_state_dict(store.get(key).load_checkpoint()["model"])
-                print(f"weights -> {save_weights(model, args.save_weights)}")
+        else: res = train_run(cfg, Run(store.root / key, loggers=()))   # reads its checkpoint; sharded: writes its shards
     except TrainingDiverged as e:
         raise CommandFailed(str(e)) from None   # the message names the step, the checkpoint kept and the fix
     finally:
         cleanup_distributed()
+    if rank == 0:
+        print(json.dumps({"run": key, "path": str(store.root / key), **res}, indent=1))
+        if args.save_weights: print(f"weights -> {save_weights(run_model(cfg, store.get(key)), args.save_weights)}")
     return 0
 
 # %% ../nbs/11_train.ipynb #84d38b59
@@ -538,7 +666,6 @@ def load_model(cfg: TrainConfig, store: RunStore | None = None, train_if_missing
     if run is None:
         if not train_if_missing: raise FileNotFoundError(f"no finished run for this config in {store.root}; train it first")
         store.run(train_run, cfg); run = store.get(store.key(train_run, cfg))
-    model = GPT(cfg.model, make_parameterization(cfg.param, **cfg.param_kwargs))
-    model.load_state_dict(load_run_checkpoint(run)["model"])
+    model = run_model(cfg, run)
     from effworkbench.data import token_corpus
     return model.eval(), token_corpus(cfg.corpus, cfg.model.vocab_size, cfg.val_frac, cfg.max_bytes)

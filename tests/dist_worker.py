@@ -1,73 +1,55 @@
-"Worker for tests/test_distributed.py, launched by torchrun on CPU (gloo): `fsdp OUT CKPT` or `ep OUT [dp ep]`."
+"""Worker for tests/test_distributed.py, launched by torchrun on CPU (gloo): `Trainer` with parallel=fsdp or ep.
+`MODE OUT RUN_DIR [EP_DEGREE]` (MODE fsdp or ep): one step, checked against one process;
+`train PARALLEL OUT RUN_DIR STOP`: resume from RUN_DIR's checkpoint, train and checkpoint every step until STOP."""
 import sys
 
 import torch
 import torch.distributed as dist
 
-from effworkbench.distributed import (CheckpointManager, ModelOptimizerState, ProgressState, RNGState, exit_distributed,
-                                      expert_parallel, full_grads, make_mesh, shard, sync_grads)
+from effworkbench.distributed import exit_distributed
+from effworkbench.store import Run
+from effworkbench.train import Trainer
+from tests_common import toy_corpus, trainer_cfg
 
 torch.set_num_threads(1)
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-mode, out = sys.argv[1], sys.argv[2]
+if sys.argv[1] == "train":
+    parallel, out, run_dir, stop = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    t = Trainer(trainer_cfg(parallel, moe=parallel == "ep", steps=4), Run(run_dir, loggers=()), corpus=toy_corpus())
+    start = t.step if t.resume() else None
+    while t.step < stop: t.train_step(); t.checkpoint()
+    params = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in t.model.named_parameters()}
+    mine = {n: p.detach().clone() for n, p in params.items()}      # ep: this rank's experts
+    torch.save({"params": mine, "start": start, "step": t.step, "tokens": t.tokens}, f"{out}.{t.rank}")
+    exit_distributed()
+mode, out, run_dir = sys.argv[1:4]
+kw = {"ep_degree": int(sys.argv[4])} if len(sys.argv) > 4 else {}
+t = Trainer(trainer_cfg(mode, moe=mode == "ep", **kw), Run(run_dir, loggers=()), corpus=toy_corpus())
+rank, world = t.rank, t.world
 
 
-def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    "Concatenate every rank's rows in rank order."
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+def full(tensors: dict) -> dict:
+    "Every tensor whole: FSDP2's DTensor shards gathered, expert shards concatenated over the expert group in rank order."
+    res = {}
+    for n, v in tensors.items():
+        if hasattr(v, "full_tensor"): v = v.full_tensor()
+        elif getattr(t.model.get_parameter(n), "expert_parallel", False):
+            g = t.mesh.get_group("ep")
+            parts = [torch.empty_like(v) for _ in range(dist.get_world_size(g))]
+            dist.all_gather(parts, v.contiguous(), group=g)
+            v = torch.cat(parts)
+        res[n] = v.detach().clone()
+    return res
 
 
-if mode == "fsdp":
-    from tests_common import fsdp_case
-    model, x, y = fsdp_case()                                   # the same init and global batch on every rank
-    b = len(x) // world
-    mesh = make_mesh((world,), ("dp",))
-    shard(model, mesh, mp_policy=None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)        # built after sharding: it holds the DTensor shards
-    _, loss = model(x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
-    loss.backward()
-    grads = full_grads(model)
-    opt.step()
-    gl = loss.detach().clone(); dist.all_reduce(gl); gl /= world
-    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5); sched.step()
-    import numpy as np
-    from effworkbench.data import LMBatchSampler
-    sampler = LMBatchSampler(np.arange(1000), 4, 16, seed=3); next(sampler)       # at step 1, this rank's half
-    ck = CheckpointManager(sys.argv[3])
-    torch.manual_seed(1234 + rank)
-    state = {"app": ModelOptimizerState(model, opt), "progress": ProgressState(1, sched), "rng": RNGState(), "sampler": sampler}
-    ck.save(1, state)
-    if rank == 0:
-        torch.save({"loss": gl.item(), "grads": grads, "params": params, "world": world,
-                    "exp_avg": {k: v["exp_avg"] for k, v in osd["state"].items()}}, out)
-else:                                                           # expert parallel, 1-D (ep) or 2-D (dp × ep) mesh
-    from tests_common import moe_case
-    shape = tuple(int(a) for a in sys.argv[3:]) or (world,)
-    names = ("dp", "ep") if len(shape) == 2 else ("ep",)
-    mesh = make_mesh(shape, names)
-    layer, x, w = moe_case()
-    b = len(x) // world
-    xl = x[rank * b:(rank + 1) * b].clone().requires_grad_(True)   # (b, T, d) this rank's sequences
-    model = expert_parallel(torch.nn.Sequential(layer), mesh)
-    ep_layer = model[0]
-    yl = ep_layer(xl)
-    loss = (yl * w[rank * b:(rank + 1) * b]).sum() / yl[..., 0].numel()   # this rank's mean
-    loss.backward()
-    sync_grads(model, mesh)
-    epg = mesh.get_group("ep")
-    full = {}
-    for n in ("w_in", "w_out"):
-        g = getattr(ep_layer, n).grad
-        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(epg))]
-        dist.all_gather(parts, g, group=epg)
-        full[n] = torch.cat(parts)                              # (E, ...) every expert's gradient
-    res = {"y": gather_rows(yl.detach()), "dx": gather_rows(xl.grad), "router": ep_layer.router.weight.grad.clone(),
-           **full, "world": world}
-    if rank == 0: torch.save(res, out)
-exit_distributed()                                              # barrier, destroy, exit without teardown
+loss, _ = t.compute_grads(0)
+grads = full({n: p.grad for n, p in t.model.named_parameters()})
+t.step = 0
+t.train_step()                                        # clip + schedule + AdamW on the synced gradients
+params = full(dict(t.model.named_parameters()))
+exp_avg = full({n: t.opt.state[p]["exp_avg"] for n, p in t.model.named_parameters()})
+torch.manual_seed(1234 + rank)
+t.checkpoint()                                        # every rank writes its shard
+if rank == 0:
+    torch.save({"loss": loss, "grads": grads, "params": params, "exp_avg": exp_avg, "world": world,
+                "scheme": type(t.scheme).__name__}, out)
+exit_distributed()                                    # barrier, destroy, exit without teardown

@@ -1,4 +1,5 @@
 "FSDP2, expert parallelism and sharded checkpoints on CPU process groups (gloo, 2–4 processes on loopback), checked against one process."
+import importlib.util
 import os
 import signal
 import subprocess
@@ -10,12 +11,13 @@ import pytest
 import torch
 
 from effworkbench.core import ConfigError
-from effworkbench.distributed import CheckpointManager, ModelOptimizerState, ProgressState, RNGState, comm_bytes, memory_per_rank
-from effworkbench.train import CheckpointError, torchrun_command
+from effworkbench.distributed import CheckpointManager, RNGState, comm_bytes, memory_per_rank
+from effworkbench.store import Run
+from effworkbench.train import CheckpointError, Trainer, run_model, torchrun_command
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from tests_common import fsdp_case, moe_case  # noqa: E402
+from tests_common import toy_corpus, trainer_cfg  # noqa: E402
 
 
 def _torchrun(n: int, *args: str):
@@ -26,62 +28,84 @@ def _torchrun(n: int, *args: str):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def _one_process_step(cfg):
+    "The same step in one process on the whole global batch: (trainer, loss, grads, params after the step)."
+    t = Trainer(cfg, corpus=toy_corpus())
+    loss, _ = t.compute_grads(0)
+    grads = {n: p.grad.clone() for n, p in t.model.named_parameters()}
+    t.step = 0
+    t.train_step()
+    return t, loss, grads
+
+
+def _check_against_one_process(got, cfg, world):
+    assert got["world"] == world
+    t, loss, grads = _one_process_step(cfg)
+    assert got["loss"] == pytest.approx(loss, rel=1e-6)
+    for n, p in t.model.named_parameters():
+        torch.testing.assert_close(got["grads"][n], grads[n], rtol=1e-6, atol=1e-8, msg=lambda m: f"{n}: {m}")
+        # AdamW's first step is lr·g/(|g|+eps): where |g| is near eps, a 1e-9 difference of g moves the update by up to lr
+        big = grads[n].abs() > 1e-6
+        torch.testing.assert_close(got["params"][n][big], p.detach()[big], rtol=1e-6, atol=2e-6, msg=lambda m: f"{n}: {m}")
+        assert (got["params"][n] - p.detach()).abs().max() <= 2 * cfg.lr, n
+    return t
+
+
+def _resumed_in_one_process(cfg, run_dir, got):
+    "The sharded checkpoint of the ranks, resumed by one plain process: the same step, weights, moments and rank 0's RNG."
+    one = Trainer(cfg, Run(run_dir, loggers=()), corpus=toy_corpus())
+    assert one.resume() and (one.step, one.tokens) == (1, 8 * 16)
+    for n, p in one.model.named_parameters():
+        assert torch.equal(p.detach(), got["params"][n]), n
+        assert torch.equal(one.opt.state[p]["exp_avg"], got["exp_avg"][n]), n
+    assert torch.initial_seed() == 1234                         # rank 0's RNG came back
+    model = run_model(cfg, Run(run_dir))                        # the weights alone, in one plain process
+    for n, p in model.named_parameters(): assert torch.equal(p.detach(), got["params"][n]), n
+
+
 @pytest.mark.slow
 def test_fsdp_two_ranks_match_one_process_and_checkpoint_loads_on_one(tmp_path):
-    out, ck = tmp_path / "fsdp.pt", tmp_path / "ckpt"
-    _torchrun(2, "fsdp", str(out), str(ck))
+    out, run_dir = tmp_path / "fsdp.pt", tmp_path / "run"
+    _torchrun(2, "fsdp", str(out), str(run_dir))
     got = torch.load(out, weights_only=True)
-    assert got["world"] == 2
-    model, x, y = fsdp_case()                                   # single process, whole batch
-    _, loss = model(x, y)
-    loss.backward()
-    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-6, atol=1e-8, msg=lambda m: f"{n}: {m}")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    opt.step()
-    for n, p in model.named_parameters():   # AdamW's first step ≈ lr·g/(|g|+eps): tiny gradients amplify 1e-6 differences
-        torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-6, atol=2e-6, msg=lambda m: f"{n}: {m}")
-    # the 2-rank sharded checkpoint loads into one unsharded process: identical tensors
-    fresh, _, _ = fsdp_case()
-    with torch.no_grad():
-        for p in fresh.parameters(): p.zero_()
-    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
-    prog = ProgressState(0, sched)
-    import numpy as np
-    from effworkbench.data import LMBatchSampler
-    sampler = LMBatchSampler(np.arange(1000), 4, 16, seed=0, rank=0, world_size=1)   # one rank now holds the whole batch
-    state = {"app": ModelOptimizerState(fresh, opt2), "progress": prog, "rng": RNGState(), "sampler": sampler}
-    assert CheckpointManager(ck).load(state) == 1
-    assert prog.step == 1 and sched.last_epoch == 1 and opt2.param_groups[0]["lr"] == pytest.approx(5e-3)
-    assert (sampler.seed, sampler.step) == (3, 1)
-    for n, p in fresh.named_parameters():
-        assert torch.equal(p.detach(), got["params"][n]), n
-        assert torch.equal(opt2.state[p]["exp_avg"], got["exp_avg"][n]), n
-    assert torch.initial_seed() == 1234                         # rank 0's RNG came back
+    assert got["scheme"] == "FullyShardedDataParallel"
+    cfg = trainer_cfg("fsdp")
+    _check_against_one_process(got, cfg, 2)
+    assert CheckpointManager(run_dir / "checkpoints").checkpoints() == [1]
+    _resumed_in_one_process(cfg, run_dir, got)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [(), ("2", "2")], ids=["ep2", "dp2xep2"])
-def test_expert_parallel_matches_single_process(tmp_path, mesh):
-    out = tmp_path / "ep.pt"
-    _torchrun(2 if not mesh else 4, "ep", str(out), *mesh)
+@pytest.mark.parametrize("ep_degree", [None, 2], ids=["ep2", "dp2xep2"])
+def test_expert_parallel_matches_single_process(tmp_path, ep_degree):
+    out, run_dir = tmp_path / "ep.pt", tmp_path / "run"
+    world = 2 if ep_degree is None else 4
+    _torchrun(world, "ep", str(out), str(run_dir), *([str(ep_degree)] if ep_degree else []))
     got = torch.load(out, weights_only=True)
-    layer, x, w = moe_case()
-    world = got["world"]
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    b = len(x) // world                                         # the mean of the ranks' means = the global mean
-    loss = sum((y[i * b:(i + 1) * b] * w[i * b:(i + 1) * b]).sum() / y[i * b:(i + 1) * b, ..., 0].numel()
-               for i in range(world)) / world
-    loss.backward()
-    torch.testing.assert_close(got["y"], y.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(got["dx"], x.grad * world, rtol=1e-6, atol=1e-7)  # dx of the rank's own mean
-    torch.testing.assert_close(got["router"], layer.router.weight.grad, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(got["w_in"], layer.w_in.grad, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(got["w_out"], layer.w_out.grad, rtol=1e-6, atol=1e-8)
-    assert layer.w_in.grad.abs().sum(dim=(1, 2)).min() > 0      # every expert got tokens: the check is not vacuous
+    assert got["scheme"] == "ExpertParallelism"
+    cfg = trainer_cfg("ep", moe=True, **({"ep_degree": ep_degree} if ep_degree else {}))
+    t = _check_against_one_process(got, cfg, world)
+    w_in = t.model.blocks[0].ffn.w_in
+    assert w_in.grad is not None and got["grads"]["blocks.0.ffn.w_in"].abs().sum(dim=(1, 2)).min() > 0   # every expert got tokens
+    _resumed_in_one_process(cfg, run_dir, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", "ep"])
+def test_sharded_resume_is_bit_exact(tmp_path, parallel):
+    "4 steps in one go, and 2 steps + a resume from the sharded checkpoint for 2 more: the same weights, bit for bit."
+    _torchrun(2, "train", parallel, str(tmp_path / "once"), str(tmp_path / "once_run"), "4")
+    _torchrun(2, "train", parallel, str(tmp_path / "half"), str(tmp_path / "resumed_run"), "2")
+    _torchrun(2, "train", parallel, str(tmp_path / "resumed"), str(tmp_path / "resumed_run"), "4")
+    for rank in (0, 1):
+        once = torch.load(f"{tmp_path / 'once'}.{rank}", weights_only=True)
+        half = torch.load(f"{tmp_path / 'half'}.{rank}", weights_only=True)
+        resumed = torch.load(f"{tmp_path / 'resumed'}.{rank}", weights_only=True)
+        assert (once["start"], half["start"], resumed["start"]) == (None, None, 2)   # the second half resumed at step 2
+        assert half["step"] == 2 and (once["step"], once["tokens"]) == (resumed["step"], resumed["tokens"]) == (4, 4 * 8 * 16)
+        for n, p in once["params"].items():
+            assert torch.equal(p, resumed["params"][n]), n
+            assert not torch.equal(p, half["params"][n]), n              # the last two steps did change it
 
 
 KILLED_SAVE = textwrap.dedent("""
@@ -185,20 +209,30 @@ def test_cost_model_invariants():
 
 
 @pytest.mark.slow
-def test_effwb_train_nproc_launches_torchrun(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ep"])
+def test_effwb_train_nproc_launches_torchrun(tmp_path, parallel):
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n".join(f"line {i} of a small corpus with words {i % 7} and {i % 11}." for i in range(2000)))
     cfg = tmp_path / "cfg.yaml"
+    moe = ", ffn: moe, ffn_kwargs: {expansion: 2, top_k: 1, backend: torch}" if parallel == "ep" else ""
     cfg.write_text(f"corpus: {corpus}\nmax_bytes: null\nsteps: 2\nbatch_size: 4\nwarmup: 1\neval_batches: 1\n"
-                   "model: {vocab_size: 320, seq_len: 16, d_model: 16, n_layers: 1, n_heads: 2}\n")
+                   f"model: {{vocab_size: 320, seq_len: 16, d_model: 16, n_layers: 1, n_heads: 2{moe}}}\n")
     env = {**os.environ, "EFFWB_RUNS": str(tmp_path / "runs"), "EFFWB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "EFFWB_QUIET": "1"}
     env.pop("LOCAL_RANK", None)
+    env.pop("EFFWB_LOG", None)
     effwb = Path(sys.executable).with_name("effwb")
-    r = subprocess.run([str(effwb), "train", str(cfg), "--nproc", "2"], capture_output=True, text=True, env=env, timeout=240)
+    log = ["--log", "tensorboard"] if parallel == "ddp" and importlib.util.find_spec("tensorboard") else []
+    r = subprocess.run([str(effwb), "train", str(cfg), "--nproc", "2", "--set", f"parallel={parallel}",
+                        "--save-weights", str(tmp_path / "w.safetensors"), *log],
+                       capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     res = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
     assert res["steps"] == 2 and res["tokens"] == 2 * 4 * 16               # the global batch, counted once
-    log = (Path(res["path"]) / "metrics.jsonl").read_text()
-    assert '"step": 2' in log
+    run = Path(res["path"])
+    assert '"step": 2' in (run / "metrics.jsonl").read_text()
+    sharded = parallel != "ddp"
+    assert (run / "checkpoint.pt").exists() != sharded and (run / "checkpoints").is_dir() == sharded
+    assert (tmp_path / "w.safetensors").stat().st_size > 0                  # the weights, read back in one process
+    if log: assert list((run / "tensorboard").glob("events.*"))

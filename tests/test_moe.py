@@ -132,7 +132,7 @@ def test_gpt_counters_and_active_flops(G):
 
 
 def test_unknown_options_are_rejected():
-    with pytest.raises(ValueError, match="unknown MoE option"):
+    with pytest.raises(ValueError, match=r"ffn .moe. has no option\(s\) \[.experts.\]; valid options"):
         GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=1, n_heads=2, ffn="moe", ffn_kwargs={"experts": 8}))
     with pytest.raises(ValueError, match="unknown MoE backend"):
         moe_mlp(torch.randn(2, 4), torch.randn(1, 4, 4), torch.randn(1, 4, 4), torch.zeros(2, 1, dtype=torch.long),

@@ -9,11 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-import effworkbench.nn.gpt as gpt
-import effworkbench.moe.layers  # noqa: F401  registers the `moe` FFN
 from effworkbench.core import ConfigError
 from effworkbench.nn.gpt import GPT, GPTConfig, make_parameterization
-from effworkbench.mup import (SLOPE_THRESHOLD, CoordCheck, LRSweep, MuP, coord_data, coord_frame, coord_slopes, hp_table,
+from effworkbench.mup import (SLOPE_THRESHOLD, CoordCheck, LRSweep, MuP, MuPConfig, coord_data, coord_frame, coord_slopes, hp_table,
                               lr_panels, max_growth, optimal_lr, plot_coord, plot_lr)
 from effworkbench.train import TrainConfig, Trainer
 
@@ -113,7 +111,25 @@ def test_bad_options_are_rejected():
     for kw in ({"router": "learned"}, {"expert_rule": "granular"}, {"base_width": 0}):
         with pytest.raises(ConfigError): make_parameterization("mup", **kw)
     with pytest.raises(ConfigError, match="fixes router"): make_parameterization("mup_wip_router", router="derived")
-    with pytest.raises(TypeError): make_parameterization("mup", base=64)
+    with pytest.raises(ConfigError, match=r"has no option\(s\) \['base'\]; valid options: \['base_width'"):
+        make_parameterization("mup", base=64)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_weight_decay_keeps_lr_times_decay_width_independent(G):
+    "microsoft/mup's MuAdamW rule: a matrix whose LR is divided by a factor has its weight decay multiplied by it, so every matrix decays by η·λ per step."
+    seen = {}
+    for d in (64, 128, 512):
+        m = GPT(cfg(d, E=4, G=G), make_parameterization("mup"))
+        groups = m.parameterization.optimizer_groups(m, 1e-2, 0.1)
+        by_name = {n: g for g in groups for n, p in m.named_parameters() if any(p is q for q in g["params"])}
+        for n, g in by_name.items():
+            if g["weight_decay"] == 0: assert g["group"] == "norm" or n.endswith("bias"); continue
+            assert g["lr"] * g["weight_decay"] == pytest.approx(1e-2 * 0.1, rel=1e-12), (d, n)
+        seen[d] = by_name["blocks.0.attn.q.weight"]["weight_decay"]
+    assert seen[512] == pytest.approx(seen[64] * 8)                      # λ·m on a hidden matrix
+    sp = GPT(cfg(128, E=4, G=G), make_parameterization("sp"))
+    assert {g["weight_decay"] for g in sp.parameterization.optimizer_groups(sp, 1e-2, 0.1)} == {0.0, 0.1}
 
 
 def fake_corpus(vocab=256, n=20_000):
@@ -143,8 +159,6 @@ def test_one_flag_switches_the_trainer(ffn):
 
 def test_registered_in_a_fresh_process():
     "A fresh interpreter (an `effwb train`, a spawned sweep worker) must find `mup` without importing effworkbench.mup."
-    if not hasattr(gpt, "_PARAM_MODULES"):
-        pytest.skip("gpt.make_parameterization has no lazy-import map yet; fork workers inherit the registry")
     code = "from effworkbench.nn.gpt import make_parameterization as m; print(type(m('mup')).__name__, type(m('mup_wip_router')).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["MuP", "MuPWipRouter"]
@@ -203,7 +217,8 @@ def test_optimal_lr_and_sweep_points():
     assert ("granularity", "mup", 64, 4, 2) in labels and ("width", "sp", 32, 4, 1) in labels
     m = LRSweep.for_preset("medium")
     wide = [c for lab, c in m.points() if lab["sweep"] == "granularity" and lab["expert_rule"] == "width"]
-    assert all(c.param_kwargs == ({"expert_rule": "width"} if c.model.ffn_kwargs["granularity"] > 1 else {}) for c in wide)
+    assert all(c.param_kwargs["expert_rule"] == ("width" if c.model.ffn_kwargs["granularity"] > 1 else "fan_in") for c in wide)
+    assert all(set(c.param_kwargs) == set(MuPConfig.__dataclass_fields__) for c in wide)     # all options, defaults filled in
 
 
 def test_lr_plot_and_panels():

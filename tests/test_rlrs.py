@@ -10,7 +10,7 @@ import torch
 from effworkbench.core import ConfigError, load_table
 from effworkbench.nn.gpt import GPT, GPTConfig, GROUPS, make_parameterization, param_groups
 from effworkbench.core import config_from
-from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, run_experiment
+from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, publish, run_experiment
 from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, KindTuning, RelativeLR, RLRSConfig, Search, Tuned, committed_tuning,
                                coordinate_search, final_multipliers, relative_group, relative_lr, speedups, steps_to_reach,
                                train_config, tuned_multipliers)
@@ -199,10 +199,13 @@ def test_a_killed_experiment_resumes_without_recomputing(tmp_path, monkeypatch):
     assert finished(store) == after and again["tuned"].equals(tables["tuned"])
 
 
-def test_given_tunings_skip_the_search(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*the checkout is")   # publish from a dirty test checkout
+def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
     store = RunStore(tmp_path)
     cfg = EXPERIMENTS["rlrs"].config_for("smoke", TINY + ["tuned.dense.eta=0.0078125", "tuned.dense.multipliers.head=(2.0, 0.5)"])
     tables = run_experiment("rlrs", cfg, store=store)
     assert set(tables) == {"tuned", "reuse"} and len(finished(store)) == 2       # only the two reuse runs
     t = tables["tuned"].set_index("group")
     assert (t.loc["head", "r"], t.loc["head", "f"]) == (2.0, 0.5) and "router" not in t.index
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
+    assert sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)) == ["rlrs_reuse_smoke.csv", "rlrs_tuned_smoke.csv"]

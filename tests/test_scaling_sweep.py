@@ -5,21 +5,24 @@ import pandas as pd
 import pytest
 
 from effworkbench.scaling.laws import PUBLISHED_DENSE, PUBLISHED_MOE, JointLaw, ModelShape
-from effworkbench.scaling.joint import fit_joint, joint_sweep, memory_grid
-from effworkbench.scaling.granularity import ScalingSweep, family_flops, fit_granularity_law, scaling_table
+from effworkbench.core import config_from
+from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, publish, run_experiment
+from effworkbench.scaling.joint import JointConfig, fit_joint, memory_grid
+from effworkbench.scaling.granularity import (FitSettings, GranularityConfig, ScalingGrid, family_flops, fit_granularity_law,
+                                              fits_from_tables, granularity_fits, grid_points, points_table)
 from effworkbench.store import RunStore
 from effworkbench.sweep import sweep
 from effworkbench.train import train_run
 
 
-def test_scaling_table_turns_branches_into_points(tmp_path):
-    sw = ScalingSweep(widths=[32], granularities=[2], steps=16, branches=[6, 10], warmup=2, batch_size=4, seq_len=32,
-                      eval_batches=1, max_bytes=200_000)
+def test_points_table_turns_branches_into_points(tmp_path):
+    sw = ScalingGrid(widths=[32], granularities=[2], steps=16, branches=[6, 10], warmup=2, batch_size=4, seq_len=32,
+                     eval_batches=1, max_bytes=200_000)
     store = RunStore(tmp_path)
-    pts = sw.points()
+    pts = grid_points(sw)
     runs = sweep(train_run, [c for _, c in pts], store=store, executor="serial")
     assert (runs.status == "done").all()
-    t = scaling_table(pts, store)
+    t = points_table(pts, store)
     assert len(t) == len(pts) * 3
     for (labels, c) in pts:
         rows = t[t.run == store.key(train_run, c)].sort_values("D")
@@ -53,8 +56,8 @@ def test_fit_granularity_law_on_a_table_with_holdout():
 
 
 def test_family_flops_inverts_the_shape():
-    sw = ScalingSweep.for_preset("medium")
-    for labels, c in sw.points():
+    sw = GranularityConfig.for_preset("medium").grid
+    for labels, c in grid_points(sw):
         s = ModelShape.from_gpt(c.model)
         assert family_flops(sw, labels["E"])(s.params()["total"], labels["G"]) == pytest.approx(s.flops_per_token(), rel=1e-9)
 
@@ -71,8 +74,8 @@ def test_memory_efficiency_check_can_go_either_way(delta, moe_should_win):
 
 def test_joint_sweep_shares_runs_with_the_granularity_sweep():
     store = RunStore("/nonexistent-but-unused")
-    a = {store.key(train_run, c) for _, c in ScalingSweep.for_preset("medium").points()}
-    b = {store.key(train_run, c) for _, c in joint_sweep("medium").points()}
+    a = {store.key(train_run, c) for _, c in grid_points(GranularityConfig.for_preset("medium").grid)}
+    b = {store.key(train_run, c) for _, c in grid_points(JointConfig.for_preset("medium").grid)}
     assert len(a & b) == 2 * 5 and len(b) == 4 * 5
 
 
@@ -85,3 +88,60 @@ def test_fit_joint_recovers_planted_exponents():
     f = fit_joint(pd.DataFrame(rows), max_starts=8, holdout_width=1024)
     assert f["law"].alpha == pytest.approx(-0.2, rel=0.15) and f["law"].beta == pytest.approx(-0.25, rel=0.15)
     assert f["rmse_holdout"] < 0.01
+
+
+def test_fits_round_trip_through_their_tables():
+    df = synthetic_table(PUBLISHED_MOE, PUBLISHED_DENSE)
+    tabs = granularity_fits(df, FitSettings(max_starts=8, n_boot=0))
+    back = fits_from_tables(tabs["fit"], tabs["errors"])
+    assert set(back) == {"moe", "dense"}
+    assert back["moe"]["law"].alpha == pytest.approx(PUBLISHED_MOE.alpha, rel=0.15) and back["moe"]["rmse_holdout"] < 0.01
+    assert (tabs["fit"][tabs["fit"].kind == "moe"].published == [getattr(PUBLISHED_MOE, n) for n in back["moe"]["ci"].coef]).all()
+
+
+@pytest.mark.parametrize("name,cls", [("scaling.granularity", GranularityConfig), ("scaling.joint", JointConfig)])
+def test_equal_configs_give_equal_keys(name, cls):
+    store = RunStore("/nonexistent-but-unused")
+    key = lambda c: store.key(f"experiment.{name}", c)
+    a = EXPERIMENTS[name].config_for("medium")
+    b = EXPERIMENTS[name].config_for("medium", ["grid.lr=0.0078125", "grid.max_bytes=1000000", "fit.n_boot=100", "fit.seed=0"])
+    assert a == b and key(a) == key(b)
+    assert key(a) != key(EXPERIMENTS[name].config_for("medium", ["grid.steps=601"]))
+    assert config_from(cls, "smoke", ["grid.widths=[16]"]).grid.expansions == cls().grid.expansions   # an override keeps the rest
+
+
+TINY = ["grid.widths=[16, 32]", "grid.steps=4", "grid.branches=[2]", "grid.warmup=1", "grid.batch_size=2", "grid.seq_len=8",
+        "grid.max_bytes=20000", "grid.eval_batches=1", "grid.n_heads=2", "fit.max_starts=2", "fit.n_boot=0"]
+
+
+def finished(store: RunStore) -> dict[str, int]:
+    return {r.key: r.result_file.stat().st_mtime_ns for r in store.runs()
+            if r.status == "done" and r.record["fn"] == "effworkbench.train.train_run"}
+
+
+@pytest.mark.filterwarnings("ignore:.*the checkout is")   # publish from a dirty test checkout
+@pytest.mark.parametrize("name,extra", [("scaling.granularity", ["grid.granularities=[1, 2]", "grid.expansions=[2]"]),
+                                        ("scaling.joint", ["grid.expansions=[2]"])])
+def test_a_killed_sweep_resumes_without_recomputing(tmp_path, monkeypatch, name, extra):
+    "The time budget runs out after some units (serially, one unit per check); the same call finishes, nothing retrained."
+    store, cfg = RunStore(tmp_path), EXPERIMENTS[name].config_for("smoke", TINY + extra)
+    n = len(grid_points(cfg.grid))
+    checks, real = [], Context._check_time
+    def budget(self, what):
+        checks.append(what)
+        if len(checks) > 2: raise OutOfTime(f"time budget spent before {what}")
+        return real(self, what)
+    monkeypatch.setattr(Context, "_check_time", budget)
+    monkeypatch.setattr(Context, "units", lambda self, fn, cfgs, desc=None: [self.unit(fn, c) for c in cfgs])   # one check per unit
+    with pytest.raises(OutOfTime): run_experiment(name, cfg, store=store)
+    first = finished(store)
+    assert len(first) == 2 < n
+    monkeypatch.undo()
+    tables = run_experiment(name, cfg, store=store)
+    after = finished(store)
+    assert {k: after[k] for k in first} == first and len(after) == n
+    assert len(tables["sweep"]) == n * 2 and set(tables) == {"sweep", "fit", "errors"}
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
+    paths = publish(name, cfg, store=store, allow_dirty=True)
+    prefix = name.replace(".", "_")
+    assert sorted(p.name for p in paths) == sorted(f"{prefix}_{t}_smoke.csv" for t in ("sweep", "fit", "errors"))

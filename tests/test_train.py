@@ -120,7 +120,7 @@ def test_aux_losses_are_added(corpus_file):
         gp = plain.model.blocks[0].ffn.w_out.weight.grad; ga = aux.model.blocks[0].ffn.w_out.weight.grad
         assert not torch.allclose(gp, ga)                             # but the aux loss reaches the gradients
     finally:
-        FFN_REGISTRY.pop("dense_with_aux")
+        FFN_REGISTRY._items.pop("dense_with_aux")       # a registry has no public removal: names are for good
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(corpus_file, tmp_path):
@@ -276,3 +276,52 @@ def test_effwb_train(corpus_file, tmp_path):
     assert bad.returncode == 2 and "no field(s) ['learning_rate']" in bad.stderr
     bad = _effwb("train", str(f), "--set", "model.width=8", env=env)
     assert bad.returncode == 2 and "no field(s) ['width']" in bad.stderr
+
+
+def _logged(run: Run, name: str) -> dict[str, list[tuple[int, float]]]:
+    "What the tool `name` reads back from `run`: {metric: [(step, value), ...]}."
+    if name == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        acc = EventAccumulator(str(run.path / "tensorboard")).Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient((run.path.parent / "mlruns").resolve().as_uri())
+    exp = client.get_experiment_by_name("effworkbench.train.train_run")
+    (r,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`effwb.key` = '{run.key}'")
+    assert r.info.status == "FINISHED" and r.info.run_name == run.key and r.data.params["model.d_model"] == "32"
+    return {k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)] for k in r.data.metrics}
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "mlflow"])
+def test_loggers_get_the_metrics_of_metrics_jsonl(corpus_file, tmp_path, monkeypatch, name):
+    import numpy as np
+    pytest.importorskip({"tensorboard": "tensorboard", "mlflow": "mlflow"}[name])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny(corpus_file, steps=4, log_every=1, eval_every=2)
+    plain = RunStore(tmp_path / "plain")
+    store = RunStore(tmp_path / "runs", loggers=[name])
+    assert store.key(train_run, cfg) == plain.key(train_run, cfg)             # where metrics go is not part of the key
+    store.run(train_run, cfg)
+    run = store.get(store.key(train_run, cfg))
+    rows = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
+    want = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step" and v is not None: want.setdefault(k, []).append((r["step"], v))
+    got = _logged(run, name)
+    assert set(got) == set(want) >= {"loss", "val_loss", "lr", "tokens", "tokens_per_s"}
+    for k in want:
+        steps, vals = zip(*want[k])
+        assert [s for s, _ in got[k]] == list(steps), k
+        if name == "tensorboard": vals = [float(np.float32(v)) for v in vals]   # TensorBoard keeps scalars as float32
+        assert [v for _, v in got[k]] == list(vals), k
+
+
+def test_logger_asked_for_but_missing_is_a_clear_error(corpus_file, tmp_path, monkeypatch):
+    from effworkbench.store import LOGGERS
+    monkeypatch.setattr(LOGGERS["tensorboard"], "package", "no_such_package_here")
+    with pytest.raises(ConfigError, match=r"tensorboard logger needs.*pip install 'effworkbench\[log\]'"):
+        RunStore(tmp_path, loggers=["tensorboard"]).run(train_run, tiny(corpus_file, steps=1))
+    monkeypatch.setenv("EFFWB_LOG", "wandb")
+    with pytest.raises(ConfigError, match="unknown logger 'wandb'"):
+        RunStore(tmp_path).run(train_run, tiny(corpus_file, steps=1))

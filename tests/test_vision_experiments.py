@@ -1,6 +1,7 @@
 """The vision and privacy experiments go through the run store unit by unit: a run stopped by its time budget
 (`OutOfTime`) continues without recomputing a finished unit, and equal configs give equal run keys."""
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ TINY = {"vision.early_exit": ["n_train=64", "n_test=32", "epochs=2", "n_diag=16"
         "vision.shapley": ["n_train=64", "n_val=32", "n_test=32", "epochs=1", "width=4", "exact_layers=['0']",
                            "perms=[1]", "kernel=[8]", "seeds=1", "ratios=[0.5]", "time_repeats=1"],
         "privacy.dp_prune": ["n_train=120", "n_test=40", "size=8", "width=4", "pretrain_epochs=1", "epsilons=(8.0,)",
-                             "prunes=(0.5,)", "drops=(0.0,)", "dp.q=0.2", "dp.epochs=0.4"]}
+                             "prunes=(0.5,)", "drops=(0.0,)", "dp.q=0.2", "dp.epochs=0.4"],
+        "vision.adaglimpse": ["n_train=32", "n_test=16", "dim=16", "depth=1", "pretrain_epochs=1", "rounds=2", "warmup=1",
+                              "n_envs=4", "budget=2", "sac.hidden=16", "sac.batch_size=8", "n_random=2", "n_boot=50", "n_samples=2"]}
 
 
 def counted_units(monkeypatch, name: str) -> list:
@@ -53,12 +56,52 @@ def test_killed_run_resumes_without_recomputing(name, tmp_path, monkeypatch):
     assert len(calls) == len(set(calls))                                           # done: nothing computed again
 
 
+# experiment → overrides that restate its smoke defaults (nested parts too, an int for a float): the same config
+SAME = {"vision.early_exit": ["epochs=4", "exit_blocks=[0, 1, 2, 3, 4]", "lr=0.05"],
+        "vision.models": ["epochs=2", "seed=0", "cifar_dir="],
+        "vision.shapley": ["metric=acc", "ratios=[0.5]", "cost_ratio=0.5"],
+        "privacy.dp_prune": ["dp.clip=1", "dp.q=0.1", "epsilons=(2, 8)"],
+        "vision.adaglimpse": ["sac.hidden=64", "sac.gamma=0.99", "budget=4"]}
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_equal_configs_equal_keys(name, tmp_path):
     exp, store = EXPERIMENTS[name], RunStore(tmp_path)
     key = lambda c: store.key(f"experiment.{name}", c)
     a, b = exp.config_for("smoke"), exp.config_for("smoke", TINY[name])
-    assert key(a) == key(exp.config_for("smoke")) and key(a) != key(b)
-    same = [f"{f}={getattr(a, f)!r}" for f in ("seed",) if hasattr(a, f)]           # a default written out: the same key
-    assert key(exp.config_for("smoke", same)) == key(a)
+    assert key(a) == key(exp.config_for("smoke")) == key(exp.config()) and key(a) != key(b)
+    assert key(exp.config_for("smoke", SAME[name])) == key(a)                      # defaults written out: the same key
     assert experiment.experiment_for_notebook(exp.notebook) is exp
+
+
+# experiment, an override on top of TINY, and the units that depend on it (all others are read back from the store)
+CHANGES = [("vision.adaglimpse", "rounds=3", ["vision.adaglimpse.agent", "vision.adaglimpse.policy"]),
+           ("privacy.dp_prune", "pretrain_epochs=2", ["privacy.dp_prune.pretrain", "privacy.dp_prune.cell"]),
+           ("vision.shapley", "finetune_epochs=2", ["vision.shapley.prune"] * 4),
+           ("vision.early_exit", "slice_range=0.5", ["vision.early_exit.evaluate"] * 3)]
+
+
+@pytest.mark.parametrize("name,change,redone", CHANGES)
+def test_a_change_recomputes_only_the_units_that_depend_on_it(name, change, redone, tmp_path, monkeypatch):
+    calls = counted_units(monkeypatch, name)
+    exp, store = EXPERIMENTS[name], RunStore(tmp_path)
+    run_experiment(name, exp.config_for("smoke", TINY[name]), store=store)
+    n = len(calls)
+    run_experiment(name, exp.config_for("smoke", TINY[name] + [change]), store=store)
+    assert sorted(fn for fn, _ in calls[n:]) == sorted(redone)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_published_names_match_the_committed_tables(name, tmp_path, monkeypatch):
+    "`publish` writes `<prefix>_<table>_<preset>.csv`: every committed medium table of the experiment is one of them."
+    from pathlib import Path
+    from effworkbench.experiment import publish
+    exp, store = EXPERIMENTS[name], RunStore(tmp_path / "runs")
+    cfg = exp.config_for("smoke", TINY[name])
+    run_experiment(name, cfg, store=store)
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
+    with warnings.catch_warnings():                     # a dirty checkout (while editing) warns; a clean one does not
+        warnings.simplefilter("ignore")
+        written = {p.name.removesuffix("_smoke.csv") for p in publish(name, cfg, store=store, allow_dirty=True)}
+    committed = {p.name.removesuffix("_medium.csv") for p in (Path(__file__).parents[1] / "results").glob(f"{exp.table_prefix}_*_medium.csv")}
+    assert committed and committed <= written, (committed, written)

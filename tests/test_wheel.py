@@ -1,4 +1,5 @@
 "The wheel builds and installs non-editable in a fresh venv; every module imports from there and `effwb` runs."
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,9 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_installs_in_fresh_venv(tmp_path):
-    dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+    dist, src = tmp_path / "dist", tmp_path / "src"
+    # build from a copy: setuptools writes effworkbench.egg-info into the source folder, and a stale one in the checkout
+    # would shadow the installed package's entry points (the registries' lookups) for anything run from there
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "_site", "_build", "data", "results",
+                                                             "*.egg-info", "__pycache__", ".ray", "dist", "build"))
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)],
                    check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert not (ROOT / "effworkbench.egg-info").exists() or (ROOT / "effworkbench.egg-info").stat().st_mtime < src.stat().st_mtime
     wheel = next(dist.glob("effworkbench-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

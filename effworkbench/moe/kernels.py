@@ -110,6 +110,7 @@ def _dot(a, b, acc, PREC: tl.constexpr):
     elif PREC == 1: return tl.dot(a, b, acc, input_precision="tf32")
     else: return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
 
+# %% ../../nbs/13_moe.kernels.ipynb #9405772f
 @triton.jit
 def _moe_up_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_ptr, a_ptr, ag_ptr, h_ptr,
                    D, HD, E, s_we, s_wk, s_wn,
@@ -213,6 +214,7 @@ def _moe_rows_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr, tile_e_pt
     if ATOMIC: tl.atomic_add(optrs, acc, mask=m2)
     else: tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
+# %% ../../nbs/13_moe.kernels.ipynb #52f5b3bf
 @triton.jit
 def _moe_combine_kernel(o_ptr, idx_ptr, out_ptr, N, K, ND, BT: tl.constexpr, BN: tl.constexpr):
     "out[n] = Σ_k o[n·K + k] over the used slots (expert_idx ≥ 0), k in order: a deterministic gather-sum."
@@ -230,6 +232,7 @@ def _moe_combine_kernel(o_ptr, idx_ptr, out_ptr, N, K, ND, BT: tl.constexpr, BN:
         acc += o.to(tl.float32)
     tl.store(out_ptr + tok[:, None] * ND + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
+# %% ../../nbs/13_moe.kernels.ipynb #b02a699a
 def _down(l, w, l2, w2, gate, plan: MoEPlan, expert_idx, w_t: bool, atomic: bool, cfg: MoEKernelConfig):
     """Σ over each token's used slots of g·(L @ W[e] (+ L2 @ W2[e])), L in sorted-row order → (N, n_out).
     W is (E, k_in, n_out), or (E, n_out, k_in) read transposed when `w_t`."""
@@ -292,6 +295,7 @@ def _moe_dh_kernel(dy_ptr, w_ptr, tok_ptr, gate_ptr, a_ptr, ag_ptr, tile_e_ptr, 
     if ACT == 2: tl.store(dag_ptr + out, (dh * d_ag).to(dag_ptr.dtype.element_ty), mask=m2)
     tl.store(hg_ptr + out, (hid * g[:, None]).to(hg_ptr.dtype.element_ty), mask=m2)
 
+# %% ../../nbs/13_moe.kernels.ipynb #3650f10b
 @triton.jit
 def _moe_wgrad_kernel(p_ptr, q_ptr, q2_ptr, tok_ptr, off_ptr, out_ptr, out2_ptr, MD, ND,
                       GATHER_P: tl.constexpr, GATHER_Q: tl.constexpr, HAS2: tl.constexpr, PREC: tl.constexpr,
@@ -328,6 +332,7 @@ def _moe_wgrad_kernel(p_ptr, q_ptr, q2_ptr, tok_ptr, off_ptr, out_ptr, out2_ptr,
     tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty), mask=m2)
     if HAS2: tl.store(out2_ptr + o, acc2.to(out2_ptr.dtype.element_ty), mask=m2)
 
+# %% ../../nbs/13_moe.kernels.ipynb #c47aca90
 def _dh(dy, w_out, a, ag, gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     "dH kernel → dA (S, h), dA_gate or None, g·H (S, h), and the gate gradient in sorted-row order (S,) float32."
     S, h = a.shape
@@ -385,6 +390,7 @@ class MoEMLPFunction(torch.autograd.Function):
             dgates = torch.empty_like(dg_sorted).scatter_(0, plan.order.long(), dg_sorted).view(-1, K).to(ctx.gates_dtype)
         return dx, dw_in, dw_out, dw_gate, dgates, None, None, None, None
 
+# %% ../../nbs/13_moe.kernels.ipynb #897afec0
 def triton_moe_mlp(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu", *, atomic: bool = False,
                    config: MoEKernelConfig | None = None):
     "The `triton` MoE backend: y (N, d) = Σ_k gates[:, k] · W_out[e] act(W_in[e] x), e = expert_idx[:, k] ≥ 0."

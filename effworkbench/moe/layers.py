@@ -7,7 +7,6 @@ Docs: https://effworkbench.github.io/effworkbench/moe.layers.html.md"""
 # %% ../../nbs/12_moe.layers.ipynb #6b646997
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -17,21 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError
+from ..core import ConfigError, Registry
 from ..nn.gpt import GLinear, GPTConfig, register_ffn
 
 # %% auto #0
 __all__ = ['Routing', 'MOE_BACKENDS', 'MoEConfig', 'Routed', 'sort_key', 'expert_counts', 'queue_position', 'route_token_choice',
            'route_expert_choice', 'route_dynamic_k', 'load_balance_loss', 'z_loss', 'moe_mlp_loop', 'moe_mlp_torch',
-           'register_moe_backend', 'resolve_backend', 'moe_mlp', 'MoEFFN', 'build_moe', 'experts_per_token',
-           'moe_stats']
+           'register_moe_backend', 'resolve_backend', 'moe_mlp', 'routing_stats', 'MoEFFN', 'build_moe',
+           'experts_per_token', 'moe_stats']
 
 # %% ../../nbs/12_moe.layers.ipynb #5c8e2b25
 Routing = Literal["token_choice", "switch", "expert_choice", "dynamic_k"]
 
 @dataclass
 class MoEConfig:
-    "Options of an MoE FFN (they travel in `GPTConfig.ffn_kwargs`)."
+    "Options of an MoE FFN: `GPTConfig(ffn='moe', ffn_kwargs=...)` completes a partial dict to all of these fields."
     expansion: int = 4                  # E: total expert parameters / dense FFN parameters
     granularity: int = 1                # G: experts are d_ff / G wide, E·G of them
     top_k: int = 1                      # k0: experts per token at G = 1 (k = k0·G)
@@ -55,10 +54,9 @@ class MoEConfig:
 
     @classmethod
     def from_gpt(cls, cfg: GPTConfig) -> "MoEConfig":
+        "The options of `cfg`'s MoE FFN (`GPTConfig` has already completed and checked them)."
         names = {f.name for f in fields(cls)}
-        bad = set(cfg.ffn_kwargs) - names
-        if bad: raise ConfigError(f"ffn_kwargs has unknown MoE option(s) {sorted(bad)}; valid: {sorted(names)}")
-        return cls(**cfg.ffn_kwargs)
+        return cls(**{k: v for k, v in cfg.ffn_kwargs.items() if k in names})
 
     def expert_size(self, cfg: GPTConfig) -> int:
         if cfg.d_ff % self.granularity: raise ConfigError(f"d_ff={cfg.d_ff} is not divisible by granularity {self.granularity}")
@@ -92,6 +90,7 @@ def queue_position(flat: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     rank = torch.arange(1, S + 1, device=flat.device) - start[flat[order]]     # (S,) place of sorted row r
     return torch.empty_like(rank).scatter_(0, order, rank)              # back to slot order
 
+# %% ../../nbs/12_moe.layers.ipynb #7cf5b102
 def route_token_choice(probs: torch.Tensor, k: int, capacity_factor: float | None = None) -> Routed:
     "Top-k experts per token (N, n probabilities); with a capacity, later tokens beyond C per expert are dropped."
     N, n = probs.shape
@@ -152,6 +151,7 @@ def moe_mlp_loop(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
         out = out.index_copy(0, slots, h @ w_out[e])
     return (out.view(N, K, -1) * gates.unsqueeze(-1).to(out.dtype)).sum(1)
 
+# %% ../../nbs/12_moe.layers.ipynb #83b60620
 def _grouped_ok(x, w_in, w_out) -> bool:
     align = 16 // x.element_size()
     return hasattr(torch, "_grouped_mm") and all(s % align == 0 for s in (x.shape[-1], w_in.shape[-1], w_out.shape[-1]))
@@ -180,27 +180,37 @@ def moe_mlp_torch(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
     out = torch.empty_like(o).index_copy(0, order, o)                   # back to slot order
     return (out.view(N, K, -1) * gates.unsqueeze(-1).to(out.dtype)).sum(1)
 
-MOE_BACKENDS: dict[str, Callable] = {"torch": moe_mlp_torch, "loop": moe_mlp_loop}
+# %% ../../nbs/12_moe.layers.ipynb #a06676e8
+MOE_BACKENDS = Registry("moe_backends")     # name -> fn(x, w_in, w_out, w_gate, expert_idx, gates, act) -> y
+MOE_BACKENDS.register("torch", moe_mlp_torch)
+MOE_BACKENDS.register("loop", moe_mlp_loop)
 
 def register_moe_backend(name: str, fn: Callable):
-    "Make `fn(x, w_in, w_out, w_gate, expert_idx, gates, act) -> y` available as backend `name`."
-    MOE_BACKENDS[name] = fn
+    "Make `fn(x, w_in, w_out, w_gate, expert_idx, gates, act) -> y` available as backend `name` (a taken name raises)."
+    MOE_BACKENDS.register(name, fn)
 
 def resolve_backend(name: str, device: torch.device) -> Callable:
-    "The backend function for `name`; `auto` is Triton on CUDA (when importable), else torch."
+    "The backend function for `name`; `auto` is `triton` on CUDA (torch, with a warning, where it cannot be loaded), else torch."
     if name == "auto":
-        if device.type == "cuda":
-            try: importlib.import_module("effworkbench.moe.kernels")       # registers "triton"
-            except ImportError as e: warnings.warn(f"Triton MoE kernels unavailable ({e}); using torch._grouped_mm")
-            return MOE_BACKENDS.get("triton", moe_mlp_torch)
-        return moe_mlp_torch
-    if name == "triton" and name not in MOE_BACKENDS: importlib.import_module("effworkbench.moe.kernels")
+        if device.type != "cuda": return moe_mlp_torch
+        try: return MOE_BACKENDS["triton"]                      # its entry point imports the kernels module
+        except ConfigError as e:
+            warnings.warn(f"Triton MoE kernels unavailable ({e}); using torch._grouped_mm")
+            return moe_mlp_torch
     if name not in MOE_BACKENDS: raise ConfigError(f"unknown MoE backend {name!r}; available: {sorted(MOE_BACKENDS)} and 'auto'")
     return MOE_BACKENDS[name]
 
 def moe_mlp(x, w_in, w_out, expert_idx, gates, act: str = "gelu", w_gate=None, backend: str = "auto"):
     "y (N, d) = Σ_k gates · W_out[e] act(W_in[e] x) over the non-empty slots of expert_idx (N, K)."
     return resolve_backend(backend, x.device)(x, w_in, w_out, w_gate, expert_idx, gates, act)
+
+# %% ../../nbs/12_moe.layers.ipynb #79c90d14
+def routing_stats(r: Routed, n: int) -> dict[str, torch.Tensor]:
+    "Per-expert load wanted (n,) and run (n,), dropped and total assignments, mean experts per token: tensors, no host sync."
+    used = torch.zeros(n + 1, device=r.expert_idx.device).scatter_add_(   # slot -1 counts into bin 0, then is cut
+        0, (r.expert_idx + 1).reshape(-1), torch.ones(r.expert_idx.numel(), device=r.expert_idx.device))[1:]
+    return {"load": r.wanted.detach(), "used": used, "dropped": r.dropped.detach(), "assignments": r.wanted.sum().detach(),
+            "experts_per_token": (r.expert_idx >= 0).sum(-1).float().mean().detach()}
 
 # %% ../../nbs/12_moe.layers.ipynb #50229fda
 class MoEFFN(nn.Module):
@@ -243,13 +253,10 @@ class MoEFFN(nn.Module):
         if mo != 1.0: y = y * mo
         self.aux_loss = {"load_balance": self.moe.lb_weight * load_balance_loss(probs, r.wanted),
                          "router_z": self.moe.z_weight * z_loss(logits)} if self.training else {}
-        used = torch.zeros(self.moe.n_experts + 1, device=x.device).scatter_add_(
-            0, (r.expert_idx + 1).reshape(-1), torch.ones(r.expert_idx.numel(), device=x.device))[1:]
-        self.stats = {"load": r.wanted.detach(), "used": used,
-                      "dropped": r.dropped.detach(), "assignments": r.wanted.sum().detach(),
-                      "experts_per_token": (r.expert_idx >= 0).sum(-1).float().mean().detach()}
+        self.stats = routing_stats(r, self.moe.n_experts)
         return y.reshape(B, T, -1)
 
+# %% ../../nbs/12_moe.layers.ipynb #678bec8c
 def _moe_param_counts(cfg: GPTConfig, experts_per_token: float | None = None) -> tuple[int, float | None]:
     "(stored, active matmul weights per token) of one MoE FFN; active = e experts + router, e measured if given, else k (dynamic-k: None)."
     m = MoEConfig.from_gpt(cfg)
@@ -260,7 +267,7 @@ def _moe_param_counts(cfg: GPTConfig, experts_per_token: float | None = None) ->
     if not 0 <= e <= m.n_experts: raise ConfigError(f"experts_per_token={e} must lie in [0, {m.n_experts}] (the experts there are)")
     return m.n_experts * per_expert + router, e * per_expert + router
 
-@register_ffn("moe")
+@register_ffn("moe", config=MoEConfig)
 def build_moe(cfg: GPTConfig, layer: int) -> MoEFFN:
     "The `moe` entry of the FFN registry: `GPTConfig(ffn='moe', ffn_kwargs={...MoEConfig fields})`."
     return MoEFFN(cfg)

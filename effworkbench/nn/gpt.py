@@ -7,6 +7,10 @@ Docs: https://effworkbench.github.io/effworkbench/nn.gpt.html.md"""
 # %% ../../nbs/10_nn.gpt.ipynb #f341001f
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
@@ -15,14 +19,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, PresetConfig
+from ..core import ConfigError, PresetConfig, Registry, coerce_text
 
 # %% auto #0
-__all__ = ['Rule', 'GROUPS', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'int_at_least', 'positive', 'non_negative', 'fraction',
-           'optional', 'check_fields', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups', 'param_groups', 'RMSNorm',
-           'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'register_ffn', 'Block',
-           'chunked_cross_entropy', 'GPT', 'GroupHP', 'Parameterization', 'fan_in', 'StandardParameterization',
-           'make_parameterization', 'param_counts', 'flops_per_token', 'size_table']
+__all__ = ['Rule', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'GROUPS', 'int_at_least', 'positive', 'non_negative', 'fraction',
+           'optional', 'check_fields', 'register_ffn', 'register_parameterization', 'DenseConfig', 'build_dense',
+           'options_class', 'canonical_options', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups', 'param_groups',
+           'RMSNorm', 'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'Block', 'chunked_cross_entropy',
+           'GPT', 'GroupHP', 'Parameterization', 'init_parameters', 'optimizer_groups', 'fan_in', 'SPConfig',
+           'StandardParameterization', 'parameterization_options', 'make_parameterization', 'gpt_spec', 'gpt_from_spec',
+           'load_gpt', 'param_counts', 'flops_per_token', 'size_table']
 
 # %% ../../nbs/10_nn.gpt.ipynb #4b7a8f61
 Rule = tuple[Callable[[Any], bool], str]    # (test of a value, what a valid value is)
@@ -44,6 +50,52 @@ def check_fields(cfg: Any, rules: dict[str, Rule]) -> None:
         v = getattr(cfg, name)
         if not ok(v): raise ConfigError(f"{type(cfg).__name__}.{name}={v!r} is out of range: set {name} to {what}")
 
+# %% ../../nbs/10_nn.gpt.ipynb #cc54df34
+FFN_REGISTRY = Registry("ffn")                        # name -> builder(cfg: GPTConfig, layer: int) -> nn.Module
+PARAMETERIZATIONS = Registry("parameterizations")     # name -> Parameterization subclass
+
+def register_ffn(name: str, config: type | None = None):
+    "Decorator: register `builder(cfg, layer) -> nn.Module` ((B,T,d) → (B,T,d)) as FFN `name`; `config`: the dataclass of its `ffn_kwargs`."
+    def deco(builder):
+        if config is not None: builder.Config = config
+        return FFN_REGISTRY.register(name)(builder)
+    return deco
+
+def register_parameterization(name: str):
+    "Decorator: register a `Parameterization` subclass as `name` (its options: its `Config` dataclass, else its constructor's keywords)."
+    return PARAMETERIZATIONS.register(name)
+
+@dataclass
+class DenseConfig:
+    "The dense FFN has no options: its size is `GPTConfig.d_ff` and `act`."
+
+@register_ffn("dense", config=DenseConfig)
+def build_dense(cfg: "GPTConfig", layer: int) -> nn.Module: return DenseFFN(cfg)   # the class is defined with attention below
+
+# %% ../../nbs/10_nn.gpt.ipynb #479a9884
+def options_class(part: Any) -> type | None:
+    "The dataclass of a registered part's options: its `Config`, else one read off a class's keyword parameters; None: untyped (`**kwargs`)."
+    if (c := getattr(part, "Config", None)) is not None: return c
+    if not isinstance(part, type): return None
+    params = list(inspect.signature(part.__init__).parameters.values())[1:]          # without self
+    if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params): return None
+    return dataclasses.make_dataclass(f"{part.__name__}Options", [
+        (p.name, Any) if p.default is p.empty else
+        (p.name, Any, field(default_factory=lambda d=p.default: copy.deepcopy(d))) for p in params])
+
+def canonical_options(config: type | None, given: Any, what: str) -> dict:
+    "`given` (a dict, partial, or a `config` instance) as the full dict of `config`'s fields with defaults filled in; unknown keys raise."
+    if dataclasses.is_dataclass(given) and not isinstance(given, type): given = dataclasses.asdict(given)
+    if given is not None and not isinstance(given, dict): raise ConfigError(f"{what}: options must be a dict, got {given!r}")
+    given = dict(given or {})
+    if config is None: return given                                                  # untyped: as written
+    names = [f.name for f in dataclasses.fields(config)]
+    if bad := sorted(set(given) - set(names)):
+        raise ConfigError(f"{what} has no option(s) {bad}; valid options: {names}")
+    try: given = coerce_text(config, given)                                          # '1e-3' from YAML -> 0.001
+    except (NameError, TypeError): pass                                             # hints not resolvable: values as given
+    return dataclasses.asdict(config(**given))
+
 # %% ../../nbs/10_nn.gpt.ipynb #0d3b338d
 @dataclass
 class GPTConfig(PresetConfig):
@@ -57,7 +109,7 @@ class GPTConfig(PresetConfig):
     act: Literal["gelu", "relu", "swiglu"] = "gelu"
     norm: Literal["rms", "layer"] = "rms"
     ffn: str = "dense"                               # an entry of FFN_REGISTRY
-    ffn_kwargs: dict = field(default_factory=dict)   # options of that FFN (e.g. experts, top-k, granularity)
+    ffn_kwargs: dict = field(default_factory=dict)   # options of that FFN, completed to all its fields (MoE: experts, top-k, ...)
     tie_weights: bool = False
     bias: bool = False
     rope_base: float = 10_000.0
@@ -77,6 +129,7 @@ class GPTConfig(PresetConfig):
                                                                  f"embeddings; choose n_heads from {ok()} or change d_model")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.act != "swiglu" else 8 * ((8 * self.d_model // 3 + 7) // 8)
+        self.ffn_kwargs = canonical_options(options_class(FFN_REGISTRY[self.ffn]), self.ffn_kwargs, f"ffn {self.ffn!r}")
 
     @property
     def d_head(self) -> int: return self.d_model // self.n_heads
@@ -104,6 +157,7 @@ class GEmbedding(nn.Embedding):
         m = self.group_mult["embedding"]
         return y if m == 1.0 else y * m
 
+# %% ../../nbs/10_nn.gpt.ipynb #c3c9d50b
 def module_groups(module: nn.Module) -> dict[str, str]:
     "Local parameter name → group of `module`'s own parameters (not its children's)."
     own = dict(module.named_parameters(recurse=False))
@@ -197,6 +251,7 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
+# %% ../../nbs/10_nn.gpt.ipynb #f8ee87cd
 class DenseFFN(nn.Module):
     "y = W_out σ(W_in x), or W_out (silu(W_gate x) ⊙ W_in x) for SwiGLU."
     def __init__(self, cfg: GPTConfig):
@@ -211,25 +266,11 @@ class DenseFFN(nn.Module):
         else: h = F.gelu(h) if self.act == "gelu" else F.relu(h)
         return self.w_out(h)
 
-FFN_REGISTRY: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"dense": lambda cfg, layer: DenseFFN(cfg)}
-
-def register_ffn(name: str):
-    "Decorator: register `builder(cfg, layer) -> nn.Module` as the FFN named `name` (an `nn.Module` mapping (B,T,d) → (B,T,d))."
-    def deco(builder):
-        FFN_REGISTRY[name] = builder
-        return builder
-    return deco
-
-_FFN_MODULES = {"moe": "effworkbench.moe.layers", "hoyer_relu": "effworkbench.compress.d2dmoe"}   # FFNs of later notebooks, imported on first use
-
+# %% ../../nbs/10_nn.gpt.ipynb #cdd25aec
 class Block(nn.Module):
     "Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."
     def __init__(self, cfg: GPTConfig, layer: int, rotary: Rotary | None = None):
         super().__init__()
-        if cfg.ffn not in FFN_REGISTRY and cfg.ffn in _FFN_MODULES:
-            import importlib; importlib.import_module(_FFN_MODULES[cfg.ffn])
-        if cfg.ffn not in FFN_REGISTRY:
-            raise ConfigError(f"unknown ffn {cfg.ffn!r}; registered: {sorted(FFN_REGISTRY)} (import the module that registers it)")
         self.norm1, self.attn = make_norm(cfg.norm, cfg.d_model), Attention(cfg, rotary)
         self.norm2, self.ffn = make_norm(cfg.norm, cfg.d_model), FFN_REGISTRY[cfg.ffn](cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
@@ -319,7 +360,7 @@ class GPT(nn.Module):
         self.train(was)
         return idx
 
-# %% ../../nbs/10_nn.gpt.ipynb #92facd61
+# %% ../../nbs/10_nn.gpt.ipynb #0cf43b77
 @dataclass
 class GroupHP:
     "Hyperparameters of one parameter group."
@@ -331,86 +372,122 @@ class GroupHP:
     lr_end: float = 1.0              # schedule multiplier at the end (× the schedule's final fraction)
 
 class Parameterization:
-    "Per-group init, multipliers and learning rates. Subclasses override `group_hp` and `attn_scale`."
+    "Per-group init, multipliers and learning rates. Subclasses set `name` and `Config` and override `group_hp` and `attn_scale`."
     name = "base"
+    Config: ClassVar[type | None] = None                         # the dataclass of its options
+    def __init__(self, **options):
+        self.options = canonical_options(self.Config, options, f"parameterization {self.name!r}")   # full, JSON-able
+        self.config = self.Config(**self.options) if self.Config else None
+    def spec(self) -> dict:
+        "Name and full options: what rebuilds it (`make_parameterization(**spec)`), written into weights files."
+        return {"name": self.name, "options": getattr(self, "options", {})}
     def group_hp(self, group: str, model: GPT) -> GroupHP: raise NotImplementedError
     def attn_scale(self, cfg: GPTConfig) -> float: return 1 / math.sqrt(cfg.d_head)
-
     def init_std(self, group: str, name: str, p: torch.Tensor, model: GPT, hp: GroupHP) -> float | None:
         "Init std of one matrix; default: the group's. Override for per-parameter rules (μP uses `fan_in(p)`)."
         return hp.init_std
-
     def lr_scale(self, group: str, name: str, p: torch.Tensor, model: GPT) -> float:
         "Extra LR factor of one matrix on top of its group's `lr_mult`; default 1 (μP scales expert matrices by fan-in)."
         return 1.0
-
+    def wd_scale(self, group: str, name: str, p: torch.Tensor, model: GPT) -> float:
+        "Extra weight-decay factor of one matrix on top of its group's `wd_mult`; default 1."
+        return 1.0
     def hps(self, model: GPT) -> dict[str, GroupHP]:
         return {g: self.group_hp(g, model) for g in GROUPS}
-
-    @torch.no_grad()
-    def apply(self, model: GPT):
-        "Set multipliers and attention scale, and initialise every parameter by its group."
-        hps = self.hps(model)
-        for m in model.modules():
-            if hasattr(m, "group_mult"): m.group_mult = {g: hps[g].mult for g in GROUPS}
-            if isinstance(m, Attention): m.scale = self.attn_scale(model.cfg)
-        for g, params in param_groups(model).items():
-            for name, p in params:
-                if p.ndim == 1 and g != "norm" or name.endswith("bias"): p.zero_()
-                elif g == "norm": p.fill_(1.0)
-                elif (std := self.init_std(g, name, p, model, hps[g])) is not None: p.normal_(0.0, std)
-
+    def apply(self, model: GPT): init_parameters(self, model)
     def optimizer_groups(self, model: GPT, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         "torch.optim param groups: per (group, decay?) with lr, weight_decay, group, lr_start, lr_end."
-        hps, out = self.hps(model), []
-        for g, params in param_groups(model).items():
-            h = hps[g]
-            for decay in (True, False):
-                by_scale: dict[float, list] = {}                    # matrices of one group may differ in `lr_scale`
-                for n, p in params:
-                    if p.requires_grad and (p.ndim >= 2 and g != "norm") == decay:
-                        by_scale.setdefault(self.lr_scale(g, n, p, model), []).append(p)
-                for r, ps in by_scale.items():
-                    out.append({"params": ps, "group": g, "lr": lr * h.lr_mult * r, "base_lr": lr * h.lr_mult * r,
-                                "weight_decay": weight_decay * h.wd_mult if decay else 0.0,
-                                "lr_start": h.lr_start, "lr_end": h.lr_end})
-        return out
+        return optimizer_groups(self, model, lr, weight_decay)
 
+# %% ../../nbs/10_nn.gpt.ipynb #306e0a45
+@torch.no_grad()
+def init_parameters(P: Parameterization, model: GPT):
+    "Set `model`'s multipliers and attention scales from `P`, and initialise every parameter by its group."
+    hps = P.hps(model)
+    for m in model.modules():
+        if hasattr(m, "group_mult"): m.group_mult = {g: hps[g].mult for g in GROUPS}
+        if isinstance(m, Attention): m.scale = P.attn_scale(model.cfg)
+    for g, params in param_groups(model).items():
+        for name, p in params:
+            if p.ndim == 1 and g != "norm" or name.endswith("bias"): p.zero_()
+            elif g == "norm": p.fill_(1.0)
+            elif (std := P.init_std(g, name, p, model, hps[g])) is not None: p.normal_(0.0, std)
+
+def optimizer_groups(P: Parameterization, model: GPT, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    "torch.optim param groups of `model` under `P`: lr = η·lr_mult·lr_scale, weight_decay = λ·wd_mult·wd_scale on matrices, 0 elsewhere."
+    hps, out = P.hps(model), []
+    for g, params in param_groups(model).items():
+        h = hps[g]
+        for decay in (True, False):
+            by_scale: dict[tuple[float, float], list] = {}        # matrices of one group may differ in their scales
+            for n, p in params:
+                if p.requires_grad and (p.ndim >= 2 and g != "norm") == decay:
+                    by_scale.setdefault((P.lr_scale(g, n, p, model), P.wd_scale(g, n, p, model)), []).append(p)
+            for (r, w), ps in by_scale.items():
+                out.append({"params": ps, "group": g, "lr": lr * h.lr_mult * r, "base_lr": lr * h.lr_mult * r,
+                            "weight_decay": weight_decay * h.wd_mult * w if decay else 0.0,
+                            "lr_start": h.lr_start, "lr_end": h.lr_end})
+    return out
+
+# %% ../../nbs/10_nn.gpt.ipynb #08a9eb12
 def fan_in(p: torch.Tensor) -> int:
     "Inputs summed into each output of a matrix: `nn.Linear` (out, in) → in; experts (E, in, out) → in (not for embeddings)."
     return p.shape[1] if p.ndim == 3 else p.shape[-1]
 
+@dataclass
+class SPConfig:
+    init_std: float = 0.02           # σ of every matrix; the residual output projections get σ/√(2L)
+
+@register_parameterization("sp")
 class StandardParameterization(Parameterization):
     "GPT-2's standard parameterization."
-    name = "sp"
-    def __init__(self, init_std: float = 0.02): self.base_std = init_std
+    name, Config = "sp", SPConfig
     def group_hp(self, group, model):
-        std = self.base_std / math.sqrt(2 * model.cfg.n_layers) if group in ("attn_out", "ffn_out") else self.base_std
+        s = self.config.init_std
+        std = s / math.sqrt(2 * model.cfg.n_layers) if group in ("attn_out", "ffn_out") else s
         return GroupHP(init_std=None if group == "norm" else std)
 
-PARAMETERIZATIONS: dict[str, Callable[..., Parameterization]] = {"sp": StandardParameterization}
+def parameterization_options(name: str, given: Any = None) -> dict:
+    "The full options of parameterization `name` from a partial dict (what `TrainConfig.param_kwargs` holds and hashes)."
+    return canonical_options(options_class(PARAMETERIZATIONS[name]), given, f"parameterization {name!r}")
 
-_PARAM_MODULES = ("effworkbench.mup", "effworkbench.rlrs")   # later notebooks that register parameterizations
+def make_parameterization(name: str = "sp", **options) -> Parameterization:
+    "A parameterization by name (`sp` here; later notebooks register theirs, found through entry points)."
+    opts = parameterization_options(name, options)
+    P = PARAMETERIZATIONS[name](**opts)
+    P.name, P.options = name, opts                                 # also for classes that do not call `__init__` above
+    return P
 
-def make_parameterization(name: str = "sp", **kwargs) -> Parameterization:
-    "A parameterization by name (`sp`; later notebooks register `mup`, `rlrs`, ...), importing them on first use."
-    import importlib
-    for mod in _PARAM_MODULES if name not in PARAMETERIZATIONS else ():
-        try: importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod: raise
-    if name not in PARAMETERIZATIONS:
-        raise ConfigError(f"unknown parameterization {name!r}; registered: {sorted(PARAMETERIZATIONS)}")
-    return PARAMETERIZATIONS[name](**kwargs)
+# %% ../../nbs/10_nn.gpt.ipynb #a0a022fc
+def gpt_spec(model: GPT) -> dict[str, Any]:
+    "The JSON-able recipe of `model`: its config and its parameterization's name and full options."
+    return {"model": model.cfg.to_dict(), "param": model.parameterization.spec()}
+
+def gpt_from_spec(spec: dict[str, Any]) -> GPT:
+    "A freshly initialised GPT built from `gpt_spec`'s output: the same shape, FFN, multipliers and attention scale."
+    p = spec["param"]
+    return GPT(GPTConfig(**spec["model"]), make_parameterization(p["name"], **p["options"]))
+
+def load_gpt(path) -> GPT:
+    "The GPT saved in the safetensors file `path` (by `effworkbench.train.save_weights`), rebuilt from its spec, in eval mode."
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+    try:
+        with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
+    except Exception as e: raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+    spec = json.loads(meta.get("effwb.forward", "{}")).get("gpt")
+    if not spec: raise ConfigError(f"{path} carries no model spec (metadata effwb.forward.gpt): build the GPT with its config "
+                                   "and parameterization and load the tensors with `effworkbench.train.load_weights`")
+    model = gpt_from_spec(spec)
+    load_model(model, str(path), strict=True)                      # tied weights: stored once, shared again
+    return model.eval()
 
 # %% ../../nbs/10_nn.gpt.ipynb #d6f5d02d
 def _ffn_params(cfg: GPTConfig, experts_per_token: float | None = None) -> tuple[int, float | None]:
     "(stored parameters, matmul weights active per token) of one layer's FFN: the registered FFN's own count if it has one."
     weights = (3 if cfg.act == "swiglu" else 2) * cfg.d_model * cfg.d_ff        # matmul weights
     biases = (cfg.d_ff * (2 if cfg.act == "swiglu" else 1) + cfg.d_model) * cfg.bias
-    if cfg.ffn not in FFN_REGISTRY and cfg.ffn in _FFN_MODULES:
-        import importlib; importlib.import_module(_FFN_MODULES[cfg.ffn])
-    counter = getattr(FFN_REGISTRY.get(cfg.ffn), "param_counts", None)
+    counter = getattr(FFN_REGISTRY[cfg.ffn], "param_counts", None)
     if experts_per_token is not None:
         if counter is None: raise ConfigError(f"experts_per_token is for MoE FFNs; ffn={cfg.ffn!r} runs all its weights")
         return counter(cfg, experts_per_token=experts_per_token)
@@ -436,8 +513,8 @@ def flops_per_token(cfg: GPTConfig, training: bool = False, seq_len: int | None 
     active = param_counts(cfg, experts_per_token)["matmul_active"]
     if active is None:
         raise ConfigError(f"FLOPs of ffn={cfg.ffn!r} with {cfg.ffn_kwargs} depend on how many experts each token runs (dynamic-k "
-                          "routing): pass experts_per_token= as measured on your data (`effworkbench.moe.layers.experts_per_token(model)` "
-                          "after a forward pass)")
+                          "routing): pass experts_per_token= as measured on your data (the MoE layer's "
+                          "`experts_per_token(model)` after a forward pass)")
     fwd = 2 * active + 4 * cfg.n_layers * T * cfg.d_model
     return 3 * fwd if training else fwd
 

@@ -162,6 +162,7 @@ def _told(sel: Masks, kinds: dict[str, str]) -> Masks:
     for n, t in sel.items(): _remember(t, kinds[n])
     return sel
 
+# %% ../../nbs/43_privacy.dp_prune.ipynb #b79866a8
 def select_coordinates(model: nn.Module, masks: Masks, drop: float, mode: Literal["random", "layer", "magnitude"] = "random",
                        generator: torch.Generator | None = None) -> Masks:
     """The coordinates a step updates, S_t ⊆ live coordinates, chosen *without private data*:
@@ -260,6 +261,7 @@ def _frontier(outs: dict[nn.Module, torch.Tensor]) -> list[torch.Tensor]:
         if not below: front.append(o)
     return front
 
+# %% ../../nbs/43_privacy.dp_prune.ipynb #e40617d8
 def book_keep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mods: list[nn.Module], visit=None
               ) -> tuple[dict[nn.Module, torch.Tensor], dict[nn.Module, torch.Tensor]]:
     """One forward and one backward of Σ_i ℓ_i. As the backward reaches each module in `mods`, `visit(m, a, b)` gets its
@@ -287,7 +289,6 @@ def book_keep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mods: list[nn.
         for h in hooks: h.remove()
         for p in frozen: p.requires_grad_(False)
     return kept                                        # a module the loss does not reach is never visited
-
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #b67d2d2b
 def _in_rows(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -317,6 +318,7 @@ def _padded_grid(m: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, int, int]
     ap = F.pad(a, (pw, pw, ph, ph))
     return ap, (ap.shape[2] - dh * (kh - 1) - 1) // sh + 1, (ap.shape[3] - dw * (kw - 1) - 1) // sw + 1
 
+# %% ../../nbs/43_privacy.dp_prune.ipynb #cd92b35c
 def input_gram(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """(a_t · a_s) for every pair of positions t, s of each example: (B, T, T). For a conv, without unfolding: with
     K = x_padᵀ x_pad the (Hp·Wp)² gram of the padded input over channels, a_t · a_s = Σ_δ K[p_t + δ, p_s + δ] summed over
@@ -357,6 +359,7 @@ def weight_sum(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if isinstance(m, nn.Conv2d): return torch.nn.grad.conv2d_weight(a, m.weight.shape, g, m.stride, m.padding, m.dilation)
     return (_out_rows(m, g).flatten(0, 1).T @ _in_rows(m, a).flatten(0, 1)).view(m.weight.shape)
 
+# %% ../../nbs/43_privacy.dp_prune.ipynb #95c534cf
 def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "GroupNorm y = x̂·γ + β per channel: ∂ℓ_i/∂γ = Σ_hw g·x̂ and ∂ℓ_i/∂β = Σ_hw g in closed form, each (B, C)."
     dims = tuple(range(2, a.dim()))
@@ -419,6 +422,7 @@ def _noise_and_update(params: list[torch.Tensor], totals: list[torch.Tensor], se
     if part: torch._foreach_mul_([totals[k] for k in part], [sel[k] for k in part])     # zero off S
     torch._foreach_add_(params, totals, alpha=-lr / expected_batch)
 
+# %% ../../nbs/43_privacy.dp_prune.ipynb #1539da54
 @torch.no_grad()
 def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float, sigma: float, lr: float,
                 masks: Masks | None = None, sel: Masks | None = None, expected_batch: float | None = None,
@@ -456,7 +460,6 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
         _noise_and_update([params[n] for n in upd], [total[n] for n in upd], [sel[n] if ksel[n] == "part" else None for n in upd],
                           C=C, sigma=sigma, lr=lr, expected_batch=expected_batch, generator=generator)
     return {"batch": len(x)}
-
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #f80e1340
 @dataclass
@@ -598,7 +601,10 @@ def grid_cell_unit(u: dict, run: Run) -> dict:
 @register_experiment("privacy.dp_prune", DPPruneConfig, notebook="43_privacy.dp_prune", prefix="dp")
 def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "One private run per (setting, prune, drop, ε, seed), each a unit; the table `grid`, one row per run."
-    cells = [{"data": data_unit(cfg, seed), "setting": setting,
+    def data(seed, setting):   # a scratch run does not depend on the public pretraining
+        d = data_unit(cfg, seed)
+        return d if setting == "finetune" else {k: v for k, v in d.items() if k != "pretrain_epochs"}
+    cells = [{"data": data(seed, setting), "setting": setting,
               "dp": replace(cfg.dp, epsilon=eps, prune=prune, drop=drop, seed=seed)}
              for seed in cfg.seeds for setting in cfg.settings for prune in cfg.prunes for drop in cfg.drops for eps in cfg.epsilons]
     if "finetune" in cfg.settings: ctx.units(pretrain_public_unit, [data_unit(cfg, s) for s in cfg.seeds], desc="public pretraining")

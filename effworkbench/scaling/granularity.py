@@ -15,24 +15,27 @@ import numpy as np
 import pandas as pd
 
 from ..core import PresetConfig
+from ..experiment import Context, register_experiment
 from ..nn.gpt import GPTConfig
-from .laws import FineGrainedSpec, ModelShape, bootstrap, fit_law, rmse_log
+from .laws import PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedLaw, FineGrainedSpec, ModelShape, bootstrap, fit_law, rmse_log
 
 # %% auto #0
-__all__ = ['ScalingSweep', 'scaling_table', 'fit_granularity_law', 'family_flops', 'law_curves']
+__all__ = ['GRID_PRESETS', 'ScalingGrid', 'grid_points', 'grid_of_table', 'FitSettings', 'GranularityConfig', 'points_table',
+           'fit_granularity_law', 'family_flops', 'law_tables', 'granularity_fits', 'fits_from_tables', 'run',
+           'law_curves']
 
-# %% ../../nbs/23_scaling.granularity.ipynb #ef214b11
+# %% ../../nbs/23_scaling.granularity.ipynb #90584265
 @dataclass
-class ScalingSweep(PresetConfig):
-    "Size × tokens (decay branches) × granularity (and experts) sweep of dense and MoE GPTs, one LR under μP."
-    widths: list = field(default_factory=lambda: [32, 48])
+class ScalingGrid:
+    "The runs of a scaling sweep: widths × (dense, and MoE of every E × G) × seeds; WSD runs with decay branches under μP."
+    widths: list[int] = field(default_factory=lambda: [32, 48])
     n_layers: int = 2
     n_heads: int = 4
-    expansions: list = field(default_factory=lambda: [4])           # E of the MoE runs
-    granularities: list = field(default_factory=lambda: [1, 2])     # G of the MoE runs (at every E)
-    dense: bool = True                                              # also the dense model of every width
+    expansions: list[int] = field(default_factory=lambda: [4])         # E of the MoE runs
+    granularities: list[int] = field(default_factory=lambda: [1, 2])   # G of the MoE runs (at every E)
+    dense: bool = True                                                 # also the dense model of every width
     steps: int = 60
-    branches: list = field(default_factory=lambda: [30])            # decay branches: extra token counts from each run
+    branches: list[int] = field(default_factory=lambda: [30])          # decay branches: extra token counts from each run
     warmup: int = 6
     lr: float = 2 ** -7
     batch_size: int = 8
@@ -41,15 +44,8 @@ class ScalingSweep(PresetConfig):
     corpus: str = "shakespeare"
     max_bytes: int | None = 300_000
     eval_batches: int = 4
-    seeds: list = field(default_factory=lambda: [0])
-    base_width: int = 64                                            # μP base width
-    presets: ClassVar = {
-        "medium": {"widths": [32, 48, 64, 96, 128], "granularities": [1, 2, 4], "steps": 600, "branches": [150, 300],
-                   "warmup": 30, "batch_size": 16, "max_bytes": 1_000_000, "eval_batches": 16},
-        "full": {"widths": [64, 96, 128, 192, 256, 384, 512], "n_layers": 4, "expansions": [8], "granularities": [1, 2, 4, 8],
-                 "steps": 8000, "branches": [1000, 2000, 4000], "warmup": 200, "batch_size": 32, "seq_len": 256,
-                 "vocab_size": 4096, "max_bytes": None, "eval_batches": 32},
-    }
+    seeds: list[int] = field(default_factory=lambda: [0])
+    base_width: int = 64                                               # μP base width
 
     def model(self, width: int, expansion: int = 1, granularity: int = 1) -> GPTConfig:
         moe = expansion * granularity > 1
@@ -58,6 +54,7 @@ class ScalingSweep(PresetConfig):
                          ffn_kwargs={"expansion": expansion, "granularity": granularity} if moe else {})
 
     def train_config(self, model: GPTConfig, seed: int = 0):
+        "The one place a run of the sweep is built."
         from effworkbench.train import TrainConfig
         return TrainConfig(model=model, corpus=self.corpus, max_bytes=self.max_bytes, steps=self.steps,
                            batch_size=self.batch_size, lr=self.lr, schedule="wsd", warmup=self.warmup,
@@ -65,29 +62,54 @@ class ScalingSweep(PresetConfig):
                            eval_every=self.steps, eval_batches=self.eval_batches, log_every=max(1, self.steps // 10),
                            ckpt_every=self.steps, seed=seed)
 
-    @classmethod
-    def of_table(cls, table: pd.DataFrame, default: "ScalingSweep") -> "ScalingSweep":
-        "The sweep that made a committed table (from its environment report), else `default`."
-        made = table.attrs.get("env", {}).get("sweep")
-        return cls(**{k: v for k, v in made.items() if k in cls.__dataclass_fields__}) if made else default
+# %% ../../nbs/23_scaling.granularity.ipynb #3ce87e78
+def grid_points(grid: ScalingGrid) -> list[tuple[dict, Any]]:
+    "(labels, TrainConfig) of every run of the grid."
+    pts = []
+    for seed in grid.seeds:
+        for w in grid.widths:
+            if grid.dense: pts.append(({"kind": "dense", "E": 1, "G": 1, "seed": seed}, grid.train_config(grid.model(w), seed)))
+            for E in grid.expansions:
+                for G in grid.granularities:
+                    pts.append(({"kind": "moe", "E": E, "G": G, "seed": seed}, grid.train_config(grid.model(w, E, G), seed)))
+    return pts
 
-    def points(self) -> list[tuple[dict, Any]]:
-        "(labels, TrainConfig) of every run."
-        pts = []
-        for seed in self.seeds:
-            for w in self.widths:
-                if self.dense: pts.append(({"kind": "dense", "E": 1, "G": 1, "seed": seed}, self.train_config(self.model(w), seed)))
-                for E in self.expansions:
-                    for G in self.granularities:
-                        pts.append(({"kind": "moe", "E": E, "G": G, "seed": seed}, self.train_config(self.model(w, E, G), seed)))
-        return pts
+def grid_of_table(table: pd.DataFrame, default: ScalingGrid) -> ScalingGrid:
+    "The grid that made a published sweep table (its record's config; older tables: `sweep`), else `default`."
+    env = table.attrs.get("env", {})
+    made = (env.get("config") or {}).get("grid") or env.get("sweep")
+    return ScalingGrid(**{k: v for k, v in made.items() if k in ScalingGrid.__dataclass_fields__}) if made else default
 
-# %% ../../nbs/23_scaling.granularity.ipynb #49da81d5
-def scaling_table(points: Sequence[tuple[dict, Any]], store=None) -> pd.DataFrame:
-    "One row per (run, D): labels, width, N (non-embedding, all experts), N_act, FLOPs/token, tokens D, FLOPs, val_loss."
-    from effworkbench.store import RunStore
+# %% ../../nbs/23_scaling.granularity.ipynb #c4512182
+GRID_PRESETS = {      # the grid of each preset, shared by 23_scaling.granularity and 24_scaling.joint
+    "medium": {"widths": [32, 48, 64, 96, 128], "granularities": [1, 2, 4], "steps": 600, "branches": [150, 300],
+               "warmup": 30, "batch_size": 16, "max_bytes": 1_000_000, "eval_batches": 16},
+    "full": {"widths": [64, 96, 128, 192, 256, 384, 512], "n_layers": 4, "expansions": [8], "granularities": [1, 2, 4, 8],
+             "steps": 8000, "branches": [1000, 2000, 4000], "warmup": 200, "batch_size": 32, "seq_len": 256,
+             "vocab_size": 4096, "max_bytes": None, "eval_batches": 32},
+}
+
+@dataclass
+class FitSettings:
+    "How a law is fitted: random starts from its initial grid (None: all), bootstrap resamples, the widest width held out."
+    max_starts: int | None = 4
+    n_boot: int = 2
+    holdout: bool = True                     # also fit without the widest width: its RMSE is the held-out error
+    seed: int = 0
+
+@dataclass
+class GranularityConfig(PresetConfig):
+    "The experiment: the sweep over size, tokens and granularity, then the fine-grained (and dense) law fitted to it."
+    preset: str = "smoke"
+    grid: ScalingGrid = field(default_factory=ScalingGrid)
+    fit: FitSettings = field(default_factory=FitSettings)
+    presets: ClassVar = {"medium": {"grid": GRID_PRESETS["medium"], "fit": {"max_starts": None, "n_boot": 100}},
+                         "full": {"grid": GRID_PRESETS["full"], "fit": {"max_starts": None, "n_boot": 200}}}
+
+# %% ../../nbs/23_scaling.granularity.ipynb #4b5df613
+def points_table(points: Sequence[tuple[dict, Any]], store) -> pd.DataFrame:
+    "One row per (finished run, D): labels, width, N (non-embedding, all experts), N_act, FLOPs/token, tokens D, FLOPs, val_loss."
     from effworkbench.train import train_run
-    store = store or RunStore()
     rows = []
     for labels, c in points:
         run = store.get(store.key(train_run, c))
@@ -107,6 +129,7 @@ def scaling_table(points: Sequence[tuple[dict, Any]], store=None) -> pd.DataFram
     if len(df): df["flops"] = df.flops_per_token * df.D
     return df
 
+# %% ../../nbs/23_scaling.granularity.ipynb #f201bd97
 def fit_granularity_law(df: pd.DataFrame, max_starts: int | None = None, n_boot: int = 0, holdout_width: int | None = None,
                         seed: int = 0) -> dict:
     "Fit the fine-grained law to the MoE rows (and the dense law to the dense rows); optional bootstrap and held-out width."
@@ -124,7 +147,8 @@ def fit_granularity_law(df: pd.DataFrame, max_starts: int | None = None, n_boot:
         out[kind] = r
     return out
 
-def family_flops(sweep: ScalingSweep, expansion: int = 1) -> Callable[[float, float], float]:
+# %% ../../nbs/23_scaling.granularity.ipynb #7f910036
+def family_flops(sweep: ScalingGrid, expansion: int = 1) -> Callable[[float, float], float]:
     "FLOPs per token as a function of (N, G) within the sweep's shape family (its depth, vocabulary and context; d from N)."
     def f(N, G):
         probe = ModelShape(d=1, n_blocks=sweep.n_layers, expansion=expansion, granularity=int(G))
@@ -132,6 +156,45 @@ def family_flops(sweep: ScalingSweep, expansion: int = 1) -> Callable[[float, fl
         return ModelShape(d=d, n_blocks=sweep.n_layers, expansion=expansion, granularity=int(G), vocab=sweep.vocab_size,
                           seq_len=sweep.seq_len).flops_per_token()
     return f
+
+# %% ../../nbs/23_scaling.granularity.ipynb #4276efdb
+def law_tables(fits: dict, held: dict, specs: dict, published: dict, holdout_width: int) -> dict[str, pd.DataFrame]:
+    "Fitted laws as tables: `fit` (per kind: coef, value, bootstrap lo/hi, published) and `errors` (RMSE fit and held out)."
+    coef, err = [], []
+    for k, f in fits.items():
+        ci = f.get("ci")
+        if ci is None:                       # no bootstrap: the point estimate, no interval
+            names = list(specs[k].names)
+            ci = pd.DataFrame({"coef": names, "value": [getattr(f["law"], n) for n in names], "lo": np.nan, "hi": np.nan})
+        coef.append(ci.assign(kind=k, published=[getattr(published[k], n, np.nan) for n in ci.coef]) if published else ci.assign(kind=k))
+        err.append({"kind": k, "rmse_fit": f["rmse_fit"], "n_fit": f["n_fit"],
+                    "rmse_holdout": held.get(k, {}).get("rmse_holdout", np.nan), "holdout_width": holdout_width})
+    return {"fit": pd.concat(coef, ignore_index=True), "errors": pd.DataFrame(err)} if coef else {}
+
+def granularity_fits(table: pd.DataFrame, fit: FitSettings) -> dict[str, pd.DataFrame]:
+    "The fine-grained law on the MoE rows and the dense law on the dense rows: held-out fit, then the fit with bootstrap."
+    hw = int(table.width.max())
+    held = fit_granularity_law(table, fit.max_starts, holdout_width=hw, seed=fit.seed) if fit.holdout else {}
+    fits = fit_granularity_law(table, fit.max_starts, n_boot=fit.n_boot, seed=fit.seed)
+    specs = {"moe": FineGrainedSpec(moe=True), "dense": FineGrainedSpec(moe=False)}
+    return law_tables(fits, held, specs, {"moe": PUBLISHED_MOE, "dense": PUBLISHED_DENSE}, hw)
+
+def fits_from_tables(coef: pd.DataFrame, err: pd.DataFrame, law_cls: type = FineGrainedLaw) -> dict:
+    "Back from the published tables: per kind the law, its intervals `ci` and its errors (`rmse_fit`, `n_fit`, `rmse_holdout`)."
+    e = err.set_index("kind")
+    return {k: {"law": law_cls(**{c: float(v) for c, v in zip(d.coef, d.value)}), "ci": d.drop(columns=["kind", "published"], errors="ignore"),
+                "rmse_fit": float(e.rmse_fit[k]), "n_fit": float(e.n_fit[k]), "rmse_holdout": float(e.rmse_holdout[k])}
+            for k, d in coef.groupby("kind", sort=False)}
+
+# %% ../../nbs/23_scaling.granularity.ipynb #6e52cfc2
+@register_experiment("scaling.granularity", GranularityConfig, notebook="23_scaling.granularity", prefix="scaling_granularity")
+def run(cfg: GranularityConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "Every run of the grid as a unit of the store, its (N, D) points (`sweep`), and the laws fitted to them (`fit`, `errors`)."
+    from effworkbench.train import train_run
+    points = grid_points(cfg.grid)
+    ctx.units(train_run, [c for _, c in points], desc="scaling sweep")
+    table = points_table(points, ctx.store)
+    return {"sweep": table, **granularity_fits(table, cfg.fit)}
 
 # %% ../../nbs/23_scaling.granularity.ipynb #c86289aa
 def law_curves(df: pd.DataFrame, fits: dict, n: int = 30) -> pd.DataFrame:

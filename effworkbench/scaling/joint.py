@@ -8,25 +8,44 @@ Docs: https://effworkbench.github.io/effworkbench/scaling.joint.html.md"""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..core import PresetConfig
+from ..experiment import Context, register_experiment
 from .laws import JointLaw, JointSpec, ModelShape, bootstrap, fit_law, joint_optimum, rmse_log
-from .granularity import ScalingSweep, scaling_table
+from .granularity import GRID_PRESETS, FitSettings, ScalingGrid, grid_points, law_tables, points_table
 
 # %% auto #0
-__all__ = ['joint_sweep', 'joint_table', 'fit_joint', 'family_flops_act', 'memory_grid', 'plot_joint_budget']
+__all__ = ['JOINT_AXES', 'JointFitSettings', 'JointConfig', 'joint_table', 'fit_joint', 'family_flops_act', 'joint_fits', 'run',
+           'memory_grid', 'plot_joint_budget']
 
-# %% ../../nbs/24_scaling.joint.ipynb #374af014
-def joint_sweep(preset: str = "smoke", **overrides) -> ScalingSweep:
-    "The joint-law sweep: `ScalingSweep` at `preset` with top-1 experts E ∈ {2, 4, 8} (G = 1) beside dense."
-    return ScalingSweep.for_preset(preset, **{"expansions": [2, 4, 8], "granularities": [1], **overrides})
+# %% ../../nbs/24_scaling.joint.ipynb #bf695262
+JOINT_AXES = {"expansions": [2, 4, 8], "granularities": [1]}      # top-1 experts E ∈ {2, 4, 8} beside dense, at every preset
 
-def joint_table(points, store=None) -> pd.DataFrame:
-    "`scaling_table` rows with E = 1 for the dense runs (the joint law's experts axis)."
-    df = scaling_table(points, store)
+@dataclass
+class JointFitSettings(FitSettings):
+    "How the joint law is fitted; Ê saturates between `e_start` and `e_max` (None: ∞, so Ê = E)."
+    e_start: float = 1.0
+    e_max: float | None = None
+
+@dataclass
+class JointConfig(PresetConfig):
+    "The experiment: the sweep over size, tokens and experts (dense included), then the joint law fitted to it."
+    preset: str = "smoke"
+    grid: ScalingGrid = field(default_factory=lambda: ScalingGrid(**JOINT_AXES))
+    fit: JointFitSettings = field(default_factory=lambda: JointFitSettings(max_starts=4))
+    presets: ClassVar = {"smoke": {"grid": JOINT_AXES, "fit": {"max_starts": 4}},     # an override of grid.x keeps these
+                         "medium": {"grid": {**GRID_PRESETS["medium"], **JOINT_AXES}, "fit": {"max_starts": None, "n_boot": 100}},
+                         "full": {"grid": {**GRID_PRESETS["full"], **JOINT_AXES}, "fit": {"max_starts": None, "n_boot": 200}}}
+
+# %% ../../nbs/24_scaling.joint.ipynb #c5df713a
+def joint_table(points, store) -> pd.DataFrame:
+    "`points_table` rows with E = 1 for the dense runs (the joint law's experts axis)."
+    df = points_table(points, store)
     if len(df): df["E"] = np.where(df.kind == "dense", 1, df.E)
     return df
 
@@ -44,12 +63,30 @@ def fit_joint(df: pd.DataFrame, e_start: float = 1.0, e_max: float = math.inf, m
     if n_boot: out["ci"] = bootstrap(spec, X(fit_rows), fit_rows.val_loss, th, n_boot=n_boot, seed=seed)
     return out
 
-def family_flops_act(sweep: ScalingSweep):
+def family_flops_act(sweep: ScalingGrid):
     "FLOPs per token as a function of (N_act, E) in the sweep's shape family (top-1, its depth, vocabulary, context)."
     def f(N_act, E):
         d = math.sqrt(N_act / ModelShape(d=1, n_blocks=sweep.n_layers).params()["active"])
         return ModelShape(d=d, n_blocks=sweep.n_layers, expansion=E, vocab=sweep.vocab_size, seq_len=sweep.seq_len).flops_per_token()
     return f
+
+# %% ../../nbs/24_scaling.joint.ipynb #757b18b5
+def joint_fits(table: pd.DataFrame, fit: JointFitSettings) -> dict[str, pd.DataFrame]:
+    "The joint law fitted without the widest width (held-out error), then on everything with bootstrap: `fit`, `errors`."
+    hw = int(table.width.max())
+    kw = dict(e_start=fit.e_start, e_max=math.inf if fit.e_max is None else fit.e_max, max_starts=fit.max_starts, seed=fit.seed)
+    held = {"joint": fit_joint(table, holdout_width=hw, **kw)} if fit.holdout else {}
+    fits = {"joint": fit_joint(table, n_boot=fit.n_boot, **kw)}
+    return law_tables(fits, held, {"joint": JointSpec(kw["e_start"], kw["e_max"])}, {}, hw)
+
+@register_experiment("scaling.joint", JointConfig, notebook="24_scaling.joint", prefix="scaling_joint")
+def run(cfg: JointConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "Every run of the grid as a unit of the store, its (N_act, D, E) points (`sweep`), and the joint law (`fit`, `errors`)."
+    from effworkbench.train import train_run
+    points = grid_points(cfg.grid)
+    ctx.units(train_run, [c for _, c in points], desc="joint sweep")
+    table = joint_table(points, ctx.store)
+    return {"sweep": table, **joint_fits(table, cfg.fit)}
 
 # %% ../../nbs/24_scaling.joint.ipynb #cfb80093
 def memory_grid(law: JointLaw, flops: Sequence[float], memory: Sequence[float], flops_fn=None,

@@ -23,7 +23,7 @@ __all__ = ['PUBLISHED_MOE', 'PUBLISHED_DENSE', 'FineGrainedLaw', 'e_hat', 'Joint
            'rmse_log', 'bootstrap', 'synthetic_runs', 'compute_optimal', 'dense_equivalent_flops', 'total_over_active',
            'joint_optimum', 'budget_optimum', 'plot_budget']
 
-# %% ../../nbs/22_scaling.laws.ipynb #4c0af185
+# %% ../../nbs/22_scaling.laws.ipynb #673a04dc
 @dataclass(frozen=True)
 class FineGrainedLaw:
     "L(N, D, G) = c + (g/G^γ + a)/N^α + b/D^β (arXiv 2402.07871); N: non-embedding parameters, all experts; dense: g = 0."
@@ -41,6 +41,7 @@ class FineGrainedLaw:
 PUBLISHED_MOE = FineGrainedLaw(a=18.1, alpha=0.115, b=30.8, beta=0.147, c=0.47, g=2.1, gamma=0.58, name="MoE (published)")
 PUBLISHED_DENSE = FineGrainedLaw(a=16.3, alpha=0.126, b=26.7, beta=0.127, c=0.47, name="dense (published)")
 
+# %% ../../nbs/22_scaling.laws.ipynb #584bcdf9
 def e_hat(E, e_start: float = 1.0, e_max: float = math.inf):
     "Saturating transform: 1/Ê = 1/(E − 1 + (1/E_start − 1/E_max)^−1) + 1/E_max; Ê(1) = E_start, Ê(∞) = E_max."
     E = np.asarray(E, float)
@@ -143,7 +144,7 @@ def paper_flops_per_token(N, G=1, expansion: float = 64, aspect: float = 64):
     router = 14 * d * expansion * G if expansion * np.max(G) > 1 else 0.0
     return d / aspect * (72 * d ** 2 + router)
 
-# %% ../../nbs/22_scaling.laws.ipynb #79ae0652
+# %% ../../nbs/22_scaling.laws.ipynb #00d25a10
 def _lse(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "log Σ_j exp(T_j) over axis 0 of T (k, n), and the softmax weights (k, n)."
     m = T.max(0)
@@ -162,6 +163,7 @@ class LawSpec:
     def bounds(self) -> list[tuple[float | None, float | None]]: return [(None, None)] * len(self.names)
     def to_law(self, th: Sequence[float]): raise NotImplementedError
 
+# %% ../../nbs/22_scaling.laws.ipynb #752a4853
 class FineGrainedSpec(LawSpec):
     "θ = (log a, α, log b, β, log c[, log g, γ]); X columns: N, D, G. δ = 0.1 (the paper's)."
     def __init__(self, moe: bool = True, delta: float = 0.1):
@@ -189,6 +191,7 @@ class FineGrainedSpec(LawSpec):
         if self.moe: kw.update(g=math.exp(th[5]), gamma=th[6])
         return FineGrainedLaw(**kw, name="fine-grained (fitted)" if self.moe else "dense (fitted)")
 
+# %% ../../nbs/22_scaling.laws.ipynb #851426dc
 class JointSpec(LawSpec):
     "θ = (log a, α, δ_E, γ, log b, β, ω, ζ, log c); X columns: N_act, D, E; E_start, E_max fixed. δ = 1e-3 (Chinchilla's)."
     names = ("a", "alpha", "delta", "gamma", "b", "beta", "omega", "zeta", "c")
@@ -212,7 +215,7 @@ class JointSpec(LawSpec):
         return JointLaw(a=math.exp(th[0]), alpha=th[1], delta=th[2], gamma=th[3], b=math.exp(th[4]), beta=th[5],
                         omega=th[6], zeta=th[7], c=math.exp(th[8]), e_start=self.e_start, e_max=self.e_max, name="joint (fitted)")
 
-# %% ../../nbs/22_scaling.laws.ipynb #a6c1465e
+# %% ../../nbs/22_scaling.laws.ipynb #3c389256
 def huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     "Huber loss r²/2 for |r| ≤ δ, δ(|r| − δ/2) beyond; and its derivative clip(r, −δ, δ)."
     a = np.abs(r)
@@ -230,6 +233,7 @@ def _minimise(spec: LawSpec, X: np.ndarray, logL: np.ndarray, th0: Sequence[floa
                      options={"maxiter": maxiter, "gtol": 1e-12, "ftol": 1e-14})
     return float(r.fun) if np.isfinite(r.fun) else math.inf, r.x
 
+# %% ../../nbs/22_scaling.laws.ipynb #ceda2cc8
 def fit_law(spec: LawSpec, X, L, max_starts: int | None = None, seed: int = 0, starts: Sequence | None = None):
     "Best Huber fit of `spec` to runs X (n, 3) with losses L (n,) over the initial grid; returns (law, θ, objective)."
     X, logL = np.asarray(X, float), np.log(np.asarray(L, float))
@@ -244,6 +248,7 @@ def rmse_log(law, X, L) -> float:
     X = np.asarray(X, float)
     return float(np.sqrt(np.mean((np.log(law(X[:, 0], X[:, 1], X[:, 2])) - np.log(np.asarray(L, float))) ** 2)))
 
+# %% ../../nbs/22_scaling.laws.ipynb #30b20a48
 def bootstrap(spec: LawSpec, X, L, theta: Sequence[float], n_boot: int = 100, extra_starts: int = 4, seed: int = 0,
               level: float = 0.95) -> pd.DataFrame:
     "Percentile bootstrap intervals of each coefficient: refit on runs resampled with replacement."
@@ -272,7 +277,7 @@ def synthetic_runs(law, n: int = 120, seed: int = 0, noise: float = 0.003, N_ran
     L = law(N, D, Z) * (1 + noise * rng.standard_normal(n))
     return pd.DataFrame({"N": N, "D": D, "Z": Z, "loss": L})
 
-# %% ../../nbs/22_scaling.laws.ipynb #7fbc7d76
+# %% ../../nbs/22_scaling.laws.ipynb #eb335f86
 def _argmin_log(f: Callable[[float], float], lo: float, hi: float) -> tuple[float, float]:
     "Minimise f(x) over x in [lo, hi] (searching in log x): (x*, f(x*))."
     from scipy.optimize import minimize_scalar
@@ -301,6 +306,7 @@ def compute_optimal(law: FineGrainedLaw, flops: float, granularities: Sequence[i
     out["optimal"] = out.loss == out.loss.min()
     return out
 
+# %% ../../nbs/22_scaling.laws.ipynb #e46fcbb8
 def dense_equivalent_flops(law_moe: FineGrainedLaw, law_dense: FineGrainedLaw, flops: float, **kw) -> float:
     "The compute a compute-optimal dense model needs to match the loss of a compute-optimal MoE trained with `flops`."
     from scipy.optimize import brentq
@@ -315,6 +321,7 @@ def total_over_active(expansion: float, ffn_ratio: float = 4.0, gated: bool = Fa
     mr = (3 if gated else 2) * ffn_ratio
     return (4 + expansion * mr) / (4 + mr)
 
+# %% ../../nbs/22_scaling.laws.ipynb #ed15413d
 def joint_optimum(law: JointLaw, flops: float, memory_bytes: float | None = None, experts: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                   bytes_per_param: float = 2.0, ffn_ratio: float = 4.0, gated: bool = False,
                   N_range: tuple[float, float] = (1e5, 1e14), flops_fn: Callable | None = None) -> pd.DataFrame:

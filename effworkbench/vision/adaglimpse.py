@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -22,14 +21,18 @@ import torch.nn.functional as F
 
 from ..core import ConfigError, PresetConfig, set_seed
 from ..data import cluttered_digits
-from .models import ViTBlock
+from ..experiment import Context, register_experiment
+from ..store import Run, run_function
+from .models import ViTBlock, unit_result, unit_weights
 
 # %% auto #0
 __all__ = ['POLICIES', 'action_to_box', 'extract_glimpse', 'seen_mask', 'pixels_seen', 'patch_boxes', 'fourier_features',
            'GlimpseViT', 'take_glimpses', 'object_actions', 'pretrain_encoder', 'GlimpseEnv', 'AttentionPool', 'mlp',
            'Actor', 'Critic', 'ReplayBuffer', 'SACConfig', 'SAC', 'box_to_action', 'random_policy', 'grid_policy',
            'centre_zoom_policy', 'sac_policy', 'rollout', 'train_agent', 'evaluate_policy', 'bootstrap_diff',
-           'GlimpseBench', 'run_bench', 'table_images', 'glimpse_animation']
+           'AdaGlimpseConfig', 'encoder_unit', 'agent_unit', 'glimpse_data', 'pretrain_encoder_unit', 'load_env',
+           'make_agent', 'train_agent_unit', 'policy_for', 'evaluate_policy_unit', 'run', 'table_images',
+           'glimpse_animation']
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #8fc73a51
 def action_to_box(action: torch.Tensor, hw: tuple[int, int], d_min: float | None = None, d_max: float | None = None) -> torch.Tensor:
@@ -86,6 +89,7 @@ def fourier_features(c: torch.Tensor, n_freq: int) -> torch.Tensor:
     z = c[..., None] * f                                                      # (..., k, n_freq)
     return torch.cat([z.sin(), z.cos()], -1).flatten(-2)
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #cceaf39f
 class GlimpseViT(nn.Module):
     "ViT over glimpse patches at arbitrary positions and scales; tokens accumulate, the class token classifies."
     def __init__(self, glimpse: int = 16, patch: int = 8, dim: int = 64, depth: int = 2, heads: int = 4,
@@ -135,6 +139,7 @@ def object_actions(boxes: torch.Tensor, hw: tuple[int, int], jitter: float = 4.0
     cy = (b[:, 1] + b[:, 3]) / 2 + jitter * (2 * torch.rand(len(b), generator=gen) - 1)
     return box_to_action(cx, cy, torch.full((len(b),), min(hw) / 2), hw)
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #ee53135a
 def pretrain_encoder(model: GlimpseViT, x: torch.Tensor, y: torch.Tensor, budget: int, epochs: int = 5, lr: float = 2e-3,
                      batch_size: int = 64, seed: int = 0, boxes: torch.Tensor | None = None, object_prob: float = 0.5) -> pd.DataFrame:
     """Train `model` on uniformly random glimpses: mean cross-entropy over prefixes t = 1..budget. With object `boxes`
@@ -249,6 +254,7 @@ class Critic(nn.Module):
         self.feat, self.body = feat, mlp(feat_dim + act_dim, hidden, 1)
     def forward(self, s, a): return self.body(torch.cat([self.feat(s), a], -1))[:, 0]
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #d43d3efc
 class ReplayBuffer:
     "Circular buffer of (s, a, r, s', done) tensors of fixed shapes."
     def __init__(self, capacity: int, state_shape: tuple, act_dim: int):
@@ -279,6 +285,7 @@ class SACConfig:
     batch_size: int = 128
     buffer: int = 10000
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #cd67d570
 class SAC:
     "Compact Soft Actor-Critic: squashed Gaussian actor, twin critics + targets, automatic entropy temperature."
     def __init__(self, make_feat: Callable[[], tuple[nn.Module, int]], act_dim: int, cfg: SACConfig = SACConfig(), seed: int = 0):
@@ -398,6 +405,7 @@ def evaluate_policy(env: GlimpseEnv, x: torch.Tensor, y: torch.Tensor, policy: C
         out["seen"].append(torch.stack([pixels_seen(env.boxes[:, :t + 1], env.hw) for t in range(env.budget)], 1))
     return {k: torch.cat(v) for k, v in out.items()}
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #fa2a7788
 def bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
     "Paired bootstrap of mean(a − b) over images (rows resampled with replacement): the mean and a percentile interval."
     d = np.asarray(a, float) - np.asarray(b, float)
@@ -406,9 +414,11 @@ def bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: floa
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi)}
 
-# %% ../../nbs/44_vision.adaglimpse.ipynb #bd630118
+# %% ../../nbs/44_vision.adaglimpse.ipynb #dd6be867
+_GLIMPSE_SAC = {"hidden": 64, "batch_size": 64, "init_alpha": 0.1, "alpha_lr": 1e-3}   # the experiment's agent at smoke
+
 @dataclass
-class GlimpseBench(PresetConfig):
+class AdaGlimpseConfig(PresetConfig):
     "The AdaGlimpse experiment of `44_vision.adaglimpse`."
     preset: str = "smoke"
     canvas: int = 64
@@ -426,66 +436,122 @@ class GlimpseBench(PresetConfig):
     warmup: int = 4             # rounds of random actions first
     n_envs: int = 32
     updates_per_step: int = 1
-    hidden: int = 64
-    sac_batch: int = 64
     reward_scale: float = 10.0  # SAC sees reward_scale · Δs
-    init_alpha: float = 0.1
+    sac: SACConfig = field(default_factory=lambda: SACConfig(**_GLIMPSE_SAC))   # the agent (its hidden width also sizes the state pool)
     n_random: int = 3
     n_boot: int = 2000
     n_samples: int = 4          # test images kept for the glimpse animation
     seed: int = 0
     presets: ClassVar = {
+        "smoke": {"sac": _GLIMPSE_SAC},
         "medium": {"n_train": 4000, "n_test": 1000, "dim": 64, "heads": 4, "pretrain_epochs": 12, "rounds": 1100,
-                   "warmup": 30, "n_envs": 64, "updates_per_step": 2, "hidden": 128, "sac_batch": 128},
+                   "warmup": 30, "n_envs": 64, "updates_per_step": 2, "sac": {**_GLIMPSE_SAC, "hidden": 128, "batch_size": 128}},
         "full": {"canvas": 128, "n_train": 20000, "n_test": 5000, "budget": 6, "glimpse": 32, "patch": 8, "dim": 128,
                  "depth": 4, "heads": 4, "pretrain_epochs": 30, "rounds": 3000, "warmup": 100, "n_envs": 128,
-                 "updates_per_step": 2, "hidden": 256, "sac_batch": 256}}
+                 "updates_per_step": 2, "sac": {**_GLIMPSE_SAC, "hidden": 256, "batch_size": 256}}}
 
 POLICIES = ("sac", "random", "grid", "centre-zoom")
 
-def run_bench(cfg: GlimpseBench, log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
-    "The whole experiment; returns tables curves, bootstrap, training, pretrain, samples, images."
-    set_seed(cfg.seed)
-    data = cluttered_digits(cfg.n_train, cfg.n_test, canvas=cfg.canvas, seed=cfg.seed)
-    t0 = time.time()
-    model = GlimpseViT(cfg.glimpse, cfg.patch, cfg.dim, cfg.depth, cfg.heads, int(data.y_train.max()) + 1)
-    pre = pretrain_encoder(model, data.x_train, data.y_train, cfg.budget, cfg.pretrain_epochs, seed=cfg.seed,
-                           boxes=data.box_train, object_prob=cfg.object_prob)
-    log(f"encoder pre-trained in {time.time() - t0:.1f} s, final loss {pre.loss.iloc[-1]:.3f}")
-    model.requires_grad_(False)
-    env = GlimpseEnv(model, cfg.budget)
-    sac_cfg = SACConfig(hidden=cfg.hidden, batch_size=cfg.sac_batch, buffer=max(10000, 2 * cfg.n_envs * cfg.budget),
-                        init_alpha=cfg.init_alpha, alpha_lr=1e-3)
-    agent = SAC(lambda: (lambda p: (p, p.out_dim))(AttentionPool(env.state_dim, cfg.hidden // 2, 2, valid_ch=model.dim + 3)),
-                3, sac_cfg, seed=cfg.seed)
-    t1 = time.time()
-    train = train_agent(env, agent, data.x_train, data.y_train, cfg.rounds, cfg.n_envs, cfg.warmup, cfg.updates_per_step, cfg.seed,
-                        cfg.reward_scale)
-    log(f"SAC trained in {time.time() - t1:.1f} s ({cfg.rounds} rounds × {cfg.n_envs} episodes)")
+def _pick(cfg, *names) -> dict: return {k: getattr(cfg, k) for k in names}
+
+# %% ../../nbs/44_vision.adaglimpse.ipynb #09b0f85a
+def encoder_unit(cfg: AdaGlimpseConfig) -> dict:
+    "The run-store config of the pre-trained encoder: the data, the encoder and its pre-training."
+    return _pick(cfg, "canvas", "n_train", "n_test", "seed", "budget", "glimpse", "patch", "dim", "depth", "heads",
+                 "pretrain_epochs", "object_prob")
+
+def agent_unit(cfg: AdaGlimpseConfig) -> dict:
+    "The run-store config of the trained agent: its encoder's, and the SAC training."
+    return {"encoder": encoder_unit(cfg), "sac": cfg.sac, **_pick(cfg, "rounds", "warmup", "n_envs", "updates_per_step", "reward_scale")}
+
+# %% ../../nbs/44_vision.adaglimpse.ipynb #f087ea40
+def glimpse_data(e: dict): return cluttered_digits(e["n_train"], e["n_test"], canvas=e["canvas"], seed=e["seed"])
+
+@run_function("vision.adaglimpse.encoder")
+def pretrain_encoder_unit(e: dict, run: Run) -> dict:
+    "Unit: the `GlimpseViT` pre-trained on random glimpses; saves its weights; returns the pre-training rows."
+    set_seed(e["seed"])
+    data = glimpse_data(e)
+    model = GlimpseViT(e["glimpse"], e["patch"], e["dim"], e["depth"], e["heads"], int(data.y_train.max()) + 1)
+    pre = pretrain_encoder(model, data.x_train, data.y_train, e["budget"], e["pretrain_epochs"], seed=e["seed"],
+                           boxes=data.box_train, object_prob=e["object_prob"])
+    run.save_checkpoint({"model": model.state_dict()})
+    return {"rows": pre.to_dict("records"), "classes": int(data.y_train.max()) + 1}
+
+def load_env(run: Run, e: dict) -> GlimpseEnv:
+    "The glimpse environment on the frozen pre-trained encoder of the unit `e` (computed first if the store lacks it)."
+    classes = unit_result(run, pretrain_encoder_unit, e)["classes"]
+    model = GlimpseViT(e["glimpse"], e["patch"], e["dim"], e["depth"], e["heads"], classes)
+    model.load_state_dict(unit_weights(run, pretrain_encoder_unit, e))
+    return GlimpseEnv(model.requires_grad_(False), e["budget"])
+
+def make_agent(env: GlimpseEnv, sac: SACConfig, seed: int) -> SAC:
+    "A fresh `SAC` over the env's states: an `AttentionPool` featuriser per network (width sac.hidden // 2)."
+    return SAC(lambda: (lambda p: (p, p.out_dim))(AttentionPool(env.state_dim, sac.hidden // 2, 2, valid_ch=env.model.dim + 3)),
+               3, sac, seed=seed)
+
+@run_function("vision.adaglimpse.agent")
+def train_agent_unit(u: dict, run: Run) -> dict:
+    "Unit: SAC trained on glimpse episodes of the training canvases (encoder frozen); saves the actor; the training rows."
+    e, sac = u["encoder"], u["sac"] if isinstance(u["sac"], SACConfig) else SACConfig(**u["sac"])
+    env, data = load_env(run, e), glimpse_data(e)
+    agent = make_agent(env, sac, e["seed"])
+    train = train_agent(env, agent, data.x_train, data.y_train, u["rounds"], u["n_envs"], u["warmup"], u["updates_per_step"],
+                        e["seed"], u["reward_scale"])
+    run.save_checkpoint({"actor": agent.actor.state_dict()})
+    return {"rows": train.to_dict("records")}
+
+# %% ../../nbs/44_vision.adaglimpse.ipynb #d487ad18
+def policy_for(run: Run, u: dict, env: GlimpseEnv, draw: int = 0) -> Callable:
+    "The policy `u[\"policy\"]` on `env`: the trained agent's (its actor loaded), random draw `draw`, grid or centre-zoom."
+    name, seed = u["policy"], u["encoder"]["seed"]
+    if name == "sac":
+        sac = u["agent"]["sac"] if isinstance(u["agent"]["sac"], SACConfig) else SACConfig(**u["agent"]["sac"])
+        agent = make_agent(env, sac, seed)
+        agent.actor.load_state_dict(unit_weights(run, train_agent_unit, u["agent"], key="actor"))
+        return sac_policy(agent)
+    if name == "random": return random_policy(seed + 1 + draw)
+    return {"grid": grid_policy, "centre-zoom": centre_zoom_policy}[name]
+
+@run_function("vision.adaglimpse.policy")
+def evaluate_policy_unit(u: dict, run: Run) -> dict:
+    """Unit: policy `u["policy"]` on every test canvas (random: `u["draws"]` draws, averaged); per image and glimpse count
+    `correct` (N, T), the means of score and pixels seen per glimpse count, and the first draw's boxes and correctness
+    on the first `u["n_samples"]` images. Only the SAC policy's unit names the agent (`u["agent"]`): the others do not
+    depend on its training."""
+    e = u["encoder"]
+    env, data = load_env(run, e), glimpse_data(e)
+    ev = [evaluate_policy(env, data.x_test, data.y_test, policy_for(run, u, env, r)) for r in range(u["draws"])]
+    k = u["n_samples"]
+    return {"correct": torch.stack([r["correct"].float() for r in ev]).mean(0).tolist(),
+            "score": torch.stack([r["score"] for r in ev]).mean((0, 1)).tolist(),
+            "seen": torch.stack([r["seen"] for r in ev]).mean((0, 1)).tolist(),
+            "boxes": ev[0]["boxes"][:k].tolist(), "correct_k": ev[0]["correct"][:k].tolist()}
+
+# %% ../../nbs/44_vision.adaglimpse.ipynb #ed7211b9
+@register_experiment("vision.adaglimpse", AdaGlimpseConfig, notebook="44_vision.adaglimpse", prefix="adaglimpse")
+def run(cfg: AdaGlimpseConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "The whole experiment, unit by unit; returns tables curves, bootstrap, training, pretrain, samples, images."
+    pre = ctx.unit(pretrain_encoder_unit, encoder_unit(cfg))
+    train = ctx.unit(train_agent_unit, agent_unit(cfg))
+    ev = dict(zip(POLICIES, ctx.units(evaluate_policy_unit, [
+        {"encoder": encoder_unit(cfg), "agent": agent_unit(cfg) if p == "sac" else None, "policy": p,
+         "draws": cfg.n_random if p == "random" else 1, "n_samples": cfg.n_samples}
+        for p in POLICIES], desc="policies")))
+    T, k, corr = cfg.budget, cfg.n_samples, {p: np.asarray(ev[p]["correct"]) for p in POLICIES}
+    curves = [{"policy": p, "glimpses": t + 1, "accuracy": float(corr[p][:, t].mean()), "pixels_seen": ev[p]["seen"][t],
+               "score": ev[p]["score"][t]} for p in POLICIES for t in range(T)]
+    boot = [{"policy": p, "baseline": "random", "glimpses": t + 1,
+             **bootstrap_diff(corr[p][:, t], corr["random"][:, t], cfg.n_boot, seed=cfg.seed)}
+            for p in ("sac", "grid", "centre-zoom") for t in range(T)]
+    data = glimpse_data(encoder_unit(cfg))
     xt, yt = data.x_test, data.y_test
-    ev = {"sac": evaluate_policy(env, xt, yt, sac_policy(agent)), "grid": evaluate_policy(env, xt, yt, grid_policy),
-          "centre-zoom": evaluate_policy(env, xt, yt, centre_zoom_policy)}
-    rand = [evaluate_policy(env, xt, yt, random_policy(cfg.seed + 1 + r)) for r in range(cfg.n_random)]
-    ev["random"] = {k: torch.stack([r[k].float() for r in rand]).mean(0) for k in ("correct", "score", "seen")} | {"boxes": rand[0]["boxes"]}
-    curves, boot = [], []
-    for name in POLICIES:
-        e = ev[name]
-        for t in range(cfg.budget):
-            curves.append({"policy": name, "glimpses": t + 1, "accuracy": e["correct"][:, t].float().mean().item(),
-                           "pixels_seen": e["seen"][:, t].mean().item(), "score": e["score"][:, t].mean().item()})
-    for name in ("sac", "grid", "centre-zoom"):
-        for t in range(cfg.budget):
-            b = bootstrap_diff(ev[name]["correct"][:, t].float().numpy(), ev["random"]["correct"][:, t].numpy(), cfg.n_boot, seed=cfg.seed)
-            boot.append({"policy": name, "baseline": "random", "glimpses": t + 1, **b})
-    k = cfg.n_samples
-    samples = [{"policy": name, "image": i, "label": int(yt[i]), "t": t + 1, "x0": float(ev[name]["boxes"][i, t, 0]),
-                "y0": float(ev[name]["boxes"][i, t, 1]), "d": float(ev[name]["boxes"][i, t, 2]),
-                "correct": bool(ev[name]["correct"][i, t] > 0.5) if name != "random" else bool(rand[0]["correct"][i, t])}
-               for name in POLICIES for i in range(k) for t in range(cfg.budget)]
+    samples = [{"policy": p, "image": i, "label": int(yt[i]), "t": t + 1, **dict(zip(("x0", "y0", "d"), map(float, ev[p]["boxes"][i][t]))),
+                "correct": bool(ev[p]["correct_k"][i][t])} for p in POLICIES for i in range(k) for t in range(T)]
     images = pd.DataFrame({"image": range(k), "label": yt[:k].tolist(), "size": cfg.canvas,
                            "pixels": [" ".join(str(int(v)) for v in (xt[i, 0] * 255).round().flatten().tolist()) for i in range(k)]})
-    return {"curves": pd.DataFrame(curves), "bootstrap": pd.DataFrame(boot), "training": train, "pretrain": pre,
-            "samples": pd.DataFrame(samples), "images": images}
+    return {"curves": pd.DataFrame(curves), "bootstrap": pd.DataFrame(boot), "training": pd.DataFrame(train["rows"]),
+            "pretrain": pd.DataFrame(pre["rows"]), "samples": pd.DataFrame(samples), "images": images}
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #6cc2c9fc
 def table_images(images: pd.DataFrame) -> np.ndarray:

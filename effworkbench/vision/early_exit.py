@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment
 from ..store import Run, run_function
-from .models import BlockNet, MacCounter, TokenHead, fit, make_model, total_macs
+from .models import BlockNet, MacCounter, TokenHead, fit, make_model, total_macs, unit_result, unit_weights
 
 # %% auto #0
-__all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'ExitHead', 'MultiExit', 'multi_exit', 'exit_macs', 'base_macs', 'multi_exit_loss',
-           'backbone_only_loss', 'train_regime', 'exit_probs', 'simulate_exits', 'threshold_curve',
+__all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'ExitHead', 'MultiExit', 'multi_exit', 'threshold_exit', 'exit_macs', 'base_macs',
+           'multi_exit_loss', 'backbone_only_loss', 'train_regime', 'exit_probs', 'simulate_exits', 'threshold_curve',
            'accuracy_at_budgets', 'block_ranks', 'filter_normalized_direction', 'loss_surface', 'EarlyExitConfig',
-           'regime_unit', 'train_regime_unit', 'run']
+           'regime_unit', 'eval_unit', 'regime_data', 'train_regime_unit', 'evaluate_regime_unit', 'run']
 
 # %% ../../nbs/41_vision.early_exit.ipynb #895cfb6f
 class ExitHead(nn.Module):
@@ -37,6 +37,7 @@ class ExitHead(nn.Module):
         self.pool, self.fc = nn.AdaptiveAvgPool2d(pool), nn.Linear(channels * pool * pool, num_classes)
     def forward(self, x): return self.fc(self.pool(x).flatten(1))
 
+# %% ../../nbs/41_vision.early_exit.ipynb #1df60bc4
 class MultiExit(nn.Module):
     """A `BlockNet` backbone with internal classifier heads after the blocks in `exit_blocks` (`ExitHead` for CNN
     features, token mean → linear for a ViT). `forward` returns every exit's logits, the backbone's own head last."""
@@ -68,28 +69,34 @@ class MultiExit(nn.Module):
         outs.append(self.backbone.head(self.backbone.forward_blocks(h, start)))
         return outs
 
-    @torch.no_grad()
     def early_exit(self, x, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference with confidence-threshold exiting: a sample leaves at the first exit whose max softmax probability
-        is ≥ `threshold` (the last exit takes the rest). Only samples still undecided run the next blocks.
-        Returns the predictions (B,) and the exit index of every sample (B,)."""
-        pred = torch.empty(len(x), dtype=torch.long, device=x.device); where = torch.full_like(pred, self.n_exits - 1)
-        idx, h, start = torch.arange(len(x), device=x.device), self.backbone.stem(x), 0
-        for j, (b, head) in enumerate(zip(self.exit_blocks, self.heads)):
-            h = self.backbone.forward_blocks(h, start, b + 1); start = b + 1
-            conf, p = head(h).softmax(-1).max(-1)
-            done = conf >= threshold
-            pred[idx[done]], where[idx[done]] = p[done], j
-            idx, h = idx[~done], h[~done]
-            if len(idx) == 0: return pred, where
-        pred[idx] = self.backbone.head(self.backbone.forward_blocks(h, start)).argmax(-1)
-        return pred, where
+        "Confidence-threshold inference (`threshold_exit`): the predictions (B,) and the exit of every sample (B,)."
+        return threshold_exit(self, x, threshold)
 
+# %% ../../nbs/41_vision.early_exit.ipynb #dacd1b84
 def multi_exit(arch: str = "vgg", exit_blocks: Sequence[int] = (0, 1, 2, 3, 4), num_classes: int = 10, in_channels: int = 1,
                head_pool: int = 4, **kwargs) -> MultiExit:
     "A `MultiExit` over `make_model(arch, ...)` with heads after `exit_blocks`."
     bb = make_model(arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
     return MultiExit(bb, exit_blocks, num_classes, (1, in_channels, 32, 32), head_pool)
+
+# %% ../../nbs/41_vision.early_exit.ipynb #acf32b1d
+@torch.no_grad()
+def threshold_exit(model: MultiExit, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference with confidence-threshold exiting: a sample leaves at the first exit whose max softmax probability
+    is ≥ `threshold` (the last exit takes the rest). Only samples still undecided run the next blocks.
+    Returns the predictions (B,) and the exit index of every sample (B,)."""
+    pred = torch.empty(len(x), dtype=torch.long, device=x.device); where = torch.full_like(pred, model.n_exits - 1)
+    idx, h, start = torch.arange(len(x), device=x.device), model.backbone.stem(x), 0
+    for j, (b, head) in enumerate(zip(model.exit_blocks, model.heads)):
+        h = model.backbone.forward_blocks(h, start, b + 1); start = b + 1
+        conf, p = head(h).softmax(-1).max(-1)
+        done = conf >= threshold
+        pred[idx[done]], where[idx[done]] = p[done], j
+        idx, h = idx[~done], h[~done]
+        if len(idx) == 0: return pred, where
+    pred[idx] = model.backbone.head(model.backbone.forward_blocks(h, start)).argmax(-1)
+    return pred, where
 
 # %% ../../nbs/41_vision.early_exit.ipynb #e160a8ca
 def exit_macs(model: MultiExit) -> np.ndarray:
@@ -112,6 +119,7 @@ def base_macs(model: MultiExit) -> float:
 
 # %% ../../nbs/41_vision.early_exit.ipynb #1451b893
 Regime = Literal["disjoint", "joint", "mixed"]
+
 REGIMES: tuple[str, ...] = ("disjoint", "joint", "mixed")
 
 def multi_exit_loss(model: MultiExit, x, y, exits: Sequence[int] | None = None) -> torch.Tensor:
@@ -128,6 +136,7 @@ def _frozen_backbone_mode(model: MultiExit):
     "Train mode for the heads only: the backbone stays in eval mode, so its BatchNorm statistics do not move."
     model.eval(); model.heads.train()
 
+# %% ../../nbs/41_vision.early_exit.ipynb #55100589
 def train_regime(model: MultiExit, regime: Regime, x: torch.Tensor, y: torch.Tensor, epochs: int,
                  backbone_epochs: int | None = None, lr: float = 0.05, batch_size: int = 64, seed: int = 0,
                  **fit_kw) -> pd.DataFrame:
@@ -276,47 +285,66 @@ class EarlyExitConfig(PresetConfig):
                                   "n_test": 5000, "epochs": 60, "n_diag": 1000, "slice_points": 41}}
 
 EXIT_TABLES = ("curves", "budgets", "exits", "ranks", "slice1d", "slice2d", "history")
+_DIAGNOSTICS = ("n_diag", "slice_points", "slice_range")   # fields of the evaluation, not of the training
 
 def regime_unit(cfg: EarlyExitConfig, regime: str) -> dict:
-    "The run-store config of one regime's unit: the experiment's fields but `preset` (a size name, not a model), and the regime."
-    return {"regime": regime, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "preset"}}
+    """The run-store config of one regime's training: the experiment's fields but `preset` (a size name, not a model)
+    and the diagnostics', and the regime."""
+    return {"regime": regime, **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("preset", *_DIAGNOSTICS)}}
+
+def eval_unit(cfg: EarlyExitConfig, regime: str) -> dict:
+    "The run-store config of one regime's evaluation: its training unit's, and the diagnostics' fields."
+    return {"train": regime_unit(cfg, regime), **{k: getattr(cfg, k) for k in _DIAGNOSTICS}}
 
 # %% ../../nbs/41_vision.early_exit.ipynb #87adb5c3
-@run_function("vision.early_exit.regime")
-def train_regime_unit(u: dict, run: Run) -> dict:
-    """One unit: train the multi-exit model of regime `u["regime"]` on the digits, save its weights in the unit's folder,
-    and evaluate it; returns the rows (lists of dicts) of the tables in `EXIT_TABLES`."""
+def regime_data(t: dict):
+    "The digits of a training unit `t`."
     from effworkbench.data import upscaled_digits
-    regime, cfg = u["regime"], EarlyExitConfig(**{k: v for k, v in u.items() if k != "regime"})
-    d = upscaled_digits(cfg.n_train, cfg.n_test, size=32, seed=cfg.seed)
-    xd, yd = d.x_test[:cfg.n_diag], d.y_test[:cfg.n_diag]
-    set_seed(cfg.seed)
-    model = multi_exit(cfg.arch, cfg.exit_blocks, width=cfg.width)
+    return upscaled_digits(t["n_train"], t["n_test"], size=32, seed=t["seed"])
+
+@run_function("vision.early_exit.train")
+def train_regime_unit(t: dict, run: Run) -> dict:
+    "Unit: train the multi-exit model of regime `t[\"regime\"]` on the digits and save its weights; the loss history."
+    d = regime_data(t)
+    set_seed(t["seed"])
+    model = multi_exit(t["arch"], t["exit_blocks"], width=t["width"])
     t0 = time.time()
-    hist = train_regime(model, regime, d.x_train, d.y_train, cfg.epochs, round(cfg.backbone_frac * cfg.epochs),
-                        lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
-    sec = time.time() - t0
+    hist = train_regime(model, t["regime"], d.x_train, d.y_train, t["epochs"], round(t["backbone_frac"] * t["epochs"]),
+                        lr=t["lr"], batch_size=t["batch_size"], seed=t["seed"])
     run.save_checkpoint({"model": model.state_dict()})
+    return {"history": hist.to_dict("records"), "train_s": time.time() - t0}
+
+# %% ../../nbs/41_vision.early_exit.ipynb #947dc44e
+@run_function("vision.early_exit.evaluate")
+def evaluate_regime_unit(u: dict, run: Run) -> dict:
+    """Unit: the trained model of `u["train"]` (loaded from its unit) on the test digits: the threshold sweep, budgets,
+    per-exit accuracy and MACs, and the diagnostics; the rows (lists of dicts) of the tables in `EXIT_TABLES`."""
+    t = u["train"]
+    d, train = regime_data(t), unit_result(run, train_regime_unit, t)
+    model = multi_exit(t["arch"], t["exit_blocks"], width=t["width"])
+    model.load_state_dict(unit_weights(run, train_regime_unit, t))
+    xd, yd = d.x_test[:u["n_diag"]], d.y_test[:u["n_diag"]]
     probs, costs, base = exit_probs(model, d.x_test), exit_macs(model), base_macs(model)
     curve = threshold_curve(probs, d.y_test, costs, base)
     accs = (probs.argmax(-1) == d.y_test).float().mean(1)
-    blocks = list(cfg.exit_blocks) + [len(model.backbone.blocks) - 1]
-    alphas = np.linspace(-cfg.slice_range, cfg.slice_range, cfg.slice_points)
-    grid = np.linspace(-cfg.slice_range, cfg.slice_range, cfg.slice_points // 2 + 1)
-    out = {"curves": curve, "history": hist,
+    blocks = list(t["exit_blocks"]) + [len(model.backbone.blocks) - 1]
+    alphas = np.linspace(-u["slice_range"], u["slice_range"], u["slice_points"])
+    grid = np.linspace(-u["slice_range"], u["slice_range"], u["slice_points"] // 2 + 1)
+    out = {"curves": curve, "history": pd.DataFrame(train["history"]),
            "budgets": pd.DataFrame([{"budget": b, "accuracy": a} for b, a in accuracy_at_budgets(curve).items()]),
            "exits": pd.DataFrame([{"exit": k, "block": blocks[k], "accuracy": float(accs[k]), "macs": float(costs[k]),
-                                   "flops_frac": float(costs[k] / base), "train_s": sec} for k in range(model.n_exits)]),
+                                   "flops_frac": float(costs[k] / base), "train_s": train["train_s"]} for k in range(model.n_exits)]),
            "ranks": block_ranks(model, xd),
-           "slice1d": loss_surface(model, xd, yd, alphas, seed=cfg.seed),
-           "slice2d": loss_surface(model, xd, yd, grid, grid, seed=cfg.seed)}
-    return {k: v.assign(regime=regime).to_dict("records") for k, v in out.items()}
+           "slice1d": loss_surface(model, xd, yd, alphas, seed=t["seed"]),
+           "slice2d": loss_surface(model, xd, yd, grid, grid, seed=t["seed"])}
+    return {k: v.assign(regime=t["regime"]).to_dict("records") for k, v in out.items()}
 
 # %% ../../nbs/41_vision.early_exit.ipynb #2a80adb3
 @register_experiment("vision.early_exit", EarlyExitConfig, notebook="41_vision.early_exit", prefix="early_exit")
 def run(cfg: EarlyExitConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    """The early-exit experiment: one unit per regime (same seed, data and epochs); returns the tables `curves` (threshold
+    """The early-exit experiment: per regime (same seed, data and epochs) a training unit and an evaluation unit; returns the tables `curves` (threshold
     sweep), `budgets` (accuracy at 25/50/75/100 % of the base FLOPs), `exits` (per-exit accuracy and MACs), `ranks`,
     `slice1d`, `slice2d` and `history`."""
-    units = ctx.units(train_regime_unit, [regime_unit(cfg, r) for r in REGIMES], desc="early-exit regimes")
+    ctx.units(train_regime_unit, [regime_unit(cfg, r) for r in REGIMES], desc="early-exit regimes")
+    units = ctx.units(evaluate_regime_unit, [eval_unit(cfg, r) for r in REGIMES], desc="evaluation")
     return {name: pd.DataFrame([row for u in units for row in u[name]]) for name in EXIT_TABLES}

@@ -32,8 +32,8 @@ __all__ = ['Norm', 'CIFAR10_CLASSES', 'CIFAR10_RECORD', 'make_norm', 'ChannelGat
            'BlockNet', 'VGG', 'vgg_small', 'ResNet', 'resnet_small', 'PatchEmbed', 'SelfAttention', 'ViTBlock',
            'TokenHead', 'ViT', 'vit_small', 'make_model', 'module_macs', 'MacCounter', 'count_macs', 'total_macs',
            'n_params', 'prune_channels', 'layer_widths', 'read_cifar10_bin', 'cifar10_splits', 'predict_logits',
-           'accuracy', 'fit', 'recalibrate_bn', 'time_forward', 'unit_weights', 'ModelsConfig', 'train_model_unit',
-           'run']
+           'accuracy', 'fit', 'recalibrate_bn', 'time_forward', 'unit_result', 'unit_weights', 'ModelsConfig',
+           'train_model_unit', 'run']
 
 # %% ../../nbs/40_vision.models.ipynb #a0d0197c
 def make_norm(norm: Norm, channels: int, groups: int = 4) -> nn.Module:
@@ -187,6 +187,7 @@ class TokenHead(nn.Module):
         self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
     def forward(self, x): return self.fc(self.norm(x).mean(1))
 
+# %% ../../nbs/40_vision.models.ipynb #487760a5
 class ViT(BlockNet):
     "A small vision transformer: patch embedding, `depth` pre-norm blocks, mean-pooled linear head."
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 1, dim: int = 64, depth: int = 4,
@@ -241,6 +242,7 @@ class MacCounter:
     @property
     def total(self) -> int: return sum(self.macs.values())
 
+# %% ../../nbs/40_vision.models.ipynb #36873335
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: Sequence[int] = (1, 1, 32, 32)) -> pd.DataFrame:
     "MACs per image of each counted layer (one row per module: name, type, macs, params); FLOPs ≈ 2·MACs."
@@ -275,6 +277,7 @@ def _copy_norm(old: nn.Module, new: nn.Module, idx):
         if src is not None and dst is not None: dst.data.copy_(src.detach()[idx])
     if isinstance(old, nn.BatchNorm2d): new.num_batches_tracked.copy_(old.num_batches_tracked)
 
+# %% ../../nbs/40_vision.models.ipynb #b1f0d380
 def prune_channels(model: BlockNet, keep: dict[str, Sequence[int] | torch.Tensor]) -> BlockNet:
     """A new, smaller standard model of the same class whose prunable layers keep only the channels in `keep`
     (layer name → kept channel indices; layers not named keep all). With BatchNorm, in eval mode, it computes what `model`
@@ -314,6 +317,7 @@ def prune_channels(model: BlockNet, keep: dict[str, Sequence[int] | torch.Tensor
     new.train(model.training)
     return new
 
+# %% ../../nbs/40_vision.models.ipynb #3732182a
 def layer_widths(model: BlockNet) -> dict[str, int]:
     "Number of channels of each prunable layer."
     return {n: len(g.mask) for n, g in model.gates().items()}
@@ -367,6 +371,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     "Top-1 accuracy in eval mode."
     return float((predict_logits(model, x, batch_size).argmax(1) == y).float().mean())
 
+# %% ../../nbs/40_vision.models.ipynb #40682e3e
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5, lr: float = 0.05, batch_size: int = 64,
         weight_decay: float = 5e-4, optimizer: Literal["sgd", "adamw"] = "sgd", seed: int = 0,
         loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -399,6 +404,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5, lr:
     model.eval()
     return pd.DataFrame(rows)
 
+# %% ../../nbs/40_vision.models.ipynb #59ea37b4
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, modules: Sequence[nn.BatchNorm2d] | None = None, batch_size: int = 256):
     """Re-estimate BatchNorm running statistics as exact averages of train-mode batch statistics over `x`, weights
@@ -425,11 +431,15 @@ def time_forward(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
     return float(np.median(ts))
 
 # %% ../../nbs/40_vision.models.ipynb #8215a588
+def unit_result(run: Run, fn: Callable, cfg) -> dict:
+    "The result of the unit `fn(cfg)` of the store that holds `run`, computing that unit first if it is not finished."
+    return RunStore(run.path.parent).run(fn, cfg)
+
 def unit_weights(run: Run, fn: Callable, cfg, key: str = "model") -> dict:
     """The weights (`key` of the checkpoint) saved by the unit `fn(cfg)` of the store that holds `run`, computing that
     unit first if it is not finished. How a unit loads the trained model another unit made."""
     store = RunStore(run.path.parent)
-    store.run(fn, cfg)
+    unit_result(run, fn, cfg)
     state = store.get(store.key(fn, cfg)).load_checkpoint()
     if not state or key not in state:
         raise ConfigError(f"unit {store.key(fn, cfg)} ({getattr(fn, 'run_name', fn)}) saved no {key!r} weights: "
