@@ -636,7 +636,7 @@ class ProjectedConfig(CompressionPresets, PresetConfig):
     ratios: tuple[float, ...] = (0.5, 0.75)           # kept fraction of d_model and d_ff
     importance: Literal["activation", "weight"] = "activation"   # activation: on `calib_batches` training batches
     calib_batches: int = 8
-    steps: int = 40                                   # retraining steps (same tokens for both methods)
+    steps: int = 30                                   # retraining steps (same tokens for both methods)
     batch_size: int = 16
     lr_pc: tuple[float, ...] = (1e-3,)                # learning rates tried for the projections and W_aux
     lr_prune: tuple[float, ...] = (1e-3,)             # ... and for the hard-pruned model's weights
@@ -658,7 +658,7 @@ class RetrainUnit:
     lr: float
     importance: str = "activation"
     calib_batches: int = 8
-    steps: int = 40
+    steps: int = 30
     batch_size: int = 16
     eval_every: int = 10
     eval_batches: int = 4
