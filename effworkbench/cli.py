@@ -98,7 +98,8 @@ def coerce_param(name: str, value: Any, default: Any) -> Any:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise ConfigError(f"parameter {name}={value!r}: expected {tp.__name__} like {default!r}") from None
-    if default is None or value is None: return value
+    if default is None: return value
+    if value is None: raise ConfigError(f"parameter {name}=None: expected {tp.__name__} like {default!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
     if tp in (list, tuple) and isinstance(value, (list, tuple)): return tp(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -152,6 +152,17 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 # %% ../nbs/00_core.ipynb #77d56ff2
+def _merge(base: Any, override: Any) -> Any:
+    """`override` applied onto `base` (a preset's value): a dict of fields onto a nested config (or a dict) keeps the fields
+    it does not name, at every depth; anything else replaces `base`. A nested config that no preset names starts from its
+    class's defaults (spelled-out defaults are not merged: a field derived from another, like `d_ff` from `d_model`, is
+    derived again)."""
+    if not isinstance(override, dict): return override
+    if dataclasses.is_dataclass(base) and not isinstance(base, type):
+        base = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    if not isinstance(base, dict): return override
+    return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in override.items()}}
+
 class PresetConfig:
     "Mixin for `@dataclass` configs: per-preset defaults plus validated overrides."
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # preset name -> fields that differ from the dataclass defaults
@@ -165,9 +176,9 @@ class PresetConfig:
         unknown = [k for k in overrides if k not in names]
         if unknown:
             raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; valid fields: {names}")
-        values = {**cls.presets.get(preset, {}), **overrides}
-        for k, v in cls.presets.get(preset, {}).items():   # a nested config: preset values, then the overrides' keys
-            if isinstance(v, dict) and isinstance(overrides.get(k), dict): values[k] = {**v, **overrides[k]}
+        values = {}
+        for layer in (cls.presets.get(preset, {}), overrides):   # the preset's values, then the overrides, merged at every depth
+            for k, v in layer.items(): values[k] = _merge(values[k], v) if k in values else v
         if "preset" in names: values["preset"] = preset
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
