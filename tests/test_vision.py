@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from effworkbench.core import ConfigError
 from effworkbench.data import DataError
-from effworkbench.vision.models import (CIFAR10_RECORD, MacCounter, ViT, accuracy, cifar10_splits, count_macs, fit,
-                                 layer_widths, make_model, make_norm, n_params, prune_channels, read_cifar10_bin,
+from effworkbench.vision.models import (CIFAR10_RECORD, MacCounter, ViT, accuracy, cifar10_splits, count_macs, fit_classifier,
+                                 layer_widths, make_model, conv_norm, n_params, prune_channels, read_cifar10_bin,
                                  resnet_small, total_macs, vgg_small, vit_small)
 
 torch.set_num_threads(1)
@@ -32,8 +32,8 @@ def test_cnn_shapes_and_norms(make, norm):
 
 
 def test_norm_errors():
-    with pytest.raises(ConfigError, match="divisible"): make_norm("group", 10, 4)
-    with pytest.raises(ConfigError, match="norm="): make_norm("layer", 8)
+    with pytest.raises(ConfigError, match="divisible"): conv_norm("group", 10, 4)
+    with pytest.raises(ConfigError, match="norm="): conv_norm("layer", 8)
     with pytest.raises(ConfigError, match="use one of"): make_model("lenet")
 
 
@@ -137,9 +137,9 @@ def test_fit_learns_separable_data():
     x = torch.zeros(128, 1, 32, 32); y = torch.arange(128) % 2
     x[y == 1, :, :16] = 1.0; x += 0.1 * torch.randn_like(x)
     m = vgg_small(num_classes=2, width=4, groups=2)
-    h = fit(m, x, y, epochs=3, batch_size=32)
+    h = fit_classifier(m, x, y, epochs=3, batch_size=32)
     assert h.loss.iloc[-1] < h.loss.iloc[0] and accuracy(m, x, y) > 0.9
-    with pytest.raises(ConfigError, match="optimizer"): fit(m, x, y, optimizer="lion")
+    with pytest.raises(ConfigError, match="optimizer"): fit_classifier(m, x, y, optimizer="lion")
 
 
 @pytest.mark.parametrize("groups", [2, 3])

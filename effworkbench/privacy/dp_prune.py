@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, vmap
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment
 from ..store import Run, run_function
-from ..vision.models import BlockNet, accuracy, fit, prune_channels, unit_weights, vgg_small
+from ..vision.models import BlockNet, accuracy, fit_classifier, prune_channels, unit_weights, vgg_small
 
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
@@ -568,7 +568,7 @@ def pretrain_public_unit(d: dict, run: Run) -> dict:
     "Unit: non-private training on the public digits 0–4; saves the weights."
     set_seed(d["seed"])
     m = vgg_small(num_classes=5, width=d["width"], norm="group")
-    fit(m, *public_private_splits(d)["public"], epochs=d["pretrain_epochs"], lr=0.05, batch_size=64, seed=d["seed"])
+    fit_classifier(m, *public_private_splits(d)["public"], epochs=d["pretrain_epochs"], lr=0.05, batch_size=64, seed=d["seed"])
     run.save_checkpoint({"model": m.state_dict()})
     return {"public_params": sum(p.numel() for p in m.parameters())}
 

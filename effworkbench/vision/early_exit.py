@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment
 from ..store import Run, run_function
-from .models import BlockNet, MacCounter, TokenHead, fit, make_model, total_macs, unit_result, unit_weights
+from .models import BlockNet, MacCounter, TokenHead, fit_classifier, make_model, total_macs, unit_result, unit_weights
 
 # %% auto #0
 __all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'ExitHead', 'MultiExit', 'multi_exit', 'threshold_exit', 'exit_macs', 'base_macs',
@@ -152,18 +152,18 @@ def train_regime(model: MultiExit, regime: Regime, x: torch.Tensor, y: torch.Ten
     kw = dict(lr=lr, batch_size=batch_size, **fit_kw)
     hist = []
     if e1:
-        hist.append(fit(model, x, y, e1, loss_fn=backbone_only_loss, params=list(model.backbone.parameters()),
+        hist.append(fit_classifier(model, x, y, e1, loss_fn=backbone_only_loss, params=list(model.backbone.parameters()),
                         train_mode=lambda m: m.backbone.train(), seed=seed, **kw).assign(phase="backbone"))
     if epochs - e1:
         if regime == "disjoint":
             for p in model.backbone.parameters(): p.requires_grad_(False)
             internal = list(range(len(model.heads)))
-            h = fit(model, x, y, epochs - e1, loss_fn=lambda m, xb, yb: multi_exit_loss(m, xb, yb, internal),
+            h = fit_classifier(model, x, y, epochs - e1, loss_fn=lambda m, xb, yb: multi_exit_loss(m, xb, yb, internal),
                     params=list(model.heads.parameters()), train_mode=_frozen_backbone_mode, seed=seed + 1, **kw)
             for p in model.backbone.parameters(): p.requires_grad_(True)
             hist.append(h.assign(phase="heads"))
         else:
-            hist.append(fit(model, x, y, epochs - e1, loss_fn=multi_exit_loss, seed=seed + 1, **kw).assign(phase="all"))
+            hist.append(fit_classifier(model, x, y, epochs - e1, loss_fn=multi_exit_loss, seed=seed + 1, **kw).assign(phase="all"))
     out = pd.concat(hist, ignore_index=True)
     out["epoch"] = np.arange(1, len(out) + 1)
     return out.assign(regime=regime)

@@ -28,15 +28,15 @@ from ..store import Run, RunStore, run_function
 Norm = Literal["batch", "group", "none"]
 
 # %% auto #0
-__all__ = ['Norm', 'CIFAR10_CLASSES', 'CIFAR10_RECORD', 'make_norm', 'ChannelGate', 'ConvUnit', 'BasicBlock', 'PoolHead',
+__all__ = ['Norm', 'CIFAR10_CLASSES', 'CIFAR10_RECORD', 'conv_norm', 'ChannelGate', 'ConvUnit', 'BasicBlock', 'PoolHead',
            'BlockNet', 'VGG', 'vgg_small', 'ResNet', 'resnet_small', 'PatchEmbed', 'SelfAttention', 'ViTBlock',
            'TokenHead', 'ViT', 'vit_small', 'make_model', 'module_macs', 'MacCounter', 'count_macs', 'total_macs',
            'n_params', 'prune_channels', 'layer_widths', 'read_cifar10_bin', 'cifar10_splits', 'predict_logits',
-           'accuracy', 'fit', 'recalibrate_bn', 'time_forward', 'unit_result', 'unit_weights', 'ModelsConfig',
-           'train_model_unit', 'run']
+           'accuracy', 'fit_classifier', 'recalibrate_bn', 'time_forward', 'unit_result', 'unit_weights',
+           'ModelsConfig', 'train_model_unit', 'run']
 
 # %% ../../nbs/40_vision.models.ipynb #a0d0197c
-def make_norm(norm: Norm, channels: int, groups: int = 4) -> nn.Module:
+def conv_norm(norm: Norm, channels: int, groups: int = 4) -> nn.Module:
     "BatchNorm2d, GroupNorm(`groups`, channels) or nothing, for a conv output of `channels` channels."
     if norm == "batch": return nn.BatchNorm2d(channels)
     if norm == "group":
@@ -61,7 +61,7 @@ class ConvUnit(nn.Module):
     def __init__(self, cin: int, cout: int, norm: Norm = "batch", groups: int = 4, pool: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none")
-        self.norm, self.act, self.gate = make_norm(norm, cout, groups), nn.ReLU(), ChannelGate(cout)
+        self.norm, self.act, self.gate = conv_norm(norm, cout, groups), nn.ReLU(), ChannelGate(cout)
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
     def forward(self, x):                      # (B, cin, H, W) → (B, cout, H', W')
         return self.pool(self.gate(self.act(self.norm(self.conv(x)))))
@@ -71,11 +71,11 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, mid: int, cout: int, stride: int = 1, norm: Norm = "batch", groups: int = 4):
         super().__init__()
         b = norm == "none"
-        self.conv1, self.norm1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=b), make_norm(norm, mid, groups)
+        self.conv1, self.norm1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=b), conv_norm(norm, mid, groups)
         self.act1, self.gate = nn.ReLU(), ChannelGate(mid)
-        self.conv2, self.norm2 = nn.Conv2d(mid, cout, 3, 1, 1, bias=b), make_norm(norm, cout, groups)
+        self.conv2, self.norm2 = nn.Conv2d(mid, cout, 3, 1, 1, bias=b), conv_norm(norm, cout, groups)
         self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
-                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=b), make_norm(norm, cout, groups)))
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=b), conv_norm(norm, cout, groups)))
         self.act2 = nn.ReLU()
     def forward(self, x):                      # (B, cin, H, W) → (B, cout, H/stride, W/stride)
         h = self.gate(self.act1(self.norm1(self.conv1(x))))
@@ -136,7 +136,7 @@ class ResNet(BlockNet):
         self.config = dict(widths=[int(w) for w in widths], depths=[int(d) for d in depths], mids=mids,
                            num_classes=num_classes, in_channels=in_channels, norm=norm, groups=groups)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=norm == "none"),
-                                  make_norm(norm, widths[0], groups), nn.ReLU())
+                                  conv_norm(norm, widths[0], groups), nn.ReLU())
         cins = [widths[0], *outs[:-1]]
         self.blocks = nn.ModuleList(BasicBlock(ci, m, co, s, norm, groups) for ci, m, co, s in zip(cins, mids, outs, strides))
         self.head = PoolHead(outs[-1], num_classes)
@@ -372,7 +372,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float((predict_logits(model, x, batch_size).argmax(1) == y).float().mean())
 
 # %% ../../nbs/40_vision.models.ipynb #40682e3e
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5, lr: float = 0.05, batch_size: int = 64,
+def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5, lr: float = 0.05, batch_size: int = 64,
         weight_decay: float = 5e-4, optimizer: Literal["sgd", "adamw"] = "sgd", seed: int = 0,
         loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         params: Sequence[nn.Parameter] | None = None, train_mode: Callable[[nn.Module], None] | None = None) -> pd.DataFrame:
@@ -486,7 +486,7 @@ def train_model_unit(u: dict, run: Run) -> dict:
     set_seed(cfg.seed)
     m, vit = cfg.models(shape[1], n_cls)[u["model"]](), u["model"] == "vit"
     t0 = time.time()
-    h = fit(m, splits.x_train, splits.y_train, cfg.epochs, lr=2e-3 if vit else 0.05, batch_size=cfg.batch_size,
+    h = fit_classifier(m, splits.x_train, splits.y_train, cfg.epochs, lr=2e-3 if vit else 0.05, batch_size=cfg.batch_size,
             weight_decay=0.05 if vit else 5e-4, optimizer="adamw" if vit else "sgd", seed=cfg.seed)
     sec = time.time() - t0
     run.save_checkpoint({"model": m.state_dict()})

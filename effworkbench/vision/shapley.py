@@ -22,7 +22,7 @@ from scipy import stats
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment
 from ..store import Run, run_function
-from .models import (BlockNet, accuracy, fit, prune_channels, layer_widths, total_macs, time_forward, n_params,
+from .models import (BlockNet, accuracy, fit_classifier, prune_channels, layer_widths, total_macs, time_forward, n_params,
                                        unit_weights, vgg_small)
 
 # %% auto #0
@@ -361,7 +361,7 @@ def train_base_unit(base: dict, run: Run) -> dict:
     data = base_data(base)
     set_seed(base["seed"])
     model = vgg_small(width=base["width"], norm="batch")
-    fit(model, data["x_train"], data["y_train"], base["epochs"], batch_size=base["batch_size"], seed=base["seed"])
+    fit_classifier(model, data["x_train"], data["y_train"], base["epochs"], batch_size=base["batch_size"], seed=base["seed"])
     run.save_checkpoint({"model": model.state_dict()})
     return {"accuracy": accuracy(model, data["x_test"], data["y_test"]), "widths": layer_widths(model),
             "l1": {k: v.tolist() for k, v in l1_scores(model).items()}}
@@ -412,7 +412,7 @@ def prune_eval(model: BlockNet, keep: dict, data: dict, finetune_epochs: int, se
     x_t, y_t = data["x_test"], data["y_test"]
     small = prune_channels(model, keep)
     acc0 = accuracy(small, x_t, y_t)
-    if finetune_epochs: fit(small, data["x_train"], data["y_train"], finetune_epochs, lr=0.01, batch_size=batch_size, seed=seed)
+    if finetune_epochs: fit_classifier(small, data["x_train"], data["y_train"], finetune_epochs, lr=0.01, batch_size=batch_size, seed=seed)
     xb = x_t[:256]
     return {"acc_pruned": acc0, "accuracy": accuracy(small, x_t, y_t), "mac_ratio": total_macs(small) / total_macs(model),
             "param_ratio": n_params(small) / n_params(model), "time_ratio": time_forward(small, xb, time_repeats) / time_forward(model, xb, time_repeats),
