@@ -30,8 +30,9 @@ from .core import ConfigError, Registry, env_report, runs_dir
 
 # %% auto #0
 __all__ = ['LOGGERS', 'to_jsonable', 'config_hash', 'atomic_write_bytes', 'to_json', 'atomic_write_json', 'read_json',
-           'clean_stale_tmp', 'logger_names', 'Run', 'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name',
-           'run_function', 'CheckpointError', 'RunKeyError', 'RunStore']
+           'clean_stale_tmp', 'logger_names', 'RunFiles', 'RunRecord', 'RunMetrics', 'RunArtifacts', 'Run',
+           'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name', 'run_function', 'CheckpointError',
+           'RunKeyError', 'RunIndex', 'RunCompute', 'RunTables', 'RunSummary', 'RunStore']
 
 # %% ../nbs/00a_store.ipynb #9f154e52
 def to_jsonable(obj: Any) -> Any:
@@ -125,24 +126,22 @@ def logger_names(loggers: Sequence[str] | None = None) -> tuple[str, ...]:
     if loggers is None: loggers = [n.strip() for n in os.environ.get("EFFWB_LOG", "").split(",") if n.strip()]
     return tuple(loggers)
 
-# %% ../nbs/00a_store.ipynb #a9043f6f
-class Run:
-    "One folder of the store: config, metrics log, checkpoint, result; `loggers` (default `$EFFWB_LOG`) also get the metrics."
-    def __init__(self, path: str | Path, loggers: Sequence[str] | None = None):
-        self.path = Path(path)
-        self.key = self.path.name
-        self.loggers = logger_names(loggers)        # names in `LOGGERS`: "tensorboard", "mlflow"
-        self._sinks: list | None = None             # opened at the first `log`
-
+# %% ../nbs/00a_store.ipynb #07add5b7
+class RunFiles:
+    "The files of a run folder (`self.path`) and the state they say the run is in."
     # files
     @property
     def config_file(self): return self.path / "config.json"
+
     @property
     def metrics_file(self): return self.path / "metrics.jsonl"
+
     @property
     def result_file(self): return self.path / "result.json"
+
     @property
     def error_file(self): return self.path / "error.json"
+
     @property
     def checkpoint_file(self): return self.path / "checkpoint.pt"
 
@@ -163,12 +162,18 @@ class Run:
         if self.error_file.exists(): return "failed"
         return "unfinished"
 
+# %% ../nbs/00a_store.ipynb #0a0a4a4d
+class RunRecord:
+    "What a run folder stored: its {fn, config} record, result or error, timing and environment."
     @property
     def record(self) -> dict: "The stored {fn, config}."; return _read_object(self.config_file)
+
     @property
     def config(self) -> dict: "The run's config as stored (JSON)."; return self.record["config"]
+
     @property
     def result(self) -> dict | None: "The result dict, or None if unfinished."; return _read_object(self.result_file) if self.result_file.exists() else None
+
     @property
     def error(self) -> dict | None: "The recorded failure, or None."; return _read_object(self.error_file) if self.error_file.exists() else None
 
@@ -187,6 +192,16 @@ class Run:
         s = rec.get("_seconds", rec.get("seconds"))
         return float(s) if isinstance(s, (int, float)) else None
 
+    @property
+    def env(self) -> dict:
+        "The environment report of the run's last start (versions, git commit, device), or {}."
+        p = self.path / "env.json"
+        try: return _read_object(p) if p.exists() else {}
+        except ValueError: return {}
+
+# %% ../nbs/00a_store.ipynb #35f1fb63
+class RunMetrics:
+    "The run's append-only metrics log (`metrics.jsonl`), mirrored to the loggers the run was given."
     # metrics
     def log(self, **metrics):
         "Append one metrics record (a JSON line, NaN as null), flushed at once; the run's loggers get its finite numbers."
@@ -229,6 +244,9 @@ class Run:
         if "step" in df: df = df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
         return df
 
+# %% ../nbs/00a_store.ipynb #04be169f
+class RunArtifacts:
+    "What a run keeps besides its result: its checkpoint and, for an experiment, its tables."
     # checkpoints
     def save_checkpoint(self, state: dict):
         "Atomically save `state` (tensors, numbers, strings, nested dicts/lists) as the run's checkpoint."
@@ -258,12 +276,14 @@ class Run:
         "The saved tables by name."
         return {p.stem: pd.read_csv(p) for p in sorted((self.path / "tables").glob("*.csv"))}
 
-    @property
-    def env(self) -> dict:
-        "The environment report of the run's last start (versions, git commit, device), or {}."
-        p = self.path / "env.json"
-        try: return _read_object(p) if p.exists() else {}
-        except ValueError: return {}
+# %% ../nbs/00a_store.ipynb #0d0a145a
+class Run(RunFiles, RunRecord, RunMetrics, RunArtifacts):
+    "One folder of the store: config, metrics log, checkpoint, result; `loggers` (default `$EFFWB_LOG`) also get the metrics."
+    def __init__(self, path: str | Path, loggers: Sequence[str] | None = None):
+        self.path = Path(path)
+        self.key = self.path.name
+        self.loggers = logger_names(loggers)        # names in `LOGGERS`: "tensorboard", "mlflow"
+        self._sinks: list | None = None             # opened at the first `log`
 
     def __repr__(self): return f"Run({self.key}, {self.status})"
 
@@ -348,13 +368,9 @@ def _lock(run: Run, timeout: float = -1):
     from filelock import FileLock   # imported here: the GPU benchmark machines have torch, numpy and pandas only
     return FileLock(str(run.path / ".lock"), timeout=timeout)
 
-# %% ../nbs/00a_store.ipynb #f698c865
-class RunStore:
-    "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`); `loggers`: see `Run`."
-    def __init__(self, root: str | Path | None = None, loggers: Sequence[str] | None = None):
-        self.root = Path(root) if root is not None else runs_dir()
-        self.loggers = loggers                  # not part of any key: where metrics are shown, not what is computed
-
+# %% ../nbs/00a_store.ipynb #ad4ca86c
+class RunIndex:
+    "Finding runs under `self.root`: keys, folders, lookup by key or unique prefix, completion."
     def key(self, fn: Callable | str, config: Any) -> str:
         "The folder name of (fn, config)."
         return config_hash({"fn": fn if isinstance(fn, str) else fn_name(fn), "config": config})
@@ -384,6 +400,9 @@ class RunStore:
         "All runs, oldest first."
         return [Run(p) for p in sorted(self._folders(), key=lambda p: (p / "config.json").stat().st_mtime)]
 
+# %% ../nbs/00a_store.ipynb #25ea481b
+class RunCompute:
+    "`run`, the one way a result gets into the store: computed once under the run's lock, resumed if unfinished."
     def run(self, fn: Callable[[Any, Run], dict], config: Any, rerun: bool = False, preset: str | None = None) -> dict:
         "Return the result of `fn(config, run)`, computing it only if no finished run has this config."
         key = self.key(fn, config)
@@ -415,20 +434,9 @@ class RunStore:
             atomic_write_json(run.result_file, {**to_jsonable(result), "_seconds": round(time.time() - t0, 3)})
         return run.result
 
-    def rm(self, key: str, timeout: float = 5) -> str:
-        "Delete the run `key` (see `get`), after taking its lock (a run being computed is refused); returns its key."
-        from filelock import Timeout
-        run = self.get(key)
-        try:
-            with _lock(run, timeout):
-                trash = run.path.with_name(f".rm-{run.key}-{os.getpid()}")
-                os.rename(run.path, trash)              # the run disappears at once, whole
-        except Timeout:
-            raise RunKeyError(f"run {run.key} is being computed by another process (its lock is held); "
-                              "stop that process first") from None
-        shutil.rmtree(trash)
-        return run.key
-
+# %% ../nbs/00a_store.ipynb #438ef248
+class RunTables:
+    "The store as one tidy table: a row per run with its config and result columns (`load`)."
     def load(self, fn: Callable | str | None = None, status: str | None = None) -> pd.DataFrame:
         "One tidy row per run: key, fn, status, `config.*` and `result.*` columns (`error` for failed and corrupt runs). A corrupt run is listed as such, with a warning."
         rows, corrupt = [], []
@@ -451,6 +459,9 @@ class RunStore:
                           "file; remove each with `effwb runs rm KEY`", stacklevel=2)
         return pd.DataFrame(rows)
 
+# %% ../nbs/00a_store.ipynb #41293744
+class RunSummary:
+    "The store for people: a summary row per run (`ls`), and the metrics of many runs in one table."
     def ls(self, fn: str | None = None, status: str | None = None) -> pd.DataFrame:
         "A summary row per run for people: key, status, what ran (the notebook's file name, or the function), start time, seconds. `fn` filters by a substring of the function name."
         rows = []
@@ -480,6 +491,27 @@ class RunStore:
             if name is None or rec.get("fn") == name: frames.append(r.metrics().assign(key=r.key))
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+# %% ../nbs/00a_store.ipynb #26567428
+class RunStore(RunIndex, RunCompute, RunTables, RunSummary):
+    "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`); `loggers`: see `Run`."
+    def __init__(self, root: str | Path | None = None, loggers: Sequence[str] | None = None):
+        self.root = Path(root) if root is not None else runs_dir()
+        self.loggers = loggers                  # not part of any key: where metrics are shown, not what is computed
+
+    def rm(self, key: str, timeout: float = 5) -> str:
+        "Delete the run `key` (see `get`), after taking its lock (a run being computed is refused); returns its key."
+        from filelock import Timeout
+        run = self.get(key)
+        try:
+            with _lock(run, timeout):
+                trash = run.path.with_name(f".rm-{run.key}-{os.getpid()}")
+                os.rename(run.path, trash)              # the run disappears at once, whole
+        except Timeout:
+            raise RunKeyError(f"run {run.key} is being computed by another process (its lock is held); "
+                              "stop that process first") from None
+        shutil.rmtree(trash)
+        return run.key
 
 # %% ../nbs/00a_store.ipynb #29d5a639
 def _record_error(run: Run, e: BaseException, seconds: float):

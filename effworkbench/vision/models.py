@@ -408,7 +408,7 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: i
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, modules: Sequence[nn.BatchNorm2d] | None = None, batch_size: int = 256):
     """Re-estimate BatchNorm running statistics as exact averages of train-mode batch statistics over `x`, weights
-    untouched. After a few hundred steps the exponential running averages still lag the weights; `fit` calls this for
+    untouched. After a few hundred steps the exponential running averages still lag the weights; `fit_classifier` calls this for
     the BatchNorm layers it trained, so that eval-mode accuracy matches the trained network."""
     bns = list(modules) if modules is not None else [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns: return
