@@ -31,7 +31,8 @@ except ImportError:  # plain Python without IPython: print the repr instead
 __all__ = ['TEMPLATE', 'COLORWAY', 'FONT', 'NOTEBOOK_RENDERER', 'make_template', 'register_template', 'apply_style', 'is_static',
            'is_live', 'configure_renderer', 'ColumnError', 'fmt', 'natural_key', 'natural_sorted', 'category_order',
            'tick_label', 'log_ticks', 'tidy_log_axes', 'line', 'add_reference', 'scatter', 'bar', 'heatmap',
-           'slider_figure', 'dropdown_figure', 'make_control', 'Explorer', 'show']
+           'slider_figure', 'dropdown_figure', 'make_control', 'ExplorerRendering', 'ExplorerUpdates', 'Explorer',
+           'show']
 
 # %% ../nbs/02_viz.ipynb #12dace5a
 TEMPLATE = "effwb"
@@ -422,33 +423,37 @@ def make_control(name: str, spec: Any, value: Any = None, continuous_update: boo
     if value is not None: w.value = value
     return w
 
-# %% ../nbs/02_viz.ipynb #28c76ca8
-class Explorer:
-    "A live explorer: one control per spec; every change recomputes `fn(**values)` and redraws the figure."
-    def __init__(self,
-                 fn: Callable[..., go.Figure],    # pure function of the control values, returning a figure
-                 specs: Mapping[str, Any] | None = None,  # name -> spec (see `make_control`); or pass them as keywords
-                 *,
-                 initial: Mapping[str, Any] | None = None,  # starting values that differ from the specs' defaults
-                 continuous_update: bool = False,  # recompute while a slider is dragged, not only on release
-                 **kw_specs):
-        specs = {**(specs or {}), **kw_specs}
-        if not specs: raise ValueError("Explorer needs at least one control: Explorer(fn, width=[64, 128], ...)")
-        _check_signature(fn, specs)
-        initial = dict(initial or {})
-        if set(initial) - set(specs): raise ValueError(f"initial values for unknown controls {sorted(set(initial) - set(specs))}")
-        import ipywidgets as W
-        self.fn = fn
-        self.controls = {n: make_control(n, s, initial.get(n), continuous_update) for n, s in specs.items()}
-        self.output = W.Output()
-        self.widget = W.VBox([W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")), self.output])
-        self.figure: go.Figure | None = None
-        self.error: Exception | None = None   # the exception of the last failed recompute, else None
-        self.n_updates = 0                     # how many figures `fn` has produced
-        self._live = self._holding = False
-        for w in self.controls.values(): w.observe(self._on_change, names="value")
-        self.update()
+# %% ../nbs/02_viz.ipynb #f03c771e
+class ExplorerRendering:
+    "How an explorer shows itself: the figure or the last error in its output area, the controls above it."
+    def _render(self) -> None:
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(self.figure)
 
+    def _render_error(self, e: Exception) -> None:
+        with self.output:
+            self.output.clear_output(wait=True)
+            print("".join(traceback.format_exception_only(type(e), e)))
+
+    def display(self) -> None:
+        "Show the controls and the figure (from now on, every change redraws it)."
+        self._live = True
+        self._render()
+        display(self.widget)
+
+    def _ipython_display_(self) -> None:
+        if is_static(): print(f"(live explorer over {list(self.controls)}: shown when the notebook runs in JupyterLab)")
+        else: self.display()
+
+    def close(self) -> None:
+        "Close all the widgets."
+        self.widget.close(); self.output.close()
+        for w in self.controls.values(): w.close()
+
+# %% ../nbs/02_viz.ipynb #49286e02
+class ExplorerUpdates:
+    "How an explorer follows its controls: set values, recompute `fn(**values)`, keep the figure or the error."
     @property
     def values(self) -> dict[str, Any]:
         "The current value of every control."
@@ -488,30 +493,32 @@ class Explorer:
         if self._live: self._render()
         return fig
 
-    def _render(self) -> None:
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(self.figure)
-
-    def _render_error(self, e: Exception) -> None:
-        with self.output:
-            self.output.clear_output(wait=True)
-            print("".join(traceback.format_exception_only(type(e), e)))
-
-    def display(self) -> None:
-        "Show the controls and the figure (from now on, every change redraws it)."
-        self._live = True
-        self._render()
-        display(self.widget)
-
-    def _ipython_display_(self) -> None:
-        if is_static(): print(f"(live explorer over {list(self.controls)}: shown when the notebook runs in JupyterLab)")
-        else: self.display()
-
-    def close(self) -> None:
-        "Close all the widgets."
-        self.widget.close(); self.output.close()
-        for w in self.controls.values(): w.close()
+# %% ../nbs/02_viz.ipynb #b66148e2
+class Explorer(ExplorerUpdates, ExplorerRendering):
+    "A live explorer: one control per spec; every change recomputes `fn(**values)` and redraws the figure."
+    def __init__(self,
+                 fn: Callable[..., go.Figure],    # pure function of the control values, returning a figure
+                 specs: Mapping[str, Any] | None = None,  # name -> spec (see `make_control`); or pass them as keywords
+                 *,
+                 initial: Mapping[str, Any] | None = None,  # starting values that differ from the specs' defaults
+                 continuous_update: bool = False,  # recompute while a slider is dragged, not only on release
+                 **kw_specs):
+        specs = {**(specs or {}), **kw_specs}
+        if not specs: raise ValueError("Explorer needs at least one control: Explorer(fn, width=[64, 128], ...)")
+        _check_signature(fn, specs)
+        initial = dict(initial or {})
+        if set(initial) - set(specs): raise ValueError(f"initial values for unknown controls {sorted(set(initial) - set(specs))}")
+        import ipywidgets as W
+        self.fn = fn
+        self.controls = {n: make_control(n, s, initial.get(n), continuous_update) for n, s in specs.items()}
+        self.output = W.Output()
+        self.widget = W.VBox([W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")), self.output])
+        self.figure: go.Figure | None = None
+        self.error: Exception | None = None   # the exception of the last failed recompute, else None
+        self.n_updates = 0                     # how many figures `fn` has produced
+        self._live = self._holding = False
+        for w in self.controls.values(): w.observe(self._on_change, names="value")
+        self.update()
 
     def __repr__(self) -> str:
         return f"Explorer({getattr(self.fn, '__name__', 'fn')}, values={self.values})"
