@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -28,6 +29,7 @@ from .store import CheckpointError, Run, RunStore, check_loggers, logger_names, 
 # effworkbench.data (tokenizers, filelock) is imported where it is used, so `bench/gpt.py` runs on machines with
 # torch, numpy and pandas only, feeding the trainer a synthetic corpus.
 if TYPE_CHECKING: from effworkbench.data import LMBatchSampler, TokenCorpus   # annotations only
+from .experiment import Context, register_experiment
 
 # %% auto #0
 __all__ = ['TRAIN_PRESETS', 'CHECKPOINT_KEYS', 'PARALLEL', 'TrainConfig', 'wsd_decay_start', 'schedule_lr', 'lr_at',
@@ -35,7 +37,7 @@ __all__ = ['TRAIN_PRESETS', 'CHECKPOINT_KEYS', 'PARALLEL', 'TrainConfig', 'wsd_d
            'all_finite', 'rng_state', 'set_rng_state', 'Parallelism', 'DataParallel', 'parallelize', 'TrainerData',
            'TrainerState', 'TrainerGrads', 'TrainerStep', 'TrainerRun', 'Trainer', 'fit', 'train_run', 'run_model',
            'forward_spec', 'save_weights', 'load_weights', 'train_config_from', 'add_train_command', 'torchrun_command',
-           'load_model']
+           'curve_table', 'run', 'load_model']
 
 # %% ../nbs/11_train.ipynb #3b80f7a1
 from .nn.gpt import check_fields, fraction, int_at_least, non_negative, optional, parameterization_options, positive
@@ -657,6 +659,21 @@ def _cmd_train(args) -> int:
         print(json.dumps({"run": key, "path": str(store.root / key), **res}, indent=1))
         if args.save_weights: print(f"weights -> {save_weights(run_model(cfg, store.get(key)), args.save_weights)}")
     return 0
+
+# %% ../nbs/11_train.ipynb #51698fd3
+def curve_table(run: Run) -> pd.DataFrame:
+    "A training run's loss curve from its metrics log: step, loss, split (train or val)."
+    m = run.metrics()
+    return pd.concat([m[["step", "loss"]].dropna().assign(split="train"),
+                      m[["step", "val_loss"]].dropna().rename(columns={"val_loss": "loss"}).assign(split="val")],
+                     ignore_index=True)
+
+@register_experiment("train", TrainConfig, notebook="11_train", prefix="train_gpt")
+def run(cfg: TrainConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "The experiment of this notebook: one training run (a unit through the store, resumable) and its loss curve."
+    ctx.unit(train_run, cfg)
+    key = ctx.store.key(train_run, cfg)
+    return {"curve": curve_table(ctx.store.get(key)).assign(run=key)}
 
 # %% ../nbs/11_train.ipynb #84d38b59
 def load_model(cfg: TrainConfig, store: RunStore | None = None, train_if_missing: bool = True) -> tuple[GPT, TokenCorpus]:
