@@ -11,24 +11,27 @@ import contextlib
 import io
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, ClassVar
+
+import pandas as pd
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .core import ConfigError
+from .core import ConfigError, PresetConfig
+from .experiment import Context, register_experiment
 from .moe.layers import MoEFFN, moe_mlp
-from .store import CheckpointError
+from .store import CheckpointError, Run, run_function
 from .train import PARALLEL, Parallelism, make_mesh, rng_state, set_rng_state
-if TYPE_CHECKING: import pandas as pd                   # annotations only
 
 # %% auto #0
 __all__ = ['SCHEMES', 'exit_distributed', 'default_mp_policy', 'shard', 'full_grads', 'ModelOptimizerState', 'ProgressState',
            'RNGState', 'CheckpointManager', 'ExpertParallelMoE', 'expert_parallel', 'sync_grads', 'TrainerProgress',
            'ExpertParallelState', 'ShardedParallelism', 'FullyShardedDataParallel', 'ExpertParallelism', 'comm_bytes',
-           'memory_per_rank', 'predict_step_time', 'measure_step_times']
+           'memory_per_rank', 'predict_step_time', 'measure_step_times', 'DistributedConfig', 'step_times_unit', 'run']
 
 # %% ../nbs/90_distributed.ipynb #3d4d7383
 def exit_distributed(code: int = 0):
@@ -499,3 +502,28 @@ def measure_step_times(world: int, steps: int = 5, batch: int = 8, d_model: int 
 if __name__ == "__main__" and "LOCAL_RANK" in os.environ:                # a torchrun worker of measure_step_times
     import sys
     _bench_worker(sys.argv[1], *(int(a) for a in sys.argv[2:6]))
+
+# %% ../nbs/90_distributed.ipynb #b0ffcb2f
+@dataclass
+class DistributedConfig(PresetConfig):
+    "Measured against predicted step times of DDP, FSDP2 and expert parallelism on `worlds` CPU processes (torchrun, gloo)."
+    preset: str = "smoke"
+    worlds: tuple[int, ...] = (2,)      # processes per measurement
+    steps: int = 2                      # timed steps per scheme (median)
+    batch: int = 8                      # global batch (sequences of 64 tokens), split across the processes
+    d_model: int = 64
+    n_layers: int = 2
+    presets: ClassVar = {"medium": {"worlds": (2, 4), "steps": 20, "batch": 16, "d_model": 192},
+                         "full": {"worlds": (2, 4, 8), "steps": 20, "batch": 32, "d_model": 256}}
+
+@run_function("distributed.step_times")
+def step_times_unit(u: dict, run: Run) -> dict:
+    "One unit: the step times of the three schemes on `u['world']` processes (rows of `measure_step_times`)."
+    return {"rows": measure_step_times(**u).to_dict("records")}
+
+@register_experiment("distributed", DistributedConfig, notebook="90_distributed", prefix="distributed")
+def run(cfg: DistributedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "The experiment of this notebook: one unit per process count; the table `steps` (measured and predicted per scheme)."
+    units = ctx.units(step_times_unit, [{"world": w, "steps": cfg.steps, "batch": cfg.batch, "d_model": cfg.d_model,
+                                         "n_layers": cfg.n_layers} for w in cfg.worlds], desc="step times")
+    return {"steps": pd.DataFrame([r for u in units for r in u["rows"]])}
