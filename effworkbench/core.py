@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -28,8 +29,9 @@ import torch
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_INFO', 'project_root', 'runs_dir', 'data_dir', 'cache_dir', 'results_dir', 'get_device',
            'autocast_dtype', 'autocast', 'set_seed', 'PresetInfo', 'ConfigError', 'check_preset', 'PresetConfig',
-           'Registry', 'read_config_file', 'parse_set', 'apply_sets', 'coerce_text', 'config_from', 'dist_rank',
-           'is_quiet', 'progress', 'git_info', 'device_name', 'env_report', 'save_table', 'load_table']
+           'source_entry_points', 'Registry', 'read_config_file', 'parse_set', 'apply_sets', 'coerce_text',
+           'config_from', 'dist_rank', 'is_quiet', 'progress', 'git_info', 'device_name', 'env_report', 'save_table',
+           'load_table']
 
 # %% ../nbs/00_core.ipynb #96fea712
 def project_root(start: str | Path | None = None) -> Path:
@@ -189,6 +191,22 @@ class PresetConfig:
 # %% ../nbs/00_core.ipynb #92e7271b
 from collections.abc import Mapping
 
+# %% ../nbs/00_core.ipynb #a5121447
+@functools.cache
+def source_entry_points() -> dict[str, dict[str, str]]:
+    """The entry points declared by the `pyproject.toml` of the checkout this package is imported from (none for an
+    installed wheel). They make the registries work when the checkout runs without being installed (`PYTHONPATH=.`, as on
+    a bare GPU machine) and stay right when the installed metadata is older than the checkout's pyproject.toml."""
+    import effworkbench
+    path = Path(effworkbench.__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.is_file(): return {}
+    try: import tomllib
+    except ModuleNotFoundError: import tomli as tomllib
+    try: project = tomllib.loads(path.read_text(encoding="utf-8")).get("project", {})
+    except (OSError, ValueError): return {}
+    if project.get("name") != "effworkbench": return {}
+    return {g: dict(v) for g, v in project.get("entry-points", {}).items()}
+
 # %% ../nbs/00_core.ipynb #26abd067
 class Registry(Mapping):
     "Named implementations of one kind, filled by `register` and, on first lookup of a missing name, by entry points."
@@ -208,18 +226,24 @@ class Registry(Mapping):
             return o
         return deco if obj is None else deco(obj)
 
-    def _entry_points(self, name: str | None = None) -> list:
+    def _entry_points(self, name: str | None = None) -> dict[str, str]:
+        "name → `module[:attr]` of the group: installed packages' entry points, this checkout's pyproject.toml over them."
         from importlib.metadata import entry_points
-        return [ep for ep in entry_points(group=self.group) if name is None or ep.name == name]
+        eps = {ep.name: ep.value for ep in entry_points(group=self.group)}
+        eps.update(source_entry_points().get(self.group, {}))
+        return {n: v for n, v in eps.items() if name is None or n == name}
 
     def _load(self, name: str | None = None):
         "Import the module of entry point `name` (all, if None) that is not registered yet."
-        for ep in self._entry_points(name):
-            if ep.name in self._items or ep.name in self._failed: continue
-            try: obj = ep.load()
+        import importlib
+        for ep, value in self._entry_points(name).items():
+            if ep in self._items or ep in self._failed: continue
+            mod, _, attr = value.partition(":")
+            try: obj = importlib.import_module(mod.strip())
             except ImportError as e:                # an optional dependency (Triton, Opacus) is missing
-                self._failed[ep.name] = f"{ep.value}: {e}"; continue
-            if ep.name not in self._items and not isinstance(obj, types.ModuleType): self.register(ep.name, obj)
+                self._failed[ep] = f"{value}: {e}"; continue
+            for a in filter(None, attr.strip().split(".")): obj = getattr(obj, a)
+            if ep not in self._items and not isinstance(obj, types.ModuleType): self.register(ep, obj)
 
     def __getitem__(self, name: str):
         if name not in self._items: self._load(name)
