@@ -10,20 +10,24 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
+
+import pandas as pd
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, Registry
+from ..core import ConfigError, PresetConfig, Registry
+from ..experiment import Context, register_experiment
 from ..nn.gpt import GLinear, GPTConfig, register_ffn
+from ..train import TrainConfig, train_run
 
 # %% auto #0
 __all__ = ['Routing', 'MOE_BACKENDS', 'MoEConfig', 'Routed', 'sort_key', 'expert_counts', 'queue_position', 'route_token_choice',
            'route_expert_choice', 'route_dynamic_k', 'load_balance_loss', 'z_loss', 'moe_mlp_loop', 'moe_mlp_torch',
            'register_moe_backend', 'resolve_backend', 'moe_mlp', 'routing_stats', 'MoEFFN', 'build_moe',
-           'experts_per_token', 'moe_stats']
+           'experts_per_token', 'moe_stats', 'MoECompareConfig', 'compare_configs', 'run']
 
 # %% ../../nbs/12_moe.layers.ipynb #5c8e2b25
 Routing = Literal["token_choice", "switch", "expert_choice", "dynamic_k"]
@@ -293,3 +297,49 @@ def moe_stats(model: nn.Module):
                              "used": float(s["used"][e]) / total, "dropped": float(s["dropped"]) / total,
                              "experts_per_token": float(s["experts_per_token"])})
     return pd.DataFrame(rows)
+
+# %% ../../nbs/12_moe.layers.ipynb #7b897797
+@dataclass
+class MoECompareConfig(PresetConfig):
+    "Dense against MoE GPTs at equal active FFN parameters, across granularity, plus two load-balancing weights."
+    preset: str = "smoke"
+    steps: int = 80
+    batch_size: int = 0                   # 0: the trainer preset's (as are the model fields below at 0)
+    eval_every: int = 40
+    log_every: int = 10
+    d_model: int = 0
+    n_layers: int = 0
+    n_heads: int = 0
+    seq_len: int = 0
+    expansion: int = 4                    # E: total expert parameters / one dense FFN's
+    granularities: tuple[int, ...] = (1, 2, 4)
+    lb_weights: tuple[float, ...] = (0.0, 0.1)    # extra runs at G = 2 varying the load-balancing weight
+    presets: ClassVar = {"medium": {"steps": 600, "batch_size": 16, "eval_every": 100, "log_every": 50, "d_model": 128,
+                                    "n_layers": 4, "n_heads": 4, "seq_len": 128, "expansion": 8, "granularities": (1, 2, 4, 8)}}
+
+def compare_configs(cfg: MoECompareConfig) -> list[tuple[str, TrainConfig]]:
+    "(label, training config) of every run: dense, MoE at each G, MoE at G = 2 with each extra load-balancing weight."
+    model = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "seq_len") if getattr(cfg, k)}
+    loop = {"steps": cfg.steps, "eval_every": cfg.eval_every, "log_every": cfg.log_every,
+            **({"batch_size": cfg.batch_size} if cfg.batch_size else {})}
+    m = TrainConfig.for_preset(cfg.preset, **loop, **({"model": model} if model else {})).model
+    def variant(**kw): return TrainConfig.for_preset(cfg.preset, **loop, model={**m.to_dict(), **kw})
+    out = [("dense", variant(ffn="dense"))]
+    out += [(f"MoE E={cfg.expansion} G={G}", variant(ffn="moe", ffn_kwargs={"expansion": cfg.expansion, "granularity": G}))
+            for G in cfg.granularities]
+    out += [(f"MoE E={cfg.expansion} G=2 lb={w:g}",
+             variant(ffn="moe", ffn_kwargs={"expansion": cfg.expansion, "granularity": 2, "lb_weight": w})) for w in cfg.lb_weights]
+    return out
+
+# %% ../../nbs/12_moe.layers.ipynb #f4e2defa
+@register_experiment("moe.layers", MoECompareConfig, notebook="12_moe.layers", prefix="moe")
+def run(cfg: MoECompareConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "Every training run a unit (`train_run`, in parallel with `workers`); tables `compare` (validation curves) and `runs`."
+    pairs = compare_configs(cfg)
+    results = ctx.units(train_run, [c for _, c in pairs], desc="dense vs MoE")
+    keys = [ctx.store.key(train_run, c) for _, c in pairs]
+    curves = pd.concat([ctx.store.get(k).metrics().dropna(subset=["val_loss"])[["step", "val_loss"]].assign(variant=lab)
+                        for (lab, _), k in zip(pairs, keys)], ignore_index=True)
+    runs = pd.DataFrame([{"variant": lab, "key": k, "val_loss": r["val_loss"], "params": r["params"],
+                          "tokens_per_s": r["tokens_per_s"]} for (lab, _), k, r in zip(pairs, keys, results)])
+    return {"compare": curves[["variant", "step", "val_loss"]], "runs": runs}
