@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/mup.html.md"""
 # %% ../nbs/20_mup.ipynb #b69e8c14
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Sequence
@@ -16,13 +17,16 @@ import pandas as pd
 import torch
 
 from .core import ConfigError, PresetConfig
+from .experiment import Context, register_experiment
+from .store import run_function
 from .nn.gpt import (GPT, GPTConfig, GroupHP, Attention, Parameterization, fan_in, param_groups,
                                  register_parameterization)
 
 # %% auto #0
-__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'LR_SWEEP_PRESETS', 'dense_fan_in', 'MuPConfig', 'MuPWipConfig', 'MuP',
-           'MuPWipRouter', 'hp_table', 'CoordCheck', 'coord_data', 'coord_slopes', 'max_growth', 'coord_frame',
-           'plot_coord', 'LRSweep', 'sweep_points', 'sweep_table', 'optimal_lr', 'lr_panels', 'plot_lr']
+__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'dense_fan_in', 'MuPOptions', 'MuPWipOptions', 'MuP', 'MuPWipRouter', 'hp_table',
+           'CoordSettings', 'coord_train_config', 'measure_coords', 'coord_unit', 'coord_table', 'coord_slopes',
+           'max_growth', 'coord_frame', 'plot_coord', 'LRSettings', 'lr_train_config', 'lr_points', 'train_results',
+           'sweep_table', 'optimal_lr', 'MuPConfig', 'run', 'lr_panels', 'plot_lr']
 
 # %% ../nbs/20_mup.ipynb #a5c4ea95
 HIDDEN_GROUPS = ("attn_qkv", "attn_out", "ffn_in", "ffn_out")   # width → width matrices
@@ -32,7 +36,7 @@ def dense_fan_in(group: str, cfg: GPTConfig) -> int:
     return cfg.d_ff if group == "ffn_out" else cfg.d_model
 
 @dataclass
-class MuPConfig:
+class MuPOptions:
     "Options of μP (`TrainConfig(param='mup', param_kwargs={...})`); widths are measured against `base_width`."
     base_width: int = 64                               # d₀: at d = d₀ the hidden groups have SP's init std and LR
     alpha_in: float = 1.0                              # embedding output multiplier
@@ -47,7 +51,7 @@ class MuPConfig:
         if self.expert_rule not in ("fan_in", "width"): raise ConfigError(f"expert_rule={self.expert_rule!r}: use 'fan_in' or 'width'")
 
 @dataclass
-class MuPWipConfig(MuPConfig):
+class MuPWipOptions(MuPOptions):
     "μP with the router rule of the authors' work-in-progress code (router='wip' fixed)."
     router: Literal["derived", "wip"] = "wip"
     def __post_init__(self):
@@ -57,8 +61,8 @@ class MuPWipConfig(MuPConfig):
 # %% ../nbs/20_mup.ipynb #3e6da502
 @register_parameterization("mup")
 class MuP(Parameterization):
-    "μP for Adam on dense and MoE GPTs (options: `MuPConfig`); per matrix: init variance × r, LR × r, weight decay ÷ r."
-    name, Config = "mup", MuPConfig
+    "μP for Adam on dense and MoE GPTs (options: `MuPOptions`); per matrix: init variance × r, LR × r, weight decay ÷ r."
+    name, Config = "mup", MuPOptions
     def __init__(self, **options):
         super().__init__(**options)
         c = self.config
@@ -100,7 +104,7 @@ class MuP(Parameterization):
 @register_parameterization("mup_wip_router")
 class MuPWipRouter(MuP):
     "μP with the router rule of the authors' work-in-progress code: router LR ×1 and a width-independent init σ²."
-    name, Config = "mup_wip_router", MuPWipConfig
+    name, Config = "mup_wip_router", MuPWipOptions
 
 # %% ../nbs/20_mup.ipynb #5a0fca4d
 def hp_table(model: GPT) -> pd.DataFrame:
@@ -118,14 +122,14 @@ def hp_table(model: GPT) -> pd.DataFrame:
                          "lr_mult": lr_of[id(p)]})
     return pd.DataFrame(rows)
 
-# %% ../nbs/20_mup.ipynb #c2b022be
+# %% ../nbs/20_mup.ipynb #7494277b
 @dataclass
-class CoordCheck(PresetConfig):
+class CoordSettings(PresetConfig):
     "A coordinate check: `steps` Adam steps at one LR for each width and parameterization, activations measured every step."
-    widths: list = field(default_factory=lambda: [64, 128, 256, 512])
-    params: list = field(default_factory=lambda: ["sp", "mup", "mup_wip_router"])
-    ffn: str = "moe"                                    # "moe" or "dense"
-    ffn_kwargs: dict = field(default_factory=lambda: {"expansion": 4})
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    params: list[str] = field(default_factory=lambda: ["sp", "mup", "mup_wip_router"])   # of the MoE check
+    expansion: int = 4                                  # E of the MoE check (top-1)
+    dense_widths: int = 3                               # the dense check (SP and μP) takes the first `dense_widths` widths
     steps: int = 6
     lr: float = 1e-2
     n_layers: int = 2
@@ -135,23 +139,22 @@ class CoordCheck(PresetConfig):
     vocab_size: int = 512
     corpus: str = "shakespeare"
     max_bytes: int | None = 300_000
-    seeds: list = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])
     device: str | None = None
-    threads: int | None = 1                             # torch CPU threads during the check (None: as set); 1 is safe on a shared CPU
-    presets: ClassVar = {"medium": {"widths": [64, 128, 256, 512, 1024], "seeds": [0, 1]},
+    presets: ClassVar = {"medium": {"widths": [64, 128, 256, 512, 1024], "seeds": [0, 1], "dense_widths": 4},
                          "full": {"widths": [128, 256, 512, 1024, 2048, 4096], "steps": 10, "seeds": [0, 1, 2],
-                                  "seq_len": 128, "batch_size": 32, "threads": None}}
+                                  "seq_len": 128, "batch_size": 32, "dense_widths": 4}}
 
-    def train_config(self, param: str, width: int, seed: int = 0):
-        "The `TrainConfig` of one model of the check: constant LR, no warm-up, clipping or weight decay."
-        from effworkbench.train import TrainConfig
-        model = GPTConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, d_model=width, n_layers=self.n_layers,
-                          n_heads=self.n_heads, ffn=self.ffn, ffn_kwargs=dict(self.ffn_kwargs) if self.ffn != "dense" else {})
-        return TrainConfig(model=model, corpus=self.corpus, max_bytes=self.max_bytes, param=param, lr=self.lr,
-                           steps=self.steps, batch_size=self.batch_size, schedule="constant", warmup=0, grad_clip=0.0,
-                           weight_decay=0.0, seed=seed, device=self.device)
+def coord_train_config(cc: CoordSettings, param: str, width: int, ffn: str = "moe", seed: int = 0):
+    "The `TrainConfig` of one model of the check: constant LR, no warm-up, clipping or weight decay."
+    from effworkbench.train import TrainConfig
+    model = GPTConfig(vocab_size=cc.vocab_size, seq_len=cc.seq_len, d_model=width, n_layers=cc.n_layers, n_heads=cc.n_heads,
+                      ffn=ffn, ffn_kwargs={"expansion": cc.expansion} if ffn == "moe" else {})
+    return TrainConfig(model=model, corpus=cc.corpus, max_bytes=cc.max_bytes, param=param, lr=cc.lr, steps=cc.steps,
+                       batch_size=cc.batch_size, schedule="constant", warmup=0, grad_clip=0.0, weight_decay=0.0, seed=seed,
+                       device=cc.device)
 
-# %% ../nbs/20_mup.ipynb #c9d081f3
+# %% ../nbs/20_mup.ipynb #e8bf3842
 def _probe(model: GPT, rec: dict) -> list:
     "Hooks recording mean |x| of the embedding, each block's attention logits, attention and FFN outputs and router logits, the last residual stream and the logits."
     from effworkbench.moe.layers import MoEFFN
@@ -175,35 +178,42 @@ def _probe(model: GPT, rec: dict) -> list:
            model.head.register_forward_hook(put("output", "logits"))]
     return hs
 
-# %% ../nbs/20_mup.ipynb #82f5cbb6
-def coord_data(cc: CoordCheck, corpus=None) -> pd.DataFrame:
-    "Tidy coordinate-check data: one row per (param, width, seed, step, layer, quantity); value = mean |x| over the batch."
+# %% ../nbs/20_mup.ipynb #d6051e87
+@functools.lru_cache(maxsize=2)
+def _corpus(name: str, vocab_size: int, val_frac: float, max_bytes: int | None):
+    "The tokenized corpus, loaded once per process for all the models of a check."
+    from effworkbench.data import token_corpus
+    return token_corpus(name, vocab_size, val_frac, max_bytes)
+
+def measure_coords(tc, corpus=None) -> list[dict]:
+    "Train `tc` for its steps, recording mean |x| of every probed activation at each step: rows (step, layer, quantity, value)."
     from effworkbench.train import Trainer
-    if corpus is None:
-        from effworkbench.data import token_corpus
-        corpus = token_corpus(cc.corpus, cc.vocab_size, 0.1, cc.max_bytes)
-    rows, threads = [], torch.get_num_threads()
-    if cc.threads: torch.set_num_threads(cc.threads)
+    t = Trainer(tc, corpus=corpus or _corpus(tc.corpus, tc.model.vocab_size, tc.val_frac, tc.max_bytes))
+    rec, rows = {}, []
+    hooks = _probe(t.model, rec)
     try:
-        for param in cc.params:
-            for width in cc.widths:
-                for seed in cc.seeds:
-                    t = Trainer(cc.train_config(param, width, seed), corpus=corpus)
-                    rec: dict = {}
-                    hooks = _probe(t.model, rec)
-                    try:
-                        for step in range(cc.steps + 1):        # the value at `step` is measured after `step` updates
-                            rec.clear()
-                            if step < cc.steps: t.train_step()
-                            else:
-                                with torch.no_grad(): t.model(*t.sampler(cc.batch_size).batch(step))
-                            rows += [{"param": param, "width": width, "seed": seed, "step": step, "layer": l, "quantity": q,
-                                      "value": v} for (l, q), v in rec.items()]
-                    finally:
-                        for h in hooks: h.remove()
+        for step in range(tc.steps + 1):        # the value at `step` is measured after `step` updates
+            rec.clear()
+            if step < tc.steps: t.train_step()
+            else:
+                with torch.no_grad(): t.model(*t.sampler(tc.batch_size).batch(step))
+            rows += [{"step": step, "layer": l, "quantity": q, "value": v} for (l, q), v in rec.items()]
     finally:
-        torch.set_num_threads(threads)
-    return pd.DataFrame(rows)
+        for h in hooks: h.remove()
+    return rows
+
+@run_function("effworkbench.mup.coord_unit")
+def coord_unit(tc, run=None) -> dict:
+    "The run-store unit of a coordinate check: one model's rows."
+    return {"rows": measure_coords(tc)}
+
+def coord_table(cc: CoordSettings, ctx: Context) -> pd.DataFrame:
+    "The MoE and the dense check, every model a unit of `ctx`: one row per (param, width, seed, step, layer, quantity, model)."
+    checks = [("MoE", "moe", cc.params, cc.widths), ("dense", "dense", ["sp", "mup"], cc.widths[:cc.dense_widths])]
+    items = [(m, p, w, s, coord_train_config(cc, p, w, ffn, s)) for m, ffn, ps, ws in checks for p in ps for w in ws for s in cc.seeds]
+    results = [ctx.unit(coord_unit, c) for *_, c in items]     # tiny models, in this process: a pool would cost more than it saves
+    return pd.DataFrame([{"param": p, "width": w, "seed": s, **r, "model": m}
+                         for (m, p, w, s, _), res in zip(items, results) for r in res["rows"]])
 
 # %% ../nbs/20_mup.ipynb #9ae2a511
 SLOPE_THRESHOLD = 0.5   # largest allowed growth exponent of mean |x| in width
@@ -238,30 +248,19 @@ def plot_coord(df: pd.DataFrame, param: str, name: str, max_width: int | None = 
                labels={"value": "mean |x|", "step": "step"})
     return fig
 
-# %% ../nbs/20_mup.ipynb #973c51a9
-LR_SWEEP_PRESETS = {                     # LRSweep's fields that differ from its defaults, per preset
-    "medium": {"lr_exps": [-10, -9, -8, -7, -6, -5], "moe_lr_exps": [-9, -8, -7, -6, -5], "widths": [32, 64, 128, 256], "experts": [2, 4, 8],
-               "granularities": [1, 2, 4], "expert_rules": ["fan_in", "width"], "steps": 200, "batch_size": 16,
-               "eval_batches": 16},
-    "full": {"lr_exps": [-12, -11, -10, -9, -8, -7, -6, -5], "widths": [128, 256, 512, 1024, 2048],
-             "experts": [4, 8, 16, 32], "granularities": [1, 2, 4, 8], "expert_rules": ["fan_in", "width"],
-             "moe_expansion": 8, "moe_width": 256, "steps": 5000, "batch_size": 64, "seq_len": 256, "n_layers": 4,
-             "vocab_size": 8192, "max_bytes": None, "eval_batches": 32},
-}
-
-# %% ../nbs/20_mup.ipynb #4922e122
+# %% ../nbs/20_mup.ipynb #ca5c019e
 @dataclass
-class LRSweep(PresetConfig):
+class LRSettings(PresetConfig):
     "LR sweeps: LR × width × parameterization (MoE, G = 1), and under μP at one width LR × experts and LR × granularity × expert rule."
-    lr_exps: list = field(default_factory=lambda: [-9, -7, -5])   # LRs 2^e of the width sweep
-    moe_lr_exps: list | None = None                                 # LRs 2^e of the experts and granularity sweeps (None: lr_exps)
-    widths: list = field(default_factory=lambda: [32, 64])
-    params: list = field(default_factory=lambda: ["sp", "mup"])
-    experts: list = field(default_factory=lambda: [2, 4])           # E at G = 1
-    granularities: list = field(default_factory=lambda: [1, 2])     # G at E = moe_expansion
-    expert_rules: list = field(default_factory=lambda: ["fan_in"])  # μP's rule for the expert output matrices
-    moe_expansion: int = 4                                          # E of the width and granularity sweeps
-    moe_width: int = 64                                             # width of the experts and granularity sweeps
+    lr_exps: list[int] = field(default_factory=lambda: [-9, -7, -5])   # LRs 2^e of the width sweep
+    moe_lr_exps: list[int] | None = None                                 # LRs 2^e of the experts and granularity sweeps (None: lr_exps)
+    widths: list[int] = field(default_factory=lambda: [32, 64])
+    params: list[str] = field(default_factory=lambda: ["sp", "mup"])
+    experts: list[int] = field(default_factory=lambda: [2, 4])           # E at G = 1
+    granularities: list[int] = field(default_factory=lambda: [1, 2])     # G at E = moe_expansion
+    expert_rules: list[str] = field(default_factory=lambda: ["fan_in"])  # μP's rule for the expert output matrices
+    moe_expansion: int = 4                                               # E of the width and granularity sweeps
+    moe_width: int = 64                                                  # width of the experts and granularity sweeps
     steps: int = 30
     batch_size: int = 8
     seq_len: int = 64
@@ -272,54 +271,69 @@ class LRSweep(PresetConfig):
     max_bytes: int | None = 300_000
     eval_batches: int = 2
     seed: int = 0
-    presets: ClassVar = LR_SWEEP_PRESETS
+    presets: ClassVar = {
+        "medium": {"lr_exps": [-10, -9, -8, -7, -6, -5], "moe_lr_exps": [-9, -8, -7, -6, -5], "widths": [32, 64, 128, 256], "experts": [2, 4, 8],
+                   "granularities": [1, 2, 4], "expert_rules": ["fan_in", "width"], "steps": 200, "batch_size": 16,
+                   "eval_batches": 16},
+        "full": {"lr_exps": [-12, -11, -10, -9, -8, -7, -6, -5], "widths": [128, 256, 512, 1024, 2048],
+                 "experts": [4, 8, 16, 32], "granularities": [1, 2, 4, 8], "expert_rules": ["fan_in", "width"],
+                 "moe_expansion": 8, "moe_width": 256, "steps": 5000, "batch_size": 64, "seq_len": 256, "n_layers": 4,
+                 "vocab_size": 8192, "max_bytes": None, "eval_batches": 32},
+    }
 
-    def train_config(self, param: str, width: int, expansion: int, granularity: int, lr: float, param_kwargs: dict | None = None):
-        "One run: an MoE GPT (top-G, E·G experts) trained with `param` at `lr`."
-        from effworkbench.train import TrainConfig
-        model = GPTConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, d_model=width, n_layers=self.n_layers,
-                          n_heads=self.n_heads, ffn="moe", ffn_kwargs={"expansion": expansion, "granularity": granularity})
-        return TrainConfig(model=model, corpus=self.corpus, max_bytes=self.max_bytes, param=param,
-                           param_kwargs=param_kwargs or {}, lr=lr, steps=self.steps, batch_size=self.batch_size,
-                           warmup=max(1, self.steps // 10), eval_every=self.steps, eval_batches=self.eval_batches,
-                           log_every=max(1, self.steps // 10), ckpt_every=self.steps, seed=self.seed)
+# %% ../nbs/20_mup.ipynb #8035fdb0
+def lr_train_config(s: LRSettings, param: str, width: int, expansion: int, granularity: int, lr: float, param_kwargs: dict | None = None):
+    "One run of the sweeps: an MoE GPT (top-G, E·G experts) trained with `param` at `lr`."
+    from effworkbench.train import TrainConfig
+    model = GPTConfig(vocab_size=s.vocab_size, seq_len=s.seq_len, d_model=width, n_layers=s.n_layers,
+                      n_heads=s.n_heads, ffn="moe", ffn_kwargs={"expansion": expansion, "granularity": granularity})
+    return TrainConfig(model=model, corpus=s.corpus, max_bytes=s.max_bytes, param=param,
+                       param_kwargs=param_kwargs or {}, lr=lr, steps=s.steps, batch_size=s.batch_size,
+                       warmup=max(1, s.steps // 10), eval_every=s.steps, eval_batches=s.eval_batches,
+                       log_every=max(1, s.steps // 10), ckpt_every=s.steps, seed=s.seed)
 
-    def points(self) -> list[tuple[dict, Any]]:
-        "(labels, TrainConfig) of every point of the three sweeps; shared points appear under each sweep."
-        return sweep_points(self)
-
-# %% ../nbs/20_mup.ipynb #f680ebb8
-def sweep_points(sw: LRSweep) -> list[tuple[dict, Any]]:
-    "(labels, TrainConfig) of every point of the three sweeps of `sw`; shared points appear under each sweep."
-    lrs = [2.0 ** e for e in sw.lr_exps]
+def lr_points(s: LRSettings) -> list[tuple[dict, Any]]:
+    "(labels, TrainConfig) of every point of the three sweeps; shared points appear under each sweep."
+    lrs = [2.0 ** e for e in s.lr_exps]
     pts = [({"sweep": "width", "param": p, "expert_rule": "-" if p == "sp" else "fan_in"},
-            sw.train_config(p, w, sw.moe_expansion, 1, lr)) for p in sw.params for w in sw.widths for lr in lrs]
-    lrs = [2.0 ** e for e in (sw.moe_lr_exps or sw.lr_exps)]
-    pts += [({"sweep": "experts", "param": "mup", "expert_rule": "fan_in"}, sw.train_config("mup", sw.moe_width, E, 1, lr))
-            for E in sw.experts for lr in lrs]
+            lr_train_config(s, p, w, s.moe_expansion, 1, lr)) for p in s.params for w in s.widths for lr in lrs]
+    lrs = [2.0 ** e for e in (s.moe_lr_exps or s.lr_exps)]
+    pts += [({"sweep": "experts", "param": "mup", "expert_rule": "fan_in"}, lr_train_config(s, "mup", s.moe_width, E, 1, lr))
+            for E in s.experts for lr in lrs]
     pts += [({"sweep": "granularity", "param": "mup", "expert_rule": rule},          # at G = 1 the two rules agree
-             sw.train_config("mup", sw.moe_width, sw.moe_expansion, G, lr, {"expert_rule": rule if G > 1 else "fan_in"}))
-            for rule in sw.expert_rules for G in sw.granularities for lr in lrs]
+             lr_train_config(s, "mup", s.moe_width, s.moe_expansion, G, lr, {"expert_rule": rule if G > 1 else "fan_in"}))
+            for rule in s.expert_rules for G in s.granularities for lr in lrs]
     return pts
 
-# %% ../nbs/20_mup.ipynb #b7236595
-def sweep_table(points: Sequence[tuple[dict, Any]], runs: pd.DataFrame, store=None) -> pd.DataFrame:
-    "One tidy row per sweep point: its labels, width, experts, granularity, lr and final losses (NaN where a run failed)."
-    from effworkbench.store import RunStore
-    from effworkbench.train import train_run
-    store = store or RunStore()
-    by_key = runs.set_index("key")
+# %% ../nbs/20_mup.ipynb #71053788
+def train_results(ctx: Context, cfgs: Sequence, desc: str) -> list[dict | None]:
+    "The result of each training run, a unit of `ctx` (in parallel when it has workers); None where the run diverged."
+    from effworkbench.experiment import OutOfTime
+    from effworkbench.store import RunKeyError
+    from effworkbench.train import TrainingDiverged, train_run
+    if ctx.workers > 1:
+        try: ctx.units(train_run, list({ctx.store.key(train_run, c): c for c in cfgs}.values()), desc)   # each run once
+        except OutOfTime: raise
+        except RuntimeError: pass                               # a diverged run: None below
+    def one(c):
+        try: err = ctx.store.get(ctx.store.key(train_run, c)).error
+        except RunKeyError: err = None
+        if err and err.get("type") == "TrainingDiverged": return None       # stored as failed: not retried
+        try: return ctx.unit(train_run, c)
+        except TrainingDiverged: return None
+    return [one(c) for c in cfgs]
+
+def sweep_table(points: Sequence[tuple[dict, Any]], results: Sequence[dict | None]) -> pd.DataFrame:
+    "One tidy row per sweep point: its labels, width, experts, granularity, lr and final losses (NaN where a run diverged)."
     rows = []
-    for labels, c in points:
-        r = by_key.loc[store.key(train_run, c)]
-        ok, k = r.status == "done", c.model.ffn_kwargs
+    for (labels, c), r in zip(points, results):
+        k = c.model.ffn_kwargs
         rows.append({**labels, "width": c.model.d_model, "experts": k.get("expansion", 1), "granularity": k.get("granularity", 1),
-                     "lr": c.lr, "val_loss": r.get("result.val_loss") if ok else np.nan,
-                     "loss": r.get("result.loss") if ok else np.nan, "seconds": r.get("result._seconds", np.nan) if ok else np.nan,
-                     "status": r.status})
+                     "lr": c.lr, "val_loss": r["val_loss"] if r else np.nan, "loss": r["loss"] if r else np.nan,
+                     "seconds": r.get("_seconds", np.nan) if r else np.nan, "status": "done" if r else "failed"})
     return pd.DataFrame(rows)
 
-# %% ../nbs/20_mup.ipynb #a1b04714
+# %% ../nbs/20_mup.ipynb #4f1c98c1
 def optimal_lr(df: pd.DataFrame, by: Sequence[str], y: str = "val_loss") -> pd.DataFrame:
     "Per group of `by`: the best LR on the grid, and the vertex of a parabola in log₂ LR through it and its two neighbours."
     out = []
@@ -334,6 +348,22 @@ def optimal_lr(df: pd.DataFrame, by: Sequence[str], y: str = "val_loss") -> pd.D
         out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "best_lr": float(2 ** x[i]),
                     "opt_lr": float(2 ** fit), "best_loss": float(v[i]), "at_edge": i in (0, len(g) - 1)})
     return pd.DataFrame(out)
+
+# %% ../nbs/20_mup.ipynb #0982fab4
+@dataclass
+class MuPConfig(PresetConfig):
+    "The experiment: the coordinate checks (MoE and dense) and the LR sweeps (width transfer; experts and granularity under μP)."
+    preset: str = "smoke"
+    coord: CoordSettings = field(default_factory=CoordSettings)
+    lr: LRSettings = field(default_factory=LRSettings)
+    presets: ClassVar = {p: {"coord": CoordSettings.presets[p], "lr": LRSettings.presets[p]} for p in ("medium", "full")}
+
+@register_experiment("mup", MuPConfig, notebook="20_mup", prefix="mup")
+def run(cfg: MuPConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "Every model of the coordinate checks and every run of the LR sweeps a unit of the store: `coord`, `lr_transfer`, `lr_moe`."
+    pts = lr_points(cfg.lr)
+    table = sweep_table(pts, train_results(ctx, [c for _, c in pts], "μP LR sweeps"))
+    return {"coord": coord_table(cfg.coord, ctx), "lr_transfer": table[table.sweep == "width"], "lr_moe": table[table.sweep != "width"]}
 
 # %% ../nbs/20_mup.ipynb #3304b927
 def lr_panels(width_df: pd.DataFrame, moe_df: pd.DataFrame) -> pd.DataFrame:

@@ -195,25 +195,10 @@ def train_config(cfg: RLRSConfig, kind: str, lr: float, multipliers: dict | None
                        log_every=max(1, steps // 10), ckpt_every=steps, seed=seed)
 
 # %% ../nbs/21_rlrs.ipynb #cab0bb60
-def _loss(ctx: Context, cfg) -> float:
-    "Final validation loss of the run `cfg`, a unit of `ctx` (inf if it diverged: stored as failed, not retried)."
-    from effworkbench.store import RunKeyError
-    from effworkbench.train import TrainingDiverged, train_run
-    try: err = ctx.store.get(ctx.store.key(train_run, cfg)).error
-    except RunKeyError: err = None
-    if err and err.get("type") == "TrainingDiverged": return math.inf
-    try: return float(ctx.unit(train_run, cfg)["val_loss"])
-    except TrainingDiverged: return math.inf
-
 def _losses(ctx: Context, cfgs: Sequence, desc: str) -> list[float]:
-    "Final validation loss of each config, trained as units of `ctx` (in parallel when it has workers)."
-    from effworkbench.experiment import OutOfTime
-    from effworkbench.train import train_run
-    if ctx.workers > 1:
-        try: ctx.units(train_run, list(cfgs), desc)
-        except OutOfTime: raise
-        except RuntimeError: pass                           # a diverged run: its loss is inf below
-    return [_loss(ctx, c) for c in cfgs]
+    "Final validation loss of each config, trained as units of `ctx` (`train_results` of `20_mup`); inf where a run diverged."
+    from effworkbench.mup import train_results
+    return [float(r["val_loss"]) if r else math.inf for r in train_results(ctx, list(cfgs), desc)]
 
 def tune_eta(cfg: RLRSConfig, kind: str, ctx: Context) -> pd.DataFrame:
     "The uniform schedule's loss on the η grid: one row per η."

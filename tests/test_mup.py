@@ -11,8 +11,11 @@ import torch
 
 from effworkbench.core import ConfigError
 from effworkbench.nn.gpt import GPT, GPTConfig, make_parameterization
-from effworkbench.mup import (SLOPE_THRESHOLD, CoordCheck, LRSweep, MuP, MuPConfig, coord_data, coord_frame, coord_slopes, hp_table,
-                              lr_panels, max_growth, optimal_lr, plot_coord, plot_lr)
+from effworkbench.core import config_from
+from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, run_experiment
+from effworkbench.mup import (SLOPE_THRESHOLD, CoordSettings, LRSettings, MuP, MuPConfig, MuPOptions, coord_frame, coord_slopes, coord_table,
+                              hp_table, lr_panels, lr_points, max_growth, optimal_lr, plot_coord, plot_lr)
+from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, Trainer
 
 
@@ -165,8 +168,9 @@ def test_registered_in_a_fresh_process():
 
 
 @pytest.fixture(scope="module")
-def moe_coords():
-    return coord_data(CoordCheck())          # MoE, widths 64…512, 6 Adam steps, SP / μP / wip router
+def moe_coords(tmp_path_factory):
+    ctx = Context(RunStore(tmp_path_factory.mktemp("runs")))
+    return coord_table(CoordSettings(dense_widths=0), ctx)     # MoE, widths 64…512, 6 Adam steps, SP / μP / wip router
 
 
 def test_coordinate_check_mup_passes_sp_and_wip_router_fail(moe_coords):
@@ -182,8 +186,9 @@ def test_coordinate_check_mup_passes_sp_and_wip_router_fail(moe_coords):
     assert {"attn logits", "attn out", "ffn out", "router logits", "logits", "residual", "embedding"} <= set(s.quantity)
 
 
-def test_coordinate_check_dense():
-    d = coord_data(CoordCheck(ffn="dense", params=["sp", "mup"], widths=[64, 128, 256]))
+def test_coordinate_check_dense(tmp_path):
+    d = coord_table(CoordSettings(params=[], widths=[64, 128, 256], dense_widths=3), Context(RunStore(tmp_path)))
+    assert set(d.model) == {"dense"} and set(d.param) == {"sp", "mup"}
     assert "router logits" not in set(d.quantity)
     g = max_growth(coord_slopes(d))
     assert g["mup"] < SLOPE_THRESHOLD < g["sp"], g
@@ -209,16 +214,16 @@ def test_optimal_lr_and_sweep_points():
     assert o.best_lr == 2.0 ** -7 and np.log2(o.opt_lr) == pytest.approx(-6.6) and not o.at_edge
     edge = optimal_lr(df.assign(val_loss=-x), ["p"]).iloc[0]
     assert edge.at_edge and edge.best_lr == 2.0 ** -5
-    s = LRSweep()
-    pts = s.points()
+    s = LRSettings()
+    pts = lr_points(s)
     assert len(pts) == len(s.lr_exps) * (len(s.params) * len(s.widths) + len(s.experts) + len(s.granularities))
     labels = {(lab["sweep"], c.param, c.model.d_model, c.model.ffn_kwargs["expansion"], c.model.ffn_kwargs["granularity"])
               for lab, c in pts}
     assert ("granularity", "mup", 64, 4, 2) in labels and ("width", "sp", 32, 4, 1) in labels
-    m = LRSweep.for_preset("medium")
-    wide = [c for lab, c in m.points() if lab["sweep"] == "granularity" and lab["expert_rule"] == "width"]
+    m = LRSettings.for_preset("medium")
+    wide = [c for lab, c in lr_points(m) if lab["sweep"] == "granularity" and lab["expert_rule"] == "width"]
     assert all(c.param_kwargs["expert_rule"] == ("width" if c.model.ffn_kwargs["granularity"] > 1 else "fan_in") for c in wide)
-    assert all(set(c.param_kwargs) == set(MuPConfig.__dataclass_fields__) for c in wide)     # all options, defaults filled in
+    assert all(set(c.param_kwargs) == set(MuPOptions.__dataclass_fields__) for c in wide)     # all options, defaults filled in
 
 
 def test_lr_plot_and_panels():
@@ -248,3 +253,44 @@ def test_biases_keep_the_base_lr_under_mup(ffn):
         assert lr_of[id(p)] == pytest.approx(lr, rel=1e-12), n
     for n in ("blocks.0.attn.q.weight", "blocks.1.attn.o.weight"):
         assert lr_of[id(named(model)[n])] == pytest.approx(lr / m, rel=1e-12), n
+
+
+def test_equal_configs_give_equal_keys():
+    store = RunStore("/nonexistent-but-unused")
+    key = lambda c: store.key("experiment.mup", c)
+    a = EXPERIMENTS["mup"].config_for("medium")
+    b = EXPERIMENTS["mup"].config_for("medium", ["coord.lr=0.01", "lr.steps=200", "coord.expansion=4", "lr.moe_width=64"])
+    assert a == b and key(a) == key(b) and a.coord.widths[-1] == 1024 and a.lr.steps == 200
+    assert key(a) != key(EXPERIMENTS["mup"].config_for("medium", ["lr.steps=201"]))
+    assert config_from(MuPConfig, "medium", ["coord.steps=3"]).coord.widths == a.coord.widths      # an override keeps the rest
+
+
+TINY = ["coord.widths=[16, 32]", "coord.steps=2", "coord.params=['sp', 'mup']", "coord.dense_widths=1", "coord.seq_len=8",
+        "coord.batch_size=2", "coord.max_bytes=20000", "coord.n_heads=2", "lr.lr_exps=[-7]", "lr.widths=[16]", "lr.params=['mup']",
+        "lr.experts=[2]", "lr.granularities=[1]", "lr.steps=3", "lr.batch_size=2", "lr.seq_len=8", "lr.max_bytes=20000",
+        "lr.eval_batches=1", "lr.moe_width=16", "lr.n_heads=2"]
+
+
+def finished(store: RunStore) -> dict[str, int]:
+    return {r.key: r.result_file.stat().st_mtime_ns for r in store.runs()
+            if r.status == "done" and not r.record["fn"].startswith("experiment.")}
+
+
+def test_a_killed_experiment_resumes_without_recomputing(tmp_path, monkeypatch):
+    "The time budget runs out after two units; the same call finishes, no stored unit trained again."
+    store, cfg = RunStore(tmp_path), EXPERIMENTS["mup"].config_for("smoke", TINY)
+    checks, real = [], Context._check_time
+    def budget(self, what):
+        checks.append(what)
+        if len(checks) > 2: raise OutOfTime(f"time budget spent before {what}")
+        return real(self, what)
+    monkeypatch.setattr(Context, "_check_time", budget)
+    monkeypatch.setattr(Context, "units", lambda self, fn, cfgs, desc=None: [self.unit(fn, c) for c in cfgs])   # one check per unit
+    with pytest.raises(OutOfTime): run_experiment("mup", cfg, store=store)
+    first = finished(store)
+    assert len(first) == 2
+    monkeypatch.undo()
+    tables = run_experiment("mup", cfg, store=store)
+    after = finished(store)
+    assert {k: after[k] for k in first} == first and len(after) == 2 + 2 * 2 + 2   # LR runs (2) + MoE (2 × 2) + dense (SP, μP)
+    assert set(tables) == {"coord", "lr_transfer", "lr_moe"} and set(tables["coord"].model) == {"MoE", "dense"}

@@ -5,7 +5,7 @@ import pytest
 
 from effworkbench.core import ConfigError, config_from
 from effworkbench.moe.layers import MoEConfig
-from effworkbench.mup import MuPConfig
+from effworkbench.mup import MuPOptions
 from effworkbench.nn.gpt import GPTConfig
 from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, train_run
@@ -40,7 +40,7 @@ def test_different_models_give_different_keys():
 
 def test_the_resolved_config_is_what_is_stored():
     c = TrainConfig(model=GPTConfig(**MODEL, ffn="moe"), param="mup")
-    assert c.model.ffn_kwargs == MoEConfig().__dict__ and c.param_kwargs == MuPConfig().__dict__
+    assert c.model.ffn_kwargs == MoEConfig().__dict__ and c.param_kwargs == MuPOptions().__dict__
     assert TrainConfig(**c.to_dict()).to_dict() == c.to_dict()                 # rebuilt from its own dict: a fixed point
     dotted = config_from(TrainConfig, "smoke", ["model.ffn=moe", "model.ffn_kwargs.expansion=4", "param=mup",
                                                  "param_kwargs.base_width=64"])
