@@ -29,9 +29,9 @@ import torch
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_INFO', 'project_root', 'runs_dir', 'data_dir', 'cache_dir', 'results_dir', 'get_device',
            'autocast_dtype', 'autocast', 'set_seed', 'PresetInfo', 'ConfigError', 'check_preset', 'PresetConfig',
-           'source_entry_points', 'Registry', 'read_config_file', 'parse_set', 'apply_sets', 'coerce_text',
-           'config_from', 'dist_rank', 'is_quiet', 'progress', 'git_info', 'device_name', 'env_report', 'save_table',
-           'load_table']
+           'source_entry_points', 'RegistryEntryPoints', 'Registry', 'read_config_file', 'parse_set', 'apply_sets',
+           'coerce_text', 'config_from', 'dist_rank', 'is_quiet', 'progress', 'git_info', 'device_name', 'env_report',
+           'save_table', 'load_table']
 
 # %% ../nbs/00_core.ipynb #96fea712
 def project_root(start: str | Path | None = None) -> Path:
@@ -207,25 +207,9 @@ def source_entry_points() -> dict[str, dict[str, str]]:
     if project.get("name") != "effworkbench": return {}
     return {g: dict(v) for g, v in project.get("entry-points", {}).items()}
 
-# %% ../nbs/00_core.ipynb #26abd067
-class Registry(Mapping):
-    "Named implementations of one kind, filled by `register` and, on first lookup of a missing name, by entry points."
-    def __init__(self, kind: str, group: str | None = None):
-        self.kind, self.group = kind, group or f"effworkbench.{kind}"
-        self._items: dict[str, Any] = {}
-        self._failed: dict[str, str] = {}        # entry point name -> why its module could not be imported
-
-    def register(self, name: str, obj: Any = None):
-        "Register `obj` as `name`; without `obj`, a decorator. A different object under a taken name raises `ConfigError`."
-        def deco(o):
-            old = self._items.get(name)
-            if old is not None and old is not o and _qualname(old) != _qualname(o):
-                raise ConfigError(f"{self.kind} {name!r} is already registered ({_qualname(old)}); "
-                                  f"{_qualname(o)} cannot take the name: choose another")
-            self._items[name] = o
-            return o
-        return deco if obj is None else deco(obj)
-
+# %% ../nbs/00_core.ipynb #6a5c273b
+class RegistryEntryPoints:
+    "How a registry finds what it was not told: the modules named by the entry points of its group, imported once."
     def _entry_points(self, name: str | None = None) -> dict[str, str]:
         "name → `module[:attr]` of the group: installed packages' entry points, this checkout's pyproject.toml over them."
         from importlib.metadata import entry_points
@@ -244,6 +228,25 @@ class Registry(Mapping):
                 self._failed[ep] = f"{value}: {e}"; continue
             for a in filter(None, attr.strip().split(".")): obj = getattr(obj, a)
             if ep not in self._items and not isinstance(obj, types.ModuleType): self.register(ep, obj)
+
+# %% ../nbs/00_core.ipynb #032507c2
+class Registry(RegistryEntryPoints, Mapping):
+    "Named implementations of one kind, filled by `register` and, on first lookup of a missing name, by entry points."
+    def __init__(self, kind: str, group: str | None = None):
+        self.kind, self.group = kind, group or f"effworkbench.{kind}"
+        self._items: dict[str, Any] = {}
+        self._failed: dict[str, str] = {}        # entry point name -> why its module could not be imported
+
+    def register(self, name: str, obj: Any = None):
+        "Register `obj` as `name`; without `obj`, a decorator. A different object under a taken name raises `ConfigError`."
+        def deco(o):
+            old = self._items.get(name)
+            if old is not None and old is not o and _qualname(old) != _qualname(o):
+                raise ConfigError(f"{self.kind} {name!r} is already registered ({_qualname(old)}); "
+                                  f"{_qualname(o)} cannot take the name: choose another")
+            self._items[name] = o
+            return o
+        return deco if obj is None else deco(obj)
 
     def __getitem__(self, name: str):
         if name not in self._items: self._load(name)
@@ -265,6 +268,7 @@ class Registry(Mapping):
         return iter(sorted(self._items))
 
     def __len__(self) -> int: return len(list(iter(self)))
+
     def __repr__(self): return f"Registry({self.kind!r}: {', '.join(self)})"
 
 # %% ../nbs/00_core.ipynb #52c67732
