@@ -24,6 +24,25 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
+
+def _foreign_bases() -> str:
+    """Names of the classes outside effworkbench that its classes derive from (torch's Module, Mapping, Exception, ...).
+    A class built from the workbench's own small classes (`Run` from `RunFiles`, `RunRecord`, ...; `Trainer`; `Explorer`)
+    shows the members it inherits from them; members inherited from these foreign bases stay out of the reference."""
+    import importlib, inspect, pkgutil
+    import effworkbench
+    names = {"object"}
+    for m in pkgutil.walk_packages(effworkbench.__path__, "effworkbench."):
+        try: mod = importlib.import_module(m.name)
+        except Exception: continue          # an optional dependency missing: autodoc reports that module itself
+        for obj in vars(mod).values():
+            if inspect.isclass(obj) and obj.__module__.startswith("effworkbench"):
+                names |= {b.__name__ for b in obj.__mro__[1:] if not b.__module__.startswith("effworkbench")}
+    return ",".join(sorted(names))
+
+
+autodoc_default_options = {"inherited-members": _foreign_bases()}
+
 # MathJax 2 from the jupyter-server-mathjax wheel, copied to _static/mathjax by build_site (a path relative to _static)
 mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
 mathjax2_config = {
