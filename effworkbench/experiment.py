@@ -99,11 +99,10 @@ def get_experiment(name: str | Experiment) -> Experiment:
     "An experiment by name (or itself)."
     return name if isinstance(name, Experiment) else EXPERIMENTS[name]
 
-def _experiment_fn(exp: Experiment):
-    "The store's run function of an experiment: its run key is `experiment.<name>` plus the resolved config."
+def _experiment_fn(exp: Experiment, ctx: Context | None = None):
+    "The store's run function of an experiment, working through `ctx`: its run key is `experiment.<name>` plus the config."
     @run_function(f"experiment.{exp.name}")
     def run_it(cfg, run: Run) -> dict:
-        ctx = _ACTIVE_CONTEXT
         tables = exp.run(cfg, ctx)
         if not isinstance(tables, dict) or not all(isinstance(v, pd.DataFrame) for v in tables.values()):
             raise TypeError(f"experiment {exp.name}: run(cfg, ctx) must return a dict of DataFrames")
@@ -111,23 +110,18 @@ def _experiment_fn(exp: Experiment):
         return {"tables": sorted(tables), "rows": {k: len(v) for k, v in tables.items()}, "units": ctx.keys}
     return run_it
 
-_ACTIVE_CONTEXT: Context | None = None
-
 def run_experiment(name: str | Experiment, cfg: Any = None, store: RunStore | None = None, workers: int = 1,
                    max_minutes: float | None = None, rerun: bool = False, log: Callable[[str], None] | None = None
                    ) -> dict[str, pd.DataFrame]:
     "Run experiment `name` on `cfg` (default: its smoke config) through the store; returns its tables (stored ones if done)."
-    global _ACTIVE_CONTEXT
     exp = get_experiment(name)
     cfg = exp.config_for("smoke") if cfg is None else cfg
     if not isinstance(cfg, exp.config):
         raise ConfigError(f"experiment {exp.name} takes a {exp.config.__name__}, not {type(cfg).__name__}")
     store = store or RunStore()
     preset = getattr(cfg, "preset", "smoke")
-    fn = _experiment_fn(exp)
-    _ACTIVE_CONTEXT = Context(store, preset, workers, max_minutes, log)
-    try: store.run(fn, cfg, rerun=rerun, preset=preset)
-    finally: _ACTIVE_CONTEXT = None
+    fn = _experiment_fn(exp, Context(store, preset, workers, max_minutes, log))
+    store.run(fn, cfg, rerun=rerun, preset=preset)
     return store.get(store.key(fn, cfg)).tables()
 
 def experiment_run(name: str | Experiment, cfg: Any, store: RunStore | None = None) -> Run:

@@ -17,6 +17,7 @@ from effworkbench.mup import (SLOPE_THRESHOLD, CoordSettings, LRSettings, MuP, M
                               hp_table, lr_panels, lr_points, max_growth, optimal_lr, plot_coord, plot_lr)
 from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, Trainer
+from tests_common import finished_units, spend_budget_after
 
 
 def cfg(d, ffn="moe", G=2, E=4, **kw):
@@ -271,26 +272,15 @@ TINY = ["coord.widths=[16, 32]", "coord.steps=2", "coord.params=['sp', 'mup']", 
         "lr.eval_batches=1", "lr.moe_width=16", "lr.n_heads=2"]
 
 
-def finished(store: RunStore) -> dict[str, int]:
-    return {r.key: r.result_file.stat().st_mtime_ns for r in store.runs()
-            if r.status == "done" and not r.record["fn"].startswith("experiment.")}
-
-
 def test_a_killed_experiment_resumes_without_recomputing(tmp_path, monkeypatch):
     "The time budget runs out after two units; the same call finishes, no stored unit trained again."
     store, cfg = RunStore(tmp_path), EXPERIMENTS["mup"].config_for("smoke", TINY)
-    checks, real = [], Context._check_time
-    def budget(self, what):
-        checks.append(what)
-        if len(checks) > 2: raise OutOfTime(f"time budget spent before {what}")
-        return real(self, what)
-    monkeypatch.setattr(Context, "_check_time", budget)
-    monkeypatch.setattr(Context, "units", lambda self, fn, cfgs, desc=None: [self.unit(fn, c) for c in cfgs])   # one check per unit
+    spend_budget_after(monkeypatch, 2, one_check_per_unit=True)
     with pytest.raises(OutOfTime): run_experiment("mup", cfg, store=store)
-    first = finished(store)
+    first = finished_units(store, None)
     assert len(first) == 2
     monkeypatch.undo()
     tables = run_experiment("mup", cfg, store=store)
-    after = finished(store)
+    after = finished_units(store, None)
     assert {k: after[k] for k in first} == first and len(after) == 2 + 2 * 2 + 2   # LR runs (2) + MoE (2 × 2) + dense (SP, μP)
     assert set(tables) == {"coord", "lr_transfer", "lr_moe"} and set(tables["coord"].model) == {"MoE", "dense"}

@@ -10,12 +10,13 @@ import torch
 from effworkbench.core import ConfigError, load_table
 from effworkbench.nn.gpt import GPT, GPTConfig, GROUPS, make_parameterization, param_groups
 from effworkbench.core import config_from
-from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, publish, run_experiment
+from effworkbench.experiment import EXPERIMENTS, OutOfTime, publish, run_experiment
 from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, KindTuning, RelativeLR, RLRSConfig, Search, Tuned, committed_tuning,
                                coordinate_search, final_multipliers, relative_group, relative_lr, speedups, steps_to_reach,
                                train_config, tuned_multipliers)
 from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, Trainer, lr_at
+from tests_common import finished_units, spend_budget_after
 
 
 def trainer(ffn="moe", param_kwargs=None, schedule="cosine", steps=17, warmup=4, d=64):
@@ -171,32 +172,21 @@ TINY = ["small.width=16", "small.steps=3", "large.width=16", "large.steps=4", "n
         "search.moves=[0.2, 5.0]", "seeds=[1]", "kinds=['dense']"]
 
 
-def finished(store: RunStore) -> dict[str, int]:
-    "key → mtime of result.json of every finished unit (train_run) in the store."
-    return {r.key: r.result_file.stat().st_mtime_ns for r in store.runs()
-            if r.status == "done" and r.record["fn"] == "effworkbench.train.train_run"}
-
-
 def test_a_killed_experiment_resumes_without_recomputing(tmp_path, monkeypatch):
     "The time budget runs out after the η sweep; the same call then finishes, reading back every stored unit."
     store, cfg = RunStore(tmp_path), EXPERIMENTS["rlrs"].config_for("smoke", TINY)
-    checks, real = [], Context._check_time
-    def budget(self, what):                      # a budget that is spent once two batches of units have started
-        checks.append(what)
-        if len(checks) > 2: raise OutOfTime(f"time budget spent before {what}")
-        return real(self, what)
-    monkeypatch.setattr(Context, "_check_time", budget)
+    spend_budget_after(monkeypatch, 2)           # spent once two batches of units have started
     with pytest.raises(OutOfTime): run_experiment("rlrs", cfg, store=store)
-    first = finished(store)
+    first = finished_units(store)
     assert 1 <= len(first) < 1 + 1 + 2 + 2               # some units stored, not all (η, start, 2 moves, 2 reuse)
-    monkeypatch.setattr(Context, "_check_time", real)
+    monkeypatch.undo()
     tables = run_experiment("rlrs", cfg, store=store)
-    after = finished(store)
+    after = finished_units(store)
     assert {k: after[k] for k in first} == first          # no stored unit was computed again
     assert set(tables) == {"eta", "search", "tuned", "reuse"} and len(after) > len(first)
     assert set(tables["reuse"].schedule) == {"uniform", "tuned"}
     again = run_experiment("rlrs", cfg, store=store)       # finished: the stored tables, nothing trained
-    assert finished(store) == after and again["tuned"].equals(tables["tuned"])
+    assert finished_units(store) == after and again["tuned"].equals(tables["tuned"])
 
 
 @pytest.mark.filterwarnings("ignore:.*the checkout is")   # publish from a dirty test checkout
@@ -204,7 +194,7 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
     store = RunStore(tmp_path)
     cfg = EXPERIMENTS["rlrs"].config_for("smoke", TINY + ["tuned.dense.eta=0.0078125", "tuned.dense.multipliers.head=(2.0, 0.5)"])
     tables = run_experiment("rlrs", cfg, store=store)
-    assert set(tables) == {"tuned", "reuse"} and len(finished(store)) == 2       # only the two reuse runs
+    assert set(tables) == {"tuned", "reuse"} and len(finished_units(store)) == 2       # only the two reuse runs
     t = tables["tuned"].set_index("group")
     assert (t.loc["head", "r"], t.loc["head", "f"]) == (2.0, 0.5) and "router" not in t.index
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))

@@ -6,13 +6,14 @@ import pytest
 
 from effworkbench.scaling.laws import PUBLISHED_DENSE, PUBLISHED_MOE, JointLaw, ModelShape
 from effworkbench.core import config_from
-from effworkbench.experiment import EXPERIMENTS, Context, OutOfTime, publish, run_experiment
+from effworkbench.experiment import EXPERIMENTS, OutOfTime, publish, run_experiment
 from effworkbench.scaling.joint import JointConfig, fit_joint, memory_grid
 from effworkbench.scaling.granularity import (FitSettings, GranularityConfig, ScalingGrid, family_flops, fit_granularity_law,
                                               fits_from_tables, granularity_fits, grid_points, points_table)
 from effworkbench.store import RunStore
 from effworkbench.sweep import sweep
 from effworkbench.train import train_run
+from tests_common import finished_units, spend_budget_after
 
 
 def test_points_table_turns_branches_into_points(tmp_path):
@@ -114,11 +115,6 @@ TINY = ["grid.widths=[16, 32]", "grid.steps=4", "grid.branches=[2]", "grid.warmu
         "grid.max_bytes=20000", "grid.eval_batches=1", "grid.n_heads=2", "fit.max_starts=2", "fit.n_boot=0"]
 
 
-def finished(store: RunStore) -> dict[str, int]:
-    return {r.key: r.result_file.stat().st_mtime_ns for r in store.runs()
-            if r.status == "done" and r.record["fn"] == "effworkbench.train.train_run"}
-
-
 @pytest.mark.filterwarnings("ignore:.*the checkout is")   # publish from a dirty test checkout
 @pytest.mark.parametrize("name,extra", [("scaling.granularity", ["grid.granularities=[1, 2]", "grid.expansions=[2]"]),
                                         ("scaling.joint", ["grid.expansions=[2]"])])
@@ -126,19 +122,13 @@ def test_a_killed_sweep_resumes_without_recomputing(tmp_path, monkeypatch, name,
     "The time budget runs out after some units (serially, one unit per check); the same call finishes, nothing retrained."
     store, cfg = RunStore(tmp_path), EXPERIMENTS[name].config_for("smoke", TINY + extra)
     n = len(grid_points(cfg.grid))
-    checks, real = [], Context._check_time
-    def budget(self, what):
-        checks.append(what)
-        if len(checks) > 2: raise OutOfTime(f"time budget spent before {what}")
-        return real(self, what)
-    monkeypatch.setattr(Context, "_check_time", budget)
-    monkeypatch.setattr(Context, "units", lambda self, fn, cfgs, desc=None: [self.unit(fn, c) for c in cfgs])   # one check per unit
+    spend_budget_after(monkeypatch, 2, one_check_per_unit=True)
     with pytest.raises(OutOfTime): run_experiment(name, cfg, store=store)
-    first = finished(store)
+    first = finished_units(store)
     assert len(first) == 2 < n
     monkeypatch.undo()
     tables = run_experiment(name, cfg, store=store)
-    after = finished(store)
+    after = finished_units(store)
     assert {k: after[k] for k in first} == first and len(after) == n
     assert len(tables["sweep"]) == n * 2 and set(tables) == {"sweep", "fit", "errors"}
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))

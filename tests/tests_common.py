@@ -16,3 +16,22 @@ def trainer_cfg(parallel: str, moe: bool = False, **kw):
     if moe:   # the load-balancing loss is not a mean over tokens, so ranks' means would not average to it: off
         model.update(ffn="moe", ffn_kwargs={"expansion": 4, "top_k": 2, "backend": "torch", "lb_weight": 0.0})
     return TrainConfig(model=model, batch_size=8, micro_batch=2, warmup=1, eval_batches=1, device="cpu", parallel=parallel, **kw)
+
+
+def finished_units(store, fn: str | None = "effworkbench.train.train_run") -> dict[str, int]:
+    "key → mtime of result.json of every finished unit of `store` (runs of `fn`; None: every run but experiments)."
+    return {r.key: r.result_file.stat().st_mtime_ns for r in store.runs() if r.status == "done"
+            and (r.record["fn"] == fn if fn else not r.record["fn"].startswith("experiment."))}
+
+
+def spend_budget_after(monkeypatch, n: int, one_check_per_unit: bool = False):
+    "Make an experiment's time budget run out at its (n+1)-th deadline check (`monkeypatch.undo()` restores it)."
+    from effworkbench.experiment import Context, OutOfTime
+    checks, real = [], Context._check_time
+    def budget(self, what):
+        checks.append(what)
+        if len(checks) > n: raise OutOfTime(f"time budget spent before {what}")
+        return real(self, what)
+    monkeypatch.setattr(Context, "_check_time", budget)
+    if one_check_per_unit:   # units one at a time, so each unit is one check
+        monkeypatch.setattr(Context, "units", lambda self, fn, cfgs, desc=None: [self.unit(fn, c) for c in cfgs])
