@@ -21,17 +21,17 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRESETS', 'PRESET_INFO', 'project_root', 'runs_dir', 'data_dir', 'cache_dir', 'results_dir', 'get_device',
-           'autocast_dtype', 'autocast', 'set_seed', 'PresetInfo', 'ConfigError', 'check_preset', 'PresetConfig',
-           'source_entry_points', 'RegistryEntryPoints', 'Registry', 'read_config_file', 'parse_set', 'apply_sets',
-           'coerce_text', 'config_from', 'dist_rank', 'is_quiet', 'progress', 'git_info', 'device_name', 'env_report',
-           'save_table', 'load_table']
+__all__ = ['PRESETS', 'PRESET_INFO', 'PARAM_ROLES', 'project_root', 'runs_dir', 'data_dir', 'cache_dir', 'results_dir',
+           'get_device', 'autocast_dtype', 'autocast', 'set_seed', 'PresetInfo', 'ConfigError', 'check_preset',
+           'PresetConfig', 'source_entry_points', 'RegistryEntryPoints', 'Registry', 'read_config_file', 'parse_set',
+           'apply_sets', 'coerce_text', 'config_from', 'ParamCounts', 'count_params', 'transformer_flops', 'dist_rank',
+           'is_quiet', 'progress', 'git_info', 'device_name', 'env_report', 'save_table', 'load_table']
 
 # %% ../nbs/00_core.ipynb #96fea712
 def project_root(start: str | Path | None = None) -> Path:
@@ -360,6 +360,72 @@ def config_from(cls: type, preset: str | None = None, sets: Sequence[str] = (), 
     d.pop("preset", None)
     if not isinstance(preset, str): raise ConfigError(f"preset={preset!r}: choose one of smoke, medium, full")
     return cls.for_preset(preset, **coerce_text(cls, d))
+
+# %% ../nbs/00_core.ipynb #33fd1e35
+PARAM_ROLES = ("embedding", "attention", "experts", "router", "other")
+
+@dataclass(frozen=True)
+class ParamCounts:
+    "Stored parameters by role (see the table above); `active_experts`: -1 = all experts run (dense), None = not known yet."
+    embedding: float = 0
+    attention: float = 0
+    experts: float = 0
+    router: float = 0
+    other: float = 0
+    active_experts: float | None = -1
+    def __post_init__(self):
+        if self.active_experts == -1: object.__setattr__(self, "active_experts", self.experts)
+    @property
+    def total(self) -> float: return self.embedding + self.attention + self.experts + self.router + self.other
+    @property
+    def non_embedding(self) -> float: return self.total - self.embedding
+    @property
+    def active(self) -> float | None:
+        "Non-embedding parameters one token runs: attention + router + other + the active experts."
+        return None if self.active_experts is None else self.non_embedding - self.experts + self.active_experts
+    def excluding(self, *roles: str) -> ParamCounts:
+        "These counts with `roles` set to 0 (active experts too, for `experts`)."
+        if bad := set(roles) - set(PARAM_ROLES): raise ConfigError(f"unknown role(s) {sorted(bad)}: roles are {PARAM_ROLES}")
+        act = 0 if "experts" in roles else self.active_experts
+        return dataclasses.replace(self, **dict.fromkeys(roles, 0), active_experts=act)
+    def __add__(self, o: ParamCounts) -> ParamCounts:
+        act = None if None in (self.active_experts, o.active_experts) else self.active_experts + o.active_experts
+        return ParamCounts(**{r: getattr(self, r) + getattr(o, r) for r in PARAM_ROLES}, active_experts=act)
+    def __mul__(self, n: float) -> ParamCounts:                   # n identical layers
+        return ParamCounts(**{r: getattr(self, r) * n for r in PARAM_ROLES},
+                           active_experts=None if self.active_experts is None else self.active_experts * n)
+    __rmul__ = __mul__
+    def __getitem__(self, name: str) -> float | None:
+        if (d := self.as_dict()) and name not in d: raise KeyError(f"{name!r}: counts are {list(d)}")
+        return d[name]
+    def as_dict(self) -> dict[str, float | None]:
+        "Every role and derived count by name."
+        return {**{r: getattr(self, r) for r in PARAM_ROLES}, "active_experts": self.active_experts, "total": self.total,
+                "non_embedding": self.non_embedding, "active": self.active}
+
+# %% ../nbs/00_core.ipynb #0dc5b03d
+def count_params(model: torch.nn.Module, role_of: Callable[[torch.nn.Module], str | None] | None = None) -> ParamCounts:
+    """The stored parameters of a built `model` by role, a tensor shared by two modules (tied weights) counted once.
+    A parameter's role is its module's: `role_of(module)` when given and not None, else the module's `param_role`, else
+    `embedding` for an `nn.Embedding`, else the role of the module above it (`other` at the top). With a router, which
+    experts run depends on the tokens: `active_experts` is None (the model's analytic counter knows k)."""
+    totals, seen = dict.fromkeys(PARAM_ROLES, 0), set()
+    def walk(mod: torch.nn.Module, inherited: str):
+        own = ((role_of(mod) if role_of else None) or getattr(mod, "param_role", None)
+               or ("embedding" if isinstance(mod, torch.nn.Embedding) else inherited))
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen: continue
+            seen.add(id(p))
+            if own not in totals: raise ConfigError(f"{type(mod).__name__}.{name}: role {own!r} is not one of {PARAM_ROLES}")
+            totals[own] += p.numel()
+        for child in mod.children(): walk(child, own)
+    walk(model, "other")
+    return ParamCounts(**totals, active_experts=None if totals["router"] else -1)
+
+def transformer_flops(matmul_active: float, n_layers: int, seq_len: int, d_model: int, training: bool = False) -> float:
+    "FLOPs per token: 2·(matmul weights a token runs) + 4·L·T·d (attention scores); training = 3 × forward."
+    fwd = 2 * matmul_active + 4 * n_layers * seq_len * d_model
+    return 3 * fwd if training else fwd
 
 # %% ../nbs/00_core.ipynb #33b37804
 def dist_rank() -> int:

@@ -157,8 +157,8 @@ def test_dynamic_k_flops_count_what_ran(tau, sharpen, act):
     c = GPTConfig(**base, ffn="moe", ffn_kwargs={**kw, "routing": "dynamic_k", "tau": tau, "backend": "loop"})
     with pytest.raises(ConfigError, match="experts_per_token"):            # not defined by the config alone
         flops_per_token(c)
-    assert param_counts(c)["matmul_active"] is None and param_counts(c)["total"] == param_counts(
-        GPTConfig(**base, ffn="moe", ffn_kwargs=kw))["total"]
+    assert param_counts(c).active is None and param_counts(c).total == param_counts(
+        GPTConfig(**base, ffn="moe", ffn_kwargs=kw)).total
     torch.manual_seed(1)
     m = GPT(c).eval()
     with torch.no_grad():
@@ -169,7 +169,8 @@ def test_dynamic_k_flops_count_what_ran(tau, sharpen, act):
     assert e != kw["granularity"] * kw["top_k"]                              # the k-count would be wrong here
     assert flops_per_token(c, experts_per_token=e) == pytest.approx(brute, rel=1e-6)
     # the per-token active parameters agree: 2·N_active = FLOPs less attention's T×T products
-    assert 2 * param_counts(c, experts_per_token=e)["matmul_active"] == pytest.approx(brute - 4 * 2 * 16 * 32, rel=1e-6)
+    mm = param_counts(c, experts_per_token=e, matmul_only=True)          # embedding: the head's V·d
+    assert 2 * (mm.active + mm.embedding) == pytest.approx(brute - 4 * 2 * 16 * 32, rel=1e-6)
     top = GPTConfig(**base, ffn="moe", ffn_kwargs={**kw, "backend": "loop"})   # token choice: k ran, the default count holds
     torch.manual_seed(1)
     mt = GPT(top).eval()

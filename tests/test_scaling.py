@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import effworkbench.moe.layers  # noqa: F401  registers the `moe` FFN
-from effworkbench.nn.gpt import GPT, GPTConfig, flops_per_token
+from effworkbench.nn.gpt import GPT, GPTConfig, flops_per_token, param_counts
 from effworkbench.scaling.laws import (PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedSpec, JointLaw, JointSpec,
                                   ModelShape, bootstrap, compute_optimal, dense_equivalent_flops, e_hat, fit_law,
                                   joint_lr_rule, joint_optimum, rmse_log, synthetic_runs, total_over_active)
@@ -40,16 +40,16 @@ def test_cost_model_matches_the_model_class(ffn, kw, act):
     s = ModelShape.from_gpt(cfg)
     p = s.params()
     allocated = sum(q.numel() for n, q in GPT(cfg).named_parameters() if "norm" not in n)
-    assert p["total"] + p["router"] + p["embedding"] == allocated
+    assert p.total == allocated and p == param_counts(cfg).excluding("other")
     assert s.flops_per_token() == pytest.approx(flops_per_token(cfg, training=True), rel=1e-12)
     assert s.memory_bytes("training") == 8 * s.memory_bytes("inference")
-    if ffn == "dense": assert p["total"] == p["active"]
+    if ffn == "dense": assert p.non_embedding == p.active and s.law_params.router == 0
 
 
 def test_total_over_active_matches_shapes():
     for E in (1, 2, 8, 32):
         s = ModelShape(d=64, n_blocks=2, expansion=E)
-        assert s.params()["total"] / s.params()["active"] == pytest.approx(total_over_active(E))
+        assert s.law_params.non_embedding / s.law_params.active == pytest.approx(total_over_active(E))
 
 
 def test_fine_grained_fit_recovers_planted_coefficients():

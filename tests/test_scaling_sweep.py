@@ -31,7 +31,7 @@ def test_points_table_turns_branches_into_points(tmp_path):
         m = store.get(store.key(train_run, c)).metrics().dropna(subset=["branch_val_loss"])
         assert sorted(m.branch_val_loss) == sorted(rows.val_loss.iloc[:2])
         s = ModelShape.from_gpt(c.model)
-        assert (rows.flops == rows.D * s.flops_per_token()).all() and (rows.N == s.params()["total"]).all()
+        assert (rows.flops == rows.D * s.flops_per_token()).all() and (rows.N == s.law_params.non_embedding).all()
     assert set(t.kind) == {"dense", "moe"}
 
 
@@ -60,7 +60,7 @@ def test_family_flops_inverts_the_shape():
     sw = GranularityConfig.for_preset("medium").grid
     for labels, c in grid_points(sw):
         s = ModelShape.from_gpt(c.model)
-        assert family_flops(sw, labels["E"])(s.params()["total"], labels["G"]) == pytest.approx(s.flops_per_token(), rel=1e-9)
+        assert family_flops(sw, labels["E"])(s.law_params.non_embedding, labels["G"]) == pytest.approx(s.flops_per_token(), rel=1e-9)
 
 
 @pytest.mark.parametrize("delta,moe_should_win", [(-0.3, True), (0.6, False)])

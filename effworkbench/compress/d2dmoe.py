@@ -28,11 +28,11 @@ from ..store import Run, RunStore, run_function
 from ..train import TrainConfig, Trainer, load_model, load_weights, save_weights, train_run
 
 # %% auto #0
-__all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerFFN', 'build_hoyer_ffn', 'relufy', 'activation_density', 'balanced_kmeans',
-           'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'dynamic_k_slots', 'compact_slots',
-           'DynamicKMLP', 'collect_inputs', 'distill_mlp', 'converted_names', 'dynamic_k_model', 'dynamic_k_skeleton',
-           'set_routing', 'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed', 'D2DMoEConfig',
-           'SparsifyUnit', 'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified',
+__all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerConfig', 'HoyerFFN', 'build_hoyer_ffn', 'relufy', 'activation_density',
+           'balanced_kmeans', 'split_experts', 'NormRouter', 'expert_norms', 'train_router', 'dynamic_k_slots',
+           'compact_slots', 'DynamicKMLP', 'collect_inputs', 'distill_mlp', 'converted_names', 'dynamic_k_model',
+           'dynamic_k_skeleton', 'set_routing', 'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed',
+           'D2DMoEConfig', 'SparsifyUnit', 'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified',
            'stored_conversion', 'mean_loss', 'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit',
            'sparsify_units', 'convert_units', 'run', 'frontier', 'plot_tau']
 
@@ -41,12 +41,17 @@ def hoyer(a: torch.Tensor) -> torch.Tensor:
     "Hoyer measure per row, scaled to (0, 1]: ‖a‖₁² / (‖a‖₂² · n); 1/n for a one-hot row, 1 for a constant one. (..., n) → (...)."
     return a.abs().sum(-1).pow(2) / a.pow(2).sum(-1).clamp_min(1e-12) / a.shape[-1]
 
+@dataclass
+class HoyerConfig:
+    "Options of the `hoyer_relu` FFN (its size is `GPTConfig.d_ff`)."
+    hoyer: float = 0.0           # λ: weight of the Hoyer sparsity penalty in the loss (split over the L layers)
+
 class HoyerFFN(DenseFFN):
     "The dense FFN with ReLU, y = W_out relu(W_in x), adding λ/L · mean_tokens Hoyer(a) to the loss and recording its activation density."
     def __init__(self, cfg: GPTConfig):
         if cfg.act != "relu": raise ConfigError(f"the Hoyer FFN is a ReLU FFN: use act='relu' (got {cfg.act!r})")
         super().__init__(cfg)
-        self.weight = float(cfg.ffn_kwargs.get("hoyer", 0.0)) / cfg.n_layers
+        self.weight = HoyerConfig(**cfg.ffn_kwargs).hoyer / cfg.n_layers
         self.aux_loss: dict[str, torch.Tensor] = {}
         self.density = torch.tensor(float("nan"))
     def forward(self, x):                                          # (B, T, d)
@@ -55,7 +60,7 @@ class HoyerFFN(DenseFFN):
         self.density = (a > 0).float().mean().detach()             # share of non-zero activations
         return self.w_out(a)
 
-@register_ffn("hoyer_relu")
+@register_ffn("hoyer_relu", config=HoyerConfig)
 def build_hoyer_ffn(cfg: GPTConfig, layer: int) -> HoyerFFN:
     "`GPTConfig(act='relu', ffn='hoyer_relu', ffn_kwargs={'hoyer': λ})`."
     return HoyerFFN(cfg)

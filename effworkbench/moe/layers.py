@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, PresetConfig, Registry
+from ..core import ConfigError, ParamCounts, PresetConfig, Registry
 from ..experiment import Context, register_experiment
 from ..nn.gpt import GLinear, GPTConfig, register_ffn
 from ..train import TrainConfig, train_run
@@ -261,15 +261,15 @@ class MoEFFN(nn.Module):
         return y.reshape(B, T, -1)
 
 # %% ../../nbs/12_moe.layers.ipynb #678bec8c
-def _moe_param_counts(cfg: GPTConfig, experts_per_token: float | None = None) -> tuple[int, float | None]:
-    "(stored, active matmul weights per token) of one MoE FFN; active = e experts + router, e measured if given, else k (dynamic-k: None)."
+def _moe_param_counts(cfg: GPTConfig, experts_per_token: float | None = None, matmul_only: bool = False) -> ParamCounts:
+    "One MoE FFN by role: every expert stored, the router, and the experts a token runs (e measured if given, else k; dynamic-k: None)."
     m = MoEConfig.from_gpt(cfg)
-    per_expert = (3 if cfg.act == "swiglu" else 2) * cfg.d_model * m.expert_size(cfg)
-    router = cfg.d_model * m.n_experts
-    if experts_per_token is None and m.routing == "dynamic_k": return m.n_experts * per_expert + router, None
-    e = m.k if experts_per_token is None else experts_per_token
-    if not 0 <= e <= m.n_experts: raise ConfigError(f"experts_per_token={e} must lie in [0, {m.n_experts}] (the experts there are)")
-    return m.n_experts * per_expert + router, e * per_expert + router
+    per_expert = (3 if cfg.act == "swiglu" else 2) * cfg.d_model * m.expert_size(cfg)   # no biases: matmul_only changes nothing
+    e = m.k if experts_per_token is None and m.routing != "dynamic_k" else experts_per_token
+    if e is not None and not 0 <= e <= m.n_experts:
+        raise ConfigError(f"experts_per_token={e} must lie in [0, {m.n_experts}] (the experts there are)")
+    return ParamCounts(experts=m.n_experts * per_expert, router=cfg.d_model * m.n_experts,
+                       active_experts=None if e is None else e * per_expert)
 
 @register_ffn("moe", config=MoEConfig)
 def build_moe(cfg: GPTConfig, layer: int) -> MoEFFN:

@@ -19,16 +19,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, PresetConfig, Registry, coerce_text
+from ..core import ConfigError, ParamCounts, PresetConfig, Registry, coerce_text, count_params, transformer_flops
 
 # %% auto #0
-__all__ = ['Rule', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'GROUPS', 'int_at_least', 'positive', 'non_negative', 'fraction',
-           'optional', 'check_fields', 'register_ffn', 'register_parameterization', 'DenseConfig', 'build_dense',
-           'options_class', 'canonical_options', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups', 'param_groups',
-           'RMSNorm', 'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'Block', 'chunked_cross_entropy',
-           'GPT', 'GroupHP', 'Parameterization', 'init_parameters', 'optimizer_groups', 'fan_in', 'SPConfig',
-           'StandardParameterization', 'parameterization_options', 'make_parameterization', 'gpt_spec', 'gpt_from_spec',
-           'load_gpt', 'param_counts', 'flops_per_token', 'size_table']
+__all__ = ['Rule', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'GROUPS', 'GROUP_ROLES', 'int_at_least', 'positive', 'non_negative',
+           'fraction', 'optional', 'check_fields', 'register_ffn', 'register_parameterization', 'DenseConfig',
+           'build_dense', 'options_class', 'canonical_options', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups',
+           'param_groups', 'RMSNorm', 'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'Block',
+           'chunked_cross_entropy', 'GPT', 'GroupHP', 'Parameterization', 'init_parameters', 'optimizer_groups',
+           'fan_in', 'SPConfig', 'StandardParameterization', 'parameterization_options', 'make_parameterization',
+           'gpt_spec', 'gpt_from_spec', 'load_gpt', 'param_counts', 'flops_per_token', 'group_role', 'measure_params',
+           'size_table']
 
 # %% ../../nbs/10_nn.gpt.ipynb #4b7a8f61
 Rule = tuple[Callable[[Any], bool], str]    # (test of a value, what a valid value is)
@@ -483,40 +484,49 @@ def load_gpt(path) -> GPT:
     return model.eval()
 
 # %% ../../nbs/10_nn.gpt.ipynb #d6f5d02d
-def _ffn_params(cfg: GPTConfig, experts_per_token: float | None = None) -> tuple[int, float | None]:
-    "(stored parameters, matmul weights active per token) of one layer's FFN: the registered FFN's own count if it has one."
-    weights = (3 if cfg.act == "swiglu" else 2) * cfg.d_model * cfg.d_ff        # matmul weights
-    biases = (cfg.d_ff * (2 if cfg.act == "swiglu" else 1) + cfg.d_model) * cfg.bias
+def _ffn_counts(cfg: GPTConfig, experts_per_token: float | None = None, matmul_only: bool = False) -> ParamCounts:
+    "One layer's FFN by role: the registered FFN builder's own `param_counts` if it has one, else a dense FFN's (one expert)."
     counter = getattr(FFN_REGISTRY[cfg.ffn], "param_counts", None)
-    if experts_per_token is not None:
-        if counter is None: raise ConfigError(f"experts_per_token is for MoE FFNs; ffn={cfg.ffn!r} runs all its weights")
-        return counter(cfg, experts_per_token=experts_per_token)
-    return counter(cfg) if counter else (weights + biases, weights)
+    if counter: return counter(cfg, experts_per_token=experts_per_token, matmul_only=matmul_only)
+    if experts_per_token is not None: raise ConfigError(f"experts_per_token is for MoE FFNs; ffn={cfg.ffn!r} runs all its weights")
+    weights = (3 if cfg.act == "swiglu" else 2) * cfg.d_model * cfg.d_ff
+    biases = (cfg.d_ff * (2 if cfg.act == "swiglu" else 1) + cfg.d_model) * cfg.bias
+    return ParamCounts(experts=weights + (0 if matmul_only else biases))
 
-def param_counts(cfg: GPTConfig, experts_per_token: float | None = None) -> dict[str, int]:
-    "Total, embedding, head, non-embedding and active matmul weights per token (MoE: at `experts_per_token` if given; None under dynamic-k without it)."
+def param_counts(cfg: GPTConfig, experts_per_token: float | None = None, matmul_only: bool = False) -> ParamCounts:
+    """The parameters of `GPT(cfg)` by role (MoE: the experts a token runs at `experts_per_token` if given, else k; None
+    under dynamic-k without it). `matmul_only`: matmul weights alone, `embedding` = the head's V·d (see above)."""
     d, L = cfg.d_model, cfg.n_layers
-    attn = 4 * d * d + 4 * d * cfg.bias
-    norm = d * (2 if cfg.norm == "layer" else 1)
-    ffn_stored, ffn_active = _ffn_params(cfg, experts_per_token)
-    emb = cfg.vocab_size * d
-    head = 0 if cfg.tie_weights else cfg.vocab_size * d
-    blocks = L * (attn + ffn_stored + 2 * norm)
-    total = emb + head + blocks + norm
-    return {"total": total, "embedding": emb, "head": head, "non_embedding": total - emb,
-            "matmul_active": None if ffn_active is None else L * (4 * d * d + ffn_active) + cfg.vocab_size * d}
+    norm = 0 if matmul_only else d * (2 if cfg.norm == "layer" else 1)
+    attn = 4 * d * d + (0 if matmul_only else 4 * d * cfg.bias)
+    layer = ParamCounts(attention=attn, other=2 * norm) + _ffn_counts(cfg, experts_per_token, matmul_only)
+    emb = cfg.vocab_size * d * (1 if matmul_only or cfg.tie_weights else 2)     # token table (+ an untied head)
+    return L * layer + ParamCounts(embedding=emb, other=norm)                # + the final norm
 
 def flops_per_token(cfg: GPTConfig, training: bool = False, seq_len: int | None = None,
                     experts_per_token: float | None = None) -> float:
     "Forward (or training = 3× forward) FLOPs per token: 2·N_matmul + 4·L·T·d (MoE: N_matmul at `experts_per_token` if given)."
-    T = seq_len or cfg.seq_len
-    active = param_counts(cfg, experts_per_token)["matmul_active"]
-    if active is None:
+    mm = param_counts(cfg, experts_per_token, matmul_only=True)
+    if mm.active is None:
         raise ConfigError(f"FLOPs of ffn={cfg.ffn!r} with {cfg.ffn_kwargs} depend on how many experts each token runs (dynamic-k "
                           "routing): pass experts_per_token= as measured on your data (the MoE layer's "
                           "`experts_per_token(model)` after a forward pass)")
-    fwd = 2 * active + 4 * cfg.n_layers * T * cfg.d_model
-    return 3 * fwd if training else fwd
+    return transformer_flops(mm.active + mm.embedding, cfg.n_layers, seq_len or cfg.seq_len, cfg.d_model, training)
+
+# %% ../../nbs/10_nn.gpt.ipynb #826f52a3
+GROUP_ROLES = {"embedding": "embedding", "head": "embedding", "attn_qkv": "attention", "attn_out": "attention",
+               "ffn_in": "experts", "ffn_out": "experts", "router": "router", "norm": "other"}
+
+def group_role(module: nn.Module) -> str | None:
+    "The accounting role of `module`'s parameters (and its children's without a group), read off its parameter group(s)."
+    groups = set(module.param_groups.values()) if hasattr(module, "param_groups") else {getattr(module, "group", None)} - {None}
+    roles = {GROUP_ROLES[g] for g in groups}
+    if len(roles) > 1: raise ValueError(f"{type(module).__name__}: groups {sorted(groups)} span roles {sorted(roles)}")
+    return roles.pop() if roles else None
+
+def measure_params(model: nn.Module) -> ParamCounts:
+    "The stored parameters of a built GPT (or one a method changed: compressed, converted to experts) by role, from its parameter groups."
+    return count_params(model, group_role)
 
 # %% ../../nbs/10_nn.gpt.ipynb #758e0c30
 def size_table(widths=(256, 512, 768, 1024), depths=(4, 8, 12), vocab_size: int = 50304, seq_len: int = 1024):

@@ -116,8 +116,8 @@ def points_table(points: Sequence[tuple[dict, Any]], store) -> pd.DataFrame:
         res = run.result
         if res is None: continue
         shape = ModelShape.from_gpt(c.model)
-        p = shape.params()
-        base = {**labels, "width": c.model.d_model, "N": p["total"], "N_act": p["active"], "flops_per_token": shape.flops_per_token(),
+        p = shape.law_params
+        base = {**labels, "width": c.model.d_model, "N": p.non_embedding, "N_act": p.active, "flops_per_token": shape.flops_per_token(),
                 "memory_bytes": shape.memory_bytes("inference"), "run": run.key}
         tok_per_step = c.batch_size * c.model.seq_len
         m = run.metrics()
@@ -152,7 +152,7 @@ def family_flops(sweep: ScalingGrid, expansion: int = 1) -> Callable[[float, flo
     "FLOPs per token as a function of (N, G) within the sweep's shape family (its depth, vocabulary and context; d from N)."
     def f(N, G):
         probe = ModelShape(d=1, n_blocks=sweep.n_layers, expansion=expansion, granularity=int(G))
-        d = math.sqrt(N / probe.params()["total"])               # N ∝ d² at fixed depth
+        d = math.sqrt(N / probe.law_params.non_embedding)               # N ∝ d² at fixed depth
         return ModelShape(d=d, n_blocks=sweep.n_layers, expansion=expansion, granularity=int(G), vocab=sweep.vocab_size,
                           seq_len=sweep.seq_len).flops_per_token()
     return f

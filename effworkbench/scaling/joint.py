@@ -66,7 +66,7 @@ def fit_joint(df: pd.DataFrame, e_start: float = 1.0, e_max: float = math.inf, m
 def family_flops_act(sweep: ScalingGrid):
     "FLOPs per token as a function of (N_act, E) in the sweep's shape family (top-1, its depth, vocabulary, context)."
     def f(N_act, E):
-        d = math.sqrt(N_act / ModelShape(d=1, n_blocks=sweep.n_layers).params()["active"])
+        d = math.sqrt(N_act / ModelShape(d=1, n_blocks=sweep.n_layers).law_params.active)
         return ModelShape(d=d, n_blocks=sweep.n_layers, expansion=E, vocab=sweep.vocab_size, seq_len=sweep.seq_len).flops_per_token()
     return f
 

@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..core import ConfigError
+from fastcore.basics import patch
+
+from ..core import ConfigError, ParamCounts, transformer_flops
 
 # %% auto #0
 __all__ = ['PUBLISHED_MOE', 'PUBLISHED_DENSE', 'FineGrainedLaw', 'e_hat', 'JointLaw', 'joint_lr_rule', 'ModelShape',
@@ -79,7 +81,7 @@ def joint_lr_rule(n_params: float, experts: float = 1.0) -> float:
 # %% ../../nbs/22_scaling.laws.ipynb #9536e38d
 @dataclass(frozen=True)
 class ModelShape:
-    "A (dense or MoE) transformer shape, for parameter, FLOPs and memory counts."
+    "A (dense or MoE) transformer shape, for parameter, FLOPs and memory counts (`core.ParamCounts`, below)."
     d: int
     n_blocks: int
     expansion: float = 1        # E: total expert parameters / one dense FFN's (1 and granularity 1: dense)
@@ -103,26 +105,6 @@ class ModelShape:
     @property
     def router_params(self) -> int: return self.n_blocks * self.d * self.n_experts if self.is_moe else 0
 
-    def params(self) -> dict[str, float]:
-        "total / active non-embedding parameters (router excluded), router, embedding (+ head)."
-        attn = 4 * self.d * self.d
-        return {"total": self.n_blocks * (attn + self.n_experts * self.expert_params),
-                "active": self.n_blocks * (attn + self.k * self.expert_params),
-                "router": self.router_params,
-                "embedding": self.vocab * self.d * (1 if self.tie else 2)}
-
-    def flops_per_token(self) -> float:
-        "Training (forward + backward) FLOPs per token."
-        p = self.params()
-        return (6 * p["active"] + self.router_flops * p["router"] + 12 * self.n_blocks * self.seq_len * self.d
-                + 6 * self.vocab * self.d)
-
-    def memory_bytes(self, kind: str = "inference", bytes_per_param: float | None = None) -> float:
-        "Bytes of every stored parameter (router and embeddings included): inference 2/param, training 16/param."
-        if kind not in ("inference", "training"): raise ConfigError(f"kind={kind!r}: use 'inference' or 'training'")
-        p = self.params()
-        return (p["total"] + p["router"] + p["embedding"]) * (bytes_per_param or (2 if kind == "inference" else 16))
-
     @classmethod
     def from_gpt(cls, cfg) -> "ModelShape":
         "The shape of a `GPTConfig` of `10_nn.gpt` (dense or `ffn='moe'`)."
@@ -130,6 +112,32 @@ class ModelShape:
         return cls(d=cfg.d_model, n_blocks=cfg.n_layers, expansion=kw.get("expansion", 4) if cfg.ffn == "moe" else 1,
                    granularity=kw.get("granularity", 1), top_k=kw.get("top_k", 1), ffn_ratio=cfg.d_ff / cfg.d_model,
                    gated=cfg.act == "swiglu", vocab=cfg.vocab_size, seq_len=cfg.seq_len, tie=cfg.tie_weights)
+
+# %% ../../nbs/22_scaling.laws.ipynb #345147da
+@patch
+def params(self: ModelShape) -> ParamCounts:
+    "Stored parameters by role (norms not counted: a shape has none); active experts: k of E·G."
+    attn, per_layer = 4 * self.d * self.d, ParamCounts(experts=self.n_experts * self.expert_params, active_experts=self.k * self.expert_params)
+    return self.n_blocks * (ParamCounts(attention=attn) + per_layer) + ParamCounts(
+        router=self.router_params, embedding=self.vocab * self.d * (1 if self.tie else 2))
+
+@patch(as_prop=True)
+def law_params(self: ModelShape) -> ParamCounts:
+    "The counts the scaling laws take: `non_embedding` is their N, `active` their N_act (the router left out, as the papers do)."
+    return self.params().excluding("router")
+
+@patch
+def flops_per_token(self: ModelShape) -> float:
+    "Training FLOPs per token: `core.transformer_flops` of the active matmul weights and the head (V·d), the router at ρ FLOPs per weight."
+    p = self.law_params
+    return (transformer_flops(p.active + self.vocab * self.d, self.n_blocks, self.seq_len, self.d, training=True)
+            + self.router_flops * self.router_params)
+
+@patch
+def memory_bytes(self: ModelShape, kind: str = "inference", bytes_per_param: float | None = None) -> float:
+    "Bytes of every stored parameter (router and embeddings included): inference 2/param, training 16/param."
+    if kind not in ("inference", "training"): raise ConfigError(f"kind={kind!r}: use 'inference' or 'training'")
+    return self.params().total * (bytes_per_param or (2 if kind == "inference" else 16))
 
 # %% ../../nbs/22_scaling.laws.ipynb #4fcaa1d0
 def paper_shape(N: float, expansion: float = 64, granularity: int = 1, aspect: float = 64) -> ModelShape:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, PresetConfig, set_seed
+from ..core import ConfigError, PresetConfig, count_params, set_seed
 from ..data import DataError, ImageSplits
 from ..experiment import Context, register_experiment
 from ..store import Run, RunStore, run_function
@@ -149,6 +149,7 @@ def resnet_small(num_classes: int = 10, in_channels: int = 1, width: int = 16, d
 # %% ../../nbs/40_vision.models.ipynb #90275a41
 class PatchEmbed(nn.Module):
     "Image → tokens: a p×p stride-p conv, plus learned position embeddings. (B, C, H, W) → (B, T, D), T = (H/p)(W/p)."
+    param_role = "embedding"                                                   # for `core.count_params`
     def __init__(self, img_size: int, patch: int, in_channels: int, dim: int):
         super().__init__()
         if img_size % patch: raise ConfigError(f"img_size {img_size} is not a multiple of patch {patch}")
@@ -159,6 +160,7 @@ class PatchEmbed(nn.Module):
 
 class SelfAttention(nn.Module):
     "Multi-head self-attention: softmax(q kᵀ/√d_h) v per head, then an output projection."
+    param_role = "attention"
     def __init__(self, dim: int, heads: int):
         super().__init__()
         if dim % heads: raise ConfigError(f"dim {dim} is not divisible by heads {heads}")
@@ -176,6 +178,7 @@ class ViTBlock(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.mlp.param_role = "experts"                                        # the FFN: one dense expert
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
@@ -260,7 +263,9 @@ def total_macs(model: nn.Module, input_shape: Sequence[int] = (1, 1, 32, 32)) ->
     "MACs per image of a whole forward pass."
     return float(count_macs(model, input_shape).macs.sum())
 
-def n_params(model: nn.Module) -> int: return sum(p.numel() for p in model.parameters())
+def n_params(model: nn.Module) -> int:
+    "Stored parameters of `model`: `core.count_params(model).total` (by role there: a ViT's patch embedding, attention, MLPs)."
+    return int(count_params(model).total)
 
 # %% ../../nbs/40_vision.models.ipynb #278a50ac
 def _copy_conv(old: nn.Conv2d, new: nn.Conv2d, out_idx=None, in_idx=None):
