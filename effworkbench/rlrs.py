@@ -17,15 +17,15 @@ import pandas as pd
 
 from .core import ConfigError, PresetConfig
 from .experiment import Context, register_experiment
-from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts
+from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts, parameterization_options
 from .train import schedule_lr
 
 # %% auto #0
-__all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers', 'RelativeLR',
-           'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig', 'model_config', 'train_config',
-           'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach', 'speedups', 'reuse_configs',
-           'reuse_curves', 'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'run', 'schedule_frame',
-           'plot_schedule']
+__all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers',
+           'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
+           'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
+           'speedups', 'reuse_configs', 'reuse_curves', 'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'run',
+           'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -61,17 +61,27 @@ def check_multipliers(multipliers: dict) -> dict[str, tuple[float, float]]:
     return out
 
 # %% ../nbs/21_rlrs.ipynb #d3c28cf7
+@dataclass
+class RelativeOptions:
+    """Options of the `rlrs` parameterization, canonical so that equal schedules get equal run keys: multipliers as
+    {group: [r, f]} of floats sorted by group, the uniform groups ([1, 1]) left out; the base's options completed."""
+    multipliers: dict = field(default_factory=dict)   # {relative group: [r, f]} as numbers; missing groups: [1, 1]
+    base: str = "sp"                                  # the wrapped parameterization
+    base_kwargs: dict = field(default_factory=dict)   # its options
+    def __post_init__(self):
+        if self.base == "rlrs": raise ConfigError("rlrs cannot wrap itself")
+        m = {g: [r, f] for g, (r, f) in sorted(check_multipliers(self.multipliers).items())}
+        self.multipliers = {g: v for g, v in m.items() if v != [1.0, 1.0]}
+        self.base_kwargs = parameterization_options(self.base, self.base_kwargs)
+
 class RelativeLR(Parameterization):
     "Relative LR schedules: the wrapped parameterization's init and LRs, each group's schedule scaled by (r_g, f_g)."
-    name = "rlrs"
-    def __init__(self,
-                 multipliers: dict | None = None,   # {relative group: [r, f]} as numbers; missing groups: [1, 1]
-                 base: str = "sp",                  # the wrapped parameterization
-                 base_kwargs: dict | None = None):
-        if base == self.name: raise ConfigError("rlrs cannot wrap itself")
-        self.base = make_parameterization(base, **(base_kwargs or {}))
-        self.base_name = base
-        self.multipliers = check_multipliers(multipliers or {})
+    name, Config = "rlrs", RelativeOptions
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.base = make_parameterization(self.config.base, **self.config.base_kwargs)
+        self.base_name = self.config.base
+        self.multipliers = {g: tuple(v) for g, v in self.config.multipliers.items()}
 
     def rf(self, group: str) -> tuple[float, float]:
         "(r, f) of a parameter group."
@@ -184,13 +194,11 @@ def train_config(cfg: RLRSConfig, kind: str, lr: float, multipliers: dict | None
     "One run: the small (or large) `kind` model, η = lr, the relative schedule `multipliers` ({group: (r, f)}) over `base`."
     from effworkbench.train import TrainConfig
     steps = (cfg.large if large else cfg.small).steps
-    mult = {g: [round(float(r), 6), round(float(f), 6)] for g, (r, f) in sorted((multipliers or {}).items())
-            if (round(float(r), 6), round(float(f), 6)) != (1.0, 1.0)}        # the uniform groups are left out: one key
     return TrainConfig(model=model_config(cfg, kind, large), corpus=cfg.corpus, max_bytes=cfg.max_bytes, lr=lr,
                        steps=steps, batch_size=cfg.batch_size, warmup=max(1, round(cfg.warmup_frac * steps)),
                        final_frac=cfg.final_frac, param="rlrs",
                        param_kwargs={"base": cfg.base, "base_kwargs": {"base_width": cfg.small.width} if cfg.base == "mup" else {},
-                                     "multipliers": mult},
+                                     "multipliers": multipliers or {}},   # canonical in `RelativeOptions`
                        eval_every=max(1, steps // cfg.evals) if large else steps, eval_batches=cfg.eval_batches,
                        log_every=max(1, steps // 10), ckpt_every=steps, seed=seed)
 

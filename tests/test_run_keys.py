@@ -54,3 +54,12 @@ def test_unknown_options_name_the_valid_fields():
         GPTConfig(**MODEL, ffn_kwargs={"expansion": 4})
     with pytest.raises(ConfigError, match=r"parameterization 'mup' has no option\(s\) \['width'\]; valid options: \['base_width'"):
         TrainConfig(param="mup", param_kwargs={"width": 64})
+
+
+def test_relative_schedules_are_keyed_by_their_numbers():
+    rl = lambda **o: key(model=GPTConfig(**MODEL), param="rlrs", param_kwargs=o)
+    same = {rl(), rl(multipliers={"ffn": [1, 1]}), rl(base="sp", base_kwargs={"init_std": 0.02})}
+    assert len(same) == 1                                       # uniform groups and spelled-out defaults change nothing
+    assert rl(multipliers={"head": [2, 0.5], "attention": ["0.5", 1]}) == rl(multipliers={"attention": (0.5, 1.0), "head": (2.0, 0.5)})
+    assert len({rl(), rl(multipliers={"head": [2, 1]}), rl(multipliers={"head": [1, 2]}), rl(multipliers={"head": [2, 1.000001]}), rl(base="mup")}) == 5
+    with pytest.raises(ConfigError, match="unknown relative group"): rl(multipliers={"heads": [2, 1]})
