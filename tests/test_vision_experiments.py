@@ -60,7 +60,7 @@ def test_killed_run_resumes_without_recomputing(name, tmp_path, monkeypatch):
 
 # experiment → overrides that restate its smoke defaults (nested parts too, an int for a float): the same config
 SAME = {"vision.early_exit": ["epochs=4", "exit_blocks=[0, 1, 2, 3, 4]", "lr=0.05"],
-        "vision.models": ["epochs=2", "seed=0", "cifar_dir="],
+        "vision.models": ["epochs=2", "seed=0", "task.name=hard_digits", "task.cifar_dir="],
         "vision.shapley": ["metric=acc", "ratios=[0.5]", "cost_ratio=0.5"],
         "privacy.dp_prune": ["dp.clip=1", "dp.q=0.1", "epsilons=(2, 8)"],
         "vision.adaglimpse": ["sac.hidden=64", "sac.gamma=0.99", "budget=4"]}
