@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/vision.shapley.html.md"""
 # %% ../../nbs/42_vision.shapley.ipynb #feeb5b98
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -19,19 +20,21 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from ..claims import Claim, Evidence, bootstrap_mean, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment
 from ..store import Run, run_function
-from .models import (BlockNet, accuracy, fit_classifier, prune_channels, layer_widths, total_macs, time_forward, n_params,
+from .models import (BlockNet, VisionTask, accuracy, fit_classifier, prune_channels, layer_widths, total_macs, time_forward, n_params,
                                        unit_weights, vgg_small)
 
 # %% auto #0
-__all__ = ['PRUNE_METHODS', 'Game', 'to_mask', 'TableGame', 'all_values', 'exact_shapley', 'unanimity_game',
+__all__ = ['PRUNE_METHODS', 'SHAPLEY_CLAIMS', 'Game', 'to_mask', 'TableGame', 'all_values', 'exact_shapley', 'unanimity_game',
            'random_unanimity_game', 'permutation_shapley', 'kernel_shap', 'partial_shapley', 'leave_one_out',
            'oracle_sets', 'oracle_importance', 'block_index', 'channel_game', 'rank_corr', 'estimator_runs',
            'compare_estimators', 'layer_shapley', 'l1_scores', 'plan_keep', 'ShapleyConfig', 'base_unit', 'base_data',
-           'train_base_unit', 'base_model', 'estimators_unit', 'layer_scores_unit', 'baseline_scores', 'scores_of',
-           'prune_eval', 'prune_unit', 'pruning_table', 'run']
+           'train_base_unit', 'base_model', 'estimators_unit', 'layer_scores_unit', 'baseline_scores',
+           'normalise_per_layer', 'scores_of', 'prune_eval', 'prune_unit', 'pruning_table', 'seed_tables', 'run',
+           'oracle_effect', 'sampling_effect', 'pruning_effect']
 
 # %% ../../nbs/42_vision.shapley.ipynb #19216dd6
 class Game:
@@ -319,6 +322,7 @@ def plan_keep(scores: dict[str, np.ndarray], ratio: float, scope: Literal["globa
 class ShapleyConfig(PresetConfig):
     "The Shapley-pruning experiment of `42_vision.shapley`."
     preset: str = "smoke"
+    task: VisionTask = field(default_factory=VisionTask)      # the images (the shared hard digits)
     n_train: int = 400
     n_val: int = 96           # the game's validation batch, held out of the training images
     n_test: int = 200
@@ -334,22 +338,22 @@ class ShapleyConfig(PresetConfig):
     ratios: list[float] = field(default_factory=lambda: [0.5])       # fractions of the prunable channels removed
     cost_ratio: float = 0.5      # the ratio of the accuracy-against-cost experiment
     time_repeats: int = 2        # forward passes timed per model (the median is kept)
-    seed: int = 0
+    base_seeds: list[int] = field(default_factory=lambda: [0])      # one base model (and its data) per seed: the effects' samples
     presets: ClassVar = {"medium": {"n_train": 3000, "n_val": 128, "batch_size": 64, "n_test": 1000, "width": 10, "epochs": 8, "finetune_epochs": 2,
                                     "exact_layers": ["1"], "perms": [2, 4, 8, 16], "kernel": [16, 32, 64, 128, 256, 512],
-                                    "seeds": 3, "ratios": [0.25, 0.5, 0.75], "time_repeats": 7},
+                                    "seeds": 3, "ratios": [0.25, 0.5, 0.75], "time_repeats": 7, "base_seeds": [0, 1, 2]},
                          "full": {"n_train": 20000, "n_val": 1000, "n_test": 5000, "width": 12, "epochs": 30, "finetune_epochs": 5,
                                   "exact_layers": ["0", "1"], "perms": [4, 16, 64], "kernel": [32, 128, 512, 2048],
-                                  "seeds": 5, "ratios": [0.25, 0.5, 0.625, 0.75, 0.875]}}
+                                  "seeds": 5, "ratios": [0.25, 0.5, 0.625, 0.75, 0.875], "base_seeds": [0, 1, 2, 3, 4]}}
 
-def base_unit(cfg: ShapleyConfig) -> dict:
-    "The run-store config of the base model's unit: the fields that decide the data and the trained model."
-    return {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test", "width", "epochs", "batch_size", "seed")}
+def base_unit(cfg: ShapleyConfig, seed: int) -> dict:
+    "The run-store config of the base model's unit at `seed`: the fields that decide the data and the trained model."
+    return {**{k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test", "width", "epochs", "batch_size")},
+            "task": dataclasses.asdict(cfg.task), "seed": seed}
 
 def base_data(base: dict) -> dict:
     "The data of a base unit: train, the validation batch of the games (held out of the training images), test."
-    from effworkbench.data import upscaled_digits
-    d = upscaled_digits(base["n_train"] + base["n_val"], base["n_test"], size=32, seed=base["seed"])
+    d = VisionTask(**base["task"]).splits(base["n_train"] + base["n_val"], base["n_test"], base["seed"])
     n = base["n_train"]
     return dict(x_train=d.x_train[:n], y_train=d.y_train[:n], x_val=d.x_train[n:], y_val=d.y_train[n:],
                 x_test=d.x_test, y_test=d.y_test)
@@ -396,14 +400,22 @@ def baseline_scores(l1: dict[str, list[float]], seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame([{"method": m, "budget": 0, "layer": k, "channel": c, "score": s, "evals": 0, "seconds": 0.0}
                          for k, v in l1.items() for m, vals in (("l1", v), ("random", rng.random(len(v)))) for c, s in enumerate(vals)])
 
+def normalise_per_layer(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's scores divided by that layer's mean |score|: a channel's value relative to its layer's average channel.
+    Efficiency makes a layer's Shapley values sum to the layer's total effect, so raw values of a wide layer are small
+    per channel; after this a global threshold compares channels with their own layer's."""
+    return {k: np.asarray(v) / max(float(np.abs(v).mean()), 1e-12) for k, v in scores.items()}
+
 def scores_of(scores: pd.DataFrame, method: str, budget: int | None = None) -> dict[str, np.ndarray]:
-    "Layer → per-channel scores of `method` (Shapley: at `budget`, default the largest) from a scores table."
+    "Layer → per-channel scores of `method` (Shapley: at `budget`, default the largest; `shapley_norm`: normalised per layer)."
+    if method == "shapley_norm": return normalise_per_layer(scores_of(scores, "shapley", budget))
     d = scores[scores.method == method]
     if budget is None: budget = d.budget.max()
     d = d[d.budget == budget]
     return {str(k): g.sort_values("channel").score.to_numpy() for k, g in d.groupby("layer", sort=False)}
 
-PRUNE_METHODS = {"shapley / global": ("shapley", "global"), "shapley / per layer": ("shapley", "layer"),
+PRUNE_METHODS = {"shapley / global": ("shapley", "global"), "shapley / global, normalised": ("shapley_norm", "global"),
+                 "shapley / per layer": ("shapley", "layer"),
                  "l1 / per layer": ("l1", "layer"), "random / per layer": ("random", "layer")}
 
 def prune_eval(model: BlockNet, keep: dict, data: dict, finetune_epochs: int, seed: int = 0, batch_size: int = 64,
@@ -426,35 +438,79 @@ def prune_unit(u: dict, run: Run) -> dict:
                       u["base"]["batch_size"], u["time_repeats"])
 
 # %% ../../nbs/42_vision.shapley.ipynb #02c79b62
-def pruning_table(cfg: ShapleyConfig, ctx: Context, base: dict, b: dict, scores: pd.DataFrame) -> pd.DataFrame:
-    """Every method at every ratio (the largest Shapley budget), and Shapley / global at `cost_ratio` for every budget,
-    one unit each; one row each, plus the unpruned model's (ratio 0)."""
+def pruning_table(cfg: ShapleyConfig, ctx: Context, base: dict, b: dict, scores: pd.DataFrame, cost: bool = True) -> pd.DataFrame:
+    """On one base model: every method at every ratio (the largest Shapley budget), and with `cost` Shapley / global at
+    `cost_ratio` for every smaller budget, one unit each; one row each, plus the unpruned model's (ratio 0)."""
     rows = [{"method": "unpruned", "ratio": 0.0, "budget": 0, "evals": 0, "acc_pruned": b["accuracy"], "accuracy": b["accuracy"],
              "mac_ratio": 1.0, "param_ratio": 1.0, "time_ratio": 1.0, "channels": sum(b["widths"].values())}]
     sh_evals = scores[scores.method == "shapley"].groupby(["budget", "layer"]).evals.max().groupby("budget").sum()
     runs = [(name, r, None) for name in PRUNE_METHODS for r in cfg.ratios]
-    runs += [("shapley / global", cfg.cost_ratio, b) for b in sorted(cfg.perms)[:-1]]
+    runs += [("shapley / global", cfg.cost_ratio, b) for b in sorted(cfg.perms)[:-1]] if cost else []
     heads, units = [], []
     for name, r, budget in runs:
         crit, scope = PRUNE_METHODS[name]
         keep = plan_keep(scores_of(scores, crit, budget), r, scope)
-        bud = int(max(cfg.perms) if budget is None and crit == "shapley" else budget or 0)
-        heads.append({"method": name, "ratio": r, "budget": bud, "evals": int(sh_evals.get(bud, 0)) if crit == "shapley" else 0})
+        shapley = crit.startswith("shapley")
+        bud = int(max(cfg.perms) if budget is None and shapley else budget or 0)
+        heads.append({"method": name, "ratio": r, "budget": bud, "evals": int(sh_evals.get(bud, 0)) if shapley else 0})
         units.append({"base": base, "keep": {k: v.tolist() for k, v in keep.items()}, "finetune_epochs": cfg.finetune_epochs,
                       "time_repeats": cfg.time_repeats})
-    outs = ctx.units(prune_unit, units, desc="pruned models")
-    return pd.DataFrame(rows + [{**h, **o} for h, o in zip(heads, outs)])
+    outs = ctx.units(prune_unit, units, desc=f"pruned models, seed {base['seed']}")
+    return pd.DataFrame(rows + [{**h, **o} for h, o in zip(heads, outs)]).assign(base_seed=base["seed"])
+
+# %% ../../nbs/42_vision.shapley.ipynb #6f6ec2ba
+def seed_tables(cfg: ShapleyConfig, ctx: Context, seed: int, cost: bool) -> dict[str, pd.DataFrame]:
+    """The three tables on the base model of one seed (a `base_seed` column in each): the estimators on `exact_layers`,
+    every channel's scores, the pruned models (the cost sweep only with `cost`)."""
+    base = base_unit(cfg, seed)
+    b = ctx.unit(train_base_unit, base)
+    est = ctx.units(estimators_unit, [{"base": base, "layer": layer, "metric": cfg.metric, "kernel": list(cfg.kernel),
+                                       "seeds": cfg.seeds} for layer in cfg.exact_layers], desc=f"estimators, seed {seed}")
+    sh = ctx.units(layer_scores_unit, [{"base": base, "layer": layer, "perms": list(cfg.perms), "metric": cfg.metric,
+                                        "seed": seed} for layer in b["widths"]], desc=f"layer scores, seed {seed}")
+    scores = pd.concat([pd.DataFrame(r["rows"]) for r in sh] + [baseline_scores(b["l1"], seed)], ignore_index=True)
+    return {"estimators": pd.DataFrame([row for r in est for row in r["rows"]]).assign(base_seed=seed),
+            "scores": scores.assign(base_seed=seed), "pruning": pruning_table(cfg, ctx, base, b, scores, cost)}
 
 @register_experiment("vision.shapley", ShapleyConfig, notebook="42_vision.shapley", prefix="shapley")
 def run(cfg: ShapleyConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    """The Shapley-pruning experiment; tables `estimators` (each estimator against the exact values and the oracle rank),
-    `scores` (every channel's score by each method and budget) and `pruning` (one row per pruned model)."""
-    base = base_unit(cfg)
-    b = ctx.unit(train_base_unit, base)
-    est = ctx.units(estimators_unit, [{"base": base, "layer": layer, "metric": cfg.metric, "kernel": list(cfg.kernel),
-                                       "seeds": cfg.seeds} for layer in cfg.exact_layers], desc="estimators")
-    sh = ctx.units(layer_scores_unit, [{"base": base, "layer": layer, "perms": list(cfg.perms), "metric": cfg.metric,
-                                        "seed": cfg.seed} for layer in b["widths"]], desc="layer scores")
-    scores = pd.concat([pd.DataFrame(r["rows"]) for r in sh] + [baseline_scores(b["l1"], cfg.seed)], ignore_index=True)
-    return {"estimators": pd.DataFrame([row for r in est for row in r["rows"]]), "scores": scores,
-            "pruning": pruning_table(cfg, ctx, base, b, scores)}
+    """The Shapley-pruning experiment on one base model per seed of `base_seeds`; tables `estimators` (each estimator
+    against the exact values and the oracle rank), `scores` (every channel's score by each method and budget) and
+    `pruning` (one row per pruned model), each with a `base_seed` column; the cost sweep on the first seed."""
+    per = [seed_tables(cfg, ctx, s, cost=i == 0) for i, s in enumerate(cfg.base_seeds)]
+    return {k: pd.concat([t[k] for t in per], ignore_index=True) for k in ("estimators", "scores", "pruning")}
+
+# %% ../../nbs/42_vision.shapley.ipynb #0e317a28
+def oracle_effect(ts: dict[str, pd.DataFrame]) -> Evidence:
+    "Per (base seed, exactly solved layer): ρ(exact Shapley, oracle rank) − ρ(leave-one-out, oracle rank)."
+    e = ts["estimators"].set_index(["base_seed", "layer"])
+    exact, loo = e[e.estimator == "exact"].rho_oracle, e[(e.estimator == "partial") & (e.budget == 1)].rho_oracle
+    return bootstrap_mean((exact - loo).dropna().to_numpy(), "Spearman ρ with the oracle rank")
+
+def sampling_effect(ts: dict[str, pd.DataFrame], perms: int = 16) -> Evidence:
+    "Per (base seed, exactly solved layer): Spearman ρ of permutation sampling with `perms` orders with the exact values (mean over its seeds)."
+    e = ts["estimators"]
+    d = e[(e.estimator == "permutation") & (e.budget == perms)]
+    return bootstrap_mean(d.groupby(["base_seed", "layer"]).rho_exact.mean().to_numpy(), "Spearman ρ with the exact values")
+
+def pruning_effect(method: str, baseline: str, ratio: float) -> Callable[[dict], Evidence]:
+    "Per base seed: test accuracy after pruning `ratio` of the channels by `method` minus by `baseline` (both fine-tuned)."
+    return lambda ts: paired_effect(ts["pruning"], "accuracy", {"ratio": ratio}, {"method": method}, {"method": baseline},
+                                    pair="base_seed", unit="test accuracy")
+
+SHAPLEY_CLAIMS = [
+    Claim("ranks: exact vs leave-one-out", "The Shapley ranking is closer to the oracle rank than its cheapest special case, "
+          "leave-one-out: ρ(exact, oracle) − ρ(leave-one-out, oracle) > 0", oracle_effect, margin=0.05),
+    Claim("ranks: sampled", "Sampling approximates the Shapley ranking cheaply: permutation sampling with 16 orders "
+          "(≤ 16·n of the 2ⁿ coalitions) has Spearman ρ > 0.8 with the exact values", sampling_effect, threshold=0.8),
+    Claim("prune 50 %: vs L1", "Removing 50 % of the channels by Shapley rank (per layer), then fine-tuning, beats removing "
+          "them by L1 norm", pruning_effect("shapley / per layer", "l1 / per layer", 0.5), margin=0.01),
+    Claim("prune 50 %: vs random", "... and beats removing them at random",
+          pruning_effect("shapley / per layer", "random / per layer", 0.5), margin=0.01),
+    Claim("prune 75 %: vs L1", "Removing 75 % by Shapley rank (per layer), then fine-tuning, beats L1",
+          pruning_effect("shapley / per layer", "l1 / per layer", 0.75), margin=0.01),
+    Claim("prune 75 %: global, normalised", "Global Shapley pruning with values normalised per layer beats L1 at 75 % "
+          "(a global threshold lets the layers' widths follow the values)",
+          pruning_effect("shapley / global, normalised", "l1 / per layer", 0.75), margin=0.01),
+]
+register_claims("vision.shapley", SHAPLEY_CLAIMS, tables=("estimators", "pruning"))
