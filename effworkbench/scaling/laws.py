@@ -15,15 +15,13 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from fastcore.basics import patch
-
 from ..core import ConfigError, ParamCounts, transformer_flops
 
 # %% auto #0
-__all__ = ['PUBLISHED_MOE', 'PUBLISHED_DENSE', 'FineGrainedLaw', 'e_hat', 'JointLaw', 'joint_lr_rule', 'ModelShape',
-           'paper_shape', 'paper_flops_per_token', 'LawSpec', 'FineGrainedSpec', 'JointSpec', 'huber', 'fit_law',
-           'rmse_log', 'bootstrap', 'synthetic_runs', 'compute_optimal', 'dense_equivalent_flops', 'total_over_active',
-           'joint_optimum', 'budget_optimum', 'plot_budget']
+__all__ = ['PUBLISHED_MOE', 'PUBLISHED_DENSE', 'FineGrainedLaw', 'e_hat', 'JointLaw', 'joint_lr_rule', 'ShapeCounts',
+           'ModelShape', 'paper_shape', 'paper_flops_per_token', 'LawSpec', 'FineGrainedSpec', 'JointSpec', 'huber',
+           'fit_law', 'rmse_log', 'bootstrap', 'synthetic_runs', 'compute_optimal', 'dense_equivalent_flops',
+           'total_over_active', 'joint_optimum', 'budget_optimum', 'plot_budget']
 
 # %% ../../nbs/22_scaling.laws.ipynb #673a04dc
 @dataclass(frozen=True)
@@ -79,9 +77,34 @@ def joint_lr_rule(n_params: float, experts: float = 1.0) -> float:
     return math.exp(8.39164 - 0.81218 * math.log(n_params) - 0.25 * math.log(experts))
 
 # %% ../../nbs/22_scaling.laws.ipynb #9536e38d
+class ShapeCounts:
+    "Parameter, FLOPs and memory counts of a `ModelShape` (below), in the workbench's one convention (`core.ParamCounts`)."
+    def params(self) -> ParamCounts:
+        "Stored parameters by role (norms not counted: a shape has none); active experts: k of E·G."
+        attn, per_layer = 4 * self.d * self.d, ParamCounts(experts=self.n_experts * self.expert_params, active_experts=self.k * self.expert_params)
+        return self.n_blocks * (ParamCounts(attention=attn) + per_layer) + ParamCounts(
+            router=self.router_params, embedding=self.vocab * self.d * (1 if self.tie else 2))
+
+    @property
+    def law_params(self) -> ParamCounts:
+        "The counts the scaling laws take: `non_embedding` is their N, `active` their N_act (the router left out, as the papers do)."
+        return self.params().excluding("router")
+
+    def flops_per_token(self) -> float:
+        "Training FLOPs per token: `core.transformer_flops` of the active matmul weights and the head (V·d), the router at ρ FLOPs per weight."
+        p = self.law_params
+        return (transformer_flops(p.active + self.vocab * self.d, self.n_blocks, self.seq_len, self.d, training=True)
+                + self.router_flops * self.router_params)
+
+    def memory_bytes(self, kind: str = "inference", bytes_per_param: float | None = None) -> float:
+        "Bytes of every stored parameter (router and embeddings included): inference 2/param, training 16/param."
+        if kind not in ("inference", "training"): raise ConfigError(f"kind={kind!r}: use 'inference' or 'training'")
+        return self.params().total * (bytes_per_param or (2 if kind == "inference" else 16))
+
+# %% ../../nbs/22_scaling.laws.ipynb #345147da
 @dataclass(frozen=True)
-class ModelShape:
-    "A (dense or MoE) transformer shape, for parameter, FLOPs and memory counts (`core.ParamCounts`, below)."
+class ModelShape(ShapeCounts):
+    "A (dense or MoE) transformer shape, for parameter, FLOPs and memory counts (`ShapeCounts`)."
     d: int
     n_blocks: int
     expansion: float = 1        # E: total expert parameters / one dense FFN's (1 and granularity 1: dense)
@@ -112,32 +135,6 @@ class ModelShape:
         return cls(d=cfg.d_model, n_blocks=cfg.n_layers, expansion=kw.get("expansion", 4) if cfg.ffn == "moe" else 1,
                    granularity=kw.get("granularity", 1), top_k=kw.get("top_k", 1), ffn_ratio=cfg.d_ff / cfg.d_model,
                    gated=cfg.act == "swiglu", vocab=cfg.vocab_size, seq_len=cfg.seq_len, tie=cfg.tie_weights)
-
-# %% ../../nbs/22_scaling.laws.ipynb #345147da
-@patch
-def params(self: ModelShape) -> ParamCounts:
-    "Stored parameters by role (norms not counted: a shape has none); active experts: k of E·G."
-    attn, per_layer = 4 * self.d * self.d, ParamCounts(experts=self.n_experts * self.expert_params, active_experts=self.k * self.expert_params)
-    return self.n_blocks * (ParamCounts(attention=attn) + per_layer) + ParamCounts(
-        router=self.router_params, embedding=self.vocab * self.d * (1 if self.tie else 2))
-
-@patch(as_prop=True)
-def law_params(self: ModelShape) -> ParamCounts:
-    "The counts the scaling laws take: `non_embedding` is their N, `active` their N_act (the router left out, as the papers do)."
-    return self.params().excluding("router")
-
-@patch
-def flops_per_token(self: ModelShape) -> float:
-    "Training FLOPs per token: `core.transformer_flops` of the active matmul weights and the head (V·d), the router at ρ FLOPs per weight."
-    p = self.law_params
-    return (transformer_flops(p.active + self.vocab * self.d, self.n_blocks, self.seq_len, self.d, training=True)
-            + self.router_flops * self.router_params)
-
-@patch
-def memory_bytes(self: ModelShape, kind: str = "inference", bytes_per_param: float | None = None) -> float:
-    "Bytes of every stored parameter (router and embeddings included): inference 2/param, training 16/param."
-    if kind not in ("inference", "training"): raise ConfigError(f"kind={kind!r}: use 'inference' or 'training'")
-    return self.params().total * (bytes_per_param or (2 if kind == "inference" else 16))
 
 # %% ../../nbs/22_scaling.laws.ipynb #4fcaa1d0
 def paper_shape(N: float, expansion: float = 64, granularity: int = 1, aspect: float = 64) -> ModelShape:
