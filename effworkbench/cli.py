@@ -27,8 +27,8 @@ from .store import RunStore
 
 # %% auto #0
 __all__ = ['COMMANDS', 'nbs_dir', 'find_notebooks', 'resolve_notebook', 'notebook_params', 'coerce_param', 'validate_params',
-           'notebook_budget', 'CommandFailed', 'local_kernel_manager', 'CellProgress', 'NotebookError', 'run_notebook',
-           'run_all', 'resolve_experiment', 'parser', 'command_plugins', 'main']
+           'notebook_budget', 'CommandFailed', 'local_kernel_manager', 'CellHooks', 'CellProgress', 'NotebookError',
+           'run_notebook', 'run_all', 'resolve_experiment', 'parser', 'command_plugins', 'main']
 
 # %% ../nbs/04_cli.ipynb #7f5b06d7
 def nbs_dir() -> Path:
@@ -106,6 +106,7 @@ def coerce_param(name: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"parameter {name}={value!r}: expected {tp.__name__} like {default!r}, got {type(value).__name__}")
     return value
 
+# %% ../nbs/04_cli.ipynb #4c121c74
 def validate_params(path: str | Path, params: dict[str, Any] | None = None, preset: str | None = None) -> dict[str, Any]:
     "The overrides for `path`, checked by name and type (raises `ConfigError` naming the bad one and the valid ones)."
     defaults = notebook_params(path)
@@ -167,8 +168,25 @@ def local_kernel_manager() -> type | None:
         _KERNEL_MANAGER = IPCKernelManager
     return _KERNEL_MANAGER
 
+# %% ../nbs/04_cli.ipynb #ef21d966
+class CellHooks:
+    "The nbclient hooks that move a `CellProgress`: number the code cells, start its ticker, follow the cell that runs."
+    def on_notebook_start(self, notebook, **_):
+        self.code = {ci: k + 1 for k, ci in enumerate(i for i, c in enumerate(notebook.cells) if c.cell_type == "code")}
+        self.n, self.t0 = len(self.code), time.time()
+        self.last = self.t0
+        self.thread = threading.Thread(target=self._tick, daemon=True); self.thread.start()
+
+    def on_cell_execute(self, cell_index: int, **_):
+        self.i = self.code.get(cell_index, self.i)
+        if self.tty or time.time() - self.last >= self.every: self.write()
+
+    def hooks(self) -> dict[str, Any]:
+        "The nbclient hooks papermill passes to its client."
+        return {"on_notebook_start": self.on_notebook_start, "on_cell_execute": self.on_cell_execute}
+
 # %% ../nbs/04_cli.ipynb #8654d45c
-class CellProgress:
+class CellProgress(CellHooks):
     "`NAME: cell i/n · t s` on `stream` while a notebook runs (nbclient hooks); see the text above for when it writes."
     def __init__(self, name: str, every: float | None = None, stream=None):
         self.name, self.stream = name, stream or sys.stderr
@@ -186,16 +204,6 @@ class CellProgress:
             self.stream.write(f"\r{self.line()}\x1b[K" if self.tty else self.line() + "\n"); self.stream.flush()
             self.last, self.wrote = time.time(), True
 
-    def on_notebook_start(self, notebook, **_):
-        self.code = {ci: k + 1 for k, ci in enumerate(i for i, c in enumerate(notebook.cells) if c.cell_type == "code")}
-        self.n, self.t0 = len(self.code), time.time()
-        self.last = self.t0
-        self.thread = threading.Thread(target=self._tick, daemon=True); self.thread.start()
-
-    def on_cell_execute(self, cell_index: int, **_):
-        self.i = self.code.get(cell_index, self.i)
-        if self.tty or time.time() - self.last >= self.every: self.write()
-
     def _tick(self):                                          # a long cell still reports every `every` seconds
         while not self.stop.wait(self.every / 4 if not self.tty else self.every):
             if self.tty or time.time() - self.last >= self.every: self.write()
@@ -205,10 +213,6 @@ class CellProgress:
         if self.thread is not None: self.thread.join()
         if self.tty and self.wrote:
             with self.lock: self.stream.write("\r\x1b[K"); self.stream.flush()
-
-    def hooks(self) -> dict[str, Any]:
-        "The nbclient hooks papermill passes to its client."
-        return {"on_notebook_start": self.on_notebook_start, "on_cell_execute": self.on_cell_execute}
 
 # %% ../nbs/04_cli.ipynb #eaf0220e
 class NotebookError(CommandFailed):

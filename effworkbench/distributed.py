@@ -29,9 +29,10 @@ from .train import PARALLEL, Parallelism, make_mesh, rng_state, set_rng_state
 
 # %% auto #0
 __all__ = ['SCHEMES', 'exit_distributed', 'default_mp_policy', 'shard', 'full_grads', 'ModelOptimizerState', 'ProgressState',
-           'RNGState', 'CheckpointManager', 'ExpertParallelMoE', 'expert_parallel', 'sync_grads', 'TrainerProgress',
-           'ExpertParallelState', 'ShardedParallelism', 'FullyShardedDataParallel', 'ExpertParallelism', 'comm_bytes',
-           'memory_per_rank', 'predict_step_time', 'measure_step_times', 'DistributedConfig', 'step_times_unit', 'run']
+           'RNGState', 'CheckpointSteps', 'CheckpointManager', 'ExpertParallelMoE', 'expert_parallel', 'sync_grads',
+           'TrainerProgress', 'ExpertParallelState', 'ShardedParallelism', 'FullyShardedDataParallel',
+           'ExpertParallelism', 'comm_bytes', 'memory_per_rank', 'predict_step_time', 'measure_step_times',
+           'DistributedConfig', 'step_times_unit', 'run']
 
 # %% ../nbs/90_distributed.ipynb #3d4d7383
 def exit_distributed(code: int = 0):
@@ -142,13 +143,9 @@ def _load_failure(e: BaseException, path: Path, earlier: list[int]) -> Checkpoin
     return CheckpointError(f"sharded checkpoint {path} cannot be loaded ({why}). If it is damaged, delete that folder"
                            + (f" to resume from step {earlier[-1]}" if earlier else "") + ", or load a different step")
 
-# %% ../nbs/90_distributed.ipynb #f70e7a36
-class CheckpointManager:
-    "Sharded checkpoints `root/step-NNNNNNNN/` through torch.distributed.checkpoint; written to a temp dir, then renamed."
-    def __init__(self, root: str | Path, keep: int = 2):
-        if keep < 2: raise ConfigError(f"keep={keep}: keep at least 2 checkpoints, so one survives a crash during a save")
-        self.root, self.keep = Path(root), keep
-
+# %% ../nbs/90_distributed.ipynb #e4f4e8b0
+class CheckpointSteps:
+    "The checkpoints under `self.root` by step: folder `step-NNNNNNNN/`, complete once renamed into place with its `.metadata`."
     def path(self, step: int) -> Path: return self.root / f"step-{step:08d}"
 
     def checkpoints(self) -> list[int]:
@@ -159,6 +156,13 @@ class CheckpointManager:
     def latest(self) -> int | None:
         c = self.checkpoints()
         return c[-1] if c else None
+
+# %% ../nbs/90_distributed.ipynb #f70e7a36
+class CheckpointManager(CheckpointSteps):
+    "Sharded checkpoints `root/step-NNNNNNNN/` through torch.distributed.checkpoint; written to a temp dir, then renamed."
+    def __init__(self, root: str | Path, keep: int = 2):
+        if keep < 2: raise ConfigError(f"keep={keep}: keep at least 2 checkpoints, so one survives a crash during a save")
+        self.root, self.keep = Path(root), keep
 
     def save(self, step: int, state: dict[str, Any], writer: Callable | None = None) -> Path:
         "Write `state` (name → Stateful or tensors) as step `step` on every rank; `writer(path)` makes the StorageWriter."
@@ -210,6 +214,14 @@ def _to_experts(xf: torch.Tensor, expert_idx: torch.Tensor, n_experts: int, ep: 
     local = torch.arange(n_local, device=xf.device).repeat(ep).repeat_interleave(recv)   # (R,) local expert of each row
     return xr, local, slot, send_splits, recv_splits
 
+# %% ../nbs/90_distributed.ipynb #0e589c69
+def _expert_slice(moe: MoEFFN, sl: slice) -> tuple[nn.Parameter, nn.Parameter | None, nn.Parameter]:
+    "Copies of experts `sl` of `moe`'s stacked weights (w_in, w_gate or None, w_out), marked `expert_parallel` (sharded, not all-reduced)."
+    ws = [None if w is None else nn.Parameter(w.detach()[sl].clone()) for w in (moe.w_in, moe.w_gate, moe.w_out)]
+    for w in ws:
+        if w is not None: w.expert_parallel = True
+    return tuple(ws)
+
 # %% ../nbs/90_distributed.ipynb #21fcedd7
 class ExpertParallelMoE(nn.Module):
     "An `MoEFFN` whose experts are split over the ranks of `group`: tokens go to their experts' rank and back by all-to-all."
@@ -225,11 +237,7 @@ class ExpertParallelMoE(nn.Module):
         self.moe, self.act, self.group_mult = moe.moe, moe.act, moe.group_mult
         self.router = moe.router                                          # replicated on every rank
         sl = slice(self.first, self.first + self.n_local)
-        self.w_in = nn.Parameter(moe.w_in.detach()[sl].clone())          # (E/ep, d, h) this rank's experts
-        self.w_gate = nn.Parameter(moe.w_gate.detach()[sl].clone()) if moe.w_gate is not None else None
-        self.w_out = nn.Parameter(moe.w_out.detach()[sl].clone())        # (E/ep, h, d)
-        for w in (self.w_in, self.w_gate, self.w_out):
-            if w is not None: w.expert_parallel = True
+        self.w_in, self.w_gate, self.w_out = _expert_slice(moe, sl)      # (E/ep, d, h), same or None, (E/ep, h, d)
         self.aux_loss: dict[str, torch.Tensor] = {}
 
     route = MoEFFN.route

@@ -23,10 +23,10 @@ from .nn.gpt import (GPT, GPTConfig, GroupHP, Attention, Parameterization, fan_i
                                  register_parameterization)
 
 # %% auto #0
-__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'dense_fan_in', 'MuPOptions', 'MuPWipOptions', 'MuP', 'MuPWipRouter', 'hp_table',
-           'CoordSettings', 'coord_train_config', 'measure_coords', 'coord_unit', 'coord_table', 'coord_slopes',
-           'max_growth', 'coord_frame', 'plot_coord', 'LRSettings', 'lr_train_config', 'lr_points', 'train_results',
-           'sweep_table', 'optimal_lr', 'MuPConfig', 'run', 'lr_panels', 'plot_lr']
+__all__ = ['HIDDEN_GROUPS', 'SLOPE_THRESHOLD', 'dense_fan_in', 'MuPOptions', 'MuPWipOptions', 'FanInRule', 'MuP', 'MuPWipRouter',
+           'hp_table', 'CoordSettings', 'coord_train_config', 'measure_coords', 'coord_unit', 'coord_table',
+           'coord_slopes', 'max_growth', 'coord_frame', 'plot_coord', 'LRSettings', 'lr_train_config', 'lr_points',
+           'train_results', 'sweep_table', 'optimal_lr', 'MuPConfig', 'run', 'lr_panels', 'plot_lr']
 
 # %% ../nbs/20_mup.ipynb #a5c4ea95
 HIDDEN_GROUPS = ("attn_qkv", "attn_out", "ffn_in", "ffn_out")   # width → width matrices
@@ -58,9 +58,26 @@ class MuPWipOptions(MuPOptions):
         if self.router != "wip": raise ConfigError("mup_wip_router fixes router='wip'; use 'mup' for the derived rule")
         super().__post_init__()
 
+# %% ../nbs/20_mup.ipynb #1fdabaf0
+class FanInRule:
+    "μP's per-matrix hooks: with r = (dense fan-in) / fan_in(p), init variance × r, LR × r, weight decay ÷ r (`expert_rule` 'width': r = 1)."
+    def fan_ratio(self, group: str, p: torch.Tensor, cfg: GPTConfig) -> float:
+        "r = (dense fan-in) / fan_in(p): G for an expert's output matrix under the fan-in rule, else 1."
+        if group not in HIDDEN_GROUPS or self.expert_rule == "width" or p.ndim < 2: return 1.0
+        return dense_fan_in(group, cfg) / fan_in(p)
+    def init_std(self, group, name, p, model, hp):
+        return None if hp.init_std is None else hp.init_std * math.sqrt(self.fan_ratio(group, p, model.cfg))   # var × r
+    def lr_scale(self, group, name, p, model) -> float:
+        "Matrices: LR × r. Vector-like parameters (biases) keep η whatever their group: × 1/(the group's LR multiplier)."
+        if p.ndim < 2: return 1.0 / self.group_hp(group, model).lr_mult                  # Δb adds to y directly: Θ(1) at η
+        return self.fan_ratio(group, p, model.cfg)                                          # LR × r
+    def wd_scale(self, group, name, p, model) -> float:
+        "Matrices: decay ÷ r, so that every matrix decays by (η·lr_mult·r)·(λ·wd_mult/r) = η·λ per step, at every width."
+        return 1.0 / self.fan_ratio(group, p, model.cfg)
+
 # %% ../nbs/20_mup.ipynb #3e6da502
 @register_parameterization("mup")
-class MuP(Parameterization):
+class MuP(FanInRule, Parameterization):
     "μP for Adam on dense and MoE GPTs (options: `MuPOptions`); per matrix: init variance × r, LR × r, weight decay ÷ r."
     name, Config = "mup", MuPOptions
     def __init__(self, **options):
@@ -85,19 +102,6 @@ class MuP(Parameterization):
     def attn_scale(self, cfg: GPTConfig) -> float:
         c = self.attn_mult if self.attn_mult is not None else math.sqrt(self.base_width / cfg.n_heads)
         return c / cfg.d_head                                                              # q·k · √d_h0 / d_head
-    def fan_ratio(self, group: str, p: torch.Tensor, cfg: GPTConfig) -> float:
-        "r = (dense fan-in) / fan_in(p): G for an expert's output matrix under the fan-in rule, else 1."
-        if group not in HIDDEN_GROUPS or self.expert_rule == "width" or p.ndim < 2: return 1.0
-        return dense_fan_in(group, cfg) / fan_in(p)
-    def init_std(self, group, name, p, model, hp):
-        return None if hp.init_std is None else hp.init_std * math.sqrt(self.fan_ratio(group, p, model.cfg))   # var × r
-    def lr_scale(self, group, name, p, model) -> float:
-        "Matrices: LR × r. Vector-like parameters (biases) keep η whatever their group: × 1/(the group's LR multiplier)."
-        if p.ndim < 2: return 1.0 / self.group_hp(group, model).lr_mult                  # Δb adds to y directly: Θ(1) at η
-        return self.fan_ratio(group, p, model.cfg)                                          # LR × r
-    def wd_scale(self, group, name, p, model) -> float:
-        "Matrices: decay ÷ r, so that every matrix decays by (η·lr_mult·r)·(λ·wd_mult/r) = η·λ per step, at every width."
-        return 1.0 / self.fan_ratio(group, p, model.cfg)
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
 # %% ../nbs/20_mup.ipynb #e5a09f23

@@ -122,6 +122,31 @@ def _show_doc_md(name: str, module: str | None) -> str | None:
     except Exception: return None
     return re.sub(r"^-{3,}\s*", "", _SOURCE_LINK.sub("", md).strip()).strip()  # no rule and no source link
 
+# %% ../nbs/02a_pages.ipynb #d0f79e3d
+def _page_cell(c, i: int, module: str | None):
+    "Processed cell `i` as the page shows it (a `show_doc` cell becomes its Markdown, see `_show_doc_md`), or None to drop it."
+    from fastcore.nbio import dict2nb
+    d = getattr(c, "directives_", {}) or {}
+    if getattr(c, "has_sd", False) or (c.cell_type == "code" and c.source.startswith("show_doc(")):
+        m = re.match(r"show_doc\(([\w.]+)\)", c.source)
+        md = _show_doc_md(m.group(1), module) if m else None
+        if not md: return None
+        return dict2nb({"cells": [{"cell_type": "markdown", "source": md, "metadata": {}, "id": f"doc-{i}"}]}).cells[0]
+    if c.cell_type != "code":
+        c.metadata = {}
+        return c
+    if "default_exp" in d or str(d.get("include", "")).lower() == "false": return None
+    tags = list(c.metadata.get("tags", []))
+    if str(d.get("echo", "")).lower() == "false": tags.append("remove-input")
+    elif d.keys() & {"export", "exporti", "exports"} or c.source.count("\n") >= LONG_CELL_LINES:
+        tags.append("hide-input")
+    if str(d.get("output", "")).lower() == "false": tags.append("remove-output")
+    _clean_outputs(c, str(i))
+    if not c.source.strip() and not c.get("outputs"): return None
+    c.metadata = {"tags": tags} if tags else {}
+    c.execution_count = None  # no prompts
+    return c
+
 # %% ../nbs/02a_pages.ipynb #c9c6cbe5
 def nbdev_page(nb, package: str = "effworkbench"):
     "An executed notebook node processed for the site: nbdev's directives applied, `show_doc` rendered, outputs cleaned."
@@ -137,28 +162,7 @@ def nbdev_page(nb, package: str = "effworkbench"):
     proc = NBProcessor(nb=nb, procs=[populate_language, add_show_docs, strip_ansi, hide_line, filter_stream_,
                                      rm_header_dash, clean_magics, hide_, strip_hidden_metadata], rm_directives=True)
     proc.process()
-    cells = []
-    for i, c in enumerate(proc.nb.cells):
-        d = getattr(c, "directives_", {}) or {}
-        if getattr(c, "has_sd", False) or (c.cell_type == "code" and c.source.startswith("show_doc(")):
-            m = re.match(r"show_doc\(([\w.]+)\)", c.source)
-            md = _show_doc_md(m.group(1), module) if m else None
-            if md: cells.append(dict2nb({"cells": [{"cell_type": "markdown", "source": md, "metadata": {}, "id": f"doc-{i}"}]}).cells[0])
-            continue
-        if c.cell_type == "code":
-            if "default_exp" in d or str(d.get("include", "")).lower() == "false": continue
-            tags = list(c.metadata.get("tags", []))
-            if str(d.get("echo", "")).lower() == "false": tags.append("remove-input")
-            elif d.keys() & {"export", "exporti", "exports"} or c.source.count("\n") >= LONG_CELL_LINES:
-                tags.append("hide-input")
-            if str(d.get("output", "")).lower() == "false": tags.append("remove-output")
-            _clean_outputs(c, str(i))
-            if not c.source.strip() and not c.get("outputs"): continue
-            c.metadata = {"tags": tags} if tags else {}
-            c.execution_count = None  # no prompts
-        else:
-            c.metadata = {}
-        cells.append(c)
+    cells = [p for i, c in enumerate(proc.nb.cells) if (p := _page_cell(c, i, module)) is not None]
     nb = nb2dict(proc.nb)
     nb["cells"] = [nb2dict(c) for c in cells]
     for c in nb["cells"]:

@@ -199,6 +199,20 @@ class RunRecord:
         try: return _read_object(p) if p.exists() else {}
         except ValueError: return {}
 
+# %% ../nbs/00a_store.ipynb #72e4cc0e
+def _jsonl_objects(path: Path) -> list[dict]:
+    "The JSON objects of the lines of `path` ([] if it is missing). A torn line (a killed writer leaves one) is skipped silently; other unreadable lines (not UTF-8, not a JSON object) with a warning."
+    rows, bad = [], 0
+    if path.exists():
+        for raw in path.read_bytes().splitlines():
+            try: rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError: bad += 1; continue         # the log writes ASCII: not ours
+            except json.JSONDecodeError: continue                  # a line cut by a killed writer
+            if isinstance(rec, dict): rows.append(rec)
+            else: bad += 1
+    if bad: warnings.warn(f"{path}: skipped {bad} line(s) that are not UTF-8 JSON objects", stacklevel=3)
+    return rows
+
 # %% ../nbs/00a_store.ipynb #35f1fb63
 class RunMetrics:
     "The run's append-only metrics log (`metrics.jsonl`), mirrored to the loggers the run was given."
@@ -231,16 +245,7 @@ class RunMetrics:
 
     def metrics(self) -> pd.DataFrame:
         "The metrics log as a DataFrame; a resumed run's repeated steps keep the latest. Unreadable lines are skipped: a torn one silently (a killed writer leaves one), others (not UTF-8, not a JSON object) with a warning."
-        rows, bad = [], 0
-        if self.metrics_file.exists():
-            for raw in self.metrics_file.read_bytes().splitlines():
-                try: rec = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError: bad += 1; continue         # the log writes ASCII: not ours
-                except json.JSONDecodeError: continue                  # a line cut by a killed writer
-                if isinstance(rec, dict): rows.append(rec)
-                else: bad += 1
-        if bad: warnings.warn(f"{self.metrics_file}: skipped {bad} line(s) that are not UTF-8 JSON objects", stacklevel=2)
-        df = pd.DataFrame(rows)
+        df = pd.DataFrame(_jsonl_objects(self.metrics_file))
         if "step" in df: df = df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
         return df
 

@@ -90,6 +90,19 @@ def _kill(p):
     if p.exitcode is None: p.kill()
     p.join()
 
+def _task_outcome(r, p):
+    "The answer `_child` sent on pipe end `r`: the task's result, its exception re-raised, or a TaskFailed saying how its process ended."
+    try: kind, value = r.recv()
+    except (EOFError, OSError):                              # no answer: the process died
+        p.join()
+        _kill(p)                                             # and whatever it started
+        return TaskFailed(_exit_reason(p.exitcode))
+    finally: r.close()
+    p.join()
+    if kind == "ok": return value
+    if kind == "base": return TaskFailed(f"worker raised {value}")
+    raise value
+
 # %% ../nbs/03_sweep.ipynb #755dcc80
 class ProcessExecutor(Executor):
     "Each task in its own child process, at most `max_workers` at once (`fork` on Linux, `spawn` elsewhere); a dead or timed-out child fails its task only."
@@ -117,7 +130,7 @@ class ProcessExecutor(Executor):
                     wait = max(0.0, min(t0 for _, _, t0 in running.values()) + self.timeout - time.monotonic())
                 for r in mpc.wait(list(running), timeout=wait):
                     i, p, _ = running.pop(r)
-                    yield i, self._outcome(r, p)
+                    yield i, _task_outcome(r, p)
                 if self.timeout is not None:
                     for r, (i, p, t0) in list(running.items()):
                         if time.monotonic() - t0 > self.timeout:
@@ -126,20 +139,6 @@ class ProcessExecutor(Executor):
         finally:   # interrupted (Ctrl-C) or abandoned: queued tasks never start, running ones are killed (their runs resume later)
             for r, (i, p, _) in running.items():
                 _kill(p); r.close()
-
-    @staticmethod
-    def _outcome(r, p):
-        "The task's result, its exception re-raised, or a TaskFailed saying how its process ended."
-        try: kind, value = r.recv()
-        except (EOFError, OSError):                              # no answer: the process died
-            p.join()
-            _kill(p)                                             # and whatever it started
-            return TaskFailed(_exit_reason(p.exitcode))
-        finally: r.close()
-        p.join()
-        if kind == "ok": return value
-        if kind == "base": return TaskFailed(f"worker raised {value}")
-        raise value
 
 # %% ../nbs/03_sweep.ipynb #0978489b
 def _import_ray():
@@ -166,6 +165,31 @@ def secure_ray_token(create: bool = True) -> Path | None:
     if stat.S_IMODE(path.stat().st_mode) & 0o077: os.chmod(path, 0o600)    # Ray writes it world-readable
     return path
 
+# %% ../nbs/03_sweep.ipynb #72fb89ed
+def _ray_init(ray, address: str | None, num_cpus: int | None, init_kwargs: dict):
+    "Start the local instance on 127.0.0.1 (`address=None`, `num_cpus` CPUs) or join the cluster at `address`; token auth either way."
+    mode = os.environ.get("RAY_AUTH_MODE")     # unset: a new local instance turns token auth on by itself (Ray >= 2.59)
+    if mode != "token" and not (mode is None and address is None):
+        raise ConfigError("a Ray cluster without token authentication runs code for anyone who can reach it: "
+                          "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
+                          "`ray get-auth-token --generate` writes) on every node and in this process, before "
+                          "ray is imported")
+    secure_ray_token(create=address is None)   # a cluster's token comes from its head: never make one up
+    kw = {"log_to_driver": not is_quiet(), **init_kwargs}
+    if address is None:
+        kw = {"num_cpus": num_cpus, "include_dashboard": False, **kw}
+        with _loopback_ray(ray): ray.init(address="local", **kw)
+    else: ray.init(address=address, **kw)
+
+def _ray_outcome(ray, ref):
+    "The finished task `ref`'s result, its own exception re-raised (as the process executor does), or a TaskFailed."
+    try: return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:   # the task raised
+        if isinstance(e.cause, Exception): raise e.cause from None
+        return TaskFailed(f"worker raised {type(e.cause).__name__}: {e.cause}")
+    except ray.exceptions.RayError as e:       # the worker or its node died, or the task was cancelled
+        return TaskFailed(f"worker died: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+
 # %% ../nbs/03_sweep.ipynb #ee8119af
 class RayExecutor(Executor):
     "Tasks on Ray: a new local instance on 127.0.0.1 (`address=None`) or an existing cluster (`'auto'` or `'host:port'`), always with token auth."
@@ -182,18 +206,7 @@ class RayExecutor(Executor):
         "Join the cluster (token auth required), or start the local instance on 127.0.0.1 with token auth; a connection this process already has is reused."
         ray = _import_ray()
         if not ray.is_initialized():
-            mode = os.environ.get("RAY_AUTH_MODE")     # unset: a new local instance turns token auth on by itself (Ray >= 2.59)
-            if mode != "token" and not (mode is None and self.address is None):
-                raise ConfigError("a Ray cluster without token authentication runs code for anyone who can reach it: "
-                                  "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
-                                  "`ray get-auth-token --generate` writes) on every node and in this process, before "
-                                  "ray is imported")
-            secure_ray_token(create=self.address is None)   # a cluster's token comes from its head: never make one up
-            kw = {"log_to_driver": not is_quiet(), **self.init_kwargs}
-            if self.address is None:
-                kw = {"num_cpus": self.num_cpus, "include_dashboard": False, **kw}
-                with _loopback_ray(ray): ray.init(address="local", **kw)
-            else: ray.init(address=self.address, **kw)
+            _ray_init(ray, self.address, self.num_cpus, self.init_kwargs)
             self._connected_here = True
         return ray
 
@@ -205,13 +218,7 @@ class RayExecutor(Executor):
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                try: out = ray.get(done[0])
-                except ray.exceptions.RayTaskError as e:   # the task raised: re-raise its own exception, as the process executor does
-                    if isinstance(e.cause, Exception): raise e.cause from None
-                    out = TaskFailed(f"worker raised {type(e.cause).__name__}: {e.cause}")
-                except ray.exceptions.RayError as e:       # the worker or its node died, or the task was cancelled
-                    out = TaskFailed(f"worker died: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
-                yield index[done[0]], out
+                yield index[done[0]], _ray_outcome(ray, done[0])
         finally:   # interrupted or abandoned: stop what has not finished (its run stays resumable)
             for ref in pending:
                 try: ray.cancel(ref, force=True)

@@ -81,6 +81,12 @@ def _check_train_config(c) -> None:
         if not c.warmup < wsd_decay_start(b, c.decay_frac) and b < c.steps:
             raise ConfigError(f"decay branch ending at step {b} must start after warm-up ({c.warmup}) and end before {c.steps}")
 
+def _complete_train_config(c) -> None:
+    "Complete `TrainConfig` `c` (a `model` dict becomes a `GPTConfig`, the parameterization's options get their defaults), then check every field."
+    if isinstance(c.model, dict): c.model = GPTConfig(**c.model)
+    c.param_kwargs = parameterization_options(c.param, c.param_kwargs)   # all options, defaults filled in
+    _check_train_config(c)
+
 # %% ../nbs/11_train.ipynb #3fbbbd22
 @dataclass
 class TrainConfig(PresetConfig):
@@ -120,10 +126,7 @@ class TrainConfig(PresetConfig):
     compile: bool = False
     presets: ClassVar = TRAIN_PRESETS
 
-    def __post_init__(self):
-        if isinstance(self.model, dict): self.model = GPTConfig(**self.model)
-        self.param_kwargs = parameterization_options(self.param, self.param_kwargs)   # all options, defaults filled in
-        _check_train_config(self)
+    def __post_init__(self): _complete_train_config(self)
 
 # %% ../nbs/11_train.ipynb #b1f57fb1
 def wsd_decay_start(steps: int, decay_frac: float) -> int:

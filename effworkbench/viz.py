@@ -451,6 +451,15 @@ class ExplorerRendering:
         self.widget.close(); self.output.close()
         for w in self.controls.values(): w.close()
 
+# %% ../nbs/02_viz.ipynb #c5f0d2de
+def _figure_of(fn: Callable[..., go.Figure], values: Mapping[str, Any]) -> go.Figure:
+    "`fn(**values)`, which must be a plotly figure (anything else is a TypeError naming `fn`)."
+    fig = fn(**values)
+    if not isinstance(fig, go.Figure):
+        raise TypeError(f"{getattr(fn, '__name__', 'fn')} returned {type(fig).__name__}, "
+                        f"expected a plotly.graph_objects.Figure")
+    return fig
+
 # %% ../nbs/02_viz.ipynb #49286e02
 class ExplorerUpdates:
     "How an explorer follows its controls: set values, recompute `fn(**values)`, keep the figure or the error."
@@ -479,10 +488,7 @@ class ExplorerUpdates:
 
     def _recompute(self, raise_errors: bool) -> go.Figure | None:
         try:
-            fig = self.fn(**self.values)
-            if not isinstance(fig, go.Figure):
-                raise TypeError(f"{getattr(self.fn, '__name__', 'fn')} returned {type(fig).__name__}, "
-                                f"expected a plotly.graph_objects.Figure")
+            fig = _figure_of(self.fn, self.values)
         except Exception as e:
             self.error = e
             if raise_errors: raise

@@ -27,12 +27,12 @@ from .models import ViTBlock, unit_result, unit_weights
 
 # %% auto #0
 __all__ = ['POLICIES', 'action_to_box', 'extract_glimpse', 'seen_mask', 'pixels_seen', 'patch_boxes', 'fourier_features',
-           'GlimpseViT', 'take_glimpses', 'object_actions', 'pretrain_encoder', 'GlimpseEnv', 'AttentionPool', 'mlp',
-           'Actor', 'Critic', 'ReplayBuffer', 'SACConfig', 'SAC', 'box_to_action', 'random_policy', 'grid_policy',
-           'centre_zoom_policy', 'sac_policy', 'rollout', 'train_agent', 'evaluate_policy', 'bootstrap_diff',
-           'AdaGlimpseConfig', 'encoder_unit', 'agent_unit', 'glimpse_data', 'pretrain_encoder_unit', 'load_env',
-           'make_agent', 'train_agent_unit', 'policy_for', 'evaluate_policy_unit', 'run', 'table_images',
-           'glimpse_animation']
+           'GlimpseViT', 'take_glimpses', 'object_actions', 'pretrain_encoder', 'glimpse_state', 'GlimpseEnv',
+           'AttentionPool', 'mlp', 'Actor', 'Critic', 'ReplayBuffer', 'SACConfig', 'soft_bellman_target', 'polyak_',
+           'SAC', 'box_to_action', 'random_policy', 'grid_policy', 'centre_zoom_policy', 'sac_policy', 'rollout',
+           'train_agent', 'evaluate_policy', 'bootstrap_diff', 'AdaGlimpseConfig', 'encoder_unit', 'agent_unit',
+           'glimpse_data', 'pretrain_encoder_unit', 'load_env', 'make_agent', 'train_agent_unit', 'policy_for',
+           'evaluate_policy_unit', 'run', 'table_images', 'glimpse_animation']
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #8fc73a51
 def action_to_box(action: torch.Tensor, hw: tuple[int, int], d_min: float | None = None, d_max: float | None = None) -> torch.Tensor:
@@ -168,6 +168,18 @@ def pretrain_encoder(model: GlimpseViT, x: torch.Tensor, y: torch.Tensor, budget
     model.eval()
     return pd.DataFrame(rows)
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #821edc2b
+def glimpse_state(z: torch.Tensor, boxes: torch.Tensor, model: GlimpseViT, hw: tuple[int, int], t: int, budget: int) -> torch.Tensor:
+    "The state after `t` of `budget` glimpses: latents z (B, 1 + t·k², D) and boxes (B, t, 3) → (B, 1 + budget·k², D + 6), zero-padded."
+    B, n, m = len(z), z.shape[1], model
+    s = torch.zeros(B, 1 + budget * m.tokens_per_glimpse, m.dim + 6)      # latent, (cx, cy, side), valid, is_cls, t/T
+    s[:, :n, :m.dim] = z
+    if n > 1: s[:, 1:n, m.dim:m.dim + 3] = patch_boxes(boxes, m.grid, hw).reshape(B, n - 1, 3)
+    s[:, :n, m.dim + 3] = 1.0                                              # valid
+    s[:, 0, m.dim + 4] = 1.0                                               # class token
+    s[:, :, m.dim + 5] = t / budget
+    return s
+
 # %% ../../nbs/44_vision.adaglimpse.ipynb #1fdad74f
 class GlimpseEnv:
     "Batched glimpse episodes on a frozen `GlimpseViT`: state = latent tokens + coordinates; reward = Δ true-class prob."
@@ -178,18 +190,9 @@ class GlimpseEnv:
 
     @torch.no_grad()
     def _observe(self):
-        B, m = len(self.y), self.model
-        logits, z = m(self.glimpses, self.boxes, self.hw)                     # z (B, 1 + t·k², D)
-        n = z.shape[1]
-        s = torch.zeros(B, self.n_tok, self.state_dim)
-        s[:, :n, :m.dim] = z
-        if n > 1: s[:, 1:n, m.dim:m.dim + 3] = patch_boxes(self.boxes, m.grid, self.hw).reshape(B, n - 1, 3)
-        s[:, :n, m.dim + 3] = 1.0                                              # valid
-        s[:, 0, m.dim + 4] = 1.0                                               # class token
-        s[:, :, m.dim + 5] = self.t / self.budget
-        self.logits = logits
-        self.score = logits.softmax(-1).gather(1, self.y[:, None])[:, 0]      # s_t = p(y | glimpses so far)
-        return s
+        self.logits, z = self.model(self.glimpses, self.boxes, self.hw)      # z (B, 1 + t·k², D)
+        self.score = self.logits.softmax(-1).gather(1, self.y[:, None])[:, 0]  # s_t = p(y | glimpses so far)
+        return glimpse_state(z, self.boxes, self.model, self.hw, self.t, self.budget)
 
     def reset(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         "Start episodes on images (B, C, H, W) with labels (B,); returns the state (B, n_tok, state_dim)."
@@ -285,6 +288,19 @@ class SACConfig:
     batch_size: int = 128
     buffer: int = 10000
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #ecb104f7
+@torch.no_grad()
+def soft_bellman_target(actor: nn.Module, targets: nn.ModuleList, r, s2, d, gamma: float, alpha) -> torch.Tensor:
+    "y = r + γ(1−d)(min_i Q̄_i(s', a') − α log π(a'|s')), a' ~ π(·|s'): the critics' regression target, (B,)."
+    a2, logp2 = actor(s2)
+    q_next = torch.min(*[q(s2, a2) for q in targets])
+    return r + gamma * (1 - d) * (q_next - alpha * logp2)
+
+@torch.no_grad()
+def polyak_(targets: nn.Module, nets: nn.Module, tau: float):
+    "θ̄ ← (1−τ) θ̄ + τ θ, in place, for every parameter pair of `targets` and `nets`."
+    for p, pt in zip(nets.parameters(), targets.parameters()): pt.lerp_(p, tau)
+
 # %% ../../nbs/44_vision.adaglimpse.ipynb #cd67d570
 class SAC:
     "Compact Soft Actor-Critic: squashed Gaussian actor, twin critics + targets, automatic entropy temperature."
@@ -313,10 +329,7 @@ class SAC:
         c = self.cfg
         s, a, r, s2, d = buf.sample(c.batch_size, self.gen)
         alpha = self.log_alpha.exp().detach()
-        with torch.no_grad():                                                # y = r + γ(1−d)(min Q̄(s',a') − α log π(a'|s'))
-            a2, logp2 = self.actor(s2)
-            q_next = torch.min(*[q(s2, a2) for q in self.targets])
-            y = r + c.gamma * (1 - d) * (q_next - alpha * logp2)
+        y = soft_bellman_target(self.actor, self.targets, r, s2, d, c.gamma, alpha)
         loss_q = sum(F.mse_loss(q(s, a), y) for q in self.critics)
         self.opt_critic.zero_grad(); loss_q.backward(); self.opt_critic.step()
         a_new, logp = self.actor(s)                                          # L_π = E[α log π − min Q]
@@ -325,8 +338,7 @@ class SAC:
         self.opt_actor.zero_grad(); loss_pi.backward(); self.opt_actor.step()
         loss_alpha = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()   # L_α
         self.opt_alpha.zero_grad(); loss_alpha.backward(); self.opt_alpha.step()
-        with torch.no_grad():                                                # θ̄ ← (1−τ) θ̄ + τ θ
-            for p, pt in zip(self.critics.parameters(), self.targets.parameters()): pt.lerp_(p, c.tau)
+        polyak_(self.targets, self.critics, c.tau)
         return {"loss_q": loss_q.item(), "loss_pi": loss_pi.item(), "loss_alpha": loss_alpha.item(), "alpha": self.alpha}
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #294762bc
