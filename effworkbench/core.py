@@ -208,6 +208,8 @@ def source_entry_points() -> dict[str, dict[str, str]]:
     return {g: dict(v) for g, v in project.get("entry-points", {}).items()}
 
 # %% ../nbs/00_core.ipynb #6a5c273b
+_MISSING = object()                      # a default no registry entry can be
+
 class RegistryEntryPoints:
     "How a registry finds what it was not told: the modules named by the entry points of its group, imported once."
     def _entry_points(self, name: str | None = None) -> dict[str, str]:
@@ -255,13 +257,12 @@ class Registry(RegistryEntryPoints, Mapping):
             raise ConfigError(f"unknown {self.kind} {name!r}{why}; registered: {sorted(self)}")
         return self._items[name]
 
-    def __contains__(self, name) -> bool:
-        try: self[name]; return True
-        except ConfigError: return False
+    def __contains__(self, name) -> bool: return self.get(name, _MISSING) is not _MISSING
 
     def get(self, name: str, default: Any = None):
         "The object registered as `name`, or `default` (a lookup error is a ConfigError, which `Mapping.get` would not catch)."
-        return self[name] if name in self else default
+        try: return self[name]
+        except ConfigError: return default
 
     def __iter__(self):
         self._load()
@@ -391,10 +392,8 @@ class ParamCounts:
     def __add__(self, o: ParamCounts) -> ParamCounts:
         act = None if None in (self.active_experts, o.active_experts) else self.active_experts + o.active_experts
         return ParamCounts(**{r: getattr(self, r) + getattr(o, r) for r in PARAM_ROLES}, active_experts=act)
-    def __mul__(self, n: float) -> ParamCounts:                   # n identical layers
-        return ParamCounts(**{r: getattr(self, r) * n for r in PARAM_ROLES},
-                           active_experts=None if self.active_experts is None else self.active_experts * n)
-    __rmul__ = __mul__
+    def __rmul__(self, n: float) -> ParamCounts:                  # n identical layers: n * counts
+        return ParamCounts(**{r: getattr(self, r) * n for r in PARAM_ROLES}, active_experts=None if self.active_experts is None else self.active_experts * n)
     def __getitem__(self, name: str) -> float | None:
         if (d := self.as_dict()) and name not in d: raise KeyError(f"{name!r}: counts are {list(d)}")
         return d[name]

@@ -26,7 +26,7 @@ from ..train import TrainConfig, train_run
 # %% auto #0
 __all__ = ['Routing', 'MOE_BACKENDS', 'MoEConfig', 'Routed', 'sort_key', 'expert_counts', 'queue_position', 'route_token_choice',
            'route_expert_choice', 'route_dynamic_k', 'load_balance_loss', 'z_loss', 'moe_mlp_loop', 'moe_mlp_torch',
-           'register_moe_backend', 'resolve_backend', 'moe_mlp', 'routing_stats', 'MoEFFN', 'build_moe',
+           'register_moe_backend', 'resolve_backend', 'moe_mlp', 'routing_stats', 'route', 'MoEFFN', 'build_moe',
            'experts_per_token', 'moe_stats', 'MoECompareConfig', 'compare_configs', 'run']
 
 # %% ../../nbs/12_moe.layers.ipynb #5c8e2b25
@@ -216,6 +216,13 @@ def routing_stats(r: Routed, n: int) -> dict[str, torch.Tensor]:
     return {"load": r.wanted.detach(), "used": used, "dropped": r.dropped.detach(), "assignments": r.wanted.sum().detach(),
             "experts_per_token": (r.expert_idx >= 0).sum(-1).float().mean().detach()}
 
+# %% ../../nbs/12_moe.layers.ipynb #0fcb4eb2
+def route(m: MoEConfig, probs: torch.Tensor) -> Routed:
+    "The routing `m.routing` of tokens with router probabilities (N, n): token choice (and Switch), expert choice or dynamic-k."
+    if m.routing in ("token_choice", "switch"): return route_token_choice(probs, m.k, m.capacity_factor)
+    if m.routing == "expert_choice": return route_expert_choice(probs, m.k, m.capacity_factor)
+    return route_dynamic_k(probs, m.tau)
+
 # %% ../../nbs/12_moe.layers.ipynb #50229fda
 class MoEFFN(nn.Module):
     "An MoE FFN: (B, T, d) → (B, T, d), with E·G experts of size d_ff/G and k = k0·G experts per token."
@@ -240,11 +247,7 @@ class MoEFFN(nn.Module):
         "x (N, d) → (routing, router logits (N, n), probabilities (N, n))."
         logits = self.router(x).float()
         probs = logits.softmax(-1)
-        m = self.moe
-        if m.routing in ("token_choice", "switch"): r = route_token_choice(probs, m.k, m.capacity_factor)
-        elif m.routing == "expert_choice": r = route_expert_choice(probs, m.k, m.capacity_factor)
-        else: r = route_dynamic_k(probs, m.tau)
-        return r, logits, probs
+        return route(self.moe, probs), logits, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape

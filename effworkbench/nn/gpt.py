@@ -26,10 +26,10 @@ __all__ = ['Rule', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'GROUPS', 'GROUP_ROLES',
            'fraction', 'optional', 'check_fields', 'register_ffn', 'register_parameterization', 'DenseConfig',
            'build_dense', 'options_class', 'canonical_options', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups',
            'param_groups', 'RMSNorm', 'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'Block',
-           'chunked_cross_entropy', 'GPT', 'GroupHP', 'Parameterization', 'init_parameters', 'optimizer_groups',
-           'fan_in', 'SPConfig', 'StandardParameterization', 'parameterization_options', 'make_parameterization',
-           'gpt_spec', 'gpt_from_spec', 'load_gpt', 'param_counts', 'flops_per_token', 'group_role', 'measure_params',
-           'size_table']
+           'chunked_cross_entropy', 'TokenSampler', 'GPT', 'GroupHP', 'Parameterization', 'init_parameters',
+           'optimizer_groups', 'fan_in', 'SPConfig', 'StandardParameterization', 'parameterization_options',
+           'make_parameterization', 'gpt_spec', 'gpt_from_spec', 'load_gpt', 'param_counts', 'flops_per_token',
+           'group_role', 'measure_params', 'size_table']
 
 # %% ../../nbs/10_nn.gpt.ipynb #4b7a8f61
 Rule = tuple[Callable[[Any], bool], str]    # (test of a value, what a valid value is)
@@ -317,8 +317,24 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_in
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected (N, V) and (N,)")
     return _ChunkedCE.apply(logits, targets, ignore_index, max(1, chunk_elems // logits.shape[1]))
 
+# %% ../../nbs/10_nn.gpt.ipynb #6dae1376
+class TokenSampler:
+    "Sampling from a causal LM whose forward maps token ids (B, T) to logits (B, T, V) (mixed into `GPT`)."
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, n_new: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        "Sample `n_new` tokens after `idx` (B, T); returns (B, T + n_new)."
+        was = self.training; self.eval()
+        for _ in range(n_new):
+            logits = self(idx[:, -self.cfg.seq_len:])[:, -1] / max(temperature, 1e-6)   # (B, V)
+            if top_k: logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], 1)
+        self.train(was)
+        return idx
+
 # %% ../../nbs/10_nn.gpt.ipynb #f6f6c64a
-class GPT(nn.Module):
+class GPT(TokenSampler, nn.Module):
     "Decoder-only transformer: embedding → n_layers pre-norm blocks → final norm → head."
     def __init__(self, cfg: GPTConfig, parameterization: "Parameterization | None" = None):
         super().__init__()
@@ -347,19 +363,6 @@ class GPT(nn.Module):
         for m in self.modules():
             for name, v in (getattr(m, "aux_loss", None) or {}).items(): out[name] = out.get(name, 0) + v
         return out
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, n_new: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        "Sample `n_new` tokens after `idx` (B, T); returns (B, T + n_new)."
-        was = self.training; self.eval()
-        for _ in range(n_new):
-            logits = self(idx[:, -self.cfg.seq_len:])[:, -1] / max(temperature, 1e-6)   # (B, V)
-            if top_k: logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], 1)
-        self.train(was)
-        return idx
 
 # %% ../../nbs/10_nn.gpt.ipynb #0cf43b77
 @dataclass

@@ -171,6 +171,7 @@ class SelfAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)                           # (B, H, T, d_h)
         return self.proj(o.transpose(1, 2).reshape(B, T, D))
 
+# %% ../../nbs/40_vision.models.ipynb #6706f631
 class ViTBlock(nn.Module):
     "Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."
     def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):

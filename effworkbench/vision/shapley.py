@@ -418,6 +418,7 @@ PRUNE_METHODS = {"shapley / global": ("shapley", "global"), "shapley / global, n
                  "shapley / per layer": ("shapley", "layer"),
                  "l1 / per layer": ("l1", "layer"), "random / per layer": ("random", "layer")}
 
+# %% ../../nbs/42_vision.shapley.ipynb #0b39812b
 def prune_eval(model: BlockNet, keep: dict, data: dict, finetune_epochs: int, seed: int = 0, batch_size: int = 64,
                time_repeats: int = 5) -> dict:
     "Remove the channels physically, fine-tune, and measure: accuracy before/after fine-tuning, MAC, parameter and time ratios."
