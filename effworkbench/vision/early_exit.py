@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,16 +18,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..claims import Claim, Evidence, bootstrap_mean, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment
 from ..store import Run, run_function
-from .models import BlockNet, MacCounter, TokenHead, fit_classifier, make_model, total_macs, unit_result, unit_weights
+from .models import BlockNet, MacCounter, VisionTask, TokenHead, fit_classifier, make_model, total_macs, unit_result, unit_weights
 
 # %% auto #0
-__all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'ExitHead', 'MultiExit', 'multi_exit', 'threshold_exit', 'exit_macs', 'base_macs',
-           'multi_exit_loss', 'backbone_only_loss', 'train_regime', 'exit_probs', 'simulate_exits', 'threshold_curve',
-           'accuracy_at_budgets', 'block_ranks', 'filter_normalized_direction', 'loss_surface', 'EarlyExitConfig',
-           'regime_unit', 'eval_unit', 'regime_data', 'train_regime_unit', 'evaluate_regime_unit', 'run']
+__all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'EARLY_EXIT_CLAIMS', 'ExitHead', 'MultiExit', 'multi_exit', 'threshold_exit',
+           'exit_macs', 'base_macs', 'multi_exit_loss', 'backbone_only_loss', 'train_regime', 'exit_probs',
+           'simulate_exits', 'threshold_curve', 'accuracy_at_budgets', 'block_ranks', 'filter_normalized_direction',
+           'loss_surface', 'EarlyExitConfig', 'regime_unit', 'eval_unit', 'regime_data', 'train_regime_unit',
+           'exit_information', 'evaluate_regime_unit', 'diagnostic_tables', 'run', 'budget_effect',
+           'internal_exit_effect']
 
 # %% ../../nbs/41_vision.early_exit.ipynb #895cfb6f
 class ExitHead(nn.Module):
@@ -267,6 +270,7 @@ def loss_surface(model: MultiExit, x: torch.Tensor, y: torch.Tensor, alphas: Seq
 class EarlyExitConfig(PresetConfig):
     "The early-exit regimes experiment of `41_vision.early_exit`."
     preset: str = "smoke"
+    task: VisionTask = field(default_factory=VisionTask)   # the images (the shared hard digits)
     arch: str = "vgg"
     width: int = 8
     exit_blocks: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -274,33 +278,46 @@ class EarlyExitConfig(PresetConfig):
     n_test: int = 300
     epochs: int = 4                  # total epochs, the same in every regime
     backbone_frac: float = 0.5       # disjoint and mixed: share of the epochs spent on the backbone alone
+    split_fracs: list[float] = field(default_factory=list)   # more backbone shares of the mixed regime (the split sweep)
     lr: float = 0.05
     batch_size: int = 32
-    n_diag: int = 128                # images for the rank and landscape diagnostics
+    n_diag: int = 128                # images for the rank and landscape diagnostics (first seed, main variants)
     slice_points: int = 5            # points along the 1-D slice (the 2-D grid has slice_points // 2 + 1 per side)
     slice_range: float = 1.0
-    seed: int = 0
-    presets: ClassVar = {"medium": {"n_train": 3000, "n_test": 1000, "epochs": 10, "batch_size": 64, "n_diag": 256, "slice_points": 21},
+    seeds: list[int] = field(default_factory=lambda: [0])
+    presets: ClassVar = {"medium": {"n_train": 3000, "n_test": 1000, "epochs": 10, "batch_size": 64, "n_diag": 256, "slice_points": 21,
+                                    "split_fracs": [0.25, 0.75], "seeds": [0, 1, 2]},
                          "full": {"arch": "resnet", "width": 32, "exit_blocks": [0, 1, 2, 3, 4, 5, 6], "n_train": 20000,
-                                  "n_test": 5000, "epochs": 60, "n_diag": 1000, "slice_points": 41}}
+                                  "n_test": 5000, "epochs": 60, "n_diag": 1000, "slice_points": 41, "split_fracs": [0.25, 0.75],
+                                  "seeds": [0, 1, 2]}}
+
+    def variants(self) -> list[tuple[str, float]]:
+        "(regime, backbone share) of every trained model: joint (0), disjoint at `backbone_frac`, mixed at it and `split_fracs`."
+        fracs = sorted({self.backbone_frac, *self.split_fracs})
+        if not all(0 < f < 1 for f in fracs): raise ConfigError(f"backbone shares {fracs} must lie in (0, 1): at 0 mixed is joint, at 1 no head trains")
+        return [("joint", 0.0), ("disjoint", self.backbone_frac)] + [("mixed", f) for f in fracs]
 
 EXIT_TABLES = ("curves", "budgets", "exits", "ranks", "slice1d", "slice2d", "history")
 _DIAGNOSTICS = ("n_diag", "slice_points", "slice_range")   # fields of the evaluation, not of the training
+_SWEEP = ("preset", "seeds", "split_fracs", "backbone_frac", *_DIAGNOSTICS)   # not fields of one trained model
 
-def regime_unit(cfg: EarlyExitConfig, regime: str) -> dict:
-    """The run-store config of one regime's training: the experiment's fields but `preset` (a size name, not a model)
-    and the diagnostics', and the regime."""
-    return {"regime": regime, **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("preset", *_DIAGNOSTICS)}}
+def regime_unit(cfg: EarlyExitConfig, regime: str, seed: int | None = None, frac: float | None = None) -> dict:
+    """The run-store config of one model's training: the experiment's fields that make that model (not `preset`, a
+    size name, nor the sweeps' or the diagnostics'), its regime, backbone share (default `backbone_frac`; joint: 0) and seed."""
+    frac = 0.0 if regime == "joint" else cfg.backbone_frac if frac is None else frac
+    return {"regime": regime, "backbone_frac": frac, "seed": cfg.seeds[0] if seed is None else seed,
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _SWEEP}}
 
-def eval_unit(cfg: EarlyExitConfig, regime: str) -> dict:
-    "The run-store config of one regime's evaluation: its training unit's, and the diagnostics' fields."
-    return {"train": regime_unit(cfg, regime), **{k: getattr(cfg, k) for k in _DIAGNOSTICS}}
+def eval_unit(cfg: EarlyExitConfig, regime: str, seed: int | None = None, frac: float | None = None) -> dict:
+    "The run-store config of one model's evaluation: its training unit's, the diagnostics' fields, and whether to run them."
+    t = regime_unit(cfg, regime, seed, frac)
+    main = t["seed"] == cfg.seeds[0] and (regime != "mixed" or t["backbone_frac"] == cfg.backbone_frac)
+    return {"train": t, "diagnostics": main, **{k: getattr(cfg, k) for k in _DIAGNOSTICS}}
 
 # %% ../../nbs/41_vision.early_exit.ipynb #87adb5c3
 def regime_data(t: dict):
-    "The digits of a training unit `t`."
-    from effworkbench.data import upscaled_digits
-    return upscaled_digits(t["n_train"], t["n_test"], size=32, seed=t["seed"])
+    "The images of a training unit `t`."
+    return VisionTask(**t["task"]).splits(t["n_train"], t["n_test"], t["seed"])
 
 @run_function("vision.early_exit.train")
 def train_regime_unit(t: dict, run: Run) -> dict:
@@ -315,36 +332,76 @@ def train_regime_unit(t: dict, run: Run) -> dict:
     return {"history": hist.to_dict("records"), "train_s": time.time() - t0}
 
 # %% ../../nbs/41_vision.early_exit.ipynb #947dc44e
+def exit_information(probs: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per exit: test cross-entropy CE_k = −mean log p_k(y|x), and the variational lower bound on the information the
+    exit's features carry about the label, I(Z_k; Y) ≥ H(Y) − CE_k, in bits (H(Y): the test labels' entropy)."""
+    ce = -probs.clamp_min(1e-12).log().gather(2, y.expand(len(probs), -1)[..., None])[..., 0].mean(1)   # (K,)
+    freq = torch.bincount(y).float() / len(y)
+    h = float(-(freq[freq > 0] * freq[freq > 0].log()).sum())
+    return ce.numpy(), (h - ce.numpy()) / np.log(2)
+
 @run_function("vision.early_exit.evaluate")
 def evaluate_regime_unit(u: dict, run: Run) -> dict:
-    """Unit: the trained model of `u["train"]` (loaded from its unit) on the test digits: the threshold sweep, budgets,
-    per-exit accuracy and MACs, and the diagnostics; the rows (lists of dicts) of the tables in `EXIT_TABLES`."""
+    """Unit: the trained model of `u["train"]` (loaded from its unit) on the test images: the threshold sweep, budgets,
+    per-exit accuracy, MACs and information bound, and (if `u["diagnostics"]`) the ranks and loss slices; the rows of the tables in `EXIT_TABLES`."""
     t = u["train"]
     d, train = regime_data(t), unit_result(run, train_regime_unit, t)
     model = multi_exit(t["arch"], t["exit_blocks"], width=t["width"])
     model.load_state_dict(unit_weights(run, train_regime_unit, t))
-    xd, yd = d.x_test[:u["n_diag"]], d.y_test[:u["n_diag"]]
     probs, costs, base = exit_probs(model, d.x_test), exit_macs(model), base_macs(model)
     curve = threshold_curve(probs, d.y_test, costs, base)
-    accs = (probs.argmax(-1) == d.y_test).float().mean(1)
+    accs, (ce, info) = (probs.argmax(-1) == d.y_test).float().mean(1), exit_information(probs, d.y_test)
     blocks = list(t["exit_blocks"]) + [len(model.backbone.blocks) - 1]
-    alphas = np.linspace(-u["slice_range"], u["slice_range"], u["slice_points"])
-    grid = np.linspace(-u["slice_range"], u["slice_range"], u["slice_points"] // 2 + 1)
     out = {"curves": curve, "history": pd.DataFrame(train["history"]),
            "budgets": pd.DataFrame([{"budget": b, "accuracy": a} for b, a in accuracy_at_budgets(curve).items()]),
-           "exits": pd.DataFrame([{"exit": k, "block": blocks[k], "accuracy": float(accs[k]), "macs": float(costs[k]),
-                                   "flops_frac": float(costs[k] / base), "train_s": train["train_s"]} for k in range(model.n_exits)]),
-           "ranks": block_ranks(model, xd),
-           "slice1d": loss_surface(model, xd, yd, alphas, seed=t["seed"]),
-           "slice2d": loss_surface(model, xd, yd, grid, grid, seed=t["seed"])}
-    return {k: v.assign(regime=t["regime"]).to_dict("records") for k, v in out.items()}
+           "exits": pd.DataFrame([{"exit": k, "block": blocks[k], "accuracy": float(accs[k]), "ce": float(ce[k]), "info_bits": float(info[k]),
+                                   "macs": float(costs[k]), "flops_frac": float(costs[k] / base), "train_s": train["train_s"]} for k in range(model.n_exits)])}
+    if u["diagnostics"]: out.update(diagnostic_tables(model, d, u, t["seed"]))
+    tag = {"regime": t["regime"], "backbone_frac": t["backbone_frac"], "seed": t["seed"]}
+    return {k: out[k].assign(**tag).to_dict("records") if k in out else [] for k in EXIT_TABLES}
+
+def diagnostic_tables(model: MultiExit, d, u: dict, seed: int) -> dict[str, pd.DataFrame]:
+    "The numerical ranks and the 1-D and 2-D loss slices on the first `u[\"n_diag\"]` test images."
+    xd, yd = d.x_test[:u["n_diag"]], d.y_test[:u["n_diag"]]
+    alphas = np.linspace(-u["slice_range"], u["slice_range"], u["slice_points"])
+    grid = np.linspace(-u["slice_range"], u["slice_range"], u["slice_points"] // 2 + 1)
+    return {"ranks": block_ranks(model, xd), "slice1d": loss_surface(model, xd, yd, alphas, seed=seed),
+            "slice2d": loss_surface(model, xd, yd, grid, grid, seed=seed)}
 
 # %% ../../nbs/41_vision.early_exit.ipynb #2a80adb3
 @register_experiment("vision.early_exit", EarlyExitConfig, notebook="41_vision.early_exit", prefix="early_exit")
 def run(cfg: EarlyExitConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    """The early-exit experiment: per regime (same seed, data and epochs) a training unit and an evaluation unit; returns the tables `curves` (threshold
-    sweep), `budgets` (accuracy at 25/50/75/100 % of the base FLOPs), `exits` (per-exit accuracy and MACs), `ranks`,
-    `slice1d`, `slice2d` and `history`."""
-    ctx.units(train_regime_unit, [regime_unit(cfg, r) for r in REGIMES], desc="early-exit regimes")
-    units = ctx.units(evaluate_regime_unit, [eval_unit(cfg, r) for r in REGIMES], desc="evaluation")
+    """The early-exit experiment: per seed and variant (`cfg.variants()`: regime and backbone share; same data and total
+    epochs) a training unit and an evaluation unit; returns the tables `curves` (threshold sweep), `budgets` (accuracy at
+    25/50/75/100 % of the base FLOPs), `exits` (per-exit accuracy, MACs, information bound), `ranks`, `slice1d`, `slice2d`
+    (first seed, main variants) and `history`, each with the columns regime, backbone_frac and seed."""
+    runs = [(r, s, f) for s in cfg.seeds for r, f in cfg.variants()]
+    ctx.units(train_regime_unit, [regime_unit(cfg, r, s, f) for r, s, f in runs], desc="early-exit models")
+    units = ctx.units(evaluate_regime_unit, [eval_unit(cfg, r, s, f) for r, s, f in runs], desc="evaluation")
     return {name: pd.DataFrame([row for u in units for row in u[name]]) for name in EXIT_TABLES}
+
+# %% ../../nbs/41_vision.early_exit.ipynb #7ca39a65
+def budget_effect(better: tuple[str, float], worse: tuple[str, float]) -> Callable[[dict], Evidence]:
+    "Per seed: mean over the FLOPs budgets of accuracy(better) − accuracy(worse); each a (regime, backbone share)."
+    def measure(ts):
+        b = ts["budgets"]
+        acc = lambda r, f: b[(b.regime == r) & np.isclose(b.backbone_frac, f)].pivot(index="seed", columns="budget", values="accuracy")
+        return bootstrap_mean((acc(*better) - acc(*worse)).mean(axis=1).to_numpy(), "test accuracy, mean over FLOPs budgets")
+    return measure
+
+def internal_exit_effect(ts: dict[str, pd.DataFrame]) -> Evidence:
+    "Per seed: mean accuracy of the internal exits of joint minus that of disjoint (at the main split)."
+    e = ts["exits"]
+    internal = e[e.exit < e.groupby(["regime", "backbone_frac", "seed"]).exit.transform("max")]
+    m = internal.groupby(["regime", "seed"]).accuracy.mean().unstack("regime")
+    return bootstrap_mean((m["joint"] - m["disjoint"]).to_numpy(), "test accuracy of the internal exits")
+
+EARLY_EXIT_CLAIMS = [
+    Claim("mixed vs joint", "Mixed training (backbone alone for half the epochs, then everything) is more accurate at equal "
+          "FLOPs than joint training", budget_effect(("mixed", 0.5), ("joint", 0.0)), margin=0.01),
+    Claim("mixed vs disjoint", "... and than disjoint training (backbone, then the heads on the frozen backbone)",
+          budget_effect(("mixed", 0.5), ("disjoint", 0.5)), margin=0.01),
+    Claim("disjoint heads are weak", "The internal exits of disjoint training are less accurate than those of joint training "
+          "(features never shaped for them)", internal_exit_effect, margin=0.01),
+]
+register_claims("vision.early_exit", EARLY_EXIT_CLAIMS, tables=("budgets", "exits"))
