@@ -528,9 +528,12 @@ def _hard(pool, n, size, rotation, scale, max_shift, contrast, k, f, n_occ, occ,
 
 def hard_digits(n_train: int = 2000, n_test: int = 500, size: int = 32, seed: int = 0, rotation: float = 15.0,
                 scale: tuple[float, float] = (0.5, 0.9), max_shift: float = 0.2, contrast: tuple[float, float] = (0.5, 1.0),
-                n_distractors: int = 1, fragment: int = 12, n_occluders: int = 1, occluder: int = 8, noise: float = 0.1,
+                n_distractors: int = 1, fragment: int | None = None, n_occluders: int = 1, occluder: int | None = None, noise: float = 0.1,
                 test_frac: float = 0.25) -> ImageSplits:
-    "Digits at size×size under rotation, scale, shift, contrast, distractor fragments, occluders and noise; test images from unseen source digits."
+    """Digits at size×size under rotation, scale, shift, contrast, distractor fragments, occluders and noise; test images
+    from unseen source digits. Fragments and occluders scale with the image: by default 3/8 and 1/4 of its side."""
+    fragment = round(3 * size / 8) if fragment is None else fragment
+    occluder = size // 4 if occluder is None else occluder
     if not 0 < scale[0] <= scale[1]: raise ConfigError(f"scale={scale} must be an increasing pair of positive numbers")
     if not (0 < fragment <= size and 0 <= occluder <= size): raise ConfigError(f"fragment={fragment} and occluder={occluder} must fit {size}")
     tr, te = digit_source_split(test_frac, seed)

@@ -7,12 +7,13 @@ Docs: https://effworkbench.github.io/effworkbench/privacy.dp_prune.html.md"""
 # %% ../../nbs/43_privacy.dp_prune.ipynb #4381fa5d
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import pandas as pd
 import torch
@@ -20,20 +21,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from ..claims import Claim, Evidence, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment
 from ..store import Run, run_function
-from ..vision.models import BlockNet, accuracy, fit_classifier, prune_channels, unit_weights, vgg_small
+from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_params, prune_channels, unit_weights, vgg_small
 
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
 # %% auto #0
-__all__ = ['Masks', 'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable', 'full_masks', 'prune_masks',
-           'apply_masks', 'density', 'prune_structured', 'mask_kinds', 'select_coordinates', 'per_sample_grads',
-           'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep', 'weight_per_example', 'input_gram',
-           'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step',
-           'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit', 'public_private_splits', 'pretrain_public_unit',
-           'start_model', 'grid_cell_unit', 'run']
+__all__ = ['Masks', 'DENSE', 'DP_CLAIMS', 'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable',
+           'full_masks', 'prune_masks', 'apply_masks', 'density', 'prune_structured', 'mask_kinds',
+           'select_coordinates', 'per_sample_grads', 'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep',
+           'weight_per_example', 'input_gram', 'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example',
+           'clipped_grad_sum', 'dp_sgd_step', 'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit',
+           'public_private_splits', 'pretrain_public_unit', 'start_model', 'grid_cell_unit', 'tune', 'grid_cells',
+           'run', 'grid_effect']
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #bd7b3930
 def check_dp_model(model: nn.Module) -> nn.Module:
@@ -530,38 +533,52 @@ _GRID_DP = {"q": 0.1, "epochs": 1.0, "log_every": 10 ** 9}   # the grid's privat
 class DPPruneConfig(PresetConfig):
     "The prune × drop × ε grid of `43_privacy.dp_prune`, in two settings: from scratch, and public pretraining + private fine-tuning."
     preset: str = "smoke"
-    n_train: int = 600            # generated digit images before the public (0–4) / private (5–9) split
+    task: VisionTask = field(default_factory=VisionTask)   # the images (the shared hard digits), split by label
+    n_train: int = 600            # images before the public (0–4) / private (5–9) split
     n_test: int = 300
     size: int = 16                # image side
     width: int = 8                # vgg_small width (GroupNorm)
     pretrain_epochs: int = 3
     epsilons: tuple[float, ...] = (2.0, 8.0)
-    prunes: tuple[float, ...] = (0.0, 0.7)
-    drops: tuple[float, ...] = (0.0, 0.7)
+    prunes: tuple[float, ...] = (0.0, 0.7)          # magnitude pre-pruning rates
+    drops: tuple[float, ...] = (0.0, 0.7)           # random gradient-dropping rates
+    structured_prunes: tuple[float, ...] = ()       # beside the grid: structured pre-pruning at these rates (no dropping)
+    drop_modes: tuple[str, ...] = ()                # beside the grid: these dropping rules at the largest drop rate (no pruning)
     settings: tuple[str, ...] = ("scratch", "finetune")
     seeds: tuple[int, ...] = (0,)  # independent repeats (data draw, pretraining, init, sampling and noise)
-    dp: DPConfig = field(default_factory=lambda: DPConfig(**_GRID_DP))   # every private run; the grid sets epsilon, prune, drop, seed
+    tune_frac: float = 0.0        # share of the private images held out to tune lr and clip per (setting, ε); 0: no tuning
+    tune_lrs: tuple[float, ...] = ()
+    tune_clips: tuple[float, ...] = ()
+    dp: DPConfig = field(default_factory=lambda: DPConfig(**_GRID_DP))   # every private run; the grid sets ε, prune, drop, seed (and lr, clip when tuned)
     presets: ClassVar = {"smoke": {"dp": _GRID_DP},
-                         "medium": {"seeds": [0, 1], "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
-                                    "epsilons": [1.0, 3.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.5, 0.8],
+                         "medium": {"seeds": [0, 1, 2, 3, 4], "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
+                                    "epsilons": [1.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.8],
+                                    "structured_prunes": [0.5], "drop_modes": ["layer", "magnitude"],
+                                    "tune_frac": 0.3, "tune_lrs": [0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
                                     "dp": {**_GRID_DP, "epochs": 5.0, "q": 0.05}},
                          "full": {"n_train": 20000, "n_test": 4000, "size": 32, "width": 16, "pretrain_epochs": 10,
                                   "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0], "prunes": [0.0, 0.3, 0.5, 0.7, 0.9],
-                                  "drops": [0.0, 0.3, 0.5, 0.7, 0.9], "dp": {**_GRID_DP, "epochs": 20.0, "q": 0.02}}}
+                                  "drops": [0.0, 0.3, 0.5, 0.7, 0.9], "structured_prunes": [0.5, 0.8], "drop_modes": ["layer", "magnitude"],
+                                  "seeds": [0, 1, 2, 3, 4], "tune_frac": 0.2, "tune_lrs": [0.25, 0.5, 1.0, 2.0, 4.0],
+                                  "tune_clips": [0.25, 0.5, 1.0, 2.0], "dp": {**_GRID_DP, "epochs": 20.0, "q": 0.02}}}
 
 def data_unit(cfg: DPPruneConfig, seed: int) -> dict:
     "The run-store config of the data and the public model of one seed."
-    return {"n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "width": cfg.width,
-            "pretrain_epochs": cfg.pretrain_epochs, "seed": seed}
+    return {"task": dataclasses.asdict(cfg.task), "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size,
+            "width": cfg.width, "pretrain_epochs": cfg.pretrain_epochs, "tune_frac": cfg.tune_frac, "seed": seed}
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #f22c1510
 def public_private_splits(d: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    "Generated digits split by label: `public` 0–4 (labels 0–4), `private` and `test` 5–9 (relabelled 0–4)."
-    from effworkbench.data import upscaled_digits
-    s = upscaled_digits(d["n_train"], d["n_test"], size=d["size"], seed=d["seed"])
+    """The task's images split by label: `public` 0–4 (labels 0–4), `private` and `test` 5–9 (relabelled 0–4). With
+    `tune_frac` > 0 the first tune_frac of the private images are held out of `private` for tuning: `tune_train` (70 %)
+    and `tune_val` (30 %); their people are not in the training set, so tuning spends no privacy of the people trained on."""
+    s = VisionTask(**d.get("task", {"name": "digits"})).splits(d["n_train"], d["n_test"], d["seed"], size=d["size"])
     pub, prv, te = s.y_train < 5, s.y_train >= 5, s.y_test >= 5
-    return {"public": (s.x_train[pub], s.y_train[pub]), "private": (s.x_train[prv], s.y_train[prv] - 5),
-            "test": (s.x_test[te], s.y_test[te] - 5)}
+    xp, yp = s.x_train[prv], s.y_train[prv] - 5
+    n_tune = round(d.get("tune_frac", 0.0) * len(xp)); n_fit = round(0.7 * n_tune)
+    out = {"public": (s.x_train[pub], s.y_train[pub]), "private": (xp[n_tune:], yp[n_tune:]), "test": (s.x_test[te], s.y_test[te] - 5)}
+    if n_tune: out.update(tune_train=(xp[:n_fit], yp[:n_fit]), tune_val=(xp[n_fit:n_tune], yp[n_fit:n_tune]))
+    return out
 
 @run_function("privacy.dp_prune.pretrain")
 def pretrain_public_unit(d: dict, run: Run) -> dict:
@@ -585,27 +602,83 @@ def start_model(d: dict, setting: str, public_state: dict | None) -> BlockNet:
 # %% ../../nbs/43_privacy.dp_prune.ipynb #8f55abd7
 @run_function("privacy.dp_prune.cell")
 def grid_cell_unit(u: dict, run: Run) -> dict:
-    """Unit: one private run of the grid, setting `u["setting"]` with the `DPConfig` `u["dp"]` (its ε, prune, drop, seed):
-    pre-pruning by magnitude (of the public or initial weights), DP-SGD; test accuracy, the accountant's ε, σ, steps."""
+    """Unit: one private run, setting `u["setting"]` with the `DPConfig` `u["dp"]` (its ε, prune rate and rule, drop rate
+    and mode, lr, clip, seed): pre-pruning of the public or initial weights (magnitude masks, or structured: a smaller
+    model), DP-SGD on the split `u["fit"]`; accuracy on `u["score"]`, the accountant's ε, σ, steps."""
     d, setting = u["data"], u["setting"]
     dp = u["dp"] if isinstance(u["dp"], DPConfig) else DPConfig(**u["dp"])
     data = public_private_splits(d)
     public = unit_weights(run, pretrain_public_unit, d) if setting == "finetune" else None
     m = start_model(d, setting, public)
-    masks = prune_masks(m, dp.prune, "magnitude", seed=dp.seed)          # on public (pretrained) or initial weights
-    hist, s = train_dp(m, *data["private"], dp, masks)
-    return {"setting": setting, "prune": dp.prune, "drop": dp.drop, "target_epsilon": dp.epsilon, "epsilon": s["epsilon"],
-            "sigma": s["sigma"], "steps": s["steps"], "q": s["q"], "n_private": len(data["private"][0]),
-            "accuracy": accuracy(m, *data["test"]), "seconds": s["seconds"], "seed": dp.seed}
+    if dp.prune_criterion == "structured": m, masks = prune_structured(m, dp.prune), None      # a smaller dense model
+    else: masks = prune_masks(m, dp.prune, dp.prune_criterion, seed=dp.seed)
+    hist, s = train_dp(m, *data[u["fit"]], replace(dp, prune=0.0) if masks is None else dp, masks)
+    return {"setting": setting, "prune": dp.prune, "prune_rule": dp.prune_criterion, "drop": dp.drop, "drop_mode": dp.drop_mode,
+            "lr": dp.lr, "clip": dp.clip, "target_epsilon": dp.epsilon, "epsilon": s["epsilon"], "sigma": s["sigma"],
+            "steps": s["steps"], "q": s["q"], "n_private": len(data[u["fit"]][0]), "params": n_params(m),
+            "accuracy": accuracy(m, *data[u["score"]]), "seconds": s["seconds"], "seed": dp.seed}
+
+# %% ../../nbs/43_privacy.dp_prune.ipynb #0cb0a027
+def _data(cfg: DPPruneConfig, seed: int, setting: str) -> dict:
+    "A cell's data unit: a scratch run does not depend on the public pretraining."
+    d = data_unit(cfg, seed)
+    return d if setting == "finetune" else {k: v for k, v in d.items() if k != "pretrain_epochs"}
+
+def tune(cfg: DPPruneConfig, ctx: Context) -> tuple[pd.DataFrame, dict]:
+    """Per (setting, ε): the (lr, clip) of `tune_lrs` × `tune_clips` with the best accuracy on `tune_val` after DP-SGD on
+    `tune_train` (first seed, no pruning or dropping). The tuning table and {(setting, ε): (lr, clip)}; empty without tuning."""
+    if not (cfg.tune_frac and cfg.tune_lrs and cfg.tune_clips): return pd.DataFrame(), {}
+    s = cfg.seeds[0]
+    cells = [{"data": _data(cfg, s, st), "setting": st, "fit": "tune_train", "score": "tune_val",
+              "dp": replace(cfg.dp, epsilon=e, seed=s, lr=lr, clip=c)}
+             for st in cfg.settings for e in cfg.epsilons for lr in cfg.tune_lrs for c in cfg.tune_clips]
+    t = pd.DataFrame(ctx.units(grid_cell_unit, cells, desc="tuning lr and clip"))
+    best = t.loc[t.groupby(["setting", "target_epsilon"]).accuracy.idxmax()]
+    return t, {(r.setting, r.target_epsilon): (r.lr, r.clip) for r in best.itertuples()}
+
+def grid_cells(cfg: DPPruneConfig, tuned: dict) -> list[dict]:
+    "Every private run: the prune × drop grid, structured pre-pruning and the other dropping rules beside it; per setting, ε, seed."
+    kinds = ([(p, "magnitude", dr, "random") for p in cfg.prunes for dr in cfg.drops]
+             + [(p, "structured", 0.0, "random") for p in cfg.structured_prunes]
+             + [(0.0, "magnitude", max(cfg.drops), m) for m in cfg.drop_modes])
+    out = []
+    for seed in cfg.seeds:
+        for st in cfg.settings:
+            for e in cfg.epsilons:
+                lr, clip = tuned.get((st, e), (cfg.dp.lr, cfg.dp.clip))
+                out += [{"data": _data(cfg, seed, st), "setting": st, "fit": "private", "score": "test",
+                         "dp": replace(cfg.dp, epsilon=e, prune=p, prune_criterion=pc, drop=dr, drop_mode=dm, seed=seed, lr=lr, clip=clip)}
+                        for p, pc, dr, dm in kinds]
+    return out
 
 @register_experiment("privacy.dp_prune", DPPruneConfig, notebook="43_privacy.dp_prune", prefix="dp")
 def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "One private run per (setting, prune, drop, ε, seed), each a unit; the table `grid`, one row per run."
-    def data(seed, setting):   # a scratch run does not depend on the public pretraining
-        d = data_unit(cfg, seed)
-        return d if setting == "finetune" else {k: v for k, v in d.items() if k != "pretrain_epochs"}
-    cells = [{"data": data(seed, setting), "setting": setting,
-              "dp": replace(cfg.dp, epsilon=eps, prune=prune, drop=drop, seed=seed)}
-             for seed in cfg.seeds for setting in cfg.settings for prune in cfg.prunes for drop in cfg.drops for eps in cfg.epsilons]
+    "Tuning (if asked), then one private run per cell of `grid_cells`, each a unit; the tables `grid` and (if tuned) `tuning`."
     if "finetune" in cfg.settings: ctx.units(pretrain_public_unit, [data_unit(cfg, s) for s in cfg.seeds], desc="public pretraining")
-    return {"grid": pd.DataFrame(ctx.units(grid_cell_unit, cells, desc="private runs"))}
+    tuning, tuned = tune(cfg, ctx)
+    grid = pd.DataFrame(ctx.units(grid_cell_unit, grid_cells(cfg, tuned), desc="private runs"))
+    return {"grid": grid, **({"tuning": tuning} if len(tuning) else {})}
+
+# %% ../../nbs/43_privacy.dp_prune.ipynb #d5974703
+DENSE = {"drop": 0.0, "drop_mode": "random"}
+
+def grid_effect(where: dict, better: dict, worse: dict) -> Callable[[dict], Evidence]:
+    "Per seed: test accuracy of the grid cell `better` minus that of `worse`, both also matching `where`."
+    return lambda ts: paired_effect(ts["grid"], "accuracy", where, better, worse, pair="seed", unit="test accuracy")
+
+def _claims_at(eps: float) -> list[Claim]:
+    at = lambda setting: {"target_epsilon": eps, "setting": setting}
+    return [Claim(f"pre-pruning helps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), pre-pruning 50 % of the weights by magnitude "
+                  "raises accuracy over the dense model", grid_effect({**at(s), **DENSE}, {"prune": 0.5, "prune_rule": "magnitude"},
+                                                                        {"prune": 0.0}), margin=0.01)
+            for s in ("finetune", "scratch")] + [
+            Claim(f"dropping helps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), dropping 80 % of the gradient coordinates at "
+                  "random per step raises accuracy over updating all", grid_effect({**at(s), "prune": 0.0, "drop_mode": "random"},
+                                                                                   {"drop": 0.8}, {"drop": 0.0}), margin=0.01)
+            for s in ("finetune", "scratch")]
+
+DP_CLAIMS = _claims_at(1.0) + [
+    Claim("public pretraining helps, ε = 1", "At ε = 1, fine-tuning a model pretrained on the public digits 0–4 beats "
+          "training from scratch", grid_effect({"target_epsilon": 1.0, "prune": 0.0, **DENSE}, {"setting": "finetune"},
+                                               {"setting": "scratch"}), margin=0.01)]
+register_claims("privacy.dp_prune", DP_CLAIMS, tables=("grid",))

@@ -467,11 +467,13 @@ class VisionTask:
         if (self.name == "cifar10") != bool(self.cifar_dir):
             raise ConfigError("cifar_dir goes with name='cifar10' (and only with it): give both or neither")
 
-    def splits(self, n_train: int, n_test: int, seed: int = 0) -> ImageSplits:
-        "n_train training and n_test test images (CIFAR-10: the first ones of the release)."
+    def splits(self, n_train: int, n_test: int, seed: int = 0, size: int = 32) -> ImageSplits:
+        "n_train training and n_test test images of side `size` (CIFAR-10: the first ones of the release, 32 only)."
         from effworkbench.data import hard_digits, upscaled_digits
-        if self.name == "cifar10": return cifar10_splits(self.cifar_dir, n_train, n_test)
-        return (hard_digits if self.name == "hard_digits" else upscaled_digits)(n_train, n_test, size=32, seed=seed)
+        if self.name == "cifar10":
+            if size != 32: raise ConfigError(f"CIFAR-10 images are 32×32, not {size}×{size}")
+            return cifar10_splits(self.cifar_dir, n_train, n_test)
+        return (hard_digits if self.name == "hard_digits" else upscaled_digits)(n_train, n_test, size=size, seed=seed)
 
     @property
     def table_suffix(self) -> str: return "" if self.name == "hard_digits" else f"_{self.name}"
