@@ -1,0 +1,47 @@
+"""Every verdict a notebook states, recomputed from the committed result tables: a table regenerated with a different
+outcome fails here until the notebook's prose (and this list) say what the new tables show."""
+import numpy as np
+import pytest
+
+from effworkbench.claims import CLAIMS, Claim, bootstrap_mean, decide, paired_effect, verdicts
+from effworkbench.core import ConfigError
+
+R, N, U = "reproduced", "not reproduced", "not decided"
+STATED = {
+    "vision.shapley": {"ranks: exact vs leave-one-out": R, "ranks: sampled": R, "prune 50 %: vs L1": N,
+                       "prune 50 %: vs random": U, "prune 75 %: vs L1": U, "prune 75 %: global, normalised": N},
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(STATED))
+def test_verdicts_from_committed_tables(experiment):
+    v = verdicts(experiment)
+    assert dict(zip(v.claim, v.verdict)) == STATED[experiment]
+    assert (v.lo <= v.estimate).all() and (v.estimate <= v.hi).all() and (v.n >= 3).all()   # ≥ 3 seeds behind every verdict
+    assert experiment in CLAIMS
+
+
+def test_decision_rule():
+    assert decide(bootstrap_mean([0.01, 0.02, 0.03])) == R
+    assert decide(bootstrap_mean([-0.01, -0.02, -0.03])) == N
+    assert decide(bootstrap_mean([-0.01, 0.02, 0.03])) == U
+    assert decide(bootstrap_mean([0.001, 0.002, -0.001]), margin=0.01) == N                 # no effect that matters
+    assert decide(bootstrap_mean([0.85, 0.9, 0.95]), threshold=0.8) == R
+    assert decide(bootstrap_mean([0.5])) == U                                              # one seed decides nothing
+
+
+def test_bootstrap_interval_covers_the_mean_at_its_level():
+    rng = np.random.default_rng(0)
+    hits = sum(ev.lo < 0 < ev.hi for ev in (bootstrap_mean(rng.normal(0, 1, 30), seed=s) for s in range(200)))
+    assert 0.88 <= hits / 200 <= 0.99                                                       # a 95 % interval, roughly
+
+
+def test_paired_effect_pairs_by_seed():
+    import pandas as pd
+    t = pd.DataFrame({"m": ["a", "b"] * 3, "seed": [2, 2, 0, 0, 1, 1], "acc": [0.9, 0.5, 0.6, 0.5, 0.7, 0.6]})
+    ev = paired_effect(t, "acc", {}, {"m": "a"}, {"m": "b"})
+    assert ev.estimate == pytest.approx((0.4 + 0.1 + 0.1) / 3) and ev.n == 3
+    with pytest.raises(ConfigError, match="no seed has both"):
+        paired_effect(t, "acc", {}, {"m": "a"}, {"m": "c"})
+    c = Claim("x", "a beats b", lambda ts: paired_effect(ts["t"], "acc", {}, {"m": "a"}, {"m": "b"}), margin=0.01)
+    assert c.verdict({"t": t})["verdict"] == R
