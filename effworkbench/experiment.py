@@ -20,8 +20,8 @@ from .store import Run, RunStore, run_function
 from .sweep import sweep
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime', 'Context',
-           'get_experiment', 'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments',
+__all__ = ['EXPERIMENTS', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime', 'Context', 'unit_result',
+           'unit_weights', 'get_experiment', 'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments',
            'continue_experiments']
 
 # %% ../nbs/03a_experiment.ipynb #e769bb3f
@@ -93,6 +93,22 @@ class Context:
                 bad = table[table.error.notna()]
                 raise RuntimeError(f"{len(bad)} of {len(todo)} units failed; first: {bad.error.iloc[0]}")
         return [self.unit(fn, c) for c in cfgs]
+
+# %% ../nbs/03a_experiment.ipynb #8215a588
+def unit_result(run: Run, fn: Callable, cfg) -> dict:
+    "The result of the unit `fn(cfg)` of the store that holds `run`, computing that unit first if it is not finished."
+    return RunStore(run.path.parent).run(fn, cfg)
+
+def unit_weights(run: Run, fn: Callable, cfg, key: str = "model") -> dict:
+    """The weights (`key` of the checkpoint) saved by the unit `fn(cfg)` of the store that holds `run`, computing that
+    unit first if it is not finished. How a unit loads the trained model another unit made."""
+    store = RunStore(run.path.parent)
+    unit_result(run, fn, cfg)
+    state = store.get(store.key(fn, cfg)).load_checkpoint()
+    if not state or key not in state:
+        raise ConfigError(f"unit {store.key(fn, cfg)} ({getattr(fn, 'run_name', fn)}) saved no {key!r} weights: "
+                          f"remove it (`effwb runs rm {store.key(fn, cfg)}`) and run again")
+    return state[key]
 
 # %% ../nbs/03a_experiment.ipynb #47c330cf
 def get_experiment(name: str | Experiment) -> Experiment:

@@ -23,9 +23,9 @@ from torch.func import functional_call, grad, vmap
 
 from ..claims import Claim, Evidence, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
-from ..experiment import Context, register_experiment
+from ..experiment import Context, register_experiment, unit_weights
 from ..store import Run, run_function
-from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_params, prune_channels, unit_weights, vgg_small
+from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_params, prune_channels, vgg_small
 
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from ..core import ConfigError, PresetConfig, set_seed
 from ..data import cluttered_digits
-from ..experiment import Context, register_experiment
+from ..experiment import Context, register_experiment, unit_result, unit_weights
 from ..store import Run, run_function
-from .models import ViTBlock, unit_result, unit_weights
+from .models import ViTBlock
 
 # %% auto #0
 __all__ = ['POLICIES', 'action_to_box', 'extract_glimpse', 'seen_mask', 'pixels_seen', 'patch_boxes', 'fourier_features',

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from ..claims import Claim, Evidence, bootstrap_mean, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
-from ..experiment import Context, register_experiment
+from ..experiment import Context, register_experiment, unit_result, unit_weights
 from ..store import Run, run_function
-from .models import BlockNet, MacCounter, VisionTask, TokenHead, fit_classifier, make_model, total_macs, unit_result, unit_weights
+from .models import BlockNet, MacCounter, VisionTask, TokenHead, fit_classifier, make_model, total_macs
 
 # %% auto #0
 __all__ = ['Regime', 'REGIMES', 'EXIT_TABLES', 'EARLY_EXIT_CLAIMS', 'ExitHead', 'MultiExit', 'multi_exit', 'threshold_exit',

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..core import ConfigError, PresetConfig, count_params, set_seed
 from ..data import DataError, ImageSplits
 from ..experiment import Context, register_experiment
-from ..store import Run, RunStore, run_function
+from ..store import Run, run_function
 
 Norm = Literal["batch", "group", "none"]
 
@@ -32,8 +32,8 @@ __all__ = ['Norm', 'CIFAR10_CLASSES', 'CIFAR10_RECORD', 'conv_norm', 'ChannelGat
            'BlockNet', 'VGG', 'vgg_small', 'ResNet', 'resnet_small', 'PatchEmbed', 'SelfAttention', 'ViTBlock',
            'TokenHead', 'ViT', 'vit_small', 'make_model', 'module_macs', 'MacCounter', 'count_macs', 'total_macs',
            'n_params', 'prune_channels', 'layer_widths', 'read_cifar10_bin', 'cifar10_splits', 'predict_logits',
-           'accuracy', 'fit_classifier', 'recalibrate_bn', 'time_forward', 'unit_result', 'unit_weights', 'VisionTask',
-           'ModelsConfig', 'train_model_unit', 'run']
+           'accuracy', 'fit_classifier', 'recalibrate_bn', 'time_forward', 'VisionTask', 'ModelsConfig',
+           'train_model_unit', 'run']
 
 # %% ../../nbs/40_vision.models.ipynb #a0d0197c
 def conv_norm(norm: Norm, channels: int, groups: int = 4) -> nn.Module:
@@ -435,22 +435,6 @@ def time_forward(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
         t0 = time.perf_counter(); model(x); ts.append(time.perf_counter() - t0)
     model.train(was)
     return float(np.median(ts))
-
-# %% ../../nbs/40_vision.models.ipynb #8215a588
-def unit_result(run: Run, fn: Callable, cfg) -> dict:
-    "The result of the unit `fn(cfg)` of the store that holds `run`, computing that unit first if it is not finished."
-    return RunStore(run.path.parent).run(fn, cfg)
-
-def unit_weights(run: Run, fn: Callable, cfg, key: str = "model") -> dict:
-    """The weights (`key` of the checkpoint) saved by the unit `fn(cfg)` of the store that holds `run`, computing that
-    unit first if it is not finished. How a unit loads the trained model another unit made."""
-    store = RunStore(run.path.parent)
-    unit_result(run, fn, cfg)
-    state = store.get(store.key(fn, cfg)).load_checkpoint()
-    if not state or key not in state:
-        raise ConfigError(f"unit {store.key(fn, cfg)} ({getattr(fn, 'run_name', fn)}) saved no {key!r} weights: "
-                          f"remove it (`effwb runs rm {store.key(fn, cfg)}`) and run again")
-    return state[key]
 
 # %% ../../nbs/40_vision.models.ipynb #3b7c2628
 @dataclass

@@ -22,10 +22,10 @@ from scipy import stats
 
 from ..claims import Claim, Evidence, bootstrap_mean, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
-from ..experiment import Context, register_experiment
+from ..experiment import Context, register_experiment, unit_weights
 from ..store import Run, run_function
 from .models import (BlockNet, VisionTask, accuracy, fit_classifier, prune_channels, layer_widths, total_macs, time_forward, n_params,
-                                       unit_weights, vgg_small)
+                                       vgg_small)
 
 # %% auto #0
 __all__ = ['PRUNE_METHODS', 'SHAPLEY_CLAIMS', 'Game', 'to_mask', 'TableGame', 'all_values', 'exact_shapley', 'unanimity_game',
