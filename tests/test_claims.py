@@ -10,6 +10,7 @@ R, N, U = "reproduced", "not reproduced", "not decided"
 STATED = {
     "vision.shapley": {"ranks: exact vs leave-one-out": R, "ranks: sampled": R, "prune 50 %: vs L1": N,
                        "prune 50 %: vs random": U, "prune 75 %: vs L1": U, "prune 75 %: global, normalised": N},
+    "vision.early_exit": {"mixed vs joint": N, "mixed vs disjoint": R, "disjoint heads are weak": R},
 }
 
 
