@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..claims import Claim, Evidence, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
 from ..data import cluttered_digits
 from ..experiment import Context, register_experiment, unit_result, unit_weights
@@ -26,13 +27,14 @@ from ..store import Run, run_function
 from .models import ViTBlock
 
 # %% auto #0
-__all__ = ['POLICIES', 'action_to_box', 'extract_glimpse', 'seen_mask', 'pixels_seen', 'patch_boxes', 'fourier_features',
-           'GlimpseViT', 'take_glimpses', 'object_actions', 'pretrain_encoder', 'glimpse_state', 'GlimpseEnv',
-           'AttentionPool', 'mlp', 'Actor', 'Critic', 'ReplayBuffer', 'SACConfig', 'soft_bellman_target', 'polyak_',
-           'SAC', 'box_to_action', 'random_policy', 'grid_policy', 'centre_zoom_policy', 'sac_policy', 'rollout',
-           'train_agent', 'evaluate_policy', 'bootstrap_diff', 'AdaGlimpseConfig', 'encoder_unit', 'agent_unit',
-           'glimpse_data', 'pretrain_encoder_unit', 'load_env', 'make_agent', 'train_agent_unit', 'policy_for',
-           'evaluate_policy_unit', 'run', 'table_images', 'glimpse_animation']
+__all__ = ['POLICIES', 'MATCHED', 'ADAGLIMPSE_CLAIMS', 'action_to_box', 'extract_glimpse', 'seen_mask', 'pixels_seen',
+           'patch_boxes', 'fourier_features', 'GlimpseViT', 'take_glimpses', 'object_actions', 'pretrain_encoder',
+           'glimpse_state', 'GlimpseEnv', 'AttentionPool', 'mlp', 'Actor', 'Critic', 'ReplayBuffer', 'SACConfig',
+           'soft_bellman_target', 'polyak_', 'SAC', 'box_to_action', 'random_policy', 'grid_policy',
+           'centre_zoom_policy', 'sac_policy', 'size_matched_policy', 'pixel_matched_sizes', 'rollout', 'train_agent',
+           'evaluate_policy', 'bootstrap_diff', 'AdaGlimpseConfig', 'encoder_unit', 'agent_unit', 'glimpse_data',
+           'pretrain_encoder_unit', 'load_env', 'make_agent', 'train_agent_unit', 'policy_for', 'matched_policy',
+           'evaluate_policy_unit', 'seed_tables', 'run', 'agent_effect', 'table_images', 'glimpse_animation']
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #8fc73a51
 def action_to_box(action: torch.Tensor, hw: tuple[int, int], d_min: float | None = None, d_max: float | None = None) -> torch.Tensor:
@@ -378,6 +380,30 @@ def centre_zoom_policy(env: GlimpseEnv, state: torch.Tensor) -> torch.Tensor:
 def sac_policy(agent: SAC) -> Callable:
     return lambda env, state: agent.act(state, deterministic=True)
 
+# %% ../../nbs/44_vision.adaglimpse.ipynb #dffbad75
+def size_matched_policy(z: torch.Tensor, seed: int = 0) -> Callable:
+    """Glimpses at uniformly random places with given sizes z (N, T) in action units (another policy's, on the same N
+    images in the same order, one batch): isolates *where* that policy looks from *how large* its glimpses are."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda env, state: torch.cat([torch.rand(len(env.y), 2, generator=gen), z[:, env.t:env.t + 1]], 1)
+
+def pixel_matched_sizes(hw: tuple[int, int], n: int, seen: Sequence[float], seed: int = 0, iters: int = 24) -> torch.Tensor:
+    """One glimpse size z_t per step (action units, the same for every image) such that random places, drawn as
+    `size_matched_policy(…, seed)` draws them on n images, cover on average the share `seen[t]` of the pixels after
+    t + 1 glimpses (bisection). Where the target cannot be reached (the agent re-looks at places it has seen, and even
+    the smallest random glimpse adds new pixels) the size stays at the bound: the baseline then sees more. Returns z (n, T)."""
+    gen = torch.Generator().manual_seed(seed)
+    xy = [torch.rand(n, 2, generator=gen) for _ in seen]                       # the positions the policy will draw
+    zs: list[float] = []
+    for t, target in enumerate(seen):
+        lo, hi = 0.0, 1.0
+        for _ in range(iters):
+            z = (lo + hi) / 2
+            acts = torch.stack([torch.cat([xy[s], torch.full((n, 1), zz)], 1) for s, zz in enumerate(zs + [z])], 1)
+            lo, hi = (z, hi) if pixels_seen(action_to_box(acts, hw), hw).mean() < target else (lo, z)
+        zs.append((lo + hi) / 2)
+    return torch.tensor(zs).expand(n, -1).clone()
+
 # %% ../../nbs/44_vision.adaglimpse.ipynb #14b89b89
 def rollout(env: GlimpseEnv, x: torch.Tensor, y: torch.Tensor, policy: Callable):
     "One episode per image with `policy`; returns the env (boxes, scores) and correct (B, T) after each glimpse."
@@ -453,28 +479,29 @@ class AdaGlimpseConfig(PresetConfig):
     n_random: int = 3
     n_boot: int = 2000
     n_samples: int = 4          # test images kept for the glimpse animation
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])   # one encoder, agent and data draw per seed
     presets: ClassVar = {
         "smoke": {"sac": _GLIMPSE_SAC},
-        "medium": {"n_train": 4000, "n_test": 1000, "dim": 64, "heads": 4, "pretrain_epochs": 12, "rounds": 1100,
+        "medium": {"n_train": 4000, "n_test": 1000, "dim": 64, "heads": 4, "pretrain_epochs": 30, "rounds": 1100, "seeds": [0, 1, 2],
                    "warmup": 30, "n_envs": 64, "updates_per_step": 2, "sac": {**_GLIMPSE_SAC, "hidden": 128, "batch_size": 128}},
-        "full": {"canvas": 128, "n_train": 20000, "n_test": 5000, "budget": 6, "glimpse": 32, "patch": 8, "dim": 128,
+        "full": {"canvas": 128, "n_train": 20000, "n_test": 5000, "budget": 6, "glimpse": 32, "patch": 8, "dim": 128, "seeds": [0, 1, 2],
                  "depth": 4, "heads": 4, "pretrain_epochs": 30, "rounds": 3000, "warmup": 100, "n_envs": 128,
                  "updates_per_step": 2, "sac": {**_GLIMPSE_SAC, "hidden": 256, "batch_size": 256}}}
 
-POLICIES = ("sac", "random", "grid", "centre-zoom")
+POLICIES = ("sac", "random", "random, same sizes", "random, same pixels", "grid", "centre-zoom")
+MATCHED = ("random, same sizes", "random, same pixels")   # baselines matched to the agent: their units name it
 
 def _pick(cfg, *names) -> dict: return {k: getattr(cfg, k) for k in names}
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #09b0f85a
-def encoder_unit(cfg: AdaGlimpseConfig) -> dict:
-    "The run-store config of the pre-trained encoder: the data, the encoder and its pre-training."
-    return _pick(cfg, "canvas", "n_train", "n_test", "seed", "budget", "glimpse", "patch", "dim", "depth", "heads",
-                 "pretrain_epochs", "object_prob")
+def encoder_unit(cfg: AdaGlimpseConfig, seed: int) -> dict:
+    "The run-store config of the pre-trained encoder of one seed: the data, the encoder and its pre-training."
+    return {**_pick(cfg, "canvas", "n_train", "n_test", "budget", "glimpse", "patch", "dim", "depth", "heads",
+                    "pretrain_epochs", "object_prob"), "seed": seed}
 
-def agent_unit(cfg: AdaGlimpseConfig) -> dict:
-    "The run-store config of the trained agent: its encoder's, and the SAC training."
-    return {"encoder": encoder_unit(cfg), "sac": cfg.sac, **_pick(cfg, "rounds", "warmup", "n_envs", "updates_per_step", "reward_scale")}
+def agent_unit(cfg: AdaGlimpseConfig, seed: int) -> dict:
+    "The run-store config of the trained agent of one seed: its encoder's, and the SAC training."
+    return {"encoder": encoder_unit(cfg, seed), "sac": cfg.sac, **_pick(cfg, "rounds", "warmup", "n_envs", "updates_per_step", "reward_scale")}
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #f087ea40
 def glimpse_data(e: dict): return cluttered_digits(e["n_train"], e["n_test"], canvas=e["canvas"], seed=e["seed"])
@@ -517,6 +544,7 @@ def train_agent_unit(u: dict, run: Run) -> dict:
 def policy_for(run: Run, u: dict, env: GlimpseEnv, draw: int = 0) -> Callable:
     "The policy `u[\"policy\"]` on `env`: the trained agent's (its actor loaded), random draw `draw`, grid or centre-zoom."
     name, seed = u["policy"], u["encoder"]["seed"]
+    if name in MATCHED: return matched_policy(run, u, env, seed + 1 + draw)
     if name == "sac":
         sac = u["agent"]["sac"] if isinstance(u["agent"]["sac"], SACConfig) else SACConfig(**u["agent"]["sac"])
         agent = make_agent(env, sac, seed)
@@ -525,15 +553,26 @@ def policy_for(run: Run, u: dict, env: GlimpseEnv, draw: int = 0) -> Callable:
     if name == "random": return random_policy(seed + 1 + draw)
     return {"grid": grid_policy, "centre-zoom": centre_zoom_policy}[name]
 
+def matched_policy(run: Run, u: dict, env: GlimpseEnv, seed: int) -> Callable:
+    "A random baseline matched to the agent on the test images: its glimpse sizes, or (per step) its mean pixels seen."
+    data = glimpse_data(u["encoder"])
+    ag = evaluate_policy(env, data.x_test, data.y_test, policy_for(run, {**u, "policy": "sac"}, env), batch_size=len(data.x_test))
+    H, W = env.hw
+    z = ((ag["boxes"][..., 2] - min(H, W) / 8) / (min(H, W) / 2 - min(H, W) / 8)).clamp(0, 1)     # (N, T) the agent's sizes
+    if u["policy"] == "random, same pixels": z = pixel_matched_sizes(env.hw, len(z), ag["seen"].mean(0).tolist(), seed)
+    return size_matched_policy(z, seed)
+
+# %% ../../nbs/44_vision.adaglimpse.ipynb #755c1b4d
 @run_function("vision.adaglimpse.policy")
 def evaluate_policy_unit(u: dict, run: Run) -> dict:
     """Unit: policy `u["policy"]` on every test canvas (random: `u["draws"]` draws, averaged); per image and glimpse count
     `correct` (N, T), the means of score and pixels seen per glimpse count, and the first draw's boxes and correctness
-    on the first `u["n_samples"]` images. Only the SAC policy's unit names the agent (`u["agent"]`): the others do not
-    depend on its training."""
+    on the first `u["n_samples"]` images. Only the units of the agent and of the baselines matched to it name the agent
+    (`u["agent"]`): the others do not depend on its training."""
     e = u["encoder"]
     env, data = load_env(run, e), glimpse_data(e)
-    ev = [evaluate_policy(env, data.x_test, data.y_test, policy_for(run, u, env, r)) for r in range(u["draws"])]
+    one_batch = len(data.x_test) if u["policy"] in MATCHED else 500                     # matched: in the agent's order
+    ev = [evaluate_policy(env, data.x_test, data.y_test, policy_for(run, u, env, r), one_batch) for r in range(u["draws"])]
     k = u["n_samples"]
     return {"correct": torch.stack([r["correct"].float() for r in ev]).mean(0).tolist(),
             "score": torch.stack([r["score"] for r in ev]).mean((0, 1)).tolist(),
@@ -541,29 +580,53 @@ def evaluate_policy_unit(u: dict, run: Run) -> dict:
             "boxes": ev[0]["boxes"][:k].tolist(), "correct_k": ev[0]["correct"][:k].tolist()}
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #ed7211b9
-@register_experiment("vision.adaglimpse", AdaGlimpseConfig, notebook="44_vision.adaglimpse", prefix="adaglimpse")
-def run(cfg: AdaGlimpseConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "The whole experiment, unit by unit; returns tables curves, bootstrap, training, pretrain, samples, images."
-    pre = ctx.unit(pretrain_encoder_unit, encoder_unit(cfg))
-    train = ctx.unit(train_agent_unit, agent_unit(cfg))
+def seed_tables(cfg: AdaGlimpseConfig, ctx: Context, seed: int) -> dict[str, pd.DataFrame]:
+    "The encoder, agent and every policy's evaluation of one seed: curves, bootstrap (against random), training, pretrain."
+    e, a = encoder_unit(cfg, seed), agent_unit(cfg, seed)
+    pre, train = ctx.unit(pretrain_encoder_unit, e), ctx.unit(train_agent_unit, a)
     ev = dict(zip(POLICIES, ctx.units(evaluate_policy_unit, [
-        {"encoder": encoder_unit(cfg), "agent": agent_unit(cfg) if p == "sac" else None, "policy": p,
-         "draws": cfg.n_random if p == "random" else 1, "n_samples": cfg.n_samples}
-        for p in POLICIES], desc="policies")))
-    T, k, corr = cfg.budget, cfg.n_samples, {p: np.asarray(ev[p]["correct"]) for p in POLICIES}
+        {"encoder": e, "agent": a if p == "sac" or p in MATCHED else None, "policy": p,
+         "draws": cfg.n_random if p == "random" else 1, "n_samples": cfg.n_samples} for p in POLICIES], desc=f"policies, seed {seed}")))
+    T, corr = cfg.budget, {p: np.asarray(ev[p]["correct"]) for p in POLICIES}
     curves = [{"policy": p, "glimpses": t + 1, "accuracy": float(corr[p][:, t].mean()), "pixels_seen": ev[p]["seen"][t],
                "score": ev[p]["score"][t]} for p in POLICIES for t in range(T)]
-    boot = [{"policy": p, "baseline": "random", "glimpses": t + 1,
-             **bootstrap_diff(corr[p][:, t], corr["random"][:, t], cfg.n_boot, seed=cfg.seed)}
-            for p in ("sac", "grid", "centre-zoom") for t in range(T)]
-    data = glimpse_data(encoder_unit(cfg))
+    boot = [{"policy": "sac", "baseline": b, "glimpses": t + 1, **bootstrap_diff(corr["sac"][:, t], corr[b][:, t], cfg.n_boot, seed=seed)}
+            for b in POLICIES if b != "sac" for t in range(T)]
+    return {"curves": pd.DataFrame(curves), "bootstrap": pd.DataFrame(boot), "training": pd.DataFrame(train["rows"]),
+            "pretrain": pd.DataFrame(pre["rows"]), "ev": ev}
+
+@register_experiment("vision.adaglimpse", AdaGlimpseConfig, notebook="44_vision.adaglimpse", prefix="adaglimpse")
+def run(cfg: AdaGlimpseConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    """The whole experiment, unit by unit, once per seed; tables curves, bootstrap (the agent against every baseline,
+    paired over test images), training, pretrain (each with a `seed` column), and the first seed's samples and images."""
+    per = {s: seed_tables(cfg, ctx, s) for s in cfg.seeds}
+    out = {k: pd.concat([t[k].assign(seed=s) for s, t in per.items()], ignore_index=True) for k in ("curves", "bootstrap", "training", "pretrain")}
+    s0, T, k = cfg.seeds[0], cfg.budget, cfg.n_samples
+    ev, data = per[s0]["ev"], glimpse_data(encoder_unit(cfg, s0))
     xt, yt = data.x_test, data.y_test
     samples = [{"policy": p, "image": i, "label": int(yt[i]), "t": t + 1, **dict(zip(("x0", "y0", "d"), map(float, ev[p]["boxes"][i][t]))),
                 "correct": bool(ev[p]["correct_k"][i][t])} for p in POLICIES for i in range(k) for t in range(T)]
     images = pd.DataFrame({"image": range(k), "label": yt[:k].tolist(), "size": cfg.canvas,
                            "pixels": [" ".join(str(int(v)) for v in (xt[i, 0] * 255).round().flatten().tolist()) for i in range(k)]})
-    return {"curves": pd.DataFrame(curves), "bootstrap": pd.DataFrame(boot), "training": pd.DataFrame(train["rows"]),
-            "pretrain": pd.DataFrame(pre["rows"]), "samples": pd.DataFrame(samples), "images": images}
+    return {**out, "samples": pd.DataFrame(samples), "images": images}
+
+# %% ../../nbs/44_vision.adaglimpse.ipynb #856b9b65
+def agent_effect(baseline: str) -> Callable[[dict], Evidence]:
+    "Per seed: accuracy after the last glimpse of the agent minus that of `baseline`."
+    def measure(ts):
+        c = ts["curves"]
+        return paired_effect(c, "accuracy", {"glimpses": int(c.glimpses.max())}, {"policy": "sac"}, {"policy": baseline},
+                             pair="seed", unit="test accuracy after the last glimpse")
+    return measure
+
+ADAGLIMPSE_CLAIMS = [
+    Claim("agent vs random", "The SAC policy beats random glimpses at an equal glimpse count", agent_effect("random"), margin=0.01),
+    Claim("agent vs random, same sizes", "... and random places with the agent's own glimpse sizes (where it looks matters)",
+          agent_effect("random, same sizes"), margin=0.01),
+    Claim("agent vs random, same pixels", "... and random glimpses that see as many pixels", agent_effect("random, same pixels"), margin=0.01),
+    Claim("agent vs centre-zoom", "... and the centre-then-zoom heuristic", agent_effect("centre-zoom"), margin=0.01),
+]
+register_claims("vision.adaglimpse", ADAGLIMPSE_CLAIMS, tables=("curves",))
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #6cc2c9fc
 def table_images(images: pd.DataFrame) -> np.ndarray:
