@@ -533,7 +533,7 @@ _GRID_DP = {"q": 0.1, "epochs": 1.0, "log_every": 10 ** 9}   # the grid's privat
 class DPPruneConfig(PresetConfig):
     "The prune × drop × ε grid of `43_privacy.dp_prune`, in two settings: from scratch, and public pretraining + private fine-tuning."
     preset: str = "smoke"
-    task: VisionTask = field(default_factory=VisionTask)   # the images (the shared hard digits), split by label
+    task: VisionTask = field(default_factory=lambda: VisionTask("digits"))   # the images, split by label (see below)
     n_train: int = 600            # images before the public (0–4) / private (5–9) split
     n_test: int = 300
     size: int = 16                # image side
