@@ -18,7 +18,8 @@ TINY = {"vision.early_exit": ["n_train=64", "n_test=32", "epochs=2", "n_diag=16"
         "vision.shapley": ["n_train=64", "n_val=32", "n_test=32", "epochs=1", "width=4", "exact_layers=['0']",
                            "perms=[1]", "kernel=[8]", "seeds=1", "ratios=[0.5]", "time_repeats=1"],
         "privacy.dp_prune": ["n_train=120", "n_test=40", "size=8", "width=4", "pretrain_epochs=1", "epsilons=(8.0,)",
-                             "prunes=(0.5,)", "drops=(0.0,)", "dp.q=0.2", "dp.epochs=0.4"],
+                             "prunes=(0.5,)", "drops=(0.0,)", "dp.q=0.2", "dp.epochs=0.4", "tune_frac=0.4",
+                             "tune_lrs=(1.0,)", "tune_clips=(1.0,)"],
         "vision.adaglimpse": ["n_train=32", "n_test=16", "dim=16", "depth=1", "pretrain_epochs=1", "rounds=2", "warmup=1",
                               "n_envs=4", "budget=2", "sac.hidden=16", "sac.batch_size=8", "n_random=2", "n_boot=50", "n_samples=2"]}
 
@@ -77,8 +78,8 @@ def test_equal_configs_equal_keys(name, tmp_path):
 
 
 # experiment, an override on top of TINY, and the units that depend on it (all others are read back from the store)
-CHANGES = [("vision.adaglimpse", "rounds=3", ["vision.adaglimpse.agent", "vision.adaglimpse.policy"]),
-           ("privacy.dp_prune", "pretrain_epochs=2", ["privacy.dp_prune.pretrain", "privacy.dp_prune.cell"]),
+CHANGES = [("vision.adaglimpse", "rounds=3", ["vision.adaglimpse.agent"] + ["vision.adaglimpse.policy"] * 3),   # sac + 2 matched
+           ("privacy.dp_prune", "pretrain_epochs=2", ["privacy.dp_prune.pretrain"] + ["privacy.dp_prune.cell"] * 2),  # + its tuning
            ("vision.shapley", "finetune_epochs=2", ["vision.shapley.prune"] * 4),
            ("vision.early_exit", "slice_range=0.5", ["vision.early_exit.evaluate"] * 3)]
 
