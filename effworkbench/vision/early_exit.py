@@ -285,7 +285,7 @@ class EarlyExitConfig(PresetConfig):
     slice_points: int = 5            # points along the 1-D slice (the 2-D grid has slice_points // 2 + 1 per side)
     slice_range: float = 1.0
     seeds: list[int] = field(default_factory=lambda: [0])
-    presets: ClassVar = {"medium": {"n_train": 3000, "n_test": 1000, "epochs": 10, "batch_size": 64, "n_diag": 256, "slice_points": 21,
+    presets: ClassVar = {"medium": {"width": 16, "n_train": 3000, "n_test": 1000, "epochs": 10, "batch_size": 64, "n_diag": 256, "slice_points": 21,
                                     "split_fracs": [0.25, 0.75], "seeds": [0, 1, 2]},
                          "full": {"arch": "resnet", "width": 32, "exit_blocks": [0, 1, 2, 3, 4, 5, 6], "n_train": 20000,
                                   "n_test": 5000, "epochs": 60, "n_diag": 1000, "slice_points": 41, "split_fracs": [0.25, 0.75],
