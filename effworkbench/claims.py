@@ -17,7 +17,7 @@ from .core import ConfigError, Registry, load_table
 
 # %% auto #0
 __all__ = ['VERDICTS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'paired_effect', 'Claim', 'ClaimSet', 'register_claims',
-           'verdict_table', 'published_tables', 'verdicts']
+           'verdict_table', 'published_tables', 'verdicts', 'stated_experiments']
 
 # %% ../nbs/03b_claims.ipynb #304fb8ae
 VERDICTS = ("reproduced", "not reproduced", "not decided")
@@ -108,3 +108,8 @@ def verdicts(experiment: str, preset: str = "medium") -> pd.DataFrame:
     EXPERIMENTS[experiment]                                        # imports the module that registers its claims
     cs = CLAIMS[experiment]
     return verdict_table(cs.claims, published_tables(experiment, cs.tables, preset))
+
+def stated_experiments() -> list[str]:
+    "The registered experiments that state claims (each experiment's module imported, which files its claims)."
+    from effworkbench.experiment import EXPERIMENTS
+    return [n for n in EXPERIMENTS if EXPERIMENTS.get(n) is not None and n in CLAIMS]

@@ -3,7 +3,7 @@ outcome fails here until the notebook's prose (and this list) say what the new t
 import numpy as np
 import pytest
 
-from effworkbench.claims import CLAIMS, Claim, bootstrap_mean, decide, paired_effect, verdicts
+from effworkbench.claims import CLAIMS, Claim, bootstrap_mean, decide, paired_effect, stated_experiments, verdicts
 from effworkbench.core import ConfigError
 
 R, N, U = "reproduced", "not reproduced", "not decided"
@@ -25,6 +25,10 @@ def test_verdicts_from_committed_tables(experiment):
     assert dict(zip(v.claim, v.verdict)) == STATED[experiment]
     assert (v.lo <= v.estimate).all() and (v.estimate <= v.hi).all() and (v.n >= 3).all()   # ≥ 3 seeds behind every verdict
     assert experiment in CLAIMS
+
+
+def test_every_claim_set_has_its_stated_verdicts_here():
+    assert set(stated_experiments()) == set(STATED)          # a notebook that states claims is checked above
 
 
 def test_decision_rule():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..claims import Claim, Evidence, paired_effect, register_claims
+from ..claims import Claim, Evidence, bootstrap_mean, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
 from ..data import cluttered_digits
 from ..experiment import Context, register_experiment, unit_result, unit_weights
@@ -447,11 +447,8 @@ def evaluate_policy(env: GlimpseEnv, x: torch.Tensor, y: torch.Tensor, policy: C
 # %% ../../nbs/44_vision.adaglimpse.ipynb #fa2a7788
 def bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
     "Paired bootstrap of mean(a − b) over images (rows resampled with replacement): the mean and a percentile interval."
-    d = np.asarray(a, float) - np.asarray(b, float)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+    ev = bootstrap_mean(np.asarray(a, float) - np.asarray(b, float), n_boot=n_boot, level=level, seed=seed)
+    return {"diff": ev.estimate, "lo": ev.lo, "hi": ev.hi}
 
 # %% ../../nbs/44_vision.adaglimpse.ipynb #dd6be867
 _GLIMPSE_SAC = {"hidden": 64, "batch_size": 64, "init_alpha": 0.1, "alpha_lr": 1e-3}   # the experiment's agent at smoke
