@@ -7,7 +7,9 @@ Docs: https://effworkbench.github.io/effworkbench/experiment.html.md"""
 # %% ../nbs/03a_experiment.ipynb #4e78e435
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,9 @@ from .store import Run, RunStore, run_function
 from .sweep import sweep
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime', 'Context', 'unit_result',
-           'unit_weights', 'get_experiment', 'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments',
-           'continue_experiments']
+__all__ = ['EXPERIMENTS', 'DEADLINE_ENV', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime',
+           'past_deadline', 'chunk_deadline', 'Context', 'unit_result', 'unit_weights', 'get_experiment',
+           'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments', 'continue_experiments']
 
 # %% ../nbs/03a_experiment.ipynb #e769bb3f
 EXPERIMENTS = Registry("experiments")
@@ -60,6 +62,23 @@ def experiment_for_notebook(stem: str) -> Experiment | None:
 class OutOfTime(RuntimeError):
     "The experiment's time budget is spent: finished units are stored, and running the same command again continues."
 
+DEADLINE_ENV = "EFFWB_DEADLINE"     # the chunk's deadline in epoch seconds; worker processes inherit it
+
+def past_deadline() -> bool:
+    "Whether the deadline of the chunk this process works in (`EFFWB_DEADLINE`) has passed: a unit that can stop mid-way asks."
+    v = os.environ.get(DEADLINE_ENV)
+    return bool(v) and time.time() > float(v)
+
+@contextlib.contextmanager
+def chunk_deadline(deadline: float | None):
+    "Set `EFFWB_DEADLINE` to `deadline` (None: no deadline) for the block, then put back what was there."
+    old = os.environ.pop(DEADLINE_ENV, None)
+    if deadline is not None: os.environ[DEADLINE_ENV] = repr(float(deadline))
+    try: yield
+    finally:
+        os.environ.pop(DEADLINE_ENV, None)
+        if old is not None: os.environ[DEADLINE_ENV] = old
+
 class Context:
     "What an experiment's `run(cfg, ctx)` works through: the run store (one run per unit), the preset, a time budget, a log."
     def __init__(self, store: RunStore | None = None, preset: str = "smoke", workers: int = 1,
@@ -91,6 +110,8 @@ class Context:
             table = sweep(fn, todo, store=self.store, executor="process", max_workers=self.workers, desc=desc)
             if "error" in table and table.error.notna().any():
                 bad = table[table.error.notna()]
+                if bad.error.str.startswith("OutOfTime").all():        # units stopped mid-way by the chunk's deadline
+                    raise OutOfTime(f"time budget spent in {len(bad)} units (checkpointed); run the same command again to continue")
                 raise RuntimeError(f"{len(bad)} of {len(todo)} units failed; first: {bad.error.iloc[0]}")
         return [self.unit(fn, c) for c in cfgs]
 
@@ -136,8 +157,9 @@ def run_experiment(name: str | Experiment, cfg: Any = None, store: RunStore | No
         raise ConfigError(f"experiment {exp.name} takes a {exp.config.__name__}, not {type(cfg).__name__}")
     store = store or RunStore()
     preset = getattr(cfg, "preset", "smoke")
-    fn = _experiment_fn(exp, Context(store, preset, workers, max_minutes, log))
-    store.run(fn, cfg, rerun=rerun, preset=preset)
+    ctx = Context(store, preset, workers, max_minutes, log)
+    fn = _experiment_fn(exp, ctx)
+    with chunk_deadline(ctx.deadline): store.run(fn, cfg, rerun=rerun, preset=preset)
     return store.get(store.key(fn, cfg)).tables()
 
 def experiment_run(name: str | Experiment, cfg: Any, store: RunStore | None = None) -> Run:

@@ -29,7 +29,7 @@ from .store import CheckpointError, Run, RunStore, check_loggers, logger_names, 
 # effworkbench.data (tokenizers, filelock) is imported where it is used, so `bench/gpt.py` runs on machines with
 # torch, numpy and pandas only, feeding the trainer a synthetic corpus.
 if TYPE_CHECKING: from effworkbench.data import LMBatchSampler, TokenCorpus   # annotations only
-from .experiment import Context, register_experiment
+from .experiment import Context, OutOfTime, past_deadline, register_experiment
 
 # %% auto #0
 __all__ = ['TRAIN_PRESETS', 'CHECKPOINT_KEYS', 'PARALLEL', 'TrainConfig', 'wsd_decay_start', 'schedule_lr', 'lr_at',
@@ -499,6 +499,10 @@ def fit(t: Trainer) -> dict[str, Any]:
         if t.step % cfg.eval_every == 0 or last:
             val = t.evaluate(); t.log(step=t.step, tokens=t.tokens, val_loss=val)
         if t.step % cfg.ckpt_every == 0 or last: t.checkpoint()
+        elif t.run is not None and t.world == 1 and past_deadline():     # the chunk's time is spent: save, stop, resume later
+            t.checkpoint(); bar.close()
+            raise OutOfTime(f"the chunk's time budget is spent at step {t.step} of {cfg.steps}: the checkpoint is saved in "
+                            f"{t.run.path}; run the same command again to continue")
     bar.close()
     if val is None: val = t.evaluate()
     return {"loss": loss, "val_loss": val, "steps": t.step, "tokens": t.tokens,

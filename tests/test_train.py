@@ -325,3 +325,38 @@ def test_logger_asked_for_but_missing_is_a_clear_error(corpus_file, tmp_path, mo
     monkeypatch.setenv("EFFWB_LOG", "wandb")
     with pytest.raises(ConfigError, match="unknown logger 'wandb'"):
         RunStore(tmp_path).run(train_run, tiny(corpus_file, steps=1))
+
+
+def test_a_training_unit_stops_at_the_chunk_deadline_and_resumes_bit_exact(corpus_file, tmp_path, monkeypatch):
+    """A chunk's deadline passing mid-run: the training unit checkpoints and raises `OutOfTime` (the experiment run is left
+    unfinished), `continue_experiments` resumes it, and the weights equal those of one uninterrupted run."""
+    import effworkbench.train as tr
+    from effworkbench.experiment import OutOfTime, continue_experiments, run_experiment, unfinished_experiments
+    from effworkbench.train import load_run_checkpoint, run_model
+    cfg = tiny(corpus_file, steps=12, ckpt_every=100, eval_every=100, model={"dropout": 0.1})   # no periodic checkpoint
+    asked = []
+    def past():                                      # the deadline passes after the 5th step
+        asked.append(1); return len(asked) == 5
+    monkeypatch.setattr(tr, "past_deadline", past)
+    store = RunStore(tmp_path / "chunks")
+    with pytest.raises(OutOfTime, match="step 5 of 12"): run_experiment("train", cfg, store=store, max_minutes=60)
+    unit = store.get(store.key(train_run, cfg))
+    assert load_run_checkpoint(unit)["step"] == 5 and unit.status == "failed"
+    assert [e.name for e, _, _ in unfinished_experiments(store)] == ["train"]
+    continue_experiments(store)
+    assert unit.status == "done" and unit.result["steps"] == 12 and unfinished_experiments(store) == []
+    ref = RunStore(tmp_path / "straight")
+    monkeypatch.setattr(tr, "past_deadline", lambda: False)
+    run_experiment("train", cfg, store=ref)
+    a, b = run_model(cfg, unit).state_dict(), run_model(cfg, ref.get(ref.key(train_run, cfg))).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_the_chunk_deadline_reaches_the_unit_through_the_environment(monkeypatch):
+    import time
+    from effworkbench.experiment import DEADLINE_ENV, chunk_deadline, past_deadline
+    monkeypatch.delenv(DEADLINE_ENV, raising=False)
+    assert not past_deadline()
+    with chunk_deadline(time.time() - 1): assert past_deadline()
+    with chunk_deadline(time.time() + 60): assert not past_deadline()
+    assert DEADLINE_ENV not in os.environ                                # put back as it was
