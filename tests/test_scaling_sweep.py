@@ -7,8 +7,8 @@ import pytest
 from effworkbench.scaling.laws import PUBLISHED_DENSE, PUBLISHED_MOE, JointLaw, ModelShape
 from effworkbench.core import config_from
 from effworkbench.experiment import EXPERIMENTS, OutOfTime, publish, run_experiment
-from effworkbench.scaling.joint import JointConfig, fit_joint, memory_grid
-from effworkbench.scaling.granularity import (FitSettings, GranularityConfig, ScalingGrid, family_flops, fit_granularity_law,
+from effworkbench.scaling.joint import JointConfig, box_optimum, family_flops_act, fit_joint, memory_grid, total_ratios
+from effworkbench.scaling.granularity import (FitSettings, GranularityConfig, ScalingGrid, TrainedBox, family_flops, fit_granularity_law,
                                               fits_from_tables, granularity_fits, grid_points, points_table)
 from effworkbench.store import RunStore
 from effworkbench.sweep import sweep
@@ -67,17 +67,30 @@ def test_family_flops_inverts_the_shape():
 def test_memory_efficiency_check_can_go_either_way(delta, moe_should_win):
     # delta < 0: more experts lower the N term (MoE helps); delta > 0: experts only cost memory
     law = JointLaw(a=30.0, alpha=-0.2, delta=delta, gamma=0.0, b=40.0, beta=-0.25, omega=0.0, zeta=0.0, c=1.0)
-    g = memory_grid(law, [1e15, 1e17], [2e6, 2e8], experts=(1, 2, 4, 8))
-    wins = (g.best_E > 1) & (g.gain_over_dense > 0)
-    assert wins.any() == moe_should_win
-    assert (g.gain_over_dense >= -1e-12).all()                  # the best over E includes E = 1
+    grid = ScalingGrid(widths=[32, 64, 128, 256], expansions=[2, 4, 8], granularities=[1])
+    rows = []
+    for labels, c in grid_points(grid):                           # the sweep's box: its shapes at three token counts
+        s = ModelShape.from_gpt(c.model)
+        for D in (1e6, 1e7, 1e8):
+            rows.append({**labels, "width": c.model.d_model, "N": s.law_params.non_embedding, "N_act": s.law_params.active,
+                         "D": D, "flops": s.flops_per_token() * D})
+    table = pd.DataFrame(rows)
+    g = memory_grid(law, table, grid)
+    assert len(g) >= 10
+    assert (g.gain_over_dense > 0).all() == moe_should_win and (g.gain_over_dense < 0).all() != moe_should_win
+    box = TrainedBox.of(table, "E", "N_act")
+    for r in g.itertuples():                                      # every optimum inside the box and under its cap
+        t = box_optimum(law, r.flops, r.memory_bytes, box, total_ratios(table), family_flops_act(grid))
+        assert (t.D >= 1e6 * (1 - 1e-9)).all() and (t.D <= 1e8 * (1 + 1e-9)).all()
+        assert all(box.n_range[a][0] <= n <= box.n_range[a][1] * (1 + 1e-9) for a, n in zip(t.arm, t.N_act))
+        assert (t.N_act * t.arm.map(total_ratios(table)) * 2 <= r.memory_bytes * (1 + 1e-9)).all()
 
 
 def test_joint_sweep_shares_runs_with_the_granularity_sweep():
     store = RunStore("/nonexistent-but-unused")
     a = {store.key(train_run, c) for _, c in grid_points(GranularityConfig.for_preset("medium").grid)}
     b = {store.key(train_run, c) for _, c in grid_points(JointConfig.for_preset("medium").grid)}
-    assert len(a & b) == 2 * 5 and len(b) == 4 * 5
+    assert len(a & b) == 3 * 5 and len(b) == 3 * (5 * 4 + 2 * 2)     # the dense runs shared; E = 16, 32 at two widths
 
 
 def test_fit_joint_recovers_planted_exponents():
@@ -130,8 +143,9 @@ def test_a_killed_sweep_resumes_without_recomputing(tmp_path, monkeypatch, name,
     tables = run_experiment(name, cfg, store=store)
     after = finished_units(store)
     assert {k: after[k] for k in first} == first and len(after) == n
-    assert len(tables["sweep"]) == n * 2 and set(tables) == {"sweep", "fit", "errors"}
+    extra = {"seed_fit", "frontier"} if name == "scaling.granularity" else {"seed_fit", "gains"}
+    assert len(tables["sweep"]) == n * 2 and set(tables) == {"sweep", "fit", "errors"} | extra
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
     paths = publish(name, cfg, store=store, allow_dirty=True)
     prefix = name.replace(".", "_")
-    assert sorted(p.name for p in paths) == sorted(f"{prefix}_{t}_smoke.csv" for t in ("sweep", "fit", "errors"))
+    assert sorted(p.name for p in paths) == sorted(f"{prefix}_{t}_smoke.csv" for t in {"sweep", "fit", "errors"} | extra)

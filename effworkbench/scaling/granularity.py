@@ -14,14 +14,16 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import pandas as pd
 
+from ..claims import Claim, Evidence, bootstrap_mean, register_claims
 from ..core import PresetConfig
 from ..experiment import Context, register_experiment
 from ..nn.gpt import GPTConfig
 from .laws import PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedLaw, FineGrainedSpec, ModelShape, bootstrap, fit_law, rmse_log
 
 # %% auto #0
-__all__ = ['GRID_PRESETS', 'ScalingGrid', 'grid_points', 'grid_of_table', 'FitSettings', 'GranularityConfig', 'points_table',
-           'fit_granularity_law', 'family_flops', 'law_tables', 'granularity_fits', 'fits_from_tables', 'run',
+__all__ = ['GRID_PRESETS', 'GRANULARITY_AXES', 'ScalingGrid', 'grid_points', 'grid_of_table', 'FitSettings', 'GranularityConfig',
+           'points_table', 'fit_granularity_law', 'family_flops', 'law_tables', 'granularity_fits', 'fits_from_tables',
+           'TrainedBox', 'budgets', 'seed_fits', 'laws_of', 'frontier_table', 'final_gap', 'frontier_gap', 'run',
            'law_curves']
 
 # %% ../../nbs/23_scaling.granularity.ipynb #90584265
@@ -46,18 +48,24 @@ class ScalingGrid:
     eval_batches: int = 4
     seeds: list[int] = field(default_factory=lambda: [0])
     base_width: int = 64                                               # μP base width
+    routing: str = "token_choice"                                      # the MoE runs' routing (moe.layers: expert_choice, ...)
+    lr_expert_exponent: float = 0.0                                    # MoE lr = lr · E^this (the joint-law paper: −0.25)
+    small_widths: list[int] = field(default_factory=list)              # ... where the `small_expansions` are trained
+    small_expansions: list[int] = field(default_factory=list)          # E trained only at the small widths (many experts)
 
     def model(self, width: int, expansion: int = 1, granularity: int = 1) -> GPTConfig:
         moe = expansion * granularity > 1
         return GPTConfig(vocab_size=self.vocab_size, seq_len=self.seq_len, d_model=width, n_layers=self.n_layers,
                          n_heads=self.n_heads, ffn="moe" if moe else "dense",
-                         ffn_kwargs={"expansion": expansion, "granularity": granularity} if moe else {})
+                         ffn_kwargs=({"expansion": expansion, "granularity": granularity}
+                                     | ({"routing": self.routing} if self.routing != "token_choice" else {})) if moe else {})
 
     def train_config(self, model: GPTConfig, seed: int = 0):
         "The one place a run of the sweep is built."
         from effworkbench.train import TrainConfig
+        E = model.ffn_kwargs.get("expansion", 1) if model.ffn == "moe" else 1
         return TrainConfig(model=model, corpus=self.corpus, max_bytes=self.max_bytes, steps=self.steps,
-                           batch_size=self.batch_size, lr=self.lr, schedule="wsd", warmup=self.warmup,
+                           batch_size=self.batch_size, lr=self.lr * E ** self.lr_expert_exponent, schedule="wsd", warmup=self.warmup,
                            decay_branches=list(self.branches), param="mup", param_kwargs={"base_width": self.base_width},
                            eval_every=self.steps, eval_batches=self.eval_batches, log_every=max(1, self.steps // 10),
                            ckpt_every=self.steps, seed=seed)
@@ -69,7 +77,7 @@ def grid_points(grid: ScalingGrid) -> list[tuple[dict, Any]]:
     for seed in grid.seeds:
         for w in grid.widths:
             if grid.dense: pts.append(({"kind": "dense", "E": 1, "G": 1, "seed": seed}, grid.train_config(grid.model(w), seed)))
-            for E in grid.expansions:
+            for E in grid.expansions + (grid.small_expansions if w in grid.small_widths else []):
                 for G in grid.granularities:
                     pts.append(({"kind": "moe", "E": E, "G": G, "seed": seed}, grid.train_config(grid.model(w, E, G), seed)))
     return pts
@@ -82,11 +90,11 @@ def grid_of_table(table: pd.DataFrame, default: ScalingGrid) -> ScalingGrid:
 
 # %% ../../nbs/23_scaling.granularity.ipynb #c4512182
 GRID_PRESETS = {      # the grid of each preset, shared by 23_scaling.granularity and 24_scaling.joint
-    "medium": {"widths": [32, 48, 64, 96, 128], "granularities": [1, 2, 4], "steps": 600, "branches": [150, 300],
-               "warmup": 30, "batch_size": 16, "max_bytes": 1_000_000, "eval_batches": 16},
+    "medium": {"widths": [32, 48, 64, 80, 96], "granularities": [1, 2, 4], "steps": 600, "branches": [150, 300],
+               "warmup": 30, "batch_size": 16, "max_bytes": 1_000_000, "eval_batches": 16, "seeds": [0, 1, 2]},
     "full": {"widths": [64, 96, 128, 192, 256, 384, 512], "n_layers": 4, "expansions": [8], "granularities": [1, 2, 4, 8],
              "steps": 8000, "branches": [1000, 2000, 4000], "warmup": 200, "batch_size": 32, "seq_len": 256,
-             "vocab_size": 4096, "max_bytes": None, "eval_batches": 32},
+             "vocab_size": 4096, "max_bytes": None, "eval_batches": 32, "seeds": [0, 1, 2]},
 }
 
 @dataclass
@@ -97,14 +105,17 @@ class FitSettings:
     holdout: bool = True                     # also fit without the widest width: its RMSE is the held-out error
     seed: int = 0
 
+GRANULARITY_AXES = {"routing": "expert_choice"}     # the paper's routing; `-p grid.routing=token_choice` is the variant
+
 @dataclass
 class GranularityConfig(PresetConfig):
-    "The experiment: the sweep over size, tokens and granularity, then the fine-grained (and dense) law fitted to it."
+    "The experiment: the sweep over size, tokens and granularity (expert-choice routing, as in the paper), then the laws."
     preset: str = "smoke"
-    grid: ScalingGrid = field(default_factory=ScalingGrid)
+    grid: ScalingGrid = field(default_factory=lambda: ScalingGrid(**GRANULARITY_AXES))
     fit: FitSettings = field(default_factory=FitSettings)
-    presets: ClassVar = {"medium": {"grid": GRID_PRESETS["medium"], "fit": {"max_starts": None, "n_boot": 100}},
-                         "full": {"grid": GRID_PRESETS["full"], "fit": {"max_starts": None, "n_boot": 200}}}
+    presets: ClassVar = {"smoke": {"grid": GRANULARITY_AXES},          # an override of grid.x keeps these
+                         "medium": {"grid": {**GRID_PRESETS["medium"], **GRANULARITY_AXES}, "fit": {"max_starts": None, "n_boot": 100}},
+                         "full": {"grid": {**GRID_PRESETS["full"], **GRANULARITY_AXES}, "fit": {"max_starts": None, "n_boot": 200}}}
 
 # %% ../../nbs/23_scaling.granularity.ipynb #4b5df613
 def points_table(points: Sequence[tuple[dict, Any]], store) -> pd.DataFrame:
@@ -186,15 +197,113 @@ def fits_from_tables(coef: pd.DataFrame, err: pd.DataFrame, law_cls: type = Fine
                 "rmse_fit": float(e.rmse_fit[k]), "n_fit": float(e.n_fit[k]), "rmse_holdout": float(e.rmse_holdout[k])}
             for k, d in coef.groupby("kind", sort=False)}
 
+# %% ../../nbs/23_scaling.granularity.ipynb #8aced3aa
+@dataclass(frozen=True)
+class TrainedBox:
+    "Where a sweep trained: per arm (G, E, or dense) the range of N its runs span, and the sweep's token range D."
+    n_range: dict                           # arm -> (N_lo, N_hi)
+    d_range: tuple[float, float]            # (D_lo, D_hi)
+
+    @classmethod
+    def of(cls, df: pd.DataFrame, arm: str = "G", n: str = "N") -> TrainedBox:
+        "The box of a sweep table: arms 'G=1', 'G=2', ... from column `arm` (dense rows: the arm 'dense'), N from column `n`."
+        a = np.where(df.kind == "dense", "dense", arm + "=" + df[arm].astype(int).astype(str))
+        r = {k: (float(d[n].min()), float(d[n].max())) for k, d in df.assign(_arm=a).groupby("_arm")}
+        return cls(r, (float(df.D.min()), float(df.D.max())))
+
+    def optimum(self, loss: Callable, flops: float, C: Callable[[float], float], arm: str, cap: float = math.inf,
+                n: int = 200) -> dict | None:
+        "The least loss(N, D) over N in the arm's range (≤ cap) with D = flops / C(N) in the token range; None if there is none."
+        lo, hi = self.n_range[arm][0], min(self.n_range[arm][1], cap)
+        if hi < lo: return None
+        N = np.geomspace(lo, hi, n) if hi > lo else np.array([lo])
+        D = flops / np.array([C(x) for x in N])
+        ok = (D >= self.d_range[0] * (1 - 1e-9)) & (D <= self.d_range[1] * (1 + 1e-9))
+        if not ok.any(): return None
+        L = np.asarray(loss(N[ok], D[ok]), float)
+        j = int(np.argmin(L))
+        return {"N": float(N[ok][j]), "D": float(D[ok][j]), "loss": float(L[j])}
+
+def budgets(df: pd.DataFrame, n: int = 9) -> np.ndarray:
+    "n compute budgets spanning the sweep's training FLOPs (log-spaced, its smallest to its largest run)."
+    return np.geomspace(float(df.flops.min()), float(df.flops.max()), n)
+
+# %% ../../nbs/23_scaling.granularity.ipynb #49ffbfbd
+def seed_fits(table: pd.DataFrame, fit: FitSettings) -> pd.DataFrame:
+    "The laws fitted on each seed's points alone: one row per (seed, kind, coef) with its value (no bootstrap, no hold-out)."
+    rows = []
+    for s, d in table.groupby("seed"):
+        for kind, f in fit_granularity_law(d, fit.max_starts, seed=fit.seed).items():
+            spec = FineGrainedSpec(moe=kind == "moe")
+            rows += [{"seed": int(s), "kind": kind, "coef": c, "value": float(getattr(f["law"], c))} for c in spec.names]
+    return pd.DataFrame(rows)
+
+def laws_of(seed_fit: pd.DataFrame) -> dict[int, dict[str, FineGrainedLaw]]:
+    "seed -> kind -> law, from a `seed_fit` table."
+    return {int(s): {k: FineGrainedLaw(**dict(zip(g.coef, g.value))) for k, g in d.groupby("kind")} for s, d in seed_fit.groupby("seed")}
+
+def frontier_table(table: pd.DataFrame, laws: dict[int, dict], grid: ScalingGrid, n_budgets: int = 9) -> pd.DataFrame:
+    "Per seed, budget and arm (dense, each G): the compute-optimal point inside the trained box; arms without one are left out."
+    box, rows = TrainedBox.of(table), []
+    E = int(table[table.kind == "moe"].E.iloc[0]) if (table.kind == "moe").any() else 1
+    for s, by_kind in laws.items():
+        for F in budgets(table, n_budgets):
+            for arm in box.n_range:
+                kind = "dense" if arm == "dense" else "moe"
+                if kind not in by_kind: continue
+                G = 1 if arm == "dense" else int(arm.split("=")[1])
+                C = family_flops(grid, 1 if arm == "dense" else E)
+                o = box.optimum(lambda N, D: by_kind[kind](N, D, G), F, lambda N: C(N, G), arm)
+                if o is not None: rows.append({"seed": s, "flops": F, "arm": arm, **o})
+    return pd.DataFrame(rows)
+
+def final_gap(sweep: pd.DataFrame, better: dict, worse: dict) -> Evidence:
+    """Per seed, the mean over widths of loss[worse] − loss[better] at the runs' final token count (equal N_act and D when
+    both rows share a width), with its bootstrap interval over seeds. `better`, `worse`: column → value."""
+    last = sweep[sweep.steps == sweep.steps.max()]
+    def pick(sel):
+        d = last
+        for k, v in sel.items(): d = d[d[k] == v]
+        return d.set_index(["seed", "width"]).val_loss
+    gap = (pick(worse) - pick(better)).dropna()
+    return bootstrap_mean(gap.groupby(level="seed").mean().to_numpy(), "loss")
+
+def frontier_gap(frontier: pd.DataFrame, better: Sequence[str], worse: Sequence[str]) -> Evidence:
+    """Per seed, the least over budgets of [best compute-optimal loss among the `worse` arms − among the `better` arms]
+    (budgets where both have an optimum inside the box): positive when `better` wins at every budget; bootstrap over seeds."""
+    per_seed = []
+    for s, d in frontier.groupby("seed"):
+        b = d[d.arm.isin(better)].groupby("flops").loss.min()
+        w = d[d.arm.isin(worse)].groupby("flops").loss.min()
+        g = (w - b).dropna()
+        if len(g): per_seed.append(float(g.min()))
+    return bootstrap_mean(per_seed, "loss")
+
 # %% ../../nbs/23_scaling.granularity.ipynb #6e52cfc2
 @register_experiment("scaling.granularity", GranularityConfig, notebook="23_scaling.granularity", prefix="scaling_granularity")
 def run(cfg: GranularityConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "Every run of the grid as a unit of the store, its (N, D) points (`sweep`), and the laws fitted to them (`fit`, `errors`)."
+    """Every run of the grid as a unit of the store, its (N, D) points (`sweep`), the laws fitted to them (`fit`, `errors`),
+    the laws of each seed (`seed_fit`) and their compute-optimal points inside the trained box (`frontier`)."""
     from effworkbench.train import train_run
     points = grid_points(cfg.grid)
     ctx.units(train_run, [c for _, c in points], desc="scaling sweep")
     table = points_table(points, ctx.store)
-    return {"sweep": table, **granularity_fits(table, cfg.fit)}
+    sf = seed_fits(table, cfg.fit)
+    return {"sweep": table, **granularity_fits(table, cfg.fit), "seed_fit": sf, "frontier": frontier_table(table, laws_of(sf), cfg.grid)}
+
+def _fine(frontier: pd.DataFrame) -> list[str]: return [a for a in frontier.arm.unique() if a.startswith("G=") and a != "G=1"]
+
+register_claims("scaling.granularity", [
+    Claim("G = 2 beats G = 1", "at equal N, D and E: loss(G = 1) − loss(G = 2) > 0 (mean over widths, final D)",
+          lambda t: final_gap(t["sweep"], {"kind": "moe", "G": 2}, {"kind": "moe", "G": 1}), margin=0.005),
+    Claim("G = 4 beats G = 2", "at equal N, D and E: loss(G = 2) − loss(G = 4) > 0 (mean over widths, final D)",
+          lambda t: final_gap(t["sweep"], {"kind": "moe", "G": 4}, {"kind": "moe", "G": 2}), margin=0.005),
+    Claim("G* > 1 at every budget", "fitted per seed, inside the trained box: at every compute budget the best G > 1 beats "
+          "the best G = 1 (least gain over budgets > 0)", lambda t: frontier_gap(t["frontier"], _fine(t["frontier"]), ["G=1"]), margin=0.002),
+    Claim("MoE beats dense at every budget", "fitted per seed, inside the trained box: at every compute budget the best MoE "
+          "beats the best dense model (least gain over budgets > 0)",
+          lambda t: frontier_gap(t["frontier"], ["G=1", *_fine(t["frontier"])], ["dense"]), margin=0.002),
+], tables=("sweep", "frontier"))
 
 # %% ../../nbs/23_scaling.granularity.ipynb #c86289aa
 def law_curves(df: pd.DataFrame, fits: dict, n: int = 30) -> pd.DataFrame:

@@ -14,17 +14,21 @@ from typing import ClassVar, Sequence
 import numpy as np
 import pandas as pd
 
+from ..claims import Claim, Evidence, bootstrap_mean, register_claims
 from ..core import PresetConfig
 from ..experiment import Context, register_experiment
-from .laws import JointLaw, JointSpec, ModelShape, bootstrap, fit_law, joint_optimum, rmse_log
-from .granularity import GRID_PRESETS, FitSettings, ScalingGrid, grid_points, law_tables, points_table
+from .laws import JointLaw, JointSpec, ModelShape, bootstrap, fit_law, rmse_log
+from .granularity import (GRID_PRESETS, FitSettings, ScalingGrid, TrainedBox, budgets, final_gap, grid_points,
+                                              law_tables, points_table)
 
 # %% auto #0
-__all__ = ['JOINT_AXES', 'JointFitSettings', 'JointConfig', 'joint_table', 'fit_joint', 'family_flops_act', 'joint_fits', 'run',
-           'memory_grid', 'plot_joint_budget']
+__all__ = ['JOINT_AXES', 'MANY_EXPERTS', 'JointFitSettings', 'JointConfig', 'joint_table', 'fit_joint', 'family_flops_act',
+           'joint_fits', 'joint_seed_fits', 'joint_laws_of', 'run', 'box_optimum', 'total_ratios', 'memory_caps',
+           'memory_grid', 'gains_table', 'mean_gain', 'plot_joint_budget']
 
 # %% ../../nbs/24_scaling.joint.ipynb #bf695262
-JOINT_AXES = {"expansions": [2, 4, 8], "granularities": [1]}      # top-1 experts E ∈ {2, 4, 8} beside dense, at every preset
+JOINT_AXES = {"expansions": [2, 4, 8], "granularities": [1], "lr_expert_exponent": -0.25}   # top-1, E ∈ {2, 4, 8} beside dense; lr ∝ E^−0.25
+MANY_EXPERTS = {"small_widths": [32, 48], "small_expansions": [16, 32]}                     # E = 16, 32 at the small widths
 
 @dataclass
 class JointFitSettings(FitSettings):
@@ -39,8 +43,9 @@ class JointConfig(PresetConfig):
     grid: ScalingGrid = field(default_factory=lambda: ScalingGrid(**JOINT_AXES))
     fit: JointFitSettings = field(default_factory=lambda: JointFitSettings(max_starts=4))
     presets: ClassVar = {"smoke": {"grid": JOINT_AXES, "fit": {"max_starts": 4}},     # an override of grid.x keeps these
-                         "medium": {"grid": {**GRID_PRESETS["medium"], **JOINT_AXES}, "fit": {"max_starts": None, "n_boot": 100}},
-                         "full": {"grid": {**GRID_PRESETS["full"], **JOINT_AXES}, "fit": {"max_starts": None, "n_boot": 200}}}
+                         "medium": {"grid": {**GRID_PRESETS["medium"], **JOINT_AXES, **MANY_EXPERTS}, "fit": {"max_starts": None, "n_boot": 100}},
+                         "full": {"grid": {**GRID_PRESETS["full"], **JOINT_AXES, "small_widths": [64, 96], "small_expansions": [16, 32]},
+                                  "fit": {"max_starts": None, "n_boot": 200}}}
 
 # %% ../../nbs/24_scaling.joint.ipynb #c5df713a
 def joint_table(points, store) -> pd.DataFrame:
@@ -79,36 +84,95 @@ def joint_fits(table: pd.DataFrame, fit: JointFitSettings) -> dict[str, pd.DataF
     fits = {"joint": fit_joint(table, n_boot=fit.n_boot, **kw)}
     return law_tables(fits, held, {"joint": JointSpec(kw["e_start"], kw["e_max"])}, {}, hw)
 
+def joint_seed_fits(table: pd.DataFrame, fit: JointFitSettings) -> pd.DataFrame:
+    "The joint law fitted on each seed's points alone: one row per (seed, coef, value)."
+    e_max = math.inf if fit.e_max is None else fit.e_max
+    rows = []
+    for s, d in table.groupby("seed"):
+        law = fit_joint(d, fit.e_start, e_max, fit.max_starts, seed=fit.seed)["law"]
+        rows += [{"seed": int(s), "coef": c, "value": float(getattr(law, c))} for c in JointSpec(fit.e_start, e_max).names]
+    return pd.DataFrame(rows)
+
+def joint_laws_of(seed_fit: pd.DataFrame, fit: JointFitSettings) -> dict[int, JointLaw]:
+    "seed -> law, from a `seed_fit` table."
+    e_max = math.inf if fit.e_max is None else fit.e_max
+    return {int(s): JointLaw(**dict(zip(d.coef, d.value)), e_start=fit.e_start, e_max=e_max) for s, d in seed_fit.groupby("seed")}
+
 @register_experiment("scaling.joint", JointConfig, notebook="24_scaling.joint", prefix="scaling_joint")
 def run(cfg: JointConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "Every run of the grid as a unit of the store, its (N_act, D, E) points (`sweep`), and the joint law (`fit`, `errors`)."
+    """Every run of the grid as a unit of the store, its (N_act, D, E) points (`sweep`), the joint law (`fit`, `errors`),
+    the law of each seed (`seed_fit`) and, per seed, the best MoE against the best dense model under compute and memory
+    budgets inside the trained box (`gains`)."""
     from effworkbench.train import train_run
     points = grid_points(cfg.grid)
     ctx.units(train_run, [c for _, c in points], desc="joint sweep")
     table = joint_table(points, ctx.store)
-    return {"sweep": table, **joint_fits(table, cfg.fit)}
+    sf = joint_seed_fits(table, cfg.fit)
+    return {"sweep": table, **joint_fits(table, cfg.fit), "seed_fit": sf,
+            "gains": gains_table(table, joint_laws_of(sf, cfg.fit), cfg.grid)}
 
 # %% ../../nbs/24_scaling.joint.ipynb #cfb80093
-def memory_grid(law: JointLaw, flops: Sequence[float], memory: Sequence[float], flops_fn=None,
-                experts: Sequence[int] = (1, 2, 4, 8, 16)) -> pd.DataFrame:
-    "For every (F, M): the best E, its loss, the best dense loss under the same cap, and the MoE's gain over dense."
+def box_optimum(law: JointLaw, flops: float, memory_bytes: float, box: TrainedBox, ratios: dict[str, float], flops_fn) -> pd.DataFrame:
+    "Per arm (dense, E=2, ...) of the box: the best N_act inside it with D = F / C(N_act, E) and N_total·2 bytes ≤ memory_bytes."
     rows = []
-    for F in flops:
-        for M in memory:
-            t = joint_optimum(law, F, memory_bytes=M, experts=experts, flops_fn=flops_fn, N_range=(1e3, 1e12))
-            if t.empty: continue
-            b, d = t.loc[t.loss.idxmin()], t[t.E == 1]
-            rows.append({"flops": F, "memory_bytes": M, "best_E": int(b.E), "loss": float(b.loss),
-                         "dense_loss": float(d.loss.iloc[0]) if len(d) else math.nan,
-                         "gain_over_dense": float(d.loss.iloc[0] - b.loss) if len(d) else math.nan})
+    for arm, ratio in ratios.items():
+        E = 1 if arm == "dense" else int(arm.split("=")[1])
+        o = box.optimum(lambda N, D: law(N, D, E), flops, lambda N: flops_fn(N, E), arm, cap=memory_bytes / (2.0 * ratio))
+        if o is not None: rows.append({"flops": flops, "memory_bytes": memory_bytes, "arm": arm, "E": E, "N_act": o["N"], "D": o["D"], "loss": o["loss"]})
     return pd.DataFrame(rows)
 
+def total_ratios(table: pd.DataFrame) -> dict[str, float]:
+    "Per arm of the sweep: stored non-embedding parameters over active ones (N / N_act; 1 for dense)."
+    a = np.where(table.kind == "dense", "dense", "E=" + table.E.astype(int).astype(str))
+    return {k: float((d.N / d.N_act).median()) for k, d in table.assign(_arm=a).groupby("_arm")}
+
+def memory_caps(table: pd.DataFrame) -> list[float]:
+    "The bf16 weights (bytes) of each trained dense width: the memory caps of the comparison."
+    return sorted(2.0 * float(n) for n in table[table.kind == "dense"].N.unique())
+
+def memory_grid(law: JointLaw, table: pd.DataFrame, grid: ScalingGrid, flops: Sequence[float] | None = None,
+                memory: Sequence[float] | None = None) -> pd.DataFrame:
+    "For every (F, M) of the box where dense and an MoE both have an optimum: the best E, its loss, the best dense loss, the gain."
+    box, ratios, ff = TrainedBox.of(table, "E", "N_act"), total_ratios(table), family_flops_act(grid)
+    rows = []
+    for F in budgets(table) if flops is None else flops:
+        for M in memory_caps(table) if memory is None else memory:
+            t = box_optimum(law, F, M, box, ratios, ff)
+            if t.empty or not (t.arm == "dense").any() or not (t.arm != "dense").any(): continue
+            moe, dense = t[t.arm != "dense"], t[t.arm == "dense"]
+            b = moe.loc[moe.loss.idxmin()]
+            rows.append({"flops": F, "memory_bytes": M, "best_E": int(b.E), "moe_loss": float(b.loss),
+                         "dense_loss": float(dense.loss.iloc[0]), "gain_over_dense": float(dense.loss.iloc[0] - b.loss)})
+    return pd.DataFrame(rows)
+
+def gains_table(table: pd.DataFrame, laws: dict[int, JointLaw], grid: ScalingGrid) -> pd.DataFrame:
+    "`memory_grid` of every seed's law: one row per (seed, F, M)."
+    parts = [memory_grid(law, table, grid).assign(seed=s) for s, law in laws.items()]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+def mean_gain(gains: pd.DataFrame) -> Evidence:
+    "Per seed, the mean over budget pairs of the best MoE's gain over the best dense model; bootstrap over seeds."
+    return bootstrap_mean(gains.groupby("seed").gain_over_dense.mean().to_numpy(), "loss")
+
+register_claims("scaling.joint", [
+    Claim("E = 8 beats dense", "at equal N_act and D: loss(dense) − loss(E = 8) > 0 (mean over widths, final D)",
+          lambda t: final_gap(t["sweep"], {"kind": "moe", "E": 8}, {"kind": "dense"}), margin=0.005),
+    Claim("E = 32 beats E = 8", "at equal N_act and D, at the small widths: loss(E = 8) − loss(E = 32) > 0 (final D)",
+          lambda t: final_gap(t["sweep"], {"E": 32}, {"E": 8}), margin=0.005),
+    Claim("E = 2 beats dense", "at equal N_act and D: loss(dense) − loss(E = 2) > 0 (mean over widths, final D)",
+          lambda t: final_gap(t["sweep"], {"kind": "moe", "E": 2}, {"kind": "dense"}), margin=0.005),
+    Claim("MoE more memory-efficient", "fitted per seed, inside the trained box: under the same memory cap and compute budget, "
+          "the best MoE beats the best dense model (mean gain over budget pairs > 0)", lambda t: mean_gain(t["gains"]), margin=0.002),
+], tables=("sweep", "gains"))
+
 # %% ../../nbs/24_scaling.joint.ipynb #1093f139
-def plot_joint_budget(law: JointLaw, log10_flops: float, memory_bytes: float, flops_fn=None, experts=(1, 2, 4, 8, 16)):
-    "Loss against E at one compute and memory budget, the optimum named in the title."
+def plot_joint_budget(law: JointLaw, table: pd.DataFrame, grid: ScalingGrid, log10_flops: float, memory_bytes: float):
+    "Loss against E at one compute and memory budget inside the trained box, the optimum named in the title."
     from effworkbench.viz import line
-    t = joint_optimum(law, 10 ** log10_flops, memory_bytes=memory_bytes, experts=experts, flops_fn=flops_fn, N_range=(1e3, 1e12))
+    t = box_optimum(law, 10 ** log10_flops, memory_bytes, TrainedBox.of(table, "E", "N_act"), total_ratios(table), family_flops_act(grid))
+    if t.empty: return line(pd.DataFrame({"E": [], "loss": []}), x="E", y="loss", title=f"1e{log10_flops:.2f} FLOPs, "
+                            f"{memory_bytes / 1e3:.1f} kB: no trained E has a point inside the box")
     b = t.loc[t.loss.idxmin()]
     return line(t, x="E", y="loss", log_x=True, markers=True,
                 title=f"1e{log10_flops:.2f} FLOPs, {memory_bytes / 1e3:.1f} kB: E*={int(b.E)}, N_act={b.N_act:.3g}, "
-                      f"D={b.D:.3g}, loss {b.loss:.4f}", labels={"loss": "best loss under both budgets", "E": "experts E"})
+                      f"D={b.D:.3g}, loss {b.loss:.4f}", labels={"loss": "best loss under both budgets (trained box)", "E": "experts E"})
