@@ -181,3 +181,36 @@ def test_equal_configs_equal_keys():
     ka = [store.key(retrain_unit, u) for u in retrain_units(a)]
     kb = [store.key(retrain_unit, u) for u in retrain_units(exp.config_for("smoke", TINY + ["ratios=[0.75, 0.5]"]))]
     assert set(ka) < set(kb) and isinstance(retrain_units(a)[0], RetrainUnit)   # a unit's key does not depend on the others
+
+
+def test_the_published_base_serves_a_fresh_store(tmp_path, monkeypatch):
+    """`publish_base` writes the trained base's weights, curve and record; an experiment on an empty run store then loads
+    that base (bit-identical weights) instead of training it, and a base of another config is not taken for it."""
+    import effworkbench.train as train
+    from effworkbench.compress.projected import base_model, publish_base, published_base
+    from effworkbench.core import ConfigError, load_table
+    from effworkbench.experiment import EXPERIMENTS, run_experiment
+    from effworkbench.store import RunStore
+    from effworkbench.train import run_model, train_run
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
+    cfg = EXPERIMENTS["compress.projected"].config_for("smoke", TINY)
+    trained = RunStore(tmp_path / "a")
+    assert published_base(cfg.base) is None
+    with pytest.raises(FileNotFoundError): publish_base(cfg.base, trained)             # nothing trained yet
+    trained.run(train_run, cfg.base)
+    with pytest.raises(ConfigError, match="uncommitted"):                              # this checkout is a test's: dirty or no git
+        if trained.get(trained.key(train_run, cfg.base)).env.get("git_dirty") is False: raise ConfigError("uncommitted (clean here)")
+        publish_base(cfg.base, trained)
+    paths = publish_base(cfg.base, trained, allow_dirty=True)
+    assert sorted(p.name for p in paths) == ["compress_base_smoke.csv", "compress_base_smoke.safetensors"]
+    assert load_table("compress_base_smoke").attrs["env"]["run"] == trained.key(train_run, cfg.base)
+    want = run_model(cfg.base, trained.get(trained.key(train_run, cfg.base))).state_dict()
+    got = published_base(cfg.base).state_dict()
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    fresh = RunStore(tmp_path / "b")
+    assert all(torch.equal(want[n], base_model(cfg.base, fresh)[0].state_dict()[n]) for n in want)
+    monkeypatch.setattr(train, "fit", lambda *a, **kw: pytest.fail("the published base was trained again"))
+    run_experiment("compress.projected", cfg, store=fresh)
+    assert not fresh.is_done(train_run, cfg.base)                                      # loaded, never trained here
+    other = EXPERIMENTS["compress.projected"].config_for("smoke", TINY + ["base.steps=5"]).base
+    assert published_base(other) is None

@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .projected import CompressionPresets, compress_base
+from .projected import CompressionPresets, base_model, compress_base, ensure_base
 from ..core import ConfigError, PresetConfig
 from ..experiment import Context, register_experiment
 from ..moe.layers import moe_mlp, route_dynamic_k
 from ..nn.gpt import GPT, GPTConfig, DenseFFN, flops_per_token, register_ffn
 from ..store import Run, RunStore, run_function
-from ..train import TrainConfig, Trainer, load_model, load_weights, save_weights, train_run
+from ..train import TrainConfig, Trainer, load_weights, save_weights
 
 # %% auto #0
 __all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerConfig', 'HoyerFFN', 'build_hoyer_ffn', 'relufy', 'activation_density',
@@ -424,7 +424,7 @@ def val_batches(corpus, u: SparsifyUnit, seq_len: int) -> list[tuple[torch.Tenso
 
 def stored_sparsified(u: SparsifyUnit, store: RunStore) -> tuple[GPT, object]:
     "The sparsified model of `u` from its run folder, and the corpus."
-    _, corpus = load_model(u.base, store, train_if_missing=False)
+    _, corpus = base_model(u.base, store)
     m = relufy(GPT(u.base.model), u.hoyer)
     return load_weights(m, store.get(store.key(sparsify_unit, u)).path / WEIGHTS).eval(), corpus
 
@@ -441,7 +441,7 @@ def mean_loss(model: GPT, batches) -> float: return float(np.mean([model.eval()(
 @run_function("compress.d2dmoe.sparsify")
 def sparsify_unit(u: SparsifyUnit, run: Run) -> dict:
     "Fine-tune the stored base model with ReLU FFNs (+ Hoyer) and save it: its loss, the base model's, its activation density per layer."
-    base, corpus = load_model(u.base, RunStore(run.path.parent), train_if_missing=False)
+    base, corpus = base_model(u.base, RunStore(run.path.parent))
     m = sparsify(base, u, corpus)
     save_weights(m, run.path / WEIGHTS)
     val = val_batches(corpus, u, base.cfg.seq_len)
@@ -489,7 +489,7 @@ def convert_units(cfg: D2DMoEConfig, su: SparsifyUnit) -> list[tuple[str, Conver
 @register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe")
 def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "Base model, then in stages (each stage's units in parallel with workers) sparsification, conversion, routing sweep, speed."
-    ctx.unit(train_run, cfg.base)
+    ensure_base(ctx, cfg.base)
     spars = sparsify_units(cfg)                                                   # [(name, unit)]
     s_res = ctx.units(sparsify_unit, [su for _, su in spars], desc="sparsify")
     convs = [(f"{name}, {v}", s, cu) for (name, su), s in zip(spars, s_res) for v, cu in convert_units(cfg, su)]

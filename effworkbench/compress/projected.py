@@ -8,6 +8,7 @@ Docs: https://effworkbench.github.io/effworkbench/compress.projected.html.md"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 import warnings
@@ -15,25 +16,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import ConfigError, PresetConfig, check_preset
+from ..claims import Claim, Evidence, bootstrap_mean, register_claims
+from ..core import ConfigError, PresetConfig, check_preset, results_dir, save_table
 from ..experiment import Context, register_experiment
 from ..nn.gpt import GPT, GPTConfig, GEmbedding, GLinear, LayerNorm, RMSNorm, flops_per_token
-from ..store import Run, RunStore, run_function
-from ..train import TrainConfig, Trainer, load_model, train_run
+from ..store import Run, RunStore, config_hash, fn_name, run_function
+from ..train import TrainConfig, Trainer, load_model, load_weights, run_model, save_weights, train_run
 
 # %% auto #0
 __all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'target_config', 'compression_sizes', 'Selection',
            'activation_importance', 'weight_importance', 'select', 'one_hot', 'ProjectedLinear', 'ProjectedEmbedding',
            'ProjectedNorm', 'projected_model', 'finalize', 'hard_prune', 'projection_flops', 'training_flops_per_token',
            'ffn_flops_per_token', 'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained',
-           'save_pretrained', 'compress_base', 'CompressionPresets', 'ProjectedConfig', 'RetrainUnit', 'retrain_units',
-           'retrain', 'calibration_batches', 'stored_base', 'base_loss_unit', 'retrain_unit', 'run', 'best_lr',
-           'margin_table', 'plot_curves']
+           'save_pretrained', 'compress_base', 'CompressionPresets', 'publish_base', 'published_base', 'base_model',
+           'ensure_base', 'ProjectedConfig', 'RetrainUnit', 'retrain_units', 'retrain', 'calibration_batches',
+           'stored_base', 'base_loss_unit', 'retrain_unit', 'seed_repeats', 'run', 'best_lr', 'margin_table',
+           'final_margin', 'margin_growth', 'plot_curves']
 
 # %% ../../nbs/30_compress.projected.ipynb #883f51ff
 def rotary_keep(d_head: int, k_head: int, rope_base: float) -> tuple[list[int], float]:
@@ -605,8 +609,8 @@ def save_pretrained(model: GPT, path: str | Path, style: Literal["llama", "gpt2"
 # %% ../../nbs/30_compress.projected.ipynb #e14eb1ee
 COMPRESS_BASE = {     # the TrainConfig fields of the base GPT at each preset (as given: d_ff follows d_model unless set)
     "smoke": {"model": {"vocab_size": 1024, "seq_len": 64, "d_model": 64, "n_layers": 2, "n_heads": 4}},   # = 11_train's smoke run
-    "medium": {"model": {"vocab_size": 4096, "seq_len": 128, "d_model": 128, "n_layers": 4, "n_heads": 4},
-               "steps": 600, "warmup": 50, "eval_every": 200, "ckpt_every": 200},
+    "medium": {"model": {"vocab_size": 4096, "seq_len": 128, "d_model": 128, "n_layers": 4, "n_heads": 4}, "max_bytes": None,
+               "steps": 3000, "warmup": 100, "eval_every": 250, "eval_batches": 16, "ckpt_every": 250},   # ~4 epochs of Shakespeare
     "full": {"model": {"vocab_size": 4096, "seq_len": 256, "d_model": 512, "n_layers": 8, "n_heads": 8}, "max_bytes": None,
              "steps": 5000, "lr": 1e-3, "warmup": 200, "eval_every": 500, "eval_batches": 16, "ckpt_every": 500}}
 
@@ -627,6 +631,46 @@ class CompressionPresets:
             base = _merged({"preset": check_preset(preset), **COMPRESS_BASE[preset]}, base)
         return super().for_preset(preset, base=base, **overrides)
 
+# %% ../../nbs/30_compress.projected.ipynb #28dbd976
+def _base_paths(preset: str) -> tuple[str, Path]:
+    name = f"compress_base_{check_preset(preset)}"
+    return name, results_dir() / f"{name}.safetensors"
+
+def publish_base(base: TrainConfig, store: RunStore | None = None, allow_dirty: bool = False) -> list[Path]:
+    "Write the finished base run's weights (safetensors), validation curve and record to `results/` (refused if made from uncommitted code)."
+    store = store or RunStore()
+    if not store.is_done(train_run, base): raise FileNotFoundError(f"the base model is not trained in {store.root}: run the experiment first")
+    run = store.get(store.key(train_run, base))
+    if run.env.get("git_dirty") is not False and not allow_dirty:
+        raise ConfigError(f"base run {run.key} was made from uncommitted code: commit, retrain, then publish")
+    name, path = _base_paths(base.preset)
+    save_weights(run_model(base, run), path)
+    m = run.metrics()
+    table = save_table(m.dropna(subset=["val_loss"])[["step", "tokens", "val_loss"]], name, base.preset, env=run.env,
+                       config=dataclasses.asdict(base), run=run.key, weights=path.name, val_loss=run.result["val_loss"])
+    return [path, table]
+
+def published_base(base: TrainConfig) -> GPT | None:
+    "The published base model of exactly this config (its record names the same run key), or None."
+    import json as _json
+    name, path = _base_paths(base.preset)
+    rec = results_dir() / f"{name}.env.json"
+    if not (path.is_file() and rec.is_file()): return None
+    if _json.loads(rec.read_text()).get("run") != config_hash({"fn": fn_name(train_run), "config": base}): return None
+    from effworkbench.nn.gpt import make_parameterization
+    return load_weights(GPT(base.model, make_parameterization(base.param, **base.param_kwargs)), path).eval()
+
+def base_model(base: TrainConfig, store: RunStore) -> tuple[GPT, Any]:
+    "The trained base model of `base` and its corpus: the published one if it is this config, else from `store` (trained there)."
+    model = published_base(base)
+    if model is None: return load_model(base, store, train_if_missing=False)
+    from effworkbench.data import token_corpus
+    return model, token_corpus(base.corpus, base.model.vocab_size, base.val_frac, base.max_bytes)
+
+def ensure_base(ctx: Context, base: TrainConfig):
+    "Train the base model as a unit of the experiment, unless the published one is this config."
+    if published_base(base) is None: ctx.unit(train_run, base)
+
 # %% ../../nbs/30_compress.projected.ipynb #f20e93fa
 @dataclass
 class ProjectedConfig(CompressionPresets, PresetConfig):
@@ -642,11 +686,12 @@ class ProjectedConfig(CompressionPresets, PresetConfig):
     lr_prune: tuple[float, ...] = (1e-3,)             # ... and for the hard-pruned model's weights
     eval_every: int = 10
     eval_batches: int = 4
-    seed: int = 0
-    presets: ClassVar = {"medium": {"steps": 300, "eval_every": 25, "eval_batches": 8, "lr_pc": (1e-4, 1e-3),
-                                    "lr_prune": (3e-4, 1e-3)},
+    seed: int = 0                                     # the learning rates are tuned at this seed ...
+    seeds: tuple[int, ...] = ()                       # ... and each method's best one is rerun at these too
+    presets: ClassVar = {"medium": {"steps": 400, "eval_every": 50, "eval_batches": 16, "lr_pc": (1e-4, 3e-4, 1e-3, 3e-3),
+                                    "lr_prune": (1e-4, 3e-4, 1e-3, 3e-3), "seeds": (1, 2)},
                          "full": {"steps": 2000, "batch_size": 32, "eval_every": 100, "eval_batches": 16,
-                                  "lr_pc": (1e-4, 3e-4, 1e-3), "lr_prune": (1e-4, 3e-4, 1e-3)}}
+                                  "lr_pc": (1e-4, 3e-4, 1e-3, 3e-3), "lr_prune": (1e-4, 3e-4, 1e-3, 3e-3), "seeds": (1, 2)}}
 
 # %% ../../nbs/30_compress.projected.ipynb #6391af57
 @dataclass
@@ -695,8 +740,8 @@ def calibration_batches(corpus, u: RetrainUnit, seq_len: int) -> list[torch.Tens
     return [s.batch(i)[0] for i in range(max(1, u.calib_batches))]
 
 def stored_base(base: TrainConfig, run: Run) -> tuple[GPT, Any]:
-    "The trained base model of `base` and its corpus, from the store that holds `run` (its training is a unit of its own)."
-    return load_model(base, RunStore(run.path.parent), train_if_missing=False)
+    "The trained base model of `base` and its corpus: the published one, or from the store that holds `run` (a unit of its own)."
+    return base_model(base, RunStore(run.path.parent))
 
 # %% ../../nbs/30_compress.projected.ipynb #7e297720
 @run_function("compress.projected.base_loss")
@@ -725,41 +770,84 @@ def retrain_unit(u: RetrainUnit, run: Run) -> dict:
     return {"curve": curve.to_dict("records"), "flops": {**flops, "seconds": time.time() - t0}}
 
 # %% ../../nbs/30_compress.projected.ipynb #22cf48cd
+def _curves(units: list[RetrainUnit], results: list[dict]) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame(r["curve"]).assign(method=u.method, lr=u.lr, ratio=u.ratio, seed=u.seed, k_model=r["flops"]["k_model"],
+                                                      k_ff=r["flops"]["k_ff"]) for u, r in zip(units, results)], ignore_index=True)
+
+def seed_repeats(cfg: ProjectedConfig, tuning: pd.DataFrame) -> list[RetrainUnit]:
+    "The best learning rate's unit of each (ratio, method) of the tuning curves, at every seed of `cfg.seeds`."
+    best = best_lr(tuning)[["ratio", "method", "lr"]].drop_duplicates()
+    return [dataclasses.replace(u, seed=s) for u in retrain_units(cfg) for s in cfg.seeds if s != cfg.seed
+            if ((best.ratio == u.ratio) & (best.method == u.method) & (best.lr == u.lr)).any()]
+
 @register_experiment("compress.projected", ProjectedConfig, notebook="30_compress.projected")
 def run(cfg: ProjectedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "Train the base model, evaluate it, retrain at every (ratio, method, lr): the loss curves and the FLOPs per token."
-    ctx.unit(train_run, cfg.base)
+    """The base model (published, or trained as a unit), its loss, the learning-rate grid of every (ratio, method) at
+    `cfg.seed`, then each one's best rate at `cfg.seeds`: the loss curves (`tuning` marks the grid) and the FLOPs per token."""
+    ensure_base(ctx, cfg.base)
     units = retrain_units(cfg)
     evaluation = RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size, eval_batches=cfg.eval_batches)
     base_loss = ctx.unit(base_loss_unit, evaluation)["val_loss"]                 # (method, ratio, lr: not read, fixed)
-    results = ctx.units(retrain_unit, units, desc="retraining runs")
-    curves = pd.concat([pd.DataFrame(r["curve"]).assign(method=u.method, lr=u.lr, ratio=u.ratio, k_model=r["flops"]["k_model"],
-                                                        k_ff=r["flops"]["k_ff"]) for u, r in zip(units, results)], ignore_index=True)
+    results = ctx.units(retrain_unit, units, desc="learning-rate grid")
+    tuning = _curves(units, results).assign(tuning=True)
+    repeats = seed_repeats(cfg, tuning)
+    curves = pd.concat([tuning, _curves(repeats, ctx.units(retrain_unit, repeats, desc="seeds")).assign(tuning=False)] if repeats
+                       else [tuning], ignore_index=True)
     flops = pd.DataFrame([r["flops"] for r in results]).drop_duplicates(["method", "ratio"])   # the same model at every LR
     return {"curves": curves.assign(base_val_loss=base_loss),
             "flops": flops.assign(base_model=flops_per_token(cfg.base.model, training=True),
                                   base_ffn=ffn_flops_per_token(GPT(cfg.base.model), training=True))}
 
 # %% ../../nbs/30_compress.projected.ipynb #757777fc
+def _seeded(curves: pd.DataFrame) -> pd.DataFrame:
+    "Older tables: one seed, every run on the learning-rate grid."
+    return curves.assign(**({} if "seed" in curves else {"seed": 0}), **({} if "tuning" in curves else {"tuning": True}))
+
 def best_lr(curves: pd.DataFrame) -> pd.DataFrame:
-    "The curves of each method and ratio at its learning rate with the lowest final validation loss."
-    last = curves[curves.step == curves.step.max()]
+    "The curves (every seed) of each method and ratio at its learning rate with the lowest final loss on the grid (`tuning`) runs."
+    curves = _seeded(curves)
+    grid = curves[curves.tuning]
+    last = grid[grid.step == grid.step.max()]
     best = last.loc[last.groupby(["ratio", "method"]).val_loss.idxmin(), ["ratio", "method", "lr"]]
     return curves.merge(best, on=["ratio", "method", "lr"])
 
 def margin_table(curves: pd.DataFrame) -> pd.DataFrame:
-    "Per ratio and evaluation point: hard-prune loss − projected loss, each at its best LR (positive: projected compression is ahead)."
-    p = best_lr(curves).pivot_table(index=["ratio", "step", "tokens"], columns="method", values="val_loss").reset_index()
-    return p.assign(margin=p["hard prune"] - p["projected"])
+    "Per ratio, seed and evaluation point: hard-prune loss − projected loss, each at its best LR (positive: projected ahead)."
+    p = best_lr(curves).pivot_table(index=["ratio", "seed", "step", "tokens"], columns="method", values="val_loss").reset_index()
+    return p.assign(margin=p["hard prune"] - p["projected"]).dropna(subset=["margin"])
+
+def final_margin(curves: pd.DataFrame, ratio: float) -> Evidence:
+    "The margin after the last retraining step at `ratio`, one value per seed, with its bootstrap interval."
+    m = margin_table(curves)
+    m = m[np.isclose(m.ratio, ratio)]
+    return bootstrap_mean(m[m.step == m.step.max()].margin.to_numpy(), "loss")
+
+def margin_growth(curves: pd.DataFrame, ratio: float) -> Evidence:
+    "Per seed, the margin after the last step minus the margin halfway (the evaluation nearest half the steps): > 0 if it grows."
+    m = margin_table(curves)
+    m = m[np.isclose(m.ratio, ratio)]
+    half = m.step.iloc[(m.step - m.step.max() / 2).abs().argmin()]
+    by = m.pivot_table(index="seed", columns="step", values="margin")
+    return bootstrap_mean((by[m.step.max()] - by[half]).to_numpy(), "loss")
+
+register_claims("compress.projected", [
+    Claim("beats hard pruning, 50 % kept", "after the same retraining tokens, each at its best LR: loss(hard prune) − "
+          "loss(projected) > 0 at kept fraction 0.5", lambda t: final_margin(t["curves"], 0.5), margin=0.005),
+    Claim("beats hard pruning, 75 % kept", "the same at kept fraction 0.75", lambda t: final_margin(t["curves"], 0.75), margin=0.005),
+    Claim("margin grows with tokens, 50 % kept", "the margin after all retraining steps exceeds the margin halfway (kept 0.5)",
+          lambda t: margin_growth(t["curves"], 0.5), margin=0.002),
+    Claim("margin grows with tokens, 75 % kept", "the same at kept fraction 0.75", lambda t: margin_growth(t["curves"], 0.75), margin=0.002),
+], tables=("curves",))
 
 def plot_curves(curves: pd.DataFrame, ratio: float, metric: str = "val_loss"):
     "Loss against tokens of both methods at one ratio (metric 'val_loss'), or the margin at every ratio (metric 'margin')."
     from effworkbench.viz import line
     if metric == "margin":
-        m = margin_table(curves)
+        m = margin_table(curves).groupby(["ratio", "step", "tokens"]).margin.mean().reset_index()     # mean over seeds
         return line(m.assign(ratio=m.ratio.astype(str)), x="tokens", y="margin", color="ratio", markers=True,
                     title="hard-prune loss − projected loss", labels={"margin": "loss margin", "ratio": "kept fraction"})
-    d = curves[curves.ratio == ratio]
+    d = _seeded(curves)
+    d = d[(d.ratio == ratio) & (d.seed == d[d.tuning].seed.iloc[0])]                              # the learning-rate grid's seed
     d = d.assign(run=d.method + ", lr " + d.lr.map("{:g}".format))
     fig = line(d, x="tokens", y="val_loss", color="run", markers=True, title=f"kept fraction {ratio}: validation loss",
                labels={"val_loss": "validation loss"})

@@ -197,7 +197,7 @@ def fits_from_tables(coef: pd.DataFrame, err: pd.DataFrame, law_cls: type = Fine
                 "rmse_fit": float(e.rmse_fit[k]), "n_fit": float(e.n_fit[k]), "rmse_holdout": float(e.rmse_holdout[k])}
             for k, d in coef.groupby("kind", sort=False)}
 
-# %% ../../nbs/23_scaling.granularity.ipynb #8aced3aa
+# %% ../../nbs/23_scaling.granularity.ipynb #61094519
 @dataclass(frozen=True)
 class TrainedBox:
     "Where a sweep trained: per arm (G, E, or dense) the range of N its runs span, and the sweep's token range D."
@@ -228,7 +228,7 @@ def budgets(df: pd.DataFrame, n: int = 9) -> np.ndarray:
     "n compute budgets spanning the sweep's training FLOPs (log-spaced, its smallest to its largest run)."
     return np.geomspace(float(df.flops.min()), float(df.flops.max()), n)
 
-# %% ../../nbs/23_scaling.granularity.ipynb #49ffbfbd
+# %% ../../nbs/23_scaling.granularity.ipynb #c1b2aaa6
 def seed_fits(table: pd.DataFrame, fit: FitSettings) -> pd.DataFrame:
     "The laws fitted on each seed's points alone: one row per (seed, kind, coef) with its value (no bootstrap, no hold-out)."
     rows = []
