@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import pandas as pd
 
+from .claims import Claim, bootstrap_mean, register_claims
 from .core import ConfigError, PresetConfig
 from .experiment import Context, register_experiment
 from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts, parameterization_options
@@ -24,8 +25,8 @@ from .train import schedule_lr
 __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers',
            'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
            'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
-           'speedups', 'reuse_configs', 'reuse_curves', 'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'run',
-           'schedule_frame', 'plot_schedule']
+           'best_uniform', 'speedups', 'reuse_configs', 'reuse_curves', 'tuned_multipliers', 'committed_tuning',
+           'tuning_frame', 'run', 'steps_saved', 'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -163,6 +164,7 @@ class RLRSConfig(PresetConfig):
     search: Search = field(default_factory=Search)
     large: Stage = field(default_factory=lambda: Stage(64, 2, 40))      # where they are reused unchanged (as in "smoke" below)
     seeds: list[int] = field(default_factory=lambda: [1])                # of the reuse runs (the search uses seed 0)
+    reuse_lr_factors: list[float] = field(default_factory=lambda: [1.0])  # the uniform baseline's η × these, on the larger model
     tuned: Tuned = field(default_factory=Tuned)                          # tunings given as numbers: skip those searches
     n_heads: int = 4
     seq_len: int = 32
@@ -176,8 +178,10 @@ class RLRSConfig(PresetConfig):
     evals: int = 10                          # validation points along each reuse run (the loss curve)
     presets: ClassVar = {
         "smoke": {"large": {"width": 64, "n_layers": 2, "steps": 40}},    # so that `large.steps=…` keeps the other fields
-        "medium": {**_SEARCH_MEDIUM, "large": {"width": 128, "n_layers": 4, "steps": 500}, "seeds": [1, 2]},
-        "full": {**_SEARCH_MEDIUM, "large": {"width": 256, "n_layers": 8, "steps": 2000}, "seeds": [1, 2, 3]},   # medium's search
+        "medium": {**_SEARCH_MEDIUM, "large": {"width": 128, "n_layers": 4, "steps": 500}, "seeds": [1, 2, 3],
+                   "reuse_lr_factors": [0.5, 1.0, 2.0]},
+        "full": {**_SEARCH_MEDIUM, "large": {"width": 256, "n_layers": 8, "steps": 2000}, "seeds": [1, 2, 3],   # medium's search
+                 "reuse_lr_factors": [0.5, 1.0, 2.0], "kinds": ["moe", "dense"]},                             # the MoE pair first
     }
 
     def search_groups(self, kind: str) -> list[str]:
@@ -263,29 +267,42 @@ def steps_to_reach(steps: Sequence[float], losses: Sequence[float], target: floa
     if i == 0: return float(s[0])
     return float(s[i - 1] + (l[i - 1] - target) / (l[i - 1] - l[i]) * (s[i] - s[i - 1]))
 
+def best_uniform(curves: pd.DataFrame) -> pd.DataFrame:
+    "The reuse curves with, per kind, only the uniform runs of the η factor whose final loss (mean over seeds) is lowest."
+    if "lr_factor" not in curves: return curves
+    u = curves[curves.schedule == "uniform"]
+    last = u[u.step == u.groupby(["kind", "lr_factor", "seed"]).step.transform("max")]
+    best = last.groupby(["kind", "lr_factor"]).val_loss.mean().groupby("kind").idxmin().map(lambda kf: kf[1])
+    keep = (curves.schedule != "uniform") | (curves.lr_factor == curves.kind.map(best))
+    return curves[keep]
+
 def speedups(curves: pd.DataFrame) -> pd.DataFrame:
-    "Per kind and seed: the uniform final loss, the tuned final loss, t* and the share of steps saved."
+    "Per kind and seed: the (re-tuned) uniform final loss, the tuned final loss, t* and the share of steps saved."
     rows = []
+    curves = best_uniform(curves)
     for (kind, seed), d in curves.groupby(["kind", "seed"], sort=False):
         u, t = d[d.schedule == "uniform"].sort_values("step"), d[d.schedule == "tuned"].sort_values("step")
         if u.empty or t.empty: continue                  # an unfinished pair (e.g. a run cut off by its time limit)
         T, target = float(u.step.iloc[-1]), float(u.val_loss.iloc[-1])
         ts = steps_to_reach(t.step, t.val_loss, target)
         rows.append({"kind": kind, "seed": seed, "params": int(d.params.iloc[0]), "steps": T, "uniform_loss": target,
+                     "uniform_lr_factor": float(u.lr_factor.iloc[0]) if "lr_factor" in u else 1.0,
                      "tuned_loss": float(t.val_loss.iloc[-1]), "t_star": ts, "steps_saved": 1 - ts / T,
                      "speedup": T / ts if ts == ts and ts > 0 else math.nan})
     return pd.DataFrame(rows)
 
 # %% ../nbs/21_rlrs.ipynb #743f6ac3
 def reuse_configs(cfg: RLRSConfig, tuned: pd.DataFrame) -> list[tuple[dict, Any]]:
-    "(labels, TrainConfig) of the reuse runs: per kind and seed, the uniform and the tuned schedule on the large model."
+    "(labels, TrainConfig) of the reuse runs: per kind and seed, the uniform schedule at η × each factor and the tuned one at η, on the large model."
     out = []
     for kind, t in tuned.groupby("kind", sort=False):
         if kind not in cfg.kinds: continue
         mult, eta = {r.group: (r.r, r.f) for r in t.itertuples()}, float(t.eta.iloc[0])
         for seed in cfg.seeds:
-            out.append(({"kind": kind, "schedule": "uniform", "seed": seed}, train_config(cfg, kind, eta, None, True, seed)))
-            out.append(({"kind": kind, "schedule": "tuned", "seed": seed}, train_config(cfg, kind, eta, mult, True, seed)))
+            for f in cfg.reuse_lr_factors:
+                out.append(({"kind": kind, "schedule": "uniform", "seed": seed, "lr_factor": f},
+                            train_config(cfg, kind, eta * f, None, True, seed)))
+            out.append(({"kind": kind, "schedule": "tuned", "seed": seed, "lr_factor": 1.0}, train_config(cfg, kind, eta, mult, True, seed)))
     return out
 
 def reuse_curves(points: Sequence[tuple[dict, Any]], store) -> pd.DataFrame:
@@ -339,6 +356,17 @@ def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     out = {"tuned": tuned, "reuse": reuse_curves(points, ctx.store)}
     if etas: out.update(eta=pd.concat(etas, ignore_index=True), search=pd.concat(history, ignore_index=True))
     return out
+
+def steps_saved(reuse: pd.DataFrame, kind: str):
+    "The share of steps the tuned schedule saves against the re-tuned uniform baseline, one value per seed (NaN: never reached → 0)."
+    sp = speedups(reuse)
+    return bootstrap_mean(sp[sp.kind == kind].steps_saved.fillna(0.0).to_numpy(), "share of steps")
+
+register_claims("rlrs", [
+    Claim("speed-up, dense", "on the larger dense model, the tuned schedule reaches the re-tuned uniform baseline's final "
+          "loss in fewer steps (share of steps saved > 0)", lambda t: steps_saved(t["reuse"], "dense"), margin=0.05),
+    Claim("speed-up, MoE", "the same on the larger MoE model (E = 8, top-1)", lambda t: steps_saved(t["reuse"], "moe"), margin=0.05),
+], tables=("reuse",))
 
 # %% ../nbs/21_rlrs.ipynb #e65fd8aa
 def schedule_frame(tuned: pd.DataFrame, steps: int, warmup: int, final_frac: float, n: int = 200) -> pd.DataFrame:

@@ -631,7 +631,7 @@ class CompressionPresets:
             base = _merged({"preset": check_preset(preset), **COMPRESS_BASE[preset]}, base)
         return super().for_preset(preset, base=base, **overrides)
 
-# %% ../../nbs/30_compress.projected.ipynb #28dbd976
+# %% ../../nbs/30_compress.projected.ipynb #72cc53ce
 def _base_paths(preset: str) -> tuple[str, Path]:
     name = f"compress_base_{check_preset(preset)}"
     return name, results_dir() / f"{name}.safetensors"
