@@ -23,8 +23,8 @@ from .granularity import (GRID_PRESETS, FitSettings, ScalingGrid, TrainedBox, bu
 
 # %% auto #0
 __all__ = ['JOINT_AXES', 'MANY_EXPERTS', 'JointFitSettings', 'JointConfig', 'joint_table', 'fit_joint', 'family_flops_act',
-           'joint_fits', 'joint_seed_fits', 'joint_laws_of', 'run', 'box_optimum', 'total_ratios', 'memory_caps',
-           'memory_grid', 'gains_table', 'mean_gain', 'plot_joint_budget']
+           'box_optimum', 'total_ratios', 'memory_caps', 'memory_grid', 'gains_table', 'mean_gain', 'joint_fits',
+           'joint_seed_fits', 'joint_laws_of', 'run', 'plot_joint_budget']
 
 # %% ../../nbs/24_scaling.joint.ipynb #bf695262
 JOINT_AXES = {"expansions": [2, 4, 8], "granularities": [1], "lr_expert_exponent": -0.25}   # top-1, E ∈ {2, 4, 8} beside dense; lr ∝ E^−0.25
@@ -74,42 +74,6 @@ def family_flops_act(sweep: ScalingGrid):
         d = math.sqrt(N_act / ModelShape(d=1, n_blocks=sweep.n_layers).law_params.active)
         return ModelShape(d=d, n_blocks=sweep.n_layers, expansion=E, vocab=sweep.vocab_size, seq_len=sweep.seq_len).flops_per_token()
     return f
-
-# %% ../../nbs/24_scaling.joint.ipynb #757b18b5
-def joint_fits(table: pd.DataFrame, fit: JointFitSettings) -> dict[str, pd.DataFrame]:
-    "The joint law fitted without the widest width (held-out error), then on everything with bootstrap: `fit`, `errors`."
-    hw = int(table.width.max())
-    kw = dict(e_start=fit.e_start, e_max=math.inf if fit.e_max is None else fit.e_max, max_starts=fit.max_starts, seed=fit.seed)
-    held = {"joint": fit_joint(table, holdout_width=hw, **kw)} if fit.holdout else {}
-    fits = {"joint": fit_joint(table, n_boot=fit.n_boot, **kw)}
-    return law_tables(fits, held, {"joint": JointSpec(kw["e_start"], kw["e_max"])}, {}, hw)
-
-def joint_seed_fits(table: pd.DataFrame, fit: JointFitSettings) -> pd.DataFrame:
-    "The joint law fitted on each seed's points alone: one row per (seed, coef, value)."
-    e_max = math.inf if fit.e_max is None else fit.e_max
-    rows = []
-    for s, d in table.groupby("seed"):
-        law = fit_joint(d, fit.e_start, e_max, fit.max_starts, seed=fit.seed)["law"]
-        rows += [{"seed": int(s), "coef": c, "value": float(getattr(law, c))} for c in JointSpec(fit.e_start, e_max).names]
-    return pd.DataFrame(rows)
-
-def joint_laws_of(seed_fit: pd.DataFrame, fit: JointFitSettings) -> dict[int, JointLaw]:
-    "seed -> law, from a `seed_fit` table."
-    e_max = math.inf if fit.e_max is None else fit.e_max
-    return {int(s): JointLaw(**dict(zip(d.coef, d.value)), e_start=fit.e_start, e_max=e_max) for s, d in seed_fit.groupby("seed")}
-
-@register_experiment("scaling.joint", JointConfig, notebook="24_scaling.joint", prefix="scaling_joint")
-def run(cfg: JointConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    """Every run of the grid as a unit of the store, its (N_act, D, E) points (`sweep`), the joint law (`fit`, `errors`),
-    the law of each seed (`seed_fit`) and, per seed, the best MoE against the best dense model under compute and memory
-    budgets inside the trained box (`gains`)."""
-    from effworkbench.train import train_run
-    points = grid_points(cfg.grid)
-    ctx.units(train_run, [c for _, c in points], desc="joint sweep")
-    table = joint_table(points, ctx.store)
-    sf = joint_seed_fits(table, cfg.fit)
-    return {"sweep": table, **joint_fits(table, cfg.fit), "seed_fit": sf,
-            "gains": gains_table(table, joint_laws_of(sf, cfg.fit), cfg.grid)}
 
 # %% ../../nbs/24_scaling.joint.ipynb #cfb80093
 def box_optimum(law: JointLaw, flops: float, memory_bytes: float, box: TrainedBox, ratios: dict[str, float], flops_fn) -> pd.DataFrame:
@@ -165,13 +129,50 @@ register_claims("scaling.joint", [
           "the best MoE beats the best dense model (mean gain over budget pairs > 0)", lambda t: mean_gain(t["gains"]), margin=0.002),
 ], tables=("sweep", "gains"))
 
+# %% ../../nbs/24_scaling.joint.ipynb #757b18b5
+def joint_fits(table: pd.DataFrame, fit: JointFitSettings) -> dict[str, pd.DataFrame]:
+    "The joint law fitted without the widest width (held-out error), then on everything with bootstrap: `fit`, `errors`."
+    hw = int(table.width.max())
+    kw = dict(e_start=fit.e_start, e_max=math.inf if fit.e_max is None else fit.e_max, max_starts=fit.max_starts, seed=fit.seed)
+    held = {"joint": fit_joint(table, holdout_width=hw, **kw)} if fit.holdout else {}
+    fits = {"joint": fit_joint(table, n_boot=fit.n_boot, **kw)}
+    return law_tables(fits, held, {"joint": JointSpec(kw["e_start"], kw["e_max"])}, {}, hw)
+
+def joint_seed_fits(table: pd.DataFrame, fit: JointFitSettings) -> pd.DataFrame:
+    "The joint law fitted on each seed's points alone: one row per (seed, coef, value)."
+    e_max = math.inf if fit.e_max is None else fit.e_max
+    rows = []
+    for s, d in table.groupby("seed"):
+        law = fit_joint(d, fit.e_start, e_max, fit.max_starts, seed=fit.seed)["law"]
+        rows += [{"seed": int(s), "coef": c, "value": float(getattr(law, c))} for c in JointSpec(fit.e_start, e_max).names]
+    return pd.DataFrame(rows)
+
+def joint_laws_of(seed_fit: pd.DataFrame, fit: JointFitSettings) -> dict[int, JointLaw]:
+    "seed -> law, from a `seed_fit` table."
+    e_max = math.inf if fit.e_max is None else fit.e_max
+    return {int(s): JointLaw(**dict(zip(d.coef, d.value)), e_start=fit.e_start, e_max=e_max) for s, d in seed_fit.groupby("seed")}
+
+@register_experiment("scaling.joint", JointConfig, notebook="24_scaling.joint", prefix="scaling_joint")
+def run(cfg: JointConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    """Every run of the grid as a unit of the store, its (N_act, D, E) points (`sweep`), the joint law (`fit`, `errors`),
+    the law of each seed (`seed_fit`) and, per seed, the best MoE against the best dense model under compute and memory
+    budgets inside the trained box (`gains`)."""
+    from effworkbench.train import train_run
+    points = grid_points(cfg.grid)
+    ctx.units(train_run, [c for _, c in points], desc="joint sweep")
+    table = joint_table(points, ctx.store)
+    sf = joint_seed_fits(table, cfg.fit)
+    return {"sweep": table, **joint_fits(table, cfg.fit), "seed_fit": sf,
+            "gains": gains_table(table, joint_laws_of(sf, cfg.fit), cfg.grid)}
+
 # %% ../../nbs/24_scaling.joint.ipynb #1093f139
 def plot_joint_budget(law: JointLaw, table: pd.DataFrame, grid: ScalingGrid, log10_flops: float, memory_bytes: float):
     "Loss against E at one compute and memory budget inside the trained box, the optimum named in the title."
     from effworkbench.viz import line
     t = box_optimum(law, 10 ** log10_flops, memory_bytes, TrainedBox.of(table, "E", "N_act"), total_ratios(table), family_flops_act(grid))
-    if t.empty: return line(pd.DataFrame({"E": [], "loss": []}), x="E", y="loss", title=f"1e{log10_flops:.2f} FLOPs, "
-                            f"{memory_bytes / 1e3:.1f} kB: no trained E has a point inside the box")
+    if t.empty:
+        import plotly.graph_objects as go
+        return go.Figure(layout={"title": {"text": f"1e{log10_flops:.2f} FLOPs, {memory_bytes / 1e3:.1f} kB: no trained E has a point inside the box"}})
     b = t.loc[t.loss.idxmin()]
     return line(t, x="E", y="loss", log_x=True, markers=True,
                 title=f"1e{log10_flops:.2f} FLOPs, {memory_bytes / 1e3:.1f} kB: E*={int(b.E)}, N_act={b.N_act:.3g}, "
