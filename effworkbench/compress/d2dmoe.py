@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..claims import Claim, Evidence, bootstrap_mean, register_claims
 from .projected import CompressionPresets, base_model, compress_base, ensure_base
 from ..core import ConfigError, PresetConfig
 from ..experiment import Context, register_experiment
@@ -34,7 +35,8 @@ __all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerConfig', 'HoyerFFN', 'build_ho
            'dynamic_k_skeleton', 'set_routing', 'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed',
            'D2DMoEConfig', 'SparsifyUnit', 'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified',
            'stored_conversion', 'mean_loss', 'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit',
-           'sparsify_units', 'convert_units', 'run', 'frontier', 'plot_tau']
+           'sparsify_units', 'convert_units', 'seed_tables', 'run', 'frontier', 'plot_tau', 'density_drop',
+           'dynamic_vs_topk', 'ffn_flops_saved']
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #3f8f73a3
 def hoyer(a: torch.Tensor) -> torch.Tensor:
@@ -361,10 +363,11 @@ class D2DMoEConfig(CompressionPresets, PresetConfig):
     attn_hidden_mult: float = 1.0                     # distilled MLP width = mult · d_model
     attn_steps: int = 100
     seed: int = 0
-    presets: ClassVar = {"medium": {"sparsify_steps": 150, "router_hidden": 64, "router_steps": 500, "eval_batches": 6,
+    seeds: tuple[int, ...] = ()                       # more seeds of the whole pipeline (sparsify, convert, sweep)
+    presets: ClassVar = {"medium": {"seeds": (1, 2), "sparsify_steps": 150, "router_hidden": 64, "router_steps": 500, "eval_batches": 6,
                                     "attn_steps": 500, "ks": (1, 2, 4, 8, 16), "calib_batches": 12,
                                     "taus": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0)},
-                         "full": {"sparsify_steps": 1000, "batch_size": 32, "n_experts": 32, "router_hidden": 128,
+                         "full": {"seeds": (1, 2), "sparsify_steps": 1000, "batch_size": 32, "n_experts": 32, "router_hidden": 128,
                                   "router_steps": 1000, "eval_batches": 16, "attn_steps": 1000, "calib_batches": 32,
                                   "ks": (1, 2, 4, 8, 16, 32), "taus": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0)}}
 
@@ -486,31 +489,41 @@ def convert_units(cfg: D2DMoEConfig, su: SparsifyUnit) -> list[tuple[str, Conver
     u = ConvertUnit(su, False, cfg.n_experts, cfg.router_hidden, cfg.router_steps, cfg.calib_batches, cfg.attn_hidden_mult, cfg.attn_steps)
     return [("FFN", u)] + ([("FFN + attention", replace(u, attention=True))] if cfg.attention and su.hoyer else [])
 
-@register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe")
-def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "Base model, then in stages (each stage's units in parallel with workers) sparsification, conversion, routing sweep, speed."
-    ensure_base(ctx, cfg.base)
+def seed_tables(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "The pipeline at `cfg.seed`: sparsification, conversion and routing sweep (each stage's units in parallel with workers)."
     spars = sparsify_units(cfg)                                                   # [(name, unit)]
     s_res = ctx.units(sparsify_unit, [su for _, su in spars], desc="sparsify")
     convs = [(f"{name}, {v}", s, cu) for (name, su), s in zip(spars, s_res) for v, cu in convert_units(cfg, su)]
     c_res = ctx.units(convert_unit, [cu for *_, cu in convs], desc="convert")
     ks = tuple(k for k in cfg.ks if k <= cfg.n_experts)
     w_res = ctx.units(sweep_unit, [SweepUnit(cu, cfg.taus, ks) for *_, cu in convs], desc="sweep")
-    fastest = [cu for *_, cu in convs if not cu.attention][-1]                   # the last FFN-only conversion: Hoyer when λ > 0
-    speed = pd.DataFrame(ctx.unit(speed_unit, SweepUnit(fastest, cfg.taus))["speed"])
     dens = [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"]}
             for (name, su), s in zip(spars, s_res) for i, v in enumerate(s["density"])]
     routers = [pd.DataFrame(c["routers"]).assign(variant=label) for (label, *_), c in zip(convs, c_res)]
     sweeps = [pd.DataFrame(w["sweep"]).assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"]) for (_, s, _), w in zip(convs, w_res)]
     for (label, *_), sw in zip(convs, sweeps): sw.insert(0, "variant", label)
-    return {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens),
-            "routers": pd.concat(routers, ignore_index=True), "speed": speed}
+    out = {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens), "routers": pd.concat(routers, ignore_index=True)}
+    return {k: v.assign(seed=cfg.seed) for k, v in out.items()}
+
+@register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe")
+def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    "The base model (published, or trained as a unit), the pipeline at every seed, and the speed of the first seed's fastest FFN conversion."
+    ensure_base(ctx, cfg.base)
+    per_seed = [seed_tables(replace(cfg, seed=s), ctx) for s in dict.fromkeys((cfg.seed, *cfg.seeds))]
+    spars = sparsify_units(cfg)
+    fastest = [cu for _, su in spars for _, cu in convert_units(cfg, su) if not cu.attention][-1]   # Hoyer's when λ > 0
+    speed = pd.DataFrame(ctx.unit(speed_unit, SweepUnit(fastest, cfg.taus))["speed"])
+    return {**{k: pd.concat([t[k] for t in per_seed], ignore_index=True) for k in per_seed[0]}, "speed": speed}
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #4d171563
-def frontier(sweep: pd.DataFrame) -> pd.DataFrame:
-    "One row per (variant, mode, setting): loss, FLOPs ratio (and the FFNs' alone, when counted), average experts per token, and a label."
+def frontier(sweep: pd.DataFrame, by_seed: bool = False) -> pd.DataFrame:
+    """One row per (variant, mode, setting): loss, FLOPs ratio (and the FFNs' alone, when counted), average experts per
+    token, and a label; the mean over seeds, or (`by_seed`) one row per seed too."""
     cols = ["loss", "flops_ratio", "avg_experts", "dense_loss", "base_loss"] + [c for c in ("ffn_flops_ratio",) if c in sweep]
-    g = sweep.groupby(["variant", "mode", "tau", "k"], dropna=False, sort=False)[cols].first().reset_index()
+    sweep = sweep if "seed" in sweep else sweep.assign(seed=0)
+    keys = ["variant", "mode", "tau", "k"]
+    g = sweep.groupby(keys + ["seed"], dropna=False, sort=False)[cols].first().reset_index()
+    if not by_seed: g = g.groupby(keys, dropna=False, sort=False)[cols].mean().reset_index()
     g["curve"] = g.variant + " · " + g["mode"]
     g["setting"] = np.where(g["mode"] == "dynamic-k", "τ=" + g.tau.round(3).astype(str), "k=" + g.k.astype("Int64").astype(str))
     return g
@@ -522,3 +535,37 @@ def plot_tau(sweep: pd.DataFrame, tau: float, variant: str):
     r = d.iloc[0]
     return bar(d, x="module", y="experts", title=f"τ = {tau:g}: loss {r.loss:.3f}, FLOPs {r.flops_ratio:.2f} × dense, "
                f"{r.avg_experts:.2f} experts per token on average", labels={"experts": "experts per token", "module": "layer"})
+
+def density_drop(density: pd.DataFrame) -> Evidence:
+    "Per seed, the mean FFN activation density of the ReLU fine-tune minus the Hoyer one's; bootstrap over seeds."
+    d = (density if "seed" in density else density.assign(seed=0)).groupby(["seed", "model"]).density.mean().unstack()
+    return bootstrap_mean((d["ReLU fine-tune"] - d["ReLU + Hoyer"]).to_numpy(), "density")
+
+def dynamic_vs_topk(sweep: pd.DataFrame, variant: str = "ReLU + Hoyer, FFN") -> Evidence:
+    """Per seed, the mean over top-k settings of loss(top-k) − loss(dynamic-k at the same average experts per token,
+    interpolated along τ); only k inside the dynamic-k curve's range of experts."""
+    fr = frontier(sweep, by_seed=True)
+    fr = fr[fr.variant == variant]
+    per = []
+    for s, d in fr.groupby("seed"):
+        dyn = d[d["mode"] == "dynamic-k"].sort_values("avg_experts")
+        top = d[(d["mode"] == "top-k") & d.avg_experts.between(dyn.avg_experts.min(), dyn.avg_experts.max())]
+        if len(top): per.append(float((top.loss - np.interp(top.avg_experts, dyn.avg_experts, dyn.loss)).mean()))
+    return bootstrap_mean(per, "loss")
+
+def ffn_flops_saved(sweep: pd.DataFrame, variant: str = "ReLU + Hoyer, FFN", tolerance: float = 0.01) -> Evidence:
+    "Per seed, 1 − the least FFN FLOPs ratio among dynamic-k settings within `tolerance` of the dense ReLU model's loss."
+    fr = frontier(sweep, by_seed=True)
+    fr = fr[(fr.variant == variant) & (fr["mode"] == "dynamic-k")]
+    per = [1 - float(d[d.loss <= d.dense_loss * (1 + tolerance)].ffn_flops_ratio.min()) for _, d in fr.groupby("seed")]
+    return bootstrap_mean([v for v in per if v == v], "share of FFN FLOPs")
+
+register_claims("compress.d2dmoe", [
+    Claim("Hoyer lowers activation density", "the mean FFN activation density after ReLU + Hoyer fine-tuning is below the "
+          "ReLU fine-tune's", lambda t: density_drop(t["density"]), margin=0.01),
+    Claim("dynamic-k beats top-k", "at equal average experts per token (the Hoyer model's FFN conversion): loss(top-k) − "
+          "loss(dynamic-k) > 0, mean over the k inside the τ curve's range", lambda t: dynamic_vs_topk(t["sweep"]), margin=0.005),
+    Claim("half the FFN FLOPs saved within 1 %", "the cheapest dynamic-k setting within 1 % of the dense ReLU model's loss "
+          "runs under half the dense FFNs' FLOPs (the paper: about 60 % of the cost saved)",
+          lambda t: ffn_flops_saved(t["sweep"]), threshold=0.5, margin=0.0),
+], tables=("sweep", "density"))
