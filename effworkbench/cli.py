@@ -350,6 +350,19 @@ def _add_experiment_commands(sub):
             e.add_argument("--rerun", action="store_true", help="run the experiment again (its finished units are kept)")
             e.add_argument("--publish", action="store_true", help="publish the tables when the run finishes")
         e.set_defaults(func=_cmd_exp if cmd == "exp" else _cmd_publish)
+    f = sub.add_parser("full", help="advance the `full` runs (GPU) by one chunk: the next unfinished ones, in queue order")
+    f.add_argument("names", nargs="*", help="experiments to advance (default: the queue, RLRS first)")
+    f.add_argument("--max-minutes", type=float, default=8.0, help="the chunk's budget (default 8); a training run stops mid-way and resumes")
+    f.add_argument("--workers", type=int, default=1, help="parallel worker processes for independent units")
+    f.add_argument("--publish", action="store_true", help="publish every finished experiment's tables (clean checkout)")
+    f.set_defaults(func=_cmd_full)
+
+def _cmd_full(args) -> int:
+    from effworkbench.experiment import FULL_QUEUE, advance
+    names = [resolve_experiment(n).name for n in args.names] or list(FULL_QUEUE)
+    t = advance(names, "full", args.max_minutes, workers=args.workers, publish_finished=args.publish, log=print)
+    print(t.to_string(index=False))
+    return 0 if (t.status == "done").all() else 3
 
 # %% ../nbs/04_cli.ipynb #df74a038
 def _cmd_list(args) -> int:

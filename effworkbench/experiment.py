@@ -22,9 +22,9 @@ from .store import Run, RunStore, run_function
 from .sweep import sweep
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'DEADLINE_ENV', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime',
-           'past_deadline', 'chunk_deadline', 'Context', 'unit_result', 'unit_weights', 'get_experiment',
-           'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments', 'continue_experiments']
+__all__ = ['EXPERIMENTS', 'DEADLINE_ENV', 'FULL_QUEUE', 'Experiment', 'register_experiment', 'experiment_for_notebook',
+           'OutOfTime', 'past_deadline', 'chunk_deadline', 'Context', 'unit_result', 'unit_weights', 'get_experiment',
+           'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments', 'continue_experiments', 'advance']
 
 # %% ../nbs/03a_experiment.ipynb #e769bb3f
 EXPERIMENTS = Registry("experiments")
@@ -217,3 +217,24 @@ def continue_experiments(store: RunStore | None = None, max_minutes: float | Non
         run_experiment(exp, cfg, store=store, workers=workers, max_minutes=left, log=log)
         done.append(run.key)
     return done
+
+# %% ../nbs/03a_experiment.ipynb #a5216a59
+FULL_QUEUE = ("rlrs", "scaling.joint", "scaling.granularity", "compress.projected", "compress.d2dmoe")   # the order `full` runs advance in
+
+def advance(names: Sequence[str] = FULL_QUEUE, preset: str = "full", max_minutes: float | None = 8.0, store: RunStore | None = None,
+            workers: int = 1, publish_finished: bool = False, log: Callable[[str], None] | None = None) -> pd.DataFrame:
+    "The next chunk of the `preset` runs of `names`, in order, within `max_minutes`: one row per experiment with its status."
+    store, rows = store or RunStore(), []
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+    for name in names:
+        exp = get_experiment(name)
+        cfg = exp.config_for(preset)
+        done = store.is_done(_experiment_fn(exp), cfg)
+        left = None if deadline is None else (deadline - time.time()) / 60
+        if not done and (left is None or left > 0):
+            try: run_experiment(exp, cfg, store=store, workers=workers, max_minutes=left, log=log); done = True
+            except OutOfTime as e:
+                if log: log(f"{name}: {e}")
+        paths = publish(exp, cfg, store=store) if done and publish_finished else []
+        rows.append({"experiment": name, "status": "done" if done else "unfinished", "published": len(paths)})
+    return pd.DataFrame(rows)

@@ -123,3 +123,17 @@ def test_continue_finishes_every_stopped_experiment(dirs, monkeypatch):
     assert main(["exp", "--continue", "--max-minutes", "5"]) == 0
     assert CALLS == [0, 1, 2, 0, 1, 2] and ex.unfinished_experiments() == []
     assert main(["exp", "--continue", "toyx"]) == 2
+
+
+def test_full_advances_the_queue_chunk_by_chunk(dirs, monkeypatch, capsys):
+    "`effwb full NAME`: each call runs until its budget is spent (exit 3 while unfinished), then reads the finished run back (exit 0)."
+    import effworkbench.experiment as ex
+    spent = []
+    def check(self, what):
+        if spent.pop(0): raise ex.OutOfTime(what)
+    monkeypatch.setattr(ex.Context, "_check_time", check)
+    spent[:] = [False, True]; assert main(["full", "toyx", "--max-minutes", "1"]) == 3 and CALLS == [0]
+    assert "unfinished" in capsys.readouterr().out
+    spent[:] = [False, False]; assert main(["full", "toyx", "--max-minutes", "1"]) == 0 and CALLS == [0, 1, 2]
+    assert main(["full", "toyx"]) == 0 and CALLS == [0, 1, 2] and spent == []      # done: read back, nothing run
+    assert "done" in capsys.readouterr().out
