@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/claims.html.md"""
 # %% ../nbs/03b_claims.ipynb #d24ddab1
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -16,8 +17,8 @@ import pandas as pd
 from .core import ConfigError, Registry, load_table
 
 # %% auto #0
-__all__ = ['VERDICTS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'paired_effect', 'Claim', 'ClaimSet', 'register_claims',
-           'verdict_table', 'published_tables', 'verdicts', 'stated_experiments']
+__all__ = ['VERDICTS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'seeds_to_decide', 'paired_effect', 'Claim', 'ClaimSet',
+           'register_claims', 'verdict_table', 'published_tables', 'verdicts', 'stated_experiments']
 
 # %% ../nbs/03b_claims.ipynb #304fb8ae
 VERDICTS = ("reproduced", "not reproduced", "not decided")
@@ -47,6 +48,13 @@ def decide(ev: Evidence, threshold: float = 0.0, margin: float = 0.0) -> str:
     if ev.hi < threshold + margin: return "not reproduced"
     return "not decided"
 
+def seeds_to_decide(ev: Evidence, threshold: float = 0.0) -> float:
+    """Seeds at which an interval with this one's spread per seed would exclude `threshold` (its half-width falls as
+    1/√n): n · (half-width / |estimate − threshold|)², rounded up; inf when the estimate sits on the threshold or n < 2."""
+    gap, half = abs(ev.estimate - threshold), (ev.hi - ev.lo) / 2
+    if ev.n < 2 or gap == 0 or not np.isfinite(half): return math.inf
+    return float(max(ev.n, math.ceil(ev.n * (half / gap) ** 2)))
+
 # %% ../nbs/03b_claims.ipynb #4b4c4a41
 def paired_effect(table: pd.DataFrame, metric: str, where: dict, better: dict, worse: dict, pair: str = "seed",
                   unit: str = "", seed: int = 0) -> Evidence:
@@ -75,8 +83,10 @@ class Claim:
     def verdict(self, tables: dict[str, pd.DataFrame]) -> dict:
         "One row of a verdict table."
         ev = self.measure(tables)
+        v = decide(ev, self.threshold, self.margin)
         return {"claim": self.name, "statement": self.statement, "estimate": ev.estimate, "lo": ev.lo, "hi": ev.hi,
-                "n": ev.n, "unit": ev.unit, "verdict": decide(ev, self.threshold, self.margin)}
+                "n": ev.n, "unit": ev.unit, "verdict": v,
+                "seeds_to_decide": seeds_to_decide(ev, self.threshold) if v == "not decided" else float(ev.n)}
 
 @dataclass(frozen=True)
 class ClaimSet:
