@@ -36,8 +36,8 @@ __all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'targe
            'ffn_flops_per_token', 'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained',
            'save_pretrained', 'compress_base', 'CompressionPresets', 'publish_base', 'published_base', 'base_model',
            'ensure_base', 'ProjectedConfig', 'RetrainUnit', 'retrain_units', 'retrain', 'calibration_batches',
-           'stored_base', 'base_loss_unit', 'retrain_unit', 'seed_repeats', 'run', 'best_lr', 'margin_table',
-           'final_margin', 'margin_growth', 'plot_curves']
+           'stored_base', 'base_loss_unit', 'retrain_unit', 'best_lr', 'margin_table', 'final_margin', 'margin_growth',
+           'plot_curves', 'seed_repeats', 'run']
 
 # %% ../../nbs/30_compress.projected.ipynb #883f51ff
 def rotary_keep(d_head: int, k_head: int, rope_base: float) -> tuple[list[int], float]:
@@ -769,35 +769,6 @@ def retrain_unit(u: RetrainUnit, run: Run) -> dict:
     curve = retrain(model, u.train_config(model.cfg), corpus, u.eval_every)
     return {"curve": curve.to_dict("records"), "flops": {**flops, "seconds": time.time() - t0}}
 
-# %% ../../nbs/30_compress.projected.ipynb #22cf48cd
-def _curves(units: list[RetrainUnit], results: list[dict]) -> pd.DataFrame:
-    return pd.concat([pd.DataFrame(r["curve"]).assign(method=u.method, lr=u.lr, ratio=u.ratio, seed=u.seed, k_model=r["flops"]["k_model"],
-                                                      k_ff=r["flops"]["k_ff"]) for u, r in zip(units, results)], ignore_index=True)
-
-def seed_repeats(cfg: ProjectedConfig, tuning: pd.DataFrame) -> list[RetrainUnit]:
-    "The best learning rate's unit of each (ratio, method) of the tuning curves, at every seed of `cfg.seeds`."
-    best = best_lr(tuning)[["ratio", "method", "lr"]].drop_duplicates()
-    return [dataclasses.replace(u, seed=s) for u in retrain_units(cfg) for s in cfg.seeds if s != cfg.seed
-            if ((best.ratio == u.ratio) & (best.method == u.method) & (best.lr == u.lr)).any()]
-
-@register_experiment("compress.projected", ProjectedConfig, notebook="30_compress.projected")
-def run(cfg: ProjectedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    """The base model (published, or trained as a unit), its loss, the learning-rate grid of every (ratio, method) at
-    `cfg.seed`, then each one's best rate at `cfg.seeds`: the loss curves (`tuning` marks the grid) and the FLOPs per token."""
-    ensure_base(ctx, cfg.base)
-    units = retrain_units(cfg)
-    evaluation = RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size, eval_batches=cfg.eval_batches)
-    base_loss = ctx.unit(base_loss_unit, evaluation)["val_loss"]                 # (method, ratio, lr: not read, fixed)
-    results = ctx.units(retrain_unit, units, desc="learning-rate grid")
-    tuning = _curves(units, results).assign(tuning=True)
-    repeats = seed_repeats(cfg, tuning)
-    curves = pd.concat([tuning, _curves(repeats, ctx.units(retrain_unit, repeats, desc="seeds")).assign(tuning=False)] if repeats
-                       else [tuning], ignore_index=True)
-    flops = pd.DataFrame([r["flops"] for r in results]).drop_duplicates(["method", "ratio"])   # the same model at every LR
-    return {"curves": curves.assign(base_val_loss=base_loss),
-            "flops": flops.assign(base_model=flops_per_token(cfg.base.model, training=True),
-                                  base_ffn=ffn_flops_per_token(GPT(cfg.base.model), training=True))}
-
 # %% ../../nbs/30_compress.projected.ipynb #757777fc
 def _seeded(curves: pd.DataFrame) -> pd.DataFrame:
     "Older tables: one seed, every run on the learning-rate grid."
@@ -853,3 +824,32 @@ def plot_curves(curves: pd.DataFrame, ratio: float, metric: str = "val_loss"):
                labels={"val_loss": "validation loss"})
     fig.add_hline(y=float(d.base_val_loss.iloc[0]), line_dash="dot", annotation_text="base model")
     return fig
+
+# %% ../../nbs/30_compress.projected.ipynb #22cf48cd
+def _curves(units: list[RetrainUnit], results: list[dict]) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame(r["curve"]).assign(method=u.method, lr=u.lr, ratio=u.ratio, seed=u.seed, k_model=r["flops"]["k_model"],
+                                                      k_ff=r["flops"]["k_ff"]) for u, r in zip(units, results)], ignore_index=True)
+
+def seed_repeats(cfg: ProjectedConfig, tuning: pd.DataFrame) -> list[RetrainUnit]:
+    "The best learning rate's unit of each (ratio, method) of the tuning curves, at every seed of `cfg.seeds`."
+    best = best_lr(tuning)[["ratio", "method", "lr"]].drop_duplicates()
+    return [dataclasses.replace(u, seed=s) for u in retrain_units(cfg) for s in cfg.seeds if s != cfg.seed
+            if ((best.ratio == u.ratio) & (best.method == u.method) & (best.lr == u.lr)).any()]
+
+@register_experiment("compress.projected", ProjectedConfig, notebook="30_compress.projected")
+def run(cfg: ProjectedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    """The base model (published, or trained as a unit), its loss, the learning-rate grid of every (ratio, method) at
+    `cfg.seed`, then each one's best rate at `cfg.seeds`: the loss curves (`tuning` marks the grid) and the FLOPs per token."""
+    ensure_base(ctx, cfg.base)
+    units = retrain_units(cfg)
+    evaluation = RetrainUnit(cfg.base, "projected", 1.0, 1e-3, batch_size=cfg.batch_size, eval_batches=cfg.eval_batches)
+    base_loss = ctx.unit(base_loss_unit, evaluation)["val_loss"]                 # (method, ratio, lr: not read, fixed)
+    results = ctx.units(retrain_unit, units, desc="learning-rate grid")
+    tuning = _curves(units, results).assign(tuning=True)
+    repeats = seed_repeats(cfg, tuning)
+    curves = pd.concat([tuning, _curves(repeats, ctx.units(retrain_unit, repeats, desc="seeds")).assign(tuning=False)] if repeats
+                       else [tuning], ignore_index=True)
+    flops = pd.DataFrame([r["flops"] for r in results]).drop_duplicates(["method", "ratio"])   # the same model at every LR
+    return {"curves": curves.assign(base_val_loss=base_loss),
+            "flops": flops.assign(base_model=flops_per_token(cfg.base.model, training=True),
+                                  base_ffn=ffn_flops_per_token(GPT(cfg.base.model), training=True))}
