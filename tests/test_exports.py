@@ -33,7 +33,11 @@ from effworkbench.vision import adaglimpse
 check(rlrs.plot_schedule(0.5, 2.0, steps=100, warmup=10), "rlrs.plot_schedule")
 check(scaling.plot_budget(scaling.PUBLISHED_MOE, 20.0, 1.0), "scaling.laws.plot_budget")
 law = scaling.JointLaw(a=40.0, alpha=-0.18, delta=0.15, gamma=-0.012, b=60.0, beta=-0.21, omega=0.08, zeta=-0.006, c=1.2)
-check(scaling_joint.plot_joint_budget(law, 15.0, 1e6), "scaling.joint.plot_joint_budget")
+from effworkbench.core import load_table
+from effworkbench.scaling.granularity import ScalingGrid, grid_of_table
+jt = load_table("scaling_joint_sweep_medium")
+check(scaling_joint.plot_joint_budget(law, jt, grid_of_table(jt, ScalingGrid()), float(np.log10(jt.flops.median())),
+                                      scaling_joint.memory_caps(jt)[-1]), "scaling.joint.plot_joint_budget")
 
 coord = pd.DataFrame([{"param": "mup", "name": "ffn", "layer": "ffn", "quantity": "out", "width": w, "seed": 0, "step": s,
                        "value": float(w) ** 0.1 * (1 + 0.1 * s)} for w in (32, 64, 128) for s in (1, 2, 3)])
