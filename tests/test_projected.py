@@ -214,3 +214,15 @@ def test_the_published_base_serves_a_fresh_store(tmp_path, monkeypatch):
     assert not fresh.is_done(train_run, cfg.base)                                      # loaded, never trained here
     other = EXPERIMENTS["compress.projected"].config_for("smoke", TINY + ["base.steps=5"]).base
     assert published_base(other) is None
+
+
+def test_a_diverging_learning_rate_on_the_grid_is_never_the_best(tmp_path):
+    from effworkbench.compress.projected import best_lr
+    from effworkbench.experiment import EXPERIMENTS, run_experiment
+    from effworkbench.store import RunStore
+    cfg = EXPERIMENTS["compress.projected"].config_for("smoke", TINY + ["lr_prune=[1e-3, 1e6]", "steps=4"])
+    curves = run_experiment("compress.projected", cfg, store=RunStore(tmp_path))["curves"]
+    bad = curves[(curves.method == "hard prune") & (curves.lr == 1e6)]
+    import numpy as np
+    assert bad.step.max() == 4 and not np.isfinite(bad[bad.step == 4].val_loss).any()     # diverged: no finite loss at the end
+    assert set(best_lr(curves).query("method == 'hard prune'").lr) == {1e-3}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ..core import ConfigError, PresetConfig, check_preset, results_dir, save_ta
 from ..experiment import Context, register_experiment
 from ..nn.gpt import GPT, GPTConfig, GEmbedding, GLinear, LayerNorm, RMSNorm, flops_per_token
 from ..store import Run, RunStore, config_hash, fn_name, run_function
-from ..train import TrainConfig, Trainer, load_model, load_weights, run_model, save_weights, train_run
+from ..train import TrainConfig, Trainer, TrainingDiverged, load_model, load_weights, run_model, save_weights, train_run
 
 # %% auto #0
 __all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'target_config', 'compression_sizes', 'Selection',
@@ -689,9 +690,9 @@ class ProjectedConfig(CompressionPresets, PresetConfig):
     seed: int = 0                                     # the learning rates are tuned at this seed ...
     seeds: tuple[int, ...] = ()                       # ... and each method's best one is rerun at these too
     presets: ClassVar = {"medium": {"steps": 400, "eval_every": 50, "eval_batches": 16, "lr_pc": (1e-4, 3e-4, 1e-3, 3e-3),
-                                    "lr_prune": (1e-4, 3e-4, 1e-3, 3e-3), "seeds": (1, 2)},
+                                    "lr_prune": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "seeds": (1, 2)},
                          "full": {"steps": 2000, "batch_size": 32, "eval_every": 100, "eval_batches": 16,
-                                  "lr_pc": (1e-4, 3e-4, 1e-3, 3e-3), "lr_prune": (1e-4, 3e-4, 1e-3, 3e-3), "seeds": (1, 2)}}
+                                  "lr_pc": (1e-4, 3e-4, 1e-3, 3e-3), "lr_prune": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "seeds": (1, 2)}}
 
 # %% ../../nbs/30_compress.projected.ipynb #6391af57
 @dataclass
@@ -724,11 +725,16 @@ def retrain_units(cfg: ProjectedConfig) -> list[RetrainUnit]:
 
 # %% ../../nbs/30_compress.projected.ipynb #ae002d52
 def retrain(model: GPT, cfg: TrainConfig, corpus, eval_every: int) -> pd.DataFrame:
-    "Train `model` (projected or plain) with the trainer for `cfg.steps`; validation loss at step 0 and every `eval_every` steps."
+    """Train `model` (projected or plain) with the trainer for `cfg.steps`; validation loss at step 0 and every `eval_every`
+    steps. A run that diverges (too high a learning rate on the grid) ends with a loss that is not finite: never the best."""
     t = Trainer(cfg, None, corpus, model)
     rows = [{"step": 0, "tokens": 0, "val_loss": t.evaluate()}]
     while t.step < cfg.steps:
-        t.train_step()
+        try: t.train_step()
+        except TrainingDiverged:
+            rows += [{"step": s, "tokens": s * cfg.batch_size * model.cfg.seq_len, "val_loss": math.inf}
+                     for s in range(eval_every * (t.step // eval_every + 1), cfg.steps + 1, eval_every)]
+            break
         if t.step % eval_every == 0 or t.step == cfg.steps:
             rows.append({"step": t.step, "tokens": t.tokens, "val_loss": t.evaluate()})
     return pd.DataFrame(rows)
