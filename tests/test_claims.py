@@ -14,6 +14,7 @@ STATED = {
     "privacy.dp_prune": {"pre-pruning helps, ε = 1, finetune": U, "pre-pruning helps, ε = 1, scratch": U,
                          "dropping helps, ε = 1, finetune": R, "dropping helps, ε = 1, scratch": U,
                          "public pretraining helps, ε = 1": R},
+    "rlrs": {"speed-up, dense": R, "speed-up, MoE": R},
     "compress.d2dmoe": {"Hoyer lowers activation density": R, "dynamic-k beats top-k": U, "half the FFN FLOPs saved within 1 %": N},
     "compress.projected": {"beats hard pruning, 50 % kept": N, "beats hard pruning, 75 % kept": N,
                            "margin grows with tokens, 50 % kept": U, "margin grows with tokens, 75 % kept": U},
