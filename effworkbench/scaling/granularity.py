@@ -23,8 +23,8 @@ from .laws import PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedLaw, FineGrainedSpe
 # %% auto #0
 __all__ = ['GRID_PRESETS', 'GRANULARITY_AXES', 'ScalingGrid', 'grid_points', 'grid_of_table', 'FitSettings', 'GranularityConfig',
            'points_table', 'fit_granularity_law', 'family_flops', 'law_tables', 'granularity_fits', 'fits_from_tables',
-           'TrainedBox', 'budgets', 'seed_fits', 'laws_of', 'frontier_table', 'final_gap', 'frontier_gap', 'run',
-           'law_curves']
+           'arm_labels', 'arm_value', 'TrainedBox', 'budgets', 'seed_fits', 'laws_of', 'frontier_table', 'final_gap',
+           'frontier_gap', 'run', 'law_curves']
 
 # %% ../../nbs/23_scaling.granularity.ipynb #90584265
 @dataclass
@@ -198,6 +198,14 @@ def fits_from_tables(coef: pd.DataFrame, err: pd.DataFrame, law_cls: type = Fine
             for k, d in coef.groupby("kind", sort=False)}
 
 # %% ../../nbs/23_scaling.granularity.ipynb #61094519
+def arm_labels(df: pd.DataFrame, arm: str = "G") -> np.ndarray:
+    "The arm of each row of a sweep table: 'dense', or '<arm>=<value>' ('G=2', 'E=8')."
+    return np.where(df.kind == "dense", "dense", arm + "=" + df[arm].astype(int).astype(str))
+
+def arm_value(label: str) -> int:
+    "The G or E of an arm label (1 for 'dense')."
+    return 1 if label == "dense" else int(label.split("=")[1])
+
 @dataclass(frozen=True)
 class TrainedBox:
     "Where a sweep trained: per arm (G, E, or dense) the range of N its runs span, and the sweep's token range D."
@@ -207,8 +215,7 @@ class TrainedBox:
     @classmethod
     def of(cls, df: pd.DataFrame, arm: str = "G", n: str = "N") -> TrainedBox:
         "The box of a sweep table: arms 'G=1', 'G=2', ... from column `arm` (dense rows: the arm 'dense'), N from column `n`."
-        a = np.where(df.kind == "dense", "dense", arm + "=" + df[arm].astype(int).astype(str))
-        r = {k: (float(d[n].min()), float(d[n].max())) for k, d in df.assign(_arm=a).groupby("_arm")}
+        r = {k: (float(d[n].min()), float(d[n].max())) for k, d in df.assign(_arm=arm_labels(df, arm)).groupby("_arm")}
         return cls(r, (float(df.D.min()), float(df.D.max())))
 
     def optimum(self, loss: Callable, flops: float, C: Callable[[float], float], arm: str, cap: float = math.inf,
@@ -251,7 +258,7 @@ def frontier_table(table: pd.DataFrame, laws: dict[int, dict], grid: ScalingGrid
             for arm in box.n_range:
                 kind = "dense" if arm == "dense" else "moe"
                 if kind not in by_kind: continue
-                G = 1 if arm == "dense" else int(arm.split("=")[1])
+                G = arm_value(arm)
                 C = family_flops(grid, 1 if arm == "dense" else E)
                 o = box.optimum(lambda N, D: by_kind[kind](N, D, G), F, lambda N: C(N, G), arm)
                 if o is not None: rows.append({"seed": s, "flops": F, "arm": arm, **o})

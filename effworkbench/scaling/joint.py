@@ -18,7 +18,7 @@ from ..claims import Claim, Evidence, bootstrap_mean, register_claims
 from ..core import PresetConfig
 from ..experiment import Context, register_experiment
 from .laws import JointLaw, JointSpec, ModelShape, bootstrap, fit_law, rmse_log
-from .granularity import (GRID_PRESETS, FitSettings, ScalingGrid, TrainedBox, budgets, final_gap, grid_points,
+from .granularity import (GRID_PRESETS, FitSettings, ScalingGrid, TrainedBox, arm_labels, arm_value, budgets, final_gap, grid_points,
                                               law_tables, points_table)
 
 # %% auto #0
@@ -80,15 +80,14 @@ def box_optimum(law: JointLaw, flops: float, memory_bytes: float, box: TrainedBo
     "Per arm (dense, E=2, ...) of the box: the best N_act inside it with D = F / C(N_act, E) and N_total·2 bytes ≤ memory_bytes."
     rows = []
     for arm, ratio in ratios.items():
-        E = 1 if arm == "dense" else int(arm.split("=")[1])
+        E = arm_value(arm)
         o = box.optimum(lambda N, D: law(N, D, E), flops, lambda N: flops_fn(N, E), arm, cap=memory_bytes / (2.0 * ratio))
         if o is not None: rows.append({"flops": flops, "memory_bytes": memory_bytes, "arm": arm, "E": E, "N_act": o["N"], "D": o["D"], "loss": o["loss"]})
     return pd.DataFrame(rows)
 
 def total_ratios(table: pd.DataFrame) -> dict[str, float]:
     "Per arm of the sweep: stored non-embedding parameters over active ones (N / N_act; 1 for dense)."
-    a = np.where(table.kind == "dense", "dense", "E=" + table.E.astype(int).astype(str))
-    return {k: float((d.N / d.N_act).median()) for k, d in table.assign(_arm=a).groupby("_arm")}
+    return {k: float((d.N / d.N_act).median()) for k, d in table.assign(_arm=arm_labels(table, "E")).groupby("_arm")}
 
 def memory_caps(table: pd.DataFrame) -> list[float]:
     "The bf16 weights (bytes) of each trained dense width: the memory caps of the comparison."
