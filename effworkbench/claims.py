@@ -106,18 +106,18 @@ def verdict_table(claims: Sequence[Claim], tables: dict[str, pd.DataFrame]) -> p
     return pd.DataFrame([c.verdict(tables) for c in claims])
 
 # %% ../nbs/03b_claims.ipynb #78812978
-def published_tables(experiment: str, names: Sequence[str], preset: str = "medium") -> dict[str, pd.DataFrame]:
-    "The committed tables `names` of a registered experiment (`results/<prefix>_<name>_<preset>.csv`)."
+def published_tables(experiment: str, names: Sequence[str], preset: str = "medium", variant: str = "") -> dict[str, pd.DataFrame]:
+    "The committed tables `names` of a registered experiment (`results/<prefix>[_<variant>]_<name>_<preset>.csv`)."
     from effworkbench.experiment import EXPERIMENTS
-    prefix = EXPERIMENTS[experiment].table_prefix
+    prefix = EXPERIMENTS[experiment].table_prefix + (f"_{variant}" if variant else "")
     return {n: load_table(f"{prefix}_{n}_{preset}") for n in names}
 
-def verdicts(experiment: str, preset: str = "medium") -> pd.DataFrame:
-    "The verdict table of a registered experiment's claims, from its committed tables at `preset`."
+def verdicts(experiment: str, preset: str = "medium", variant: str = "") -> pd.DataFrame:
+    "The verdict table of a registered experiment's claims, from its committed tables at `preset` (of `variant`, if named)."
     from effworkbench.experiment import EXPERIMENTS
     EXPERIMENTS[experiment]                                        # imports the module that registers its claims
     cs = CLAIMS[experiment]
-    return verdict_table(cs.claims, published_tables(experiment, cs.tables, preset))
+    return verdict_table(cs.claims, published_tables(experiment, cs.tables, preset, variant))
 
 def stated_experiments() -> list[str]:
     "The registered experiments that state claims (each experiment's module imported, which files its claims)."

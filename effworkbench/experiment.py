@@ -37,9 +37,14 @@ class Experiment:
     run: Callable[[Any, "Context"], dict[str, pd.DataFrame]]
     notebook: str                                      # "21_rlrs"
     prefix: str = ""                                   # of the published table files; default: the name with _ for .
+    variant: Callable[[Any], str] | None = None        # cfg -> "" for the main tables, else a name that keeps a variant's apart
 
     @property
     def table_prefix(self) -> str: return self.prefix or self.name.replace(".", "_")
+    def prefix_for(self, cfg) -> str:
+        "The table prefix of `cfg`'s run: `table_prefix`, then `_<variant>` when `variant(cfg)` names one."
+        v = self.variant(cfg) if self.variant else ""
+        return f"{self.table_prefix}_{v}" if v else self.table_prefix
     @property
     def registry_id(self) -> str: return f"{self.run.__module__}.{self.run.__qualname__}"
 
@@ -47,10 +52,11 @@ class Experiment:
         "The config of `preset` with `a.b=v` overrides (and a YAML/TOML file), each checked by name and type."
         return config_from(self.config, preset, sets, path)
 
-def register_experiment(name: str, config: type, notebook: str, prefix: str = ""):
-    "Decorator on a method's `run(cfg, ctx)`: registers it as experiment `name`."
+def register_experiment(name: str, config: type, notebook: str, prefix: str = "", variant: Callable[[Any], str] | None = None):
+    """Decorator on a method's `run(cfg, ctx)`: registers it as experiment `name`. `variant(cfg)` names a variant whose
+    published tables must not replace the main ones (e.g. a routing rule): they go to `<prefix>_<variant>_<table>_<preset>`."""
     def deco(fn):
-        EXPERIMENTS.register(name, Experiment(name, config, fn, notebook, prefix))
+        EXPERIMENTS.register(name, Experiment(name, config, fn, notebook, prefix, variant))
         return fn
     return deco
 
@@ -187,7 +193,7 @@ def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, all
               "units": len(units)}
     out = []
     for table, df in run.tables().items():
-        out.append(save_table(df, f"{exp.table_prefix}_{table}_{cfg.preset}", cfg.preset, env=env, **record))
+        out.append(save_table(df, f"{exp.prefix_for(cfg)}_{table}_{cfg.preset}", cfg.preset, env=env, **record))
     return out
 
 # %% ../nbs/03a_experiment.ipynb #7456fc55

@@ -21,10 +21,10 @@ from ..nn.gpt import GPTConfig
 from .laws import PUBLISHED_DENSE, PUBLISHED_MOE, FineGrainedLaw, FineGrainedSpec, ModelShape, bootstrap, fit_law, rmse_log
 
 # %% auto #0
-__all__ = ['GRID_PRESETS', 'GRANULARITY_AXES', 'ScalingGrid', 'grid_points', 'grid_of_table', 'FitSettings', 'GranularityConfig',
-           'points_table', 'fit_granularity_law', 'family_flops', 'law_tables', 'granularity_fits', 'fits_from_tables',
-           'arm_labels', 'arm_value', 'TrainedBox', 'budgets', 'seed_fits', 'laws_of', 'frontier_table', 'final_gap',
-           'frontier_gap', 'run', 'law_curves']
+__all__ = ['GRID_PRESETS', 'GRANULARITY_AXES', 'GRANULARITY_WIDTHS', 'ScalingGrid', 'grid_points', 'grid_of_table', 'FitSettings',
+           'GranularityConfig', 'points_table', 'fit_granularity_law', 'family_flops', 'law_tables', 'granularity_fits',
+           'fits_from_tables', 'arm_labels', 'arm_value', 'TrainedBox', 'budgets', 'seed_fits', 'laws_of',
+           'frontier_table', 'final_gap', 'frontier_gap', 'routing_variant', 'run', 'law_curves']
 
 # %% ../../nbs/23_scaling.granularity.ipynb #90584265
 @dataclass
@@ -106,6 +106,7 @@ class FitSettings:
     seed: int = 0
 
 GRANULARITY_AXES = {"routing": "expert_choice"}     # the paper's routing; `-p grid.routing=token_choice` is the variant
+GRANULARITY_WIDTHS = [24, 32, 40, 48, 56, 64, 72, 80, 96]   # medium: nine widths for the fit (24_scaling.joint keeps five)
 
 @dataclass
 class GranularityConfig(PresetConfig):
@@ -114,7 +115,7 @@ class GranularityConfig(PresetConfig):
     grid: ScalingGrid = field(default_factory=lambda: ScalingGrid(**GRANULARITY_AXES))
     fit: FitSettings = field(default_factory=FitSettings)
     presets: ClassVar = {"smoke": {"grid": GRANULARITY_AXES},          # an override of grid.x keeps these
-                         "medium": {"grid": {**GRID_PRESETS["medium"], **GRANULARITY_AXES}, "fit": {"max_starts": None, "n_boot": 100}},
+                         "medium": {"grid": {**GRID_PRESETS["medium"], **GRANULARITY_AXES, "widths": GRANULARITY_WIDTHS}, "fit": {"max_starts": None, "n_boot": 100}},
                          "full": {"grid": {**GRID_PRESETS["full"], **GRANULARITY_AXES}, "fit": {"max_starts": None, "n_boot": 200}}}
 
 # %% ../../nbs/23_scaling.granularity.ipynb #4b5df613
@@ -287,7 +288,12 @@ def frontier_gap(frontier: pd.DataFrame, better: Sequence[str], worse: Sequence[
     return bootstrap_mean(per_seed, "loss")
 
 # %% ../../nbs/23_scaling.granularity.ipynb #6e52cfc2
-@register_experiment("scaling.granularity", GranularityConfig, notebook="23_scaling.granularity", prefix="scaling_granularity")
+def routing_variant(cfg: GranularityConfig) -> str:
+    "Expert-choice routing (the paper's) publishes the main tables; another routing its own: `scaling_granularity_token_choice_*`."
+    return "" if cfg.grid.routing == "expert_choice" else cfg.grid.routing
+
+@register_experiment("scaling.granularity", GranularityConfig, notebook="23_scaling.granularity", prefix="scaling_granularity",
+                     variant=routing_variant)
 def run(cfg: GranularityConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     """Every run of the grid as a unit of the store, its (N, D) points (`sweep`), the laws fitted to them (`fit`, `errors`),
     the laws of each seed (`seed_fit`) and their compute-optimal points inside the trained box (`frontier`)."""
