@@ -88,11 +88,15 @@ class Claim:
                 "n": ev.n, "unit": ev.unit, "verdict": v,
                 "seeds_to_decide": seeds_to_decide(ev, self.threshold) if v == "not decided" else float(ev.n)}
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ClaimSet:
     "An experiment's claims and the names of the published tables they are decided from."
     claims: tuple[Claim, ...]
     tables: tuple[str, ...]
+
+    def __repr__(self) -> str:                         # what a notebook shows below its `register_claims` cell
+        lines = [f"{len(self.claims)} claim{'s' * (len(self.claims) != 1)}, decided from the tables {', '.join(self.tables)}:"]
+        return "\n".join(lines + [f"- {c.name}: {c.statement} (margin {c.margin:g})" for c in self.claims])
 
 CLAIMS = Registry("claims")          # experiment name -> ClaimSet
 
