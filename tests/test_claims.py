@@ -25,6 +25,11 @@ STATED = {
                           "agent vs centre-zoom": R},
 }
 
+STATED_VARIANTS = {                                   # the same claims from a variant's tables (23: token-choice routing)
+    ("scaling.granularity", "token_choice"): {"G = 2 beats G = 1": R, "G = 4 beats G = 2": R, "G* > 1 at every budget": R,
+                                              "MoE beats dense at every budget": R},
+}
+
 
 @pytest.mark.parametrize("experiment", sorted(STATED))
 def test_verdicts_from_committed_tables(experiment):
@@ -32,6 +37,13 @@ def test_verdicts_from_committed_tables(experiment):
     assert dict(zip(v.claim, v.verdict)) == STATED[experiment]
     assert (v.lo <= v.estimate).all() and (v.estimate <= v.hi).all() and (v.n >= 3).all()   # ≥ 3 seeds behind every verdict
     assert experiment in CLAIMS
+
+
+@pytest.mark.parametrize("experiment,variant", sorted(STATED_VARIANTS))
+def test_variant_verdicts_from_committed_tables(experiment, variant):
+    v = verdicts(experiment, variant=variant)
+    assert dict(zip(v.claim, v.verdict)) == STATED_VARIANTS[experiment, variant]
+    assert (v.n >= 3).all()
 
 
 def test_every_claim_set_has_its_stated_verdicts_here():
