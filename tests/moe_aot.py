@@ -6,12 +6,17 @@ arguments, constexprs, warps, stages — are exactly the library's, with CUDA's 
 specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 marked divisible, ints equal to 1 made
 constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
 (`warp_group_dot`) fed by a software-pipelined loop of async copies, and every kernel must fit in shared memory.
-Prints one line per compiled kernel; exit status 1 on any failure.
+Each line also reports what `ptxas -v` says of the kernel's PTX (Triton's own ptxas, the same target): registers per
+thread, the thread blocks per SM those registers allow, and spill stores/loads in bytes. Spills are reported, not failed.
+Prints one line per compiled kernel and a summary; exit status 1 on any failure.
 
     python tests/moe_aot.py          # sm_90 and sm_80
     python tests/moe_aot.py 90       # sm_90 only"""
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -23,6 +28,23 @@ from triton.compiler import ASTSource
 import effworkbench.moe.kernels as mk
 
 SMEM = {90: 232448, 80: 166912}   # opt-in shared memory per block, bytes
+REGS_PER_SM = 65536                # 32-bit registers per SM (sm_80, sm_90)
+
+
+def ptxas_resources(k, cc: int, warps: int) -> dict:
+    "Registers per thread, spill stores/loads and stack frame (bytes) of compiled kernel `k`, from `ptxas -v` on its PTX."
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f: f.write(k.asm["ptx"])
+        r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    st, ld = (int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out).groups())
+    per_block = -(-regs // 8) * 8 * 32 * warps                      # allocated in units of 8 per thread (256 per warp)
+    return {"regs": regs, "blocks": REGS_PER_SM // per_block, "spill_st": st, "spill_ld": ld,
+            "stack": int(re.search(r"(\d+) bytes stack frame", out).group(1))}
 
 
 def record_launches():
@@ -64,7 +86,7 @@ def _spec_key(kernel, args):
 
 
 def compile_all(ccs=(90, 80)):
-    failures = 0
+    failures, res = 0, []
     for kernel, args, meta, warps, stages in record_launches():
         names = kernel.arg_names
         const, sig, attrs = dict(meta), {}, {}
@@ -89,10 +111,19 @@ def compile_all(ccs=(90, 80)):
             if cc == 90 and meta.get("PREC") == 1 and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.bfloat16:
                 if "warp_group_dot" not in ttgir: problems.append("no wgmma")
                 if "async_copy_global_to_local" not in ttgir: problems.append("loads not pipelined")
+            r = ptxas_resources(k, cc, warps)
+            res.append((cc, label, r))
             print(f"{'FAIL' if problems else 'ok  '} sm_{cc} {label}: warps {warps} stages {stages} smem {smem} "
+                  f"regs {r['regs']} ({r['blocks']} block/SM) spills {r['spill_st']}/{r['spill_ld']} B "
                   + ("wgmma " if "warp_group_dot" in ttgir else "") + ("pipelined" if "async_copy" in ttgir else "")
                   + (f"  <- {'; '.join(problems)}" if problems else ""), flush=True)
             failures += bool(problems)
+    for cc in sorted({c for c, _, _ in res}):
+        rc = [(lab, r) for c, lab, r in res if c == cc]
+        spill = [lab for lab, r in rc if r["spill_st"] or r["spill_ld"]]
+        top = max(rc, key=lambda t: t[1]["regs"])
+        print(f"summary sm_{cc}: {len(rc)} kernels, most registers {top[1]['regs']} ({top[0].strip()}), "
+              f"{len(spill)} spilling" + (f": {'; '.join(s.strip() for s in spill)}" if spill else ""))
     return failures
 
 

@@ -174,12 +174,20 @@ def test_bf16_and_autocast(act):
 
 @pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}), reason="triton without its NVIDIA backend")
 def test_kernels_compile_for_hopper():
-    "Every launch the layer makes, compiled for sm_90 without a GPU: wgmma, pipelined loads, shared memory that fits."
+    """Every launch the layer makes, compiled for sm_90 without a GPU: wgmma, pipelined loads, shared memory that fits;
+    with the registers and spills ptxas reports for each kernel."""
+    import re
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("moe_aot.py")), "90"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("ok   sm_90") >= 20, r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("ok   sm_90")]
+    assert len(lines) >= 20, r.stdout
+    res = [re.search(r"regs (\d+) \((\d+) block/SM\) spills (\d+)/(\d+) B", ln) for ln in lines]
+    assert all(res), r.stdout
+    regs = [int(m.group(1)) for m in res]
+    assert all(0 < g <= 255 for g in regs) and len(set(regs)) > 1, regs      # parsed per kernel, within sm_90's limit
+    assert "summary sm_90: " in r.stdout and f"most registers {max(regs)} " in r.stdout
 
 
 def test_deterministic_and_no_unwritten_reads(monkeypatch):
