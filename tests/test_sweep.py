@@ -94,7 +94,8 @@ def test_timeout_kills_the_run_and_the_sweep_goes_on(tmp_path):
 
 def test_ctrl_c_stops_queued_runs(tmp_path):
     "SIGINT to the sweep's process: it stops at once; queued configs never start; the running one stays resumable."
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import runfns; from effworkbench.store import RunStore; "
+    code = (f"import sys, faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "   # where it hangs, if it does
+            f"sys.path.insert(0, {str(HERE)!r}); import runfns; from effworkbench.store import RunStore; "
             f"from effworkbench.sweep import sweep; "
             f"sweep(runfns.crash, [{{'x': i, 'sleep': 20}} for i in range(6)], store=RunStore({str(tmp_path)!r}), max_workers=1)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -104,7 +105,12 @@ def test_ctrl_c_stops_queued_runs(tmp_path):
         time.sleep(0.1)
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    try: err = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        alive = proc.poll() is None
+        if alive: proc.send_signal(signal.SIGUSR1); time.sleep(2); proc.kill()
+        err = proc.communicate(timeout=60)[1]
+        pytest.fail(f"no exit 60 s after SIGINT (sweep process {'still running: its threads' if alive else 'gone, its stderr held open'}):\n{err[-4000:]}")
     assert proc.returncode != 0 and "KeyboardInterrupt" in err and time.time() - t0 < 15
     runs = RunStore(tmp_path).runs()
     assert len(runs) == 1 and runs[0].status == "unfinished"            # not recorded as failed: it resumes next time
