@@ -94,7 +94,10 @@ def test_timeout_kills_the_run_and_the_sweep_goes_on(tmp_path):
 
 def test_ctrl_c_stops_queued_runs(tmp_path):
     "SIGINT to the sweep's process: it stops at once; queued configs never start; the running one stays resumable."
-    code = (f"import sys, faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "   # where it hangs, if it does
+    # a terminal's Ctrl-C: SIGINT raises KeyboardInterrupt even where this test runs in a background job (`cmd &` without job
+    # control starts it with SIGINT ignored, which Python then keeps); faulthandler on SIGUSR1 says where it hangs, if it does
+    code = (f"import sys, faulthandler, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"faulthandler.register(signal.SIGUSR1, all_threads=True); "
             f"sys.path.insert(0, {str(HERE)!r}); import runfns; from effworkbench.store import RunStore; "
             f"from effworkbench.sweep import sweep; "
             f"sweep(runfns.crash, [{{'x': i, 'sleep': 20}} for i in range(6)], store=RunStore({str(tmp_path)!r}), max_workers=1)")
