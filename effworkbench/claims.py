@@ -113,7 +113,7 @@ def verdict_table(claims: Sequence[Claim], tables: dict[str, pd.DataFrame]) -> p
 def published_tables(experiment: str, names: Sequence[str], preset: str = "medium", variant: str = "") -> dict[str, pd.DataFrame]:
     "The committed tables `names` of a registered experiment (`results/<prefix>[_<variant>]_<name>_<preset>.csv`)."
     from effworkbench.experiment import EXPERIMENTS
-    prefix = EXPERIMENTS[experiment].table_prefix + (f"_{variant}" if variant else "")
+    prefix = EXPERIMENTS[experiment].variant_prefix(variant)
     return {n: load_table(f"{prefix}_{n}_{preset}") for n in names}
 
 def verdicts(experiment: str, preset: str = "medium", variant: str = "") -> pd.DataFrame:

@@ -41,10 +41,12 @@ class Experiment:
 
     @property
     def table_prefix(self) -> str: return self.prefix or self.name.replace(".", "_")
+    def variant_prefix(self, variant: str = "") -> str:
+        "The table prefix of a variant's tables: `table_prefix`, then `_<variant>` when one is named."
+        return f"{self.table_prefix}_{variant}" if variant else self.table_prefix
     def prefix_for(self, cfg) -> str:
-        "The table prefix of `cfg`'s run: `table_prefix`, then `_<variant>` when `variant(cfg)` names one."
-        v = self.variant(cfg) if self.variant else ""
-        return f"{self.table_prefix}_{v}" if v else self.table_prefix
+        "The table prefix of `cfg`'s run: that of the variant `variant(cfg)` names, if any."
+        return self.variant_prefix(self.variant(cfg) if self.variant else "")
     @property
     def registry_id(self) -> str: return f"{self.run.__module__}.{self.run.__qualname__}"
 

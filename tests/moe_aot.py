@@ -32,7 +32,7 @@ REGS_PER_SM = 65536                # 32-bit registers per SM (sm_80, sm_90)
 
 
 def ptxas_resources(k, cc: int, warps: int) -> dict:
-    "Registers per thread, spill stores/loads and stack frame (bytes) of compiled kernel `k`, from `ptxas -v` on its PTX."
+    "Registers per thread, the blocks per SM they allow and spill stores/loads (bytes) of compiled kernel `k`, from `ptxas -v`."
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -43,8 +43,7 @@ def ptxas_resources(k, cc: int, warps: int) -> dict:
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     st, ld = (int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out).groups())
     per_block = -(-regs // 8) * 8 * 32 * warps                      # allocated in units of 8 per thread (256 per warp)
-    return {"regs": regs, "blocks": REGS_PER_SM // per_block, "spill_st": st, "spill_ld": ld,
-            "stack": int(re.search(r"(\d+) bytes stack frame", out).group(1))}
+    return {"regs": regs, "blocks": REGS_PER_SM // per_block, "spill_st": st, "spill_ld": ld}
 
 
 def record_launches():

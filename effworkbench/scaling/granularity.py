@@ -290,7 +290,7 @@ def frontier_gap(frontier: pd.DataFrame, better: Sequence[str], worse: Sequence[
 # %% ../../nbs/23_scaling.granularity.ipynb #6e52cfc2
 def routing_variant(cfg: GranularityConfig) -> str:
     "Expert-choice routing (the paper's) publishes the main tables; another routing its own: `scaling_granularity_token_choice_*`."
-    return "" if cfg.grid.routing == "expert_choice" else cfg.grid.routing
+    return "" if cfg.grid.routing == GRANULARITY_AXES["routing"] else cfg.grid.routing
 
 @register_experiment("scaling.granularity", GranularityConfig, notebook="23_scaling.granularity", prefix="scaling_granularity",
                      variant=routing_variant)
