@@ -16,7 +16,8 @@ per-example pass, noise from a generator on the device.
 
     python bench/dp.py --threads 1            # B=512, 32×32, width 16 (the issue's setting), one CPU thread
     python bench/dp.py --batch 128 --repeats 5 --no-grid
-Imports only torch, numpy, opacus and the library.
+On the CPU the run starts with a steady heap (`heap.py`: without it, page faults of the plain step's larger buffers, not
+arithmetic, decide the ratio); `--heap default` keeps glibc's defaults. Imports only torch, numpy, opacus and the library.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, dp_sgd_step, full_masks, poisson_batch, prune_masks, prune_structured,
                              select_coordinates)
 from effworkbench.vision.models import vgg_small
+from heap import steady_heap
 
 
 class Batches:
@@ -111,12 +113,14 @@ def main():
     ap.add_argument("--no-grid", action="store_true")
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--no-vmap", action="store_true")
+    ap.add_argument("--heap", choices=["steady", "default"], default="steady", help="CPU heap (see heap.py)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)      # Opacus: secure RNG off, full backward hooks
     if a.threads: torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    if dev.type == "cpu": name += ", " + (steady_heap() if a.heap == "steady" else "default heap")
     cfg = DPConfig()
     n = int(round(a.batch / cfg.q))
     print(f"# DP step vs plain step: vgg_small(width={a.width}, norm='group'), Poisson batches q={cfg.q} of N={n} "

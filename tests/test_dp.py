@@ -9,7 +9,7 @@ from scipy import stats
 
 pytest.importorskip("opacus")
 from effworkbench.core import ConfigError
-from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, book_keep, check_dp_model, clip_per_sample, clipped_grad_sum, density,
+from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, book_keep, ghost_sq_norm, input_gram, check_dp_model, clip_per_sample, clipped_grad_sum, density,
                              dp_sgd_step, epsilon, full_masks, mask_kinds, noise_for_epsilon, per_sample_grads, poisson_batch,
                              prune_masks, prune_structured, select_coordinates, train_dp)
 from effworkbench.vision.models import resnet_small, vgg_small
@@ -157,6 +157,23 @@ def test_book_keeping_equals_vmap(model, C, clip_on, prune, drop, drop_mode):
     assert want.abs().max() > 0
     for chunk in (4, 256):
         torch.testing.assert_close(noise_free_update(MODELS[model], "bk", chunk=chunk, **kw), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, hw", [
+    (3, 1, 1, 1, (8, 8)), ((3, 2), (2, 1), (2, 0), (1, 2), (9, 7)), (1, 2, 0, 1, (7, 8)), (5, 3, 2, 1, (11, 10))])
+def test_input_gram_and_ghost_norm_match_unfolded_float64(kernel, stride, padding, dilation, hw):
+    """The conv input gram (a_t · a_s) summed over kernel offsets, column offsets first, equals the gram of the unfolded
+    receptive fields, for non-square kernels, strides, paddings and dilations; the ghost norm equals the norm of the
+    explicit per-example product."""
+    g = torch.Generator().manual_seed(7)
+    m = torch.nn.Conv2d(3, 4, kernel, stride, padding, dilation, bias=False).double()
+    a = torch.randn(5, 3, *hw, generator=g, dtype=torch.float64)
+    A = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)      # (B, T, C·kh·kw)
+    torch.testing.assert_close(input_gram(m, a), A @ A.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    out = m(a)
+    b = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    explicit = b.flatten(2) @ A                                                          # (B, P, C·kh·kw) per example
+    torch.testing.assert_close(ghost_sq_norm(m, a, b), explicit.flatten(1).square().sum(1), rtol=1e-12, atol=1e-12)
 
 
 def test_ghost_norm_is_used_only_on_whole_tensors():

