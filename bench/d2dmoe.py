@@ -5,8 +5,11 @@
 
 The layer is `effworkbench.compress.d2dmoe.DynamicKMLP`: a norm-predicting router (2-layer MLP of width 128, random weights here:
 the speed does not depend on what it learned), the τ·max rule, and the MoE dispatch of `12_moe.layers` / `13_moe.kernels`.
-For each number of experts E and each τ, printed: experts run per token, the layer's FLOPs over the dense FFN's
-(router included), and its forward wall time over the dense FFN's (median of CUDA-event timings). Writes
+For each number of experts E and each τ, printed: experts run per token, the most any token runs (k_max), the busiest
+expert's load over the mean load, the layer's FLOPs over the dense FFN's (router included), and its forward wall time
+over the dense FFN's (median of CUDA-event timings). Backends on CUDA: `triton` (inference: the counted mask plan and
+the fused up → ReLU → down kernel, no host read), `triton-train` (the training kernels after the N × k_max compaction,
+one host read) and `torch`. Writes
 d2dmoe_speed_<device>.csv to $OUT (or the working directory). Imports only torch, triton, numpy, pandas and the library.
 """
 import argparse
@@ -50,7 +53,7 @@ def main():
     d, d_ff, N = (1024, 4096, 16384) if cuda else (64, 256, 512)
     dtype = torch.bfloat16 if cuda else torch.float32
     experts = [32, 128] if cuda else [16]
-    backends = ["triton", "torch"] if cuda else ["torch"]
+    backends = ["triton", "triton-train", "torch"] if cuda else ["torch"]
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(N, d, generator=g).to(device, dtype)
     w1 = (torch.randn(d, d_ff, generator=g) / d ** 0.5).to(device, dtype)
@@ -65,15 +68,21 @@ def main():
             w_in = w1.view(d, E, h).permute(1, 0, 2).contiguous()                 # (E, d, h)
             w_out = w2.view(E, h, d).contiguous()                                 # (E, h, d)
             for backend in backends:
-                layer = DynamicKMLP(w_in, w_out, router, backend=backend).to(device)
+                layer = DynamicKMLP(w_in, w_out, router, backend=backend.removesuffix("-train")).to(device)
+                layer.fused_inference = not backend.endswith("-train")
                 for tau in TAUS:
                     layer.tau = tau
                     t = timed(lambda: layer(x), device)
+                    take = layer.active(x)                                        # (N, E): what the timed calls ran
+                    load = take.sum(0).float()                                    # (E,) tokens per expert
                     rows.append({"n_experts": E, "expert_size": h, "backend": backend, "tau": tau,
-                                 "experts": float(layer.experts_per_token), "flops_ratio": layer.flops_per_token() / (4.0 * d * d_ff),
+                                 "experts": float(layer.experts_per_token), "k_max": int(take.sum(-1).max()),
+                                 "load_max_over_mean": float(load.max() / load.mean().clamp(min=1e-9)),
+                                 "empty_experts": int((load == 0).sum()), "flops_ratio": layer.flops_per_token() / (4.0 * d * d_ff),
                                  "time_ratio": t / t_dense, "dense_ms": 1e3 * t_dense, "dynamic_ms": 1e3 * t})
                     r = rows[-1]
-                    print(f"E={E:4d} {backend:7s} τ={tau:.2f}: {r['experts']:6.2f} experts/token, FLOPs {r['flops_ratio']:.3f}, "
+                    print(f"E={E:4d} {backend:12s} τ={tau:.2f}: {r['experts']:6.2f} experts/token (k_max {r['k_max']}, "
+                          f"busiest expert {r['load_max_over_mean']:.2f} × mean), FLOPs {r['flops_ratio']:.3f}, "
                           f"time {r['time_ratio']:.3f} × dense ({r['dynamic_ms']:.3f} ms vs {r['dense_ms']:.3f} ms)", flush=True)
     name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     df = pd.DataFrame(rows).assign(device=name, d_model=d, d_ff=d_ff, tokens=N, dtype=str(dtype).removeprefix("torch."))

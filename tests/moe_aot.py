@@ -1,7 +1,7 @@
 """Compile every Triton MoE kernel launch for NVIDIA GPUs ahead of time, on a machine without one (worker of
 test_moe_kernels.py, run in its own process because the kernels must be defined with TRITON_INTERPRET unset).
 
-The layer runs forward and backward on CPU tensors with `_launch` replaced by a recorder, so the launches — kernel,
+The layer runs forward and backward (and the dynamic-k inference kernel its forward) on CPU tensors with `_launch` replaced by a recorder, so the launches — kernel,
 arguments, constexprs, warps, stages — are exactly the library's, with CUDA's tile choice. Each distinct launch is then
 specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 marked divisible, ints equal to 1 made
 constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
@@ -66,6 +66,11 @@ def record_launches():
                                   config=mk.kernel_config("cuda", dtype))
             leaves = [t for t in (x, w_in, w_out, w_gate, gates) if t is not None]
             torch.autograd.grad(y, leaves, torch.ones_like(y))
+        for E2, h2 in ((32, 128), (128, 32)):                        # the dynamic-k inference kernel, d_ff = 4096 split E ways
+            x = torch.randn(N, d, generator=g).to(dtype)
+            w_in, w_out = torch.randn(E2, d, h2, generator=g).to(dtype), torch.randn(E2, h2, d, generator=g).to(dtype)
+            take = torch.rand(N, E2, generator=g) < 0.2
+            mk.triton_masked_relu_mlp(x, w_in, w_out, take, config=mk.masked_mlp_config("cuda", dtype, h2))
     return list(seen.values())
 
 

@@ -24,10 +24,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 else:
     import effworkbench.moe.kernels as mk
 
-from effworkbench.moe.kernels import MoEKernelConfig, moe_plan, triton_moe_mlp
+from effworkbench.moe.kernels import MaskedMLPConfig, MoEKernelConfig, mask_plan, moe_plan, triton_masked_relu_mlp, triton_moe_mlp
 
 DEV = torch.device("cuda" if os.environ.get("EFFWB_TEST_CUDA") and torch.cuda.is_available() else "cpu")
 CFG = MoEKernelConfig(32, 32, 32, 4, 1) if DEV.type == "cpu" else None   # 32-row tiles: N below is never a multiple
+MCFG = MaskedMLPConfig(32, 32, 32, 32, 4, 1) if DEV.type == "cpu" else None
 
 
 def loop_reference(x, w_in, w_out, w_gate, expert_idx, gates, act):
@@ -285,6 +286,10 @@ class NoHostSync(TorchDispatchMode):
 @pytest.fixture
 def no_python_reads(monkeypatch):
     "Python-level reads that bypass the dispatcher (tolist, numpy, __array__) fail when called from effworkbench code."
+    guard_python_reads(monkeypatch)
+
+
+def guard_python_reads(monkeypatch):
     def guard(orig, what):
         def wrapped(self, *a, **k):
             caller = sys._getframe(1).f_globals.get("__name__", "")
@@ -342,3 +347,119 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="needs w_gate"): triton_moe_mlp(x, w_in, w_out, None, idx, gates, "swiglu")
     with pytest.raises(ValueError, match=r"\(N, K\)"): triton_moe_mlp(x, w_in, w_out, None, idx[:-1], gates[:-1], "relu")
     with pytest.raises(ValueError, match="integer"): triton_moe_mlp(x, w_in, w_out, None, idx.float(), gates, "relu")
+
+
+def random_mask(N, E, g, p_token_empty=0.2, n_empty_experts=1):
+    "take (N, E): each token its own density, the first tokens with no expert, the last experts with no token."
+    take = torch.rand(N, E, generator=g) < torch.rand(N, 1, generator=g)
+    take[: int(N * p_token_empty)] = False
+    if n_empty_experts: take[:, -n_empty_experts:] = False
+    return take
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_plan_counts_as_moe_plan_sorts(seed):
+    "The counted plan has moe_plan's rows and tiles for the same routing written as (N, E) slots, on random shapes."
+    g = torch.Generator().manual_seed(100 + seed)
+    for trial in range(10):
+        N, E, B = (int(v) for v in torch.randint(1, 60, (3,), generator=g))
+        take = random_mask(N, E, g, n_empty_experts=trial % 3)
+        if trial == 0: take[:] = True
+        if trial == 1: take[:] = False
+        ref = moe_plan(torch.where(take, torch.arange(E).expand(N, E), -1), E, B)
+        p = mask_plan(take, B)
+        used = int(take.sum())
+        assert torch.equal(p.offsets[: E + 1], ref.offsets[: E + 1]) and p.offsets[E + 1] == p.offsets[E]
+        assert torch.equal(p.order[:used], ref.order[:used]) and torch.equal(p.tok[:used], ref.tok[:used])
+        assert (p.order[used:] == -1).all() and (p.tok[used:] == -1).all()
+        assert len(p.tile_e) == len(ref.tile_e) == -(-N * E // B) + E + 1
+        assert torch.equal(p.tile_e[p.tile_e < E], ref.tile_e[ref.tile_e < E])
+        assert torch.equal(p.tile_row[p.tile_e < E], ref.tile_row[ref.tile_e < E])
+        assert (p.tile_e[p.tile_e >= E] == E + 1).all()                      # no unused group: surplus tiles only
+
+
+def masked_loop_reference(x, w_in, w_out, take):
+    "float64, one (token, expert) pair at a time."
+    y = torch.zeros(x.shape[0], w_out.shape[-1], dtype=torch.float64)
+    for n, e in take.nonzero().tolist():
+        y[n] += torch.relu(x[n].double() @ w_in[e].double()) @ w_out[e].double()
+    return y
+
+
+@pytest.mark.parametrize("N, E, d, h, d_out", [(45, 6, 32, 32, 32), (29, 5, 24, 40, 17), (9, 3, 16, 80, 16), (70, 2, 48, 16, 48)])
+def test_masked_mlp_matches_float64_loop(N, E, d, h, d_out):
+    "Fused inference kernel: odd shapes, h over the hidden block (two passes), d_out ≠ d, tokens and experts with nothing."
+    g = torch.Generator().manual_seed(N * 1000 + E)
+    x = torch.randn(N, d, generator=g)
+    w_in, w_out = torch.randn(E, d, h, generator=g) / d**0.5, torch.randn(E, h, d_out, generator=g) / h**0.5
+    take = random_mask(N, E, g)
+    y = triton_masked_relu_mlp(x.to(DEV), w_in.to(DEV), w_out.to(DEV), take.to(DEV), config=MCFG)
+    ref = masked_loop_reference(x, w_in, w_out, take)
+    assert y.dtype == torch.float32 and y.shape == (N, d_out)
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+    assert (y[: int(N * 0.2)] == 0).all()
+    y0 = triton_masked_relu_mlp(x.to(DEV), w_in.to(DEV), w_out.to(DEV), torch.zeros_like(take).to(DEV), config=MCFG)
+    assert (y0 == 0).all()
+
+
+def test_masked_mlp_bf16_matches_training_kernels():
+    "In bf16 the fused kernel rounds A and H as the training kernels do: equal to the triton backend with unit gates."
+    g = torch.Generator().manual_seed(5)
+    N, E, d, h = 37, 4, 32, 32
+    x = torch.randn(N, d, generator=g).bfloat16()
+    w_in, w_out = (torch.randn(E, d, h, generator=g) / d**0.5).bfloat16(), (torch.randn(E, h, d, generator=g) / h**0.5).bfloat16()
+    take = random_mask(N, E, g)
+    idx = torch.where(take, torch.arange(E).expand(N, E), -1)
+    y = triton_masked_relu_mlp(x.to(DEV), w_in.to(DEV), w_out.to(DEV), take.to(DEV), config=MCFG)
+    want = triton_moe_mlp(x.to(DEV), w_in.to(DEV), w_out.to(DEV), None, idx.to(DEV), take.to(DEV, torch.bfloat16), "relu", config=CFG)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.double().cpu(), masked_loop_reference(x, w_in, w_out, take), rtol=3e-2, atol=3e-2)
+
+
+def test_masked_mlp_has_no_host_sync(no_python_reads):
+    "The plan and the launch under the guard, for a dense and a sparse mask of one shape: no sync op, identical traces."
+    g = torch.Generator().manual_seed(9)
+    N, E, d, h = 40, 5, 16, 32
+    x, w_in, w_out = torch.randn(N, d, generator=g), torch.randn(E, d, h, generator=g), torch.randn(E, h, d, generator=g)
+    traces = []
+    for take in (torch.ones(N, E, dtype=torch.bool), random_mask(N, E, g)):
+        with NoHostSync() as mode:
+            triton_masked_relu_mlp(x.to(DEV), w_in.to(DEV), w_out.to(DEV), take.to(DEV), config=MCFG)
+        traces.append(mode.trace)
+    assert traces[0] == traces[1], "the operators or their shapes depend on the mask's values"
+    assert any("cumsum" in op for op, _ in traces[0]) and not any(op.startswith(("aten.sort", "aten.argsort")) for op, _ in traces[0])   # counted, not sorted
+
+
+def test_masked_mlp_bad_inputs_are_named():
+    x, w_in, w_out = torch.randn(5, 8), torch.randn(3, 8, 16), torch.randn(3, 16, 8)
+    take = torch.ones(5, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bool mask"): mask_plan(take.int(), 32)
+    with pytest.raises(ValueError, match=r"take must be \(N, E\)"): triton_masked_relu_mlp(x, w_in, w_out, take[:, :2])
+    with pytest.raises(ValueError, match="expert weights"): triton_masked_relu_mlp(x, w_in, w_out[:, 1:], take)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "topk", "all"])
+def test_dynamic_k_layer_inference_runs_the_fused_kernel(mode, monkeypatch):
+    """D2DMoE's layer with the triton backend, without autograd: the mask path (no compaction, no host read) gives the torch
+    backend's output and experts per token; with autograd it keeps the training kernels."""
+    import effworkbench.compress.d2dmoe as dk
+    g = torch.Generator().manual_seed(21)
+    N, E, d, h = 53, 6, 16, 24
+    x = torch.randn(2, N, d, generator=g)
+    w_in, w_out = torch.randn(E, d, h, generator=g) / d**0.5, torch.randn(E, h, d, generator=g) / h**0.5
+    torch.manual_seed(0)
+    router = dk.NormRouter(d, E, 16)
+    fused = dk.DynamicKMLP(w_in, w_out, router, tau=0.6, mode=mode, k=2, backend="triton").to(DEV)
+    plain = dk.DynamicKMLP(w_in, w_out, router, tau=0.6, mode=mode, k=2, backend="torch").to(DEV)
+    with torch.no_grad():
+        want = plain(x.to(DEV))
+        monkeypatch.setattr(dk, "compact_slots", lambda idx: (_ for _ in ()).throw(AssertionError("compacted")))
+        monkeypatch.setattr(mk, "MoEMLPFunction", None)                           # the training kernels are not reached
+        guard_python_reads(monkeypatch)
+        with NoHostSync():
+            y = fused(x.to(DEV))
+    assert y.shape == want.shape
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.experts_per_token, plain.experts_per_token)
+    assert 1 <= float(fused.experts_per_token) <= E

@@ -183,9 +183,16 @@ class DynamicKMLP(nn.Module):
         idx, E = self.slots(x), self.n_experts
         return torch.zeros(len(x), E + 1, dtype=torch.bool, device=x.device).scatter_(1, torch.where(idx >= 0, idx, E), True)[:, :E]
 
+    fused_inference = True          # backend "triton" without autograd: `triton_masked_relu_mlp` (no host read, no stored activations)
+
     def forward(self, x):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])                                             # (N, d)
+        if self.backend == "triton" and self.fused_inference and not torch.is_grad_enabled():
+            from ..moe.kernels import triton_masked_relu_mlp
+            take = self.active(xf)                                                # (N, E) bool, on the device
+            self.experts_per_token = take.sum(-1).float().mean()
+            return triton_masked_relu_mlp(xf, self.w_in, self.w_out, take).reshape(*shape[:-1], -1)
         idx = self.slots(xf) if self.mode != "dynamic" else compact_slots(self.slots(xf))   # (N, K)
         on = idx >= 0
         self.experts_per_token = on.sum(-1).float().mean().detach()

@@ -25,7 +25,7 @@ from .layers import sort_key
 
 # %% auto #0
 __all__ = ['ACTS', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig', 'kernel_config', 'MoEMLPFunction',
-           'triton_moe_mlp']
+           'triton_moe_mlp', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp']
 
 # %% ../../nbs/13_moe.kernels.ipynb #e5657487
 ACTS = {"gelu": 0, "relu": 1, "swiglu": 2}   # the act constexpr of the kernels
@@ -60,14 +60,19 @@ def moe_plan(expert_idx: torch.Tensor, n_experts: int, block_m: int) -> MoEPlan:
     key = flat.masked_fill(flat < 0, E)                                     # (S,) unused slots sort last
     skey, order = torch.sort(sort_key(key, E + 1), stable=True)             # (S,) int32 keys when E + 1 fits
     offsets = torch.searchsorted(skey, torch.arange(E + 2, device=dev, dtype=skey.dtype))   # (E+2,) first row ≥ e
+    tile_e, tile_row = _tiles(offsets, S, E, block_m)
+    i32 = torch.int32
+    return MoEPlan(order.to(i32), (order // K).to(i32), offsets.to(i32), tile_e, tile_row)
+
+def _tiles(offsets: torch.Tensor, S: int, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Groups e ∈ [0, E] own sorted rows offsets[e]:offsets[e+1]; cut each into `block_m`-row tiles: (tile_e, tile_row), T = ⌈S/block_m⌉ + E + 1."
     tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m           # (E+1,) ⌈c_e / B⌉
     tile_end = tiles.cumsum(0)                                              # (E+1,)
-    t = torch.arange(triton.cdiv(S, block_m) + E + 1, device=dev)           # (T,) a bound from the shapes alone
+    t = torch.arange(triton.cdiv(S, block_m) + E + 1, device=offsets.device, dtype=tile_end.dtype)   # (T,) a bound from the shapes alone
     tile_e = torch.searchsorted(tile_end, t, right=True)                    # (T,) ∈ [0, E+1]
     ec = tile_e.clamp(max=E)
     tile_row = offsets[ec] + (t - (tile_end - tiles)[ec]) * block_m         # group start + place within the group
-    i32 = torch.int32
-    return MoEPlan(order.to(i32), (order // K).to(i32), offsets.to(i32), tile_e.to(i32), tile_row.to(i32))
+    return tile_e.to(torch.int32), tile_row.to(torch.int32)
 
 # %% ../../nbs/13_moe.kernels.ipynb #2a29d122
 @dataclass(frozen=True)
@@ -422,3 +427,94 @@ def _triton_atomic(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu")
 
 register_moe_backend("triton", triton_moe_mlp)
 register_moe_backend("triton_atomic", _triton_atomic)
+
+# %% ../../nbs/13_moe.kernels.ipynb #37ce4284
+def mask_plan(take: torch.Tensor, block_m: int) -> MoEPlan:
+    """The dispatch of a mask `take` (N, E) (token n runs expert e) by counting, without a sort: expert e owns sorted rows
+    offsets[e]:offsets[e+1], its tokens in order, and `order[r]` is the slot n·E + e of row r — `moe_plan`'s layout for
+    slots (N, E) holding e or -1, without the unused group (order = tok = -1 past offsets[E]). Shapes depend on (N, E)
+    only and nothing is read back: T = ⌈N·E/block_m⌉ + E + 1 tiles."""
+    if take.dim() != 2 or take.dtype != torch.bool: raise ValueError(f"take must be a bool mask (N, E), got {take.dtype} {tuple(take.shape)}")
+    N, E = take.shape
+    S, dev, i32 = N * E, take.device, torch.int32
+    on = take.to(i32)                                                       # (N, E)
+    ends = on.sum(0).cumsum(0, dtype=i32)                                   # (E,) offsets[e + 1] = c_0 + … + c_e
+    offsets = torch.cat([ends.new_zeros(1), ends, ends[-1:] if E else ends.new_zeros(1)])   # (E+2,) group E: empty
+    place = on.cumsum(0, dtype=i32) - 1                                     # (N, E) place of token n in expert e's queue
+    row = torch.where(take, offsets[:E] + place, S).reshape(-1).long()      # (S,) sorted row of slot n·E + e; S: not taken
+    slots = torch.arange(S, dtype=i32, device=dev)
+    order = torch.full((S + 1,), -1, dtype=i32, device=dev).scatter_(0, row, slots)[:S]   # row S collects the untaken
+    tok = torch.where(order >= 0, order // max(E, 1), -1)                   # (S,) token of sorted row r
+    tile_e, tile_row = _tiles(offsets, S, E, block_m)
+    return MoEPlan(order, tok, offsets, tile_e, tile_row)
+
+# %% ../../nbs/13_moe.kernels.ipynb #243d6c08
+@triton.jit
+def _masked_mlp_kernel(x_ptr, wi_ptr, wo_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_ptr, out_ptr,
+                       D, H, ND, E, s_ie, s_ik, s_ih, s_oe, s_oh, s_on,
+                       PREC: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    "out[tok[r]] += relu(X[tok[r]] @ W_in[e]) @ W_out[e] for the BM sorted rows r of one tile of expert e; H stays on chip."
+    pid = tl.program_id(0)
+    e = tl.load(tile_e_ptr + pid)
+    if e >= E: return                                                      # past the last tile
+    rows = tl.load(tile_row_ptr + pid) + tl.arange(0, BM)
+    rmask = rows < tl.load(off_ptr + e + 1)
+    tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)       # (BM,) token of each row
+    e64 = e.to(tl.int64)
+    ks = tl.arange(0, BK)
+    for h0 in range(0, H, BH):                                             # one pass when the expert has ≤ BH hidden units
+        hs = h0 + tl.arange(0, BH)
+        hmask = hs < H
+        acc = tl.zeros((BM, BH), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            kmask = (k0 + ks) < D
+            xa = tl.load(x_ptr + tok[:, None] * D + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wb = tl.load(wi_ptr + e64 * s_ie + (k0 + ks)[:, None] * s_ik + hs[None, :] * s_ih,
+                         mask=kmask[:, None] & hmask[None, :], other=0.0)
+            acc = _dot(xa, wb, acc, PREC)                                  # A = X[tok] W_in[e]   (BM, BH)
+        a = acc.to(x_ptr.dtype.element_ty).to(tl.float32)                  # rounded as the training kernels store A
+        hid = tl.maximum(a, 0.0).to(x_ptr.dtype.element_ty)                # H = relu(A), never written to memory
+        for n0 in range(0, ND, BN):
+            ns = n0 + tl.arange(0, BN)
+            nmask = ns < ND
+            wo = tl.load(wo_ptr + e64 * s_oe + hs[:, None] * s_oh + ns[None, :] * s_on,
+                         mask=hmask[:, None] & nmask[None, :], other=0.0)
+            y = _dot(hid, wo, tl.zeros((BM, BN), dtype=tl.float32), PREC)  # H W_out[e]   (BM, BN)
+            tl.atomic_add(out_ptr + tok[:, None] * ND + ns[None, :], y, mask=rmask[:, None] & nmask[None, :])
+
+@dataclass(frozen=True)
+class MaskedMLPConfig:
+    "Tiles of the fused inference kernel: `block_m` rows × `block_h` hidden units, output blocks of `block_n`, reduction steps of `block_k`."
+    block_m: int = 64
+    block_h: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+def masked_mlp_config(device: torch.device | str, dtype: torch.dtype, h: int) -> MaskedMLPConfig:
+    """32-wide tiles under the interpreter; on CUDA the expert's hidden width in one block up to 128 (32 for float32),
+    8 warps for 16-bit tiles (two (64, 128) float32 accumulators: 4 warps would hold 255 registers a thread)."""
+    if torch.device(device).type != "cuda" or _interpreting(): return MaskedMLPConfig(32, 32, 32, 32, 4, 1)
+    if dtype == torch.float32: return MaskedMLPConfig(64, max(16, min(32, triton.next_power_of_2(h))), 64, 32, 4, 2)
+    return MaskedMLPConfig(64, max(16, min(128, triton.next_power_of_2(h))), 128, 64, 8, 2)
+
+@torch.no_grad()
+def triton_masked_relu_mlp(x, w_in, w_out, take, *, config: MaskedMLPConfig | None = None) -> torch.Tensor:
+    """Inference of a masked expert MLP: y (N, d_out) = Σ_{e : take[n, e]} relu(x[n] W_in[e]) W_out[e], for x (N, d),
+    w_in (E, d, h), w_out (E, h, d_out), take (N, E) bool. No autograd, no host read, no activation stored."""
+    if x.dim() != 2: raise ValueError(f"x must be (N, d), got shape {tuple(x.shape)}")
+    N, d = x.shape
+    if w_in.dim() != 3 or w_in.shape[1] != d or w_out.dim() != 3 or w_out.shape[:2] != (w_in.shape[0], w_in.shape[2]):
+        raise ValueError(f"expert weights must be w_in (E, d, h) and w_out (E, h, d_out) with d={d}; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
+    if take.shape != (N, w_in.shape[0]): raise ValueError(f"take must be (N, E) = {(N, w_in.shape[0])}, got {tuple(take.shape)}")
+    E, _, h = w_in.shape
+    ND = w_out.shape[2]
+    cfg = config or masked_mlp_config(x.device, x.dtype, h)
+    x, w_in, w_out = x.contiguous(), w_in.to(x.dtype), w_out.to(x.dtype)
+    plan = mask_plan(take, cfg.block_m)
+    out = torch.zeros((N, ND), dtype=torch.float32, device=x.device)                 # float32 atomics into token rows
+    _launch(_masked_mlp_kernel, plan.tile_e.numel(), cfg, x, w_in, w_out, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
+            out, d, h, ND, E, *w_in.stride(), *w_out.stride(),
+            PREC=_prec(x), BM=cfg.block_m, BH=cfg.block_h, BN=cfg.block_n, BK=cfg.block_k)
+    return out.to(x.dtype)
