@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from effworkbench.nn.gpt import GPT, GPTConfig, param_counts
 from effworkbench.train import TrainConfig, Trainer
+from heap import steady_heap
 
 SHAPES = {
     "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024, vocab_size=50304, batch=16),
@@ -133,8 +134,10 @@ def main():
     ap.add_argument("--log-every", type=int, default=10, help="the trainer row syncs (loss check) every this many steps")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--csv", default=None, help="also write the table here")
+    ap.add_argument("--heap", choices=["steady", "default"], default="steady", help="CPU heap (see heap.py)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    heap = (steady_heap() if args.heap == "steady" else "default heap") if device.type == "cpu" else ""
     s = SHAPES[args.shape or ("gpt2-small" if device.type == "cuda" else "smoke")]
     B, T = s["batch"], s["seq_len"]
     mcfg = GPTConfig(**{k: s[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "vocab_size")})
@@ -146,7 +149,7 @@ def main():
     peak_sheet = args.peak_tflops or (989.0 if device.type == "cuda" else float("nan"))
     peak_gemm = gemm_tflops(device, dtype, args.gemm_n or (8192 if device.type == "cuda" else 1024))
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, shape {s}, N_non_embedding {N / 1e6:.2f} M, {flops_per_token / 1e9:.3f} GFLOP/token")
+          f"threads {torch.get_num_threads()}{', ' + heap if heap else ''}, shape {s}, N_non_embedding {N / 1e6:.2f} M, {flops_per_token / 1e9:.3f} GFLOP/token")
     print(f"peaks: datasheet {peak_sheet:.1f} TFLOP/s, measured {dtype} GEMM {peak_gemm:.2f} TFLOP/s")
 
     rows = []

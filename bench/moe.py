@@ -15,6 +15,7 @@ torch.cuda.set_sync_debug_mode("error"), and forward+backward captured in one CU
 is overwritten in place, compared with eager. Imports only torch, triton, numpy and the library.
 """
 import argparse
+import dataclasses
 import math
 import time
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from effworkbench.moe.layers import moe_mlp_loop, moe_mlp_torch
-from effworkbench.moe.kernels import MoEKernelConfig, moe_mlp_reference, triton_moe_mlp
+from effworkbench.moe.kernels import MoEKernelConfig, kernel_config, moe_mlp_reference, triton_moe_mlp
 
 CASES = [(8, 1, 1), (32, 4, 4), (64, 8, 8), (128, 16, 16)]   # (experts, top-k, granularity)
 SHAPES = {"h100": dict(d=1024, d_ff=4096, T=32768), "tiny": dict(d=32, d_ff=128, T=64)}
@@ -35,8 +36,10 @@ def dense_ffn(x, w1, w2, act):
 
 def backends(act, config=None):
     "name → fn(x, w_in, w_out, w_gate, expert_idx, gates) for the MoE backends."
+    dh128 = dataclasses.replace(config or kernel_config("cuda", torch.bfloat16), dh_block_n=128)   # the dH tile before it spilled
     return {"triton": lambda *a: triton_moe_mlp(*a, act, config=config),
             "triton_atomic": lambda *a: triton_moe_mlp(*a, act, atomic=True, config=config),
+            "triton_dh128": lambda *a: triton_moe_mlp(*a, act, config=dh128 if a[0].is_cuda else config),
             "grouped_mm": lambda *a: moe_mlp_torch(*a, act),
             "loop": lambda *a: moe_mlp_loop(*a, act)}
 
@@ -177,8 +180,8 @@ def main():
     ap.add_argument("--cases", default="all", help="comma-separated case indices (0-3), default all")
     ap.add_argument("--skip", default="", help="comma-separated backends to skip, e.g. loop,triton_atomic")
     ap.add_argument("--no-check", action="store_true", help="skip the kernel check against float64")
-    ap.add_argument("--config", default=None, help="Triton tiles block_m,block_n,block_k,num_warps,num_stages "
-                                                    "(default: the library's choice, 128,128,64,8,3 for bf16 on CUDA)")
+    ap.add_argument("--config", default=None, help="Triton tiles block_m,block_n,block_k,num_warps,num_stages[,dh_block_n] "
+                                                    "(default: the library's choice, 128,128,64,8,3,64 for bf16 on CUDA)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny or device.type != "cuda"

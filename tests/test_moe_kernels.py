@@ -2,6 +2,7 @@
 
 Runs the kernels through the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) on CPU; on a CUDA
 machine the same tests run the compiled kernels. Small widths and token counts keep the interpreter fast."""
+import dataclasses
 import os
 
 if not os.environ.get("EFFWB_TEST_CUDA"): os.environ["TRITON_INTERPRET"] = "1"   # EFFWB_TEST_CUDA=1: compiled kernels on a GPU
@@ -116,6 +117,20 @@ def test_matches_float64_loop(name):
         assert all(g.abs().max() == 0 for g in [y, *grads])
     if CASES[name][-1] == "skewed":                  # empty experts get exactly zero weight gradients
         assert (grads[1][CASES[name][1] // 2:] == 0).all() and (grads[2][CASES[name][1] // 2:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["k3_swiglu", "odd_widths_relu"])
+def test_dh_column_tile_of_its_own(name):
+    "The dH kernel on narrower column tiles than the rest (dh_block_n; its gate-gradient partials then come in more blocks)."
+    seed = 4000 + list(CASES).index(name)
+    _, _, names, refs = run_case(CASES[name], seed)
+    global CFG
+    saved, CFG = CFG, MoEKernelConfig(32, 32, 32, 4, 1, dh_block_n=16) if DEV.type == "cpu" else dataclasses.replace(
+        mk.kernel_config(DEV, torch.float32), dh_block_n=16)
+    try: y2, grads2, _, _ = run_case(CASES[name], seed)
+    finally: CFG = saved
+    for n, got, ref in zip(names, [y2, *grads2], refs):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0), msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("seed", range(6))

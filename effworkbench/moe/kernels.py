@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/moe.kernels.html.md"""
 # %% ../../nbs/13_moe.kernels.ipynb #583a167b
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -83,6 +84,7 @@ class MoEKernelConfig:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
 
 def _interpreting() -> bool: return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -90,7 +92,7 @@ def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelCo
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
     if torch.device(device).type != "cuda" or _interpreting(): return MoEKernelConfig(32, 32, 32, 4, 1)
     if dtype == torch.float32: return MoEKernelConfig(64, 64, 32, 4, 3)
-    return MoEKernelConfig(128, 128, 64, 8, 3)
+    return MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64)   # dH at 128 columns: 255 registers and spills on sm_90 (moe_aot.py)
 
 # %% ../../nbs/13_moe.kernels.ipynb #655aa50a
 @triton.jit
@@ -342,6 +344,7 @@ def _dh(dy, w_out, a, ag, gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     "dH kernel → dA (S, h), dA_gate or None, g·H (S, h), and the gate gradient in sorted-row order (S,) float32."
     S, h = a.shape
     E, _, d = w_out.shape
+    cfg = dataclasses.replace(cfg, block_n=cfg.dh_block_n or cfg.block_n)
     n_tn = triton.cdiv(h, cfg.block_n)
     da = _alloc((S, h), a.dtype, a.device)
     dag = _alloc((S, h), a.dtype, a.device) if act == "swiglu" else None
