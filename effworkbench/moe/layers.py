@@ -174,15 +174,17 @@ def moe_mlp_torch(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
     order = torch.argsort(sort_key(key, E + 1), stable=True)            # (S,) slot ids, grouped by expert
     counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
     ends = torch.cumsum(counts[:E], 0).to(torch.int32)                  # (E,) group ends (no host sync, unlike bincount)
-    valid = (key[order] < E).unsqueeze(1)                               # (S, 1) rows past the last group are junk
-    xs = torch.where(valid, x[order // K], 0.0)                         # (S, d) gathered rows; the mask also zeroes
-                                                                        # the junk gradient _grouped_mm leaves past the last group
+    valid = key[order] < E                                              # (S,) rows past the last group are junk:
+    # _grouped_mm neither writes their outputs nor their input gradients. Their gather reads an appended zero row N of x,
+    # so the junk input gradient lands in that row and is dropped; their outputs are zeroed before the combine.
+    src = torch.where(valid, order // K, N)                             # (S,) token of each sorted row, N for junk
+    xs = F.pad(x, (0, 0, 0, 1))[src]                                    # (S, d) gathered rows
     pre = torch._grouped_mm(xs, w_in, offs=ends)                        # (S, h)
     gpre = torch._grouped_mm(xs, w_gate, offs=ends) if w_gate is not None else None
-    h = torch.where(valid, _act(pre, gpre, act), 0.0)
-    o = torch.where(valid, torch._grouped_mm(h, w_out, offs=ends), 0.0)  # (S, d) in expert order
-    out = torch.empty_like(o).index_copy(0, order, o)                   # back to slot order
-    return (out.view(N, K, -1) * gates.unsqueeze(-1).to(out.dtype)).sum(1)
+    o = torch.where(valid.unsqueeze(1), torch._grouped_mm(_act(pre, gpre, act), w_out, offs=ends), 0.0)   # (S, d) expert order
+    out = torch.empty_like(o).index_copy(0, order, o)                   # (S, d) back to slot order
+    g = torch.where(expert_idx >= 0, gates, 0.0).to(out.dtype)          # (N, K), 0 on empty slots
+    return torch.bmm(g.unsqueeze(1), out.view(N, K, -1)).squeeze(1)     # Σ_k g_k o_k in one pass: (N, 1, K) @ (N, K, d)
 
 # %% ../../nbs/12_moe.layers.ipynb #a06676e8
 MOE_BACKENDS = Registry("moe_backends")     # name -> fn(x, w_in, w_out, w_gate, expert_idx, gates, act) -> y
