@@ -198,3 +198,20 @@ def test_dynamic_k_model_flops_count_what_ran(tau):
     assert model_flops(conv) == pytest.approx(brute, rel=1e-6)
     ran = [float(m.experts_per_token) for m in layers]
     assert min(ran) < 8 and len(set(ran)) > 1                               # layers ran different, partial expert counts
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "topk", "all"])
+def test_active_mask_is_the_slots_rule(mode):
+    "The mask `active` builds in a few device ops marks exactly the experts of `slots`, at several τ and k, ties included."
+    from effworkbench.compress.d2dmoe import NormRouter
+    torch.manual_seed(3)
+    E, d = 8, 16
+    _, wi, wo = split_experts(*unit_ffn(d, 64), E)
+    layer = DynamicKMLP(wi, wo, NormRouter(d, E, 16), mode=mode)
+    x = torch.randn(300, d)
+    for tau, k in ((0.0, 1), (0.3, 2), (0.7, 3), (1.0, 8)):
+        layer.tau, layer.k = tau, k
+        with torch.no_grad():
+            idx = layer.slots(x)
+            want = torch.zeros(len(x), E + 1, dtype=torch.bool).scatter_(1, torch.where(idx >= 0, idx, E), True)[:, :E]
+            assert torch.equal(layer.active(x), want), (mode, tau, k)

@@ -179,9 +179,12 @@ class DynamicKMLP(nn.Module):
         return dynamic_k_slots(self.router(x) if self.mode != "all" else x.new_zeros(len(x), self.n_experts), self.mode, self.tau, self.k)
 
     def active(self, x: torch.Tensor) -> torch.Tensor:
-        "Mask (N, E) of the experts that run for each token x (N, d)."
-        idx, E = self.slots(x), self.n_experts
-        return torch.zeros(len(x), E + 1, dtype=torch.bool, device=x.device).scatter_(1, torch.where(idx >= 0, idx, E), True)[:, :E]
+        "Mask (N, E) of the experts that run for each token x (N, d): the rule of `slots` as a mask, in a few ops on the device."
+        N, E = len(x), self.n_experts
+        if self.mode == "all": return torch.ones(N, E, dtype=torch.bool, device=x.device)
+        h = self.router(x)                                                        # (N, E) predicted norms ≥ 0
+        if self.mode == "topk": return torch.zeros(N, E, dtype=torch.bool, device=x.device).scatter_(1, h.topk(self.k, -1).indices, True)
+        return (h >= self.tau * h.amax(-1, keepdim=True)) & (h > 0)              # ĥ_i ≥ τ · max_j ĥ_j and ĥ_i > 0
 
     fused_inference = True          # backend "triton" without autograd: `triton_masked_relu_mlp` (no host read, no stored activations)
 
