@@ -43,7 +43,7 @@ fi
 
 if want kernels; then
 section "2. Triton MoE kernel tests, compiled" | tee "$OUT/kernels.log"
-EFFWB_TEST_CUDA=1 timeout 90 $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -25 | tee -a "$OUT/kernels.log"
+EFFWB_TEST_CUDA=1 timeout 150 $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider -k "not compile_for_hopper" 2>&1 | tail -25 | tee -a "$OUT/kernels.log"
 fi
 
 if want moe; then
