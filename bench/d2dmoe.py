@@ -8,8 +8,9 @@ the speed does not depend on what it learned), the τ·max rule, and the MoE dis
 For each number of experts E and each τ, printed: experts run per token, the most any token runs (k_max), the busiest
 expert's load over the mean load, the layer's FLOPs over the dense FFN's (router included), and its forward wall time
 over the dense FFN's (median of CUDA-event timings). Backends on CUDA: `triton` (inference: the counted mask plan and
-the fused up → ReLU → down kernel, no host read), `triton-train` (the training kernels after the N × k_max compaction,
-one host read) and `torch`. Writes
+the fused up → ReLU → down kernel, no host read), `triton-graph` (the same captured in one CUDA graph and replayed: the
+proof that it reads nothing back, and its time without launch overheads), `triton-train` (the training kernels after
+the N × k_max compaction, one host read) and `torch`. Writes
 d2dmoe_speed_<device>.csv to $OUT (or the working directory). Imports only torch, triton, numpy, pandas and the library.
 """
 import argparse
@@ -44,6 +45,18 @@ def timed(fn, device, warmup=3, iters=10) -> float:
     return float(np.median(ts))
 
 
+def graphed(fn):
+    "`fn` (no arguments) captured in one CUDA graph after two warm-up calls on a side stream; returns the replay."
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2): fn()                                                   # Triton compiles here, not in the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g): fn()
+    return g.replay
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
@@ -53,7 +66,7 @@ def main():
     d, d_ff, N = (1024, 4096, 16384) if cuda else (64, 256, 512)
     dtype = torch.bfloat16 if cuda else torch.float32
     experts = [32, 128] if cuda else [16]
-    backends = ["triton", "triton-train", "torch"] if cuda else ["torch"]
+    backends = ["triton", "triton-graph", "triton-train", "torch"] if cuda else ["torch"]
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(N, d, generator=g).to(device, dtype)
     w1 = (torch.randn(d, d_ff, generator=g) / d ** 0.5).to(device, dtype)
@@ -68,11 +81,17 @@ def main():
             w_in = w1.view(d, E, h).permute(1, 0, 2).contiguous()                 # (E, d, h)
             w_out = w2.view(E, h, d).contiguous()                                 # (E, h, d)
             for backend in backends:
-                layer = DynamicKMLP(w_in, w_out, router, backend=backend.removesuffix("-train")).to(device)
+                layer = DynamicKMLP(w_in, w_out, router, backend=backend.split("-")[0]).to(device)
                 layer.fused_inference = not backend.endswith("-train")
                 for tau in TAUS:
                     layer.tau = tau
-                    t = timed(lambda: layer(x), device)
+                    fn = lambda: layer(x)
+                    if backend.endswith("-graph"):
+                        try: fn = graphed(fn)
+                        except Exception as e:                                    # a host read inside the layer fails the capture
+                            print(f"E={E:4d} {backend:12s} τ={tau:.2f}: capture failed: {type(e).__name__}: {str(e)[:200]}")
+                            continue
+                    t = timed(fn, device)
                     take = layer.active(x)                                        # (N, E): what the timed calls ran
                     load = take.sum(0).float()                                    # (E,) tokens per expert
                     rows.append({"n_experts": E, "expert_size": h, "backend": backend, "tau": tau,
