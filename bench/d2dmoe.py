@@ -3,15 +3,16 @@
     python bench/d2dmoe.py            # CUDA: d=1024, d_ff=4096, 16384 tokens, bf16, Triton kernels and torch._grouped_mm
     python bench/d2dmoe.py --tiny     # CPU: a tiny shape, the grouped-GEMM path only
 
-The layer is `effworkbench.compress.d2dmoe.DynamicKMLP`: a norm-predicting router (2-layer MLP of width 128, random weights here:
-the speed does not depend on what it learned), the τ·max rule, and the MoE dispatch of `12_moe.layers` / `13_moe.kernels`.
-For each number of experts E and each τ, printed: experts run per token, the most any token runs (k_max), the busiest
-expert's load over the mean load, the layer's FLOPs over the dense FFN's (router included), and its forward wall time
-over the dense FFN's (median of CUDA-event timings). Backends on CUDA: `triton` (inference: the counted mask plan and
-the fused up → ReLU → down kernel, no host read), `triton-graph` (the same captured in one CUDA graph and replayed: the
-proof that it reads nothing back, and its time without launch overheads), `triton-train` (the training kernels after
-the N × k_max compaction, one host read) and `torch`. Writes
-d2dmoe_speed_<device>.csv to $OUT (or the working directory). Imports only torch, triton, numpy, pandas and the library.
+The layer is `effworkbench.compress.d2dmoe.DynamicKMLP`: a norm-predicting router (2-layer MLP of width 128), the τ·max
+rule, and the MoE dispatch of `12_moe.layers` / `13_moe.kernels`. The router's weights are random here; what a trained
+router predicts sets the experts per token and their loads, and the time with them, so each row records them: experts
+run per token, the most any token runs (k_max), the busiest expert's load over the mean load and the empty experts,
+beside the layer's FLOPs over the dense FFN's (router included) and its forward time over the dense FFN's (CUDA: the
+median over 5 windows of 10 back-to-back calls between two events). Backends on CUDA: `triton` (inference: the counted
+mask plan and the fused up → ReLU → down kernel, no host read), `triton-graph` (the same captured in one CUDA graph and
+replayed: the proof that it reads nothing back, and its time without launch overheads), `triton-train` (the training
+kernels after the N × k_max compaction, one host read) and `torch`. Writes d2dmoe_speed_<device>.csv to $OUT (or the
+working directory). Imports only torch, triton, numpy, pandas and the library.
 """
 import argparse
 import json
@@ -30,7 +31,9 @@ from effworkbench.compress.d2dmoe import DynamicKMLP, NormRouter
 TAUS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
-def timed(fn, device, warmup=3, iters=10) -> float:
+def timed(fn, device, warmup=3, iters=10, repeats=5) -> float:
+    """Seconds per call. CUDA: `repeats` windows of `iters` back-to-back calls between two events (no sync inside a window),
+    the median of the windows' means. CPU: the median of single timed calls."""
     for _ in range(warmup): fn()
     if device.type != "cuda":
         import time
@@ -38,10 +41,13 @@ def timed(fn, device, warmup=3, iters=10) -> float:
         for _ in range(iters):
             t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
+    torch.cuda.synchronize()
     ts = []
-    for _ in range(iters):
+    for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) / 1e3)
+        a.record()
+        for _ in range(iters): fn()
+        b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / 1e3 / iters)
     return float(np.median(ts))
 
 

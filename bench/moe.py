@@ -9,7 +9,10 @@ Routing: k distinct experts per token, uniformly at random; gates a softmax over
 
 Printed per case and backend: ms per forward+backward, time(dense)/time(backend) (higher is better; the H100 anchors of
 the design notes are grouped_mm 0.63/0.45/0.32/0.20 and loop 0.44/0.13/0.05/0.015), the peak memory of the step above
-what was allocated before it, and the activations autograd saves for the backward, each also relative to dense.
+what was allocated before it, and the activations autograd saves for the backward, each also relative to dense; on CUDA
+the step's TFLOP/s against the card's measured bf16 GEMM peak and the datasheet's, and for the Triton layer each kernel's
+time and TFLOP/s from the profiler. Times on CUDA: windows of back-to-back steps between two events (no sync inside),
+the median over 5 windows.
 Then, on CUDA, the proof that the Triton layer never synchronises with the host: forward+backward under
 torch.cuda.set_sync_debug_mode("error"), and forward+backward captured in one CUDA graph, replayed after the routing
 is overwritten in place, compared with eager. Imports only torch, triton, numpy and the library.
@@ -55,19 +58,51 @@ def sync(device):
     if device.type == "cuda": torch.cuda.synchronize()
 
 
-def time_step(step, device, warmup, iters) -> float:
-    "Median seconds of step() over iters calls, after warmup calls (CUDA events on GPU)."
+def time_step(step, device, warmup, iters, repeats: int = 5) -> float:
+    """Seconds per step() after `warmup` calls. CUDA: `repeats` windows of `iters` back-to-back steps between two events,
+    no sync inside a window; the median over windows of their mean. CPU: the median of single timed calls."""
     for _ in range(warmup): step()
     sync(device)
-    ts = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); step(); b.record(); b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        else:
+    if device.type != "cuda":
+        ts = []
+        for _ in range(iters):
             t0 = time.perf_counter(); step(); ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters): step()
+        b.record(); b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3 / iters)
     return float(np.median(ts))
+
+
+def gemm_peak_tflops(device, dtype, n: int = 8192) -> float:
+    "The card's attainable dense peak: TFLOP/s of an n×n×n matmul in `dtype`, the best of 5 windows of 10."
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return max(2 * n**3 / time_step(lambda: a @ b, device, 3 if i == 0 else 0, 10, 1) / 1e12 for i in range(5))
+
+
+GEMM_KERNELS = ("_moe_up_kernel", "_moe_rows_kernel", "_moe_dh_kernel", "_moe_wgrad_kernel")   # 2·S·d·h FLOPs per launch
+
+
+def kernel_breakdown(step, flops_per_gemm: float, steps: int = 3) -> list[tuple[str, int, float, float]]:
+    """(kernel, launches per step, ms per step, TFLOP/s) of every CUDA kernel of `steps` steps, from the profiler; every
+    grouped-GEMM launch of the Triton layer does 2·S·d·h FLOPs (S = T·k rows), the rest (sort, combine, …) none counted."""
+    from torch.profiler import ProfilerActivity, profile
+    step(); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps): step()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if not us: continue
+        n, ms = e.count / steps, us / 1e3 / steps
+        tf = n * flops_per_gemm / (ms / 1e3) / 1e12 if e.key.startswith(GEMM_KERNELS) else float("nan")
+        out.append((e.key, n, ms, tf))
+    return sorted(out, key=lambda r: -r[2])
 
 
 def peak_bytes(step, device) -> float:
@@ -180,6 +215,7 @@ def main():
     ap.add_argument("--cases", default="all", help="comma-separated case indices (0-3), default all")
     ap.add_argument("--skip", default="", help="comma-separated backends to skip, e.g. loop,triton_atomic")
     ap.add_argument("--no-check", action="store_true", help="skip the kernel check against float64")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="datasheet dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--config", default=None, help="Triton tiles block_m,block_n,block_k,num_warps,num_stages[,dh_block_n] "
                                                     "(default: the library's choice, 128,128,64,8,3,64 for bf16 on CUDA)")
     args = ap.parse_args()
@@ -212,7 +248,11 @@ def main():
     m_dense = peak_bytes(dense_step, device)
     s_dense = saved_bytes(lambda: dense_ffn(x, w1, w2, args.act), [x, w1, w2])
     flops = 3 * 2 * 2 * T * d * d_ff
-    print(f"dense FFN: {t_dense * 1e3:.3f} ms fwd+bwd" + (f", {flops / t_dense / 1e12:.0f} TFLOP/s" if device.type == "cuda" else ""))
+    peak = gemm_peak_tflops(device, dtype) if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        print(f"peaks: datasheet {args.peak_tflops:.0f} TFLOP/s, measured {dtype} GEMM {peak:.0f} TFLOP/s")
+    print(f"dense FFN: {t_dense * 1e3:.3f} ms fwd+bwd" + (f", {flops / t_dense / 1e12:.0f} TFLOP/s ({flops / t_dense / 1e12 / peak:.0%} "
+                                                          f"of the measured GEMM peak)" if device.type == "cuda" else ""))
     w1 = w2 = None                                             # free them (dense_step still names them)
 
     rows, fns = [], backends(args.act, config)
@@ -237,10 +277,17 @@ def main():
             sv = saved_bytes(fwd, leaves)
             y = fwd(); outs[name] = [y.detach(), *[g.detach() for g in torch.autograd.grad(y, leaves, dy)]]
             r = dict(E=E, k=k, G=G, backend=name, ms=t * 1e3, ratio=t_dense / t, peak_mib=m / 2**20, peak_vs_dense=m / m_dense,
-                     saved_mib=sv / 2**20, saved_vs_dense=sv / s_dense)
+                     saved_mib=sv / 2**20, saved_vs_dense=sv / s_dense, tflops=flops / t / 1e12)
             rows.append(r)
             print(f"{E:>4} {k:>3} {G:>3}  {name:<14} {r['ms']:9.3f} {r['ratio']:10.2f} {r['peak_mib']:9.1f} "
-                  f"{r['peak_vs_dense']:10.2f} {r['saved_mib']:9.2f} {r['saved_vs_dense']:11.2f}", flush=True)
+                  f"{r['peak_vs_dense']:10.2f} {r['saved_mib']:9.2f} {r['saved_vs_dense']:11.2f}"
+                  + (f"  {r['tflops']:4.0f} TFLOP/s = {r['tflops'] / peak:4.0%} of GEMM peak, {r['tflops'] / args.peak_tflops:4.0%} of datasheet"
+                     if device.type == "cuda" else ""), flush=True)
+            if name == "triton" and device.type == "cuda":
+                try:
+                    for kn, n, ms, tf in kernel_breakdown(step, 2 * T * k * d * h):
+                        print(f"{'':>18}{kn[:40]:<40} {n:5.1f}/step {ms:8.3f} ms" + ("" if math.isnan(tf) else f" {tf:5.0f} TFLOP/s"))
+                except Exception as e: print(f"{'':>18}kernel breakdown failed: {type(e).__name__}: {str(e)[:200]}")
         if "triton" in outs and "grouped_mm" in outs:                          # the two fast paths agree
             errs = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
                     for a, b in zip(outs["triton"], outs["grouped_mm"])]
