@@ -1,7 +1,7 @@
 """Compile every Triton MoE kernel launch for NVIDIA GPUs ahead of time, on a machine without one (worker of
 test_moe_kernels.py, run in its own process because the kernels must be defined with TRITON_INTERPRET unset).
 
-The layer runs forward and backward (and the dynamic-k inference kernel its forward) on CPU tensors with `_launch` replaced by a recorder, so the launches — kernel,
+The layer runs forward and backward (and the dynamic-k inference kernels their forward) on CPU tensors with `_launch` replaced by a recorder, so the launches — kernel,
 arguments, constexprs, warps, stages — are exactly the library's, with CUDA's tile choice. Each distinct launch is then
 specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 marked divisible, ints equal to 1 made
 constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
@@ -71,14 +71,17 @@ def record_launches():
             w_in, w_out = torch.randn(E2, d, h2, generator=g).to(dtype), torch.randn(E2, h2, d, generator=g).to(dtype)
             take = torch.rand(N, E2, generator=g) < 0.2
             mk.triton_masked_relu_mlp(x, w_in, w_out, take, config=mk.masked_mlp_config("cuda", dtype, h2))
+            z, w2, b2 = torch.rand(N, 128, generator=g).to(dtype), torch.randn(E2, 128, generator=g).to(dtype), torch.randn(E2).to(dtype)
+            mk.triton_tau_relu_mlp(x, w_in, w_out, z, w2, b2, 0.5, config=mk.masked_mlp_config("cuda", dtype, h2))
     return list(seen.values())
 
 
 def _arg_spec(a):
     if isinstance(a, torch.Tensor):
-        ty = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}[a.dtype]
+        ty = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8"}[a.dtype]
         return f"*{ty}", a.data_ptr() % 16 == 0
     if isinstance(a, bool): return "i1", False
+    if isinstance(a, float): return "fp32", False
     if isinstance(a, int):
         if a == 1: return 1, False                                   # the JIT makes it a constant
         return ("i32" if -2**31 <= a < 2**31 else "i64"), a % 16 == 0

@@ -25,7 +25,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 else:
     import effworkbench.moe.kernels as mk
 
-from effworkbench.moe.kernels import MaskedMLPConfig, MoEKernelConfig, mask_plan, moe_plan, triton_masked_relu_mlp, triton_moe_mlp
+from effworkbench.moe.kernels import (MaskedMLPConfig, MoEKernelConfig, mask_plan, moe_plan, tau_plan, triton_masked_relu_mlp,
+                                      triton_moe_mlp, triton_tau_relu_mlp)
 
 DEV = torch.device("cuda" if os.environ.get("EFFWB_TEST_CUDA") and torch.cuda.is_available() else "cpu")
 CFG = MoEKernelConfig(32, 32, 32, 4, 1) if DEV.type == "cpu" else None   # 32-row tiles: N below is never a multiple
@@ -478,3 +479,41 @@ def test_dynamic_k_layer_inference_runs_the_fused_kernel(mode, monkeypatch):
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused.experts_per_token, plain.experts_per_token)
     assert 1 <= float(fused.experts_per_token) <= E
+
+
+def router_case(N, E, HR, g):
+    "A router's hidden layer z (N, HR) ≥ 0 and last layer; the first tokens' scores all ≤ 0 (no expert runs for them)."
+    z = torch.relu(torch.randn(N, HR, generator=g))
+    w2, b2 = torch.randn(E, HR, generator=g) / HR**0.5, torch.randn(E, generator=g) * 0.1
+    z[: N // 6] = 0.0; b2 = b2 - b2.max() - 0.01                              # those tokens: ĥ = relu(b₂) = 0
+    return z, w2, b2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tau_plan_is_the_unfused_rule_and_mask_plan(seed):
+    "Fused router + τ rule + counting: the unfused rule's mask and mask_plan's plan exactly, E over and under 16, ragged blocks."
+    g = torch.Generator().manual_seed(200 + seed)
+    for N, E, HR, tau, bt in [(77, 6, 40, 0.5, 16), (130, 19, 24, 0.0, 32), (45, 33, 16, 1.0, 16), (1, 3, 8, 0.7, 16)]:
+        z, w2, b2 = router_case(N, E, HR, g)
+        hh = torch.relu(z @ w2.T + b2)
+        want = (hh >= tau * hh.amax(-1, keepdim=True)) & (hh > 0)
+        p, take = tau_plan(z.to(DEV), w2.to(DEV), b2.to(DEV), tau, 32, block_t=bt)
+        assert torch.equal(take.cpu(), want), (N, E, tau)
+        assert not want[: N // 6].any()
+        for a, b in zip(p, mask_plan(want, 32)): assert torch.equal(a.cpu(), b), (N, E, tau)
+
+
+def test_tau_relu_mlp_matches_float64_and_has_no_host_sync(no_python_reads):
+    "The three-kernel layer against the float64 loop on the unfused rule's mask; the op trace has no sync and no sort."
+    g = torch.Generator().manual_seed(31)
+    N, E, d, h, HR = 58, 7, 24, 40, 16
+    z, w2, b2 = router_case(N, E, HR, g)
+    x = torch.randn(N, d, generator=g)
+    w_in, w_out = torch.randn(E, d, h, generator=g) / d**0.5, torch.randn(E, h, d, generator=g) / h**0.5
+    with NoHostSync() as mode:
+        y, take = triton_tau_relu_mlp(*(t.to(DEV) for t in (x, w_in, w_out, z, w2, b2)), 0.4, config=MCFG)
+    hh = torch.relu(z @ w2.T + b2)
+    want = (hh >= 0.4 * hh.amax(-1, keepdim=True)) & (hh > 0)
+    assert torch.equal(take.cpu(), want)
+    torch.testing.assert_close(y.cpu().double(), masked_loop_reference(x, w_in, w_out, want), rtol=1e-5, atol=1e-5)
+    assert not any(op.startswith(("aten.sort", "aten.argsort")) for op, _ in mode.trace)

@@ -192,10 +192,15 @@ class DynamicKMLP(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])                                             # (N, d)
         if self.backend == "triton" and self.fused_inference and not torch.is_grad_enabled():
-            from ..moe.kernels import triton_masked_relu_mlp
-            take = self.active(xf)                                                # (N, E) bool, on the device
+            from ..moe.kernels import triton_masked_relu_mlp, triton_tau_relu_mlp
+            if self.mode == "dynamic" and isinstance(self.router, NormRouter):    # router's last layer, τ rule, plan: fused
+                first, last = self.router.net[0], self.router.net[2]
+                y, take = triton_tau_relu_mlp(xf, self.w_in, self.w_out, F.relu(first(xf)), last.weight, last.bias, self.tau)
+            else:
+                take = self.active(xf)                                            # (N, E) bool, on the device
+                y = triton_masked_relu_mlp(xf, self.w_in, self.w_out, take)
             self.experts_per_token = take.sum(-1).float().mean()
-            return triton_masked_relu_mlp(xf, self.w_in, self.w_out, take).reshape(*shape[:-1], -1)
+            return y.reshape(*shape[:-1], -1)
         idx = self.slots(xf) if self.mode != "dynamic" else compact_slots(self.slots(xf))   # (N, K)
         on = idx >= 0
         self.experts_per_token = on.sum(-1).float().mean().detach()

@@ -26,7 +26,8 @@ from .layers import sort_key
 
 # %% auto #0
 __all__ = ['ACTS', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig', 'kernel_config', 'MoEMLPFunction',
-           'triton_moe_mlp', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp']
+           'triton_moe_mlp', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp', 'tau_plan',
+           'triton_tau_relu_mlp']
 
 # %% ../../nbs/13_moe.kernels.ipynb #e5657487
 ACTS = {"gelu": 0, "relu": 1, "swiglu": 2}   # the act constexpr of the kernels
@@ -502,22 +503,107 @@ def masked_mlp_config(device: torch.device | str, dtype: torch.dtype, h: int) ->
     if dtype == torch.float32: return MaskedMLPConfig(64, max(16, min(32, triton.next_power_of_2(h))), 64, 32, 4, 2)
     return MaskedMLPConfig(64, max(16, min(128, triton.next_power_of_2(h))), 128, 64, 8, 2)
 
-@torch.no_grad()
-def triton_masked_relu_mlp(x, w_in, w_out, take, *, config: MaskedMLPConfig | None = None) -> torch.Tensor:
-    """Inference of a masked expert MLP: y (N, d_out) = Σ_{e : take[n, e]} relu(x[n] W_in[e]) W_out[e], for x (N, d),
-    w_in (E, d, h), w_out (E, h, d_out), take (N, E) bool. No autograd, no host read, no activation stored."""
-    if x.dim() != 2: raise ValueError(f"x must be (N, d), got shape {tuple(x.shape)}")
-    N, d = x.shape
-    if w_in.dim() != 3 or w_in.shape[1] != d or w_out.dim() != 3 or w_out.shape[:2] != (w_in.shape[0], w_in.shape[2]):
-        raise ValueError(f"expert weights must be w_in (E, d, h) and w_out (E, h, d_out) with d={d}; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
-    if take.shape != (N, w_in.shape[0]): raise ValueError(f"take must be (N, E) = {(N, w_in.shape[0])}, got {tuple(take.shape)}")
-    E, _, h = w_in.shape
-    ND = w_out.shape[2]
-    cfg = config or masked_mlp_config(x.device, x.dtype, h)
-    x, w_in, w_out = x.contiguous(), w_in.to(x.dtype), w_out.to(x.dtype)
-    plan = mask_plan(take, cfg.block_m)
+def _masked_launch(x, w_in, w_out, plan: MoEPlan, cfg: MaskedMLPConfig) -> torch.Tensor:
+    "The fused inference kernel over a plan of rows → y (N, d_out) in x's dtype."
+    (N, d), (E, _, h), ND = x.shape, w_in.shape, w_out.shape[2]
     out = torch.zeros((N, ND), dtype=torch.float32, device=x.device)                 # float32 atomics into token rows
     _launch(_masked_mlp_kernel, plan.tile_e.numel(), cfg, x, w_in, w_out, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
             out, d, h, ND, E, *w_in.stride(), *w_out.stride(),
             PREC=_prec(x), BM=cfg.block_m, BH=cfg.block_h, BN=cfg.block_n, BK=cfg.block_k)
     return out.to(x.dtype)
+
+def _check_masked(x, w_in, w_out):
+    if x.dim() != 2: raise ValueError(f"x must be (N, d), got shape {tuple(x.shape)}")
+    d = x.shape[1]
+    if w_in.dim() != 3 or w_in.shape[1] != d or w_out.dim() != 3 or w_out.shape[:2] != (w_in.shape[0], w_in.shape[2]):
+        raise ValueError(f"expert weights must be w_in (E, d, h) and w_out (E, h, d_out) with d={d}; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
+
+@torch.no_grad()
+def triton_masked_relu_mlp(x, w_in, w_out, take, *, config: MaskedMLPConfig | None = None) -> torch.Tensor:
+    """Inference of a masked expert MLP: y (N, d_out) = Σ_{e : take[n, e]} relu(x[n] W_in[e]) W_out[e], for x (N, d),
+    w_in (E, d, h), w_out (E, h, d_out), take (N, E) bool. No autograd, no host read, no activation stored."""
+    _check_masked(x, w_in, w_out)
+    if take.shape != (x.shape[0], w_in.shape[0]): raise ValueError(f"take must be (N, E) = {(x.shape[0], w_in.shape[0])}, got {tuple(take.shape)}")
+    cfg = config or masked_mlp_config(x.device, x.dtype, w_in.shape[2])
+    return _masked_launch(x.contiguous(), w_in.to(x.dtype), w_out.to(x.dtype), mask_plan(take, cfg.block_m), cfg)
+
+# %% ../../nbs/13_moe.kernels.ipynb #958dd8bb
+@triton.jit
+def _token_block(pid, N, E, BT: tl.constexpr, BE: tl.constexpr):
+    "Program pid's BT tokens and the BE ≥ E expert columns, with their masks."
+    rows = pid * BT + tl.arange(0, BT)
+    es = tl.arange(0, BE)
+    return rows, rows < N, es, es < E
+
+@triton.jit
+def _tau_count_kernel(z_ptr, w_ptr, b_ptr, take_ptr, cnt_ptr, tau, N, HR, E,
+                      PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr):
+    "For BT tokens: ĥ = relu(z W₂ᵀ + b₂) (BT, E) on chip, take = ĥ ≥ τ·max ĥ and ĥ > 0 stored as bytes, counts per expert."
+    pid = tl.program_id(0)
+    rows, rmask, es, emask = _token_block(pid, N, E, BT, BE)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BT, BE), dtype=tl.float32)
+    for k0 in range(0, HR, BK):
+        kmask = (k0 + ks) < HR
+        za = tl.load(z_ptr + rows.to(tl.int64)[:, None] * HR + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wb = tl.load(w_ptr + es[None, :] * HR + (k0 + ks)[:, None], mask=kmask[:, None] & emask[None, :], other=0.0)   # W₂ᵀ (BK, BE)
+        acc = _dot(za, wb, acc, PREC)
+    b = tl.load(b_ptr + es, mask=emask, other=0.0).to(tl.float32)
+    h = (acc + b[None, :]).to(z_ptr.dtype.element_ty).to(tl.float32)       # rounded as the router's Linear rounds
+    h = tl.where(emask[None, :], tl.maximum(h, 0.0), 0.0)                   # ĥ ≥ 0, (BT, BE)
+    thr = (tau * tl.max(h, axis=1)).to(z_ptr.dtype.element_ty).to(tl.float32)   # τ · max_j ĥ_j, rounded as torch does
+    take = (h >= thr[:, None]) & (h > 0.0) & emask[None, :] & rmask[:, None]
+    tl.store(take_ptr + rows.to(tl.int64)[:, None] * E + es[None, :], take.to(tl.int8), mask=rmask[:, None] & emask[None, :])
+    tl.store(cnt_ptr + pid * E + es, tl.sum(take.to(tl.int32), axis=0), mask=emask)
+
+@triton.jit
+def _place_kernel(take_ptr, start_ptr, order_ptr, tok_ptr, N, E, BT: tl.constexpr, BE: tl.constexpr):
+    "Slot n·E + e of every taken pair of BT tokens to row start[block, e] + (its rank among the block's tokens of e)."
+    pid = tl.program_id(0)
+    rows, rmask, es, emask = _token_block(pid, N, E, BT, BE)
+    t = tl.load(take_ptr + rows.to(tl.int64)[:, None] * E + es[None, :], mask=rmask[:, None] & emask[None, :], other=0).to(tl.int32)
+    rank = tl.cumsum(t, axis=0) - t                                         # (BT, BE) earlier tokens of the block in e
+    row = tl.load(start_ptr + pid * E + es, mask=emask, other=0)[None, :] + rank
+    on = (t > 0) & rmask[:, None] & emask[None, :]
+    tl.store(order_ptr + row, rows[:, None] * E + es[None, :], mask=on)
+    tl.store(tok_ptr + row, rows[:, None] + 0 * es[None, :], mask=on)
+
+def tau_plan(z: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, tau: float, block_m: int, block_t: int | None = None
+             ) -> tuple[MoEPlan, torch.Tensor]:
+    """D2DMoE's τ rule and its dispatch from the router's hidden layer z (N, HR) and last layer W₂ (E, HR), b₂ (E,):
+    (`mask_plan(take, block_m)`, take (N, E) bool), through `_tau_count_kernel` and `_place_kernel`; no host read."""
+    N, HR = z.shape
+    E = w2.shape[0]
+    if w2.shape != (E, HR) or b2.shape != (E,): raise ValueError(f"w2 must be (E, {HR}) and b2 (E,); got {tuple(w2.shape)}, {tuple(b2.shape)}")
+    S, dev, i32 = N * E, z.device, torch.int32
+    z, w2, b2 = z.contiguous(), w2.to(z.dtype).contiguous(), b2.to(z.dtype).contiguous()
+    BE = max(16, triton.next_power_of_2(E))
+    block_t = block_t or 64                                                  # tokens per program (64: wgmma's smallest M)
+    nb = triton.cdiv(N, block_t)
+    take = torch.empty((N, E), dtype=torch.int8, device=dev)
+    cnt = torch.empty((nb, E), dtype=i32, device=dev)
+    cfg = MoEKernelConfig(block_t, BE, 32, 4, 1 if _interpreting() else 2)
+    cfg_place = dataclasses.replace(cfg, num_warps=8 if block_t * BE > 4096 else 4)   # (BT, BE) int tiles: 4 warps spill at 64 × 128
+    _launch(_tau_count_kernel, nb, cfg, z, w2, b2, take, cnt, float(tau), N, HR, E,
+            PREC=_prec(z), BT=block_t, BK=32 if _interpreting() or z.dtype == torch.float32 else 64, BE=BE)
+    below = cnt.cumsum(0, dtype=i32)                                         # (nb, E) inclusive over blocks
+    ends = below[-1].cumsum(0, dtype=i32)                                    # (E,) offsets[e + 1]
+    offsets = torch.cat([ends.new_zeros(1), ends, ends[-1:]])                # (E+2,) group E: empty
+    start = below - cnt + offsets[:E]                                        # (nb, E) first row of block b in expert e
+    order = torch.full((S,), -1, dtype=i32, device=dev)
+    tok = torch.full((S,), -1, dtype=i32, device=dev)
+    _launch(_place_kernel, nb, cfg_place, take, start, order, tok, N, E, BT=block_t, BE=BE)
+    tile_e, tile_row = _tiles(offsets, S, E, block_m)
+    return MoEPlan(order, tok, offsets, tile_e, tile_row), take.view(torch.bool)
+
+@torch.no_grad()
+def triton_tau_relu_mlp(x, w_in, w_out, z, w2, b2, tau: float, *, config: MaskedMLPConfig | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """D2DMoE inference in three kernels and no host read: (y (N, d_out), take (N, E)), y = Σ over the experts the τ rule
+    picks from ĥ = relu(z W₂ᵀ + b₂) of relu(x W_in[e]) W_out[e]; z (N, HR) is the router's hidden layer."""
+    _check_masked(x, w_in, w_out)
+    if z.shape[0] != x.shape[0] or w2.shape[0] != w_in.shape[0]:
+        raise ValueError(f"z must have x's N={x.shape[0]} rows and w2 one row per expert ({w_in.shape[0]}); got {tuple(z.shape)}, {tuple(w2.shape)}")
+    cfg = config or masked_mlp_config(x.device, x.dtype, w_in.shape[2])
+    plan, take = tau_plan(z, w2, b2, tau, cfg.block_m)
+    return _masked_launch(x.contiguous(), w_in.to(x.dtype), w_out.to(x.dtype), plan, cfg), take
