@@ -9,7 +9,7 @@ from scipy import stats
 
 pytest.importorskip("opacus")
 from effworkbench.core import ConfigError
-from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, book_keep, ghost_sq_norm, input_gram, check_dp_model, clip_per_sample, clipped_grad_sum, density,
+from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, book_keep, ghost_sq_norm, input_gram, norm_per_example, check_dp_model, clip_per_sample, clipped_grad_sum, density,
                              dp_sgd_step, epsilon, full_masks, mask_kinds, noise_for_epsilon, per_sample_grads, poisson_batch,
                              prune_masks, prune_structured, select_coordinates, train_dp)
 from effworkbench.vision.models import resnet_small, vgg_small
@@ -174,6 +174,23 @@ def test_input_gram_and_ghost_norm_match_unfolded_float64(kernel, stride, paddin
     b = torch.randn(out.shape, generator=g, dtype=torch.float64)
     explicit = b.flatten(2) @ A                                                          # (B, P, C·kh·kw) per example
     torch.testing.assert_close(ghost_sq_norm(m, a, b), explicit.flatten(1).square().sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_closed_form_from_the_forwards_statistics():
+    """book_keep hands each GroupNorm's forward mean and 1/σ to the per-example γ gradient; that form equals the one that
+    normalises anew, in float64, with a large mean (μ/σ ≈ 30) and groups of several channels."""
+    torch.manual_seed(0)
+    m = torch.nn.GroupNorm(3, 12).double()
+    with torch.no_grad(): m.weight.normal_(); m.bias.normal_()
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 12, 3, padding=1).double(), m, torch.nn.Flatten(), torch.nn.Linear(12 * 25, 4).double())
+    with torch.no_grad(): net[0].bias.fill_(30.0)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    stats = {}
+    acts, grads = book_keep(net, x, y, [m], stats=stats)
+    assert m in stats and stats[m][0].shape == (6, 3) and stats[m][0].abs().min() > 10
+    with_stats, anew = norm_per_example(m, acts[m], grads[m], stats[m]), norm_per_example(m, acts[m], grads[m])
+    for a, b in zip(with_stats, anew): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert anew[0].abs().max() > 0
 
 
 def test_ghost_norm_is_used_only_on_whole_tensors():

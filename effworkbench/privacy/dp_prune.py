@@ -265,19 +265,25 @@ def _frontier(outs: dict[nn.Module, torch.Tensor]) -> list[torch.Tensor]:
     return front
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #e40617d8
-def book_keep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mods: list[nn.Module], visit=None
+def _group_norm_stats(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    "The per-(example, group) mean and 1/σ (B, G) that the forward of a GroupNorm saved for its backward, if autograd exposes them."
+    try: return out.grad_fn._saved_result1, out.grad_fn._saved_result2          # NativeGroupNormBackward0: mean, rstd
+    except AttributeError: return None
+
+def book_keep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mods: list[nn.Module], visit=None, stats: dict | None = None
               ) -> tuple[dict[nn.Module, torch.Tensor], dict[nn.Module, torch.Tensor]]:
     """One forward and one backward of Σ_i ℓ_i. As the backward reaches each module in `mods`, `visit(m, a, b)` gets its
     input a (B, …) and the gradient b = ∂(Σ_j ℓ_j)/∂y of its output, whose row i is ∂ℓ_i/∂y_i (no layer mixes examples);
     both are dropped after the visit, so large activations and gradients are freed as the backward goes (keeping them
     all to the end costs about half a backward more on one CPU thread). Without `visit` they are kept and returned.
     The backward asks only for the outputs of the earliest modules in `mods` (`_frontier`): no parameter gradient is
-    computed, and nothing below those modules is."""
+    computed, and nothing below those modules is. With `stats` a dict, each GroupNorm's (mean, 1/σ) from its forward go there."""
     acts, outs, kept = {}, {}, ({}, {})
     visit = visit or (lambda m, a, b: (kept[0].__setitem__(m, a), kept[1].__setitem__(m, b)))
     def keep(m, inp, out):
         if m in outs: raise ConfigError(f"{type(m).__name__} runs twice in one forward (shared weights): use method='vmap'")
         acts[m], outs[m] = inp[0].detach(), out
+        if stats is not None and isinstance(m, nn.GroupNorm) and (st := _group_norm_stats(out)) is not None: stats[m] = st
         def on_grad(b, m=m): visit(m, acts.pop(m), b)                          # returns None: b flows on unchanged
         out.register_hook(on_grad)
     frozen = [p for m in mods for p in m.parameters(recurse=False) if not p.requires_grad]   # DP-trained all the same
@@ -363,11 +369,20 @@ def weight_sum(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (_out_rows(m, g).flatten(0, 1).T @ _in_rows(m, a).flatten(0, 1)).view(m.weight.shape)
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #95c534cf
-def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "GroupNorm y = x̂·γ + β per channel: ∂ℓ_i/∂γ = Σ_hw g·x̂ and ∂ℓ_i/∂β = Σ_hw g in closed form, each (B, C)."
+def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm y = x̂·γ + β per channel: ∂ℓ_i/∂γ = Σ_hw g·x̂ and ∂ℓ_i/∂β = Σ_hw g in closed form, each (B, C).
+    With the forward's `stats` (mean μ and 1/σ per example and group, (B, G)), Σ_hw g·x̂ = (Σ_hw g·x − μ Σ_hw g)/σ: two
+    reads of g and one of x, no normalised copy (float32 loses about |μ|/σ · 1e-7 of it to cancellation); else x̂ anew."""
     dims = tuple(range(2, a.dim()))
-    xhat = F.group_norm(a, m.num_groups, eps=m.eps)                          # (B, C, *), the normalised input
-    return (g * xhat).sum(dims), g.sum(dims)
+    if stats is None:
+        xhat = F.group_norm(a, m.num_groups, eps=m.eps)                      # (B, C, *), the normalised input
+        return (g * xhat).sum(dims), g.sum(dims)
+    B, C = a.shape[:2]
+    mean, rstd = (t.to(a.dtype).repeat_interleave(C // m.num_groups, 1) for t in stats)   # (B, C) each
+    g2 = g.reshape(B, C, -1)
+    gb = g2.sum(-1)                                                          # Σ_hw g, (B, C)
+    return rstd * (torch.linalg.vecdot(g2, a.reshape(B, C, -1)) - mean * gb), gb
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #93631791
 def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], C: float,
@@ -382,7 +397,7 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     def visit(m, a, g):                                # called by the backward, layer by layer
         ps = owners[m]
         if isinstance(m, nn.GroupNorm):
-            gw, gb = norm_per_example(m, a, g)
+            gw, gb = norm_per_example(m, a, g, norm_stats.pop(m, None))
             if "weight" in ps: per_ex[ps["weight"]] = gw
             if "bias" in ps: per_ex[ps["bias"]] = gb
             return
@@ -392,7 +407,8 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
         if on[n] is None and (ghost == "always" or (ghost == "auto" and ghost_cheaper(m, a, g))):
             sq.append(ghost_sq_norm(m, a, g)); ghosts[n] = (m, a, g)           # a, g kept for the clipped sum
         else: per_ex[n] = weight_per_example(m, a, g)
-    book_keep(model, x, y, list(owners), visit)
+    norm_stats = {}                                    # GroupNorm → (mean, 1/σ) of its forward
+    book_keep(model, x, y, list(owners), visit, norm_stats)
     shape = {n: p.shape for n, p in model.named_parameters()}
     for n, gi in per_ex.items():
         sq.append(torch.linalg.vector_norm((gi if on[n] is None else gi * on[n]).reshape(B, -1), dim=1).square())
