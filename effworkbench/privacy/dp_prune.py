@@ -372,17 +372,18 @@ def weight_sum(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm y = x̂·γ + β per channel: ∂ℓ_i/∂γ = Σ_hw g·x̂ and ∂ℓ_i/∂β = Σ_hw g in closed form, each (B, C).
-    With the forward's `stats` (mean μ and 1/σ per example and group, (B, G)), Σ_hw g·x̂ = (Σ_hw g·x − μ Σ_hw g)/σ: two
-    reads of g and one of x, no normalised copy (float32 loses about |μ|/σ · 1e-7 of it to cancellation); else x̂ anew."""
+    With the forward's `stats` (mean μ and 1/σ per example and group, (B, G)) these are GroupNorm's own weight and bias
+    gradients with the batch folded into the channels: one input of B·C channels in B·G groups, whose γ gradient is
+    Σ_hw g·(x − μ)/σ per (example, channel); one fused pass over g and x, no normalised copy. Else x̂ anew."""
     dims = tuple(range(2, a.dim()))
     if stats is None:
         xhat = F.group_norm(a, m.num_groups, eps=m.eps)                      # (B, C, *), the normalised input
         return (g * xhat).sum(dims), g.sum(dims)
-    B, C = a.shape[:2]
-    mean, rstd = (t.to(a.dtype).repeat_interleave(C // m.num_groups, 1) for t in stats)   # (B, C) each
-    g2 = g.reshape(B, C, -1)
-    gb = g2.sum(-1)                                                          # Σ_hw g, (B, C)
-    return rstd * (torch.linalg.vecdot(g2, a.reshape(B, C, -1)) - mean * gb), gb
+    (B, C), G, HW = a.shape[:2], m.num_groups, a[0, 0].numel()
+    mean, rstd = (t.to(a.dtype).reshape(1, B * G) for t in stats)            # (1, B·G): group b·G + j of channel b·C + c
+    _, gw, gb = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, B * C, HW), a.reshape(1, B * C, HW), mean, rstd, a.new_ones(B * C), 1, B * C, HW, B * G, [False, True, True])
+    return gw.view(B, C), gb.view(B, C)
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #93631791
 def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], C: float,
