@@ -30,7 +30,7 @@ from effworkbench.moe.kernels import (MaskedMLPConfig, MoEKernelConfig, mask_pla
 
 DEV = torch.device("cuda" if os.environ.get("EFFWB_TEST_CUDA") and torch.cuda.is_available() else "cpu")
 CFG = MoEKernelConfig(32, 32, 32, 4, 1) if DEV.type == "cpu" else None   # 32-row tiles: N below is never a multiple
-MCFG = MaskedMLPConfig(32, 32, 32, 32, 4, 1) if DEV.type == "cpu" else None
+MCFG = MaskedMLPConfig(32, 32, 32, 4, 1, block_h=32) if DEV.type == "cpu" else None
 
 
 def loop_reference(x, w_in, w_out, w_gate, expert_idx, gates, act):
@@ -88,11 +88,11 @@ CASES = {   # name: (N, E, K, d, h, act, routing)
 }
 
 
-def run_case(case, seed, atomic=False):
+def run_case(case, seed, atomic=False, config=None):
     x, w_in, w_out, w_gate, idx, gates = make_case(*case, seed)
     act = case[5]
     leaves = [t.requires_grad_() for t in (x, w_in, w_out, w_gate, gates) if t is not None]
-    y = triton_moe_mlp(x, w_in, w_out, w_gate, idx, gates, act, atomic=atomic, config=CFG)
+    y = triton_moe_mlp(x, w_in, w_out, w_gate, idx, gates, act, atomic=atomic, config=config or CFG)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)
     grads = torch.autograd.grad(y, leaves, dy)
     x64, w_in64, w_out64, w_gate64, gates64 = (t.detach().double().requires_grad_() if t is not None else None
@@ -124,13 +124,9 @@ def test_matches_float64_loop(name):
 def test_dh_column_tile_of_its_own(name):
     "The dH kernel on narrower column tiles than the rest (dh_block_n; its gate-gradient partials then come in more blocks)."
     seed = 4000 + list(CASES).index(name)
-    _, _, names, refs = run_case(CASES[name], seed)
-    global CFG
-    saved, CFG = CFG, MoEKernelConfig(32, 32, 32, 4, 1, dh_block_n=16) if DEV.type == "cpu" else dataclasses.replace(
-        mk.kernel_config(DEV, torch.float32), dh_block_n=16)
-    try: y2, grads2, _, _ = run_case(CASES[name], seed)
-    finally: CFG = saved
-    for n, got, ref in zip(names, [y2, *grads2], refs):
+    narrow = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), dh_block_n=16)
+    y, grads, names, refs = run_case(CASES[name], seed, config=narrow)
+    for n, got, ref in zip(names, [y, *grads], refs):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0), msg=lambda m: f"{n}: {m}")
 
 

@@ -23,7 +23,7 @@ from ..claims import Claim, Evidence, bootstrap_mean, register_claims
 from .projected import CompressionPresets, base_model, compress_base, ensure_base
 from ..core import ConfigError, PresetConfig
 from ..experiment import Context, register_experiment
-from ..moe.layers import moe_mlp, route_dynamic_k
+from ..moe.layers import moe_mlp, route_dynamic_k, tau_rule
 from ..nn.gpt import GPT, GPTConfig, DenseFFN, flops_per_token, register_ffn
 from ..store import Run, RunStore, run_function
 from ..train import TrainConfig, Trainer, load_weights, save_weights
@@ -184,7 +184,7 @@ class DynamicKMLP(nn.Module):
         if self.mode == "all": return torch.ones(N, E, dtype=torch.bool, device=x.device)
         h = self.router(x)                                                        # (N, E) predicted norms ≥ 0
         if self.mode == "topk": return torch.zeros(N, E, dtype=torch.bool, device=x.device).scatter_(1, h.topk(self.k, -1).indices, True)
-        return (h >= self.tau * h.amax(-1, keepdim=True)) & (h > 0)              # ĥ_i ≥ τ · max_j ĥ_j and ĥ_i > 0
+        return tau_rule(h, self.tau) & (h > 0)                                   # ĥ_i ≥ τ · max_j ĥ_j and ĥ_i > 0
 
     fused_inference = True          # backend "triton" without autograd: `triton_masked_relu_mlp` (no host read, no stored activations)
 

@@ -433,6 +433,10 @@ register_moe_backend("triton", triton_moe_mlp)
 register_moe_backend("triton_atomic", _triton_atomic)
 
 # %% ../../nbs/13_moe.kernels.ipynb #37ce4284
+def _offsets(ends: torch.Tensor) -> torch.Tensor:
+    "Group offsets (E+2,) from the ends (E,) of the E expert groups: 0, the ends, and an empty group E after them."
+    return torch.cat([ends.new_zeros(1), ends, ends[-1:]])
+
 def mask_plan(take: torch.Tensor, block_m: int) -> MoEPlan:
     """The dispatch of a mask `take` (N, E) (token n runs expert e) by counting, without a sort: expert e owns sorted rows
     offsets[e]:offsets[e+1], its tokens in order, and `order[r]` is the slot n·E + e of row r — `moe_plan`'s layout for
@@ -442,13 +446,12 @@ def mask_plan(take: torch.Tensor, block_m: int) -> MoEPlan:
     N, E = take.shape
     S, dev, i32 = N * E, take.device, torch.int32
     on = take.to(i32)                                                       # (N, E)
-    ends = on.sum(0).cumsum(0, dtype=i32)                                   # (E,) offsets[e + 1] = c_0 + … + c_e
-    offsets = torch.cat([ends.new_zeros(1), ends, ends[-1:] if E else ends.new_zeros(1)])   # (E+2,) group E: empty
+    offsets = _offsets(on.sum(0).cumsum(0, dtype=i32))                      # (E+2,)
     place = on.cumsum(0, dtype=i32) - 1                                     # (N, E) place of token n in expert e's queue
     row = torch.where(take, offsets[:E] + place, S).reshape(-1).long()      # (S,) sorted row of slot n·E + e; S: not taken
     slots = torch.arange(S, dtype=i32, device=dev)
     order = torch.full((S + 1,), -1, dtype=i32, device=dev).scatter_(0, row, slots)[:S]   # row S collects the untaken
-    tok = torch.where(order >= 0, order // max(E, 1), -1)                   # (S,) token of sorted row r
+    tok = torch.where(order >= 0, order // E, -1)                           # (S,) token of sorted row r
     tile_e, tile_row = _tiles(offsets, S, E, block_m)
     return MoEPlan(order, tok, offsets, tile_e, tile_row)
 
@@ -487,21 +490,17 @@ def _masked_mlp_kernel(x_ptr, wi_ptr, wo_ptr, tok_ptr, tile_e_ptr, tile_row_ptr,
             tl.atomic_add(out_ptr + tok[:, None] * ND + ns[None, :], y, mask=rmask[:, None] & nmask[None, :])
 
 @dataclass(frozen=True)
-class MaskedMLPConfig:
-    "Tiles of the fused inference kernel: `block_m` rows × `block_h` hidden units, output blocks of `block_n`, reduction steps of `block_k`."
-    block_m: int = 64
+class MaskedMLPConfig(MoEKernelConfig):
+    "Tiles of the fused inference kernel: `MoEKernelConfig`'s, plus the `block_h` hidden units one pass keeps on chip."
     block_h: int = 128
-    block_n: int = 128
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
 
 def masked_mlp_config(device: torch.device | str, dtype: torch.dtype, h: int) -> MaskedMLPConfig:
     """32-wide tiles under the interpreter; on CUDA the expert's hidden width in one block up to 128 (32 for float32),
     8 warps for 16-bit tiles (two (64, 128) float32 accumulators: 4 warps would hold 255 registers a thread)."""
-    if torch.device(device).type != "cuda" or _interpreting(): return MaskedMLPConfig(32, 32, 32, 32, 4, 1)
-    if dtype == torch.float32: return MaskedMLPConfig(64, max(16, min(32, triton.next_power_of_2(h))), 64, 32, 4, 2)
-    return MaskedMLPConfig(64, max(16, min(128, triton.next_power_of_2(h))), 128, 64, 8, 2)
+    if torch.device(device).type != "cuda" or _interpreting(): return MaskedMLPConfig(32, 32, 32, 4, 1, block_h=32)
+    bh = lambda cap: max(16, min(cap, triton.next_power_of_2(h)))
+    if dtype == torch.float32: return MaskedMLPConfig(64, 64, 32, 4, 2, block_h=bh(32))
+    return MaskedMLPConfig(64, 128, 64, 8, 2, block_h=bh(128))
 
 def _masked_launch(x, w_in, w_out, plan: MoEPlan, cfg: MaskedMLPConfig) -> torch.Tensor:
     "The fused inference kernel over a plan of rows → y (N, d_out) in x's dtype."
@@ -582,13 +581,12 @@ def tau_plan(z: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, tau: float, bl
     nb = triton.cdiv(N, block_t)
     take = torch.empty((N, E), dtype=torch.int8, device=dev)
     cnt = torch.empty((nb, E), dtype=i32, device=dev)
-    cfg = MoEKernelConfig(block_t, BE, 32, 4, 1 if _interpreting() else 2)
+    cfg = MoEKernelConfig(block_m=block_t, block_n=BE, num_warps=4, num_stages=1 if _interpreting() else 2)   # _launch reads warps, stages
     cfg_place = dataclasses.replace(cfg, num_warps=8 if block_t * BE > 4096 else 4)   # (BT, BE) int tiles: 4 warps spill at 64 × 128
     _launch(_tau_count_kernel, nb, cfg, z, w2, b2, take, cnt, float(tau), N, HR, E,
             PREC=_prec(z), BT=block_t, BK=32 if _interpreting() or z.dtype == torch.float32 else 64, BE=BE)
     below = cnt.cumsum(0, dtype=i32)                                         # (nb, E) inclusive over blocks
-    ends = below[-1].cumsum(0, dtype=i32)                                    # (E,) offsets[e + 1]
-    offsets = torch.cat([ends.new_zeros(1), ends, ends[-1:]])                # (E+2,) group E: empty
+    offsets = _offsets(below[-1].cumsum(0, dtype=i32))                       # (E+2,)
     start = below - cnt + offsets[:E]                                        # (nb, E) first row of block b in expert e
     order = torch.full((S,), -1, dtype=i32, device=dev)
     tok = torch.full((S,), -1, dtype=i32, device=dev)

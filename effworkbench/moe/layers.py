@@ -25,9 +25,9 @@ from ..train import TrainConfig, train_run
 
 # %% auto #0
 __all__ = ['Routing', 'MOE_BACKENDS', 'MoEConfig', 'Routed', 'sort_key', 'expert_counts', 'queue_position', 'route_token_choice',
-           'route_expert_choice', 'route_dynamic_k', 'load_balance_loss', 'z_loss', 'moe_mlp_loop', 'moe_mlp_torch',
-           'register_moe_backend', 'resolve_backend', 'moe_mlp', 'routing_stats', 'route', 'MoEFFN', 'build_moe',
-           'experts_per_token', 'moe_stats', 'MoECompareConfig', 'compare_configs', 'run']
+           'route_expert_choice', 'tau_rule', 'route_dynamic_k', 'load_balance_loss', 'z_loss', 'moe_mlp_loop',
+           'moe_mlp_torch', 'register_moe_backend', 'resolve_backend', 'moe_mlp', 'routing_stats', 'route', 'MoEFFN',
+           'build_moe', 'experts_per_token', 'moe_stats', 'MoECompareConfig', 'compare_configs', 'run']
 
 # %% ../../nbs/12_moe.layers.ipynb #5c8e2b25
 Routing = Literal["token_choice", "switch", "expert_choice", "dynamic_k"]
@@ -120,10 +120,14 @@ def route_expert_choice(probs: torch.Tensor, k: int, capacity_factor: float | No
     ar = torch.arange(n, device=probs.device).expand(N, n)
     return Routed(torch.where(chosen > 0, ar, -1), probs * chosen, chosen.sum(0), probs.new_zeros(()))
 
+def tau_rule(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    "Mask (N, n): expert i runs for a token iff score_i ≥ τ · that token's max score (the argmax always does)."
+    return scores >= tau * scores.amax(-1, keepdim=True)
+
 def route_dynamic_k(scores: torch.Tensor, tau: float) -> Routed:
-    "Expert i runs for a token iff score_i ≥ τ · that token's max score; slots are (N, n)."
+    "Expert i runs for a token iff score_i ≥ τ · that token's max score (`tau_rule`); slots are (N, n)."
     N, n = scores.shape
-    take = scores >= tau * scores.max(-1, keepdim=True).values          # (N, n), at least the argmax
+    take = tau_rule(scores, tau)                                        # (N, n), at least the argmax
     ar = torch.arange(n, device=scores.device).expand(N, n)
     return Routed(torch.where(take, ar, -1), scores * take, take.sum(0).to(scores.dtype), scores.new_zeros(()))
 

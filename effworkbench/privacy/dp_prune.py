@@ -471,7 +471,7 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
     if method == "bk" and bad: raise ConfigError(f"method='bk' cannot handle {bad[:3]}: use method='vmap' (or 'auto')")
     use_bk = method != "vmap" and not bad
     total = None
-    size = -(-len(x) // -(-len(x) // chunk)) if len(x) else chunk       # equal chunks of ≤ chunk: 530 → 177 × 3, not 256, 256, 18
+    size = max(1, math.ceil(len(x) / max(1, math.ceil(len(x) / chunk))))   # equal chunks of ≤ chunk: 530 → 177 × 3, not 256, 256, 18
     for i in range(0, len(x), size):
         s = _chunk_sum(model, x[i:i + size], y[i:i + size], names, C, masks, sel, on, kon, clip_on, use_bk)
         if total is None: total = s
