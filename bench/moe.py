@@ -5,7 +5,11 @@
 
 Setup (arXiv 2402.07871's fine-grained MoE): expansion rate 8 and granularity G give E = 8·G experts of hidden size
 d_ff/G with top-k = G, so every case has the dense FFN's active FLOPs, 3 · 2 · 2·T·d·d_ff for forward+backward.
-Routing: k distinct experts per token, uniformly at random; gates a softmax over them. Router time is not counted.
+Routing: k distinct experts per token, drawn uniformly (`uniform`) or with expert e's weight ∝ (e+1)^-s (`skewed`, s = 1
+by default, as learned routers are uneven); gates a softmax over them. The kernel rows take this routing as given; the
+`layer_*` rows time the whole MoE FFN layer (router GEMM, softmax, top-k, load-balance and z-losses, the plan, the MLP) at
+the routing its freshly initialised router gives. Beside each routing: the busiest expert's load over the mean, and the
+plan alone by counting sort and by radix sort.
 
 Printed per case and backend: ms per forward+backward, time(dense)/time(backend) (higher is better; the H100 anchors of
 the design notes are grouped_mm 0.63/0.45/0.32/0.20 and loop 0.44/0.13/0.05/0.015), the peak memory of the step above
@@ -26,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from effworkbench.moe.layers import moe_mlp_loop, moe_mlp_torch
-from effworkbench.moe.kernels import MoEKernelConfig, kernel_config, moe_mlp_reference, triton_moe_mlp
+from effworkbench.moe.layers import MoEFFN, moe_mlp_loop, moe_mlp_torch
+from effworkbench.moe.kernels import MoEKernelConfig, kernel_config, moe_mlp_reference, moe_plan, triton_moe_mlp
+from effworkbench.nn.gpt import GPTConfig
 
 CASES = [(8, 1, 1), (32, 4, 4), (64, 8, 8), (128, 16, 16)]   # (experts, top-k, granularity)
 SHAPES = {"h100": dict(d=1024, d_ff=4096, T=32768), "tiny": dict(d=32, d_ff=128, T=64)}
@@ -47,9 +52,11 @@ def backends(act, config=None):
             "loop": lambda *a: moe_mlp_loop(*a, act)}
 
 
-def routing(T, E, k, gen, device):
-    "k distinct experts per token, uniform; gates = softmax of random logits over them."
-    idx = torch.rand(T, E, generator=gen).argsort(-1)[:, :k]                 # (T, k)
+def routing(T, E, k, gen, device, skew: float = 0.0):
+    "k distinct experts per token, expert e drawn with weight ∝ (e+1)^-skew (0: uniform); gates a softmax of random logits."
+    logw = -skew * torch.arange(1, E + 1, dtype=torch.float32).log()        # (E,)
+    gumbel = -torch.empty(T, E).exponential_(generator=gen).log()           # Gumbel top-k = k draws without replacement
+    idx = (logw + gumbel).topk(k, dim=-1).indices                           # (T, k)
     gates = torch.randn(T, k, generator=gen).softmax(-1)
     return idx.to(device), gates.to(device)
 
@@ -215,6 +222,8 @@ def main():
     ap.add_argument("--cases", default="all", help="comma-separated case indices (0-3), default all")
     ap.add_argument("--skip", default="", help="comma-separated backends to skip, e.g. loop,triton_atomic")
     ap.add_argument("--no-check", action="store_true", help="skip the kernel check against float64")
+    ap.add_argument("--routing", default="uniform,skewed", help="comma-separated: uniform, skewed (default both)")
+    ap.add_argument("--skew", type=float, default=1.0, help="skewed routing: expert e drawn with weight ∝ (e+1)^-skew")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="datasheet dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--config", default=None, help="Triton tiles block_m,block_n,block_k,num_warps,num_stages[,dh_block_n] "
                                                     "(default: the library's choice, 128,128,64,8,3,64 for bf16 on CUDA)")
@@ -256,46 +265,71 @@ def main():
     w1 = w2 = None                                             # free them (dense_step still names them)
 
     rows, fns = [], backends(args.act, config)
-    hdr = f"{'E':>4} {'k':>3} {'G':>3}  {'backend':<14} {'ms':>9} {'dense/this':>10} {'peak MiB':>9} {'peak/dense':>10} {'saved MiB':>9} {'saved/dense':>11}"
+    routings = [r for r in args.routing.split(",") if r]
+    hdr = f"{'E':>4} {'k':>3} {'G':>3}  {'backend':<22} {'ms':>9} {'dense/this':>10} {'peak MiB':>9} {'peak/dense':>10} {'saved MiB':>9} {'saved/dense':>11}"
     print(hdr); print("-" * len(hdr))
-    print(f"{'':>12}  {'dense':<14} {t_dense * 1e3:9.3f} {1.0:10.2f} {m_dense / 2**20:9.1f} {1.0:10.2f} {s_dense / 2**20:9.2f} {1.0:11.2f}")
+    print(f"{'':>12}  {'dense':<22} {t_dense * 1e3:9.3f} {1.0:10.2f} {m_dense / 2**20:9.1f} {1.0:10.2f} {s_dense / 2**20:9.2f} {1.0:11.2f}")
+
+    def report(E, k, G, name, t, m, sv):
+        r = dict(E=E, k=k, G=G, backend=name, ms=t * 1e3, ratio=t_dense / t, peak_mib=m / 2**20, peak_vs_dense=m / m_dense,
+                 saved_mib=sv / 2**20, saved_vs_dense=sv / s_dense, tflops=flops / t / 1e12)
+        rows.append(r)
+        print(f"{E:>4} {k:>3} {G:>3}  {name:<22} {r['ms']:9.3f} {r['ratio']:10.2f} {r['peak_mib']:9.1f} "
+              f"{r['peak_vs_dense']:10.2f} {r['saved_mib']:9.2f} {r['saved_vs_dense']:11.2f}"
+              + (f"  {r['tflops']:4.0f} TFLOP/s = {r['tflops'] / peak:4.0%} of GEMM peak, {r['tflops'] / args.peak_tflops:4.0%} of datasheet"
+                 if device.type == "cuda" else ""), flush=True)
+
     for E, k, G in cases:
         h = d_ff // G
         w_in = (torch.randn(E, d, h, generator=gen) / d**0.5).to(device, dtype).requires_grad_()
         w_out = (torch.randn(E, h, d, generator=gen) / h**0.5).to(device, dtype).requires_grad_()
-        idx, gates = routing(T, E, k, gen, device)
-        gates = gates.to(dtype).requires_grad_()
-        leaves = [x, w_in, w_out, gates]
-        outs = {}
-        for name, fn in fns.items():
-            if name in skip: continue
-            fwd = lambda fn=fn: fn(x, w_in, w_out, None, idx, gates)
-            step = lambda fwd=fwd: torch.autograd.grad(fwd(), leaves, dy)
-            it = max(1, iters // 5) if name == "loop" and device.type == "cuda" and E >= 64 else iters
-            t = time_step(step, device, warmup, it)
-            m = peak_bytes(step, device)
-            sv = saved_bytes(fwd, leaves)
-            y = fwd(); outs[name] = [y.detach(), *[g.detach() for g in torch.autograd.grad(y, leaves, dy)]]
-            r = dict(E=E, k=k, G=G, backend=name, ms=t * 1e3, ratio=t_dense / t, peak_mib=m / 2**20, peak_vs_dense=m / m_dense,
-                     saved_mib=sv / 2**20, saved_vs_dense=sv / s_dense, tflops=flops / t / 1e12)
-            rows.append(r)
-            print(f"{E:>4} {k:>3} {G:>3}  {name:<14} {r['ms']:9.3f} {r['ratio']:10.2f} {r['peak_mib']:9.1f} "
-                  f"{r['peak_vs_dense']:10.2f} {r['saved_mib']:9.2f} {r['saved_vs_dense']:11.2f}"
-                  + (f"  {r['tflops']:4.0f} TFLOP/s = {r['tflops'] / peak:4.0%} of GEMM peak, {r['tflops'] / args.peak_tflops:4.0%} of datasheet"
-                     if device.type == "cuda" else ""), flush=True)
-            if name == "triton" and device.type == "cuda":
-                try:
-                    for kn, n, ms, tf in kernel_breakdown(step, 2 * T * k * d * h):
-                        print(f"{'':>18}{kn[:40]:<40} {n:5.1f}/step {ms:8.3f} ms" + ("" if math.isnan(tf) else f" {tf:5.0f} TFLOP/s"))
-                except Exception as e: print(f"{'':>18}kernel breakdown failed: {type(e).__name__}: {str(e)[:200]}")
-        if "triton" in outs and "grouped_mm" in outs:                          # the two fast paths agree
-            errs = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
-                    for a, b in zip(outs["triton"], outs["grouped_mm"])]
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            ok &= max(errs) < tol
-            print(f"{'':>12}  triton vs grouped_mm (y, dx, dw_in, dw_out, dgates) max rel err "
-                  + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < tol else "  MISMATCH"))
-        w_in = w_out = outs = None                             # free them (the lambdas above still name them)
+        for rname in routings:
+            idx, gates = routing(T, E, k, gen, device, skew=args.skew if rname == "skewed" else 0.0)
+            gates = gates.to(dtype).requires_grad_()
+            load = torch.bincount(idx.reshape(-1), minlength=E).float()
+            t_count = time_step(lambda: moe_plan(idx, E, 128), device, warmup, iters)
+            t_sort = time_step(lambda: moe_plan(idx, E, 128, counting=False), device, warmup, iters)
+            print(f"{'':>12}  routing {rname}: busiest expert {load.max() / load.mean():.2f}× the mean load, "
+                  f"{int((load == 0).sum())} empty; plan {t_count * 1e3:.3f} ms by counting, {t_sort * 1e3:.3f} ms by sort")
+            leaves = [x, w_in, w_out, gates]
+            outs = {}
+            for name, fn in fns.items():
+                if name in skip: continue
+                fwd = lambda fn=fn: fn(x, w_in, w_out, None, idx, gates)
+                step = lambda fwd=fwd: torch.autograd.grad(fwd(), leaves, dy)
+                it = max(1, iters // 5) if name == "loop" and device.type == "cuda" and E >= 64 else iters
+                t = time_step(step, device, warmup, it)
+                report(E, k, G, f"{name} {rname}", t, peak_bytes(step, device), saved_bytes(fwd, leaves))
+                y = fwd(); outs[name] = [y.detach(), *[g.detach() for g in torch.autograd.grad(y, leaves, dy)]]
+                if name == "triton" and device.type == "cuda":
+                    try:
+                        for kn, n, ms, tf in kernel_breakdown(step, 2 * T * k * d * h):
+                            print(f"{'':>18}{kn[:40]:<40} {n:5.1f}/step {ms:8.3f} ms" + ("" if math.isnan(tf) else f" {tf:5.0f} TFLOP/s"))
+                    except Exception as e: print(f"{'':>18}kernel breakdown failed: {type(e).__name__}: {str(e)[:200]}")
+            if "triton" in outs and "grouped_mm" in outs:                      # the two fast paths agree
+                errs = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+                        for a, b in zip(outs["triton"], outs["grouped_mm"])]
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                ok &= max(errs) < tol
+                print(f"{'':>12}  triton vs grouped_mm (y, dx, dw_in, dw_out, dgates) max rel err "
+                      + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < tol else "  MISMATCH"))
+            outs = None
+        w_in = w_out = None                                    # free them (the lambdas above still name them)
+        for backend in ("triton", "torch"):                    # the whole layer, routing included
+            if ("grouped_mm" if backend == "torch" else backend) in skip: continue
+            gcfg = GPTConfig(d_model=d, d_ff=d_ff, act=args.act, ffn="moe",
+                             ffn_kwargs=dict(expansion=E // G, granularity=G, top_k=k // G, backend=backend))
+            layer = MoEFFN(gcfg).to(device, dtype)
+            xl = x.detach().view(1, T, d).requires_grad_()
+            params = [xl, *layer.parameters()]
+            def lfwd():
+                y = layer(xl)
+                return y, sum(layer.aux_loss.values())
+            lstep = lambda: torch.autograd.grad(lfwd(), params, (dy.view(1, T, d), torch.ones((), device=device)), allow_unused=True)
+            t = time_step(lstep, device, warmup, iters)
+            report(E, k, G, f"layer_{backend} (router)", t, peak_bytes(lstep, device), saved_bytes(lambda: lfwd()[0], params))
+            print(f"{'':>12}  its router: busiest expert {float(layer.stats['used'].max() / layer.stats['used'].mean()):.2f}× the mean load")
+            layer = None
         if device.type == "cuda": torch.cuda.empty_cache()
 
     print("CSV,E,k,G,backend,ms,dense_over_this,peak_mib,peak_vs_dense,saved_mib,saved_vs_dense")

@@ -73,6 +73,13 @@ def record_launches():
             mk.triton_masked_relu_mlp(x, w_in, w_out, take, config=mk.masked_mlp_config("cuda", dtype, h2))
             z, w2, b2 = torch.rand(N, 128, generator=g).to(dtype), torch.randn(E2, 128, generator=g).to(dtype), torch.randn(E2).to(dtype)
             mk.triton_tau_relu_mlp(x, w_in, w_out, z, w2, b2, 0.5, config=mk.masked_mlp_config("cuda", dtype, h2))
+    interpreting, mk._interpreting = mk._interpreting, lambda: True  # CPU tensors take the plan's kernels, not its sort
+    try:
+        for E3, K3 in ((4, 2), (127, 4), (200, 8)):                   # the counting plan: 16-, 128- and 256-group tiles
+            for idt in (torch.int64, torch.int32):
+                mk.moe_plan(torch.randint(-1, E3, (N, K3), generator=g).to(idt), E3, 128)
+    finally:
+        mk._interpreting = interpreting
     return list(seen.values())
 
 

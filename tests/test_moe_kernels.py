@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
@@ -237,33 +238,60 @@ def test_plan_invariants():
         assert (cover == 1).all()
 
 
-def test_plan_matches_brute_force_with_int32_keys():
-    "order, tok and offsets against a per-expert scan (odd N, empty experts); the sort inside runs on int32 keys."
-    from torch.overrides import TorchFunctionMode
+def _brute_force_plan(ei, E):
+    "order, tok, offsets by a per-expert scan: slots grouped by expert (unused last), in slot order within a group."
+    K = ei.shape[1]
+    flat = ei.reshape(-1).tolist()
+    groups = [[s for s, e in enumerate(flat) if e == x] for x in range(E)] + [[s for s, e in enumerate(flat) if e < 0]]
+    sizes = [len(grp) for grp in groups]
+    return ([s for grp in groups for s in grp], [s // K for grp in groups for s in grp],
+            [sum(sizes[:i]) for i in range(E + 2)])
 
-    class SortDtypes(TorchFunctionMode):
-        def __init__(self):
-            super().__init__(); self.dtypes = []
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in (torch.sort, torch.Tensor.sort, torch.argsort): self.dtypes.append(args[0].dtype)
-            return func(*args, **(kwargs or {}))
 
+class SortCalls(TorchFunctionMode):
+    "Records the key dtype of every sort called inside it."
+    def __init__(self):
+        super().__init__(); self.dtypes = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.sort, torch.Tensor.sort, torch.argsort): self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("idx_dtype,slots_per_block", [(torch.int64, 2048), (torch.int32, 2048), (torch.int64, 64)])
+def test_plan_is_a_counting_sort_equal_to_brute_force(idx_dtype, slots_per_block, monkeypatch):
+    """order, tok, offsets and counts against a per-expert scan (odd N, empty experts, E + 1 above and below the
+    16-group tile; one block of several chunks, several blocks of one chunk, several of several); no sort runs."""
+    monkeypatch.setattr(mk, "SLOTS_PER_BLOCK", slots_per_block)
     g = torch.Generator().manual_seed(11)
     for trial in range(25):
         N = 2 * int(torch.randint(0, 40, (1,), generator=g)) + 1                  # odd
-        K, E, B = (int(v) for v in torch.randint(1, 20, (3,), generator=g))
+        K, B = (int(v) for v in torch.randint(1, 20, (2,), generator=g))
+        E = int(torch.randint(1, 40, (1,), generator=g)) if trial % 5 else 200    # 200: BG = 256, 16-slot blocks
         ei = torch.randint(-1, E, (N, K), generator=g)
         ei[ei % 2 == 1] = -1                                                      # every odd expert empty
-        with SortDtypes() as m:
-            p = moe_plan(ei, E, B)
+        with SortCalls() as m:
+            p = mk.moe_plan(ei.to(DEV, idx_dtype), E, B)
+        assert m.dtypes == []
+        order, tok, offsets = _brute_force_plan(ei, E)
+        assert p.order.tolist() == order and p.tok.tolist() == tok and p.offsets.tolist() == offsets
+        assert p.counts.tolist() == [offsets[i + 1] - offsets[i] for i in range(E + 1)]
+        assert all(p.counts[e] == 0 for e in range(1, E, 2))
+        assert p.order.dtype == p.tok.dtype == p.offsets.dtype == torch.int32
+        q = mk.moe_plan(ei.to(DEV, idx_dtype), E, B, counting=False)              # the radix-sort plan, same layout
+        assert all(torch.equal(a, b) for a, b in zip(p, q))
+
+
+def test_plan_without_kernels_sorts_int32_keys(monkeypatch):
+    "Where no kernel can run (CPU tensors, interpreter off) the plan is the same, from one stable sort on int32 keys."
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator().manual_seed(12)
+    for trial in range(10):
+        N, K, E, B = (int(v) for v in torch.randint(1, 30, (4,), generator=g))
+        ei = torch.randint(-1, E, (N, K), generator=g)
+        with SortCalls() as m:
+            p = mk.moe_plan(ei, E, B)
         assert m.dtypes == [torch.int32]
-        flat = ei.reshape(-1).tolist()
-        groups = [[s for s, e in enumerate(flat) if e == x] for x in range(E)] + [[s for s, e in enumerate(flat) if e < 0]]
-        assert p.order.tolist() == [s for grp in groups for s in grp]             # grouped by expert, slot order within
-        assert p.tok.tolist() == [s // K for grp in groups for s in grp]
-        sizes = [len(grp) for grp in groups]
-        assert p.offsets.tolist() == [sum(sizes[:i]) for i in range(E + 2)]
-        assert all(sizes[e] == 0 for e in range(1, E, 2))
+        assert [p.order.tolist(), p.tok.tolist(), p.offsets.tolist()] == list(_brute_force_plan(ei, E))
 
 
 # ---------------------------------------------------------------- no host synchronisation

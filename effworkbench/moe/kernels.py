@@ -1,4 +1,4 @@
-"""Triton kernels for the MoE MLP, forward and backward: a device-side sort of the *slot indices* by expert, a grouped GEMM that gathers the token rows as it loads them, a gate-scaled scatter-combine, the four backward GEMMs and the gate gradient, tied together by a `torch.autograd.Function` that never reads a value back to the host (so a step can be captured in a CUDA graph). Registered as the `triton` backend of `effworkbench.moe.layers`.
+"""Triton kernels for the MoE MLP, forward and backward: a device-side counting sort of the *slot indices* by expert, a grouped GEMM that gathers the token rows as it loads them, a gate-scaled scatter-combine, the four backward GEMMs and the gate gradient, tied together by a `torch.autograd.Function` that never reads a value back to the host (so a step can be captured in a CUDA graph). Registered as the `triton` backend of `effworkbench.moe.layers`.
 
 Docs: https://effworkbench.github.io/effworkbench/moe.kernels.html.md"""
 
@@ -25,9 +25,9 @@ import triton.language as tl
 from .layers import sort_key
 
 # %% auto #0
-__all__ = ['ACTS', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig', 'kernel_config', 'MoEMLPFunction',
-           'triton_moe_mlp', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp', 'tau_plan',
-           'triton_tau_relu_mlp']
+__all__ = ['ACTS', 'SLOTS_PER_BLOCK', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig', 'kernel_config',
+           'MoEMLPFunction', 'triton_moe_mlp', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config',
+           'triton_masked_relu_mlp', 'tau_plan', 'triton_tau_relu_mlp']
 
 # %% ../../nbs/13_moe.kernels.ipynb #e5657487
 ACTS = {"gelu": 0, "relu": 1, "swiglu": 2}   # the act constexpr of the kernels
@@ -46,6 +46,8 @@ def moe_mlp_reference(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gel
     return torch.einsum("ne,end->nd", c, torch.einsum("enh,ehd->end", hid, w_out))     # (N, d)
 
 # %% ../../nbs/13_moe.kernels.ipynb #a3183626
+def _interpreting() -> bool: return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 class MoEPlan(NamedTuple):
     "The dispatch of S = N·K slots to E experts, computed on the device (int32)."
     order: torch.Tensor      # (S,)   slot of sorted row r (slots grouped by expert, in token order within an expert)
@@ -54,17 +56,86 @@ class MoEPlan(NamedTuple):
     tile_e: torch.Tensor     # (T,)   expert of row tile t (E: unused slots, E+1: no work)
     tile_row: torch.Tensor   # (T,)   first sorted row of tile t
 
-def moe_plan(expert_idx: torch.Tensor, n_experts: int, block_m: int) -> MoEPlan:
-    "Sort slot indices by expert and cut each expert's rows into `block_m`-row tiles; T = ⌈S/block_m⌉ + E + 1 always."
+    @property
+    def counts(self) -> torch.Tensor:
+        "(E+1,) rows per group: the slots each expert runs, then the unused slots (a difference, no pass over the slots)."
+        return self.offsets[1:] - self.offsets[:-1]
+
+@triton.jit
+def _slot_keys(idx_ptr, s0, S, E, BS: tl.constexpr, BG: tl.constexpr):
+    "Slots s0 … s0+BS-1, their int32 keys (expert, E for an unused slot) and the (BS, BG) one-hot of key against group."
+    s = s0 + tl.arange(0, BS)
+    smask = s < S
+    e = tl.load(idx_ptr + s, mask=smask, other=-1).to(tl.int32)
+    key = tl.where(e < 0, E, e)
+    gs = tl.arange(0, BG)
+    hit = ((key[:, None] == gs[None, :]) & smask[:, None]).to(tl.int32)   # (BS, BG); slots past S match no group
+    return s, smask, gs, hit
+
+@triton.jit
+def _slot_count_kernel(idx_ptr, cnt_ptr, S, E, BS: tl.constexpr, BG: tl.constexpr, CH: tl.constexpr):
+    "cnt[b, g] = #slots of block b (CH chunks of BS slots) in group g, for g ∈ [0, E] (E: unused slots)."
+    pid = tl.program_id(0)
+    cnt = tl.zeros((BG,), dtype=tl.int32)
+    for c in range(CH):
+        s, smask, gs, hit = _slot_keys(idx_ptr, (pid * CH + c) * BS, S, E, BS, BG)
+        cnt += tl.sum(hit, axis=0)
+    gs = tl.arange(0, BG)
+    tl.store(cnt_ptr + pid * (E + 1) + gs, cnt, mask=gs <= E)
+
+@triton.jit
+def _slot_place_kernel(idx_ptr, start_ptr, order_ptr, tok_ptr, S, K, E, BS: tl.constexpr, BG: tl.constexpr, CH: tl.constexpr):
+    "Slot s of block b to row start[b, key] + #(earlier slots of the block with its key): order[row] = s, tok[row] = s // K."
+    pid = tl.program_id(0)
+    gs = tl.arange(0, BG)
+    nxt = tl.load(start_ptr + pid * (E + 1) + gs, mask=gs <= E, other=0)   # (BG,) next free row of each group
+    for c in range(CH):
+        s, smask, gs, hit = _slot_keys(idx_ptr, (pid * CH + c) * BS, S, E, BS, BG)
+        row = tl.sum(hit * (nxt[None, :] + tl.cumsum(hit, axis=0) - hit), axis=1)   # (BS,) one group per slot
+        tl.store(order_ptr + row, s, mask=smask)
+        tl.store(tok_ptr + row, s // K, mask=smask)
+        nxt += tl.sum(hit, axis=0)
+
+SLOTS_PER_BLOCK = 2048   # slots one program of the counting sort reads: S/2048 rows of E+1 counts between the kernels
+
+class _Launch(NamedTuple):
+    "The launch settings `_launch` reads (a `MoEKernelConfig` has them too)."
+    num_warps: int = 4
+    num_stages: int = 1
+
+def _launch(kernel, n_programs: int, cfg, *args, max_stages: int = 8, **meta):
+    "kernel[(n_programs,)](*args, **meta) with cfg's warps and stages: every launch of the module goes through here."
+    kernel[(n_programs,)](*args, num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, max_stages), **meta)
+
+def moe_plan(expert_idx: torch.Tensor, n_experts: int, block_m: int, counting: bool | None = None) -> MoEPlan:
+    """Group the slots by expert with a counting sort (`_slot_count_kernel`, `_slot_place_kernel`) or, with
+    `counting=False` and where no kernel can run (CPU tensors with the interpreter off), a stable int32 radix sort; then
+    cut each expert's rows into `block_m`-row tiles, T = ⌈S/block_m⌉ + E + 1 always. Nothing is read back to the host."""
     N, K = expert_idx.shape
-    S, E, dev = N * K, n_experts, expert_idx.device
-    flat = expert_idx.reshape(-1)
-    key = flat.masked_fill(flat < 0, E)                                     # (S,) unused slots sort last
-    skey, order = torch.sort(sort_key(key, E + 1), stable=True)             # (S,) int32 keys when E + 1 fits
-    offsets = torch.searchsorted(skey, torch.arange(E + 2, device=dev, dtype=skey.dtype))   # (E+2,) first row ≥ e
+    S, E, G, dev, i32 = N * K, n_experts, n_experts + 1, expert_idx.device, torch.int32
+    flat = expert_idx.reshape(-1).contiguous()
+    if counting is None: counting = flat.is_cuda or _interpreting()
+    if S == 0 or not counting:
+        key = flat.masked_fill(flat < 0, E)                                 # (S,) unused slots sort last
+        skey, order = torch.sort(sort_key(key, G), stable=True)             # (S,) int32 keys when E + 1 fits
+        offsets = torch.searchsorted(skey, torch.arange(E + 2, device=dev, dtype=skey.dtype))   # (E+2,) first row ≥ e
+        order, offsets = order.to(i32), offsets.to(i32)
+        tok = (order // K).to(i32)
+    else:
+        BG = max(16, triton.next_power_of_2(G))
+        BS = max(16, min(256, 4096 // BG))                                  # a chunk's (BS, BG) tile: ≤ 4096 int32 on chip
+        CH = max(1, min(SLOTS_PER_BLOCK, triton.next_power_of_2(S)) // BS)  # chunks per block: a small (nb, G) table
+        nb = triton.cdiv(S, BS * CH)
+        cnt = torch.empty((nb, G), dtype=i32, device=dev)
+        _launch(_slot_count_kernel, nb, _Launch(), flat, cnt, S, E, BS=BS, BG=BG, CH=CH)
+        below = cnt.cumsum(0, dtype=i32)                                    # (nb, G) inclusive over blocks
+        offsets = torch.cat([below.new_zeros(1), below[-1].cumsum(0, dtype=i32)])   # (E+2,)
+        start = below - cnt + offsets[:G]                                   # (nb, G) first row of block b's group g
+        order = torch.empty(S, dtype=i32, device=dev)
+        tok = torch.empty(S, dtype=i32, device=dev)
+        _launch(_slot_place_kernel, nb, _Launch(), flat, start, order, tok, S, K, E, BS=BS, BG=BG, CH=CH)
     tile_e, tile_row = _tiles(offsets, S, E, block_m)
-    i32 = torch.int32
-    return MoEPlan(order.to(i32), (order // K).to(i32), offsets.to(i32), tile_e, tile_row)
+    return MoEPlan(order, tok, offsets, tile_e, tile_row)
 
 def _tiles(offsets: torch.Tensor, S: int, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Groups e ∈ [0, E] own sorted rows offsets[e]:offsets[e+1]; cut each into `block_m`-row tiles: (tile_e, tile_row), T = ⌈S/block_m⌉ + E + 1."
@@ -86,8 +157,6 @@ class MoEKernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
-
-def _interpreting() -> bool: return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelConfig:
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
@@ -161,9 +230,6 @@ def _prec(t: torch.Tensor) -> int:
     "`_dot`'s PREC: TF32 for float32 only where torch would use it (CUDA with allow_tf32), else IEEE; 16-bit: tensor cores."
     if t.dtype != torch.float32: return 2 if _interpreting() else 1
     return 1 if (t.is_cuda and torch.backends.cuda.matmul.allow_tf32) else 0
-
-def _launch(kernel, n_programs: int, cfg: MoEKernelConfig, *args, max_stages: int = 8, **meta):
-    kernel[(n_programs,)](*args, num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, max_stages), **meta)
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
     "Every buffer the kernels fill comes from here (uninitialised: the kernels write every element that is read)."
