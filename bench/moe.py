@@ -23,6 +23,7 @@ is overwritten in place, compared with eager. Imports only torch, triton, numpy 
 """
 import argparse
 import dataclasses
+import json
 import math
 import time
 
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from effworkbench.moe.layers import MoEFFN, moe_mlp_loop, moe_mlp_torch
-from effworkbench.moe.kernels import MoEKernelConfig, kernel_config, moe_mlp_reference, moe_plan, triton_moe_mlp
+from effworkbench.moe.kernels import (MoEKernelConfig, kernel_config, moe_mlp_reference, moe_plan, tile_cache_path, tile_key,
+                                      triton_moe_mlp, tuned_config)
 from effworkbench.nn.gpt import GPTConfig
 
 CASES = [(8, 1, 1), (32, 4, 4), (64, 8, 8), (128, 16, 16)]   # (experts, top-k, granularity)
@@ -42,10 +44,11 @@ def dense_ffn(x, w1, w2, act):
     return F.gelu(x @ w1) @ w2 if act == "gelu" else F.relu(x @ w1) @ w2
 
 
-def backends(act, config=None):
+def backends(act, config=None, tune: bool = False):
     "name → fn(x, w_in, w_out, w_gate, expert_idx, gates) for the MoE backends."
     dh128 = dataclasses.replace(config or kernel_config("cuda", torch.bfloat16), dh_block_n=128)   # the dH tile before it spilled
-    return {"triton": lambda *a: triton_moe_mlp(*a, act, config=config),
+    tuned = {"triton_tuned": lambda *a: triton_moe_mlp(*a, act, config=tuned_config(*a[:5], act))} if tune else {}
+    return {**tuned, "triton": lambda *a: triton_moe_mlp(*a, act, config=config),
             "triton_atomic": lambda *a: triton_moe_mlp(*a, act, atomic=True, config=config),
             "triton_dh128": lambda *a: triton_moe_mlp(*a, act, config=dh128 if a[0].is_cuda else config),
             "grouped_mm": lambda *a: moe_mlp_torch(*a, act),
@@ -222,6 +225,8 @@ def main():
     ap.add_argument("--cases", default="all", help="comma-separated case indices (0-3), default all")
     ap.add_argument("--skip", default="", help="comma-separated backends to skip, e.g. loop,triton_atomic")
     ap.add_argument("--no-check", action="store_true", help="skip the kernel check against float64")
+    ap.add_argument("--tune", action="store_true", help="add a triton_tuned row: tiles tuned per shape class (tuned_config), "
+                                                        "first, so the tuner's compiles fall in its warm-up")
     ap.add_argument("--routing", default="uniform,skewed", help="comma-separated: uniform, skewed (default both)")
     ap.add_argument("--skew", type=float, default=1.0, help="skewed routing: expert e drawn with weight ∝ (e+1)^-skew")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="datasheet dense bf16 peak (H100/H200 SXM: 989)")
@@ -264,7 +269,7 @@ def main():
                                                           f"of the measured GEMM peak)" if device.type == "cuda" else ""))
     w1 = w2 = None                                             # free them (dense_step still names them)
 
-    rows, fns = [], backends(args.act, config)
+    rows, fns = [], backends(args.act, config, args.tune)
     routings = [r for r in args.routing.split(",") if r]
     hdr = f"{'E':>4} {'k':>3} {'G':>3}  {'backend':<22} {'ms':>9} {'dense/this':>10} {'peak MiB':>9} {'peak/dense':>10} {'saved MiB':>9} {'saved/dense':>11}"
     print(hdr); print("-" * len(hdr))
@@ -300,6 +305,9 @@ def main():
                 it = max(1, iters // 5) if name == "loop" and device.type == "cuda" and E >= 64 else iters
                 t = time_step(step, device, warmup, it)
                 report(E, k, G, f"{name} {rname}", t, peak_bytes(step, device), saved_bytes(fwd, leaves))
+                if name == "triton_tuned":                                     # what the tuner chose, and every candidate's time
+                    entry = json.loads(tile_cache_path().read_text()).get(tile_key(x, w_in, idx.numel(), args.act, False), {})
+                    print(f"{'':>18}tuned tiles {entry.get('config')}; ms per candidate (block_m,n,k,warps,stages,dh_block_n): {entry.get('ms')}")
                 y = fwd(); outs[name] = [y.detach(), *[g.detach() for g in torch.autograd.grad(y, leaves, dy)]]
                 if name == "triton" and device.type == "cuda":
                     try:

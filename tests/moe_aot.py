@@ -10,8 +10,9 @@ Each line also reports what `ptxas -v` says of the kernel's PTX (Triton's own pt
 thread, the thread blocks per SM those registers allow, and spill stores/loads in bytes. Spills are reported, not failed.
 Prints one line per compiled kernel and a summary; exit status 1 on any failure.
 
-    python tests/moe_aot.py          # sm_90 and sm_80
-    python tests/moe_aot.py 90       # sm_90 only"""
+    python tests/moe_aot.py                 # sm_90 and sm_80
+    python tests/moe_aot.py 90              # sm_90 only
+    python tests/moe_aot.py 90 --candidates # instead: the training kernels at every 16-bit tile the tuner may pick"""
 import os
 import re
 import subprocess
@@ -46,14 +47,22 @@ def ptxas_resources(k, cc: int, warps: int) -> dict:
     return {"regs": regs, "blocks": REGS_PER_SM // per_block, "spill_st": st, "spill_ld": ld}
 
 
-def record_launches():
+def record_launches(candidates: bool = False):
     seen = {}
     def rec(kernel, n_programs, cfg, *args, max_stages=8, **meta):
-        seen.setdefault((kernel.fn.__name__, tuple(sorted(meta.items())), _spec_key(kernel, args)),
+        seen.setdefault((kernel.fn.__name__, tuple(sorted(meta.items())), _spec_key(kernel, args), cfg.num_warps, cfg.num_stages),
                         (kernel, args, meta, cfg.num_warps, min(cfg.num_stages, max_stages)))
     mk._launch = rec
     g = torch.Generator().manual_seed(0)
     N, E, d, h = 96, 4, 64, 128
+    if candidates:                                                   # bf16 training kernels, gelu and swiglu, each tile
+        for cfg in mk.TILE_CANDIDATES["16bit"]:
+            for act in ("gelu", "swiglu"):
+                ws = [torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(N, d), (E, d, h), (E, h, d), (E, d, h)]]
+                idx, gates = torch.randint(-1, E, (N, 2), generator=g), torch.rand(N, 2, generator=g).requires_grad_()
+                y = mk.triton_moe_mlp(ws[0], ws[1], ws[2], ws[3] if act == "swiglu" else None, idx, gates, act, config=cfg)
+                torch.autograd.grad(y, [*ws[:3], gates], torch.ones_like(y), allow_unused=True)
+        return list(seen.values())
     for dtype in (torch.bfloat16, torch.float32):
         for act, atomic, K in [(a, at, k) for a in ("gelu", "relu", "swiglu") for at in (False, True) for k in (1, 2)]:
             x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
@@ -99,9 +108,9 @@ def _spec_key(kernel, args):
     return tuple(_arg_spec(a) for a in args)
 
 
-def compile_all(ccs=(90, 80)):
+def compile_all(ccs=(90, 80), candidates: bool = False):
     failures, res = 0, []
-    for kernel, args, meta, warps, stages in record_launches():
+    for kernel, args, meta, warps, stages in record_launches(candidates):
         names = kernel.arg_names
         const, sig, attrs = dict(meta), {}, {}
         for i, (n, a) in enumerate(zip(names, args)):
@@ -112,7 +121,7 @@ def compile_all(ccs=(90, 80)):
                 if div: attrs[(i,)] = [["tt.divisibility", 16]]
         full = {n: ("constexpr" if n in const else sig[n]) for n in names}
         label = f"{kernel.fn.__name__} {args[0].dtype if isinstance(args[0], torch.Tensor) else ''} " + \
-                " ".join(f"{k}={v}" for k, v in meta.items() if k not in ("BM", "BN", "BK"))
+                " ".join(f"{k}={v}" for k, v in meta.items() if candidates or k not in ("BM", "BN", "BK"))
         for cc in ccs:
             try:
                 k = triton.compile(ASTSource(kernel, full, constexprs=const, attrs=attrs), target=GPUTarget("cuda", cc, 32),
@@ -142,4 +151,5 @@ def compile_all(ccs=(90, 80)):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if compile_all(tuple(int(c) for c in sys.argv[1:]) or (90, 80)) else 0)   # args: compute capabilities
+    ccs = tuple(int(c) for c in sys.argv[1:] if c.isdigit()) or (90, 80)        # args: compute capabilities
+    sys.exit(1 if compile_all(ccs, candidates="--candidates" in sys.argv) else 0)

@@ -3,6 +3,7 @@
 Runs the kernels through the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) on CPU; on a CUDA
 machine the same tests run the compiled kernels. Small widths and token counts keep the interpreter fast."""
 import dataclasses
+import json
 import os
 
 if not os.environ.get("EFFWB_TEST_CUDA"): os.environ["TRITON_INTERPRET"] = "1"   # EFFWB_TEST_CUDA=1: compiled kernels on a GPU
@@ -129,6 +130,67 @@ def test_dh_column_tile_of_its_own(name):
     y, grads, names, refs = run_case(CASES[name], seed, config=narrow)
     for n, got, ref in zip(names, [y, *grads], refs):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0), msg=lambda m: f"{n}: {m}")
+
+
+def test_every_tile_candidate_matches_float64():
+    "Each tile shape the tuner may pick computes the same layer: every CUDA candidate of the running dtype, or the interpreter's."
+    cands = mk.TILE_CANDIDATES["interpreter" if DEV.type == "cpu" else "float32"]
+    for i, cfg in enumerate(cands):
+        y, grads, names, refs = run_case(CASES["uneven_empty_k2_gelu"], 1500 + i, config=cfg)
+        for n, got, ref in zip(names, [y, *grads], refs):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0), msg=lambda m: f"{cfg} {n}: {m}")
+
+
+def test_tuned_config_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
+    """The tuner runs the real timing step once per candidate, keeps the argmin of the times it is given, writes every
+    time to the cache file, and answers later calls of the shape class from memory, then from the file alone; a new shape
+    class is timed again; a candidate out of resources is skipped, any other error raised."""
+    monkeypatch.setenv("EFFWB_CACHE", str(tmp_path))
+    monkeypatch.setattr(mk, "_TUNED", {})
+    c0, c1 = cands = (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1))
+    fake = {c0: 3.0, c1: 1.0}
+    calls = []
+    def timer(cfg, *args):
+        t = mk.time_tiles(cfg, *args, reps=1)                                     # the real step runs and times
+        assert t > 0
+        calls.append(cfg)
+        return fake[cfg]
+    g = torch.Generator().manual_seed(5)
+    x, w_in, w_out = (torch.randn(*s, generator=g).to(DEV) for s in [(37, 16), (3, 16, 24), (3, 24, 16)])
+    idx = torch.randint(0, 3, (37, 2), generator=g).to(DEV)
+    assert mk.tuned_config(x, w_in, w_out, None, idx, candidates=cands, timer=timer) == c1
+    assert calls == [c0, c1]
+    table = json.loads((tmp_path / "moe_tiles.json").read_text())
+    key = mk.tile_key(x, w_in, idx.numel(), "gelu", False)
+    assert list(table) == [key] and table[key]["config"] == dataclasses.asdict(c1)
+    assert table[key]["ms"] == {"32,32,32,4,1,None": 3000.0, "16,32,16,4,1,None": 1000.0}
+    assert key.endswith("E=3|d=16|h=24|S=128")                                    # 74 slots round up to 128
+    never = lambda *a: pytest.fail("timed a cached shape class")
+    assert mk.tuned_config(x, w_in, w_out, None, idx[:33], candidates=cands, timer=never) == c1   # 66 slots: same class
+    monkeypatch.setattr(mk, "_TUNED", {})                                         # a new process: the file answers
+    assert mk.tuned_config(x, w_in, w_out, None, idx, candidates=cands, timer=never) == c1
+    fake.update({c0: 0.5})
+    assert mk.tuned_config(x, w_in[:, :, :20], w_out[:, :20], None, idx, candidates=cands, timer=timer) == c0   # new h
+    assert len(json.loads((tmp_path / "moe_tiles.json").read_text())) == 2
+
+    class OutOfResources(Exception): pass
+    def tight(cfg, *a):
+        if cfg == c0: raise OutOfResources("shared memory")
+        return 1.0
+    assert mk.tuned_config(x, w_in[:, :, :8], w_out[:, :8], None, idx, candidates=cands, timer=tight, cache=False) == c1
+    with pytest.raises(ZeroDivisionError):
+        mk.tuned_config(x, w_in[:, :, :4], w_out[:, :4], None, idx, candidates=cands, timer=lambda *a: 1 / 0, cache=False)
+
+
+def test_layer_tunes_only_when_asked_and_on_cuda(monkeypatch):
+    "EFFWB_MOE_TUNE=1 routes a CUDA call without a config through tuned_config; off, or on CPU, the default tiles."
+    asked = []
+    monkeypatch.setattr(mk, "tuned_config", lambda *a, **k: asked.append(1) or (CFG or mk.kernel_config(DEV, torch.float32)))
+    for env in ("0", "1"):
+        monkeypatch.setenv("EFFWB_MOE_TUNE", env)
+        x, w_in, w_out, w_gate, idx, gates = make_case(*CASES["uneven_empty_k2_gelu"], 3)
+        triton_moe_mlp(x, w_in, w_out, w_gate, idx, gates, "gelu", config=CFG if DEV.type == "cpu" and env == "0" else None)
+    assert asked == ([1] if DEV.type == "cuda" else [])
 
 
 @pytest.mark.parametrize("seed", range(6))

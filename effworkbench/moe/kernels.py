@@ -8,8 +8,11 @@ Docs: https://effworkbench.github.io/effworkbench/moe.kernels.html.md"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -22,12 +25,14 @@ if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
 import triton
 import triton.language as tl
 
+from ..core import cache_dir
 from .layers import sort_key
 
 # %% auto #0
-__all__ = ['ACTS', 'SLOTS_PER_BLOCK', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig', 'kernel_config',
-           'MoEMLPFunction', 'triton_moe_mlp', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config',
-           'triton_masked_relu_mlp', 'tau_plan', 'triton_tau_relu_mlp']
+__all__ = ['ACTS', 'SLOTS_PER_BLOCK', 'TILE_CANDIDATES', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig',
+           'kernel_config', 'MoEMLPFunction', 'triton_moe_mlp', 'tile_key', 'tile_cache_path', 'time_tiles',
+           'tuned_config', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp', 'tau_plan',
+           'triton_tau_relu_mlp']
 
 # %% ../../nbs/13_moe.kernels.ipynb #e5657487
 ACTS = {"gelu": 0, "relu": 1, "swiglu": 2}   # the act constexpr of the kernels
@@ -485,9 +490,11 @@ def triton_moe_mlp(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu",
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x, w_in, w_out = x.to(dt).contiguous(), w_in.to(dt).contiguous(), w_out.to(dt).contiguous()
     w_gate = w_gate.to(dt).contiguous() if w_gate is not None else None
+    if config is None:                                                    # EFFWB_MOE_TUNE=1: tiles tuned per shape class
+        tune = x.is_cuda and os.environ.get("EFFWB_MOE_TUNE", "0") == "1"
+        config = tuned_config(x, w_in, w_out, w_gate, expert_idx, act, atomic) if tune else kernel_config(x.device, dt)
     with torch.autocast(dev, enabled=False):
-        return MoEMLPFunction.apply(x, w_in, w_out, w_gate, gates.contiguous(), expert_idx, act, atomic,
-                                    config or kernel_config(x.device, dt))
+        return MoEMLPFunction.apply(x, w_in, w_out, w_gate, gates.contiguous(), expert_idx, act, atomic, config)
 
 # %% ../../nbs/13_moe.kernels.ipynb #4aaed1cd
 from .layers import register_moe_backend
@@ -497,6 +504,96 @@ def _triton_atomic(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu")
 
 register_moe_backend("triton", triton_moe_mlp)
 register_moe_backend("triton_atomic", _triton_atomic)
+
+# %% ../../nbs/13_moe.kernels.ipynb #7afbfd30
+TILE_CANDIDATES: dict[str, tuple[MoEKernelConfig, ...]] = {
+    # 16-bit on CUDA: tensor-core tiles whose kernels all compile for sm_90 without spills (tests/moe_aot.py 90 --candidates)
+    "16bit": (MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64),
+              MoEKernelConfig(128, 64, 64, 8, 4), MoEKernelConfig(64, 128, 64, 8, 4, dh_block_n=64), MoEKernelConfig(64, 64, 64, 4, 5),
+              MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64)),
+    "float32": (MoEKernelConfig(64, 64, 32, 4, 3), MoEKernelConfig(64, 128, 32, 8, 3), MoEKernelConfig(128, 64, 32, 8, 3)),
+    "interpreter": (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1)),
+}
+_TUNED: dict[str, MoEKernelConfig] = {}
+
+def _candidate_set(x: torch.Tensor) -> str:
+    if not x.is_cuda or _interpreting(): return "interpreter"
+    return "float32" if x.dtype == torch.float32 else "16bit"
+
+def tile_key(x: torch.Tensor, w_in: torch.Tensor, n_slots: int, act: str, atomic: bool) -> str:
+    "The shape class tiles are tuned for: device, dtype, act, combine, E, d, h and S = N·K rounded up to a power of two."
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    E, d, h = w_in.shape
+    S = triton.next_power_of_2(max(n_slots, 1))
+    return f"{dev}|{str(x.dtype).removeprefix('torch.')}|{act}|{'atomic' if atomic else 'deterministic'}|E={E}|d={d}|h={h}|S={S}"
+
+def tile_cache_path() -> Path: return cache_dir() / "moe_tiles.json"
+
+def _read_tile_cache() -> dict:
+    f = tile_cache_path()
+    return json.loads(f.read_text()) if f.exists() else {}
+
+def _write_tile_cache(key: str, entry: dict):
+    "Read, add `key`, write to a temporary file and rename it over the cache: a reader never sees half a file."
+    f = tile_cache_path()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    table = _read_tile_cache() | {key: entry}
+    tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+    os.replace(tmp, f)
+
+def time_tiles(cfg: MoEKernelConfig, x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: bool = False,
+               reps: int = 3) -> float:
+    """Seconds per forward+backward of the layer with tiles `cfg` on these inputs (gates and dY made here): one warm-up
+    step (it compiles), then `reps` back-to-back steps between two CUDA events (a clock on the CPU)."""
+    gates = torch.rand(expert_idx.shape, device=x.device, dtype=x.dtype, requires_grad=True)
+    leaves = [t.detach().requires_grad_() for t in (x, w_in, w_out, w_gate) if t is not None] + [gates]
+    xs, wi, wo = leaves[:3]
+    wg = leaves[3] if w_gate is not None else None
+    dy = torch.randn(x.shape[0], w_out.shape[2], device=x.device, dtype=x.dtype)
+    def step():
+        with torch.enable_grad():                                            # the layer may be called under no_grad
+            torch.autograd.grad(triton_moe_mlp(xs, wi, wo, wg, expert_idx, gates, act, atomic=atomic, config=cfg), leaves, dy)
+    step()
+    if not x.is_cuda:
+        t0 = time.perf_counter()
+        for _ in range(reps): step()
+        return (time.perf_counter() - t0) / reps
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps): step()
+    b.record(); b.synchronize()
+    return a.elapsed_time(b) / 1e3 / reps
+
+def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: bool = False, *,
+                 candidates: tuple[MoEKernelConfig, ...] | None = None, cache: bool = True, timer=time_tiles) -> MoEKernelConfig:
+    """The fastest tiles in `candidates` (default `TILE_CANDIDATES` for x's device and dtype) for this layer's shape class
+    (`tile_key`), timed by `timer(cfg, x, w_in, w_out, w_gate, idx, act, atomic)` on a uniform routing of expert_idx's
+    shape; cached in memory and (with `cache`) in `tile_cache_path()`. While a CUDA graph is being captured nothing runs:
+    the cached choice, else `kernel_config`."""
+    key = tile_key(x, w_in, expert_idx.numel(), act, atomic)
+    if key in _TUNED: return _TUNED[key]
+    if cache and key in (table := _read_tile_cache()):
+        _TUNED[key] = MoEKernelConfig(**table[key]["config"])
+        return _TUNED[key]
+    if x.is_cuda and torch.cuda.is_current_stream_capturing(): return kernel_config(x.device, x.dtype)
+    E = w_in.shape[0]
+    N, K = expert_idx.shape
+    g = torch.Generator().manual_seed(0)
+    idx = torch.rand(N, E, generator=g).argsort(-1)[:, :K].to(x.device) if K <= E else expert_idx   # (N, K) distinct experts
+    times = {}
+    for cfg in candidates or TILE_CANDIDATES[_candidate_set(x)]:
+        try: times[cfg] = timer(cfg, x, w_in, w_out, w_gate, idx, act, atomic)
+        except Exception as e:                                               # out of shared memory or registers: skip it
+            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower(): raise
+    if not times: raise RuntimeError(f"no tile candidate compiles for {key}")
+    best = min(times, key=times.get)
+    _TUNED[key] = best
+    if cache:
+        _write_tile_cache(key, {"config": dataclasses.asdict(best),
+                                "ms": {",".join(map(str, dataclasses.astuple(c))): round(t * 1e3, 4) for c, t in times.items()}})
+    return best
+
 
 # %% ../../nbs/13_moe.kernels.ipynb #37ce4284
 def _offsets(ends: torch.Tensor) -> torch.Tensor:
