@@ -112,6 +112,7 @@ def main():
     name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     df = pd.DataFrame(rows).assign(device=name, d_model=d, d_ff=d_ff, tokens=N, dtype=str(dtype).removeprefix("torch."))
     out = Path(os.environ.get("OUT", "."))
+    out.mkdir(parents=True, exist_ok=True)
     tag = "h100" if "H100" in name else "h200" if "H200" in name else "cuda" if cuda else "cpu"
     df.to_csv(out / f"d2dmoe_speed_{tag}.csv", index=False)
     (out / f"d2dmoe_speed_{tag}.env.json").write_text(json.dumps({"device_name": name, "torch": torch.__version__,

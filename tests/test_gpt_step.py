@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effworkbench.nn.gpt import GPT, GPTConfig, chunked_cross_entropy, make_parameterization
+from effworkbench.nn.gpt import GPT, GPTConfig, Rotary, chunked_cross_entropy, make_parameterization
 from effworkbench.train import TrainConfig, Trainer, TrainingDiverged
 
 
@@ -37,9 +37,12 @@ def reference_forward(model: GPT, idx, targets):
     return logits, F.cross_entropy(logits.to(acc).view(-1, logits.size(-1)), targets.view(-1))
 
 
+@pytest.mark.parametrize("complex_form", [True, False])
 @pytest.mark.parametrize("param,kw", [("sp", {}), ("sp", {"bias": True, "act": "swiglu", "tie_weights": True}), ("mup", {})])
-def test_fused_step_equals_the_plain_formulas_in_float64(param, kw):
-    "Logits, loss and every gradient of the fused model equal the plain formulas, under SP and μP (non-unit multipliers)."
+def test_fused_step_equals_the_plain_formulas_in_float64(param, kw, complex_form, monkeypatch):
+    """Logits, loss and every gradient of the fused model equal the plain formulas, under SP and μP (non-unit multipliers),
+    with rotary as a complex product (float32/64 eager) and in its real form (bf16, compiled)."""
+    monkeypatch.setattr(Rotary, "complex_form", complex_form)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=97, seq_len=24, d_model=48, n_layers=2, n_heads=4, **kw)
     model = GPT(cfg, make_parameterization(param)).double()
@@ -79,6 +82,9 @@ def test_chunked_cross_entropy_matches_torch_in_float64():
         torch.testing.assert_close(loss, ref, rtol=0, atol=1e-13)
         torch.testing.assert_close(torch.autograd.grad(2.5 * loss, z)[0], torch.autograd.grad(2.5 * ref, z)[0], rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="expected \\(N, V\\)"): chunked_cross_entropy(z[None], y)
+    loss = chunked_cross_entropy(z, y)                                    # the backward scales its stored gradient in place:
+    torch.autograd.grad(loss, z, retain_graph=True)                       # a second backward is refused, not wrong
+    with pytest.raises(RuntimeError, match="backward ran twice"): torch.autograd.grad(loss, z)
 
 
 def _saved_during(fn):

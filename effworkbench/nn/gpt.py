@@ -197,6 +197,7 @@ def make_norm(kind: str, d: int) -> nn.Module:
 
 class Rotary(nn.Module):
     "Rotary position embedding of queries and keys from precomputed (seq_len, Dh) tables; a GPT builds one and shares it across its layers."
+    complex_form: bool = True                                      # float32/float64 in eager mode: one complex product
     def __init__(self, d_head: int, seq_len: int, base: float = 10_000.0):
         super().__init__()
         inv = base ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)   # θ_i, (Dh/2,)
@@ -205,14 +206,24 @@ class Rotary(nn.Module):
         # full-width tables, the sign folded in: cos at 2i and 2i+1; -sin at 2i, +sin at 2i+1         (T, Dh)
         self.register_buffer("cos", cos.repeat_interleave(2, -1).float(), persistent=False)
         self.register_buffer("sin", torch.stack((-sin, sin), -1).flatten(-2).float(), persistent=False)
+
+    def _complex_ok(self, x) -> bool:
+        "x's pairs can be viewed as complex numbers (float32/64, unit last stride, even strides and offset), outside compile."
+        return (self.complex_form and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+                and x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]))
+
     def forward(self, x, seq_dim: int = -2):
         "x with positions along `seq_dim` and head features last, (B, H, T, Dh) by default → x·cos + swap(x)·sin."
         T = x.shape[seq_dim]
         if T > self.cos.shape[0]: raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cos.shape[0]}")
         shape = (T,) + (1,) * (x.ndim - seq_dim % x.ndim - 2) + (x.shape[-1],)   # tables broadcast over the dims after T
-        c, s = self.cos[:T].to(x.dtype).view(shape), self.sin[:T].to(x.dtype).view(shape)
+        c, s = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)   # (T, Dh)
+        if self._complex_ok(x):                                    # (x_2i + i x_2i+1) · e^{i tθ_i}
+            e = torch.complex(c[:, 0::2], s[:, 1::2]).view(shape[:-1] + (-1,))       # (T, …, Dh/2): cos + i sin
+            return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * e).flatten(-2)
         swap = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x_2i+1, x_2i) per pair: one contiguous copy
-        return x * c + swap * s                                    # (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin)
+        return x * c.view(shape) + swap * s.view(shape)            # (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin)
+
 
 # %% ../../nbs/10_nn.gpt.ipynb #e6d4c291
 class Attention(nn.Module):
@@ -302,13 +313,17 @@ class _ChunkedCE(torch.autograd.Function):
                 dst.scatter_(1, yc, (lpy.exp() - 1).to(dst.dtype)) # softmax - onehot(y), p_y - 1 rounded once
                 if grad is None: grad = lp
         if need: ctx.save_for_backward(grad, valid, n)
+        ctx.spent = False
         return total / n
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.spent: raise RuntimeError("chunked_cross_entropy's backward ran twice: the first scales its stored gradient "
+                                         "in place, so run the forward again rather than retain_graph")
+        ctx.spent = True
         grad, valid, n = ctx.saved_tensors
         w = (valid[:, None] * (g / n)).to(grad.dtype)              # (N, 1): g / N, 0 on ignored rows
-        return grad * w, None, None, None                          # dℓ/dz = (softmax - onehot) · g / N
+        return grad.mul_(w), None, None, None                      # dℓ/dz = (softmax - onehot) · g / N, in place: no new (N, V)
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                           chunk_elems: int = 2**25) -> torch.Tensor:
