@@ -14,7 +14,9 @@ Rows (eager, then compiled):
 MFU = tokens/s × (6·N + 12·L·T·d) / peak, N = non-embedding parameters (the head included), against two peaks:
 the datasheet's (--peak-tflops, default 989 = H100 dense bf16; none on CPU unless given) and the card's own measured
 GEMM peak (a large matmul in the compute dtype, the best of 5 timings in the same run). The rows take turns round by
-round; ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine). Imports only torch, numpy, pandas and the library.
+round; ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine),
+paired_vs_reference the median over rounds of (reference's time / the row's time) in the same round, with its quartiles
+(on a noisy CPU: --iters 100 --rounds 100, one step a round). Imports only torch, numpy, pandas and the library.
 """
 import argparse
 import math
@@ -152,8 +154,9 @@ def main():
           f"threads {torch.get_num_threads()}{', ' + heap if heap else ''}, shape {s}, N_non_embedding {N / 1e6:.2f} M, {flops_per_token / 1e9:.3f} GFLOP/token")
     print(f"peaks: datasheet {peak_sheet:.1f} TFLOP/s, measured {dtype} GEMM {peak_gemm:.2f} TFLOP/s")
 
-    rows = []
+    rows, rounds = [], {}
     def record(name, mode, secs):
+        rounds[(name, mode)] = np.array(secs)
         sec = float(np.median(secs))
         tps = B * T / sec
         ach = tps * flops_per_token / 1e12
@@ -201,6 +204,11 @@ def main():
     df["speed_vs_rope_clip"] = [base[("reference+rope+clip", m)] / ms for m, ms in zip(df["mode"], df.ms_per_step)]
     best = df.set_index(["name", "mode"]).ms_min                   # on a shared machine the fastest round is the least disturbed
     df["speed_vs_rope_clip_min"] = [best[("reference+rope+clip", m)] / ms for m, ms in zip(df["mode"], df.ms_min)]
+    # paired by round (the rows take turns, so a round's times share the machine's state): median and quartiles of
+    # reference time / row time over rounds, the steadiest comparison on a shared CPU (--rounds = --iters: one step a round)
+    paired = [rounds[("reference", m)] / rounds[(n, m)] for n, m in zip(df["name"], df["mode"])]
+    df["paired_vs_reference"] = [float(np.median(r)) for r in paired]
+    df["paired_q1"], df["paired_q3"] = [float(np.percentile(r, 25)) for r in paired], [float(np.percentile(r, 75)) for r in paired]
     pd.set_option("display.width", 200)
     print("\n" + df.to_string(index=False, float_format=lambda v: "nan" if math.isnan(v) else f"{v:.4g}"))
     if args.csv: df.to_csv(args.csv, index=False)
