@@ -350,9 +350,13 @@ class TrainerGrads:
         return {"return_logits": False} if isinstance(self.model, GPT) else {}
 
     def grad_norm(self) -> torch.Tensor:
-        "Global gradient L2 norm, () on the device; clips the gradients to `grad_clip` when it is set (synced gradients)."
+        """Global gradient L2 norm, () on the device. With `grad_clip`, every gradient is scaled by c = min(1, clip / (norm + 1e-6))
+        as `clip_grads_with_norm_` does: in place, or, for the fused AdamW, inside its update (`opt.grad_scale` = 1/c, which
+        the kernel divides each gradient by and stores back: the same update and `.grad`, one pass over the gradients fewer)."""
         norm = self.scheme.grad_norm(self.model)
-        if self.cfg.grad_clip: torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip, norm)
+        if not self.cfg.grad_clip: return norm
+        if self.fused_opt: self.opt.grad_scale = 1.0 / (self.cfg.grad_clip / (norm.float() + 1e-6)).clamp(max=1.0)   # () float32, on the device
+        else: torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip, norm)
         return norm
 
 # %% ../nbs/11_train.ipynb #2c4d2253
@@ -377,7 +381,7 @@ class TrainerStep:
         if not math.isfinite(loss): raise self.diverged(f"loss is {loss}")
         if not math.isfinite(gnorm): raise self.diverged(f"gradient norm is {gnorm} (loss {loss:.4g})")
         self.set_lr(self.step, end)
-        self.opt.step()
+        self.opt.step(); self.opt.grad_scale = None
         self.step += 1; self.tokens += ntok
         return loss
 
@@ -389,7 +393,7 @@ class TrainerStep:
         self._tokens_at[self.step] = self.tokens
         self.opt.found_inf = self._bad[0]                     # 1.0: the fused AdamW leaves weights, moments and step count as they are
         self.set_lr(self.step, end)
-        self.opt.step()
+        self.opt.step(); self.opt.grad_scale = None
         self.step += 1; self.tokens += ntok
 
 # %% ../nbs/11_train.ipynb #e76f3926

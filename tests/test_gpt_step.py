@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effworkbench.nn.gpt import GPT, GPTConfig, Rotary, chunked_cross_entropy, make_parameterization
+from effworkbench.nn.gpt import GPT, GPTConfig, Rotary, chunked_cross_entropy, linear_cross_entropy, make_parameterization
 from effworkbench.train import TrainConfig, Trainer, TrainingDiverged
 
 
@@ -56,6 +56,11 @@ def test_fused_step_equals_the_plain_formulas_in_float64(param, kw, complex_form
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-12)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
     for (n, _), g, r in zip(model.named_parameters(), grads, ref_grads): torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13, msg=n)
+    none, loss2 = model(idx, tgt, return_logits=False)                          # the head's matmul inside the loss
+    assert none is None
+    torch.testing.assert_close(loss2, ref_loss, rtol=0, atol=1e-12)
+    for (n, _), g, r in zip(model.named_parameters(), torch.autograd.grad(loss2, list(model.parameters())), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13, msg=n)
 
 
 def test_unfused_fallback_when_a_projection_is_replaced():
@@ -85,6 +90,44 @@ def test_chunked_cross_entropy_matches_torch_in_float64():
     loss = chunked_cross_entropy(z, y)                                    # the backward scales its stored gradient in place:
     torch.autograd.grad(loss, z, retain_graph=True)                       # a second backward is refused, not wrong
     with pytest.raises(RuntimeError, match="backward ran twice"): torch.autograd.grad(loss, z)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_torch_in_float64(bias):
+    "Loss and the gradients of h, W (and b) against F.cross_entropy(m · linear) with ignored rows, blocks of 1, 7 and all rows."
+    torch.manual_seed(2)
+    h = torch.randn(41, 9, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(23, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(23, dtype=torch.float64, requires_grad=True) if bias else None
+    y = torch.randint(0, 23, (41,)); y[::6] = -100
+    inputs = (h, W, b) if bias else (h, W)
+    ref = F.cross_entropy(1.3 * F.linear(h, W, b), y)
+    g_ref = torch.autograd.grad(-0.4 * ref, inputs)
+    for chunk in (23, 7 * 23, None):
+        loss = linear_cross_entropy(h, W, y, b, mult=1.3, chunk_elems=chunk)
+        torch.testing.assert_close(loss, ref, rtol=0, atol=1e-13)
+        for g, r in zip(torch.autograd.grad(-0.4 * loss, inputs), g_ref): torch.testing.assert_close(g, r, rtol=0, atol=1e-14)
+    gh, = torch.autograd.grad(linear_cross_entropy(h, W, y, b), h)           # only h: W's and b's sums are skipped
+    assert gh[::6].abs().sum() == 0 and gh[1::6].abs().sum() > 0              # ignored rows get no gradient
+    with torch.no_grad(): torch.testing.assert_close(linear_cross_entropy(h, W, y, b, mult=1.3), ref, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="expected \\(N, d\\)"): linear_cross_entropy(h[None], W, y)
+    loss = linear_cross_entropy(h, W, y, b)
+    torch.autograd.grad(loss, h, retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"): torch.autograd.grad(loss, h)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_the_unfused_head():
+    "Under CPU bf16 autocast the fused head+loss gives the unfused path's loss and gradients to bf16 accuracy, in their dtypes."
+    torch.manual_seed(3)
+    h = torch.randn(64, 32, requires_grad=True); W = (0.1 * torch.randn(300, 32)).requires_grad_()
+    y = torch.randint(0, 300, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, W, y, mult=2.0, chunk_elems=16 * 300)
+        ref = chunked_cross_entropy(2.0 * F.linear(h, W), y)
+    g, r = torch.autograd.grad(loss, (h, W)), torch.autograd.grad(ref, (h, W))
+    assert loss.dtype == torch.float32 and g[0].dtype == g[1].dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+    for a, c in zip(g, r): torch.testing.assert_close(a, c, rtol=0.02, atol=2e-4)
 
 
 def _saved_during(fn):
@@ -162,6 +205,22 @@ def test_nonfinite_unsynced_step_is_skipped_and_reported_at_the_next_sync():
     assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
     assert all(int(s["step"]) == 2 for s in t.opt.state.values())
     assert all(torch.equal(s[k], b[k]) for s, b in zip(t.opt.state.values(), opt_before) for k in b)   # moments untouched
+
+
+def test_clipping_inside_the_fused_adamw_equals_clipping_in_place():
+    "The fused AdamW's grad_scale = 1/c gives the weights and the stored .grad of clip_grads_with_norm_ followed by the step."
+    def run(clip, in_place=False, sync=False):                                     # one after the other: dropout draws from the global RNG
+        t = toy_trainer(grad_clip=clip)
+        t.fused_opt = not in_place                                                 # in place: the same fused optimizer, no grad_scale
+        for _ in range(3):
+            t.train_step(sync=sync)
+            assert getattr(t.opt, "grad_scale", None) is None                      # not left for a later step
+        return t
+    fused, in_place, unclipped = run(0.05), run(0.05, in_place=True, sync=True), run(0.0)
+    for (n, p), q, u in zip(fused.model.named_parameters(), in_place.model.parameters(), unclipped.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9, msg=n)   # .grad holds the clipped gradient
+    assert not all(torch.allclose(p, u, rtol=1e-4) for p, u in zip(fused.model.parameters(), unclipped.model.parameters()))
 
 
 def test_infinite_gradient_at_an_unsynced_step():

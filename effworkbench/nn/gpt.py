@@ -26,10 +26,10 @@ __all__ = ['Rule', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'GROUPS', 'GROUP_ROLES',
            'fraction', 'optional', 'check_fields', 'register_ffn', 'register_parameterization', 'DenseConfig',
            'build_dense', 'options_class', 'canonical_options', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups',
            'param_groups', 'RMSNorm', 'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'Block',
-           'chunked_cross_entropy', 'TokenSampler', 'GPT', 'GroupHP', 'Parameterization', 'init_parameters',
-           'optimizer_groups', 'fan_in', 'SPConfig', 'StandardParameterization', 'parameterization_options',
-           'make_parameterization', 'gpt_spec', 'gpt_from_spec', 'load_gpt', 'param_counts', 'flops_per_token',
-           'group_role', 'measure_params', 'size_table']
+           'chunked_cross_entropy', 'linear_cross_entropy', 'TokenSampler', 'GPT', 'GroupHP', 'Parameterization',
+           'init_parameters', 'optimizer_groups', 'fan_in', 'SPConfig', 'StandardParameterization',
+           'parameterization_options', 'make_parameterization', 'gpt_spec', 'gpt_from_spec', 'load_gpt', 'param_counts',
+           'flops_per_token', 'group_role', 'measure_params', 'size_table']
 
 # %% ../../nbs/10_nn.gpt.ipynb #4b7a8f61
 Rule = tuple[Callable[[Any], bool], str]    # (test of a value, what a valid value is)
@@ -224,6 +224,42 @@ class Rotary(nn.Module):
         swap = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x_2i+1, x_2i) per pair: one contiguous copy
         return x * c.view(shape) + swap * s.view(shape)            # (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin)
 
+    def qkv(self, y5: torch.Tensor):
+        "q, k, v (B, H, T, Dh) from the fused projection y5 (B, T, 3, H, Dh), q and k rotated (`_RotaryQKV` where the complex form applies)."
+        T = y5.shape[1]
+        if T > self.cos.shape[0]: raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cos.shape[0]}")
+        if self._complex_ok(y5):
+            c, s = self.cos[:T].to(y5.dtype), self.sin[:T].to(y5.dtype)
+            return _RotaryQKV.apply(y5, torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None])     # e (T, 1, 1, Dh/2)
+        q, k, v = y5.permute(2, 0, 3, 1, 4)                       # views, each (B, H, T, Dh)
+        return self(q), self(k), v
+
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    "x (..., Dh) as (..., Dh/2) complex pairs: a view where x's strides allow one, else of a contiguous copy."
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]): x = x.contiguous()
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+class _RotaryQKV(torch.autograd.Function):
+    """q, k rotated and v from y5 (B, T, 3, H, Dh) by one complex product with e = e^{i tθ} (T, 1, 1, Dh/2); the backward
+    rotates the q and k gradients back (by ē) and writes them with v's into one (B, T, 3, H, Dh) buffer: no stack, no copies."""
+    @staticmethod
+    def forward(ctx, y5, e):
+        ctx.save_for_backward(e)
+        qk = torch.view_as_real(_complex_pairs(y5[:, :, :2]) * e).flatten(-2)   # (B, T, 2, H, Dh)
+        q, k = qk.permute(2, 0, 3, 1, 4)                           # views (B, H, T, Dh)
+        return q, k, y5[:, :, 2].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):                                 # each (B, H, T, Dh)
+        e, = ctx.saved_tensors
+        B, H, T, Dh = gv.shape
+        out = gv.new_empty(B, T, 3, H, Dh)
+        ec = e.conj()[:, 0]                                        # (T, 1, Dh/2): the inverse rotation
+        for i, g in enumerate((gq, gk)):
+            torch.mul(_complex_pairs(g.transpose(1, 2)), ec, out=torch.view_as_complex(out[:, :, i].unflatten(-1, (-1, 2))))
+        out[:, :, 2] = gv.transpose(1, 2)
+        return out, None
+
 
 # %% ../../nbs/10_nn.gpt.ipynb #e6d4c291
 class Attention(nn.Module):
@@ -253,8 +289,7 @@ class Attention(nn.Module):
         b = torch.cat([m.bias for m in lin]) if self.q.bias is not None else None
         y = F.linear(x, w, b)                                      # (B, T, 3d)
         if (mult := self.q.group_mult[self.q.group]) != 1.0: y = y * mult
-        q, k, v = y.view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)   # views, each (B, H, T, Dh); the backward stacks their grads once
-        return self.rotary(q), self.rotary(k), v
+        return self.rotary.qkv(y.view(B, T, 3, H, Dh))             # each (B, H, T, Dh); one buffer for the three gradients
 
     def forward(self, x):                                          # (B, T, d)
         B, T, _ = x.shape
@@ -291,6 +326,12 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 # %% ../../nbs/10_nn.gpt.ipynb #7d984690
+def _backward_once(ctx, name: str):
+    "A loss whose backward scales the gradients it stored in place can run it once: a second run (retain_graph) is refused."
+    if ctx.spent: raise RuntimeError(f"{name}'s backward ran twice: the first scales its stored gradients in place, "
+                                     "so run the forward again rather than retain_graph")
+    ctx.spent = True
+
 class _ChunkedCE(torch.autograd.Function):
     "Mean cross-entropy of (N, V) logits, chunk by chunk; the gradient is formed in the forward pass and stored in the logits' dtype."
     @staticmethod
@@ -318,9 +359,7 @@ class _ChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.spent: raise RuntimeError("chunked_cross_entropy's backward ran twice: the first scales its stored gradient "
-                                         "in place, so run the forward again rather than retain_graph")
-        ctx.spent = True
+        _backward_once(ctx, "chunked_cross_entropy")
         grad, valid, n = ctx.saved_tensors
         w = (valid[:, None] * (g / n)).to(grad.dtype)              # (N, 1): g / N, 0 on ignored rows
         return grad.mul_(w), None, None, None                      # dℓ/dz = (softmax - onehot) · g / N, in place: no new (N, V)
@@ -331,6 +370,64 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected (N, V) and (N,)")
     return _ChunkedCE.apply(logits, targets, ignore_index, max(1, chunk_elems // logits.shape[1]))
+
+# %% ../../nbs/10_nn.gpt.ipynb #5c1e7a21
+def _ce_rows(V: int, device: torch.device, chunk_elems: int | None) -> int:
+    "Rows per block of logits: about `chunk_elems` logits (default 2¹⁹ on a CPU: a block that stays in cache; 2²⁵ elsewhere)."
+    return max(1, (chunk_elems or (2**19 if device.type == "cpu" else 2**25)) // V)
+
+class _LinearCE(torch.autograd.Function):
+    "Mean cross-entropy of the logits m·(h Wᵀ + b) a block of rows at a time; the gradients of h, W, b are formed in the forward."
+    @staticmethod
+    def forward(ctx, h, w, b, y, mult: float, ignore_index: int, rows: int):   # h (N, d), w (V, d), b (V,) | None, y (N,)
+        dev = h.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype   # the matmuls' dtype, as F.linear's
+        acc = torch.promote_types(cd, torch.float32)             # float32 (float64 stays float64)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and b is not None
+        valid = y != ignore_index                                  # (N,)
+        n, N = valid.sum(), h.shape[0]
+        wc, bc = w.to(cd), (b.to(cd) if b is not None else None)
+        dh = torch.empty(h.shape, dtype=cd, device=h.device) if need_h else None        # (N, d)
+        dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None       # (V, d), summed over blocks
+        db = torch.zeros(w.shape[:1], dtype=acc, device=w.device) if need_b else None   # (V,)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        with torch.autocast(dev, enabled=False):
+            for s in range(0, N, rows):
+                vc = valid[s:s + rows]                             # (c,)
+                hc = h[s:s + rows].to(cd)                          # (c, d)
+                yc = torch.where(vc, y[s:s + rows], 0)[:, None]    # (c, 1), ignored rows point at class 0
+                z = F.linear(hc, wc, bc)                           # (c, V) in the compute dtype
+                if mult != 1.0: z = z * mult
+                g = torch.log_softmax(z, -1, dtype=acc)            # (c, V) log p
+                lpy = g.gather(1, yc)                              # (c, 1) log p_y
+                total = total - torch.where(vc, lpy[:, 0], 0).sum()   # Σ -log p_y
+                if not (need_h or need_w or need_b): continue
+                g.exp_().scatter_(1, yc, lpy.exp() - 1)            # G = softmax - onehot(y), in place
+                g = g.to(cd)
+                m = vc[:, None].to(cd)                             # (c, 1): 0 on ignored rows
+                if need_h: torch.mul(g @ wc, m, out=dh[s:s + rows])    # G W, ignored rows zeroed
+                if need_w: dw.add_(g.t() @ (hc * m))               # Gᵀ h over the counted rows (float32 sum)
+                if need_b: db.add_((m.t() @ g)[0])                 # 1ᵀ G over the counted rows
+        ctx.save_for_backward(dh, dw, db, n)
+        ctx.mult, ctx.dtypes, ctx.spent = mult, (h.dtype, w.dtype, b.dtype if b is not None else None), False
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g):
+        _backward_once(ctx, "linear_cross_entropy")
+        dh, dw, db, n = ctx.saved_tensors
+        s = g * ctx.mult / n                                       # upstream · m / N
+        out = [None if t is None else t.mul_(s).to(dt) for t, dt in zip((dh, dw, db), ctx.dtypes)]
+        return (*out, None, None, None, None)
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+                         mult: float = 1.0, ignore_index: int = -100, chunk_elems: int | None = None) -> torch.Tensor:
+    """`F.cross_entropy(mult * F.linear(h, weight, bias), targets)` for h (N, d), weight (V, d), targets (N,), without an (N, V)
+    tensor: blocks of about `chunk_elems` logits (default: `_ce_rows`), the gradients formed in the forward pass."""
+    if h.ndim != 2 or targets.shape != h.shape[:1] or weight.ndim != 2 or weight.shape[1] != h.shape[1]:
+        raise ValueError(f"h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}: expected (N, d), (V, d), (N,)")
+    return _LinearCE.apply(h, weight, bias, targets, float(mult), ignore_index, _ce_rows(weight.shape[0], h.device, chunk_elems))
 
 # %% ../../nbs/10_nn.gpt.ipynb #6dae1376
 class TokenSampler:
@@ -367,10 +464,18 @@ class GPT(TokenSampler, nn.Module):
         "idx (B, T) token ids → logits (B, T, V); with targets (B, T), (logits, mean cross-entropy), or (None, loss) without `return_logits`."
         x = self.tok_emb(idx)                                       # (B, T, d)
         for blk in self.blocks: x = blk(x)
-        logits = self.head(self.norm_f(x))                          # (B, T, V), in the compute dtype
+        x = self.norm_f(x)
+        if targets is not None and not return_logits and self._head_fusable():   # the head inside the loss: no (B·T, V) tensor
+            h = self.head
+            return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), h.weight, targets.reshape(-1), h.bias, h.group_mult[h.group])
+        logits = self.head(x)                                       # (B, T, V), in the compute dtype
         if targets is None: return logits
         loss = chunked_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return (logits if return_logits else None), loss            # the trainer drops the logits before its backward
+
+    def _head_fusable(self) -> bool:
+        "The head is a plain `GLinear` with no hooks (not swapped or watched by a method), so the loss may run its matmul."
+        return type(self.head) is GLinear and not (self.head._forward_hooks or self.head._forward_pre_hooks)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         "Auxiliary losses of the last forward pass, summed over layers, by name."
