@@ -63,6 +63,22 @@ def test_fused_step_equals_the_plain_formulas_in_float64(param, kw, complex_form
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13, msg=n)
 
 
+@pytest.mark.parametrize("shape", [(7, 16), (2, 9, 16)])
+def test_cpu_rms_norm_matches_the_formula_in_float64(shape):
+    "The closed-form CPU RMSNorm against F.rms_norm: output and the gradients of x and the gain (a non-unit gain)."
+    from effworkbench.nn.gpt import RMSNorm
+    torch.manual_seed(4)
+    norm = RMSNorm(16, eps=1e-3).double()
+    with torch.no_grad(): norm.weight.uniform_(-2, 2)
+    x = (3 * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+    dy = torch.randn(*shape, dtype=torch.float64)
+    ref = F.rms_norm(x, (16,), norm.weight, 1e-3)
+    out = norm(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+    for a, b in zip(torch.autograd.grad((out * dy).sum(), (x, norm.weight)), torch.autograd.grad((ref * dy).sum(), (x, norm.weight))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_unfused_fallback_when_a_projection_is_replaced():
     "A q projection swapped for another module (as compression does) still runs, through three separate calls."
     torch.manual_seed(0)
