@@ -93,6 +93,18 @@ def test_unfused_fallback_when_a_projection_is_replaced():
     torch.testing.assert_close(model(idx), before, rtol=0, atol=1e-12)
 
 
+def test_hooked_projection_takes_the_unfused_path_with_the_same_bits():
+    "A forward hook on q makes q, k, v three calls; in float32 the logits equal the fused path's bit for bit (compression's step 0 relies on it)."
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=4))
+    idx = torch.randint(0, 50, (3, 16))
+    with torch.no_grad(): fused = model(idx)
+    h = model.blocks[0].attn.q.register_forward_hook(lambda m, i, o: None)
+    assert not model.blocks[0].attn._fusable()
+    with torch.no_grad(): assert torch.equal(model(idx), fused)
+    h.remove()
+
+
 def test_chunked_cross_entropy_matches_torch_in_float64():
     torch.manual_seed(1)
     z = torch.randn(53, 29, dtype=torch.float64, requires_grad=True)

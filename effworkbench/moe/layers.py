@@ -74,6 +74,12 @@ class Routed:
     gates: torch.Tensor        # (N, K) float, 0 on empty slots
     wanted: torch.Tensor       # (n,) assignments requested per expert, before capacity (float)
     dropped: torch.Tensor      # () assignments dropped by the capacity limit
+    used: torch.Tensor | None = None   # (n,) assignments run per expert (float); None: all wanted ones run
+
+    @property
+    def run(self) -> torch.Tensor:
+        "(n,) assignments run per expert: min(wanted, C) under a capacity C, else wanted (no pass over the slots)."
+        return self.wanted if self.used is None else self.used
 
 def _capacity(cf: float, n_tok: int, k: int, n_exp: int) -> int:
     return max(1, math.ceil(cf * n_tok * k / n_exp))
@@ -103,13 +109,14 @@ def route_token_choice(probs: torch.Tensor, k: int, capacity_factor: float | Non
     flat = idx.reshape(-1)                                              # (N·k,) slots in token order
     counts = expert_counts(flat, n)                                     # (n,) int64
     wanted = counts.to(probs.dtype)                                     # (n,)
-    dropped = probs.new_zeros(())
+    dropped, used = probs.new_zeros(()), None
     if capacity_factor is not None:
         C = _capacity(capacity_factor, N, k, n)
         keep = (queue_position(flat, counts) <= C).view(N, k)           # (N, k) the first C slots of each expert
-        dropped = (~keep).sum().to(probs.dtype)
+        used = wanted.clamp(max=C)                                      # (n,) expert e runs min(c_e, C) of its slots
+        dropped = wanted.sum() - used.sum()
         idx = torch.where(keep, idx, -1); gates = torch.where(keep, gates, 0.0)
-    return Routed(idx, gates, wanted, dropped)
+    return Routed(idx, gates, wanted, dropped, used)
 
 def route_expert_choice(probs: torch.Tensor, k: int, capacity_factor: float | None = None) -> Routed:
     "Each expert takes its C highest-affinity tokens; slots are (N, n): slot i holds expert i or -1."
@@ -216,10 +223,8 @@ def moe_mlp(x, w_in, w_out, expert_idx, gates, act: str = "gelu", w_gate=None, b
 
 # %% ../../nbs/12_moe.layers.ipynb #79c90d14
 def routing_stats(r: Routed, n: int) -> dict[str, torch.Tensor]:
-    "Per-expert load wanted (n,) and run (n,), dropped and total assignments, mean experts per token: tensors, no host sync."
-    used = torch.zeros(n + 1, device=r.expert_idx.device).scatter_add_(   # slot -1 counts into bin 0, then is cut
-        0, (r.expert_idx + 1).reshape(-1), torch.ones(r.expert_idx.numel(), device=r.expert_idx.device))[1:]
-    return {"load": r.wanted.detach(), "used": used, "dropped": r.dropped.detach(), "assignments": r.wanted.sum().detach(),
+    "Per-expert load wanted (n,) and run (n,) (the routing's own counts: no pass over the slots), dropped and total assignments, mean experts per token: tensors, no host sync."
+    return {"load": r.wanted.detach(), "used": r.run.detach(), "dropped": r.dropped.detach(), "assignments": r.wanted.sum().detach(),
             "experts_per_token": (r.expert_idx >= 0).sum(-1).float().mean().detach()}
 
 # %% ../../nbs/12_moe.layers.ipynb #0fcb4eb2

@@ -182,15 +182,13 @@ def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
 # %% ../../nbs/10_nn.gpt.ipynb #f212683c
 class _RMSNormCPU(torch.autograd.Function):
     """y = x·r·g, r = 1/sqrt(mean(x²) + eps) per row, with the closed-form backward: x̂ = x·r,
-    dx = r·(g⊙dy − x̂·mean(x̂⊙g⊙dy)), dg = Σ_rows dy⊙x̂. One reduction and two passes forward, saving only x (alive
-    anyway) and r (…, 1); `F.rms_norm` on a CPU is a composite of five ops whose autograd keeps x², x̂ and more."""
+    dx = r·(g⊙dy − x̂·mean(x̂⊙g⊙dy)), dg = Σ_rows dy⊙x̂. The forward is F.rms_norm's own ops (the same output bit for bit), saving only x
+    (alive anyway) and r (…, 1); `F.rms_norm` on a CPU is a composite of five ops whose autograd keeps x², x̂ and more."""
     @staticmethod
     def forward(ctx, x, g, eps: float):                            # x (..., d), g (d,)
-        acc = torch.promote_types(x.dtype, torch.float32)
-        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).square_().div_(x.shape[-1])   # mean(x²), (..., 1)
-        r = ms.add_(eps).rsqrt_()                                  # (..., 1)
+        r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()      # (..., 1); the ops of F.rms_norm: the same y, bit for bit
         ctx.save_for_backward(x, g, r)
-        return torch.mul(x, r).mul_(g).to(torch.promote_types(x.dtype, g.dtype))
+        return torch.mul(x, r).mul_(g)
 
     @staticmethod
     def backward(ctx, dy):
@@ -208,7 +206,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
     def forward(self, x):
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype \
+                and not torch.compiler.is_compiling():
             return _RMSNormCPU.apply(x, self.weight, self.eps)     # eager CPU: half the time of the composite, fwd+bwd
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)   # GPUs have a fused kernel; compile fuses it
 
@@ -307,9 +306,9 @@ class Attention(nn.Module):
     def qkv(self, x):                                              # (B, T, d) -> 3 × (B, H, T, Dh), q and k rotated
         B, T, _ = x.shape
         H, Dh, lin = self.n_heads, self.d_head, (self.q, self.k, self.v)
-        if not self._fusable():                                    # three projections (the reference path)
-            q, k, v = (m(x).view(B, T, H, Dh).transpose(1, 2) for m in lin)
-            return self.rotary(q), self.rotary(k), v
+        if not self._fusable():                                    # three projections (a method swapped or hooks one)
+            y = torch.stack([m(x) for m in lin], 2)                # (B, T, 3, d): the fused layout, so both paths rotate alike, bit for bit
+            return self.rotary.qkv(y.view(B, T, 3, H, Dh))
         w = torch.cat([m.weight for m in lin])                     # [W_q; W_k; W_v], (3d, d): one cast, one matmul
         b = torch.cat([m.bias for m in lin]) if self.q.bias is not None else None
         y = F.linear(x, w, b)                                      # (B, T, 3d)
