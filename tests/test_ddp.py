@@ -31,9 +31,10 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
     single = Trainer(TrainConfig.for_preset("smoke", **kw))
     loss, _ = single.compute_grads(0)
     assert loss == pytest.approx(ddp["loss"], rel=1e-6)
-    for n, p in single.model.named_parameters():
-        torch.testing.assert_close(ddp["grads"][n], p.grad, rtol=1e-6, atol=1e-8, msg=lambda m: f"{n}: {m}")
+    for n, p in single.model.named_parameters():   # two ranks sum in another order: float32 rounding of the tensor's scale
+        torch.testing.assert_close(ddp["grads"][n], p.grad, rtol=1e-6, atol=1e-6 * float(p.grad.abs().max()), msg=lambda m: f"{n}: {m}")
     single.step = 0
     single.train_step()
-    for n, p in single.model.named_parameters():
-        torch.testing.assert_close(ddp["params"][n], p.detach(), rtol=1e-6, atol=1e-8, msg=lambda m: f"{n}: {m}")
+    step_size = max(g["lr"] for g in single.opt.param_groups)      # AdamW moves a weight by about lr: a wrong update by that much
+    for n, p in single.model.named_parameters():                    # rounding of the gradients above: far below it
+        torch.testing.assert_close(ddp["params"][n], p.detach(), rtol=1e-6, atol=1e-4 * step_size, msg=lambda m: f"{n}: {m}")
