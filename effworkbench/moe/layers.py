@@ -24,10 +24,11 @@ from ..nn.gpt import GLinear, GPTConfig, register_ffn
 from ..train import TrainConfig, train_run
 
 # %% auto #0
-__all__ = ['Routing', 'MOE_BACKENDS', 'MoEConfig', 'Routed', 'sort_key', 'expert_counts', 'queue_position', 'route_token_choice',
-           'route_expert_choice', 'tau_rule', 'route_dynamic_k', 'load_balance_loss', 'z_loss', 'moe_mlp_loop',
-           'moe_mlp_torch', 'register_moe_backend', 'resolve_backend', 'moe_mlp', 'routing_stats', 'route', 'MoEFFN',
-           'build_moe', 'experts_per_token', 'moe_stats', 'MoECompareConfig', 'compare_configs', 'run']
+__all__ = ['Routing', 'MOE_BACKENDS', 'EXPERT_MAJOR_BACKENDS', 'MoEConfig', 'Routed', 'sort_key', 'expert_counts',
+           'queue_position', 'route_token_choice', 'route_expert_choice', 'tau_rule', 'route_dynamic_k',
+           'load_balance_loss', 'z_loss', 'moe_mlp_loop', 'moe_mlp_torch', 'register_moe_backend', 'resolve_backend',
+           'moe_mlp', 'moe_mlp_by_expert', 'routing_stats', 'route', 'MoEFFN', 'build_moe', 'experts_per_token',
+           'moe_stats', 'MoECompareConfig', 'compare_configs', 'run']
 
 # %% ../../nbs/12_moe.layers.ipynb #5c8e2b25
 Routing = Literal["token_choice", "switch", "expert_choice", "dynamic_k"]
@@ -75,6 +76,7 @@ class Routed:
     wanted: torch.Tensor       # (n,) assignments requested per expert, before capacity (float)
     dropped: torch.Tensor      # () assignments dropped by the capacity limit
     used: torch.Tensor | None = None   # (n,) assignments run per expert (float); None: all wanted ones run
+    by_expert: tuple[torch.Tensor, torch.Tensor] | None = None   # expert choice: ((n, C) tokens of each expert, (n, C) their gates)
 
     @property
     def run(self) -> torch.Tensor:
@@ -119,13 +121,15 @@ def route_token_choice(probs: torch.Tensor, k: int, capacity_factor: float | Non
     return Routed(idx, gates, wanted, dropped, used)
 
 def route_expert_choice(probs: torch.Tensor, k: int, capacity_factor: float | None = None) -> Routed:
-    "Each expert takes its C highest-affinity tokens; slots are (N, n): slot i holds expert i or -1."
+    """Each expert takes its C highest-affinity tokens: `by_expert` = (tokens, gates), each (n, C), the layout the layer
+    runs; the slots (N, n) (slot i holds expert i or -1) describe the same routing for statistics and other backends."""
     N, n = probs.shape
     C = min(N, _capacity(capacity_factor or 1.0, N, k, n))
     top_p, tok = probs.topk(C, dim=0)                                   # (C, n) per expert its tokens
     chosen = torch.zeros_like(probs).scatter(0, tok, 1.0)               # (N, n) 1 where expert i took token n
     ar = torch.arange(n, device=probs.device).expand(N, n)
-    return Routed(torch.where(chosen > 0, ar, -1), probs * chosen, chosen.sum(0), probs.new_zeros(()))
+    return Routed(torch.where(chosen > 0, ar, -1), probs * chosen, chosen.sum(0), probs.new_zeros(()),
+                  by_expert=(tok.T, top_p.T))                           # (n, C) each; top_p = p[tok]: the same gradient
 
 def tau_rule(scores: torch.Tensor, tau: float) -> torch.Tensor:
     "Mask (N, n): expert i runs for a token iff score_i ≥ τ · that token's max score (the argmax always does)."
@@ -221,6 +225,26 @@ def moe_mlp(x, w_in, w_out, expert_idx, gates, act: str = "gelu", w_gate=None, b
     "y (N, d) = Σ_k gates · W_out[e] act(W_in[e] x) over the non-empty slots of expert_idx (N, K)."
     return resolve_backend(backend, x.device)(x, w_in, w_out, w_gate, expert_idx, gates, act)
 
+# %% ../../nbs/12_moe.layers.ipynb #e1c0a7b3
+EXPERT_MAJOR_BACKENDS = ("auto", "torch", "triton")   # backends for which MoEFFN runs expert choice as batched products
+
+def moe_mlp_by_expert(x, w_in, w_out, w_gate, tok, gates, act: str = "gelu", combine: str | None = None):
+    """y (N, d_out) = Σ_e Σ_c [token t_ec] g_ec · W_out[e] act(W_in[e] x_{t_ec}) for tok, gates (n, C): expert e runs
+    the C tokens tok[e]. `combine`: "index_add" (the default on a CPU) or "grid" (elsewhere: deterministic)."""
+    n, C = tok.shape
+    xs = x[tok]                                                         # (n, C, d) gathered rows
+    pre = torch.bmm(xs, w_in)                                           # (n, C, h)
+    gpre = torch.bmm(xs, w_gate) if w_gate is not None else None
+    o = torch.bmm(_act(pre, gpre, act), w_out)                          # (n, C, d_out)
+    o = o * gates.unsqueeze(-1).to(o.dtype)                             # gate-weighted
+    combine = combine or ("index_add" if x.device.type == "cpu" else "grid")
+    if combine == "index_add":
+        return o.new_zeros(x.shape[0], o.shape[-1]).index_add_(0, tok.reshape(-1), o.reshape(n * C, -1))
+    if combine != "grid": raise ConfigError(f"combine must be 'index_add' or 'grid', not {combine!r}")
+    grid = o.new_zeros(x.shape[0], n, o.shape[-1])                     # (N, n, d_out): one cell per (token, expert)
+    grid[tok, torch.arange(n, device=tok.device)[:, None]] = o          # each cell written at most once
+    return grid.sum(1)
+
 # %% ../../nbs/12_moe.layers.ipynb #79c90d14
 def routing_stats(r: Routed, n: int) -> dict[str, torch.Tensor]:
     "Per-expert load wanted (n,) and run (n,) (the routing's own counts: no pass over the slots), dropped and total assignments, mean experts per token: tensors, no host sync."
@@ -267,7 +291,10 @@ class MoEFFN(nn.Module):
         mi, mo = self.group_mult["ffn_in"], self.group_mult["ffn_out"]
         w_in = self.w_in * mi if mi != 1.0 else self.w_in
         w_gate = (self.w_gate * mi if mi != 1.0 else self.w_gate) if self.w_gate is not None else None
-        y = moe_mlp(xf, w_in, self.w_out, r.expert_idx, r.gates.to(x.dtype), self.act, w_gate, self.moe.backend)
+        if r.by_expert is not None and self.moe.backend in EXPERT_MAJOR_BACKENDS:   # expert choice: (n, C) batched products
+            tok, g = r.by_expert
+            y = moe_mlp_by_expert(xf, w_in, self.w_out, w_gate, tok, g.to(x.dtype), self.act)
+        else: y = moe_mlp(xf, w_in, self.w_out, r.expert_idx, r.gates.to(x.dtype), self.act, w_gate, self.moe.backend)
         if mo != 1.0: y = y * mo
         self.aux_loss = {"load_balance": self.moe.lb_weight * load_balance_loss(probs, r.wanted),
                          "router_z": self.moe.z_weight * z_loss(logits)} if self.training else {}
