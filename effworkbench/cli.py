@@ -399,7 +399,7 @@ def _cmd_run(args) -> int:
 
 # %% ../nbs/04_cli.ipynb #27d961a5
 def _cmd_runs(args) -> int:
-    "`effwb runs ls|show|rm`: keys resolve inside the store only (`RunStore.get`), so no path or pattern reaches the disk."
+    "`effwb runs ls|show|rm|pack|unpack`: keys resolve inside the store only (`RunStore.get`), so no path or pattern reaches the disk."
     store = RunStore(args.root) if args.root else RunStore()
     if args.action == "ls":
         df = store.ls(fn=args.fn, status=args.status)
@@ -425,6 +425,16 @@ def _cmd_runs(args) -> int:
             print(json.dumps(info, indent=1, default=str))
             m = run.metrics()
             if len(m): print(f"metrics: {len(m)} records; last:\n{m.tail(3).to_string(index=False)}")
+    elif args.action in ("pack", "unpack"):
+        if not args.archive: raise ConfigError(f"name the archive: `effwb runs {args.action} --archive FILE.tar.gz`")
+        if args.action == "pack":
+            keys = store.pack(args.archive, args.keys or None, status=args.status or "done", checkpoints=args.checkpoints)
+            print(f"packed {len(keys)} run(s) into {args.archive}")
+        else:
+            if args.keys: raise ConfigError("`effwb runs unpack` takes the finished runs of the whole archive; it names no keys")
+            outcome = store.unpack(args.archive)
+            for key, what in outcome.items(): print(f"{key}  {what}")
+            print(f"{sum(v in ('added', 'replaced') for v in outcome.values())} of {len(outcome)} run(s) taken into {store.root}")
     elif args.action == "rm":
         if not args.keys: raise ConfigError("name the runs to remove: `effwb runs rm KEY [KEY ...]`")
         runs = [store.get(key) for key in args.keys]   # every key resolves before anything is deleted
@@ -450,12 +460,14 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
     l = sub.add_parser("list", help="the notebooks with their parameters and defaults")
     l.set_defaults(func=_cmd_list)
-    s = sub.add_parser("runs", help="list, show or remove runs of the run store")
-    s.add_argument("action", choices=["ls", "show", "rm"])
+    s = sub.add_parser("runs", help="list, show or remove runs of the run store; pack runs into an archive, unpack one")
+    s.add_argument("action", choices=["ls", "show", "rm", "pack", "unpack"])
     s.add_argument("keys", nargs="*", help="run keys: hex, as `runs ls` shows them (a unique prefix is enough)")
     s.add_argument("--root", help="the store folder (default: EFFWB_RUNS or <project>/runs)")
     s.add_argument("--status", choices=["done", "failed", "unfinished", "corrupt"])
     s.add_argument("--fn", help="only runs whose function name contains this")
+    s.add_argument("--archive", metavar="FILE", help="pack/unpack: the .tar.gz archive (pack: the finished runs, or KEYs)")
+    s.add_argument("--checkpoints", action="store_true", help="pack: include the runs' checkpoints (large)")
     s.set_defaults(func=_cmd_runs)
     _add_experiment_commands(sub)
     for add in command_plugins(): add(sub)

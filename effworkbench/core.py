@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRESETS', 'PRESET_INFO', 'PARAM_ROLES', 'project_root', 'runs_dir', 'data_dir', 'cache_dir', 'results_dir',
-           'get_device', 'autocast_dtype', 'autocast', 'set_seed', 'PresetInfo', 'ConfigError', 'check_preset',
-           'PresetConfig', 'source_entry_points', 'RegistryEntryPoints', 'Registry', 'read_config_file', 'parse_set',
-           'apply_sets', 'coerce_text', 'config_from', 'ParamCounts', 'count_params', 'transformer_flops', 'dist_rank',
-           'is_quiet', 'progress', 'git_info', 'device_name', 'env_report', 'save_table', 'load_table']
+__all__ = ['PRESETS', 'PRESET_INFO', 'PARAM_ROLES', 'GIT_MANIFEST', 'project_root', 'runs_dir', 'data_dir', 'cache_dir',
+           'results_dir', 'get_device', 'autocast_dtype', 'autocast', 'set_seed', 'PresetInfo', 'ConfigError',
+           'check_preset', 'PresetConfig', 'source_entry_points', 'RegistryEntryPoints', 'Registry', 'read_config_file',
+           'parse_set', 'apply_sets', 'coerce_text', 'config_from', 'ParamCounts', 'count_params', 'transformer_flops',
+           'dist_rank', 'is_quiet', 'progress', 'write_git_manifest', 'manifest_info', 'git_info', 'device_name',
+           'env_report', 'save_table', 'load_table']
 
 # %% ../nbs/00_core.ipynb #96fea712
 def project_root(start: str | Path | None = None) -> Path:
@@ -445,20 +447,51 @@ def progress(iterable: Iterable | None = None, **kwargs):
 # %% ../nbs/00_core.ipynb #1d243c7a
 _REPORT_PACKAGES = ("effworkbench", "torch", "triton", "numpy", "pandas", "scipy", "tokenizers", "plotly", "opacus", "ray")
 
+GIT_MANIFEST = ".git_manifest"   # in a copy of a checkout without its .git: the commit, then `git ls-files -s`
+
+def write_git_manifest(path: str | Path | None = None) -> Path:
+    "Write `GIT_MANIFEST` at the checkout `path` (default: the project root): HEAD's hash, then every tracked file's mode, blob hash and path."
+    cwd = Path(path or project_root())
+    git = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=30, check=True).stdout
+    out = cwd / GIT_MANIFEST
+    out.write_text(git("rev-parse", "HEAD").strip() + "\n" + git("ls-files", "-s"))
+    return out
+
+def _blob_sha(data: bytes) -> str:
+    "git's object id of a file's bytes: sha1 of `blob <size>\\0` + the bytes."
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+def manifest_info(path: str | Path) -> dict[str, Any] | None:
+    """For a copy of a checkout that has no .git (as on a machine the working tree is sent to): the commit of its
+    `GIT_MANIFEST` and whether any tracked file outside `results/` differs from that commit's blob; None without one."""
+    root = Path(path); m = root / GIT_MANIFEST
+    if not m.is_file(): return None
+    head, *lines = m.read_text().splitlines()
+    for line in lines:
+        meta, _, rel = line.partition("\t")
+        mode, sha = meta.split()[:2]
+        if rel.startswith("results/"): continue
+        f = root / rel
+        data = (os.readlink(f).encode() if f.is_symlink() else None) if mode == "120000" else (f.read_bytes() if f.is_file() else None)
+        if data is None or _blob_sha(data) != sha: return {"git_hash": head.strip(), "git_dirty": True}
+    return {"git_hash": head.strip(), "git_dirty": False}
+
 def git_info(path: str | Path | None = None) -> dict[str, Any]:
     """The commit hash and dirty flag of the git checkout at `path` (default: the project root), or Nones. Changes
     under `results/` do not count as dirty: they are the outputs (a notebook saving its second table has already
-    rewritten its first), not the code that made them."""
+    rewritten its first), not the code that made them. Where there is no git repository but a `GIT_MANIFEST`
+    (`write_git_manifest`), its commit, dirty if a tracked file differs from it (`manifest_info`)."""
     cwd = str(path or project_root())
+    nogit = {"git_hash": None, "git_dirty": None}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0: return {"git_hash": None, "git_dirty": None}
+        if head.returncode != 0: return manifest_info(cwd) or nogit
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
                                cwd=cwd, capture_output=True, text=True, timeout=10)
         if dirty.returncode != 0: return {"git_hash": head.stdout.strip(), "git_dirty": None}
         return {"git_hash": head.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
-        return {"git_hash": None, "git_dirty": None}
+        return manifest_info(cwd) or nogit
 
 def device_name(device: torch.device | str | None = None) -> str:
     "A human-readable name of `device` (default: `get_device()`): the GPU model, or the CPU model."

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import tarfile
 import time
 import traceback
 import warnings
@@ -32,7 +33,7 @@ from .core import ConfigError, Registry, env_report, runs_dir
 __all__ = ['LOGGERS', 'to_jsonable', 'config_hash', 'atomic_write_bytes', 'to_json', 'atomic_write_json', 'read_json',
            'clean_stale_tmp', 'logger_names', 'RunFiles', 'RunRecord', 'RunMetrics', 'RunArtifacts', 'Run',
            'check_loggers', 'TensorBoardLogger', 'MLflowLogger', 'fn_name', 'run_function', 'CheckpointError',
-           'RunKeyError', 'RunIndex', 'RunCompute', 'RunTables', 'RunSummary', 'RunStore']
+           'RunKeyError', 'RunIndex', 'RunCompute', 'RunTables', 'RunSummary', 'RunArchive', 'RunStore']
 
 # %% ../nbs/00a_store.ipynb #9f154e52
 def to_jsonable(obj: Any) -> Any:
@@ -497,8 +498,91 @@ class RunSummary:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+# %% ../nbs/00a_store.ipynb #a7c1e0f2
+_RUN_FILE = re.compile(r"(config|result|error|env)\.json|metrics\.jsonl|checkpoint\.pt|tables/[A-Za-z0-9_]+\.csv")   # what a run folder holds
+
+class RunArchive:
+    "Runs carried between stores as one `.tar.gz`: `pack` some runs, `unpack` the finished ones into another store."
+    def pack(self, archive: str | Path, keys: Sequence[str] | None = None, status: str | None = "done",
+             checkpoints: bool = False) -> list[str]:
+        "Write the runs `keys` (default: every run whose status is `status`; None: all) to `archive`; returns their keys."
+        runs = [self.get(k) for k in keys] if keys is not None else [r for r in self.runs() if status is None or r.status == status]
+        archive = Path(archive); archive.parent.mkdir(parents=True, exist_ok=True)
+        tmp = archive.with_name(f".{archive.name}.{os.getpid()}.tmp")
+        try:
+            with tarfile.open(tmp, "w:gz") as tar:
+                for r in runs:
+                    for f in sorted(q for q in r.path.rglob("*") if q.is_file() and not q.is_symlink()):
+                        rel = f.relative_to(r.path).as_posix()
+                        if not _RUN_FILE.fullmatch(rel) or (f == r.checkpoint_file and not checkpoints): continue
+                        info = tar.gettarinfo(str(f), f"{r.key}/{rel}")
+                        info.uid = info.gid = 0; info.uname = info.gname = ""
+                        with open(f, "rb") as fh: tar.addfile(info, fh)
+            os.replace(tmp, archive)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return [r.key for r in runs]
+
+    def _read_archive(self, archive: Path, stage: Path) -> list[str]:
+        "Write `archive`'s members under `stage` after checking each one's type and name; the run keys it holds."
+        keys = []
+        with tarfile.open(archive, "r:gz") as tar:
+            for m in tar:
+                key, _, rel = m.name.partition("/")
+                if not (m.isreg() and _HEX.fullmatch(key) and _RUN_FILE.fullmatch(rel)):
+                    raise ConfigError(f"{archive}: member {m.name!r} is not a file of a run folder (KEY/config.json, "
+                                      "KEY/tables/NAME.csv, ...); the archive is refused whole")
+                dst = stage / key / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(dst, "wb") as out: shutil.copyfileobj(src, out)
+                os.utime(dst, (m.mtime, m.mtime))
+                if key not in keys: keys.append(key)
+        return keys
+
+    def unpack(self, archive: str | Path) -> dict[str, str]:
+        "Take the finished runs of `archive` into this store: key → `added`, `replaced`, `kept` or why it was left out."
+        archive, out = Path(archive), {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        stage = self.root / f".unpack-{os.getpid()}"
+        try:
+            for key in self._read_archive(archive, stage):
+                new = Run(stage / key)
+                try: rec = new.record
+                except (ValueError, OSError): out[key] = "left out: no readable config.json"; continue
+                if self.key(rec.get("fn", ""), rec.get("config")) != key:
+                    out[key] = "left out: the folder name is not the key of the config it holds"; continue
+                if new.status != "done": out[key] = f"left out: {new.status} in the archive"; continue
+                out[key] = self._take(new, Run(self.root / key))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return out
+
+    def _take(self, new: Run, run: Run) -> str:
+        "Move the finished run `new` to `run`'s place: whole if nothing is there, else under its lock unless it is done."
+        try:
+            os.rename(new.path, run.path)                      # atomic where no folder of that key exists
+            return "added"
+        except OSError:
+            if not run.path.is_dir(): raise
+        from filelock import Timeout
+        try: lock = _lock(run, 5).acquire()
+        except Timeout: return "left out: the run is being computed here (its lock is held)"
+        with lock:
+            if run.status == "done": return "kept"
+            for f in run.path.iterdir():                       # the unfinished or failed run's files, its lock kept
+                if f.name == ".lock": continue
+                shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+            files = sorted(new.path.rglob("*"), key=lambda f: f.name == "result.json")   # the result last: done only when whole
+            for f in files:
+                if f.is_file():
+                    dst = run.path / f.relative_to(new.path)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, dst)
+        return "replaced"
+
 # %% ../nbs/00a_store.ipynb #26567428
-class RunStore(RunIndex, RunCompute, RunTables, RunSummary):
+class RunStore(RunIndex, RunCompute, RunTables, RunSummary, RunArchive):
     "Content-addressed runs under `root` (default: `runs_dir()`, relocatable with `EFFWB_RUNS`); `loggers`: see `Run`."
     def __init__(self, root: str | Path | None = None, loggers: Sequence[str] | None = None):
         self.root = Path(root) if root is not None else runs_dir()

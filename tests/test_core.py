@@ -70,3 +70,29 @@ def test_env_report_and_tables(tmp_path, monkeypatch):
 def test_project_root_outside_checkout(tmp_path):
     assert project_root(tmp_path) == tmp_path
     assert (project_root() / "nbs").is_dir()
+
+
+def test_a_copy_without_git_names_its_commit_from_the_manifest(tmp_path):
+    "The machine a working tree is sent to has no .git: the manifest gives the commit, and dirty iff a tracked file changed."
+    import shutil
+    import subprocess
+    from effworkbench.core import GIT_MANIFEST, git_info, write_git_manifest
+    if not shutil.which("git"): pytest.skip("needs git")
+    src, dst = tmp_path / "src", tmp_path / "copy"
+    (src / "results").mkdir(parents=True); (src / "pkg").mkdir()
+    (src / "pkg" / "a.py").write_text("x = 1\n"); (src / "run.sh").write_text("echo\n"); (src / "results" / "t.csv").write_text("a\n")
+    (src / "run.sh").chmod(0o755)
+    def g(*a): subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=src, check=True, capture_output=True)
+    g("init", "-q"); g("add", "."); g("commit", "-qm", "c")
+    write_git_manifest(src)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git"))
+    head = git_info(src)["git_hash"]
+    assert len(head) == 40 and git_info(dst) == {"git_hash": head, "git_dirty": False}
+    (dst / "results" / "t.csv").write_text("b\n")
+    assert git_info(dst)["git_dirty"] is False                                  # outputs are not code
+    (dst / "pkg" / "a.py").write_text("x = 2\n")
+    assert git_info(dst) == {"git_hash": head, "git_dirty": True}
+    (dst / "pkg" / "a.py").write_text("x = 1\n"); (dst / "run.sh").unlink()
+    assert git_info(dst)["git_dirty"] is True                                   # a missing file is a change too
+    (dst / GIT_MANIFEST).unlink()
+    assert git_info(dst) == {"git_hash": None, "git_dirty": None}

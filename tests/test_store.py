@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from effworkbench.store import Run, RunStore, atomic_write_json, config_hash
 
@@ -360,3 +361,107 @@ def test_runs_ls_shows_status_what_start_and_seconds(tmp_path, capsys):
     assert time.strftime("%Y-%m-%d") in out
     assert _cli("runs", "ls", "--root", str(tmp_path), "--status", "failed") == 0
     assert capsys.readouterr().out.strip() == f"no failed runs in {tmp_path} (3 runs in all)"
+
+
+# --- carrying runs between stores (pack / unpack) ---
+
+import io as _io  # noqa: E402
+import tarfile  # noqa: E402
+
+from effworkbench.core import ConfigError  # noqa: E402
+
+
+def _two_stores(tmp_path):
+    a, b = RunStore(tmp_path / "a"), RunStore(tmp_path / "b")
+    for steps in (2, 3): a.run(slow_count, {"steps": steps})
+    return a, b
+
+
+def test_pack_and_unpack_carry_finished_runs_with_results_and_metrics(tmp_path):
+    a, b = _two_stores(tmp_path)
+    with pytest.raises(ValueError): a.run(square, {"x": 1, "fail": True})
+    keys = a.pack(tmp_path / "x.tar.gz")
+    assert sorted(keys) == sorted(r.key for r in a.runs() if r.status == "done") and len(keys) == 2
+    assert b.unpack(tmp_path / "x.tar.gz") == {k: "added" for k in keys}
+    for k in keys:
+        ra, rb = a.get(k), b.get(k)
+        assert rb.status == "done" and rb.result == ra.result and rb.record == ra.record
+        assert rb.metrics().equals(ra.metrics())
+        assert not rb.checkpoint_file.exists() and not (rb.path / "calls.txt").exists()   # only run files, no weights
+        assert (rb.config_file.stat().st_mtime == ra.config_file.stat().st_mtime)        # runs() keeps its order
+    assert b.run(slow_count, {"steps": 3}) == a.get(b.key(slow_count, {"steps": 3})).result   # not computed again
+    assert not (b.get(b.key(slow_count, {"steps": 3})).path / "calls.txt").exists()
+    a.pack(tmp_path / "w.tar.gz", keys=[keys[0][:8]], checkpoints=True)                # a key prefix, with weights
+    c = RunStore(tmp_path / "c")
+    c.unpack(tmp_path / "w.tar.gz")
+    assert torch.load(c.get(keys[0]).checkpoint_file, weights_only=True)["step"] == a.get(keys[0]).load_checkpoint()["step"]
+
+
+def test_unpack_keeps_finished_runs_and_replaces_unfinished_ones(tmp_path):
+    a, b = _two_stores(tmp_path)
+    a.pack(tmp_path / "x.tar.gz")
+    k2, k3 = b.key(slow_count, {"steps": 2}), b.key(slow_count, {"steps": 3})
+    b.run(slow_count, {"steps": 2})
+    atomic_write_json(b.get(k2).result_file, {"total": -1.0})                     # a finished run of its own: kept
+    (b.root / k3).mkdir(parents=True)
+    atomic_write_json(b.root / k3 / "config.json", {"fn": "runfns.slow_count", "config": {"steps": 3}})
+    atomic_write_json(b.root / k3 / "error.json", {"message": "killed"})         # a failed one: replaced
+    (b.root / k3 / "tables").mkdir(); (b.root / k3 / "tables" / "old.csv").write_text("a\n1\n")
+    assert b.unpack(tmp_path / "x.tar.gz") == {k2: "kept", k3: "replaced"}
+    assert b.get(k2).result == {"total": -1.0}
+    assert b.get(k3).status == "done" and b.get(k3).result == a.get(k3).result
+    assert not (b.root / k3 / "error.json").exists() and not (b.root / k3 / "tables" / "old.csv").exists()
+    assert not [p for p in b.root.iterdir() if p.name.startswith(".unpack")]    # the staging folder is gone
+
+
+def _archive(path, members):
+    "A .tar.gz of (name, bytes | ('symlink', target)) members."
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple): info.type, info.linkname = tarfile.SYMTYPE, data[1]; tar.addfile(info)
+            else: info.size = len(data); tar.addfile(info, _io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("name,data", [("../evil/config.json", b"{}"), ("/tmp/config.json", b"{}"),
+                                       ("0123abcd/run.sh", b"rm -rf /"), ("0123abcd/../../x.json", b"{}"),
+                                       ("0123abcd/config.json", ("symlink", "/etc/passwd")), ("NOTHEX/config.json", b"{}"),
+                                       ("0123abcd/tables/../../x.csv", b"a")])
+def test_unpack_refuses_an_archive_with_anything_but_run_files(tmp_path, name, data):
+    a, b = _two_stores(tmp_path)
+    key = a.pack(tmp_path / "ok.tar.gz")[0]
+    good = [(m.name, tarfile.open(tmp_path / "ok.tar.gz").extractfile(m).read())
+            for m in tarfile.open(tmp_path / "ok.tar.gz") if m.name.startswith(key)]
+    arc = _archive(tmp_path / "bad.tar.gz", good + [(name, data)])
+    with pytest.raises(ConfigError, match="not a file of a run folder"): b.unpack(arc)
+    assert not b.root.exists() or [p.name for p in b.root.iterdir()] == []       # nothing taken in, no staging left
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_unpack_leaves_out_runs_whose_folder_is_not_their_key_or_that_are_unfinished(tmp_path):
+    a, b = _two_stores(tmp_path)
+    key = a.key(slow_count, {"steps": 2})
+    run = a.get(key)
+    rec, res = run.config_file.read_bytes(), run.result_file.read_bytes()
+    forged = "f" * len(key)                                                     # a result filed under another key
+    unfinished = a.key(slow_count, {"steps": 9})
+    cfg9 = json.dumps({"fn": "runfns.slow_count", "config": {"steps": 9}}).encode()
+    arc = _archive(tmp_path / "m.tar.gz", [(f"{forged}/config.json", rec), (f"{forged}/result.json", res),
+                                           (f"{unfinished}/config.json", cfg9), (f"{key}/config.json", rec),
+                                           (f"{key}/result.json", res)])
+    out = b.unpack(arc)
+    assert out[key] == "added" and "not the key" in out[forged] and "unfinished" in out[unfinished]
+    assert [r.key for r in b.runs()] == [key]
+
+
+def test_cli_pack_and_unpack(tmp_path, capsys):
+    from effworkbench.cli import main
+    a, b = _two_stores(tmp_path)
+    arc = str(tmp_path / "cli.tar.gz")
+    assert main(["runs", "pack", "--root", str(a.root), "--archive", arc]) == 0
+    assert "packed 2 run(s)" in capsys.readouterr().out
+    assert main(["runs", "unpack", "--root", str(b.root), "--archive", arc]) == 0
+    assert "2 of 2 run(s) taken into" in capsys.readouterr().out
+    assert sorted(r.key for r in b.runs()) == sorted(r.key for r in a.runs())
+    assert main(["runs", "unpack", "--root", str(b.root)]) == 2                  # no archive named: a usage error
