@@ -12,6 +12,7 @@
 #   dp       bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 #   tune     bench/moe.py --tune (tiles tuned per shape against the default tiles)
 # A section starts only with at least 45 s of the budget left and gets at most what is left; SECTIONS picks and orders.
+# FULL_WORKERS (default 1): processes sharing the GPU for the full runs' independent units (small models leave it idle).
 #
 # Before the device call, here (the device's copy of the tree has no .git; runs made there record the commit and whether
 # a tracked file differs from it, through the manifest):
@@ -57,7 +58,7 @@ out = RunStore().unpack(arc) if arc.is_file() else {}
 print(f"{sum(v == 'added' for v in out.values())} finished runs taken from {arc}" if out else f"no {arc}: starting afresh")
 PYEOF
   minutes=$(awk "BEGIN { print ($T - 60) / 60 }")     # the chunk stops itself; the timeout is the backstop
-  timeout "$T" $PY -c "import sys; from effworkbench.cli import main; sys.exit(main(['full', '--max-minutes', '$minutes']))" 2>&1 | tee -a "$LOG"
+  timeout "$T" $PY -c "import sys; from effworkbench.cli import main; sys.exit(main(['full', '--max-minutes', '$minutes', '--workers', '${FULL_WORKERS:-1}']))" 2>&1 | tee -a "$LOG"
   $PY -c "from effworkbench.store import RunStore; print('packed', len(RunStore().pack('$OUT/full_store.tar.gz')), 'finished runs into full_store.tar.gz')" 2>&1 | tee -a "$LOG"
 fi
 
