@@ -72,9 +72,10 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 # %% ../nbs/90_distributed.ipynb #0522e32f
-from torch.distributed.checkpoint.stateful import Stateful
+# These classes are torch.distributed.checkpoint `Stateful`s by their two methods alone (a runtime-checkable protocol):
+# not inheriting it keeps dcp's import (about 1 s) out of `import effworkbench.distributed` until a checkpoint is written.
 
-class ModelOptimizerState(Stateful):
+class ModelOptimizerState:
     "Model and optimizer as one `Stateful`: sharded (DTensor) entries stay sharded, so each rank writes its own shard."
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         self.model, self.optimizer = model, optimizer
@@ -91,7 +92,7 @@ class ModelOptimizerState(Stateful):
         else: set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 # %% ../nbs/90_distributed.ipynb #33072610
-class ProgressState(Stateful):
+class ProgressState:
     "Step counter (and an optional LR scheduler) of a run; `.step` is read back after a load."
     def __init__(self, step: int = 0, scheduler: Any = None):
         self.step, self.scheduler = step, scheduler
@@ -103,7 +104,7 @@ class ProgressState(Stateful):
         self.step = int(sd["step"])
         if self.scheduler is not None: self.scheduler.load_state_dict(sd["scheduler"])
 
-class RNGState(Stateful):
+class RNGState:
     "Every rank's torch/numpy/python RNG, gathered into one blob; on load rank r takes state r mod (ranks saved)."
     def state_dict(self) -> dict:
         mine = rng_state()
@@ -285,7 +286,7 @@ def sync_grads(model: nn.Module, mesh, ep_dim: str = "ep") -> None:
         p.grad.div_(world)
 
 # %% ../nbs/90_distributed.ipynb #9f23c3bb
-class TrainerProgress(Stateful):
+class TrainerProgress:
     "A `Trainer`'s step and token count, for a sharded checkpoint."
     def __init__(self, t): self.t = t
     def state_dict(self) -> dict: return {"step": self.t.step, "tokens": self.t.tokens}
@@ -321,7 +322,7 @@ class ExpertParallelState(ModelOptimizerState):
 class ShardedParallelism(Parallelism):
     "A scheme whose ranks hold different tensors: each rank saves and loads its shard under `run.path/checkpoints/`."
     sharded = True
-    def app_state(self, model: nn.Module, opt) -> Stateful: return ModelOptimizerState(model, opt)
+    def app_state(self, model: nn.Module, opt) -> ModelOptimizerState: return ModelOptimizerState(model, opt)
     def state(self, t) -> dict:
         return {"app": self.app_state(t.model, t.opt), "progress": TrainerProgress(t), "rng": RNGState()}
     def save(self, t, run): CheckpointManager(run.path / "checkpoints").save(t.step, self.state(t))

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy import stats
 
 from ..claims import Claim, Evidence, bootstrap_mean, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
@@ -235,6 +234,7 @@ def channel_game(model: BlockNet, layer: str, x: torch.Tensor, y: torch.Tensor,
 def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
     "Spearman's rank correlation (NaN when either side is constant)."
     if np.ptp(a) == 0 or np.ptp(b) == 0: return float("nan")
+    from scipy import stats                                        # here: scipy.stats takes ~1 s to import
     return float(stats.spearmanr(a, b).statistic)
 
 def estimator_runs(game: Game, perms: Sequence[int] = (1, 2, 4, 8, 16, 32), kernel: Sequence[int] = (8, 16, 32, 64, 128, 256),
