@@ -257,3 +257,11 @@ def test_effwb_train_nproc_launches_torchrun(tmp_path, parallel):
     assert (run / "checkpoint.pt").exists() != sharded and (run / "checkpoints").is_dir() == sharded
     assert (tmp_path / "w.safetensors").stat().st_size > 0                  # the weights, read back in one process
     if log: assert list((run / "tensorboard").glob("events.*"))
+
+
+def test_checkpoint_state_classes_are_stateful_by_their_methods():
+    "dcp calls state_dict/load_state_dict only on objects that pass isinstance(x, Stateful); the classes do not inherit it."
+    from torch.distributed.checkpoint.stateful import Stateful
+    from effworkbench.distributed import ModelOptimizerState, ProgressState, RNGState, TrainerProgress
+    for obj in (ModelOptimizerState(torch.nn.Linear(2, 2)), ProgressState(), RNGState(), TrainerProgress(None)):
+        assert isinstance(obj, Stateful), type(obj).__name__
