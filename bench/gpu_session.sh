@@ -14,12 +14,9 @@
 # A section starts only with at least 45 s of the budget left and gets at most what is left; SECTIONS picks and orders.
 # FULL_WORKERS (default 1): processes sharing the GPU for the full runs' independent units (small models leave it idle).
 #
-# Before the device call, here (the device's copy of the tree has no .git; runs made there record the commit and whether
-# a tracked file differs from it, through the manifest):
-#   git status --short            # clean: commit first
-#   .venv/bin/python -c "from effworkbench.core import write_git_manifest; write_git_manifest()"
-#   mkdir -p .carry && cp ../shared/bench/anchors.py .carry/     # (.carry/ is git-ignored)
-# and call:   run(command="OUT=$OUT bash bench/gpu_session.sh", carry=[".git_manifest", ".carry", "data"], timeout_s=600)
+# Before the device call, here: `bash bench/gpu_prep.sh` (a clean tree; .git_manifest, since the device's copy has no
+# .git and runs made there record the commit through it; .carry/anchors.py; .whl/, wheels of what the device image lacks)
+# and call:   run(command="OUT=$OUT bash bench/gpu_session.sh", carry=[".git_manifest", ".carry", ".whl", "data"], timeout_s=600)
 # After it:   cp <files_at>/full_store.tar.gz results/ && effwb runs unpack --archive results/full_store.tar.gz
 #             effwb publish NAME --preset full     (each experiment `effwb full` reports done; from the clean checkout)
 #             git add results/ && git commit       (the archive carries the finished runs to the next GPU session)
@@ -30,6 +27,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EFFWB_QUIET=1 EFFWB_DATA=$PWD/data
 export EFFWB_RUNS=/tmp/effwb_runs EFFWB_CACHE=/tmp/effwb_cache EFFWB_RESULTS=/tmp/effwb_results
 mkdir -p "$EFFWB_RESULTS" && cp results/*.csv results/*.env.json "$EFFWB_RESULTS"/ 2>/dev/null
 PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then     # carried wheels (gpu_prep.sh) of packages the device image lacks
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 SECTIONS=${SECTIONS:-"full kernels moe anchors gpt dp tune"}
 BUDGET=${BUDGET:-540}; T0=$(date +%s)
 LOG="$OUT/session.log"
@@ -47,6 +48,17 @@ echo "=== environment" | tee "$LOG"
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   $PY -c "from effworkbench.core import git_info; print('code', git_info())"
+  $PY - <<'PYEOF'
+import importlib   # every module a section imports, so that a missing package shows here and not half-way
+mods = ["effworkbench.experiment", "effworkbench.cli", "effworkbench.moe.kernels", "effworkbench.moe.layers",
+        "effworkbench.nn.gpt", "effworkbench.train", "effworkbench.privacy.dp_prune", "effworkbench.compress.d2dmoe",
+        "effworkbench.vision.adaglimpse", "effworkbench.rlrs", "effworkbench.viz", "opacus", "plotly", "pytest"]
+bad = []
+for m in mods:
+    try: importlib.import_module(m)
+    except Exception as e: bad.append(f"{m}: {type(e).__name__}: {e}")
+print("imports: all", len(mods), "load" if not bad else "FAILED\n  " + "\n  ".join(bad))
+PYEOF
 } 2>&1 | tee -a "$LOG"
 
 if want full && start full "${FULL_TIMEOUT:-240}" "full runs: the next chunk"; then
