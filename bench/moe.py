@@ -47,8 +47,9 @@ def dense_ffn(x, w1, w2, act):
 def backends(act, config=None, tune: bool = False):
     "name → fn(x, w_in, w_out, w_gate, expert_idx, gates) for the MoE backends."
     dh128 = dataclasses.replace(config or kernel_config("cuda", torch.bfloat16), dh_block_n=128)   # the dH tile before it spilled
-    tuned = {"triton_tuned": lambda *a: triton_moe_mlp(*a, act, config=tuned_config(*a[:5], act))} if tune else {}
-    return {**tuned, "triton": lambda *a: triton_moe_mlp(*a, act, config=config),
+    # triton_tuned: tiles and combine tuned together (atomic=None), the layer's choice under EFFWB_MOE_TUNE=1
+    tuned = {"triton_tuned": lambda *a: triton_moe_mlp(*a, act, config=tuned_config(*a[:5], act, None))} if tune else {}
+    return {**tuned, "triton": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=config),
             "triton_atomic": lambda *a: triton_moe_mlp(*a, act, atomic=True, config=config),
             "triton_dh128": lambda *a: triton_moe_mlp(*a, act, config=dh128 if a[0].is_cuda else config),
             "grouped_mm": lambda *a: moe_mlp_torch(*a, act),
@@ -225,7 +226,7 @@ def main():
     ap.add_argument("--cases", default="all", help="comma-separated case indices (0-3), default all")
     ap.add_argument("--skip", default="", help="comma-separated backends to skip, e.g. loop,triton_atomic")
     ap.add_argument("--no-check", action="store_true", help="skip the kernel check against float64")
-    ap.add_argument("--tune", action="store_true", help="add a triton_tuned row: tiles tuned per shape class (tuned_config), "
+    ap.add_argument("--tune", action="store_true", help="add a triton_tuned row: tiles and combine tuned per shape class (tuned_config), "
                                                         "first, so the tuner's compiles fall in its warm-up")
     ap.add_argument("--routing", default="uniform,skewed", help="comma-separated: uniform, skewed (default both)")
     ap.add_argument("--skew", type=float, default=1.0, help="skewed routing: expert e drawn with weight ∝ (e+1)^-skew")
@@ -306,8 +307,8 @@ def main():
                 t = time_step(step, device, warmup, it)
                 report(E, k, G, f"{name} {rname}", t, peak_bytes(step, device), saved_bytes(fwd, leaves))
                 if name == "triton_tuned":                                     # what the tuner chose, and every candidate's time
-                    entry = json.loads(tile_cache_path().read_text()).get(tile_key(x, w_in, idx.numel(), args.act, False), {})
-                    print(f"{'':>18}tuned tiles {entry.get('config')}; ms per candidate (block_m,n,k,warps,stages,dh_block_n): {entry.get('ms')}")
+                    entry = json.loads(tile_cache_path().read_text()).get(tile_key(x, w_in, idx.numel(), args.act, None), {})
+                    print(f"{'':>18}tuned tiles {entry.get('config')}; ms per candidate (block_m,n,k,warps,stages,dh_block_n|combine): {entry.get('ms')}")
                 y = fwd(); outs[name] = [y.detach(), *[g.detach() for g in torch.autograd.grad(y, leaves, dy)]]
                 if name == "triton" and device.type == "cuda":
                     try:

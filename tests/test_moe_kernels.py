@@ -193,6 +193,68 @@ def test_layer_tunes_only_when_asked_and_on_cuda(monkeypatch):
     assert asked == ([1] if DEV.type == "cuda" else [])
 
 
+def test_tuner_chooses_the_combine_when_it_is_open(tmp_path, monkeypatch):
+    """atomic=None: every candidate is timed with both combines (K > 1; with K = 1 only the deterministic one), the
+    winner carries its combine, the cache names the class `auto` and labels each time; the layer then runs the chosen
+    combine. Under torch.use_deterministic_algorithms the layer asks the tuner for the deterministic combine only."""
+    monkeypatch.setenv("EFFWB_CACHE", str(tmp_path))
+    monkeypatch.setattr(mk, "_TUNED", {})
+    c0, c1 = cands = (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1))
+    calls = []
+    def timer(cfg, *a):                                      # atomics win with c1, the deterministic combine with c0
+        calls.append(cfg)
+        return {(c0, False): 2.0, (c0, True): 3.0, (c1, False): 4.0, (c1, True): 1.5}[(dataclasses.replace(cfg, atomic=None), cfg.atomic)]
+    g = torch.Generator().manual_seed(8)
+    x, w_in, w_out = (torch.randn(*s, generator=g).to(DEV) for s in [(37, 16), (3, 16, 24), (3, 24, 16)])
+    idx = torch.randint(0, 3, (37, 2), generator=g).to(DEV)
+    best = mk.tuned_config(x, w_in, w_out, None, idx, atomic=None, candidates=cands, timer=timer)
+    assert best == dataclasses.replace(c1, atomic=True)
+    assert sorted((c.block_m, c.atomic) for c in calls) == [(16, False), (16, True), (32, False), (32, True)]
+    key = mk.tile_key(x, w_in, idx.numel(), "gelu", None)
+    assert "|auto|" in key and key != mk.tile_key(x, w_in, idx.numel(), "gelu", False)
+    entry = json.loads((tmp_path / "moe_tiles.json").read_text())[key]
+    assert entry["config"]["atomic"] is True
+    assert entry["ms"] == {"32,32,32,4,1,None|deterministic": 2000.0, "32,32,32,4,1,None|atomic": 3000.0,
+                           "16,32,16,4,1,None|deterministic": 4000.0, "16,32,16,4,1,None|atomic": 1500.0}
+    calls.clear()                                            # K = 1: slots are tokens, only the deterministic combine
+    assert mk.tuned_config(x, w_in, w_out, None, idx[:, :1], atomic=None, candidates=cands, timer=timer, cache=False) \
+        == dataclasses.replace(c0, atomic=False)
+    assert [c.atomic for c in calls] == [False, False]
+
+    ran = []                                                 # the layer runs the combine the chosen config carries
+    real_down = mk._down
+    monkeypatch.setattr(mk, "_down", lambda *a: ran.append(a[8]) or real_down(*a))
+    base = CFG or mk.kernel_config(DEV, torch.float32)
+    xs, wi, wo, wg, i2, gates = make_case(*CASES["uneven_empty_k2_gelu"], 5)
+    for chosen in (True, False):
+        ran.clear()
+        y = triton_moe_mlp(xs, wi, wo, wg, i2, gates, "gelu", config=dataclasses.replace(base, atomic=chosen))
+        assert ran == [chosen]
+        ran.clear()                                          # an explicit combine overrides the config's
+        triton_moe_mlp(xs, wi, wo, wg, i2, gates, "gelu", atomic=not chosen, config=dataclasses.replace(base, atomic=chosen))
+        assert ran == [not chosen]
+    torch.testing.assert_close(y.double(), loop_reference(xs, wi, wo, wg, i2, gates, "gelu"), rtol=1e-4, atol=1e-5)
+    ran.clear()                                              # the tuner's clock times the candidate's own combine
+    mk.time_tiles(dataclasses.replace(base, atomic=True), xs, wi, wo, wg, i2, "gelu", False, reps=1)
+    assert set(ran) == {True}
+
+    asked = []                                               # with tuning on: the open combine, or deterministic only
+    monkeypatch.setattr(mk, "_tune_tiles", lambda x: True)
+    monkeypatch.setattr(mk, "tuned_config", lambda *a, **k: asked.append(a[6]) or dataclasses.replace(base, atomic=True))
+    ran.clear()
+    triton_moe_mlp(xs, wi, wo, wg, i2, gates, "gelu")
+    assert asked == [None] and ran == [True]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        asked.clear(); ran.clear()
+        monkeypatch.setattr(mk, "tuned_config", lambda *a, **k: asked.append(a[6]) or base)
+        triton_moe_mlp(xs, wi, wo, wg, i2, gates, "gelu")
+        assert asked == [False] and ran == [False]
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_shapes(seed):
     "Random sizes, activations and routings (a fresh draw per seed), forward and every gradient."

@@ -162,6 +162,7 @@ class MoEKernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
+    atomic: bool | None = None      # the combine these tiles were tuned with (`tuned_config(atomic=None)`); None: the caller's
 
 def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelConfig:
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
@@ -471,9 +472,17 @@ class MoEMLPFunction(torch.autograd.Function):
         return dx, dw_in, dw_out, dw_gate, dgates, None, None, None, None
 
 # %% ../../nbs/13_moe.kernels.ipynb #897afec0
-def triton_moe_mlp(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu", *, atomic: bool = False,
+def _tune_tiles(x: torch.Tensor) -> bool:
+    "Tiles (and the open combine) tuned per shape class: on CUDA, with EFFWB_MOE_TUNE=1."
+    return x.is_cuda and os.environ.get("EFFWB_MOE_TUNE", "0") == "1"
+
+def triton_moe_mlp(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu", *, atomic: bool | None = None,
                    config: MoEKernelConfig | None = None):
-    "The `triton` MoE backend: y (N, d) = Σ_k gates[:, k] · W_out[e] act(W_in[e] x), e = expert_idx[:, k] ≥ 0."
+    """The `triton` MoE backend: y (N, d) = Σ_k gates[:, k] · W_out[e] act(W_in[e] x), e = expert_idx[:, k] ≥ 0.
+    `atomic`: True adds each slot's row into its token's row with float32 atomics (the sum's order, hence its last bits,
+    vary from run to run); False writes every slot's row, then sums each token's K rows in a fixed order; None: the
+    combine `config` was tuned with, where EFFWB_MOE_TUNE=1 tunes both (never while `torch.use_deterministic_algorithms`
+    is on), else False."""
     if act not in ACTS: raise ValueError(f"unknown act {act!r}; use one of {sorted(ACTS)}")
     if x.dim() != 2: raise ValueError(f"x must be (N, d), got shape {tuple(x.shape)}: flatten the leading dimensions first")
     N, d = x.shape
@@ -491,8 +500,9 @@ def triton_moe_mlp(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu",
     x, w_in, w_out = x.to(dt).contiguous(), w_in.to(dt).contiguous(), w_out.to(dt).contiguous()
     w_gate = w_gate.to(dt).contiguous() if w_gate is not None else None
     if config is None:                                                    # EFFWB_MOE_TUNE=1: tiles tuned per shape class
-        tune = x.is_cuda and os.environ.get("EFFWB_MOE_TUNE", "0") == "1"
-        config = tuned_config(x, w_in, w_out, w_gate, expert_idx, act, atomic) if tune else kernel_config(x.device, dt)
+        if atomic is None and torch.are_deterministic_algorithms_enabled(): atomic = False
+        config = tuned_config(x, w_in, w_out, w_gate, expert_idx, act, atomic) if _tune_tiles(x) else kernel_config(x.device, dt)
+    if atomic is None: atomic = bool(config.atomic)                       # the tuned combine, else the deterministic one
     with torch.autocast(dev, enabled=False):
         return MoEMLPFunction.apply(x, w_in, w_out, w_gate, gates.contiguous(), expert_idx, act, atomic, config)
 
@@ -520,12 +530,19 @@ def _candidate_set(x: torch.Tensor) -> str:
     if not x.is_cuda or _interpreting(): return "interpreter"
     return "float32" if x.dtype == torch.float32 else "16bit"
 
-def tile_key(x: torch.Tensor, w_in: torch.Tensor, n_slots: int, act: str, atomic: bool) -> str:
-    "The shape class tiles are tuned for: device, dtype, act, combine, E, d, h and S = N·K rounded up to a power of two."
+def tile_key(x: torch.Tensor, w_in: torch.Tensor, n_slots: int, act: str, atomic: bool | None) -> str:
+    """The shape class tiles are tuned for: device, dtype, act, combine (atomic, deterministic, or auto: both tried), E, d,
+    h and S = N·K rounded up to a power of two."""
     dev = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
     E, d, h = w_in.shape
     S = triton.next_power_of_2(max(n_slots, 1))
-    return f"{dev}|{str(x.dtype).removeprefix('torch.')}|{act}|{'atomic' if atomic else 'deterministic'}|E={E}|d={d}|h={h}|S={S}"
+    combine = "auto" if atomic is None else "atomic" if atomic else "deterministic"
+    return f"{dev}|{str(x.dtype).removeprefix('torch.')}|{act}|{combine}|E={E}|d={d}|h={h}|S={S}"
+
+def _tile_label(c: MoEKernelConfig) -> str:
+    "block_m,block_n,block_k,warps,stages,dh_block_n (and |atomic or |deterministic where the combine was tuned too)."
+    tiles = ",".join(map(str, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.dh_block_n)))
+    return tiles if c.atomic is None else f"{tiles}|{'atomic' if c.atomic else 'deterministic'}"
 
 def tile_cache_path() -> Path: return cache_dir() / "moe_tiles.json"
 
@@ -544,8 +561,10 @@ def _write_tile_cache(key: str, entry: dict):
 
 def time_tiles(cfg: MoEKernelConfig, x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: bool = False,
                reps: int = 3) -> float:
-    """Seconds per forward+backward of the layer with tiles `cfg` on these inputs (gates and dY made here): one warm-up
-    step (it compiles), then `reps` back-to-back steps between two CUDA events (a clock on the CPU)."""
+    """Seconds per forward+backward of the layer with tiles `cfg` (and its combine, if it names one, else `atomic`) on
+    these inputs (gates and dY made here): one warm-up step (it compiles), then `reps` back-to-back steps between two
+    CUDA events (a clock on the CPU)."""
+    if cfg.atomic is not None: atomic = cfg.atomic
     gates = torch.rand(expert_idx.shape, device=x.device, dtype=x.dtype, requires_grad=True)
     leaves = [t.detach().requires_grad_() for t in (x, w_in, w_out, w_gate) if t is not None] + [gates]
     xs, wi, wo = leaves[:3]
@@ -565,12 +584,14 @@ def time_tiles(cfg: MoEKernelConfig, x, w_in, w_out, w_gate, expert_idx, act: st
     b.record(); b.synchronize()
     return a.elapsed_time(b) / 1e3 / reps
 
-def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: bool = False, *,
+def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: bool | None = False, *,
                  candidates: tuple[MoEKernelConfig, ...] | None = None, cache: bool = True, timer=time_tiles) -> MoEKernelConfig:
     """The fastest tiles in `candidates` (default `TILE_CANDIDATES` for x's device and dtype) for this layer's shape class
     (`tile_key`), timed by `timer(cfg, x, w_in, w_out, w_gate, idx, act, atomic)` on a uniform routing of expert_idx's
-    shape; cached in memory and (with `cache`) in `tile_cache_path()`. While a CUDA graph is being captured nothing runs:
-    the cached choice, else `kernel_config`."""
+    shape; cached in memory and (with `cache`) in `tile_cache_path()`. `atomic=None` tries every candidate with both
+    combines (K > 1; with K = 1 slots are tokens and the deterministic combine writes token rows directly) and returns
+    the winner with its combine in `.atomic`. While a CUDA graph is being captured nothing runs: the cached choice, else
+    `kernel_config`."""
     key = tile_key(x, w_in, expert_idx.numel(), act, atomic)
     if key in _TUNED: return _TUNED[key]
     if cache and key in (table := _read_tile_cache()):
@@ -581,8 +602,10 @@ def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: 
     N, K = expert_idx.shape
     g = torch.Generator().manual_seed(0)
     idx = torch.rand(N, E, generator=g).argsort(-1)[:, :K].to(x.device) if K <= E else expert_idx   # (N, K) distinct experts
+    cands = candidates or TILE_CANDIDATES[_candidate_set(x)]
+    if atomic is None: cands = [dataclasses.replace(c, atomic=a) for c in cands for a in ((False, True) if K > 1 else (False,))]
     times = {}
-    for cfg in candidates or TILE_CANDIDATES[_candidate_set(x)]:
+    for cfg in cands:
         try: times[cfg] = timer(cfg, x, w_in, w_out, w_gate, idx, act, atomic)
         except Exception as e:                                               # out of shared memory or registers: skip it
             if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower(): raise
@@ -591,7 +614,7 @@ def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: 
     _TUNED[key] = best
     if cache:
         _write_tile_cache(key, {"config": dataclasses.asdict(best),
-                                "ms": {",".join(map(str, dataclasses.astuple(c))): round(t * 1e3, 4) for c, t in times.items()}})
+                                "ms": {_tile_label(c): round(t * 1e3, 4) for c, t in times.items()}})
     return best
 
 
