@@ -12,7 +12,8 @@
 #   dp       bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 #   tune     bench/moe.py --tune (tiles tuned per shape against the default tiles)
 # A section starts only with at least 45 s of the budget left and gets at most what is left; SECTIONS picks and orders.
-# FULL_WORKERS (default 1): processes sharing the GPU for the full runs' independent units (small models leave it idle).
+# FULL_WORKERS (default 4): processes sharing the GPU for the full runs' independent units (the full presets' models are
+# small: one process leaves the card mostly idle, waiting on Python and kernel launches; the machine has 16 cores).
 #
 # Before the device call, here: `bash bench/gpu_prep.sh` (a clean tree; .git_manifest, since the device's copy has no
 # .git and runs made there record the commit through it; .carry/anchors.py; .whl/, wheels of what the device image lacks)
@@ -34,7 +35,6 @@ fi
 SECTIONS=${SECTIONS:-"full kernels moe anchors gpt dp tune"}
 BUDGET=${BUDGET:-540}; T0=$(date +%s)
 LOG="$OUT/session.log"
-want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 # start NAME MAX_SECONDS TITLE: prints the section header; sets T (the section's timeout) or returns 1 (too little left)
 start() {
@@ -61,7 +61,8 @@ print("imports: all", len(mods), "load" if not bad else "FAILED\n  " + "\n  ".jo
 PYEOF
 } 2>&1 | tee -a "$LOG"
 
-if want full && start full "${FULL_TIMEOUT:-240}" "full runs: the next chunk"; then
+sec_full() {
+  start full "${FULL_TIMEOUT:-240}" "full runs: the next chunk" || return 0
   $PY - <<'PYEOF' 2>&1 | tee -a "$LOG"
 from pathlib import Path
 from effworkbench.store import RunStore
@@ -70,36 +71,47 @@ out = RunStore().unpack(arc) if arc.is_file() else {}
 print(f"{sum(v == 'added' for v in out.values())} finished runs taken from {arc}" if out else f"no {arc}: starting afresh")
 PYEOF
   minutes=$(awk "BEGIN { print ($T - 60) / 60 }")     # the chunk stops itself; the timeout is the backstop
-  timeout "$T" $PY -c "import sys; from effworkbench.cli import main; sys.exit(main(['full', '--max-minutes', '$minutes', '--workers', '${FULL_WORKERS:-1}']))" 2>&1 | tee -a "$LOG"
+  timeout "$T" $PY -c "import sys; from effworkbench.cli import main; sys.exit(main(['full', '--max-minutes', '$minutes', '--workers', '${FULL_WORKERS:-4}']))" 2>&1 | tee -a "$LOG"
   $PY -c "from effworkbench.store import RunStore; print('packed', len(RunStore().pack('$OUT/full_store.tar.gz')), 'finished runs into full_store.tar.gz')" 2>&1 | tee -a "$LOG"
-fi
+}
 
-if want kernels && start kernels 150 "Triton MoE kernel tests, compiled"; then
+sec_kernels() {
+  start kernels 150 "Triton MoE kernel tests, compiled" || return 0
   EFFWB_TEST_CUDA=1 timeout "$T" $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider -k "not compile_for_hopper" 2>&1 | tail -25 > "$OUT/kernels.log"
   cat "$OUT/kernels.log" >> "$LOG"; tail -3 "$OUT/kernels.log"
-fi
+}
 
-if want moe && start moe 210 "bench/moe.py, then bench/d2dmoe.py"; then
+sec_moe() {
+  start moe 210 "bench/moe.py, then bench/d2dmoe.py" || return 0
   timeout $(( T * 4 / 7 )) $PY bench/moe.py --skip loop > "$OUT/bench_moe.log" 2>&1
   echo "=== bench/d2dmoe.py" >> "$OUT/bench_moe.log"
   mkdir -p /tmp/effwb_d2dmoe; OUT=/tmp/effwb_d2dmoe timeout $(( T * 3 / 7 )) $PY bench/d2dmoe.py >> "$OUT/bench_moe.log" 2>&1
   tail -5 "$OUT/bench_moe.log"
-fi
+}
 
-if want anchors && [ -f "${ANCHORS:-.carry/anchors.py}" ] && start anchors 120 "anchors (the baselines on this card)"; then
+sec_anchors() {
+  [ -f "${ANCHORS:-.carry/anchors.py}" ] || { echo "=== anchors: skipped, no ${ANCHORS:-.carry/anchors.py}" | tee -a "$LOG"; return 0; }
+  start anchors 120 "anchors (the baselines on this card)" || return 0
   timeout "$T" $PY "${ANCHORS:-.carry/anchors.py}" > "$OUT/bench_anchors.log" 2>&1; tail -12 "$OUT/bench_anchors.log"
-fi
+}
 
-if want gpt && start gpt 300 "bench/gpt.py"; then
+sec_gpt() {
+  start gpt 300 "bench/gpt.py" || return 0
   timeout "$T" $PY bench/gpt.py > "$OUT/bench_gpt.log" 2>&1; tail -12 "$OUT/bench_gpt.log"
-fi
+}
 
-if want dp && start dp 120 "bench/dp.py"; then
+sec_dp() {
+  start dp 120 "bench/dp.py" || return 0
   timeout "$T" $PY bench/dp.py --repeats 15 > "$OUT/bench_dp.log" 2>&1; tail -12 "$OUT/bench_dp.log"
-fi
+}
 
-if want tune && start tune 150 "bench/moe.py --tune"; then
+sec_tune() {
+  start tune 150 "bench/moe.py --tune" || return 0
   timeout "$T" $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128 > "$OUT/bench_tune.log" 2>&1
   tail -12 "$OUT/bench_tune.log"
-fi
+}
+
+for s in $SECTIONS; do                               # in the order SECTIONS names them
+  if declare -F "sec_$s" >/dev/null; then "sec_$s"; else echo "=== $s: no such section" | tee -a "$LOG"; fi
+done
 echo "=== done ($(( $(date +%s) - T0 )) s)" | tee -a "$LOG"
