@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Everything this project checks on a GPU, in one device call, most important first, within BUDGET seconds (default 540:
-# a lent GPU has 15 minutes per task, the machine's start included):
+# Everything this project checks on a GPU, in one device call, within BUDGET seconds (default 540: a lent GPU has 15
+# minutes per task, the machine's start included). The sections, in the default order (the kernels first: the MoE
+# models of the full runs train through them, and no CUDA path of theirs had run when this script was written):
+#   kernels  the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
 #   full     the next chunk of the `full` runs (`effwb full`, RLRS's MoE pair first), starting from the finished runs of
 #            results/full_store.tar.gz and packing every finished run back into $OUT/full_store.tar.gz
-#   kernels  the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
 #   moe      bench/moe.py (speed against dense at uniform and skewed routing, the layer with its router, the plan by
 #            counting and by sort, peak memory, sync-debug and CUDA-graph checks), then bench/d2dmoe.py (dynamic-k inference)
 #   anchors  ../shared/bench/anchors.py, copied to .carry/anchors.py (the card's GEMM peak, grouped GEMM, naive loop,
@@ -32,7 +33,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then     # carried wheels (gpu_prep.sh) of pac
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-SECTIONS=${SECTIONS:-"full kernels moe anchors gpt dp tune"}
+SECTIONS=${SECTIONS:-"kernels full moe anchors gpt dp tune"}
 BUDGET=${BUDGET:-540}; T0=$(date +%s)
 LOG="$OUT/session.log"
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
