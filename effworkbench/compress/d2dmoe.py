@@ -573,7 +573,7 @@ def ffn_flops_saved(sweep: pd.DataFrame, variant: str = "ReLU + Hoyer, FFN", tol
     fr = frontier(sweep, by_seed=True)
     fr = fr[(fr.variant == variant) & (fr["mode"] == "dynamic-k")]
     per = [1 - float(d[d.loss <= d.dense_loss * (1 + tolerance)].ffn_flops_ratio.min()) for _, d in fr.groupby("seed")]
-    return bootstrap_mean([v for v in per if v == v], "share of FFN FLOPs")
+    return bootstrap_mean([v for v in per if v == v], "share of the FFN FLOPs saved")
 
 register_claims("compress.d2dmoe", [
     Claim("Hoyer lowers activation density", "the mean FFN activation density after ReLU + Hoyer fine-tuning is below the "
