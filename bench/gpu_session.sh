@@ -22,7 +22,10 @@
 # After it:   cp <files_at>/full_store.tar.gz results/ && effwb runs unpack --archive results/full_store.tar.gz
 #             effwb publish NAME --preset full     (each experiment `effwb full` reports done; from the clean checkout)
 #             git add results/ && git commit       (the archive carries the finished runs to the next GPU session)
-# Logs and tables land in $OUT: at most 8 files come back (session.log, full_store.tar.gz and one log per bench).
+# What lands in $OUT, the 8 files a device call returns at most: session.log (with the kernel tests' result),
+# full_store.tar.gz, bench_moe.log (bench/moe.py, bench/d2dmoe.py and the tuning), d2dmoe_speed_<card>.csv and .env.json
+# (the dynamic-k table, for results/), bench_anchors.log, bench_gpt.log, bench_dp.log.
+# Then `python bench/gpu_report.py <that folder>` here: the tables measured against the issues' targets.
 set -u
 OUT=${OUT:-/tmp/effwb_gpu}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EFFWB_QUIET=1 EFFWB_DATA=$PWD/data
@@ -78,15 +81,15 @@ PYEOF
 
 sec_kernels() {
   start kernels 150 "Triton MoE kernel tests, compiled" || return 0
-  EFFWB_TEST_CUDA=1 timeout "$T" $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider -k "not compile_for_hopper" 2>&1 | tail -25 > "$OUT/kernels.log"
-  cat "$OUT/kernels.log" >> "$LOG"; tail -3 "$OUT/kernels.log"
+  EFFWB_TEST_CUDA=1 timeout "$T" $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider -k "not compile_for_hopper" 2>&1 | tail -25 > /tmp/effwb_kernels.log
+  cat /tmp/effwb_kernels.log >> "$LOG"; tail -3 /tmp/effwb_kernels.log
 }
 
 sec_moe() {
   start moe 210 "bench/moe.py, then bench/d2dmoe.py" || return 0
   timeout $(( T * 4 / 7 )) $PY bench/moe.py --skip loop > "$OUT/bench_moe.log" 2>&1
   echo "=== bench/d2dmoe.py" >> "$OUT/bench_moe.log"
-  mkdir -p /tmp/effwb_d2dmoe; OUT=/tmp/effwb_d2dmoe timeout $(( T * 3 / 7 )) $PY bench/d2dmoe.py >> "$OUT/bench_moe.log" 2>&1
+  timeout $(( T * 3 / 7 )) $PY bench/d2dmoe.py >> "$OUT/bench_moe.log" 2>&1   # and d2dmoe_speed_<card>.csv, .env.json in $OUT
   tail -5 "$OUT/bench_moe.log"
 }
 
@@ -108,8 +111,9 @@ sec_dp() {
 
 sec_tune() {
   start tune 150 "bench/moe.py --tune" || return 0
-  timeout "$T" $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128 > "$OUT/bench_tune.log" 2>&1
-  tail -12 "$OUT/bench_tune.log"
+  echo "=== bench/moe.py --tune" >> "$OUT/bench_moe.log"
+  timeout "$T" $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128 > /tmp/effwb_tune.log 2>&1
+  cat /tmp/effwb_tune.log >> "$OUT/bench_moe.log"; tail -12 /tmp/effwb_tune.log
 }
 
 for s in $SECTIONS; do                               # in the order SECTIONS names them

@@ -1,0 +1,149 @@
+"""What a GPU session (bench/gpu_session.sh) brought back, measured against the issues' targets, as markdown tables.
+
+    python bench/gpu_report.py DIR      # DIR: the device call's files (session.log, bench_*.log, d2dmoe_speed_*.csv)
+
+Reads the logs as the benches print them (a bench stopped by its timeout leaves the rows it printed), so a partial session
+still reports what it measured. Targets:
+  MoE training (bench/moe.py): time(dense FFN) / time(MoE) fwd+bwd at equal active FLOPs ≥ MOE_TARGETS[(E, k, G)];
+      activation memory (tensors saved for the backward) ≤ MOE_MEMORY × dense
+  dynamic-k inference (bench/d2dmoe.py, E = 32): time / dense ≤ 0.6 at ~17 % of the FLOPs, ≤ 0.3 at ≤ 5 %
+  GPT step (bench/gpt.py): MFU against the datasheet peak ≥ 42 % compiled, ≥ 27 % eager, ahead of the plain reference
+  DP-SGD step (bench/dp.py): ≤ 1.3 × a plain step
+"""
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+MOE_TARGETS = {(8, 1, 1): 0.85, (32, 4, 4): 0.70, (64, 8, 8): 0.65, (128, 16, 16): 0.60}
+MOE_MEMORY = 1.3
+DYNAMIC_K = ((0.12, 0.22, 0.6), (0.0, 0.05, 0.3))        # (FLOPs share from, to, time / dense at most), E = 32
+GPT_MFU = {"compile": 0.42, "eager": 0.27}
+DP_RATIO = 1.3
+GPT_COLUMNS = ["ms_per_step", "ms_min", "tokens_per_s", "tflops", "mfu_datasheet", "mfu_gemm", "speed_vs_reference",
+               "speed_vs_rope_clip", "speed_vs_rope_clip_min", "paired_vs_reference", "paired_q1", "paired_q3"]
+
+
+def _read(d: Path, name: str) -> str:
+    f = d / name
+    return f.read_text(errors="replace") if f.is_file() else ""
+
+
+def moe_rows(text: str) -> pd.DataFrame:
+    "bench/moe.py's rows `E k G backend [routing] ms dense/this peakMiB peak/dense savedMiB saved/dense`."
+    rows = []
+    for line in text.splitlines():
+        t = line.split()
+        if len(t) < 10 or not all(x.isdigit() for x in t[:3]): continue
+        try: nums = [float(x) for x in t[-6:]]
+        except ValueError: continue
+        rows.append(dict(E=int(t[0]), k=int(t[1]), G=int(t[2]), backend=" ".join(t[3:-6]), ms=nums[0], dense_over_this=nums[1],
+                         peak_vs_dense=nums[3], saved_vs_dense=nums[5]))
+    return pd.DataFrame(rows, columns=["E", "k", "G", "backend", "ms", "dense_over_this", "peak_vs_dense", "saved_vs_dense"])
+
+
+def moe_verdicts(rows: pd.DataFrame) -> pd.DataFrame:
+    "Per (E, k, G) and routing: the project's Triton rows and plain grouped GEMM against the target."
+    out = []
+    for (E, k, G), target in MOE_TARGETS.items():
+        r = rows[(rows.E == E) & (rows.k == k) & (rows.G == G)]
+        for routing in ("uniform", "skewed"):
+            rr = r[r.backend.str.endswith(routing)]
+            if rr.empty: continue
+            tri = rr[rr.backend.str.startswith("triton")]
+            best = tri.loc[tri.dense_over_this.idxmax()] if len(tri) else None
+            gm = rr[rr.backend.str.startswith("grouped_mm")]
+            ratio = float(best.dense_over_this) if best is not None else float("nan")
+            mem = float(best.saved_vs_dense) if best is not None else float("nan")
+            out.append({"E, k, G": f"{E}, {k}, {G}", "routing": routing, "best Triton row": best.backend if best is not None else "",
+                        "dense/MoE": ratio, "target": target, "grouped_mm": float(gm.dense_over_this.iloc[0]) if len(gm) else float("nan"),
+                        "saved/dense": mem, "met": bool(ratio >= target and mem <= MOE_MEMORY)})
+    return pd.DataFrame(out)
+
+
+def dynamic_k_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    "bench/d2dmoe.py's table: the fastest row of each backend for E = 32 in each FLOPs band, against its bound."
+    out = []
+    t = table[table.n_experts == 32]
+    for backend, b in t.groupby("backend"):
+        for lo, hi, bound in DYNAMIC_K:
+            band = b[(b.flops_ratio >= lo) & (b.flops_ratio <= hi)]
+            if band.empty: continue
+            r = band.loc[band.time_ratio.idxmin()]
+            out.append({"backend": backend, "FLOPs band": f"{lo:.2f}–{hi:.2f}", "tau": r.tau, "FLOPs / dense": r.flops_ratio,
+                        "time / dense": r.time_ratio, "k_max": r.k_max, "busiest / mean": r.load_max_over_mean,
+                        "bound": bound, "met": bool(r.time_ratio <= bound)})
+    return pd.DataFrame(out)
+
+
+def gpt_rows(text: str) -> pd.DataFrame:
+    "The final table of bench/gpt.py (name, mode, then the 12 numeric columns)."
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(reference\+rope\+clip|reference|workbench model|workbench trainer)\s+(eager|compile)\s+(.*)$", line)
+        if not m: continue
+        t = m.group(3).split()
+        if len(t) != len(GPT_COLUMNS): continue
+        try: rows.append({"name": m.group(1), "mode": m.group(2), **dict(zip(GPT_COLUMNS, map(float, t)))})
+        except ValueError: continue
+    return pd.DataFrame(rows)
+
+
+def gpt_verdicts(rows: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    if rows.empty: return pd.DataFrame()
+    for _, r in rows[rows.name.str.startswith("workbench")].iterrows():
+        target = GPT_MFU[r["mode"]]
+        out.append({"row": r["name"], "mode": r["mode"], "MFU (datasheet)": r.mfu_datasheet, "MFU (measured GEMM)": r.mfu_gemm,
+                    "target": target, "paired vs reference": r.paired_vs_reference,
+                    "met": bool(r.mfu_datasheet >= target and r.paired_vs_reference > 1)})
+    return pd.DataFrame(out)
+
+
+def dp_rows(text: str) -> pd.DataFrame:
+    "bench/dp.py's comparison: step name, s/step [IQR], × plain [IQR]."
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"^(\S.*?)\s{2,}([\d.]+)\s+\[([\d.]+), ([\d.]+)\]\s+([\d.]+)\s+\[([\d.]+), ([\d.]+)\]", line)
+        if m: rows.append({"step": m.group(1), "s/step": float(m.group(2)), "× plain": float(m.group(5)),
+                           "IQR": f"[{m.group(6)}, {m.group(7)}]"})
+    return pd.DataFrame(rows)
+
+
+def session_summary(text: str) -> list[str]:
+    "The environment, the kernel tests' result and the full runs' table from session.log."
+    keep = []
+    for line in text.splitlines():
+        if (line.startswith(("python ", "code ", "imports:", "packed ", "name,")) or "NVIDIA" in line
+                or re.search(r"\d+ (passed|failed)", line) or re.match(r"^\s*\S+ +(done|unfinished|failed)\s+\d+\s*$", line)
+                or "budget is spent" in line or line.startswith("===")):
+            keep.append(line)
+    return keep
+
+
+def markdown(df: pd.DataFrame) -> str:
+    if df.empty: return "(nothing measured)"
+    cols = list(df.columns)
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                     + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
+
+
+def report(d: Path) -> str:
+    block = lambda lines: "\n".join(["```", *lines, "```"])
+    parts = ["## Session", block(session_summary(_read(d, "session.log")))]
+    parts += ["## MoE training (bench/moe.py)", markdown(moe_verdicts(moe_rows(_read(d, "bench_moe.log"))))]
+    tables = sorted(d.glob("d2dmoe_speed_*.csv"))
+    parts += ["## Dynamic-k inference (bench/d2dmoe.py)", markdown(dynamic_k_verdicts(pd.read_csv(tables[0])) if tables else pd.DataFrame())]
+    parts += ["## GPT step (bench/gpt.py)", markdown(gpt_verdicts(gpt_rows(_read(d, "bench_gpt.log"))))]
+    dp = dp_rows(_read(d, "bench_dp.log"))
+    if not dp.empty: dp["met"] = [bool(r["× plain"] <= DP_RATIO) if r.step.startswith("DP, book-keeping") else "" for _, r in dp.iterrows()]
+    parts += ["## DP-SGD step (bench/dp.py)", markdown(dp)]
+    anchors = _read(d, "bench_anchors.log").strip().splitlines()[-15:]
+    parts += ["## Anchors (the card's baselines)", block(anchors)]
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(report(Path(sys.argv[1] if len(sys.argv) > 1 else ".")))

@@ -1,0 +1,84 @@
+"bench/gpu_report.py reads a GPU session's logs as the benches print them and measures them against the targets."
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "bench/gpu_report.py")
+gr = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gr)
+
+MOE_LOG = """\
+   E   k   G  backend                       ms dense/this  peak MiB peak/dense saved MiB saved/dense
+              dense                      1.000       1.00    100.00       1.00    50.00        1.00
+              routing uniform: busiest expert 1.38× the mean load, 0 empty; plan 0.05 ms by counting, 0.2 ms by sort
+   8   1   1  triton uniform             1.100       0.91    110.00       1.10    60.00        1.20
+   8   1   1  triton_atomic uniform      1.300       0.77    110.00       1.10    60.00        1.20
+   8   1   1  grouped_mm uniform         1.600       0.63    200.00       2.00    90.00        1.80
+   8   1   1  triton skewed              1.400       0.71    110.00       1.10    70.00        1.40
+  32   4   4  triton uniform             2.000       0.50    150.00       1.50    60.00        1.20
+  32   4   4  triton_tuned uniform       1.300       0.77    150.00       1.50    60.00        1.20
+  32   4   4  layer_triton (router)      2.100       0.48    150.00       1.50    65.00        1.30
+"""
+
+GPT_LOG = """\
+               name    mode  ms_per_step  ms_min  tokens_per_s  tflops  mfu_datasheet  mfu_gemm  speed_vs_reference  speed_vs_rope_clip  speed_vs_rope_clip_min  paired_vs_reference  paired_q1  paired_q3
+          reference   eager        100.0    99.0     1.6e+05   250.0          0.253     0.32                   1               1.1                   1.1                    1          1          1
+    workbench model   eager         95.0    94.0     1.7e+05   263.0          0.280     0.33                1.05               1.1                   1.1                 1.04       1.02       1.06
+  workbench trainer compile         60.0    59.0     2.7e+05   416.0          0.421     0.53                0.99               1.0                   1.0                 0.99       0.98       1.01
+"""
+
+DP_LOG = """\
+step                                   s/step              IQR  × plain           IQR  fastest ÷ fastest   CPU s  CPU × plain           IQR
+plain SGD step                         0.4291   [0.3852, 0.4427]     1.00   [1.00, 1.00]               1.00   0.853         1.00   [1.00, 1.00]
+DP, book-keeping (this library)        0.5554   [0.5036, 0.5909]     1.25   [1.22, 1.32]               1.26   1.110         1.30   [1.28, 1.33]
+DP, bk, 50% unstruct. + 50% random     0.5920   [0.5355, 0.6126]     1.36   [1.34, 1.41]               1.35   1.179         1.37   [1.34, 1.41]
+"""
+
+
+def test_moe_rows_and_verdicts():
+    rows = gr.moe_rows(MOE_LOG)
+    assert len(rows) == 7 and set(rows.backend) >= {"triton uniform", "layer_triton (router)"}   # dense and routing lines skipped
+    v = gr.moe_verdicts(rows).set_index(["E, k, G", "routing"])
+    r = v.loc[("8, 1, 1", "uniform")]
+    assert r["best Triton row"] == "triton uniform" and r["dense/MoE"] == 0.91 and r["grouped_mm"] == 0.63 and r["met"]
+    assert not v.loc[("8, 1, 1", "skewed"), "met"]                                  # 0.71 < 0.85
+    r = v.loc[("32, 4, 4", "uniform")]                                              # the best Triton row, router rows aside
+    assert r["best Triton row"] == "triton_tuned uniform" and r["met"]              # 0.77 ≥ 0.70, memory 1.2 ≤ 1.3
+    assert ("64, 8, 8", "uniform") not in v.index                                   # not measured: no row
+
+
+def test_memory_bound_counts():
+    rows = gr.moe_rows(MOE_LOG.replace("0.91    110.00       1.10    60.00        1.20", "0.91    110.00       1.10    60.00        1.40"))
+    assert not gr.moe_verdicts(rows).set_index(["E, k, G", "routing"]).loc[("8, 1, 1", "uniform"), "met"]
+
+
+def test_gpt_and_dp_rows():
+    v = gr.gpt_verdicts(gr.gpt_rows(GPT_LOG)).set_index(["row", "mode"])
+    assert v.loc[("workbench model", "eager"), "met"]                              # 28 % ≥ 27 %, ahead of the reference
+    assert not v.loc[("workbench trainer", "compile"), "met"]                      # 42.1 % but behind the reference
+    dp = gr.dp_rows(DP_LOG)
+    assert list(dp.step) == ["plain SGD step", "DP, book-keeping (this library)", "DP, bk, 50% unstruct. + 50% random"]
+    assert dp["× plain"].tolist() == [1.0, 1.25, 1.36]
+
+
+def test_dynamic_k_bands():
+    t = pd.DataFrame({"n_experts": 32, "backend": ["triton-graph"] * 3 + ["torch"], "tau": [0.5, 0.9, 1.0, 1.0],
+                      "flops_ratio": [0.17, 0.04, 0.03, 0.03], "time_ratio": [0.55, 0.35, 0.28, 2.0], "k_max": 3,
+                      "load_max_over_mean": 2.0})
+    v = gr.dynamic_k_verdicts(t).set_index(["backend", "FLOPs band"])
+    assert v.loc[("triton-graph", "0.12–0.22"), "met"]
+    r = v.loc[("triton-graph", "0.00–0.05")]
+    assert r["time / dense"] == 0.28 and r["met"]                                  # the fastest row in the band
+    assert not v.loc[("torch", "0.00–0.05"), "met"]
+
+
+def test_report_of_a_partial_session(tmp_path):
+    (tmp_path / "session.log").write_text("=== environment\nimports: all 14 load\n3 passed, 1 failed in 9.1s\n"
+                                          "               rlrs unfinished          0\nnoise line\n")
+    (tmp_path / "bench_moe.log").write_text(MOE_LOG)
+    text = gr.report(tmp_path)
+    assert "3 passed, 1 failed" in text and "rlrs unfinished" in text and "noise line" not in text
+    assert "| 8, 1, 1 | uniform | triton uniform |" in text
+    assert text.count("(nothing measured)") == 3                                   # dynamic-k, GPT and DP: no files
