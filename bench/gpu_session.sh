@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Everything this project checks on a GPU, in one device call, within BUDGET seconds (default 540: a lent GPU has 15
-# minutes per task, the machine's start included). The sections, in the default order (the kernels first: the MoE
-# models of the full runs train through them, and no CUDA path of theirs had run when this script was written):
+# minutes per task, the machine's start included). The sections, in the default order: the kernels first (the MoE
+# models of the full runs train through them, and no CUDA path of theirs had run when this script was written), then
+# the MoE benchmarks with the anchors they are compared with, then the full runs. One call has room for about three of
+# them, so a later session names the rest, e.g. SECTIONS="anchors gpt dp full" (anchors in every call that benchmarks:
+# ratios are taken side by side, on the same card).
 #   kernels  the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
-#   full     the next chunk of the `full` runs (`effwb full`, RLRS's MoE pair first), starting from the finished runs of
-#            results/full_store.tar.gz and packing every finished run back into $OUT/full_store.tar.gz
 #   moe      bench/moe.py (speed against dense at uniform and skewed routing, the layer with its router, the plan by
 #            counting and by sort, peak memory, sync-debug and CUDA-graph checks), then bench/d2dmoe.py (dynamic-k inference)
 #   anchors  ../shared/bench/anchors.py, copied to .carry/anchors.py (the card's GEMM peak, grouped GEMM, naive loop,
 #            lean vmap DP step, plain GPT step: the baselines, measured in the same session as the benches)
+#   full     the next chunk of the `full` runs (`effwb full`, RLRS's MoE pair first), starting from the finished runs of
+#            results/full_store.tar.gz and packing every finished run back into $OUT/full_store.tar.gz
 #   gpt      bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer)
 #   dp       bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 #   tune     bench/moe.py --tune (tiles tuned per shape against the default tiles)
@@ -36,7 +39,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then     # carried wheels (gpu_prep.sh) of pac
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-SECTIONS=${SECTIONS:-"kernels full moe anchors gpt dp tune"}
+SECTIONS=${SECTIONS:-"kernels moe anchors full gpt dp tune"}
 BUDGET=${BUDGET:-540}; T0=$(date +%s)
 LOG="$OUT/session.log"
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
