@@ -34,7 +34,7 @@ def moe_rows(text: str) -> pd.DataFrame:
     "bench/moe.py's rows `E k G backend [routing] ms dense/this peakMiB peak/dense savedMiB saved/dense`."
     rows = []
     for line in text.splitlines():
-        t = line.split()
+        t = re.sub(r"\s+\d+ TFLOP/s = .*$", "", line).split()          # on CUDA a row ends with its TFLOP/s
         if len(t) < 10 or not all(x.isdigit() for x in t[:3]): continue
         try: nums = [float(x) for x in t[-6:]]
         except ValueError: continue

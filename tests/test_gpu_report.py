@@ -13,7 +13,7 @@ MOE_LOG = """\
    E   k   G  backend                       ms dense/this  peak MiB peak/dense saved MiB saved/dense
               dense                      1.000       1.00    100.00       1.00    50.00        1.00
               routing uniform: busiest expert 1.38× the mean load, 0 empty; plan 0.05 ms by counting, 0.2 ms by sort
-   8   1   1  triton uniform             1.100       0.91    110.00       1.10    60.00        1.20
+   8   1   1  triton uniform             1.100       0.91    110.00       1.10    60.00        1.20   401 TFLOP/s =  51% of GEMM peak,  41% of datasheet
    8   1   1  triton_atomic uniform      1.300       0.77    110.00       1.10    60.00        1.20
    8   1   1  grouped_mm uniform         1.600       0.63    200.00       2.00    90.00        1.80
    8   1   1  triton skewed              1.400       0.71    110.00       1.10    70.00        1.40
