@@ -11,7 +11,10 @@
 #   anchors  ../shared/bench/anchors.py, copied to .carry/anchors.py (the card's GEMM peak, grouped GEMM, naive loop,
 #            lean vmap DP step, plain GPT step: the baselines, measured in the same session as the benches)
 #   full     the next chunk of the `full` runs (`effwb full`, RLRS's MoE pair first), starting from the finished runs of
-#            results/full_store.tar.gz and packing every finished run back into $OUT/full_store.tar.gz
+#            results/full_store.tar.gz and packing every finished run back into $OUT/full_store.tar.gz. Up to FULL_TIMEOUT
+#            s (default 240; with SECTIONS=full the whole budget). Only finished units travel (a checkpoint of these
+#            models is hundreds of MB), so a unit longer than the section never finishes: once the benchmarks are
+#            measured, give the full runs calls of their own (SECTIONS=full BUDGET=540).
 #   gpt      bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer)
 #   dp       bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 #   tune     bench/moe.py --tune (tiles tuned per shape against the default tiles)
@@ -69,7 +72,8 @@ PYEOF
 } 2>&1 | tee -a "$LOG"
 
 sec_full() {
-  start full "${FULL_TIMEOUT:-240}" "full runs: the next chunk" || return 0
+  local cap=240; [ "$(echo $SECTIONS)" = "full" ] && cap=$BUDGET    # a full-only call gives the runs all of its budget
+  start full "${FULL_TIMEOUT:-$cap}" "full runs: the next chunk" || return 0
   $PY - <<'PYEOF' 2>&1 | tee -a "$LOG"
 from pathlib import Path
 from effworkbench.store import RunStore
@@ -77,7 +81,7 @@ arc = Path("results/full_store.tar.gz")
 out = RunStore().unpack(arc) if arc.is_file() else {}
 print(f"{sum(v == 'added' for v in out.values())} finished runs taken from {arc}" if out else f"no {arc}: starting afresh")
 PYEOF
-  minutes=$(awk "BEGIN { print ($T - 60) / 60 }")     # the chunk stops itself; the timeout is the backstop
+  minutes=$(awk "BEGIN { r = $T / 3; if (r > 60) r = 60; print ($T - r) / 60 }")   # the chunk stops itself (leaving time to pack); the timeout is the backstop
   timeout "$T" $PY -c "import sys; from effworkbench.cli import main; sys.exit(main(['full', '--max-minutes', '$minutes', '--workers', '${FULL_WORKERS:-4}']))" 2>&1 | tee -a "$LOG"
   $PY -c "from effworkbench.store import RunStore; print('packed', len(RunStore().pack('$OUT/full_store.tar.gz')), 'finished runs into full_store.tar.gz')" 2>&1 | tee -a "$LOG"
 }
