@@ -12,7 +12,7 @@ Prints one line per compiled kernel and a summary; exit status 1 on any failure.
 
     python tests/moe_aot.py                 # sm_90 and sm_80
     python tests/moe_aot.py 90              # sm_90 only
-    python tests/moe_aot.py 90 --candidates # instead: the training kernels at every 16-bit tile the tuner may pick"""
+    python tests/moe_aot.py 90 --candidates # instead: the training kernels at every 16-bit tile the tuner may pick, both combines"""
 import os
 import re
 import subprocess
@@ -55,12 +55,12 @@ def record_launches(candidates: bool = False):
     mk._launch = rec
     g = torch.Generator().manual_seed(0)
     N, E, d, h = 96, 4, 64, 128
-    if candidates:                                                   # bf16 training kernels, gelu and swiglu, each tile
+    if candidates:                                                   # bf16 training kernels, gelu and swiglu, each tile, both combines
         for cfg in mk.TILE_CANDIDATES["16bit"]:
-            for act in ("gelu", "swiglu"):
+            for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]:
                 ws = [torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(N, d), (E, d, h), (E, h, d), (E, d, h)]]
                 idx, gates = torch.randint(-1, E, (N, 2), generator=g), torch.rand(N, 2, generator=g).requires_grad_()
-                y = mk.triton_moe_mlp(ws[0], ws[1], ws[2], ws[3] if act == "swiglu" else None, idx, gates, act, config=cfg)
+                y = mk.triton_moe_mlp(ws[0], ws[1], ws[2], ws[3] if act == "swiglu" else None, idx, gates, act, atomic=atomic, config=cfg)
                 torch.autograd.grad(y, [*ws[:3], gates], torch.ones_like(y), allow_unused=True)
         return list(seen.values())
     for dtype in (torch.bfloat16, torch.float32):
