@@ -122,6 +122,13 @@ def session_summary(text: str) -> list[str]:
     return keep
 
 
+def moe_checks(text: str) -> list[str]:
+    "bench/moe.py's and bench/d2dmoe.py's checks: kernels against float64, the plan's times, host syncs, CUDA graphs."
+    keys = ("worst ", "plan ", "sync-debug", "capture failed", "all checks passed", "SOME CHECKS FAILED", "MISMATCH", "peaks:",
+            "dense FFN:", "tuned tiles")
+    return [line.strip() for line in text.splitlines() if any(k in line for k in keys)]
+
+
 def markdown(df: pd.DataFrame) -> str:
     if df.empty: return "(nothing measured)"
     cols = list(df.columns)
@@ -133,7 +140,8 @@ def markdown(df: pd.DataFrame) -> str:
 def report(d: Path) -> str:
     block = lambda lines: "\n".join(["```", *lines, "```"])
     parts = ["## Session", block(session_summary(_read(d, "session.log")))]
-    parts += ["## MoE training (bench/moe.py)", markdown(moe_verdicts(moe_rows(_read(d, "bench_moe.log"))))]
+    moe_log = _read(d, "bench_moe.log")
+    parts += ["## MoE training (bench/moe.py)", markdown(moe_verdicts(moe_rows(moe_log))), block(moe_checks(moe_log))]
     tables = sorted(d.glob("d2dmoe_speed_*.csv"))
     parts += ["## Dynamic-k inference (bench/d2dmoe.py)", markdown(dynamic_k_verdicts(pd.read_csv(tables[0])) if tables else pd.DataFrame())]
     parts += ["## GPT step (bench/gpt.py)", markdown(gpt_verdicts(gpt_rows(_read(d, "bench_gpt.log"))))]

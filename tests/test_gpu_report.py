@@ -74,6 +74,20 @@ def test_dynamic_k_bands():
     assert not v.loc[("torch", "0.00–0.05"), "met"]
 
 
+def test_moe_checks():
+    log = MOE_LOG + """\
+  worst 2.1e-03 (ok, tolerance 0.03)
+no host synchronisation, Triton layer:
+  E=8 k=1 G=1: sync-debug 'error': ok: no synchronising call; CUDA graph fwd+bwd: ok: replay on a new routing equals eager bitwise
+E=  32 triton-graph τ=0.50: capture failed: RuntimeError: operation not permitted when stream is capturing
+all checks passed
+"""
+    lines = gr.moe_checks(log)
+    assert lines[0].startswith("routing uniform: busiest expert") and "by counting" in lines[0]
+    assert [ln.split()[0] for ln in lines[1:]] == ["worst", "E=8", "E=", "all"]
+    assert not any("triton uniform" in ln for ln in lines)                          # the rows are tabled, not listed
+
+
 def test_report_of_a_partial_session(tmp_path):
     (tmp_path / "session.log").write_text("=== environment\nimports: all 14 load\n3 passed, 1 failed in 9.1s\n"
                                           "               rlrs unfinished          0\nnoise line\n")
