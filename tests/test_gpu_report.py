@@ -61,6 +61,8 @@ def test_gpt_and_dp_rows():
     dp = gr.dp_rows(DP_LOG)
     assert list(dp.step) == ["plain SGD step", "DP, book-keeping (this library)", "DP, bk, 50% unstruct. + 50% random"]
     assert dp["× plain"].tolist() == [1.0, 1.25, 1.36]
+    assert gr.dp_verdicts(dp).met.tolist() == ["", True, ""]                     # only the book-keeping step is judged
+    assert gr.dp_verdicts(dp.assign(**{"× plain": [1.0, 1.31, 1.0]})).met.tolist()[1] is False
 
 
 def test_dynamic_k_bands():
