@@ -10,11 +10,13 @@ run per token, the most any token runs (k_max), the busiest expert's load over t
 beside the layer's FLOPs over the dense FFN's (router included) and its forward time over the dense FFN's (CUDA: the
 median over 5 windows of 10 back-to-back calls between two events). Backends on CUDA: `triton` (inference: the counted
 mask plan and the fused up → ReLU → down kernel, no host read), `triton-graph` (the same captured in one CUDA graph and
-replayed: the proof that it reads nothing back, and its time without launch overheads), `triton-train` (the training
+replayed: the proof that it reads nothing back, and its time without launch overheads), `triton-tma` (the fused kernel
+with its weight tiles by TMA copies, sm_90+), `triton-train` (the training
 kernels after the N × k_max compaction, one host read) and `torch`. Writes d2dmoe_speed_<device>.csv to $OUT (or the
 working directory). Imports only torch, triton, numpy, pandas and the library.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from effworkbench.core import git_info
 from effworkbench.compress.d2dmoe import DynamicKMLP, NormRouter
+from effworkbench.moe.kernels import masked_mlp_config
 
 TAUS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
@@ -72,7 +75,7 @@ def main():
     d, d_ff, N = (1024, 4096, 16384) if cuda else (64, 256, 512)
     dtype = torch.bfloat16 if cuda else torch.float32
     experts = [32, 128] if cuda else [16]
-    backends = ["triton", "triton-graph", "triton-train", "torch"] if cuda else ["torch"]
+    backends = ["triton", "triton-graph", "triton-tma", "triton-train", "torch"] if cuda else ["torch"]
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(N, d, generator=g).to(device, dtype)
     w1 = (torch.randn(d, d_ff, generator=g) / d ** 0.5).to(device, dtype)
@@ -89,6 +92,7 @@ def main():
             for backend in backends:
                 layer = DynamicKMLP(w_in, w_out, router, backend=backend.split("-")[0]).to(device)
                 layer.fused_inference = not backend.endswith("-train")
+                if backend.endswith("-tma"): layer.inference_config = dataclasses.replace(masked_mlp_config(device, dtype, h), tma=True)
                 for tau in TAUS:
                     layer.tau = tau
                     fn = lambda: layer(x)

@@ -11,6 +11,9 @@ by default, as learned routers are uneven); gates a softmax over them. The kerne
 the routing its freshly initialised router gives. Beside each routing: the busiest expert's load over the mean, and the
 plan alone by counting sort and by radix sort.
 
+Triton rows: `triton` (the default tiles, deterministic combine), `triton_atomic` (float32 atomic combine),
+`triton_dh128` (the dH kernel on 128 columns), `triton_tma` (weights and kernel 2's rows by TMA copies, sm_90+) and,
+with --tune, `triton_tuned`.
 Printed per case and backend: ms per forward+backward, time(dense)/time(backend) (higher is better; the H100 anchors of
 the design notes are grouped_mm 0.63/0.45/0.32/0.20 and loop 0.44/0.13/0.05/0.015), the peak memory of the step above
 what was allocated before it, and the activations autograd saves for the backward, each also relative to dense; on CUDA
@@ -52,6 +55,9 @@ def backends(act, config=None, tune: bool = False):
     return {**tuned, "triton": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=config),
             "triton_atomic": lambda *a: triton_moe_mlp(*a, act, atomic=True, config=config),
             "triton_dh128": lambda *a: triton_moe_mlp(*a, act, config=dh128 if a[0].is_cuda else config),
+            # the default tiles with TMA copies of the weights and of kernel 2's rows (sm_90+; pointer loads elsewhere)
+            "triton_tma": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=dataclasses.replace(
+                config or kernel_config(a[0].device, a[0].dtype), tma=True)),
             "grouped_mm": lambda *a: moe_mlp_torch(*a, act),
             "loop": lambda *a: moe_mlp_loop(*a, act)}
 

@@ -6,6 +6,7 @@ arguments, constexprs, warps, stages — are exactly the library's, with CUDA's 
 specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 marked divisible, ints equal to 1 made
 constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
 (`warp_group_dot`) fed by a software-pipelined loop of async copies, and every kernel must fit in shared memory.
+Launches with TMA descriptors (`MoEKernelConfig.tma`) are compiled for sm_90 only and must copy by TMA.
 Each line also reports what `ptxas -v` says of the kernel's PTX (Triton's own ptxas, the same target): registers per
 thread, the thread blocks per SM those registers allow, and spill stores/loads in bytes. Spills are reported, not failed.
 Prints one line per compiled kernel and a summary; exit status 1 on any failure.
@@ -13,6 +14,7 @@ Prints one line per compiled kernel and a summary; exit status 1 on any failure.
     python tests/moe_aot.py                 # sm_90 and sm_80
     python tests/moe_aot.py 90              # sm_90 only
     python tests/moe_aot.py 90 --candidates # instead: the training kernels at every 16-bit tile the tuner may pick, both combines"""
+import dataclasses
 import os
 import re
 import subprocess
@@ -25,6 +27,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import effworkbench.moe.kernels as mk
 
@@ -53,16 +56,22 @@ def record_launches(candidates: bool = False):
         seen.setdefault((kernel.fn.__name__, tuple(sorted(meta.items())), _spec_key(kernel, args), cfg.num_warps, cfg.num_stages),
                         (kernel, args, meta, cfg.num_warps, min(cfg.num_stages, max_stages)))
     mk._launch = rec
+    mk._has_tma = lambda t: True                                     # CPU tensors stand for an sm_90 card's
     g = torch.Generator().manual_seed(0)
     N, E, d, h = 96, 4, 64, 128
+
+    def bf16_layer(cfg, act, atomic):
+        ws = [torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(N, d), (E, d, h), (E, h, d), (E, d, h)]]
+        idx, gates = torch.randint(-1, E, (N, 2), generator=g), torch.rand(N, 2, generator=g).requires_grad_()
+        y = mk.triton_moe_mlp(ws[0], ws[1], ws[2], ws[3] if act == "swiglu" else None, idx, gates, act, atomic=atomic, config=cfg)
+        torch.autograd.grad(y, [*ws[:3], gates], torch.ones_like(y), allow_unused=True)
+
     if candidates:                                                   # bf16 training kernels, gelu and swiglu, each tile, both combines
         for cfg in mk.TILE_CANDIDATES["16bit"]:
-            for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]:
-                ws = [torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(N, d), (E, d, h), (E, h, d), (E, d, h)]]
-                idx, gates = torch.randint(-1, E, (N, 2), generator=g), torch.rand(N, 2, generator=g).requires_grad_()
-                y = mk.triton_moe_mlp(ws[0], ws[1], ws[2], ws[3] if act == "swiglu" else None, idx, gates, act, atomic=atomic, config=cfg)
-                torch.autograd.grad(y, [*ws[:3], gates], torch.ones_like(y), allow_unused=True)
+            for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: bf16_layer(cfg, act, atomic)
         return list(seen.values())
+    tma = dataclasses.replace(mk.kernel_config("cuda", torch.bfloat16), tma=True)
+    for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: bf16_layer(tma, act, atomic)
     for dtype in (torch.bfloat16, torch.float32):
         for act, atomic, K in [(a, at, k) for a in ("gelu", "relu", "swiglu") for at in (False, True) for k in (1, 2)]:
             x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
@@ -93,6 +102,8 @@ def record_launches(candidates: bool = False):
 
 
 def _arg_spec(a):
+    if isinstance(a, TensorDescriptor):                              # as the JIT specialises one: dtype and box
+        return f"tensordesc<{_arg_spec(a.base)[0][1:]}[{', '.join(map(str, a.block_shape))}]>", False
     if isinstance(a, torch.Tensor):
         ty = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8"}[a.dtype]
         return f"*{ty}", a.data_ptr() % 16 == 0
@@ -120,9 +131,12 @@ def compile_all(ccs=(90, 80), candidates: bool = False):
                 sig[n] = ty
                 if div: attrs[(i,)] = [["tt.divisibility", 16]]
         full = {n: ("constexpr" if n in const else sig[n]) for n in names}
-        label = f"{kernel.fn.__name__} {args[0].dtype if isinstance(args[0], torch.Tensor) else ''} " + \
+        a0 = args[0].base if isinstance(args[0], TensorDescriptor) else args[0]
+        label = f"{kernel.fn.__name__} {a0.dtype if isinstance(a0, torch.Tensor) else ''} " + \
                 " ".join(f"{k}={v}" for k, v in meta.items() if candidates or k not in ("BM", "BN", "BK"))
+        tma = any(isinstance(a, TensorDescriptor) for a in args)
         for cc in ccs:
+            if tma and cc < 90: continue                             # TMA: sm_90 and up
             try:
                 k = triton.compile(ASTSource(kernel, full, constexprs=const, attrs=attrs), target=GPUTarget("cuda", cc, 32),
                                    options={"num_warps": warps, "num_stages": stages})
@@ -131,14 +145,17 @@ def compile_all(ccs=(90, 80), candidates: bool = False):
             ttgir, smem = k.asm["ttgir"], k.metadata.shared
             problems = []
             if smem > SMEM[cc]: problems.append(f"shared memory {smem} > {SMEM[cc]}")
-            if cc == 90 and meta.get("PREC") == 1 and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.bfloat16:
+            if cc == 90 and meta.get("PREC") == 1 and isinstance(a0, torch.Tensor) and a0.dtype == torch.bfloat16:
                 if "warp_group_dot" not in ttgir: problems.append("no wgmma")
-                if "async_copy_global_to_local" not in ttgir: problems.append("loads not pipelined")
+                if "async_copy_global_to_local" not in ttgir and "async_tma_copy_global_to_local" not in ttgir:
+                    problems.append("loads not pipelined")
+            if tma and "async_tma_copy_global_to_local" not in ttgir: problems.append("no TMA copy")
             r = ptxas_resources(k, cc, warps)
             res.append((cc, label, r))
             print(f"{'FAIL' if problems else 'ok  '} sm_{cc} {label}: warps {warps} stages {stages} smem {smem} "
                   f"regs {r['regs']} ({r['blocks']} block/SM) spills {r['spill_st']}/{r['spill_ld']} B "
                   + ("wgmma " if "warp_group_dot" in ttgir else "") + ("pipelined" if "async_copy" in ttgir else "")
+                  + (" tma" if "async_tma_copy_global_to_local" in ttgir else "")
                   + (f"  <- {'; '.join(problems)}" if problems else ""), flush=True)
             failures += bool(problems)
     for cc in sorted({c for c, _, _ in res}):

@@ -132,6 +132,7 @@ def test_dh_column_tile_of_its_own(name):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0), msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # TMA candidates: rows copied, never written out
 def test_every_tile_candidate_matches_float64():
     "Each tile shape the tuner may pick computes the same layer: every CUDA candidate of the running dtype, or the interpreter's."
     cands = mk.TILE_CANDIDATES["interpreter" if DEV.type == "cpu" else "float32"]
@@ -141,13 +142,53 @@ def test_every_tile_candidate_matches_float64():
             torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0), msg=lambda m: f"{cfg} {n}: {m}")
 
 
+def record_tma(monkeypatch) -> list:
+    "(kernel, TMA, W_T) of every launch that takes the TMA switch; the launches still run."
+    seen, launch = [], mk._launch
+    def rec(kernel, n, cfg, *args, **meta):
+        if "TMA" in meta: seen.append((kernel.fn.__name__, meta["TMA"], meta["W_T"]))
+        return launch(kernel, n, cfg, *args, **meta)
+    monkeypatch.setattr(mk, "_launch", rec)
+    return seen
+
+
+def assert_matches(got, refs, names, what):
+    for n, g_, r_ in zip(names, got, refs):
+        torch.testing.assert_close(g_.double(), r_, rtol=1e-4, atol=1e-5 * max(r_.abs().max().item(), 1.0), msg=lambda m: f"{what} {n}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # kernel 2 copies rows it never writes out
+@pytest.mark.parametrize("name", ["uneven_empty_k2_gelu", "k3_swiglu", "top1_relu", "odd_widths_relu"])
+def test_tma_copies_match_float64(name, monkeypatch):
+    """With `tma`, every weight tile (W_in and W_out as stored in kernels 1 and 2, transposed in the dH kernel and for dX)
+    and kernel 2's sorted rows come by TMA copies (the interpreter's, or an sm_90 card's), and the layer is unchanged."""
+    seen = record_tma(monkeypatch)
+    cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=True)
+    y, grads, names, refs = run_case(CASES[name], 6000 + list(CASES).index(name), config=cfg)
+    assert_matches([y, *grads], refs, names, name)
+    on = mk._has_tma(y)                                                   # False on a CUDA card before sm_90: pointer loads
+    assert set(seen) == {("_moe_up_kernel", on, False), ("_moe_rows_kernel", on, False), ("_moe_dh_kernel", on, on),
+                         ("_moe_rows_kernel", on, on)}, seen
+
+
+def test_tma_falls_back_where_copies_cannot_address(monkeypatch):
+    """h = 42 float32 (168-byte rows, not a multiple of 16): W_in, H and dA cannot be described, so kernel 1 and both
+    kernel-2 launches load by pointers, while the dH kernel still copies W_out (rows of d = 24: 96 bytes) by TMA."""
+    seen = record_tma(monkeypatch)
+    cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=True)
+    y, grads, names, refs = run_case((29, 3, 2, 24, 42, "relu", "uniform"), 6100, config=cfg)
+    assert_matches([y, *grads], refs, names, "h=42")
+    on = mk._has_tma(y)
+    assert set(seen) == {("_moe_up_kernel", False, False), ("_moe_rows_kernel", False, False), ("_moe_dh_kernel", on, on)}, seen
+
+
 def test_tuned_config_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
     """The tuner runs the real timing step once per candidate, keeps the argmin of the times it is given, writes every
     time to the cache file, and answers later calls of the shape class from memory, then from the file alone; a new shape
     class is timed again; a candidate out of resources is skipped, any other error raised."""
     monkeypatch.setenv("EFFWB_CACHE", str(tmp_path))
     monkeypatch.setattr(mk, "_TUNED", {})
-    c0, c1 = cands = (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1))
+    c0, c1 = cands = (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1, tma=True))   # the cache keeps `tma`
     fake = {c0: 3.0, c1: 1.0}
     calls = []
     def timer(cfg, *args):
@@ -163,7 +204,7 @@ def test_tuned_config_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
     table = json.loads((tmp_path / "moe_tiles.json").read_text())
     key = mk.tile_key(x, w_in, idx.numel(), "gelu", False)
     assert list(table) == [key] and table[key]["config"] == dataclasses.asdict(c1)
-    assert table[key]["ms"] == {"32,32,32,4,1,None": 3000.0, "16,32,16,4,1,None": 1000.0}
+    assert table[key]["ms"] == {"32,32,32,4,1,None": 3000.0, "16,32,16,4,1,None,tma": 1000.0}
     assert key.endswith("E=3|d=16|h=24|S=128")                                    # 74 slots round up to 128
     never = lambda *a: pytest.fail("timed a cached shape class")
     assert mk.tuned_config(x, w_in, w_out, None, idx[:33], candidates=cands, timer=never) == c1   # 66 slots: same class
@@ -328,12 +369,16 @@ def test_kernels_compile_for_hopper():
     assert "summary sm_90: " in r.stdout and f"most registers {max(regs)} " in r.stdout
 
 
-def test_deterministic_and_no_unwritten_reads(monkeypatch):
-    "Every buffer from NaN-filled memory: any element read before it is written would poison the result."
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # TMA: NaN rows copied, never written out
+@pytest.mark.parametrize("tma", [False, True])
+def test_deterministic_and_no_unwritten_reads(tma, monkeypatch):
+    """Every buffer from NaN-filled memory: any element read into a result before it is written would poison it. (With
+    TMA, kernel 2 copies whole row tiles, so rows of the unused slots come on chip too; their output rows are not written.)"""
     case = CASES["k3_swiglu"]
-    y1, g1, _, _ = run_case(case, 7)
+    cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=tma)
+    y1, g1, _, _ = run_case(case, 7, config=cfg)
     monkeypatch.setattr(mk, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-    y2, g2, _, _ = run_case(case, 7)
+    y2, g2, _, _ = run_case(case, 7, config=cfg)
     for a, b in zip([y1, *g1], [y2, *g2]):
         assert torch.isfinite(b).all()
         assert torch.equal(a, b)                     # bitwise: the default combine is deterministic
@@ -566,6 +611,31 @@ def test_masked_mlp_matches_float64_loop(N, E, d, h, d_out):
     assert (y0 == 0).all()
 
 
+@pytest.mark.parametrize("N, E, d, h, d_out, transposed, expect", [
+    (45, 6, 32, 32, 32, "", (True, False, True, False)),
+    (45, 6, 32, 32, 32, "in", (True, True, True, False)),      # W_in stored transposed: its boxes read transposed
+    (29, 5, 24, 40, 17, "", (True, False, False, False)),      # W_out's rows of 17 float32 (68 bytes): pointer loads
+    (9, 3, 16, 80, 16, "in out", (True, True, True, True))])   # h over the hidden block: two passes over W_in and W_out
+def test_masked_mlp_tma_matches_float64(N, E, d, h, d_out, transposed, expect, monkeypatch):
+    "The fused inference kernel with `tma`: each weight by TMA copies where a descriptor can address it, else by pointers."
+    seen, launch = [], mk._launch
+    def rec(kernel, n, cfg, *args, **meta):
+        seen.append(tuple(meta[k] for k in ("TMA_I", "WI_T", "TMA_O", "WO_T")))
+        return launch(kernel, n, cfg, *args, **meta)
+    monkeypatch.setattr(mk, "_launch", rec)
+    g = torch.Generator().manual_seed(N * 1000 + E + 7)
+    x = torch.randn(N, d, generator=g)
+    w_in = torch.randn(E, h, d, generator=g).transpose(1, 2) if "in" in transposed else torch.randn(E, d, h, generator=g)
+    w_out = torch.randn(E, d_out, h, generator=g).transpose(1, 2) if "out" in transposed else torch.randn(E, h, d_out, generator=g)
+    w_in, w_out = w_in / d**0.5, w_out / h**0.5
+    take = random_mask(N, E, g)
+    cfg = dataclasses.replace(MCFG, block_n=16, block_k=16, tma=True) if MCFG else dataclasses.replace(mk.masked_mlp_config(DEV, torch.float32, h), tma=True)
+    y = triton_masked_relu_mlp(x.to(DEV), w_in.to(DEV), w_out.to(DEV), take.to(DEV), config=cfg)
+    torch.testing.assert_close(y.cpu().double(), masked_loop_reference(x, w_in, w_out, take), rtol=1e-5, atol=1e-5)
+    on = mk._has_tma(y)
+    assert seen == [tuple(v and on for v in expect)], seen
+
+
 def test_masked_mlp_bf16_matches_training_kernels():
     "In bf16 the fused kernel rounds A and H as the training kernels do: equal to the triton backend with unit gates."
     g = torch.Generator().manual_seed(5)
@@ -627,6 +697,11 @@ def test_dynamic_k_layer_inference_runs_the_fused_kernel(mode, monkeypatch):
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused.experts_per_token, plain.experts_per_token)
     assert 1 <= float(fused.experts_per_token) <= E
+    seen, launch = [], mk._launch                                             # the layer's kernel tiles reach the kernel
+    monkeypatch.setattr(mk, "_launch", lambda k, n, cfg, *a, **m: (seen.append((cfg, m.get("TMA_I"))), launch(k, n, cfg, *a, **m)))
+    fused.inference_config = dataclasses.replace(MCFG or mk.masked_mlp_config(DEV, torch.float32, h), block_m=16, tma=True)
+    with torch.no_grad(): torch.testing.assert_close(fused(x.to(DEV)), want, rtol=1e-4, atol=1e-5)
+    assert (fused.inference_config, mk._has_tma(x.to(DEV))) in seen, seen
 
 
 def router_case(N, E, HR, g):

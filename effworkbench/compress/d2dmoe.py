@@ -187,6 +187,7 @@ class DynamicKMLP(nn.Module):
         return tau_rule(h, self.tau) & (h > 0)                                   # ĥ_i ≥ τ · max_j ĥ_j and ĥ_i > 0
 
     fused_inference = True          # backend "triton" without autograd: `triton_masked_relu_mlp` (no host read, no stored activations)
+    inference_config = None         # the fused kernel's tiles (a `MaskedMLPConfig`, e.g. with tma=True); None: `masked_mlp_config`'s
 
     def forward(self, x):
         shape = x.shape
@@ -195,10 +196,11 @@ class DynamicKMLP(nn.Module):
             from ..moe.kernels import triton_masked_relu_mlp, triton_tau_relu_mlp
             if self.mode == "dynamic" and isinstance(self.router, NormRouter):    # router's last layer, τ rule, plan: fused
                 first, last = self.router.net[0], self.router.net[2]
-                y, take = triton_tau_relu_mlp(xf, self.w_in, self.w_out, F.relu(first(xf)), last.weight, last.bias, self.tau)
+                y, take = triton_tau_relu_mlp(xf, self.w_in, self.w_out, F.relu(first(xf)), last.weight, last.bias, self.tau,
+                                              config=self.inference_config)
             else:
                 take = self.active(xf)                                            # (N, E) bool, on the device
-                y = triton_masked_relu_mlp(xf, self.w_in, self.w_out, take)
+                y = triton_masked_relu_mlp(xf, self.w_in, self.w_out, take, config=self.inference_config)
             self.experts_per_token = take.sum(-1).float().mean()
             return y.reshape(*shape[:-1], -1)
         idx = self.slots(xf) if self.mode != "dynamic" else compact_slots(self.slots(xf))   # (N, K)

@@ -24,6 +24,7 @@ if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..core import cache_dir
 from .layers import sort_key
@@ -163,6 +164,7 @@ class MoEKernelConfig:
     num_stages: int = 3
     dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
     atomic: bool | None = None      # the combine these tiles were tuned with (`tuned_config(atomic=None)`); None: the caller's
+    tma: bool = False               # weight tiles (and kernel 2's sorted rows) by TMA copies where the card has them (sm_90+)
 
 def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelConfig:
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
@@ -193,11 +195,21 @@ def _dot(a, b, acc, PREC: tl.constexpr):
     elif PREC == 1: return tl.dot(a, b, acc, input_precision="tf32")
     else: return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
 
+@triton.jit
+def _w_tile(w, w_off, s_wk, e, k0, n0, kmask, cmask, TMA: tl.constexpr, W_T: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """The (BK, BN) tile of W[e] at reduction rows k0… and columns n0…: by pointers (w_off: its offsets at k0 = 0, masked),
+    or by one TMA copy through the descriptor w of W stored (E, K, N), or of (E, N, K) read transposed with W_T (the copy
+    fills rows and columns past the end with zeros)."""
+    if TMA:
+        if W_T: return w.load([e, n0, k0]).reshape(BN, BK).trans()
+        else: return w.load([e, k0, n0]).reshape(BK, BN)
+    else: return tl.load(w + w_off + k0 * s_wk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+
 # %% ../../nbs/13_moe.kernels.ipynb #9405772f
 @triton.jit
 def _moe_up_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_ptr, a_ptr, ag_ptr, h_ptr,
-                   D, HD, E, s_we, s_wk, s_wn,
-                   ACT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   D, HD, E, s_we, s_wk, s_wn, ACT: tl.constexpr, PREC: tl.constexpr,
+                   TMA: tl.constexpr, W_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     "A = X[tok] @ W_in[e] (A_g = X[tok] @ W_gate[e]) and H = act(A) on one (rows of expert e) × (hidden columns) tile."
     pid = tl.program_id(0)
     n_tn = tl.cdiv(HD, BN)
@@ -217,10 +229,10 @@ def _moe_up_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_
     for k0 in range(0, D, BK):
         kmask = (k0 + ks) < D
         xa = tl.load(x_ptrs + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wb = tl.load(w_ptr + w_off + k0 * s_wk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        wb = _w_tile(w_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
         acc = _dot(xa, wb, acc, PREC)                                     # A += X[tok] W_in[e]
         if ACT == 2:
-            wgb = tl.load(wg_ptr + w_off + k0 * s_wk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            wgb = _w_tile(wg_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
             accg = _dot(xa, wgb, accg, PREC)                              # A_g += X[tok] W_gate[e]
     out = rows.to(tl.int64)[:, None] * HD + cols[None, :]                 # (BM, BN) in sorted-row order
     m2 = rmask[:, None] & cmask[None, :]
@@ -238,8 +250,29 @@ def _prec(t: torch.Tensor) -> int:
     return 1 if (t.is_cuda and torch.backends.cuda.matmul.allow_tf32) else 0
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
-    "Every buffer the kernels fill comes from here (uninitialised: the kernels write every element that is read)."
+    """Every buffer the kernels fill comes from here (uninitialised: an element that goes into a result is written before
+    it is read; kernel 2's TMA copies also bring unused slots' rows on chip, whose output rows are never stored)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+def _has_tma(t: torch.Tensor) -> bool:
+    "Tensor-memory-accelerator copies: CUDA cards of compute capability 9 and up (H100, H200), and the interpreter."
+    return _interpreting() or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+def _descriptor(t: torch.Tensor, block: tuple[int, ...]) -> TensorDescriptor | None:
+    "A TMA descriptor of t with box `block`, or None where TMA cannot address t (an empty dim, last stride ≠ 1, base or strides not 16-byte aligned)."
+    nbytes = t.element_size()
+    if 0 in t.shape or t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * nbytes % 16 for s in t.stride()[:-1]): return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+def _weights(ws: list[torch.Tensor], cfg: MoEKernelConfig, block_k: int, block_n: int) -> tuple[list, bool, bool]:
+    """The weight operands of a kernel that reads (block_k, block_n) tiles of W[e] from each logical (E, K, N) view in ws:
+    (TMA descriptors, True, W_T) where cfg.tma asks, the card has TMA and every view is addressable — W_T when the views
+    are stored (E, N, K), a descriptor of that storage with box (1, block_n, block_k) read transposed —, else (ws, False, False)."""
+    w_t = ws[0].stride(2) != 1
+    if cfg.tma and _has_tma(ws[0]):
+        descs = [_descriptor(w.transpose(1, 2) if w_t else w, (1, block_n, block_k) if w_t else (1, block_k, block_n)) for w in ws]
+        if all(d is not None for d in descs): return descs, True, w_t
+    return ws, False, False
 
 def _up(x, w_in, w_gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     "Kernel 1 → A (S, h), A_gate (S, h) or None, H (S, h), in sorted-row order."
@@ -247,10 +280,11 @@ def _up(x, w_in, w_gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     a = _alloc((S, h), x.dtype, x.device)
     ag = _alloc((S, h), x.dtype, x.device) if act == "swiglu" else None
     hid = _alloc((S, h), x.dtype, x.device)
+    (wi, wg), tma, w_t = _weights([w_in, w_gate if w_gate is not None else w_in], cfg, cfg.block_k, cfg.block_n)
     _launch(_moe_up_kernel, plan.tile_e.numel() * triton.cdiv(h, cfg.block_n), cfg,
-            x, w_in, w_gate if w_gate is not None else w_in, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
+            x, wi, wg, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
             a, ag if ag is not None else a, hid, d, h, E, *w_in.stride(),
-            ACT=ACTS[act], PREC=_prec(x), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
+            ACT=ACTS[act], PREC=_prec(x), TMA=tma, W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
     return a, ag, hid
 
 # %% ../../nbs/13_moe.kernels.ipynb #e5b41832
@@ -258,8 +292,11 @@ def _up(x, w_in, w_gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
 def _moe_rows_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr, tile_e_ptr, tile_row_ptr, off_ptr, out_ptr,
                      KD, ND, E, s_we, s_wk, s_wn,
                      HAS2: tl.constexpr, SCALE: tl.constexpr, ATOMIC: tl.constexpr, ZERO_UNUSED: tl.constexpr,
-                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    "out[orow[r]] (+)= g[r]·(L[r] @ W[e] + L2[r] @ W2[e]) for the sorted rows r of one tile (ZERO_UNUSED: unused slots get 0)."
+                     PREC: tl.constexpr, TMA: tl.constexpr, W_T: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[orow[r]] (+)= g[r]·(L[r] @ W[e] + L2[r] @ W2[e]) for the sorted rows r of one tile (ZERO_UNUSED: unused slots
+    get 0). With TMA, l, l2, w and w2 are descriptors: the BM rows from the tile's first are copied whole, those past
+    the expert's end (another expert's, or zeros past S) only make output rows that are never written."""
     pid = tl.program_id(0)
     n_tn = tl.cdiv(ND, BN)
     pid_m, pid_n = pid // n_tn, pid % n_tn
@@ -267,7 +304,8 @@ def _moe_rows_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr, tile_e_pt
     if e > E: return                                                       # past the last tile
     if not ZERO_UNUSED:
         if e == E: return                                                  # unused slots: nothing to compute or write
-    rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BM)
+    row0 = tl.load(tile_row_ptr + pid_m)
+    rows = row0 + tl.arange(0, BM)
     rmask = rows < tl.load(off_ptr + e + 1)
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < ND
@@ -278,12 +316,14 @@ def _moe_rows_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr, tile_e_pt
     k_end = tl.where(e < E, KD, 0)                                         # the unused-slot group only writes zeros
     for k0 in range(0, k_end, BK):
         kmask = (k0 + ks) < KD
-        la = tl.load(l_ptr + l_off + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wb = tl.load(w_ptr + w_off + k0 * s_wk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if TMA: la = l_ptr.load([row0, k0])
+        else: la = tl.load(l_ptr + l_off + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wb = _w_tile(w_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
         acc = _dot(la, wb, acc, PREC)
         if HAS2:
-            la2 = tl.load(l2_ptr + l_off + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wb2 = tl.load(w2_ptr + w_off + k0 * s_wk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if TMA: la2 = l2_ptr.load([row0, k0])
+            else: la2 = tl.load(l2_ptr + l_off + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wb2 = _w_tile(w2_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
             acc = _dot(la2, wb2, acc, PREC)
     if SCALE:
         g = tl.load(gate_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -323,12 +363,17 @@ def _down(l, w, l2, w2, gate, plan: MoEPlan, expert_idx, w_t: bool, atomic: bool
     s_we, s_wk, s_wn = (w.stride(0), w.stride(2), w.stride(1)) if w_t else w.stride()
     if atomic: out = torch.zeros((N, ND), dtype=torch.float32, device=l.device)   # float32 atomics into token rows
     else: out = _alloc((S, ND), l.dtype, l.device)                                  # slot order: each used row written once
+    has2 = l2 is not None
+    l2, w2 = (l2, w2) if has2 else (l, w)                                          # kernel arguments either way
+    (wd, w2d), tma, tma_t = _weights([w.transpose(1, 2) if w_t else w, w2.transpose(1, 2) if w_t else w2], cfg, cfg.block_k, cfg.block_n)
+    ld = [_descriptor(t, (cfg.block_m, cfg.block_k)) for t in (l, l2)] if tma else [None]
+    if None in ld: wd, w2d, tma, tma_t, ld = w, w2, False, False, (l, l2)            # sorted rows TMA cannot address
     _launch(_moe_rows_kernel, plan.tile_e.numel() * triton.cdiv(ND, cfg.block_n), cfg,
-            l, w, l2 if l2 is not None else l, w2 if w2 is not None else w, gate if gate is not None else l,
+            ld[0], wd, ld[1], w2d, gate if gate is not None else l,
             plan.tok if atomic else plan.order, plan.tile_e, plan.tile_row, plan.offsets, out,
             KD, ND, E, s_we, s_wk, s_wn,
-            HAS2=l2 is not None, SCALE=gate is not None, ATOMIC=atomic, ZERO_UNUSED=(K == 1 and not atomic), PREC=_prec(l),
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, max_stages=2 if l2 is not None else 8)   # 2 operand pairs: smem
+            HAS2=has2, SCALE=gate is not None, ATOMIC=atomic, ZERO_UNUSED=(K == 1 and not atomic), PREC=_prec(l),
+            TMA=tma, W_T=tma_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, max_stages=2 if has2 else 8)   # 2 operand pairs: smem
     if atomic: return out.to(l.dtype)
     if K == 1: return out                                                  # already y, unused rows zero
     y = _alloc((N, ND), l.dtype, l.device)
@@ -340,8 +385,8 @@ def _down(l, w, l2, w2, gate, plan: MoEPlan, expert_idx, w_t: bool, atomic: bool
 @triton.jit
 def _moe_dh_kernel(dy_ptr, w_ptr, tok_ptr, gate_ptr, a_ptr, ag_ptr, tile_e_ptr, tile_row_ptr, off_ptr,
                    da_ptr, dag_ptr, hg_ptr, dgp_ptr,
-                   D, HD, E, s_we, s_wk, s_wn,
-                   ACT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   D, HD, E, s_we, s_wk, s_wn, ACT: tl.constexpr, PREC: tl.constexpr,
+                   TMA: tl.constexpr, W_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     "G = dY[tok] @ W_out[e]ᵀ; dA = g·G⊙act'(A) (dA_g); Hg = g·act(A); partial dgate = Σ_block G⊙act(A)."
     pid = tl.program_id(0)
     n_tn = tl.cdiv(HD, BN)
@@ -360,7 +405,7 @@ def _moe_dh_kernel(dy_ptr, w_ptr, tok_ptr, gate_ptr, a_ptr, ag_ptr, tile_e_ptr, 
     for k0 in range(0, D, BK):
         kmask = (k0 + ks) < D
         ga = tl.load(dy_ptrs + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wb = tl.load(w_ptr + w_off + k0 * s_wk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        wb = _w_tile(w_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
         acc = _dot(ga, wb, acc, PREC)                                     # G = dy_t W_out[e]ᵀ
     out = rows.to(tl.int64)[:, None] * HD + cols[None, :]
     m2 = rmask[:, None] & cmask[None, :]
@@ -423,10 +468,11 @@ def _dh(dy, w_out, a, ag, gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     dag = _alloc((S, h), a.dtype, a.device) if act == "swiglu" else None
     hg = _alloc((S, h), a.dtype, a.device)
     dgp = torch.zeros((S, n_tn), dtype=torch.float32, device=a.device)    # rows of unused slots stay 0
+    (wd,), tma, w_t = _weights([w_out.transpose(1, 2)], cfg, cfg.block_k, cfg.block_n)   # W_out[e]ᵀ tiles (d, h)
     _launch(_moe_dh_kernel, plan.tile_e.numel() * n_tn, cfg,
-            dy, w_out, plan.tok, gate, a, ag if ag is not None else a, plan.tile_e, plan.tile_row, plan.offsets,
+            dy, wd, plan.tok, gate, a, ag if ag is not None else a, plan.tile_e, plan.tile_row, plan.offsets,
             da, dag if dag is not None else da, hg, dgp, d, h, E, w_out.stride(0), w_out.stride(2), w_out.stride(1),
-            ACT=ACTS[act], PREC=_prec(dy), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
+            ACT=ACTS[act], PREC=_prec(dy), TMA=tma, W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
     return da, dag, hg, dgp.sum(1)
 
 def _wgrad(p, q, q2, plan: MoEPlan, E: int, gather_p: bool, gather_q: bool, cfg: MoEKernelConfig):
@@ -520,9 +566,12 @@ TILE_CANDIDATES: dict[str, tuple[MoEKernelConfig, ...]] = {
     # 16-bit on CUDA: tensor-core tiles whose kernels all compile for sm_90 without spills (tests/moe_aot.py 90 --candidates)
     "16bit": (MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64),
               MoEKernelConfig(128, 64, 64, 8, 4), MoEKernelConfig(64, 128, 64, 8, 4, dh_block_n=64), MoEKernelConfig(64, 64, 64, 4, 5),
-              MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64)),
+              MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64),
+              # the same tiles with TMA copies of the weights and sorted rows (used on sm_90+ only; elsewhere they repeat the above)
+              MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True),
+              MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64, tma=True)),
     "float32": (MoEKernelConfig(64, 64, 32, 4, 3), MoEKernelConfig(64, 128, 32, 8, 3), MoEKernelConfig(128, 64, 32, 8, 3)),
-    "interpreter": (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1)),
+    "interpreter": (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1), MoEKernelConfig(32, 32, 16, 4, 1, tma=True)),
 }
 _TUNED: dict[str, MoEKernelConfig] = {}
 
@@ -540,8 +589,8 @@ def tile_key(x: torch.Tensor, w_in: torch.Tensor, n_slots: int, act: str, atomic
     return f"{dev}|{str(x.dtype).removeprefix('torch.')}|{act}|{combine}|E={E}|d={d}|h={h}|S={S}"
 
 def _tile_label(c: MoEKernelConfig) -> str:
-    "block_m,block_n,block_k,warps,stages,dh_block_n (and |atomic or |deterministic where the combine was tuned too)."
-    tiles = ",".join(map(str, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.dh_block_n)))
+    "block_m,block_n,block_k,warps,stages,dh_block_n[,tma] (and |atomic or |deterministic where the combine was tuned too)."
+    tiles = ",".join(map(str, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.dh_block_n))) + (",tma" if c.tma else "")
     return tiles if c.atomic is None else f"{tiles}|{'atomic' if c.atomic else 'deterministic'}"
 
 def tile_cache_path() -> Path: return cache_dir() / "moe_tiles.json"
@@ -645,8 +694,10 @@ def mask_plan(take: torch.Tensor, block_m: int) -> MoEPlan:
 @triton.jit
 def _masked_mlp_kernel(x_ptr, wi_ptr, wo_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_ptr, out_ptr,
                        D, H, ND, E, s_ie, s_ik, s_ih, s_oe, s_oh, s_on,
-                       PREC: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    "out[tok[r]] += relu(X[tok[r]] @ W_in[e]) @ W_out[e] for the BM sorted rows r of one tile of expert e; H stays on chip."
+                       PREC: tl.constexpr, TMA_I: tl.constexpr, WI_T: tl.constexpr, TMA_O: tl.constexpr, WO_T: tl.constexpr,
+                       BM: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[tok[r]] += relu(X[tok[r]] @ W_in[e]) @ W_out[e] for the BM sorted rows r of one tile of expert e; H stays on chip.
+    TMA_I / TMA_O: wi / wo are TMA descriptors (WI_T / WO_T: of the weight stored transposed), as `_w_tile` reads them."""
     pid = tl.program_id(0)
     e = tl.load(tile_e_ptr + pid)
     if e >= E: return                                                      # past the last tile
@@ -662,16 +713,16 @@ def _masked_mlp_kernel(x_ptr, wi_ptr, wo_ptr, tok_ptr, tile_e_ptr, tile_row_ptr,
         for k0 in range(0, D, BK):
             kmask = (k0 + ks) < D
             xa = tl.load(x_ptr + tok[:, None] * D + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wb = tl.load(wi_ptr + e64 * s_ie + (k0 + ks)[:, None] * s_ik + hs[None, :] * s_ih,
-                         mask=kmask[:, None] & hmask[None, :], other=0.0)
+            wb = _w_tile(wi_ptr, e64 * s_ie + ks[:, None] * s_ik + hs[None, :] * s_ih, s_ik, e, k0, h0, kmask, hmask,
+                         TMA_I, WI_T, BK, BH)
             acc = _dot(xa, wb, acc, PREC)                                  # A = X[tok] W_in[e]   (BM, BH)
         a = acc.to(x_ptr.dtype.element_ty).to(tl.float32)                  # rounded as the training kernels store A
         hid = tl.maximum(a, 0.0).to(x_ptr.dtype.element_ty)                # H = relu(A), never written to memory
         for n0 in range(0, ND, BN):
             ns = n0 + tl.arange(0, BN)
             nmask = ns < ND
-            wo = tl.load(wo_ptr + e64 * s_oe + hs[:, None] * s_oh + ns[None, :] * s_on,
-                         mask=hmask[:, None] & nmask[None, :], other=0.0)
+            wo = _w_tile(wo_ptr, e64 * s_oe + tl.arange(0, BH)[:, None] * s_oh + ns[None, :] * s_on, s_oh, e, h0, n0, hmask, nmask,
+                         TMA_O, WO_T, BH, BN)                              # W_out[e] rows h0…, columns n0…
             y = _dot(hid, wo, tl.zeros((BM, BN), dtype=tl.float32), PREC)  # H W_out[e]   (BM, BN)
             tl.atomic_add(out_ptr + tok[:, None] * ND + ns[None, :], y, mask=rmask[:, None] & nmask[None, :])
 
@@ -692,9 +743,11 @@ def _masked_launch(x, w_in, w_out, plan: MoEPlan, cfg: MaskedMLPConfig) -> torch
     "The fused inference kernel over a plan of rows → y (N, d_out) in x's dtype."
     (N, d), (E, _, h), ND = x.shape, w_in.shape, w_out.shape[2]
     out = torch.zeros((N, ND), dtype=torch.float32, device=x.device)                 # float32 atomics into token rows
-    _launch(_masked_mlp_kernel, plan.tile_e.numel(), cfg, x, w_in, w_out, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
+    (wi,), tma_i, wi_t = _weights([w_in], cfg, cfg.block_k, cfg.block_h)            # (block_k, block_h) tiles of W_in[e]
+    (wo,), tma_o, wo_t = _weights([w_out], cfg, cfg.block_h, cfg.block_n)           # (block_h, block_n) tiles of W_out[e]
+    _launch(_masked_mlp_kernel, plan.tile_e.numel(), cfg, x, wi, wo, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
             out, d, h, ND, E, *w_in.stride(), *w_out.stride(),
-            PREC=_prec(x), BM=cfg.block_m, BH=cfg.block_h, BN=cfg.block_n, BK=cfg.block_k)
+            PREC=_prec(x), TMA_I=tma_i, WI_T=wi_t, TMA_O=tma_o, WO_T=wo_t, BM=cfg.block_m, BH=cfg.block_h, BN=cfg.block_n, BK=cfg.block_k)
     return out.to(x.dtype)
 
 def _check_masked(x, w_in, w_out):
