@@ -93,7 +93,7 @@ sec_kernels() {
 }
 
 sec_moe() {
-  start moe 240 "bench/moe.py, then bench/d2dmoe.py" || return 0
+  start moe 270 "bench/moe.py, then bench/d2dmoe.py" || return 0
   timeout $(( T * 4 / 7 )) $PY bench/moe.py --skip loop > "$OUT/bench_moe.log" 2>&1
   echo "=== bench/d2dmoe.py" >> "$OUT/bench_moe.log"
   timeout $(( T * 3 / 7 )) $PY bench/d2dmoe.py >> "$OUT/bench_moe.log" 2>&1   # and d2dmoe_speed_<card>.csv, .env.json in $OUT
