@@ -72,6 +72,10 @@ def record_launches(candidates: bool = False):
         return list(seen.values())
     tma = dataclasses.replace(mk.kernel_config("cuda", torch.bfloat16), tma=True)
     for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: bf16_layer(tma, act, atomic)
+    for E2, h2 in ((32, 128), (128, 32)):                            # the dynamic-k inference kernel with TMA weight tiles
+        x, take = torch.randn(N, d, generator=g).bfloat16(), torch.rand(N, E2, generator=g) < 0.2
+        w_in, w_out = torch.randn(E2, d, h2, generator=g).bfloat16(), torch.randn(E2, h2, d, generator=g).bfloat16()
+        mk.triton_masked_relu_mlp(x, w_in, w_out, take, config=dataclasses.replace(mk.masked_mlp_config("cuda", torch.bfloat16, h2), tma=True))
     for dtype in (torch.bfloat16, torch.float32):
         for act, atomic, K in [(a, at, k) for a in ("gelu", "relu", "swiglu") for at in (False, True) for k in (1, 2)]:
             x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()

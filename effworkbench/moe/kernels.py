@@ -197,7 +197,8 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 @triton.jit
 def _w_tile(w, w_off, s_wk, e, k0, n0, kmask, cmask, TMA: tl.constexpr, W_T: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """The (BK, BN) tile of W[e] at reduction rows k0… and columns n0…: by pointers (w_off: its offsets at k0 = 0, masked),
+    """The (BK, BN) tile of W[e] at reduction rows k0… and columns n0…: by pointers (w_off: its offsets at k0 = 0, or at
+    k0 itself with s_wk = 0; masked),
     or by one TMA copy through the descriptor w of W stored (E, K, N), or of (E, N, K) read transposed with W_T (the copy
     fills rows and columns past the end with zeros)."""
     if TMA:
@@ -713,15 +714,15 @@ def _masked_mlp_kernel(x_ptr, wi_ptr, wo_ptr, tok_ptr, tile_e_ptr, tile_row_ptr,
         for k0 in range(0, D, BK):
             kmask = (k0 + ks) < D
             xa = tl.load(x_ptr + tok[:, None] * D + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wb = _w_tile(wi_ptr, e64 * s_ie + ks[:, None] * s_ik + hs[None, :] * s_ih, s_ik, e, k0, h0, kmask, hmask,
-                         TMA_I, WI_T, BK, BH)
+            wb = _w_tile(wi_ptr, e64 * s_ie + (k0 + ks)[:, None] * s_ik + hs[None, :] * s_ih, 0, e, k0, h0, kmask, hmask,
+                         TMA_I, WI_T, BK, BH)                              # (offsets at k0 itself: s_wk = 0)
             acc = _dot(xa, wb, acc, PREC)                                  # A = X[tok] W_in[e]   (BM, BH)
         a = acc.to(x_ptr.dtype.element_ty).to(tl.float32)                  # rounded as the training kernels store A
         hid = tl.maximum(a, 0.0).to(x_ptr.dtype.element_ty)                # H = relu(A), never written to memory
         for n0 in range(0, ND, BN):
             ns = n0 + tl.arange(0, BN)
             nmask = ns < ND
-            wo = _w_tile(wo_ptr, e64 * s_oe + tl.arange(0, BH)[:, None] * s_oh + ns[None, :] * s_on, s_oh, e, h0, n0, hmask, nmask,
+            wo = _w_tile(wo_ptr, e64 * s_oe + hs[:, None] * s_oh + ns[None, :] * s_on, 0, e, h0, n0, hmask, nmask,
                          TMA_O, WO_T, BH, BN)                              # W_out[e] rows h0…, columns n0…
             y = _dot(hid, wo, tl.zeros((BM, BN), dtype=tl.float32), PREC)  # H W_out[e]   (BM, BN)
             tl.atomic_add(out_ptr + tok[:, None] * ND + ns[None, :], y, mask=rmask[:, None] & nmask[None, :])
