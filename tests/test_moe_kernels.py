@@ -539,6 +539,23 @@ def test_guard_catches_syncs(no_python_reads):
         with NoHostSync(), pytest.raises(AssertionError, match="host sync"): fn()
 
 
+def test_compiled_models_call_the_kernels_eagerly():
+    """Under torch.compile the kernels' entry points are graph breaks (TorchDynamo traced through the interpreter fails):
+    a compiled function around the layer gives the eager output and gradients, training and inference entry points alike."""
+    x, w_in, w_out, _, idx, gates = make_case(41, 4, 2, 16, 32, "gelu", "uniform", 8100)
+    leaves = [t.requires_grad_() for t in (x, w_in, w_out, gates)]
+    f = lambda x: F.relu(triton_moe_mlp(x * 2, w_in, w_out, None, idx, gates, "gelu", config=CFG)).square().sum()
+    want, got = f(x), torch.compile(f)(x)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(f(x), leaves)): torch.testing.assert_close(a, b)
+    take = torch.rand(41, 4, generator=torch.Generator().manual_seed(1)).to(DEV) < 0.4
+    g = lambda x: triton_masked_relu_mlp(x.detach() + 1, w_in.detach(), w_out.detach(), take, config=MCFG) * 3
+    torch.testing.assert_close(torch.compile(g)(x), g(x))
+    z, w2, b2 = (t.to(DEV) for t in router_case(41, 4, 16, torch.Generator().manual_seed(2)))
+    t = lambda x: triton_tau_relu_mlp(x.detach(), w_in.detach(), w_out.detach(), z, w2, b2, 0.5, config=MCFG)[0] - 1
+    torch.testing.assert_close(torch.compile(t)(x), t(x))
+
+
 def test_registered_as_backend():
     from effworkbench.moe import layers as moe
     assert moe.MOE_BACKENDS["triton"] is triton_moe_mlp

@@ -523,6 +523,7 @@ def _tune_tiles(x: torch.Tensor) -> bool:
     "Tiles (and the open combine) tuned per shape class: on CUDA, with EFFWB_MOE_TUNE=1."
     return x.is_cuda and os.environ.get("EFFWB_MOE_TUNE", "0") == "1"
 
+@torch.compiler.disable                                                   # inside a compiled model: a graph break, run eagerly
 def triton_moe_mlp(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu", *, atomic: bool | None = None,
                    config: MoEKernelConfig | None = None):
     """The `triton` MoE backend: y (N, d) = Σ_k gates[:, k] · W_out[e] act(W_in[e] x), e = expert_idx[:, k] ≥ 0.
@@ -757,6 +758,7 @@ def _check_masked(x, w_in, w_out):
     if w_in.dim() != 3 or w_in.shape[1] != d or w_out.dim() != 3 or w_out.shape[:2] != (w_in.shape[0], w_in.shape[2]):
         raise ValueError(f"expert weights must be w_in (E, d, h) and w_out (E, h, d_out) with d={d}; got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
 
+@torch.compiler.disable
 @torch.no_grad()
 def triton_masked_relu_mlp(x, w_in, w_out, take, *, config: MaskedMLPConfig | None = None) -> torch.Tensor:
     """Inference of a masked expert MLP: y (N, d_out) = Σ_{e : take[n, e]} relu(x[n] W_in[e]) W_out[e], for x (N, d),
@@ -834,6 +836,7 @@ def tau_plan(z: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, tau: float, bl
     tile_e, tile_row = _tiles(offsets, S, E, block_m)
     return MoEPlan(order, tok, offsets, tile_e, tile_row), take.view(torch.bool)
 
+@torch.compiler.disable
 @torch.no_grad()
 def triton_tau_relu_mlp(x, w_in, w_out, z, w2, b2, tau: float, *, config: MaskedMLPConfig | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
