@@ -556,6 +556,24 @@ def test_compiled_models_call_the_kernels_eagerly():
     torch.testing.assert_close(torch.compile(t)(x), t(x))
 
 
+def test_interpreter_chosen_too_late_is_named():
+    """TRITON_INTERPRET=1 set after triton was imported (TorchDynamo imports it) leaves triton's own library compiled: the
+    import says so. Imported first, the layers module chooses the interpreter on a machine without CUDA before it imports
+    TorchDynamo, and the triton backend then runs on CPU tensors."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"CUDA_VISIBLE_DEVICES": ""}
+    late = "import torch._dynamo, os; os.environ['TRITON_INTERPRET'] = '1'; import effworkbench.moe.kernels"
+    r = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "TRITON_INTERPRET=1 was set after triton was imported" in r.stderr, r.stderr[-2000:]
+    first = ("import torch; from effworkbench.moe.layers import moe_mlp; g = torch.Generator().manual_seed(0)\n"
+             "x, wi, wo = torch.randn(20, 16, generator=g), torch.randn(3, 16, 32, generator=g), torch.randn(3, 32, 16, generator=g)\n"
+             "idx, gates = torch.randint(-1, 3, (20, 2), generator=g), torch.rand(20, 2, generator=g)\n"
+             "y, y0 = (moe_mlp(x, wi, wo, idx, gates, 'gelu', backend=b) for b in ('triton', 'loop'))\n"
+             "print('max diff', float((y - y0).abs().max()))")
+    r = subprocess.run([sys.executable, "-c", first], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split("max diff")[1]) < 1e-4, r.stdout
+
+
 def test_registered_as_backend():
     from effworkbench.moe import layers as moe
     assert moe.MOE_BACKENDS["triton"] is triton_moe_mlp

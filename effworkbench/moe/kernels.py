@@ -24,7 +24,13 @@ if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton
 import triton.language as tl
+import triton.language.standard as tl_standard
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and type(tl_standard.sum).__name__ != "InterpretedFunction":
+    raise ImportError("TRITON_INTERPRET=1 was set after triton was imported (by TorchDynamo, for one), so triton's own "
+                      "library is compiled and its interpreter cannot run these kernels: set TRITON_INTERPRET=1 before "
+                      "importing torch._dynamo or triton (without CUDA, importing effworkbench.moe.layers first does it)")
 
 from ..core import cache_dir
 from .layers import sort_key

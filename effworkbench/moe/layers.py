@@ -8,6 +8,7 @@ Docs: https://effworkbench.github.io/effworkbench/moe.layers.html.md"""
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar, Literal
@@ -17,6 +18,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# `torch.compiler.disable` below imports TorchDynamo, and with it triton: on a machine without CUDA choose the Triton
+# interpreter first, as `13_moe.kernels` does, so that its kernels run here too (TRITON_INTERPRET=0 opts out)
+if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ..core import ConfigError, ParamCounts, PresetConfig, Registry
 from ..experiment import Context, register_experiment
@@ -175,6 +180,7 @@ def _grouped_ok(x, w_in, w_out) -> bool:
     align = 16 // x.element_size()
     return hasattr(torch, "_grouped_mm") and all(s % align == 0 for s in (x.shape[-1], w_in.shape[-1], w_out.shape[-1]))
 
+@torch.compiler.disable          # inside a compiled model: a graph break (compiling _grouped_mm asks for bf16 inputs)
 def moe_mlp_torch(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
     "Grouped-GEMM backend: sort slot indices by expert, gather rows once, `torch._grouped_mm`, unsort, combine."
     if not _grouped_ok(x, w_in, w_out): return moe_mlp_loop(x, w_in, w_out, w_gate, expert_idx, gates, act)
