@@ -223,6 +223,23 @@ def test_tuned_config_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
         mk.tuned_config(x, w_in[:, :, :4], w_out[:, :4], None, idx, candidates=cands, timer=lambda *a: 1 / 0, cache=False)
 
 
+def test_tuner_tries_tma_tiles_only_where_the_card_has_tma(tmp_path, monkeypatch):
+    "On a card without TMA (before sm_90) a `tma` candidate would repeat its pointer-load twin: it is not timed."
+    monkeypatch.setenv("EFFWB_CACHE", str(tmp_path))
+    monkeypatch.setattr(mk, "_TUNED", {})
+    c0, c1 = MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1, tma=True)
+    g = torch.Generator().manual_seed(12)
+    x, w_in, w_out = (torch.randn(*s, generator=g).to(DEV) for s in [(37, 16), (3, 16, 24), (3, 24, 16)])
+    idx = torch.randint(0, 3, (37, 2), generator=g).to(DEV)
+    calls = []
+    timer = lambda cfg, *a: calls.append(cfg) or (1.0 if cfg.tma else 2.0)
+    monkeypatch.setattr(mk, "_has_tma", lambda t: False)
+    assert mk.tuned_config(x, w_in, w_out, None, idx, candidates=(c0, c1), timer=timer, cache=False) == c0 and calls == [c0]
+    monkeypatch.setattr(mk, "_TUNED", {}); calls.clear()
+    monkeypatch.setattr(mk, "_has_tma", lambda t: True)
+    assert mk.tuned_config(x, w_in, w_out, None, idx, candidates=(c0, c1), timer=timer, cache=False) == c1 and calls == [c0, c1]
+
+
 def test_layer_tunes_only_when_asked_and_on_cuda(monkeypatch):
     "EFFWB_MOE_TUNE=1 routes a CUDA call without a config through tuned_config; off, or on CPU, the default tiles."
     asked = []

@@ -204,9 +204,8 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _w_tile(w, w_off, s_wk, e, k0, n0, kmask, cmask, TMA: tl.constexpr, W_T: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
     """The (BK, BN) tile of W[e] at reduction rows k0… and columns n0…: by pointers (w_off: its offsets at k0 = 0, or at
-    k0 itself with s_wk = 0; masked),
-    or by one TMA copy through the descriptor w of W stored (E, K, N), or of (E, N, K) read transposed with W_T (the copy
-    fills rows and columns past the end with zeros)."""
+    k0 itself with s_wk = 0; masked), or by one TMA copy through the descriptor w of W stored (E, K, N), or of (E, N, K)
+    read transposed with W_T (the copy fills rows and columns past the end with zeros)."""
     if TMA:
         if W_T: return w.load([e, n0, k0]).reshape(BN, BK).trans()
         else: return w.load([e, k0, n0]).reshape(BK, BN)
@@ -575,7 +574,7 @@ TILE_CANDIDATES: dict[str, tuple[MoEKernelConfig, ...]] = {
     "16bit": (MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64),
               MoEKernelConfig(128, 64, 64, 8, 4), MoEKernelConfig(64, 128, 64, 8, 4, dh_block_n=64), MoEKernelConfig(64, 64, 64, 4, 5),
               MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64),
-              # the same tiles with TMA copies of the weights and sorted rows (used on sm_90+ only; elsewhere they repeat the above)
+              # the same tiles with TMA copies of the weights and sorted rows (tried on sm_90+ cards only)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True),
               MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64, tma=True)),
     "float32": (MoEKernelConfig(64, 64, 32, 4, 3), MoEKernelConfig(64, 128, 32, 8, 3), MoEKernelConfig(128, 64, 32, 8, 3)),
@@ -659,7 +658,7 @@ def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: 
     N, K = expert_idx.shape
     g = torch.Generator().manual_seed(0)
     idx = torch.rand(N, E, generator=g).argsort(-1)[:, :K].to(x.device) if K <= E else expert_idx   # (N, K) distinct experts
-    cands = candidates or TILE_CANDIDATES[_candidate_set(x)]
+    cands = [c for c in candidates or TILE_CANDIDATES[_candidate_set(x)] if not c.tma or _has_tma(x)]   # no TMA: no repeats
     if atomic is None: cands = [dataclasses.replace(c, atomic=a) for c in cands for a in ((False, True) if K > 1 else (False,))]
     times = {}
     for cfg in cands:
