@@ -298,13 +298,14 @@ def test_by_expert_combines_agree_and_cover_repeated_tokens():
         moe_mlp_by_expert(x, w_in, w_out, None, tok, g, "gelu", "atomic")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiled_moe_gpt_matches_eager(backend):
+@pytest.mark.parametrize("backend, routing", [("torch", "token_choice"), ("triton", "token_choice"), ("torch", "expert_choice"),
+                                             ("torch", "dynamic_k")])
+def test_compiled_moe_gpt_matches_eager(backend, routing):
     """A GPT with MoE FFNs under torch.compile: the dispatch backends are graph breaks that run eagerly (traced, torch's
     `_grouped_mm` refuses float32 and the Triton launch code breaks TorchDynamo), the rest compiles; loss and every
     gradient as in eager mode."""
     cfg = GPTConfig(vocab_size=128, seq_len=16, d_model=32, n_layers=2, n_heads=2, ffn="moe",
-                    ffn_kwargs={"expansion": 4, "granularity": 2, "backend": backend})
+                    ffn_kwargs={"expansion": 4, "granularity": 2, "backend": backend, "routing": routing})
     torch.manual_seed(0)
     model = GPT(cfg)
     idx = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # `torch.compiler.disable` below imports TorchDynamo, and with it triton: on a machine without CUDA choose the Triton
-# interpreter first, as `13_moe.kernels` does, so that its kernels run here too (TRITON_INTERPRET=0 opts out)
+# interpreter first, as the Triton backend's own module does, so that its kernels run here too (TRITON_INTERPRET=0 opts out)
 if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ..core import ConfigError, ParamCounts, PresetConfig, Registry
