@@ -384,6 +384,9 @@ def test_kernels_compile_for_hopper():
     regs = [int(m.group(1)) for m in res]
     assert all(0 < g <= 255 for g in regs) and len(set(regs)) > 1, regs      # parsed per kernel, within sm_90's limit
     assert "summary sm_90: " in r.stdout and f"most registers {max(regs)} " in r.stdout
+    tma = [ln for ln in lines if re.search(r"TMA(_I|_O)?=True", ln)]       # launches built with a TMA descriptor
+    assert all(ln.endswith(" tma") for ln in tma), [ln for ln in tma if not ln.endswith(" tma")]
+    assert {ln.split()[2] for ln in tma} >= {"_moe_up_kernel", "_moe_rows_kernel", "_moe_dh_kernel", "_masked_mlp_kernel"}, tma
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # TMA: NaN rows copied, never written out
