@@ -16,7 +16,14 @@ the datasheet's (--peak-tflops, default 989 = H100 dense bf16; none on CPU unles
 GEMM peak (a large matmul in the compute dtype, the best of 5 timings in the same run). The rows take turns round by
 round; ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine),
 paired_vs_reference the median over rounds of (reference's time / the row's time) in the same round, with its quartiles
-(on a noisy CPU: --iters 100 --rounds 100, one step a round). Imports only torch, numpy, pandas and the library.
+(on a noisy CPU: --iters 100 --rounds 100, one step a round).
+
+A second table, "head + loss", times the head's matmul with the cross-entropy alone, forward and backward (eager, the
+compute dtype as in the step, weights in float32 under autocast on CUDA), at the step's B·T rows: F.linear with
+F.cross_entropy on float32 logits (the reference's loss), the library's chunked_cross_entropy on the logits, and its
+linear_cross_entropy at four block sizes around its default (`chunk` logits a block); with the peak memory each adds
+on CUDA. linear_cross_entropy sums ∂ℓ/∂W over blocks in float32, V·d elements read and written per block, so its block
+size trades that traffic against the block's own memory. Imports only torch, numpy, pandas and the library.
 """
 import argparse
 import math
@@ -28,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effworkbench.nn.gpt import GPT, GPTConfig, param_counts
+from effworkbench.nn.gpt import GPT, GPTConfig, ce_block_rows, chunked_cross_entropy, linear_cross_entropy, param_counts
 from effworkbench.train import TrainConfig, Trainer
 from heap import steady_heap
 
@@ -107,6 +114,40 @@ def gemm_tflops(device, dtype, n: int, reps: int = 10) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     sec = min(timed(lambda: a @ b, device, 2 if i == 0 else 0, reps) for i in range(5))   # the best of 5: load only slows it
     return 2 * n ** 3 / sec / 1e12
+
+
+def loss_table(device, dtype, N: int, d: int, V: int, rounds: int, iters: int) -> pd.DataFrame:
+    "Forward + backward of head and loss alone at (N, d, V): milliseconds (median of rounds), × the reference loss, peak MB."
+    g = torch.Generator(device="cpu").manual_seed(1)
+    h0 = torch.randn(N, d, generator=g).to(device, dtype)                       # (N, d) the final norm's output
+    w = (0.02 * torch.randn(V, d, generator=g)).to(device).requires_grad_()     # (V, d) the head, float32 as trained
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    amp = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    default = ce_block_rows(1, device, None)                                          # the default block, in logits
+    chunks = [default >> 2, default >> 1, default, default << 1]
+    losses = {"F.cross_entropy, float32 logits": lambda h: F.cross_entropy(F.linear(h, w).float(), y),
+              "chunked_cross_entropy": lambda h: chunked_cross_entropy(F.linear(h, w), y)}
+    for c in chunks:
+        losses[f"linear_cross_entropy 2^{c.bit_length() - 1}{' (default)' if c == default else ''}"] = \
+            (lambda h, c=c: linear_cross_entropy(h, w, y, chunk_elems=c))
+    h = h0.clone().requires_grad_()
+
+    def step(fn):
+        with amp: loss = fn(h)
+        loss.backward(); h.grad = w.grad = None
+
+    secs, peak = {k: [] for k in losses}, {}
+    for name, fn in losses.items():
+        step(fn)                                                                 # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+            step(fn); torch.cuda.synchronize(); peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for _ in range(rounds):
+        for name, fn in losses.items(): secs[name].append(timed(lambda: step(fn), device, 0, iters))
+    ref = float(np.median(secs["F.cross_entropy, float32 logits"]))
+    return pd.DataFrame([dict(loss=name, ms=float(np.median(v)) * 1e3, ms_min=min(v) * 1e3, speed_vs_reference=ref / float(np.median(v)),
+                              peak_mb=peak.get(name, float("nan")), rows_per_block=ce_block_rows(V, device, c) if name.startswith("linear") else N)
+                         for (name, v), c in zip(secs.items(), [None, None, *chunks])])
 
 
 def plain_loop(model, device, amp, x, clip: float, compile_: bool):
@@ -212,6 +253,10 @@ def main():
     pd.set_option("display.width", 200)
     print("\n" + df.to_string(index=False, float_format=lambda v: "nan" if math.isnan(v) else f"{v:.4g}"))
     if args.csv: df.to_csv(args.csv, index=False)
+
+    lt = loss_table(device, dtype, B * T, mcfg.d_model, mcfg.vocab_size, max(3, args.rounds), 3 if device.type == "cuda" else 1)
+    print(f"\nhead + loss, forward and backward, N = {B * T} rows, d = {mcfg.d_model}, V = {mcfg.vocab_size}, {dtype}:")
+    print(lt.to_string(index=False, float_format=lambda v: "nan" if math.isnan(v) else f"{v:.4g}"))
 
 
 if __name__ == "__main__":

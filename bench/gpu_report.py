@@ -90,6 +90,15 @@ def gpt_rows(text: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def gpt_loss_table(text: str) -> list[str]:
+    "bench/gpt.py's head + loss table as printed: its header line and the rows up to the next blank line."
+    lines = text.splitlines()
+    at = next((i for i, ln in enumerate(lines) if ln.startswith("head + loss")), None)
+    if at is None: return []
+    end = next((i for i in range(at + 1, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[at:end]
+
+
 def gpt_verdicts(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     if rows.empty: return pd.DataFrame()
@@ -150,7 +159,8 @@ def report(d: Path) -> str:
     parts += ["## MoE training (bench/moe.py)", markdown(moe_verdicts(moe_rows(moe_log))), block(moe_checks(moe_log))]
     tables = sorted(d.glob("d2dmoe_speed_*.csv"))
     parts += ["## Dynamic-k inference (bench/d2dmoe.py)", markdown(dynamic_k_verdicts(pd.read_csv(tables[0])) if tables else pd.DataFrame())]
-    parts += ["## GPT step (bench/gpt.py)", markdown(gpt_verdicts(gpt_rows(_read(d, "bench_gpt.log"))))]
+    gpt_log = _read(d, "bench_gpt.log")
+    parts += ["## GPT step (bench/gpt.py)", markdown(gpt_verdicts(gpt_rows(gpt_log))), block(gpt_loss_table(gpt_log))]
     parts += ["## DP-SGD step (bench/dp.py)", markdown(dp_verdicts(dp_rows(_read(d, "bench_dp.log"))))]
     anchors = _read(d, "bench_anchors.log").strip().splitlines()[-15:]
     parts += ["## Anchors (the card's baselines)", block(anchors)]

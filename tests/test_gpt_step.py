@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effworkbench.nn.gpt import GPT, GPTConfig, Rotary, chunked_cross_entropy, linear_cross_entropy, make_parameterization
+from effworkbench.nn.gpt import GPT, GPTConfig, Rotary, ce_block_rows, chunked_cross_entropy, linear_cross_entropy, make_parameterization
 from effworkbench.train import TrainConfig, Trainer, TrainingDiverged
 
 
@@ -142,6 +142,15 @@ def test_linear_cross_entropy_matches_torch_in_float64(bias):
     loss = linear_cross_entropy(h, W, y, b)
     torch.autograd.grad(loss, h, retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"): torch.autograd.grad(loss, h)
+
+
+def test_loss_block_sizes():
+    """linear_cross_entropy's default blocks: on a CPU a float32 block within 2 MB (it stays in cache); on a GPU at the GPT-2
+    vocabulary enough rows c that the block's matmuls (6·c·V·d FLOPs) outweigh its float32 ∂ℓ/∂W update (≈ 12·V·d bytes)
+    four times over at an H100's 295 FLOPs a byte: c/2 ≥ 4 · 295."""
+    assert ce_block_rows(4096, torch.device("cpu")) * 4096 * 4 <= 2**21
+    assert ce_block_rows(50304, torch.device("cuda")) / 2 >= 4 * 295
+    assert ce_block_rows(50304, torch.device("cuda"), chunk_elems=50304 * 7) == 7 and ce_block_rows(10, torch.device("cpu"), 3) == 1
 
 
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_unfused_head():

@@ -27,6 +27,11 @@ GPT_LOG = """\
           reference   eager        100.0    99.0     1.6e+05   250.0          0.253     0.32                   1               1.1                   1.1                    1          1          1
     workbench model   eager         95.0    94.0     1.7e+05   263.0          0.280     0.33                1.05               1.1                   1.1                 1.04       1.02       1.06
   workbench trainer compile         60.0    59.0     2.7e+05   416.0          0.421     0.53                0.99               1.0                   1.0                 0.99       0.98       1.01
+
+head + loss, forward and backward, N = 16384 rows, d = 768, V = 50304, torch.bfloat16:
+                               loss    ms  ms_min  speed_vs_reference  peak_mb  rows_per_block
+    F.cross_entropy, float32 logits 20.1   19.9                   1     9000           16384
+linear_cross_entropy 2^27 (default) 12.0   11.9                1.68     1300            2668
 """
 
 DP_LOG = """\
@@ -58,6 +63,10 @@ def test_gpt_and_dp_rows():
     v = gr.gpt_verdicts(gr.gpt_rows(GPT_LOG)).set_index(["row", "mode"])
     assert v.loc[("workbench model", "eager"), "met"]                              # 28 % ≥ 27 %, ahead of the reference
     assert not v.loc[("workbench trainer", "compile"), "met"]                      # 42.1 % but behind the reference
+    assert len(v) == 2                                                              # the loss table's rows are not steps
+    loss = gr.gpt_loss_table(GPT_LOG)
+    assert len(loss) == 4 and loss[0].startswith("head + loss") and "(default)" in loss[-1]
+    assert gr.gpt_loss_table(GPT_LOG.split("head + loss")[0]) == []
     dp = gr.dp_rows(DP_LOG)
     assert list(dp.step) == ["plain SGD step", "DP, book-keeping (this library)", "DP, bk, 50% unstruct. + 50% random"]
     assert dp["× plain"].tolist() == [1.0, 1.25, 1.36]

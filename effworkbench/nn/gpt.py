@@ -26,8 +26,8 @@ __all__ = ['Rule', 'FFN_REGISTRY', 'PARAMETERIZATIONS', 'GROUPS', 'GROUP_ROLES',
            'fraction', 'optional', 'check_fields', 'register_ffn', 'register_parameterization', 'DenseConfig',
            'build_dense', 'options_class', 'canonical_options', 'GPTConfig', 'GLinear', 'GEmbedding', 'module_groups',
            'param_groups', 'RMSNorm', 'LayerNorm', 'make_norm', 'Rotary', 'Attention', 'DenseFFN', 'Block',
-           'chunked_cross_entropy', 'linear_cross_entropy', 'TokenSampler', 'GPT', 'GroupHP', 'Parameterization',
-           'init_parameters', 'optimizer_groups', 'fan_in', 'SPConfig', 'StandardParameterization',
+           'chunked_cross_entropy', 'ce_block_rows', 'linear_cross_entropy', 'TokenSampler', 'GPT', 'GroupHP',
+           'Parameterization', 'init_parameters', 'optimizer_groups', 'fan_in', 'SPConfig', 'StandardParameterization',
            'parameterization_options', 'make_parameterization', 'gpt_spec', 'gpt_from_spec', 'load_gpt', 'param_counts',
            'flops_per_token', 'group_role', 'measure_params', 'size_table']
 
@@ -396,9 +396,10 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     return _ChunkedCE.apply(logits, targets, ignore_index, max(1, chunk_elems // logits.shape[1]))
 
 # %% ../../nbs/10_nn.gpt.ipynb #5c1e7a21
-def _ce_rows(V: int, device: torch.device, chunk_elems: int | None) -> int:
-    "Rows per block of logits: about `chunk_elems` logits (default 2¹⁹ on a CPU: a block that stays in cache; 2²⁵ elsewhere)."
-    return max(1, (chunk_elems or (2**19 if device.type == "cpu" else 2**25)) // V)
+def ce_block_rows(V: int, device: torch.device, chunk_elems: int | None = None) -> int:
+    """Rows per block of `linear_cross_entropy`: about `chunk_elems` logits, default 2¹⁹ on a CPU (a block that stays in
+    cache) and 2²⁷ elsewhere (c ≈ 2,700 rows at V = 50,304: enough that a block's matmuls outweigh its float32 ∂ℓ/∂W update)."""
+    return max(1, (chunk_elems or (2**19 if device.type == "cpu" else 2**27)) // V)
 
 def _sum_into(acc_t: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     "acc_t + a @ b in `acc` (float32): the first product becomes the sum; later ones are added by addmm_ in place (no temporary) when a, b are in `acc` already."
@@ -452,10 +453,10 @@ class _LinearCE(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
                          mult: float = 1.0, ignore_index: int = -100, chunk_elems: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(mult * F.linear(h, weight, bias), targets)` for h (N, d), weight (V, d), targets (N,), without an (N, V)
-    tensor: blocks of about `chunk_elems` logits (default: `_ce_rows`), the gradients formed in the forward pass."""
+    tensor: blocks of about `chunk_elems` logits (default: `ce_block_rows`), the gradients formed in the forward pass."""
     if h.ndim != 2 or targets.shape != h.shape[:1] or weight.ndim != 2 or weight.shape[1] != h.shape[1]:
         raise ValueError(f"h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}: expected (N, d), (V, d), (N,)")
-    return _LinearCE.apply(h, weight, bias, targets, float(mult), ignore_index, _ce_rows(weight.shape[0], h.device, chunk_elems))
+    return _LinearCE.apply(h, weight, bias, targets, float(mult), ignore_index, ce_block_rows(weight.shape[0], h.device, chunk_elems))
 
 # %% ../../nbs/10_nn.gpt.ipynb #6dae1376
 class TokenSampler:
