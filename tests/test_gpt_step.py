@@ -153,6 +153,21 @@ def test_loss_block_sizes():
     assert ce_block_rows(50304, torch.device("cuda"), chunk_elems=50304 * 7) == 7 and ce_block_rows(10, torch.device("cpu"), 3) == 1
 
 
+def test_compiled_linear_cross_entropy_sums_dw_in_place():
+    """Compiled, the float32 ∂ℓ/∂W sum is updated in place by `effworkbench::addmm_into` (inductor would turn `addmm_` into
+    an out-of-place addmm, copying the (V, d) sum once a block), with the same loss and gradients as eager."""
+    from torch._inductor.utils import run_and_get_code
+    g = torch.Generator().manual_seed(5)
+    h, W = torch.randn(64, 8, generator=g, requires_grad=True), torch.randn(32, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 32, (64,), generator=g)
+    f = lambda h, W: torch.autograd.grad(linear_cross_entropy(h, W, y, chunk_elems=16 * 32), (h, W))   # 4 blocks
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(f), h, W)
+    for a, b in zip(got, f(h, W)): torch.testing.assert_close(a, b)
+    code = "\n".join(code)
+    assert code.count("torch.ops.effworkbench.addmm_into.default(") == 3 and "extern_kernels.addmm(" not in code
+
+
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_unfused_head():
     "Under CPU bf16 autocast the fused head+loss gives the unfused path's loss and gradients to bf16 accuracy, in their dtypes."
     torch.manual_seed(3)

@@ -401,10 +401,28 @@ def ce_block_rows(V: int, device: torch.device, chunk_elems: int | None = None) 
     cache) and 2²⁷ elsewhere (c ≈ 2,700 rows at V = 50,304: enough that a block's matmuls outweigh its float32 ∂ℓ/∂W update)."""
     return max(1, (chunk_elems or (2**19 if device.type == "cpu" else 2**27)) // V)
 
+def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None: acc.addmm_(a, b)
+
+def _define_addmm_into() -> torch.library.Library | None:
+    """`torch.ops.effworkbench.addmm_into(acc, a, b)`: acc += a @ b in place, as an operator torch.compile leaves whole.
+    Inductor turns `acc.addmm_(a, b)` into an out-of-place addmm, which first copies acc into a new buffer (a read and a
+    write of acc a call); an operator that declares its mutation is run in place. Defined once a process."""
+    try: torch.ops.effworkbench.addmm_into; return None
+    except (AttributeError, RuntimeError): pass
+    lib = torch.library.Library("effworkbench", "FRAGMENT")
+    lib.define("addmm_into(Tensor(a!) acc, Tensor a, Tensor b) -> ()")
+    lib.impl("addmm_into", _addmm_into, "CompositeExplicitAutograd")
+    torch.library.register_fake("effworkbench::addmm_into", lambda acc, a, b: None, lib=lib)
+    return lib
+
+_ADDMM_LIB = _define_addmm_into()   # kept: a Library's definitions live as long as the object
+
 def _sum_into(acc_t: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    "acc_t + a @ b in `acc` (float32): the first product becomes the sum; later ones are added by addmm_ in place (no temporary) when a, b are in `acc` already."
+    "acc_t + a @ b in `acc` (float32): the first product becomes the sum; later ones are added in place by `addmm_into` (no temporary, compiled too) when a, b are in `acc` already."
     if acc_t is None: return (a @ b).to(acc)
-    return acc_t.addmm_(a, b) if a.dtype == acc else acc_t.add_(a @ b)
+    if a.dtype != acc: return acc_t.add_(a @ b)
+    torch.ops.effworkbench.addmm_into(acc_t, a, b)
+    return acc_t
 
 class _LinearCE(torch.autograd.Function):
     "Mean cross-entropy of the logits m·(h Wᵀ + b) a block of rows at a time; the gradients of h, W, b are formed in the forward."
