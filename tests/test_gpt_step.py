@@ -63,6 +63,24 @@ def test_fused_step_equals_the_plain_formulas_in_float64(param, kw, complex_form
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13, msg=n)
 
 
+def test_bf16_rotary_qkv_is_one_node_and_matches_float64():
+    """In bf16 (no complex dtype) eager q, k, v come from one autograd node whose backward writes y5's gradient whole;
+    values and gradient equal the float64 rotation within bf16 rounding."""
+    torch.manual_seed(3)
+    rot = Rotary(16, 12)
+    y5 = torch.randn(2, 12, 3, 4, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = rot.qkv(y5)
+    assert all(type(t.grad_fn).__name__ == "_RotaryQKVRealBackward" for t in out)
+    y64 = y5.detach().double().requires_grad_()
+    ref = rot.qkv(y64)                                                          # float64: the complex product
+    for a, b in zip(out, ref): torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
+    gs = [torch.randn_like(t) for t in out]
+    g, = torch.autograd.grad(out, y5, gs)
+    g64, = torch.autograd.grad(ref, y64, [t.double() for t in gs])
+    assert g.shape == y5.shape and g.is_contiguous()
+    torch.testing.assert_close(g.double(), g64, rtol=2e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("shape", [(7, 16), (2, 9, 16)])
 def test_cpu_rms_norm_matches_the_formula_in_float64(shape):
     "The closed-form CPU RMSNorm against F.rms_norm: output and the gradients of x and the gain (a non-unit gain)."

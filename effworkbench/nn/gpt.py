@@ -244,19 +244,25 @@ class Rotary(nn.Module):
         if self._complex_ok(x):                                    # (x_2i + i x_2i+1) · e^{i tθ_i}
             e = torch.complex(c[:, 0::2], s[:, 1::2]).view(shape[:-1] + (-1,))       # (T, …, Dh/2): cos + i sin
             return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * e).flatten(-2)
-        swap = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x_2i+1, x_2i) per pair: one contiguous copy
-        return x * c.view(shape) + swap * s.view(shape)            # (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin)
+        return x * c.view(shape) + _swap_pairs(x) * s.view(shape)  # (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin)
 
     def qkv(self, y5: torch.Tensor):
-        "q, k, v (B, H, T, Dh) from the fused projection y5 (B, T, 3, H, Dh), q and k rotated (`_RotaryQKV` where the complex form applies)."
+        """q, k, v (B, H, T, Dh) from the fused projection y5 (B, T, 3, H, Dh), q and k rotated: `_RotaryQKV` where the
+        complex form applies, `_RotaryQKVReal` elsewhere in eager mode (bf16), the plain ops under torch.compile (fused)."""
         T = y5.shape[1]
         if T > self.cos.shape[0]: raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cos.shape[0]}")
+        c, s = self.cos[:T].to(y5.dtype), self.sin[:T].to(y5.dtype)   # (T, Dh)
         if self._complex_ok(y5):
-            c, s = self.cos[:T].to(y5.dtype), self.sin[:T].to(y5.dtype)
             e = torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None]                 # (T, 1, 1, Dh/2): cos + i sin
             return _RotaryQKV.apply(y5, e.expand(T, 2, *y5.shape[3:-1], -1).contiguous())   # full width: long inner loops
+        if not torch.compiler.is_compiling() and y5.ndim == 5:
+            return _RotaryQKVReal.apply(y5, c, s)
         q, k, v = y5.permute(2, 0, 3, 1, 4)                       # views, each (B, H, T, Dh)
         return self(q), self(k), v
+
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    "(x_2i+1, x_2i) for each pair of x's last dim: one contiguous copy (a flip of the pair axis, its own inverse)."
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
     "x (..., Dh) as (..., Dh/2) complex pairs: a view where x's strides allow one, else of a contiguous copy."
@@ -283,6 +289,31 @@ class _RotaryQKV(torch.autograd.Function):
             torch.mul(_complex_pairs(g.transpose(1, 2)), ec[:, i], out=torch.view_as_complex(out[:, :, i].unflatten(-1, (-1, 2))))
         out[:, :, 2] = gv.transpose(1, 2)
         return out, None
+
+class _RotaryQKVReal(torch.autograd.Function):
+    """`_RotaryQKV` in real arithmetic (bf16 has no complex dtype): q and k rotated together, rot(x) = x·C + swap(x)·S
+    over the (B, T, 2, H, Dh) slice of y5, three kernels; the backward applies the inverse rotation, g·C − swap(g)·S, and
+    writes the q, k and v gradients into one (B, T, 3, H, Dh) buffer. Without it, autograd's backward of the two
+    rotations and of splitting y5 stacks the three gradients and copies the stack into y5's layout."""
+    @staticmethod
+    def forward(ctx, y5, c, s):                                    # y5 (B, T, 3, H, Dh); c, s (T, Dh)
+        ctx.save_for_backward(c, s)
+        qk = y5[:, :, :2]                                          # (B, T, 2, H, Dh) view
+        c4, s4 = c[:, None, None], s[:, None, None]                # (T, 1, 1, Dh)
+        q, k = torch.addcmul(qk * c4, _swap_pairs(qk), s4).permute(2, 0, 3, 1, 4)   # (B, H, T, Dh) views of one buffer
+        return q, k, y5[:, :, 2].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):                                 # each (B, H, T, Dh)
+        c, s = ctx.saved_tensors
+        B, H, T, Dh = gv.shape
+        out = gv.new_empty(B, T, 3, H, Dh)
+        c3, s3 = c[:, None], s[:, None]                            # (T, 1, Dh), over (B, T, H, Dh)
+        for i, g in enumerate((gq, gk)):
+            g = g.transpose(1, 2)                                  # (B, T, H, Dh)
+            torch.mul(g, c3, out=out[:, :, i]).addcmul_(_swap_pairs(g), s3, value=-1)   # the rotation by −tθ
+        out[:, :, 2] = gv.transpose(1, 2)
+        return out, None, None
 
 
 # %% ../../nbs/10_nn.gpt.ipynb #e6d4c291
