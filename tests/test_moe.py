@@ -222,8 +222,8 @@ def test_token_choice_counts_match_one_hot(seed):
         assert int(rc.dropped) == int((~keep).sum())
 
 
-def test_sorts_use_int32_keys():
-    "The dispatch sorts (capacity queue, torch backend) run on int32 keys; keys that do not fit stay int64."
+def test_sorts_use_narrow_keys():
+    "The dispatch sorts (capacity queue, torch backend) run on int16 keys; wider ids on int32, then int64."
     from effworkbench.moe.layers import sort_key
     g = torch.Generator().manual_seed(0)
     probs = torch.randn(33, 8, generator=g).softmax(-1)
@@ -231,9 +231,11 @@ def test_sorts_use_int32_keys():
     with SortDtypes() as m:
         r = route_token_choice(probs, 2, 1.0)
         moe_mlp(x, w_in, w_out, r.expert_idx, r.gates, backend="torch")
-    assert m.dtypes and all(d == torch.int32 for d in m.dtypes), m.dtypes
+    assert m.dtypes and all(d == torch.int16 for d in m.dtypes), m.dtypes
     key = torch.tensor([3, 0, 2])
-    assert sort_key(key, 2**31 - 1).dtype == torch.int32 and sort_key(key, 2**31).dtype == torch.int64
+    assert [sort_key(key, n).dtype for n in (2**15, 2**15 + 1, 2**31 - 1, 2**31)] == [torch.int16, torch.int32, torch.int32, torch.int64]
+    big = torch.tensor([2**15 - 1, 0, 7])                                      # the largest id an int16 key holds
+    assert torch.equal(sort_key(big, 2**15).long(), big)
 
 
 def test_torch_backend_ignores_unwritten_rows(monkeypatch):

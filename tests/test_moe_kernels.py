@@ -470,8 +470,8 @@ def test_plan_is_a_counting_sort_equal_to_brute_force(idx_dtype, slots_per_block
         assert all(torch.equal(a, b) for a, b in zip(p, q))
 
 
-def test_plan_without_kernels_sorts_int32_keys(monkeypatch):
-    "Where no kernel can run (CPU tensors, interpreter off) the plan is the same, from one stable sort on int32 keys."
+def test_plan_without_kernels_sorts_int16_keys(monkeypatch):
+    "Where no kernel can run (CPU tensors, interpreter off) the plan is the same, from one stable sort on int16 keys."
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     g = torch.Generator().manual_seed(12)
     for trial in range(10):
@@ -479,7 +479,7 @@ def test_plan_without_kernels_sorts_int32_keys(monkeypatch):
         ei = torch.randint(-1, E, (N, K), generator=g)
         with SortCalls() as m:
             p = mk.moe_plan(ei, E, B)
-        assert m.dtypes == [torch.int32]
+        assert m.dtypes == [torch.int16]
         assert [p.order.tolist(), p.tok.tolist(), p.offsets.tolist()] == list(_brute_force_plan(ei, E))
 
 

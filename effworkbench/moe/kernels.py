@@ -121,7 +121,7 @@ def _launch(kernel, n_programs: int, cfg, *args, max_stages: int = 8, **meta):
 
 def moe_plan(expert_idx: torch.Tensor, n_experts: int, block_m: int, counting: bool | None = None) -> MoEPlan:
     """Group the slots by expert with a counting sort (`_slot_count_kernel`, `_slot_place_kernel`) or, with
-    `counting=False` and where no kernel can run (CPU tensors with the interpreter off), a stable int32 radix sort; then
+    `counting=False` and where no kernel can run (CPU tensors with the interpreter off), a stable radix sort on int16 keys; then
     cut each expert's rows into `block_m`-row tiles, T = ⌈S/block_m⌉ + E + 1 always. Nothing is read back to the host."""
     N, K = expert_idx.shape
     S, E, G, dev, i32 = N * K, n_experts, n_experts + 1, expert_idx.device, torch.int32
@@ -129,7 +129,7 @@ def moe_plan(expert_idx: torch.Tensor, n_experts: int, block_m: int, counting: b
     if counting is None: counting = flat.is_cuda or _interpreting()
     if S == 0 or not counting:
         key = flat.masked_fill(flat < 0, E)                                 # (S,) unused slots sort last
-        skey, order = torch.sort(sort_key(key, G), stable=True)             # (S,) int32 keys when E + 1 fits
+        skey, order = torch.sort(sort_key(key, G), stable=True)             # (S,) int16 keys when E + 1 fits
         offsets = torch.searchsorted(skey, torch.arange(E + 2, device=dev, dtype=skey.dtype))   # (E+2,) first row ≥ e
         order, offsets = order.to(i32), offsets.to(i32)
         tok = (order // K).to(i32)
