@@ -255,8 +255,7 @@ class Rotary(nn.Module):
         if self._complex_ok(y5):
             e = torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None]                 # (T, 1, 1, Dh/2): cos + i sin
             return _RotaryQKV.apply(y5, e.expand(T, 2, *y5.shape[3:-1], -1).contiguous())   # full width: long inner loops
-        if not torch.compiler.is_compiling() and y5.ndim == 5:
-            return _RotaryQKVReal.apply(y5, c, s)
+        if not torch.compiler.is_compiling(): return _RotaryQKVReal.apply(y5, c, s)
         q, k, v = y5.permute(2, 0, 3, 1, 4)                       # views, each (B, H, T, Dh)
         return self(q), self(k), v
 

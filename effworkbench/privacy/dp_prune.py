@@ -328,6 +328,12 @@ def _padded_grid(m: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, int, int]
     return ap, (ap.shape[2] - dh * (kh - 1) - 1) // sh + 1, (ap.shape[3] - dw * (kw - 1) - 1) // sw + 1
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #cd92b35c
+def _sum_views(views: list[torch.Tensor]) -> torch.Tensor:
+    "The sum of equally shaped (strided) views: one new tensor, the rest added into it in place (`sum()` would start from 0, one more pass)."
+    out = views[0] + views[1] if len(views) > 1 else views[0].clone()
+    for v in views[2:]: out += v
+    return out
+
 def input_gram(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """(a_t · a_s) for every pair of positions t, s of each example: (B, T, T). For a conv, without unfolding: with
     K = x_padᵀ x_pad the (Hp·Wp)² gram of the padded input over channels, a_t · a_s = Σ_δ K[p_t + δ, p_s + δ] summed over
@@ -343,8 +349,8 @@ def input_gram(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
     cols = [slice(dw * j, dw * j + sw * (Wo - 1) + 1, sw) for j in range(kw)]
     rows = [slice(dh * i, dh * i + sh * (Ho - 1) + 1, sh) for i in range(kh)]
-    M = sum(K[:, :, c, :, c] for c in cols)                                 # (B, Hp, Wo, Hp, Wo)
-    return sum(M[:, r, :, r] for r in rows).reshape(B, Ho * Wo, Ho * Wo)   # (B, Ho, Wo, Ho, Wo) → (B, T, T)
+    M = _sum_views([K[:, :, c, :, c] for c in cols])                        # (B, Hp, Wo, Hp, Wo)
+    return _sum_views([M[:, r, :, r] for r in rows]).reshape(B, Ho * Wo, Ho * Wo)   # (B, Ho, Wo, Ho, Wo) → (B, T, T)
 
 def ghost_cheaper(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
     """Bu et al.'s layer-wise rule, FLOPs per example: the explicit product costs T·D·P; the ghost norm T²·P for the
