@@ -26,6 +26,7 @@ on CUDA. linear_cross_entropy sums ∂ℓ/∂W over blocks in float32, V·d elem
 size trades that traffic against the block's own memory. Imports only torch, numpy, pandas and the library.
 """
 import argparse
+import inspect
 import math
 import time
 
@@ -127,9 +128,11 @@ def loss_table(device, dtype, N: int, d: int, V: int, rounds: int, iters: int) -
     chunks = [default >> 2, default >> 1, default, default << 1]
     losses = {"F.cross_entropy, float32 logits": lambda h: F.cross_entropy(F.linear(h, w).float(), y),
               "chunked_cross_entropy": lambda h: chunked_cross_entropy(F.linear(h, w), y)}
+    ce_chunk = inspect.signature(chunked_cross_entropy).parameters["chunk_elems"].default
+    rows = {"F.cross_entropy, float32 logits": N, "chunked_cross_entropy": min(N, max(1, ce_chunk // V))}   # rows per block
     for c in chunks:
-        losses[f"linear_cross_entropy 2^{c.bit_length() - 1}{' (default)' if c == default else ''}"] = \
-            (lambda h, c=c: linear_cross_entropy(h, w, y, chunk_elems=c))
+        name = f"linear_cross_entropy 2^{c.bit_length() - 1}{' (default)' if c == default else ''}"
+        losses[name], rows[name] = (lambda h, c=c: linear_cross_entropy(h, w, y, chunk_elems=c)), ce_block_rows(V, device, c)
     h = h0.clone().requires_grad_()
 
     def step(fn):
@@ -146,8 +149,7 @@ def loss_table(device, dtype, N: int, d: int, V: int, rounds: int, iters: int) -
         for name, fn in losses.items(): secs[name].append(timed(lambda: step(fn), device, 0, iters))
     ref = float(np.median(secs["F.cross_entropy, float32 logits"]))
     return pd.DataFrame([dict(loss=name, ms=float(np.median(v)) * 1e3, ms_min=min(v) * 1e3, speed_vs_reference=ref / float(np.median(v)),
-                              peak_mb=peak.get(name, float("nan")), rows_per_block=ce_block_rows(V, device, c) if name.startswith("linear") else N)
-                         for (name, v), c in zip(secs.items(), [None, None, *chunks])])
+                              peak_mb=peak.get(name, float("nan")), rows_per_block=rows[name]) for name, v in secs.items()])
 
 
 def plain_loop(model, device, amp, x, clip: float, compile_: bool):

@@ -280,14 +280,18 @@ class _RotaryQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gq, gk, gv):                                 # each (B, H, T, Dh)
-        e, = ctx.saved_tensors
-        B, H, T, Dh = gv.shape
-        out = gv.new_empty(B, T, 3, H, Dh)
-        ec = e.conj()                                              # (T, 2, H, Dh/2): the inverse rotation
-        for i, g in enumerate((gq, gk)):
-            torch.mul(_complex_pairs(g.transpose(1, 2)), ec[:, i], out=torch.view_as_complex(out[:, :, i].unflatten(-1, (-1, 2))))
-        out[:, :, 2] = gv.transpose(1, 2)
-        return out, None
+        ec = ctx.saved_tensors[0].conj()                           # (T, 2, H, Dh/2): the inverse rotation
+        def back(g, i, dst): torch.mul(_complex_pairs(g), ec[:, i], out=torch.view_as_complex(dst.unflatten(-1, (-1, 2))))
+        return _qkv_grad(gq, gk, gv, back), None
+
+def _qkv_grad(gq, gk, gv, rotate_back) -> torch.Tensor:
+    """y5's gradient (B, T, 3, H, Dh) from those of q, k, v (B, H, T, Dh each): `rotate_back(g, i, dst)` writes q's (i = 0)
+    or k's (i = 1) gradient g (B, T, H, Dh) rotated back into its slot dst; v's is copied beside them. One buffer, no stack."""
+    B, H, T, Dh = gv.shape
+    out = gv.new_empty(B, T, 3, H, Dh)
+    for i, g in enumerate((gq, gk)): rotate_back(g.transpose(1, 2), i, out[:, :, i])
+    out[:, :, 2] = gv.transpose(1, 2)
+    return out
 
 class _RotaryQKVReal(torch.autograd.Function):
     """`_RotaryQKV` in real arithmetic (bf16 has no complex dtype): q and k rotated together, rot(x) = x·C + swap(x)·S
@@ -304,15 +308,9 @@ class _RotaryQKVReal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gq, gk, gv):                                 # each (B, H, T, Dh)
-        c, s = ctx.saved_tensors
-        B, H, T, Dh = gv.shape
-        out = gv.new_empty(B, T, 3, H, Dh)
-        c3, s3 = c[:, None], s[:, None]                            # (T, 1, Dh), over (B, T, H, Dh)
-        for i, g in enumerate((gq, gk)):
-            g = g.transpose(1, 2)                                  # (B, T, H, Dh)
-            torch.mul(g, c3, out=out[:, :, i]).addcmul_(_swap_pairs(g), s3, value=-1)   # the rotation by −tθ
-        out[:, :, 2] = gv.transpose(1, 2)
-        return out, None, None
+        c3, s3 = (t[:, None] for t in ctx.saved_tensors)           # (T, 1, Dh), over (B, T, H, Dh)
+        def back(g, i, dst): torch.mul(g, c3, out=dst).addcmul_(_swap_pairs(g), s3, value=-1)   # the rotation by −tθ
+        return _qkv_grad(gq, gk, gv, back), None, None
 
 
 # %% ../../nbs/10_nn.gpt.ipynb #e6d4c291

@@ -330,7 +330,8 @@ def _padded_grid(m: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, int, int]
 # %% ../../nbs/43_privacy.dp_prune.ipynb #cd92b35c
 def _sum_views(views: list[torch.Tensor]) -> torch.Tensor:
     "The sum of equally shaped (strided) views: one new tensor, the rest added into it in place (`sum()` would start from 0, one more pass)."
-    out = views[0] + views[1] if len(views) > 1 else views[0].clone()
+    if len(views) == 1: return views[0]
+    out = views[0] + views[1]
     for v in views[2:]: out += v
     return out
 
