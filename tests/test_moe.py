@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from effworkbench.nn.gpt import GPT, GPTConfig, flops_per_token, param_counts
-from effworkbench.moe.layers import (MoEFFN, load_balance_loss, moe_mlp, moe_mlp_by_expert, moe_stats, route_dynamic_k,
+from effworkbench.moe.layers import (MoEFFN, load_balance_loss, moe_mlp, moe_mlp_by_expert, moe_mlp_torch, moe_stats, route_dynamic_k,
                               route_expert_choice, route_token_choice)
 
 
@@ -101,6 +103,88 @@ class NoSync(TorchFunctionMode):
         if func in self.FORBIDDEN: raise AssertionError(f"host sync inside the layer: {func}")
         return func(*args, **(kwargs or {}))
 
+
+
+class _NaNGradRows(torch.autograd.Function):
+    "Identity whose backward sets the rows in `mask` to NaN."
+    @staticmethod
+    def forward(ctx, a, mask): ctx.mask = mask; return a.view_as(a)
+    @staticmethod
+    def backward(ctx, g): return g.masked_fill(ctx.mask.unsqueeze(1), float("nan")), None
+
+
+def grouped_mm_with_nan_junk(real):
+    "torch._grouped_mm whose rows after the last group are NaN, forward and input gradient (what a GPU may leave there)."
+    def f(a, b, offs=None, **kw):
+        junk = torch.arange(a.shape[0]) >= offs[-1]                             # (S,) rows no group covers
+        out = real(_NaNGradRows.apply(a, junk), b, offs=offs, **kw)
+        return torch.where(junk.unsqueeze(1), float("nan"), out)
+    return f
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (37, 2), (64, 4)])
+def test_torch_backend_never_reads_junk_rows(monkeypatch, N, K):
+    """With NaN in every row _grouped_mm leaves unwritten (outputs and input gradients of the rows after the last group:
+    empty slots), the torch backend's output and gradients are finite and equal the float64 reference, including a
+    token with no expert and a batch with no valid slot at all (N = K = 1)."""
+    monkeypatch.setattr(torch, "_grouped_mm", grouped_mm_with_nan_junk(torch._grouped_mm))
+    x, (w_in, w_out, _), idx, gates = random_case(11 + N, N, 16, 8, 5, K, False)
+    assert (idx < 0).any()
+    leaves = [t.clone().requires_grad_() for t in (x, w_in, w_out, gates)]
+    y = moe_mlp(leaves[0], leaves[1], leaves[2], idx, leaves[3], "gelu", backend="torch")
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    yr = reference(ref[0], ref[1], ref[2], None, idx, ref[3], "gelu")
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    if yr.requires_grad: (yr * gy.double()).sum().backward()
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad if b.grad is not None else torch.zeros_like(b), rtol=1e-4, atol=1e-5)
+
+
+class ActivationPasses(TorchDispatchMode):
+    "Names the aten ops that read or write a tensor of at least `big` elements (views and bare allocations are not passes)."
+    def __init__(self, big: int):
+        super().__init__(); self.big, self.ops = big, []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ts = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if not func.is_view and func.overloadpacket not in (torch.ops.aten.empty, torch.ops.aten.empty_like) \
+                and any(t.numel() >= self.big for t in ts):
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+def plain_grouped_layer(x, w_in, w_out, w_gate, idx, gates, act):
+    "The plain grouped-GEMM MoE MLP (every slot valid): gather by expert, two _grouped_mm, weight, scatter-add."
+    N, K = idx.shape
+    flat = idx.reshape(-1); order = flat.argsort(); tok = order // K
+    offs = torch.bincount(flat, minlength=w_in.shape[0]).cumsum(0).to(torch.int32)
+    ys = torch._grouped_mm(F.gelu(torch._grouped_mm(x[tok], w_in, offs=offs)), w_out, offs=offs)
+    return torch.zeros_like(x).index_add_(0, tok, ys * gates.reshape(-1)[order].unsqueeze(-1))
+
+
+def activation_passes(layer, x, w_in, w_out, idx, gates) -> tuple[list[str], list[str]]:
+    "The forward's and the backward's passes over (N, d)- or (N·K, d)-sized tensors."
+    leaves = [t.clone().requires_grad_() for t in (x, w_in, w_out, gates)]
+    with ActivationPasses(x.numel()) as fwd: y = layer(leaves[0], leaves[1], leaves[2], None, idx, leaves[3], "gelu")
+    gy = torch.randn_like(y)
+    with ActivationPasses(x.numel()) as bwd: y.backward(gy)
+    return fwd.ops, bwd.ops
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_torch_backend_makes_no_more_passes_than_a_plain_grouped_gemm(K):
+    """Counted op by op, forward and backward: the torch backend touches the activations no more often than the plain
+    grouped-GEMM layer (gather, GEMMs, gate weight, scatter-add), and empty slots (the junk rows after the last group)
+    add no pass."""
+    x, (w_in, w_out, _), idx, gates = random_case(3, 64, 16, 32, 4, K, False, empty_expert=False)
+    full = idx.clone(); full[full < 0] = 1                                      # every slot valid, for the plain layer
+    plain = activation_passes(plain_grouped_layer, x, w_in, w_out, full, gates)
+    ours = activation_passes(moe_mlp_torch, x, w_in, w_out, full, gates)
+    assert ours == activation_passes(moe_mlp_torch, x, w_in, w_out, idx, gates)   # -1 slots: the same passes
+    assert sum(op == "_grouped_mm" for op in ours[0] + ours[1]) == 6             # 2 forward, 4 backward
+    assert len(ours[0]) <= len(plain[0]) and len(ours[1]) <= len(plain[1]), (ours, plain)
 
 @pytest.mark.parametrize("routing,extra", [("token_choice", {}), ("token_choice", {"capacity_factor": 1.0}),
                                            ("expert_choice", {}), ("dynamic_k", {"tau": 0.3}), ("switch", {"granularity": 1})])

@@ -182,31 +182,63 @@ def _grouped_ok(x, w_in, w_out) -> bool:
     align = 16 // x.element_size()
     return hasattr(torch, "_grouped_mm") and all(s % align == 0 for s in (x.shape[-1], w_in.shape[-1], w_out.shape[-1]))
 
+class _GatherRows(torch.autograd.Function):
+    """xs = x[src] (S, d), whose backward adds row r's gradient into x's row dst[r]; `dst` sends rows whose gradient is
+    junk to an extra row N that is dropped: zeros (N + 1, d), one accumulate, then the first N rows as a view (no mask
+    pass, no padded copy of x)."""
+    @staticmethod
+    def forward(ctx, x, src, dst):
+        ctx.save_for_backward(dst); ctx.n = x.shape[0]
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, g):                                               # g: (S, d)
+        dst, = ctx.saved_tensors
+        gx = g.new_zeros(ctx.n + 1, g.shape[1]).index_put_((dst,), g, accumulate=True)   # deterministic, as x[src]'s own
+        return gx[:ctx.n], None, None
+
+class _Unsort(torch.autograd.Function):
+    """o_slot = o[pos] (S, d): each slot's row of the expert-ordered outputs. The backward is the gather by `order`
+    (pos's inverse on the valid rows): exact when the slots that read a row not their own (empty slots) get a zero
+    gradient, as they do with a zero gate."""
+    @staticmethod
+    def forward(ctx, o, pos, order):
+        ctx.save_for_backward(order)
+        return o.index_select(0, pos)
+
+    @staticmethod
+    def backward(ctx, g):                                               # g: (S, d) in slot order
+        order, = ctx.saved_tensors
+        return g.index_select(0, order), None, None
+
 @torch.compiler.disable          # inside a compiled model: a graph break (compiling _grouped_mm asks for bf16 inputs)
 def moe_mlp_torch(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
-    "Grouped-GEMM backend: sort slot indices by expert, gather rows once, `torch._grouped_mm`, unsort, combine."
+    """Grouped-GEMM backend: sort slot indices by expert, gather rows once, `torch._grouped_mm`, gather back, combine.
+    No more passes over the activations than a plain grouped-GEMM layer (gather, GEMMs, weight, scatter-add), forward
+    or backward, though empty slots (−1) leave junk rows after the last group, which _grouped_mm neither writes nor
+    differentiates: their input gradient is routed to a dropped row, and no slot reads their outputs."""
     if not _grouped_ok(x, w_in, w_out): return moe_mlp_loop(x, w_in, w_out, w_gate, expert_idx, gates, act)
     N, K = expert_idx.shape
-    E = w_in.shape[0]
+    E, S = w_in.shape[0], N * K
     if torch.is_autocast_enabled(x.device.type):                        # _grouped_mm is not autocast-aware
         dt = torch.get_autocast_dtype(x.device.type)
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
         w_gate = w_gate.to(dt) if w_gate is not None else None
-    flat = expert_idx.reshape(-1)                                       # (S,) S = N·K
+    flat = expert_idx.reshape(-1)                                       # (S,)
     key = torch.where(flat < 0, E, flat)                                # empty slots sort after every expert
     order = torch.argsort(sort_key(key, E + 1), stable=True)            # (S,) slot ids, grouped by expert
     counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
     ends = torch.cumsum(counts[:E], 0).to(torch.int32)                  # (E,) group ends (no host sync, unlike bincount)
-    valid = key[order] < E                                              # (S,) rows past the last group are junk:
-    # _grouped_mm neither writes their outputs nor their input gradients. Their gather reads an appended zero row N of x,
-    # so the junk input gradient lands in that row and is dropped; their outputs are zeroed before the combine.
-    src = torch.where(valid, order // K, N)                             # (S,) token of each sorted row, N for junk
-    xs = F.pad(x, (0, 0, 0, 1))[src]                                    # (S, d) gathered rows
+    if S: ends[-1:].clamp_(min=1)       # with no valid slot at all, row 0 is still computed, so that every slot reads a finite row
+    valid = key[order] < E                                              # (S,) sorted rows inside a group
+    src = order // K                                                    # (S,) token of each sorted row
+    xs = _GatherRows.apply(x, src, torch.where(valid, src, N))          # (S, d) gathered rows
     pre = torch._grouped_mm(xs, w_in, offs=ends)                        # (S, h)
     gpre = torch._grouped_mm(xs, w_gate, offs=ends) if w_gate is not None else None
-    o = torch.where(valid.unsqueeze(1), torch._grouped_mm(_act(pre, gpre, act), w_out, offs=ends), 0.0)   # (S, d) expert order
-    out = torch.empty_like(o).index_copy(0, order, o)                   # (S, d) back to slot order
-    g = torch.where(expert_idx >= 0, gates, 0.0).to(out.dtype)          # (N, K), 0 on empty slots
+    o = torch._grouped_mm(_act(pre, gpre, act), w_out, offs=ends)       # (S, d) expert order, junk after the last group
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(S, device=x.device) * valid)   # (S,) slot → row, 0 for empty slots
+    g = torch.where(expert_idx >= 0, gates, 0.0).to(o.dtype)            # (N, K), 0 on empty slots
+    out = _Unsort.apply(o, pos, order)                                  # (S, d) slot order
     return torch.bmm(g.unsqueeze(1), out.view(N, K, -1)).squeeze(1)     # Σ_k g_k o_k in one pass: (N, 1, K) @ (N, K, d)
 
 # %% ../../nbs/12_moe.layers.ipynb #a06676e8
