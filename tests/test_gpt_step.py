@@ -163,13 +163,28 @@ def test_linear_cross_entropy_matches_torch_in_float64(bias):
 
 
 def test_loss_block_sizes():
-    """linear_cross_entropy's default blocks: on a CPU a float32 block within 2 MB (it stays in cache); on a GPU at the GPT-2
-    vocabulary enough rows c that the block's matmuls (6·c·V·d FLOPs) outweigh its float32 ∂ℓ/∂W update (≈ 12·V·d bytes)
-    four times over at an H100's 295 FLOPs a byte: c/2 ≥ 4 · 295."""
-    assert ce_block_rows(4096, torch.device("cpu")) * 4096 * 4 <= 2**21
+    """linear_cross_entropy's default blocks: on a CPU 2²² logits but never fewer than 256 rows (its matmuls slow down
+    with fewer); on a GPU at the GPT-2 vocabulary enough rows c that the block's matmuls (6·c·V·d FLOPs) outweigh its
+    float32 ∂ℓ/∂W update (≈ 12·V·d bytes) four times over at an H100's 295 FLOPs a byte: c/2 ≥ 4 · 295. A given block
+    size is used as given."""
+    cpu = torch.device("cpu")
+    assert ce_block_rows(4096, cpu) == 1024 and ce_block_rows(16384, cpu) == 256 and ce_block_rows(50304, cpu) == 256
     assert ce_block_rows(50304, torch.device("cuda")) / 2 >= 4 * 295
     assert ce_block_rows(50304, torch.device("cuda"), chunk_elems=50304 * 7) == 7 and ce_block_rows(10, torch.device("cpu"), 3) == 1
 
+
+def test_losses_are_exact_where_the_target_probability_underflows():
+    """float32 logits whose target probability is below float32's smallest number (z_y 150 under the row's maximum): both
+    losses give the float64 cross-entropy (log p_y from the row maxima, not the log of a softmax that is 0)."""
+    g = torch.Generator().manual_seed(3)
+    h, W = torch.randn(12, 8, generator=g), torch.randn(40, 8, generator=g)
+    y = torch.randint(0, 40, (12,), generator=g)
+    W[y[:4]] -= 30 * h[:4] / h[:4].square().sum(1, keepdim=True)          # rows 0-3: z_y pushed 30 down …
+    z = 5 * F.linear(h, W)                                                  # … and scaled: z_y − max ≈ −150 or less
+    assert (z.gather(1, y[:, None])[:4, 0] - z[:4].amax(1) < -140).all()
+    want = F.cross_entropy(z.double(), y)
+    torch.testing.assert_close(chunked_cross_entropy(z, y, chunk_elems=40 * 5).double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(linear_cross_entropy(h, W, y, mult=5.0, chunk_elems=40 * 5).double(), want, rtol=1e-6, atol=0)
 
 def test_compiled_linear_cross_entropy_sums_dw_in_place():
     """Compiled, the float32 ∂ℓ/∂W sum is updated in place by `effworkbench::addmm_into` (inductor would turn `addmm_` into
