@@ -132,7 +132,7 @@ def loss_table(device, dtype, N: int, d: int, V: int, rounds: int, iters: int) -
     rows = {"F.cross_entropy, float32 logits": N, "chunked_cross_entropy": min(N, max(1, ce_chunk // V))}   # rows per block
     for c in chunks:
         name = f"linear_cross_entropy 2^{c.bit_length() - 1}{' (default)' if c == default else ''}"
-        losses[name], rows[name] = (lambda h, c=c: linear_cross_entropy(h, w, y, chunk_elems=c)), ce_block_rows(V, device, c)
+        losses[name], rows[name] = (lambda h, c=c: linear_cross_entropy(h, w, y, chunk_elems=c)), min(N, ce_block_rows(V, device, c))
     h = h0.clone().requires_grad_()
 
     def step(fn):
