@@ -1,4 +1,4 @@
-"""MoE MLP forward+backward against a dense FFN of equal active FLOPs: Triton kernels, torch._grouped_mm, a per-expert loop.
+"""MoE MLP forward+backward against a dense FFN of equal active FLOPs: Triton kernels, the torch backend, a plain torch._grouped_mm layer, a per-expert loop.
 
     python bench/moe.py               # CUDA: d=1024, d_ff=4096, T=32768 tokens, bf16
     python bench/moe.py --tiny        # CPU (the default without CUDA): a tiny shape, Triton through its interpreter
@@ -13,7 +13,9 @@ plan alone by counting sort and by radix sort.
 
 Triton rows: `triton` (the default tiles, deterministic combine), `triton_atomic` (float32 atomic combine),
 `triton_dh128` (the dH kernel on 128 columns), `triton_tma` (weights and kernel 2's rows by TMA copies, sm_90+) and,
-with --tune, `triton_tuned`.
+with --tune, `triton_tuned`. Beside them `torch` (the project's torch backend, `moe_mlp_torch`), `plain_grouped_mm`
+(the plain layer one would write around `torch._grouped_mm`: gather, two grouped GEMMs, gate weight, scatter-add) and
+`loop` (one matmul per expert).
 Printed per case and backend: ms per forward+backward, time(dense)/time(backend) (higher is better; the H100 anchors of
 the design notes are grouped_mm 0.63/0.45/0.32/0.20 and loop 0.44/0.13/0.05/0.015), the peak memory of the step above
 what was allocated before it, and the activations autograd saves for the backward, each also relative to dense; on CUDA
@@ -47,6 +49,22 @@ def dense_ffn(x, w1, w2, act):
     return F.gelu(x @ w1) @ w2 if act == "gelu" else F.relu(x @ w1) @ w2
 
 
+def plain_grouped_mm(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
+    """The plain grouped-GEMM MoE MLP, as one would write it around `torch._grouped_mm` (every slot valid): slots sorted by
+    expert, rows gathered, two grouped GEMMs, the gate weight, a scatter-add per token. Sync-free (group ends by a
+    scatter-add, not bincount), so that it is timed at its best beside the project's backends."""
+    N, K = expert_idx.shape
+    flat = expert_idx.reshape(-1)                                       # (S,)
+    order = flat.argsort(stable=True)                                   # (S,) slots grouped by expert
+    tok = order // K                                                    # (S,) token of each sorted row
+    ends = torch.zeros(w_in.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0).to(torch.int32)
+    xs = x[tok]                                                         # (S, d) gathered rows
+    pre = torch._grouped_mm(xs, w_in, offs=ends)                        # (S, h)
+    hid = F.silu(torch._grouped_mm(xs, w_gate, offs=ends)) * pre if w_gate is not None else (F.gelu(pre) if act == "gelu" else F.relu(pre))
+    ys = torch._grouped_mm(hid, w_out, offs=ends) * gates.reshape(-1)[order].unsqueeze(-1)   # (S, d) weighted
+    return torch.zeros_like(x).index_add_(0, tok, ys)
+
+
 def backends(act, config=None, tune: bool = False):
     "name → fn(x, w_in, w_out, w_gate, expert_idx, gates) for the MoE backends."
     dh128 = dataclasses.replace(config or kernel_config("cuda", torch.bfloat16), dh_block_n=128)   # the dH tile before it spilled
@@ -58,7 +76,8 @@ def backends(act, config=None, tune: bool = False):
             # the default tiles with TMA copies of the weights and of kernel 2's rows (sm_90+; pointer loads elsewhere)
             "triton_tma": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=dataclasses.replace(
                 config or kernel_config(a[0].device, a[0].dtype), tma=True)),
-            "grouped_mm": lambda *a: moe_mlp_torch(*a, act),
+            "torch": lambda *a: moe_mlp_torch(*a, act),                # the project's torch backend
+            "plain_grouped_mm": lambda *a: plain_grouped_mm(*a, act),
             "loop": lambda *a: moe_mlp_loop(*a, act)}
 
 
@@ -278,15 +297,15 @@ def main():
 
     rows, fns = [], backends(args.act, config, args.tune)
     routings = [r for r in args.routing.split(",") if r]
-    hdr = f"{'E':>4} {'k':>3} {'G':>3}  {'backend':<22} {'ms':>9} {'dense/this':>10} {'peak MiB':>9} {'peak/dense':>10} {'saved MiB':>9} {'saved/dense':>11}"
+    hdr = f"{'E':>4} {'k':>3} {'G':>3}  {'backend':<26} {'ms':>9} {'dense/this':>10} {'peak MiB':>9} {'peak/dense':>10} {'saved MiB':>9} {'saved/dense':>11}"
     print(hdr); print("-" * len(hdr))
-    print(f"{'':>12}  {'dense':<22} {t_dense * 1e3:9.3f} {1.0:10.2f} {m_dense / 2**20:9.1f} {1.0:10.2f} {s_dense / 2**20:9.2f} {1.0:11.2f}")
+    print(f"{'':>12}  {'dense':<26} {t_dense * 1e3:9.3f} {1.0:10.2f} {m_dense / 2**20:9.1f} {1.0:10.2f} {s_dense / 2**20:9.2f} {1.0:11.2f}")
 
     def report(E, k, G, name, t, m, sv):
         r = dict(E=E, k=k, G=G, backend=name, ms=t * 1e3, ratio=t_dense / t, peak_mib=m / 2**20, peak_vs_dense=m / m_dense,
                  saved_mib=sv / 2**20, saved_vs_dense=sv / s_dense, tflops=flops / t / 1e12)
         rows.append(r)
-        print(f"{E:>4} {k:>3} {G:>3}  {name:<22} {r['ms']:9.3f} {r['ratio']:10.2f} {r['peak_mib']:9.1f} "
+        print(f"{E:>4} {k:>3} {G:>3}  {name:<26} {r['ms']:9.3f} {r['ratio']:10.2f} {r['peak_mib']:9.1f} "
               f"{r['peak_vs_dense']:10.2f} {r['saved_mib']:9.2f} {r['saved_vs_dense']:11.2f}"
               + (f"  {r['tflops']:4.0f} TFLOP/s = {r['tflops'] / peak:4.0%} of GEMM peak, {r['tflops'] / args.peak_tflops:4.0%} of datasheet"
                  if device.type == "cuda" else ""), flush=True)
@@ -321,17 +340,18 @@ def main():
                         for kn, n, ms, tf in kernel_breakdown(step, 2 * T * k * d * h):
                             print(f"{'':>18}{kn[:40]:<40} {n:5.1f}/step {ms:8.3f} ms" + ("" if math.isnan(tf) else f" {tf:5.0f} TFLOP/s"))
                     except Exception as e: print(f"{'':>18}kernel breakdown failed: {type(e).__name__}: {str(e)[:200]}")
-            if "triton" in outs and "grouped_mm" in outs:                      # the two fast paths agree
+            for other in ("triton", "plain_grouped_mm"):                      # the fast paths agree with the torch backend
+                if other not in outs or "torch" not in outs: continue
                 errs = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
-                        for a, b in zip(outs["triton"], outs["grouped_mm"])]
+                        for a, b in zip(outs[other], outs["torch"])]
                 tol = 1e-4 if dtype == torch.float32 else 3e-2
                 ok &= max(errs) < tol
-                print(f"{'':>12}  triton vs grouped_mm (y, dx, dw_in, dw_out, dgates) max rel err "
+                print(f"{'':>12}  {other} vs torch (y, dx, dw_in, dw_out, dgates) max rel err "
                       + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < tol else "  MISMATCH"))
             outs = None
         w_in = w_out = None                                    # free them (the lambdas above still name them)
         for backend in ("triton", "torch"):                    # the whole layer, routing included
-            if ("grouped_mm" if backend == "torch" else backend) in skip: continue
+            if backend in skip: continue
             gcfg = GPTConfig(d_model=d, d_ff=d_ff, act=args.act, ffn="moe",
                              ffn_kwargs=dict(expansion=E // G, granularity=G, top_k=k // G, backend=backend))
             layer = MoEFFN(gcfg).to(device, dtype)

@@ -15,7 +15,8 @@ MOE_LOG = """\
               routing uniform: busiest expert 1.38× the mean load, 0 empty; plan 0.05 ms by counting, 0.2 ms by sort
    8   1   1  triton uniform             1.100       0.91    110.00       1.10    60.00        1.20   401 TFLOP/s =  51% of GEMM peak,  41% of datasheet
    8   1   1  triton_atomic uniform      1.300       0.77    110.00       1.10    60.00        1.20
-   8   1   1  grouped_mm uniform         1.600       0.63    200.00       2.00    90.00        1.80
+   8   1   1  torch uniform              1.700       0.59    200.00       2.00    90.00        1.80
+   8   1   1  plain_grouped_mm uniform     1.600       0.63    210.00       2.10    95.00        1.90
    8   1   1  triton skewed              1.400       0.71    110.00       1.10    70.00        1.40
   32   4   4  triton uniform             2.000       0.50    150.00       1.50    60.00        1.20
   32   4   4  triton_tuned uniform       1.300       0.77    150.00       1.50    60.00        1.20
@@ -44,10 +45,11 @@ DP, bk, 50% unstruct. + 50% random     0.5920   [0.5355, 0.6126]     1.36   [1.3
 
 def test_moe_rows_and_verdicts():
     rows = gr.moe_rows(MOE_LOG)
-    assert len(rows) == 7 and set(rows.backend) >= {"triton uniform", "layer_triton (router)"}   # dense and routing lines skipped
+    assert len(rows) == 8 and set(rows.backend) >= {"triton uniform", "layer_triton (router)"}   # dense and routing lines skipped
     v = gr.moe_verdicts(rows).set_index(["E, k, G", "routing"])
     r = v.loc[("8, 1, 1", "uniform")]
-    assert r["best Triton row"] == "triton uniform" and r["dense/MoE"] == 0.91 and r["grouped_mm"] == 0.63 and r["met"]
+    assert r["best Triton row"] == "triton uniform" and r["dense/MoE"] == 0.91 and r["met"]
+    assert r["torch backend"] == 0.59 and r["plain grouped_mm"] == 0.63
     assert not v.loc[("8, 1, 1", "skewed"), "met"]                                  # 0.71 < 0.85
     r = v.loc[("32, 4, 4", "uniform")]                                              # the best Triton row, router rows aside
     assert r["best Triton row"] == "triton_tuned uniform" and r["met"]              # 0.77 ≥ 0.70, memory 1.2 ≤ 1.3

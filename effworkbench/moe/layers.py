@@ -239,6 +239,7 @@ def moe_mlp_torch(x, w_in, w_out, w_gate, expert_idx, gates, act: str = "gelu"):
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(S, device=x.device) * valid)   # (S,) slot → row, 0 for empty slots
     g = torch.where(expert_idx >= 0, gates, 0.0).to(o.dtype)            # (N, K), 0 on empty slots
     out = _Unsort.apply(o, pos, order)                                  # (S, d) slot order
+    if K == 1: return out * g                                           # (N, d): one slot a token (a bmm of 1 × 1 matrices is slower)
     return torch.bmm(g.unsqueeze(1), out.view(N, K, -1)).squeeze(1)     # Σ_k g_k o_k in one pass: (N, 1, K) @ (N, K, d)
 
 # %% ../../nbs/12_moe.layers.ipynb #a06676e8
