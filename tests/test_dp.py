@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("opacus")
 from effworkbench.core import ConfigError
@@ -128,6 +129,9 @@ def noise_free_update(make, method, *, C, clip_on="selected", prune=0.0, drop=0.
     "The σ = 0 update of one float64 step (lr 0.7, qN 6.5) of `make()` with the given pruning and dropping, flattened."
     torch.manual_seed(seed)
     m = make().double()
+    with torch.no_grad():                       # norm layers away from their γ = 1, β = 0 start, so that γ's use is tested
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.GroupNorm): mod.weight.uniform_(0.5, 1.5); mod.bias.uniform_(-0.5, 0.5)
     masks = prune_masks(m, prune, "random", seed=seed) if prune else full_masks(m); apply_masks(m, masks)
     sel = select_coordinates(m, masks, drop, drop_mode, torch.Generator().manual_seed(seed + 1))
     x, y = data(n, seed)
@@ -176,21 +180,42 @@ def test_input_gram_and_ghost_norm_match_unfolded_float64(kernel, stride, paddin
     torch.testing.assert_close(ghost_sq_norm(m, a, b), explicit.flatten(1).square().sum(1), rtol=1e-12, atol=1e-12)
 
 
-def test_group_norm_closed_form_from_the_forwards_statistics():
-    """book_keep hands each GroupNorm's forward mean and 1/σ to the per-example γ gradient; that form equals the one that
-    normalises anew, in float64, with a large mean (μ/σ ≈ 30) and groups of several channels."""
+def test_group_norm_per_example_gradients_from_its_own_backward():
+    """With `norms`, book_keep runs each GroupNorm so that its one backward call also gives the per-example γ and β
+    gradients: they equal the closed form that normalises anew, and the gradient it passes down equals the plain one, in
+    float64 with a large mean (μ/σ ≈ 30) and groups of several channels; a GroupNorm on the raw input (at the frontier,
+    nothing below it needs a gradient) is still differentiated; and a backward makes one GroupNorm call per layer."""
     torch.manual_seed(0)
     m = torch.nn.GroupNorm(3, 12).double()
     with torch.no_grad(): m.weight.normal_(); m.bias.normal_()
-    net = torch.nn.Sequential(torch.nn.Conv2d(2, 12, 3, padding=1).double(), m, torch.nn.Flatten(), torch.nn.Linear(12 * 25, 4).double())
-    with torch.no_grad(): net[0].bias.fill_(30.0)
+    conv = torch.nn.Conv2d(2, 12, 3, padding=1).double()
+    net = torch.nn.Sequential(conv, m, torch.nn.Flatten(), torch.nn.Linear(12 * 25, 4).double())
+    with torch.no_grad(): conv.bias.fill_(30.0)
     x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
-    stats = {}
-    acts, grads = book_keep(net, x, y, [m], stats=stats)
-    assert m in stats and stats[m][0].shape == (6, 3) and stats[m][0].abs().min() > 10
-    with_stats, anew = norm_per_example(m, acts[m], grads[m], stats[m]), norm_per_example(m, acts[m], grads[m])
-    for a, b in zip(with_stats, anew): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert anew[0].abs().max() > 0
+    acts, grads = book_keep(net, x, y, [conv, m])                            # the plain backward: inputs and output gradients
+    norms = {}
+    _, folded = book_keep(net, x, y, [conv, m], norms=norms)
+    assert set(norms) == {m} and m not in folded and conv(x).mean() > 25
+    want = norm_per_example(m, acts[m], grads[m])
+    for a, b in zip(norms[m], want): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(folded[conv], grads[conv], rtol=1e-12, atol=1e-13)   # ∂ℓ/∂(conv output) through the folded norm
+    assert want[0].abs().max() > 0 and m.forward.__func__ is torch.nn.GroupNorm.forward   # the module's own forward is back
+    first = torch.nn.Sequential(torch.nn.GroupNorm(2, 2), torch.nn.Flatten(), torch.nn.Linear(50, 4)).double()
+    a1, g1 = book_keep(first, x, y, [first[0]])
+    n1 = {}; book_keep(first, x, y, [first[0]], norms=n1)
+    for a, b in zip(n1[first[0]], norm_per_example(first[0], a1[first[0]], g1[first[0]])): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    net = tiny(); xb, yb = data(5)
+    with GroupNormBackwardCalls() as calls:
+        clipped_grad_sum(net, xb, yb, [n for n, _ in net.named_parameters()], 1.0, {n: None for n, _ in net.named_parameters()})
+    assert calls.n == sum(isinstance(mod, torch.nn.GroupNorm) for mod in net.modules()) == 6
+
+
+class GroupNormBackwardCalls(TorchDispatchMode):
+    "Counts aten.native_group_norm_backward calls."
+    n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket is torch.ops.aten.native_group_norm_backward
+        return func(*args, **(kwargs or {}))
 
 
 def test_ghost_norm_is_used_only_on_whole_tensors():

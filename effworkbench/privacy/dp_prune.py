@@ -250,53 +250,79 @@ def bk_unsupported(model: nn.Module, names: list[str]) -> list[str]:
         if not ok: bad += [f"{n} ({type(m).__name__})" for n in ps.values()]
     return bad
 
-def _frontier(outs: dict[nn.Module, torch.Tensor]) -> list[torch.Tensor]:
-    "The outputs in `outs` with no other output of `outs` below them in the backward graph: a backward to these passes all."
+def _frontier(outs: dict[nn.Module, torch.Tensor]) -> list[nn.Module]:
+    "The modules whose outputs in `outs` have no other output of `outs` below them in the backward graph: a backward to these passes all."
     fns = {o.grad_fn for o in outs.values()}
     front = []
-    for o in outs.values():
+    for m, o in outs.items():
         stack, seen, below = [f for f, _ in o.grad_fn.next_functions if f is not None], set(), False
         while stack and not below:
             f = stack.pop()
             if f in seen: continue
             seen.add(f); below = f in fns
             stack += [nf for nf, _ in f.next_functions if nf is not None]
-        if not below: front.append(o)
+        if not below: front.append(m)
     return front
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #e40617d8
-def _group_norm_stats(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    "The per-(example, group) mean and 1/σ (B, G) that the forward of a GroupNorm saved for its backward, if autograd exposes them."
-    try: return out.grad_fn._saved_result1, out.grad_fn._saved_result2          # NativeGroupNormBackward0: mean, rstd
-    except AttributeError: return None
+class _FoldedGroupNorm(torch.autograd.Function):
+    """GroupNorm (B, C, *) whose one backward call also gives every example's γ and β gradients: GroupNorm's own backward
+    with the batch folded into the channels, one input of B·C channels in B·G groups and γ repeated B times, computes the
+    same ∂ℓ/∂x (each (example, group) is normalised alone either way) and, as its "γ and β gradients", the sums
+    Σ_hw g·(x − μ)/σ and Σ_hw g per (example, channel). `sink(m, gw, gb)` gets those two (B, C) tensors."""
+    @staticmethod
+    def forward(ctx, x, weight, bias, m, sink):
+        (B, C), HW = x.shape[:2], x[0, 0].numel()
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, B, C, HW, m.num_groups, m.eps)
+        ctx.save_for_backward(x, weight, mean, rstd); ctx.m, ctx.sink = m, sink
+        return y
 
-def book_keep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mods: list[nn.Module], visit=None, stats: dict | None = None
+    @staticmethod
+    def backward(ctx, g):
+        x, w, mean, rstd = ctx.saved_tensors
+        (B, C), G, HW = x.shape[:2], ctx.m.num_groups, x[0, 0].numel()
+        dx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            g.reshape(1, B * C, HW), x.reshape(1, B * C, HW), mean.reshape(1, B * G), rstd.reshape(1, B * G), w.repeat(B),
+            1, B * C, HW, B * G, [ctx.needs_input_grad[0], True, True])
+        ctx.sink(ctx.m, gw.view(B, C), gb.view(B, C))
+        return (dx.view_as(x) if dx is not None else None), None, None, None, None
+
+def book_keep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mods: list[nn.Module], visit=None, norms: dict | None = None
               ) -> tuple[dict[nn.Module, torch.Tensor], dict[nn.Module, torch.Tensor]]:
     """One forward and one backward of Σ_i ℓ_i. As the backward reaches each module in `mods`, `visit(m, a, b)` gets its
     input a (B, …) and the gradient b = ∂(Σ_j ℓ_j)/∂y of its output, whose row i is ∂ℓ_i/∂y_i (no layer mixes examples);
     both are dropped after the visit, so large activations and gradients are freed as the backward goes (keeping them
     all to the end costs about half a backward more on one CPU thread). Without `visit` they are kept and returned.
     The backward asks only for the outputs of the earliest modules in `mods` (`_frontier`): no parameter gradient is
-    computed, and nothing below those modules is. With `stats` a dict, each GroupNorm's (mean, 1/σ) from its forward go there."""
+    computed, and nothing below those modules is. With `norms` a dict, each GroupNorm in `mods` runs as
+    `_FoldedGroupNorm` instead of being visited: its per-example (∂ℓ_i/∂γ, ∂ℓ_i/∂β), (B, C) each, go to `norms[m]`
+    from the backward's own GroupNorm call."""
     acts, outs, kept = {}, {}, ({}, {})
     visit = visit or (lambda m, a, b: (kept[0].__setitem__(m, a), kept[1].__setitem__(m, b)))
+    folded = [m for m in mods if isinstance(m, nn.GroupNorm)] if norms is not None else []
     def keep(m, inp, out):
         if m in outs: raise ConfigError(f"{type(m).__name__} runs twice in one forward (shared weights): use method='vmap'")
-        acts[m], outs[m] = inp[0].detach(), out
-        if stats is not None and isinstance(m, nn.GroupNorm) and (st := _group_norm_stats(out)) is not None: stats[m] = st
+        outs[m] = out
+        if m in folded: return                                                 # its backward hands over its gradients
+        acts[m] = inp[0].detach()
         def on_grad(b, m=m): visit(m, acts.pop(m), b)                          # returns None: b flows on unchanged
         out.register_hook(on_grad)
+    sink = lambda m, gw, gb: norms.__setitem__(m, (gw, gb))
     frozen = [p for m in mods for p in m.parameters(recurse=False) if not p.requires_grad]   # DP-trained all the same
     hooks = [m.register_forward_hook(keep) for m in mods]
     try:
         for p in frozen: p.requires_grad_(True)
+        for m in folded: m.forward = lambda inp, m=m: _FoldedGroupNorm.apply(inp, m.weight, m.bias, m, sink)
         with torch.enable_grad():
             loss = F.cross_entropy(model(x), y, reduction="sum")                   # Σ_i ℓ_i
         for h in hooks: h.remove()
-        torch.autograd.grad(loss, _frontier(outs), allow_unused=True)
+        # a folded GroupNorm at the frontier: its weight is asked for instead, so that its backward runs (and returns None)
+        front = [m.weight if m in folded else outs[m] for m in _frontier(outs)]
+        torch.autograd.grad(loss, front, allow_unused=True)
     finally:
         for h in hooks: h.remove()
         for p in frozen: p.requires_grad_(False)
+        for m in folded: del m.forward
     return kept                                        # a module the loss does not reach is never visited
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #b67d2d2b
@@ -376,21 +402,13 @@ def weight_sum(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (_out_rows(m, g).flatten(0, 1).T @ _in_rows(m, a).flatten(0, 1)).view(m.weight.shape)
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #95c534cf
-def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm y = x̂·γ + β per channel: ∂ℓ_i/∂γ = Σ_hw g·x̂ and ∂ℓ_i/∂β = Σ_hw g in closed form, each (B, C).
-    With the forward's `stats` (mean μ and 1/σ per example and group, (B, G)) these are GroupNorm's own weight and bias
-    gradients with the batch folded into the channels: one input of B·C channels in B·G groups, whose γ gradient is
-    Σ_hw g·(x − μ)/σ per (example, channel); one fused pass over g and x, no normalised copy. Else x̂ anew."""
+def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm y = x̂·γ + β per channel: ∂ℓ_i/∂γ = Σ_hw g·x̂ and ∂ℓ_i/∂β = Σ_hw g in closed form, each (B, C), from the
+    layer's input a and output gradient g (x̂ normalised anew). `clipped_grad_sum` gets the same two from the backward's
+    own GroupNorm call instead (`_FoldedGroupNorm`); this is its reference."""
     dims = tuple(range(2, a.dim()))
-    if stats is None:
-        xhat = F.group_norm(a, m.num_groups, eps=m.eps)                      # (B, C, *), the normalised input
-        return (g * xhat).sum(dims), g.sum(dims)
-    (B, C), G, HW = a.shape[:2], m.num_groups, a[0, 0].numel()
-    mean, rstd = (t.to(a.dtype).reshape(1, B * G) for t in stats)            # (1, B·G): group b·G + j of channel b·C + c
-    _, gw, gb = torch.ops.aten.native_group_norm_backward(
-        g.reshape(1, B * C, HW), a.reshape(1, B * C, HW), mean, rstd, a.new_ones(B * C), 1, B * C, HW, B * G, [False, True, True])
-    return gw.view(B, C), gb.view(B, C)
+    xhat = F.group_norm(a, m.num_groups, eps=m.eps)                          # (B, C, *), the normalised input
+    return (g * xhat).sum(dims), g.sum(dims)
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #93631791
 def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], C: float,
@@ -404,19 +422,17 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     per_ex, ghosts, sq = {}, {}, []                    # name → (B, *shape);  name → (layer, a, b);  ghost ‖g_{i,n}‖² (B,)
     def visit(m, a, g):                                # called by the backward, layer by layer
         ps = owners[m]
-        if isinstance(m, nn.GroupNorm):
-            gw, gb = norm_per_example(m, a, g, norm_stats.pop(m, None))
-            if "weight" in ps: per_ex[ps["weight"]] = gw
-            if "bias" in ps: per_ex[ps["bias"]] = gb
-            return
         if "bias" in ps: per_ex[ps["bias"]] = _out_rows(m, g).sum(1)         # Σ_t g_t  (B, P)
         if "weight" not in ps: return
         n = ps["weight"]
         if on[n] is None and (ghost == "always" or (ghost == "auto" and ghost_cheaper(m, a, g))):
             sq.append(ghost_sq_norm(m, a, g)); ghosts[n] = (m, a, g)           # a, g kept for the clipped sum
         else: per_ex[n] = weight_per_example(m, a, g)
-    norm_stats = {}                                    # GroupNorm → (mean, 1/σ) of its forward
-    book_keep(model, x, y, list(owners), visit, norm_stats)
+    norms_ex = {}                                      # GroupNorm → per-example (∂ℓ_i/∂γ, ∂ℓ_i/∂β), from its own backward
+    book_keep(model, x, y, list(owners), visit, norms_ex)
+    for m, (gw, gb) in norms_ex.items():
+        if "weight" in owners[m]: per_ex[owners[m]["weight"]] = gw
+        if "bias" in owners[m]: per_ex[owners[m]["bias"]] = gb
     shape = {n: p.shape for n, p in model.named_parameters()}
     for n, gi in per_ex.items():
         sq.append(torch.linalg.vector_norm((gi if on[n] is None else gi * on[n]).reshape(B, -1), dim=1).square())
