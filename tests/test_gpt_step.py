@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effworkbench.nn.gpt import GPT, GPTConfig, Rotary, ce_block_rows, chunked_cross_entropy, linear_cross_entropy, make_parameterization
+from effworkbench.nn.gpt import GPT, GPTConfig, Rotary, _softmax_log_py, ce_block_rows, chunked_cross_entropy, linear_cross_entropy, make_parameterization
 from effworkbench.train import TrainConfig, Trainer, TrainingDiverged
 
 
@@ -185,6 +185,10 @@ def test_losses_are_exact_where_the_target_probability_underflows():
     want = F.cross_entropy(z.double(), y)
     torch.testing.assert_close(chunked_cross_entropy(z, y, chunk_elems=40 * 5).double(), want, rtol=1e-6, atol=0)
     torch.testing.assert_close(linear_cross_entropy(h, W, y, mult=5.0, chunk_elems=40 * 5).double(), want, rtol=1e-6, atol=0)
+    for by_index in (False, True):                       # the CPU's two max passes and the GPU's argmax give the same
+        p, lpy = _softmax_log_py(z.double(), y[:, None], torch.float64, by_index)
+        torch.testing.assert_close(lpy[:, 0], torch.log_softmax(z.double(), -1).gather(1, y[:, None])[:, 0], rtol=1e-13, atol=0)
+        torch.testing.assert_close(p, torch.softmax(z.double(), -1), rtol=0, atol=0)
 
 def test_compiled_linear_cross_entropy_sums_dw_in_place():
     """Compiled, the float32 ∂ℓ/∂W sum is updated in place by `effworkbench::addmm_into` (inductor would turn `addmm_` into
