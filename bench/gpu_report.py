@@ -53,8 +53,9 @@ def moe_verdicts(rows: pd.DataFrame) -> pd.DataFrame:
             tri = rr[rr.backend.str.startswith("triton")]
             if tri.empty: continue                                      # no Triton row measured for this shape
             best = tri.loc[tri.dense_over_this.idxmax()]
-            ratio = lambda name: float(rr[rr.backend == f"{name} {routing}"].dense_over_this.iloc[0]) \
-                if (rr.backend == f"{name} {routing}").any() else float("nan")
+            def ratio(name):                                            # dense/this of one named row, nan if not run
+                hit = rr[rr.backend == f"{name} {routing}"]
+                return float(hit.dense_over_this.iloc[0]) if len(hit) else float("nan")
             out.append({"E, k, G": f"{E}, {k}, {G}", "routing": routing, "best Triton row": best.backend,
                         "dense/MoE": best.dense_over_this, "target": target,
                         "torch backend": ratio("torch"), "plain grouped_mm": ratio("plain_grouped_mm"),

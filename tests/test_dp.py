@@ -180,6 +180,14 @@ def test_input_gram_and_ghost_norm_match_unfolded_float64(kernel, stride, paddin
     torch.testing.assert_close(ghost_sq_norm(m, a, b), explicit.flatten(1).square().sum(1), rtol=1e-12, atol=1e-12)
 
 
+class GroupNormBackwardCalls(TorchDispatchMode):
+    "Counts aten.native_group_norm_backward calls."
+    n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket is torch.ops.aten.native_group_norm_backward
+        return func(*args, **(kwargs or {}))
+
+
 def test_group_norm_per_example_gradients_from_its_own_backward():
     """With `norms`, book_keep runs each GroupNorm so that its one backward call also gives the per-example γ and β
     gradients: they equal the closed form that normalises anew, and the gradient it passes down equals the plain one, in
@@ -209,13 +217,6 @@ def test_group_norm_per_example_gradients_from_its_own_backward():
         clipped_grad_sum(net, xb, yb, [n for n, _ in net.named_parameters()], 1.0, {n: None for n, _ in net.named_parameters()})
     assert calls.n == sum(isinstance(mod, torch.nn.GroupNorm) for mod in net.modules()) == 6
 
-
-class GroupNormBackwardCalls(TorchDispatchMode):
-    "Counts aten.native_group_norm_backward calls."
-    n = 0
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func.overloadpacket is torch.ops.aten.native_group_norm_backward
-        return func(*args, **(kwargs or {}))
 
 
 def test_ghost_norm_is_used_only_on_whole_tensors():

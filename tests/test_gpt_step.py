@@ -190,6 +190,7 @@ def test_losses_are_exact_where_the_target_probability_underflows():
         torch.testing.assert_close(lpy[:, 0], torch.log_softmax(z.double(), -1).gather(1, y[:, None])[:, 0], rtol=1e-13, atol=0)
         torch.testing.assert_close(p, torch.softmax(z.double(), -1), rtol=0, atol=0)
 
+
 def test_compiled_linear_cross_entropy_sums_dw_in_place():
     """Compiled, the float32 ∂ℓ/∂W sum is updated in place by `effworkbench::addmm_into` (inductor would turn `addmm_` into
     an out-of-place addmm, copying the (V, d) sum once a block), with the same loss and gradients as eager."""

@@ -1,13 +1,9 @@
 "bench/gpu_report.py reads a GPU session's logs as the benches print them and measures them against the targets."
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "bench/gpu_report.py")
-gr = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gr)
+from tests_common import load_bench
+
+gr = load_bench("gpu_report")
 
 MOE_LOG = """\
    E   k   G  backend                       ms dense/this  peak MiB peak/dense saved MiB saved/dense

@@ -11,6 +11,9 @@ from torch.utils._pytree import tree_flatten
 from effworkbench.nn.gpt import GPT, GPTConfig, flops_per_token, param_counts
 from effworkbench.moe.layers import (MoEFFN, load_balance_loss, moe_mlp, moe_mlp_by_expert, moe_mlp_torch, moe_stats, route_dynamic_k,
                               route_expert_choice, route_token_choice)
+from tests_common import load_bench
+
+bench_moe = load_bench("moe")                  # its plain_grouped_mm: the plain layer the torch backend is measured against
 
 
 def reference(x, w_in, w_out, w_gate, idx, gates, act):
@@ -104,7 +107,6 @@ class NoSync(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-
 class _NaNGradRows(torch.autograd.Function):
     "Identity whose backward sets the rows in `mask` to NaN."
     @staticmethod
@@ -155,15 +157,6 @@ class ActivationPasses(TorchDispatchMode):
         return out
 
 
-def plain_grouped_layer(x, w_in, w_out, w_gate, idx, gates, act):
-    "The plain grouped-GEMM MoE MLP (every slot valid): gather by expert, two _grouped_mm, weight, scatter-add."
-    N, K = idx.shape
-    flat = idx.reshape(-1); order = flat.argsort(); tok = order // K
-    offs = torch.bincount(flat, minlength=w_in.shape[0]).cumsum(0).to(torch.int32)
-    ys = torch._grouped_mm(F.gelu(torch._grouped_mm(x[tok], w_in, offs=offs)), w_out, offs=offs)
-    return torch.zeros_like(x).index_add_(0, tok, ys * gates.reshape(-1)[order].unsqueeze(-1))
-
-
 def activation_passes(layer, x, w_in, w_out, idx, gates) -> tuple[list[str], list[str]]:
     "The forward's and the backward's passes over (N, d)- or (N·K, d)-sized tensors."
     leaves = [t.clone().requires_grad_() for t in (x, w_in, w_out, gates)]
@@ -176,15 +169,16 @@ def activation_passes(layer, x, w_in, w_out, idx, gates) -> tuple[list[str], lis
 @pytest.mark.parametrize("K", [1, 2])
 def test_torch_backend_makes_no_more_passes_than_a_plain_grouped_gemm(K):
     """Counted op by op, forward and backward: the torch backend touches the activations no more often than the plain
-    grouped-GEMM layer (gather, GEMMs, gate weight, scatter-add), and empty slots (the junk rows after the last group)
+    grouped-GEMM layer that bench/moe.py times beside it (gather, GEMMs, gate weight, scatter-add), and empty slots (the junk rows after the last group)
     add no pass."""
     x, (w_in, w_out, _), idx, gates = random_case(3, 64, 16, 32, 4, K, False, empty_expert=False)
     full = idx.clone(); full[full < 0] = 1                                      # every slot valid, for the plain layer
-    plain = activation_passes(plain_grouped_layer, x, w_in, w_out, full, gates)
+    plain = activation_passes(bench_moe.plain_grouped_mm, x, w_in, w_out, full, gates)
     ours = activation_passes(moe_mlp_torch, x, w_in, w_out, full, gates)
     assert ours == activation_passes(moe_mlp_torch, x, w_in, w_out, idx, gates)   # -1 slots: the same passes
     assert sum(op == "_grouped_mm" for op in ours[0] + ours[1]) == 6             # 2 forward, 4 backward
     assert len(ours[0]) <= len(plain[0]) and len(ours[1]) <= len(plain[1]), (ours, plain)
+
 
 @pytest.mark.parametrize("routing,extra", [("token_choice", {}), ("token_choice", {"capacity_factor": 1.0}),
                                            ("expert_choice", {}), ("dynamic_k", {"tau": 0.3}), ("switch", {"granularity": 1})])

@@ -1,4 +1,4 @@
-"Shared inputs of tests/test_distributed.py and its torchrun worker: the same config and corpus in every process."
+"Shared pieces of the tests: the inputs of tests/test_distributed.py and its torchrun worker (the same config and corpus\nin every process), and loading a script of bench/ as a module."
 
 
 def toy_corpus(vocab: int = 64):
@@ -35,3 +35,13 @@ def spend_budget_after(monkeypatch, n: int, one_check_per_unit: bool = False):
     monkeypatch.setattr(Context, "_check_time", budget)
     if one_check_per_unit:   # units one at a time, so each unit is one check
         monkeypatch.setattr(Context, "units", lambda self, fn, cfgs, desc=None: [self.unit(fn, c) for c in cfgs])
+
+
+def load_bench(name: str):
+    "The script bench/<name>.py as a module (bench/ is no package), to test what it prints or reuse what it defines."
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / f"bench/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
