@@ -362,3 +362,43 @@ def test_hooks_on_a_projection_still_fire():
     h.remove()
     assert seen == [(2, 8, 16)] and model.blocks[0].attn._fusable()
     torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_adamw_equals_torch_fused_adamw_with_one_kernel_call_per_hyperparameter_set(monkeypatch):
+    "Four groups, two of them alike: three kernel calls a step; weights, moments, step counts and .grad bit for bit torch's, through grad_scale, found_inf and a missing gradient."
+    from effworkbench.train import GroupedAdamW
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (4, 4), (3,), (6, 2), (2, 5)]
+    def groups(ps):                                      # groups 0 and 2 alike; 1 differs in lr, 3 in weight decay
+        return [{"params": ps[0:2], "lr": 1e-2, "weight_decay": 0.1}, {"params": ps[2:3], "lr": 3e-3, "weight_decay": 0.1},
+                {"params": ps[3:5], "lr": 1e-2, "weight_decay": 0.1}, {"params": ps[5:], "lr": 1e-2, "weight_decay": 0.0}]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]
+    pa, pb = ([torch.nn.Parameter(t.clone()) for t in init] for _ in range(2))
+    ta, tb = torch.optim.AdamW(groups(pa), betas=(0.9, 0.95), fused=True), GroupedAdamW(groups(pb), betas=(0.9, 0.95))
+    calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(k["lr"]), real(*a, **k)))
+    for i, gr in enumerate(grads):
+        for opt, ps in ((ta, pa), (tb, pb)):
+            for p, t in zip(ps, gr): p.grad = None if (i == 3 and p is ps[1]) else t.clone()   # step 3: one gradient missing
+            opt.grad_scale = torch.tensor(1.7) if i in (2, 4) else None                       # clipping inside the update
+            opt.found_inf = torch.tensor(1.0 if i == 4 else 0.0) if i >= 4 else None          # step 4 skipped
+            calls.clear(); opt.step()
+            if opt is ta: torch_calls = len(calls)
+        assert (torch_calls, len(calls)) == (4, 4 if i == 0 else 3)    # the first step (state created) is torch's own
+        for a, b in zip(pa, pb): assert torch.equal(a, b) and (a.grad is None) == (b.grad is None)
+        for a, b in zip(pa, pb):
+            sa, sb = ta.state[a], tb.state[b]
+            for k in ("step", "exp_avg", "exp_avg_sq"): assert torch.equal(sa[k], sb[k]), (i, k)
+    assert ta.state[pa[0]]["step"].item() == 5                          # 6 steps, one skipped
+    sd_a, sd_b = ta.state_dict(), tb.state_dict()
+    assert sd_a["param_groups"] == sd_b["param_groups"] and sd_a["state"].keys() == sd_b["state"].keys()
+
+
+def test_trainer_steps_groups_alike_together():
+    t = toy_trainer()
+    assert type(t.opt).__name__ == "GroupedAdamW" and len(t.opt.param_groups) > 2
+    for _ in range(3): t.train_step(sync=False)
+    keys = {(g["lr"], g["weight_decay"]) for g in t.opt.param_groups}
+    assert len(keys) < len(t.opt.param_groups)                          # under SP most groups are alike: fewer kernel calls
