@@ -3,7 +3,7 @@
     python bench/gpt.py                  # CUDA: GPT-2-small shape (d=768, 12 layers, seq 1024, batch 16, bf16)
     python bench/gpt.py --shape smoke    # CPU: the smoke model (float32)
 
-Rows (eager, then compiled):
+Rows (eager, then compiled; --compiled-rows names the rows also compiled, each a compile of its own):
   reference            plain GPT: one fused QKV matmul, SDPA, GELU MLP, RMSNorm; no rotary, no clipping, no groups
   reference+rope+clip  the same with rotary positions (precomputed half-split tables) and global-norm clipping
   workbench model      effworkbench.nn.gpt.GPT in the reference+rope+clip loop (separates the model from the trainer)
@@ -40,6 +40,7 @@ from effworkbench.nn.gpt import GPT, GPTConfig, ce_block_rows, chunked_cross_ent
 from effworkbench.train import TrainConfig, Trainer
 from heap import steady_heap
 
+ROWS = ("reference", "reference+rope+clip", "workbench model", "workbench trainer")
 SHAPES = {
     "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024, vocab_size=50304, batch=16),
     "cpu-small": dict(d_model=128, n_layers=4, n_heads=4, seq_len=128, vocab_size=4096, batch=8),
@@ -178,9 +179,14 @@ def main():
     ap.add_argument("--gemm-n", type=int, default=None, help="size of the peak-measuring matmul (default 8192 CUDA, 1024 CPU)")
     ap.add_argument("--log-every", type=int, default=10, help="the trainer row syncs (loss check) every this many steps")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--compiled-rows", default=",".join(ROWS), help="the rows also timed compiled, comma-separated "
+                    "(each costs a compile: on a GPU with a short budget, 'reference,workbench trainer')")
     ap.add_argument("--csv", default=None, help="also write the table here")
     ap.add_argument("--heap", choices=["steady", "default"], default="steady", help="CPU heap (see heap.py)")
     args = ap.parse_args()
+    compiled = [r.strip() for r in args.compiled_rows.split(",") if r.strip()]
+    if unknown := set(compiled) - set(ROWS): ap.error(f"--compiled-rows: unknown {sorted(unknown)}; rows are {list(ROWS)}")
+    if "reference" not in compiled: ap.error("--compiled-rows: the compiled rows are compared with the compiled reference; name it")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     heap = (steady_heap() if args.heap == "steady" else "default heap") if device.type == "cpu" else ""
     s = SHAPES[args.shape or ("gpt2-small" if device.type == "cuda" else "smoke")]
@@ -212,17 +218,18 @@ def main():
     x = torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(device)
     for compile_ in ([False] if args.no_compile else [False, True]):
         mode = "compile" if compile_ else "eager"
-        steps = {}
+        steps, wanted = {}, compiled if compile_ else ROWS
         for name, build, clip in (("reference", lambda: RefGPT(s), 0.0),
                                   ("reference+rope+clip", lambda: RefGPT(s, rotary=True), 1.0),
                                   ("workbench model", lambda: GPT(mcfg), 1.0)):
+            if name not in wanted: continue
             torch.manual_seed(0)
             steps[name] = plain_loop(build().to(device), device, amp, x, clip, compile_)
         # the library's trainer (data sampling, schedule, clipping and the loss check on logging steps included)
         cfg = TrainConfig(model=mcfg, steps=10**6, batch_size=B, warmup=10, compile=compile_, eval_every=10**9,
                           ckpt_every=10**9, log_every=args.log_every)
-        t = Trainer(cfg, corpus=corpus)
-        steps["workbench trainer"] = lambda: t.train_step(sync=(t.step + 1) % args.log_every == 0)
+        t = Trainer(cfg, corpus=corpus) if "workbench trainer" in wanted else None
+        if t is not None: steps["workbench trainer"] = lambda: t.train_step(sync=(t.step + 1) % args.log_every == 0)
         # the rows take turns, round by round, so a load change on the machine hits them alike; median over rounds
         secs = {name: [] for name in steps}
         for name, step in steps.items(): timed(step, device, args.warmup, 0)
@@ -230,7 +237,7 @@ def main():
         for _ in range(args.rounds):
             for name, step in steps.items(): secs[name].append(timed(step, device, 0, per))
         for name in steps: record(name, mode, secs[name])
-        if device.type == "cuda":                      # an unsynced trainer step must not wait for the device
+        if device.type == "cuda" and t is not None:    # an unsynced trainer step must not wait for the device
             t.train_step(sync=True)
             torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode("error")
             try:
@@ -244,9 +251,10 @@ def main():
     df = pd.DataFrame(rows)
     base = df.set_index(["name", "mode"]).ms_per_step
     df["speed_vs_reference"] = [base[("reference", m)] / ms for m, ms in zip(df["mode"], df.ms_per_step)]
-    df["speed_vs_rope_clip"] = [base[("reference+rope+clip", m)] / ms for m, ms in zip(df["mode"], df.ms_per_step)]
     best = df.set_index(["name", "mode"]).ms_min                   # on a shared machine the fastest round is the least disturbed
-    df["speed_vs_rope_clip_min"] = [best[("reference+rope+clip", m)] / ms for m, ms in zip(df["mode"], df.ms_min)]
+    rc = lambda t, m: t.get(("reference+rope+clip", m), float("nan"))   # noqa: E731  (a row left out of --compiled-rows: nan)
+    df["speed_vs_rope_clip"] = [rc(base, m) / ms for m, ms in zip(df["mode"], df.ms_per_step)]
+    df["speed_vs_rope_clip_min"] = [rc(best, m) / ms for m, ms in zip(df["mode"], df.ms_min)]
     # paired by round (the rows take turns, so a round's times share the machine's state): median and quartiles of
     # reference time / row time over rounds, the steadiest comparison on a shared CPU (--rounds = --iters: one step a round)
     paired = [rounds[("reference", m)] / rounds[(n, m)] for n, m in zip(df["name"], df["mode"])]

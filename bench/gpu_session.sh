@@ -2,8 +2,9 @@
 # Everything this project checks on a GPU, in one device call, within BUDGET seconds (default 540: a lent GPU has 15
 # minutes per task, the machine's start included). The sections, in the default order: the kernels first (the MoE
 # models of the full runs train through them, and no CUDA path of theirs had run when this script was written), then
-# the MoE benchmarks with the anchors they are compared with, then the full runs. One call has room for about three of
-# them, so a later session names the rest, e.g. SECTIONS="anchors gpt dp full" (anchors in every call that benchmarks:
+# the MoE benchmarks with the anchors they are compared with, then the DP and GPT steps (each decides its issue in one
+# measurement), then the full runs (which need many calls whatever comes first). One call may not reach all of them,
+# so a later session names the rest, e.g. SECTIONS="anchors gpt dp full" (anchors in every call that benchmarks:
 # ratios are taken side by side, on the same card).
 #   kernels  the Triton MoE kernel tests, compiled (EFFWB_TEST_CUDA=1)
 #   moe      bench/moe.py (speed against dense at uniform and skewed routing, the layer with its router, the plan by
@@ -15,7 +16,8 @@
 #            s (default 240; with SECTIONS=full the whole budget). Only finished units travel (a checkpoint of these
 #            models is hundreds of MB), so a unit longer than the section never finishes: once the benchmarks are
 #            measured, give the full runs calls of their own (SECTIONS=full BUDGET=540).
-#   gpt      bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer)
+#   gpt      bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; compiled:
+#            the reference and the trainer only, GPT_COMPILED to change it: every compiled row is a compile of its own)
 #   dp       bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
 #   tune     bench/moe.py --tune (tiles tuned per shape against the default tiles)
 # A section starts only with at least 45 s of the budget left and gets at most what is left; SECTIONS picks and orders.
@@ -42,7 +44,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then     # carried wheels (gpu_prep.sh) of pac
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-SECTIONS=${SECTIONS:-"kernels moe anchors full gpt dp tune"}
+SECTIONS=${SECTIONS:-"kernels moe anchors dp gpt full tune"}
 BUDGET=${BUDGET:-540}; T0=$(date +%s)
 LOG="$OUT/session.log"
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -111,7 +113,8 @@ sec_anchors() {
 
 sec_gpt() {
   start gpt 300 "bench/gpt.py" || return 0
-  timeout "$T" $PY bench/gpt.py > "$OUT/bench_gpt.log" 2>&1; tail -12 "$OUT/bench_gpt.log"
+  timeout "$T" $PY bench/gpt.py --compiled-rows "${GPT_COMPILED:-reference,workbench trainer}" > "$OUT/bench_gpt.log" 2>&1
+  tail -12 "$OUT/bench_gpt.log"
 }
 
 sec_dp() {
