@@ -333,14 +333,23 @@ class LMBatchSampler(SamplerState):
                               "use a shorter seq_len or a larger corpus")
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
         self.device, self.step = torch.device(device), 0
+        self._ahead: dict[tuple[int, int], np.ndarray] = {}       # offsets drawn ahead: (seed, step) -> (B,), read-only
 
     @property
     def local_batch_size(self) -> int: return self.batch_size // self.world_size
 
+    ahead: int = 64                                               # steps whose offsets one call draws
+
     def offsets(self, step: int) -> np.ndarray:
-        "Start offsets of the global batch at `step`: (B,) ints in [0, N - T - 1]."
-        rng = np.random.default_rng([self.seed, step])  # a fresh generator per (seed, step)
-        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        """Start offsets of the global batch at `step`: (B,) ints in [0, N - T - 1], from a fresh generator per (seed,
+        step). Drawn `ahead` steps at a time: between training steps a lone draw runs cold (0.26 ms in the smoke
+        trainer's loop, one CPU thread, against 0.02 ms when drawn back to back)."""
+        if (self.seed, step) not in self._ahead:                 # (a loaded state may change the seed)
+            hi, self._ahead = len(self.tokens) - self.seq_len, {}
+            for s in range(step, step + self.ahead):
+                o = self._ahead[self.seed, s] = np.random.default_rng([self.seed, s]).integers(0, hi, size=self.batch_size)
+                o.flags.writeable = False
+        return self._ahead[self.seed, step]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         "This rank's (x, y) at `step`, both (B/W, T) int64, without moving the sampler."

@@ -282,6 +282,17 @@ def test_sampler_offsets_cover_the_valid_range():
     with pytest.raises(ConfigError, match="cannot fill"): LMBatchSampler(np.arange(8), 2, 8)
 
 
+def test_sampler_offsets_drawn_ahead_are_each_steps_own_generator():
+    "Offsets drawn ahead in runs of `ahead` steps equal a fresh generator's per (seed, step), in any order of steps and after a load changes the seed."
+    s = LMBatchSampler(TOKS, batch_size=5, seq_len=16, seed=7)
+    own = lambda seed, k: np.random.default_rng([seed, k]).integers(0, len(TOKS) - 16, size=5)   # noqa: E731
+    for k in (0, 1, s.ahead - 1, s.ahead, s.ahead + 1, 3, 2 * s.ahead + 5, 0):
+        assert np.array_equal(s.offsets(k), own(7, k)), k
+    with pytest.raises(ValueError): s.offsets(4)[0] = 0                # the drawn-ahead arrays are read-only
+    s.load_state_dict({**s.state_dict(), "seed": 8})
+    assert np.array_equal(s.offsets(3), own(8, 3)) and not np.array_equal(s.offsets(3), own(7, 3))
+
+
 def test_sampler_is_deterministic_and_seeded():
     a = [next(LMBatchSampler(TOKS, 4, 16, seed=1))[0] for _ in range(2)]
     assert torch.equal(a[0], a[1])
