@@ -402,3 +402,40 @@ def test_trainer_steps_groups_alike_together():
     for _ in range(3): t.train_step(sync=False)
     keys = {(g["lr"], g["weight_decay"]) for g in t.opt.param_groups}
     assert len(keys) < len(t.opt.param_groups)                          # under SP most groups are alike: fewer kernel calls
+
+
+def test_rotary_table_is_cached_and_rebuilt_when_the_tables_change():
+    "`Rotary.qkv`'s complex table is built once and rebuilt after the tables change in place or in dtype; one first built under inference_mode still trains."
+    from effworkbench.nn.gpt import _swap_pairs
+    r = Rotary(8, 16)
+    y5 = torch.randn(2, 16, 3, 2, 8, dtype=torch.float64)
+    def expected(y5):                                                          # x·cos + swap(x)·sin from the module's own tables
+        c, s = r.cos.to(y5.dtype), r.sin.to(y5.dtype)
+        return [u * c + _swap_pairs(u) * s for u in y5[:, :, :2].permute(2, 0, 3, 1, 4)]
+    for _ in range(2):                                                         # the second call reads the cached table
+        q, k, _ = r.qkv(y5)
+        for got, want in zip((q, k), expected(y5)): torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert len(r._e) == 1
+    other = Rotary(8, 16, base=100.0)
+    r.cos.copy_(other.cos); r.sin.copy_(other.sin)                             # in place: a new version of the tables
+    q, k, _ = r.qkv(y5)
+    for got, want in zip((q, k), expected(y5)): torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    q32, _, _ = r.qkv(y5.float())                                              # another dtype: its own table
+    torch.testing.assert_close(q32, q.float(), rtol=1e-5, atol=1e-5)
+    m = GPT(GPTConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, vocab_size=64))
+    x = torch.randint(0, 64, (2, 16))
+    with torch.inference_mode(): m(x)
+    m(x, x)[1].backward()                                                      # the cached table is a normal tensor
+    assert m.blocks[0].attn.q.weight.grad is not None
+
+
+def test_block_dropout_applies_only_in_training_with_p_above_zero():
+    torch.manual_seed(0)
+    blk = GPT(GPTConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, vocab_size=64, dropout=0.5)).blocks[0]
+    blk.attn.dropout = 0.0                                                     # the block's own dropout alone
+    x = torch.randn(2, 16, 32)
+    assert not torch.equal(blk(x), blk(x))                                     # training: two dropout draws
+    blk.eval()
+    assert torch.equal(blk(x), blk(x))
+    blk.train(); blk.drop.p = 0.0
+    assert torch.equal(blk(x), blk(x))

@@ -229,6 +229,7 @@ class Rotary(nn.Module):
         # full-width tables, the sign folded in: cos at 2i and 2i+1; -sin at 2i, +sin at 2i+1         (T, Dh)
         self.register_buffer("cos", cos.repeat_interleave(2, -1).float(), persistent=False)
         self.register_buffer("sin", torch.stack((-sin, sin), -1).flatten(-2).float(), persistent=False)
+        self._e: dict[tuple, torch.Tensor] = {}                   # `qkv`'s complex tables, by shape, dtype and table version
 
     def _complex_ok(self, x) -> bool:
         "x's pairs can be viewed as complex numbers (float32/64, unit last stride, even strides and offset), outside compile."
@@ -251,13 +252,22 @@ class Rotary(nn.Module):
         complex form applies, `_RotaryQKVReal` elsewhere in eager mode (bf16), the plain ops under torch.compile (fused)."""
         T = y5.shape[1]
         if T > self.cos.shape[0]: raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cos.shape[0]}")
+        if self._complex_ok(y5): return _RotaryQKV.apply(y5, self._complex_table(T, y5.shape[3], y5.dtype))
         c, s = self.cos[:T].to(y5.dtype), self.sin[:T].to(y5.dtype)   # (T, Dh)
-        if self._complex_ok(y5):
-            e = torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None]                 # (T, 1, 1, Dh/2): cos + i sin
-            return _RotaryQKV.apply(y5, e.expand(T, 2, *y5.shape[3:-1], -1).contiguous())   # full width: long inner loops
         if not torch.compiler.is_compiling(): return _RotaryQKVReal.apply(y5, c, s)
         q, k, v = y5.permute(2, 0, 3, 1, 4)                       # views, each (B, H, T, Dh)
         return self(q), self(k), v
+
+    def _complex_table(self, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+        """e = cos + i sin at (T, 2, H, Dh/2) for `_RotaryQKV` (full width: long inner loops), built once per (T, H,
+        dtype) and the tables' storage and version: eight small ops a layer and step otherwise."""
+        key = (T, H, dtype, self.cos.data_ptr(), self.cos._version, self.sin.data_ptr(), self.sin._version)
+        if (e := self._e.get(key)) is None:
+            with torch.inference_mode(False):                      # a normal tensor, even if first built under inference_mode
+                c, s = self.cos[:T].to(dtype), self.sin[:T].to(dtype)                 # (T, Dh)
+                e = torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None]             # (T, 1, 1, Dh/2): cos + i sin
+                self._e = {key: (e := e.expand(T, 2, H, -1).contiguous())}           # the last one only
+        return e
 
 def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
     "(x_2i+1, x_2i) for each pair of x's last dim: one contiguous copy (a flip of the pair axis, its own inverse)."
@@ -374,8 +384,9 @@ class Block(nn.Module):
         self.norm2, self.ffn = make_norm(cfg.norm, cfg.d_model), FFN_REGISTRY[cfg.ffn](cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
     def forward(self, x):
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.drop(self.ffn(self.norm2(x)))
+        drop = self.drop if self.drop.p and self.training else (lambda y: y)   # no call at p = 0 or in eval
+        x = x + drop(self.attn(self.norm1(x)))
+        return x + drop(self.ffn(self.norm2(x)))
 
 # %% ../../nbs/10_nn.gpt.ipynb #7d984690
 def _backward_once(ctx, name: str):
