@@ -415,7 +415,7 @@ def test_rotary_table_is_cached_and_rebuilt_when_the_tables_change():
     for _ in range(2):                                                         # the second call reads the cached table
         q, k, _ = r.qkv(y5)
         for got, want in zip((q, k), expected(y5)): torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert len(r._e) == 1
+    assert r._e[1] is r.cos
     other = Rotary(8, 16, base=100.0)
     r.cos.copy_(other.cos); r.sin.copy_(other.sin)                             # in place: a new version of the tables
     q, k, _ = r.qkv(y5)
@@ -439,3 +439,13 @@ def test_block_dropout_applies_only_in_training_with_p_above_zero():
     assert torch.equal(blk(x), blk(x))
     blk.train(); blk.drop.p = 0.0
     assert torch.equal(blk(x), blk(x))
+
+
+def test_rotary_table_follows_replaced_buffers():
+    r = Rotary(8, 16)
+    y5 = torch.randn(1, 16, 3, 2, 8)
+    q0 = r.qkv(y5)[0]
+    other = Rotary(8, 16, base=100.0)
+    r.cos, r.sin = other.cos.clone(), other.sin.clone()                        # new buffers, version 0 like the old ones
+    torch.testing.assert_close(r.qkv(y5)[0], other.qkv(y5)[0])
+    assert not torch.allclose(r.qkv(y5)[0], q0)

@@ -229,7 +229,7 @@ class Rotary(nn.Module):
         # full-width tables, the sign folded in: cos at 2i and 2i+1; -sin at 2i, +sin at 2i+1         (T, Dh)
         self.register_buffer("cos", cos.repeat_interleave(2, -1).float(), persistent=False)
         self.register_buffer("sin", torch.stack((-sin, sin), -1).flatten(-2).float(), persistent=False)
-        self._e: dict[tuple, torch.Tensor] = {}                   # `qkv`'s complex tables, by shape, dtype and table version
+        self._e: tuple = ()                                        # `qkv`'s last complex table: (key, cos, sin, table)
 
     def _complex_ok(self, x) -> bool:
         "x's pairs can be viewed as complex numbers (float32/64, unit last stride, even strides and offset), outside compile."
@@ -259,14 +259,16 @@ class Rotary(nn.Module):
         return self(q), self(k), v
 
     def _complex_table(self, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
-        """e = cos + i sin at (T, 2, H, Dh/2) for `_RotaryQKV` (full width: long inner loops), built once per (T, H,
-        dtype) and the tables' storage and version: eight small ops a layer and step otherwise."""
-        key = (T, H, dtype, self.cos.data_ptr(), self.cos._version, self.sin.data_ptr(), self.sin._version)
-        if (e := self._e.get(key)) is None:
-            with torch.inference_mode(False):                      # a normal tensor, even if first built under inference_mode
-                c, s = self.cos[:T].to(dtype), self.sin[:T].to(dtype)                 # (T, Dh)
-                e = torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None]             # (T, 1, 1, Dh/2): cos + i sin
-                self._e = {key: (e := e.expand(T, 2, H, -1).contiguous())}           # the last one only
+        """e = cos + i sin at (T, 2, H, Dh/2) for `_RotaryQKV` (full width: long inner loops), built once for (T, H,
+        dtype) and these very tables at their present version (eight small ops a layer and step otherwise); the
+        cached entry holds the tables it was built from, so a moved or replaced buffer is never mistaken for them."""
+        key = (T, H, dtype, self.cos._version, self.sin._version)
+        if self._e and self._e[0] == key and self._e[1] is self.cos and self._e[2] is self.sin: return self._e[3]
+        with torch.inference_mode(False):                          # a normal tensor, even if first built under inference_mode
+            c, s = self.cos[:T].to(dtype), self.sin[:T].to(dtype)                     # (T, Dh)
+            e = torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None]                 # (T, 1, 1, Dh/2): cos + i sin
+            e = e.expand(T, 2, H, -1).contiguous()
+        self._e = (key, self.cos, self.sin, e)
         return e
 
 def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
