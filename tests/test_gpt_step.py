@@ -449,3 +449,19 @@ def test_rotary_table_follows_replaced_buffers():
     r.cos, r.sin = other.cos.clone(), other.sin.clone()                        # new buffers, version 0 like the old ones
     torch.testing.assert_close(r.qkv(y5)[0], other.qkv(y5)[0])
     assert not torch.allclose(r.qkv(y5)[0], q0)
+
+
+@pytest.mark.parametrize("patched_first", [True, False])
+def test_grouped_adamw_runs_step_hooks_once(patched_first):
+    "Hooks registered on the optimizer run once a step, on torch's path (the first step, hooks present) too, whether or not a plain AdamW wrapped torch's step first."
+    from effworkbench.train import GroupedAdamW
+    if patched_first: torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    p = torch.nn.Parameter(torch.randn(3))
+    o, ref = GroupedAdamW([p], lr=0.1), torch.optim.AdamW([q := torch.nn.Parameter(p.detach().clone())], lr=0.1, fused=True)
+    pre, post = [], []
+    o.register_step_pre_hook(lambda *a: pre.append(1)); o.register_step_post_hook(lambda *a: post.append(1))
+    for _ in range(3):
+        g = torch.randn(3)
+        p.grad, q.grad = g.clone(), g.clone()
+        o.step(); ref.step()
+    assert (len(pre), len(post)) == (3, 3) and torch.equal(p, q)
