@@ -12,7 +12,7 @@ pytest.importorskip("opacus")
 from effworkbench.core import ConfigError
 from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, book_keep, ghost_sq_norm, input_gram, norm_per_example, check_dp_model, clip_per_sample, clipped_grad_sum, density,
                              dp_sgd_step, epsilon, full_masks, mask_kinds, noise_for_epsilon, per_sample_grads, poisson_batch,
-                             prune_masks, prune_structured, select_coordinates, train_dp)
+                             SMALL_PER_EXAMPLE, prune_masks, prune_structured, select_coordinates, train_dp)
 from effworkbench.vision.models import resnet_small, vgg_small
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order")
@@ -217,6 +217,30 @@ def test_group_norm_per_example_gradients_from_its_own_backward():
         clipped_grad_sum(net, xb, yb, [n for n, _ in net.named_parameters()], 1.0, {n: None for n, _ in net.named_parameters()})
     assert calls.n == sum(isinstance(mod, torch.nn.GroupNorm) for mod in net.modules()) == 6
 
+
+
+class OpCalls(TorchDispatchMode):
+    "Counts calls of the given aten ops."
+    def __init__(self, *ops): super().__init__(); self.ops, self.n = ops, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket in self.ops
+        return func(*args, **(kwargs or {}))
+
+
+def test_small_per_example_tensors_share_one_norm_and_one_product():
+    "Biases and norm parameters (≤ SMALL_PER_EXAMPLE numbers an example) get one norm and one product for all, masked or not; each larger explicit one its own."
+    net = tiny(); xb, yb = data(5)
+    names = [n for n, _ in net.named_parameters()]
+    shapes = dict(net.named_parameters())
+    for on in ({n: None for n in names}, select_coordinates(net, full_masks(net), 0.5, "random", torch.Generator().manual_seed(0))):
+        on = {n: None if m is None or bool(m.all()) else m for n, m in on.items()}
+        with OpCalls(torch.ops.aten.linalg_vector_norm) as norms, OpCalls(torch.ops.aten.mm) as mms:
+            _, got = clipped_grad_sum(net, xb, yb, names, 1.0, on, ghost="never")
+        big = [n for n in names if shapes[n].numel() > SMALL_PER_EXAMPLE]
+        assert 0 < len(big) < len(names) and norms.n == len(big) + 1, (norms.n, len(big))
+        assert mms.n <= len(big) + 1 + 2                                    # + the head's own forward and input gradient
+        want = sq_norms({n: g if on[n] is None else g * on[n] for n, g in per_sample_grads(net, xb, yb, names).items()}, len(xb)).sqrt()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
 def test_ghost_norm_is_used_only_on_whole_tensors():

@@ -30,8 +30,8 @@ from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_pa
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
 # %% auto #0
-__all__ = ['Masks', 'DENSE', 'DP_CLAIMS', 'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable',
-           'full_masks', 'prune_masks', 'apply_masks', 'density', 'prune_structured', 'mask_kinds',
+__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE', 'DP_CLAIMS', 'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch',
+           'prunable', 'full_masks', 'prune_masks', 'apply_masks', 'density', 'prune_structured', 'mask_kinds',
            'select_coordinates', 'per_sample_grads', 'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep',
            'weight_per_example', 'input_gram', 'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example',
            'clipped_grad_sum', 'dp_sgd_step', 'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit',
@@ -385,8 +385,7 @@ def ghost_cheaper(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> bool:
     T, P = _out_rows(m, g).shape[1:]
     D = m.weight[0].numel()
     if isinstance(m, nn.Conv2d):
-        ap, _, _ = _padded_grid(m, a[:1])
-        (Hp, Wp), Wo = ap.shape[2:], g.shape[-1]
+        Hp, Wp, Wo = a.shape[2] + 2 * m.padding[0], a.shape[3] + 2 * m.padding[1], g.shape[-1]   # the padded grid, by arithmetic
         gram_a = (Hp * Wp) ** 2 * m.in_channels + m.kernel_size[1] * Hp * Hp * Wo * Wo + m.kernel_size[0] * T * T
     else: gram_a = T * T * D
     return gram_a + T * T * P < T * D * P
@@ -411,6 +410,8 @@ def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple
     return (g * xhat).sum(dims), g.sum(dims)
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #93631791
+SMALL_PER_EXAMPLE = 1024   # per-example tensors up to this many numbers an example share one norm and one product
+
 def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], C: float,
                      on: dict, ghost: Literal["auto", "always", "never"] = "auto") -> tuple[dict, torch.Tensor]:
     """Σ_i min(1, C/‖g_i‖)·g_i for the parameters in `names`, and the per-example norms ‖g_i‖ (B,), from one forward and one
@@ -434,11 +435,21 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
         if "weight" in owners[m]: per_ex[owners[m]["weight"]] = gw
         if "bias" in owners[m]: per_ex[owners[m]["bias"]] = gb
     shape = {n: p.shape for n, p in model.named_parameters()}
-    for n, gi in per_ex.items():
-        sq.append(torch.linalg.vector_norm((gi if on[n] is None else gi * on[n]).reshape(B, -1), dim=1).square())
+    # the small per-example tensors (biases, norm parameters: a few hundred numbers an example) as one (B, S) block: one
+    # norm and one product for all of them, not one each (on a GPU, each a kernel launch of a few microseconds' work)
+    def flat(n, masked=False):                         # (B, numel): the per-example rows of n (masked: its counted coordinates)
+        return (per_ex[n] if on[n] is None or not masked else per_ex[n] * on[n]).reshape(B, -1)
+    small = [n for n, gi in per_ex.items() if gi[0].numel() <= SMALL_PER_EXAMPLE]
+    big = [n for n in per_ex if n not in small]
+    if small:
+        S = torch.cat([flat(n) for n in small], 1)                            # (B, Σ numel)
+        Sm = S if all(on[n] is None for n in small) else torch.cat([flat(n, True) for n in small], 1)
+        sq.append(torch.linalg.vector_norm(Sm, dim=1).square())
+    sq += [torch.linalg.vector_norm(flat(n, True), dim=1).square() for n in big]
     norms = torch.stack(sq).sum(0).sqrt() if sq else x.new_zeros(B)         # ‖g_i‖, (B,)
     c = (C / (norms + 1e-6)).clamp(max=1.0)                                  # min(1, C/‖g_i‖), (B,)
-    total = {n: (c @ gi.reshape(B, -1)).view(shape[n]) for n, gi in per_ex.items()}       # Σ_i c_i g_i: a (B,)·(B, numel) product
+    total = {n: (c @ per_ex[n].reshape(B, -1)).view(shape[n]) for n in big}  # Σ_i c_i g_i: a (B,)·(B, numel) product
+    if small: total |= {n: t.view(shape[n]) for n, t in zip(small, (c @ S).split([shape[n].numel() for n in small]))}
     for n, (m, a, g) in ghosts.items():                                      # Σ_i c_i Σ_t g_t a_tᵀ: the weight gradient of c·g
         total[n] = weight_sum(m, a, g * c.view(B, *[1] * (g.dim() - 1)))
     for n in names:                                                          # layers the loss does not reach: zero
