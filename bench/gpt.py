@@ -252,7 +252,7 @@ def main():
     base = df.set_index(["name", "mode"]).ms_per_step
     df["speed_vs_reference"] = [base[("reference", m)] / ms for m, ms in zip(df["mode"], df.ms_per_step)]
     best = df.set_index(["name", "mode"]).ms_min                   # on a shared machine the fastest round is the least disturbed
-    rc = lambda t, m: t.get(("reference+rope+clip", m), float("nan"))   # noqa: E731  (a row left out of --compiled-rows: nan)
+    def rc(t, m): return t.get(("reference+rope+clip", m), float("nan"))   # a row left out of --compiled-rows: nan
     df["speed_vs_rope_clip"] = [rc(base, m) / ms for m, ms in zip(df["mode"], df.ms_per_step)]
     df["speed_vs_rope_clip_min"] = [rc(best, m) / ms for m, ms in zip(df["mode"], df.ms_min)]
     # paired by round (the rows take turns, so a round's times share the machine's state): median and quartiles of

@@ -180,11 +180,11 @@ def test_input_gram_and_ghost_norm_match_unfolded_float64(kernel, stride, paddin
     torch.testing.assert_close(ghost_sq_norm(m, a, b), explicit.flatten(1).square().sum(1), rtol=1e-12, atol=1e-12)
 
 
-class GroupNormBackwardCalls(TorchDispatchMode):
-    "Counts aten.native_group_norm_backward calls."
-    n = 0
+class OpCalls(TorchDispatchMode):
+    "Counts calls of the given aten ops."
+    def __init__(self, *ops): super().__init__(); self.ops, self.n = ops, 0
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func.overloadpacket is torch.ops.aten.native_group_norm_backward
+        self.n += func.overloadpacket in self.ops
         return func(*args, **(kwargs or {}))
 
 
@@ -213,18 +213,10 @@ def test_group_norm_per_example_gradients_from_its_own_backward():
     n1 = {}; book_keep(first, x, y, [first[0]], norms=n1)
     for a, b in zip(n1[first[0]], norm_per_example(first[0], a1[first[0]], g1[first[0]])): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     net = tiny(); xb, yb = data(5)
-    with GroupNormBackwardCalls() as calls:
+    with OpCalls(torch.ops.aten.native_group_norm_backward) as calls:
         clipped_grad_sum(net, xb, yb, [n for n, _ in net.named_parameters()], 1.0, {n: None for n, _ in net.named_parameters()})
     assert calls.n == sum(isinstance(mod, torch.nn.GroupNorm) for mod in net.modules()) == 6
 
-
-
-class OpCalls(TorchDispatchMode):
-    "Counts calls of the given aten ops."
-    def __init__(self, *ops): super().__init__(); self.ops, self.n = ops, 0
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func.overloadpacket in self.ops
-        return func(*args, **(kwargs or {}))
 
 
 def test_small_per_example_tensors_share_one_norm_and_one_product():

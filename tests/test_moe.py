@@ -169,8 +169,8 @@ def activation_passes(layer, x, w_in, w_out, idx, gates) -> tuple[list[str], lis
 @pytest.mark.parametrize("K", [1, 2])
 def test_torch_backend_makes_no_more_passes_than_a_plain_grouped_gemm(K):
     """Counted op by op, forward and backward: the torch backend touches the activations no more often than the plain
-    grouped-GEMM layer that bench/moe.py times beside it (gather, GEMMs, gate weight, scatter-add), and empty slots (the junk rows after the last group)
-    add no pass."""
+    grouped-GEMM layer that bench/moe.py times beside it (gather, GEMMs, gate weight, scatter-add), and empty slots (the
+    junk rows after the last group) add no pass."""
     x, (w_in, w_out, _), idx, gates = random_case(3, 64, 16, 32, 4, K, False, empty_expert=False)
     full = idx.clone(); full[full < 0] = 1                                      # every slot valid, for the plain layer
     plain = activation_passes(bench_moe.plain_grouped_mm, x, w_in, w_out, full, gates)

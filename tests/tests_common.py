@@ -1,4 +1,5 @@
-"Shared pieces of the tests: the inputs of tests/test_distributed.py and its torchrun worker (the same config and corpus\nin every process), and loading a script of bench/ as a module."
+"""Shared pieces of the tests: the inputs of tests/test_distributed.py and its torchrun worker (the same config and corpus
+in every process), and loading a script of bench/ as a module."""
 
 
 def toy_corpus(vocab: int = 64):
