@@ -8,7 +8,8 @@ per-example pass, noise from a generator on the device.
    method per round, so load on the machine hits them alike): a plain SGD step; this library's DP step by book-keeping
    (`method="bk"`, the default), also with the masks the experiment grid (`run` of `43_privacy.dp_prune`) trains with (50 % unstructured magnitude pre-pruning,
    50 % random coordinate dropping: explicit masked products, no ghost norms), and by torch.func vmap (`method="vmap"`,
-   the reference); Opacus with hooks and with ghost clipping. Printed as the median s/step with its interquartile range, the median and IQR of the per-round ratio
+   the reference); on CUDA also the book-keeping step replayed from CUDA graphs (`GraphedDPStep`: batches padded to
+   multiples of 64, pads weighted 0; its graphs captured before timing); Opacus with hooks and with ghost clipping. Printed as the median s/step with its interquartile range, the median and IQR of the per-round ratio
    to the plain step, and the ratio of the fastest steps (the least disturbed by other load on a shared machine); on
    the CPU also the process CPU seconds per step and their per-round ratio (not counting time the cores ran others).
 2. The book-keeping step as structured pre-pruning (channels physically removed) and layer-wise gradient dropping (whole
@@ -22,6 +23,7 @@ arithmetic, decide the ratio); `--heap default` keeps glibc's defaults. Imports 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, dp_sgd_step, full_masks, poisson_batch, prune_masks, prune_structured,
+from effworkbench.privacy.dp_prune import (DPConfig, GraphedDPStep, apply_masks, dp_sgd_step, full_masks, poisson_batch, prune_masks, prune_structured,
                              select_coordinates)
 from effworkbench.vision.models import vgg_small
 from heap import steady_heap
@@ -54,16 +56,23 @@ def plain_step(model, batches, lr=0.1):
     return step
 
 
-def ours_step(model, batches, method="bk", drop=0.0, chunk=256, expected_batch=1.0, prune=0.0, drop_mode="layer"):
+def ours_step(model, batches, method="bk", drop=0.0, chunk=256, expected_batch=1.0, prune=0.0, drop_mode="layer",
+              graphs=False):
     masks = prune_masks(model, prune, "magnitude") if prune else full_masks(model)
     apply_masks(model, masks)
     dev = next(model.parameters()).device
     g_sel, g_noise = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(1)
+    kw = dict(C=1.0, sigma=1.0, lr=0.1, masks=masks, expected_batch=expected_batch, generator=g_noise, chunk=chunk, method=method)
+    graphed = GraphedDPStep(model, capture=True, **kw) if graphs else None
+    if graphed:   # capture the padded sizes a Poisson batch of this mean takes (±3σ), so that no capture is timed
+        sd = math.sqrt(expected_batch)
+        for cap in sorted({graphed.padded(max(1, int(expected_batch + k * sd))) for k in (-3, -1.5, 0, 1.5, 3)}):
+            graphed(batches.x[:cap], batches.y[:cap], select_coordinates(model, masks, drop, drop_mode, g_sel))
     def step():
         x, y = batches()
         sel = select_coordinates(model, masks, drop, drop_mode, g_sel)
-        dp_sgd_step(model, x, y, C=1.0, sigma=1.0, lr=0.1, masks=masks, sel=sel, expected_batch=expected_batch,
-                    generator=g_noise, chunk=chunk, method=method)
+        if graphed: graphed(x, y, sel)
+        else: dp_sgd_step(model, x, y, sel=sel, **kw)
     return step
 
 
@@ -135,6 +144,9 @@ def main():
              "DP, book-keeping (this library)": ours_step(make(), batches(), "bk", chunk=cfg.chunk, expected_batch=a.batch)}
     steps["DP, bk, 50% unstruct. + 50% random"] = ours_step(make(), batches(), "bk", 0.5, cfg.chunk, a.batch, prune=0.5,
                                                            drop_mode="random")         # the experiment grid's kind of masks
+    if dev.type == "cuda":   # the book-keeping step replayed from CUDA graphs, batches padded to multiples of 64
+        steps["DP, book-keeping, CUDA graphs"] = ours_step(make(), batches(), "bk", chunk=cfg.chunk, expected_batch=a.batch,
+                                                           graphs=True)
     if not a.no_vmap:
         steps["DP, torch.func vmap (reference)"] = ours_step(make(), batches(), "vmap", chunk=cfg.chunk, expected_batch=a.batch)
     if not a.no_opacus:

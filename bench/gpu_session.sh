@@ -18,7 +18,8 @@
 #            measured, give the full runs calls of their own (SECTIONS=full BUDGET=540).
 #   gpt      bench/gpt.py (MFU at the GPT-2-small shape: reference, reference + rotary + clipping, model, trainer; compiled:
 #            the reference and the trainer only, GPT_COMPILED to change it: every compiled row is a compile of its own)
-#   dp       bench/dp.py (book-keeping DP step vs vmap, Opacus hooks and ghost clipping, beside a plain step)
+#   dp       the CUDA tests of tests/test_dp.py, then bench/dp.py (book-keeping DP step, eager and from CUDA graphs, vs vmap,
+#            Opacus hooks and ghost clipping, beside a plain step)
 #   tune     bench/moe.py --tune (tiles tuned per shape against the default tiles)
 # A section starts only with at least 45 s of the budget left and gets at most what is left; SECTIONS picks and orders.
 # FULL_WORKERS (default 4): processes sharing the GPU for the full runs' independent units (the full presets' models are
@@ -118,8 +119,10 @@ sec_gpt() {
 }
 
 sec_dp() {
-  start dp 120 "bench/dp.py" || return 0
-  timeout "$T" $PY bench/dp.py --repeats 15 > "$OUT/bench_dp.log" 2>&1; tail -12 "$OUT/bench_dp.log"
+  start dp 150 "DP: the CUDA tests of tests/test_dp.py (no host sync; the graphed step), then bench/dp.py" || return 0
+  timeout 60 $PY -m pytest tests/test_dp.py -q -p no:cacheprovider -k cuda 2>&1 | tail -15 > "$OUT/bench_dp.log"
+  cat "$OUT/bench_dp.log" >> "$LOG"; tail -2 "$OUT/bench_dp.log"
+  timeout $(( T - 60 )) $PY bench/dp.py --repeats 15 >> "$OUT/bench_dp.log" 2>&1; tail -12 "$OUT/bench_dp.log"
 }
 
 sec_tune() {

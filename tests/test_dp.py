@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("opacus")
 from effworkbench.core import ConfigError
 from effworkbench.privacy.dp_prune import (DPConfig, apply_masks, book_keep, ghost_sq_norm, input_gram, norm_per_example, check_dp_model, clip_per_sample, clipped_grad_sum, density,
-                             dp_sgd_step, epsilon, full_masks, mask_kinds, noise_for_epsilon, per_sample_grads, poisson_batch,
+                             dp_sgd_step, epsilon, full_masks, GraphedDPStep, mask_kinds, noise_for_epsilon, per_sample_grads, poisson_batch,
                              SMALL_PER_EXAMPLE, prune_masks, prune_structured, select_coordinates, train_dp)
 from effworkbench.vision.models import resnet_small, vgg_small
 
@@ -286,6 +286,63 @@ def test_step_has_no_host_sync_on_cuda():
     torch.cuda.set_sync_debug_mode("error")
     try: dp_sgd_step(m, x, y, **kw)
     finally: torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("method", ["bk", "vmap"])
+def test_pads_weighted_zero_leave_the_update_of_the_unpadded_batch(method):
+    """dp_sgd_step on a batch padded with large random examples of weight 0 makes the unpadded batch's update (float64,
+    50 % pruned, 50 % random dropping, C below the norms, chunks that split pads and examples); weights of the wrong shape are refused."""
+    def update(pad):
+        m = tiny(2).double(); masks = prune_masks(m, 0.5, "random"); apply_masks(m, masks)
+        sel = select_coordinates(m, masks, 0.5, "random", torch.Generator().manual_seed(3))
+        x, y = data(11, seed=4); x = x.double()
+        w = None
+        if pad:
+            g = torch.Generator().manual_seed(5)
+            x, y = torch.cat([x, 50 * torch.randn(pad, *x.shape[1:], generator=g, dtype=x.dtype)]), torch.cat([y, torch.zeros(pad, dtype=y.dtype)])
+            w = torch.cat([torch.ones(11), torch.zeros(pad)]).double()
+        w0 = torch.cat([p.detach().flatten() for p in m.parameters()])
+        dp_sgd_step(m, x, y, C=0.05, sigma=0.0, lr=0.5, masks=masks, sel=sel, expected_batch=10.0, chunk=6, method=method, weight=w)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0
+    d = update(0)
+    assert d.abs().max() > 0
+    torch.testing.assert_close(update(5), d, rtol=1e-10, atol=1e-13)
+    m = tiny()
+    with pytest.raises(ConfigError, match="weight"):
+        dp_sgd_step(m, *data(4), C=1.0, sigma=0.0, lr=0.1, weight=torch.ones(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_step_on_cuda_replays_the_eager_padded_step_with_fresh_noise_and_no_sync():
+    """GraphedDPStep captured on a GPU: without noise its replays make the eager padded step's update; with noise two
+    replays of the same batch from the same weights differ (the generator advances); a replay never waits for the device."""
+    import copy
+    dev = torch.device("cuda")
+    base = vgg_small(num_classes=5, width=8, norm="group").to(dev); masks = prune_masks(base, 0.5); apply_masks(base, masks)
+    batches = [tuple(t.to(dev) for t in data(b, seed=b)) for b in (30, 21, 33)]     # padded to 32, 32, 64
+    def run(capture, sigma, model):
+        step = GraphedDPStep(model, C=1.0, sigma=sigma, lr=0.1, masks=masks, expected_batch=28.0, chunk=16, pad_to=32,
+                             generator=torch.Generator(device=dev).manual_seed(1), capture=capture)
+        g_sel = torch.Generator().manual_seed(0)
+        for x, y in batches: step(x, y, select_coordinates(model, masks, 0.5, "random", g_sel))
+        return step
+    graphed, eager = copy.deepcopy(base), copy.deepcopy(base)
+    step = run(True, 0.0, graphed); run(False, 0.0, eager)
+    assert sorted(k[0] for k in step.entries) == [32, 64] and all(e.graph is not None for e in step.entries.values())
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    noisy = copy.deepcopy(base); step = run(True, 1.0, noisy)
+    x, y = batches[0]; sel = select_coordinates(noisy, masks, 0.0)           # the masks themselves: a new entry
+    params = list(noisy.parameters()); saved = [p.detach().clone() for p in params]
+    w0 = torch.cat([p.detach().flatten() for p in params])
+    step(x, y, sel); w1 = torch.cat([p.detach().flatten() for p in params])  # captured, then replayed
+    with torch.no_grad(): torch._foreach_copy_(params, saved)
+    torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode("error")
+    try: step(x, y, sel)                                                      # the same entry: a replay only
+    finally: torch.cuda.set_sync_debug_mode("default")
+    w2 = torch.cat([p.detach().flatten() for p in params])
+    moved = (w1 != w0) & (w2 != w0)
+    assert moved.float().mean() > 0.3 and not torch.equal(w1[moved], w2[moved])   # fresh noise in every replay
 
 
 def test_layer_outside_the_loss_gets_zero_gradient():

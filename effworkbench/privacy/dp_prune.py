@@ -13,6 +13,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Callable, ClassVar, Literal
 
 import pandas as pd
@@ -34,7 +35,7 @@ __all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE', 'DP_CLAIMS', 'check_dp_model',
            'prunable', 'full_masks', 'prune_masks', 'apply_masks', 'density', 'prune_structured', 'mask_kinds',
            'select_coordinates', 'per_sample_grads', 'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep',
            'weight_per_example', 'input_gram', 'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example',
-           'clipped_grad_sum', 'dp_sgd_step', 'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit',
+           'clipped_grad_sum', 'dp_sgd_step', 'GraphedDPStep', 'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit',
            'public_private_splits', 'pretrain_public_unit', 'start_model', 'grid_cell_unit', 'tune', 'grid_cells',
            'run', 'grid_effect']
 
@@ -413,10 +414,12 @@ def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple
 SMALL_PER_EXAMPLE = 1024   # per-example tensors up to this many numbers an example share one norm and one product
 
 def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], C: float,
-                     on: dict, ghost: Literal["auto", "always", "never"] = "auto") -> tuple[dict, torch.Tensor]:
+                     on: dict, ghost: Literal["auto", "always", "never"] = "auto", weight: torch.Tensor | None = None
+                     ) -> tuple[dict, torch.Tensor]:
     """Σ_i min(1, C/‖g_i‖)·g_i for the parameters in `names`, and the per-example norms ‖g_i‖ (B,), from one forward and one
     backward (book-keeping): ‖g_i‖² = Σ_n ‖g_{i,n} ⊙ on_n‖², `on[n]` a bool mask of the coordinates that count or None (all).
-    A weight whose `on` is None may use the ghost norm; a masked one always gets its explicit per-example product."""
+    A weight whose `on` is None may use the ghost norm; a masked one always gets its explicit per-example product.
+    `weight` (B,): example i enters the sum as weight_i·min(1, C/‖g_i‖)·g_i (0: a pad of a batch padded to a fixed size)."""
     if ghost not in ("auto", "always", "never"): raise ConfigError(f"ghost={ghost!r}: use 'auto', 'always' or 'never'")
     owners = param_owners(model, names)
     B = len(x)
@@ -448,6 +451,7 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     sq += [torch.linalg.vector_norm(flat(n, True), dim=1).square() for n in big]
     norms = torch.stack(sq).sum(0).sqrt() if sq else x.new_zeros(B)         # ‖g_i‖, (B,)
     c = (C / (norms + 1e-6)).clamp(max=1.0)                                  # min(1, C/‖g_i‖), (B,)
+    if weight is not None: c = c * weight                                    # pads: 0
     total = {n: (c @ per_ex[n].reshape(B, -1)).view(shape[n]) for n in big}  # Σ_i c_i g_i: a (B,)·(B, numel) product
     if small: total |= {n: t.view(shape[n]) for n, t in zip(small, (c @ S).split([shape[n].numel() for n in small]))}
     for n, (m, a, g) in ghosts.items():                                      # Σ_i c_i Σ_t g_t a_tᵀ: the weight gradient of c·g
@@ -457,11 +461,12 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     return total, norms
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #16773d8c
-def _chunk_sum(model, x, y, names, C, masks, sel, on, kon, clip_on, use_bk) -> dict[str, torch.Tensor]:
-    "Σ_i ḡ_i over one chunk, by book-keeping or by vmap per-example gradients + `clip_per_sample` (zero off S there)."
-    if use_bk: return clipped_grad_sum(model, x, y, names, C, {n: None if kon[n] == "all" else on[n] for n in names})[0]
+def _chunk_sum(model, x, y, names, C, masks, sel, on, kon, clip_on, use_bk, weight=None) -> dict[str, torch.Tensor]:
+    "Σ_i w_i ḡ_i over one chunk (w = 1 when `weight` is None), by book-keeping or by vmap per-example gradients + `clip_per_sample` (zero off S there)."
+    if use_bk: return clipped_grad_sum(model, x, y, names, C, {n: None if kon[n] == "all" else on[n] for n in names}, weight=weight)[0]
     with torch.enable_grad(): gs = per_sample_grads(model, x, y, names)
-    return {n: g.sum(0) for n, g in clip_per_sample(gs, sel, C, clip_on, masks)[0].items()}
+    clipped = clip_per_sample(gs, sel, C, clip_on, masks)[0]                  # name → (B, *shape)
+    return {n: g.sum(0) if weight is None else torch.tensordot(weight, g, 1) for n, g in clipped.items()}
 
 def _noise_and_update(params: list[torch.Tensor], totals: list[torch.Tensor], sel: list[torch.Tensor | None], *,
                       C: float, sigma: float, lr: float, expected_batch: float, generator: torch.Generator | None):
@@ -481,14 +486,16 @@ def _noise_and_update(params: list[torch.Tensor], totals: list[torch.Tensor], se
 def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float, sigma: float, lr: float,
                 masks: Masks | None = None, sel: Masks | None = None, expected_batch: float | None = None,
                 generator: torch.Generator | None = None, clip_on: str = "selected", chunk: int = 256,
-                method: Literal["auto", "bk", "vmap"] = "auto") -> dict:
+                method: Literal["auto", "bk", "vmap"] = "auto", weight: torch.Tensor | None = None) -> dict:
     """One DP-SGD step on a Poisson batch (x, y): θ_S ← θ_S − lr·(Σ_i ḡ_i + σC·ξ_S)/(qN), ξ ~ N(0, I) on the selected
     coordinates S only; every coordinate off S (pruned or dropped) is left bit-for-bit unchanged.
     Plain DP-SGD is `dp_sgd_step(model, x, y, C=1.0, sigma=1.0, lr=0.1)`: no pruning (`masks` all live), every live
     coordinate selected (`sel = masks`), ξ from the device's default generator, and qN = len(x) (pass `expected_batch=q*N`
     under Poisson sampling, where the batch size itself must not enter the update).
     `method`: `bk` book-keeping (`clipped_grad_sum`), `vmap` torch.func per-example gradients (the reference, any model),
-    `auto` bk when every layer is supported (`bk_unsupported`), else vmap. At most `chunk` examples at a time bound the memory (the batch split into equal chunks)."""
+    `auto` bk when every layer is supported (`bk_unsupported`), else vmap. At most `chunk` examples at a time bound the memory (the batch split into equal chunks).
+    `weight` (B,) weights the clipped per-example gradients in the sum: 0 marks a pad, so a batch padded to a fixed size
+    with weight 0 on the pads makes the unpadded batch's update (what `GraphedDPStep` does)."""
     params = dict(model.named_parameters())
     masks = full_masks(model) if masks is None else masks
     sel = masks if sel is None else sel
@@ -497,6 +504,7 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
     if clip_on not in ("selected", "full"): raise ConfigError(f"clip_on={clip_on!r}: use 'selected' or 'full'")
     if method not in ("auto", "bk", "vmap"): raise ConfigError(f"method={method!r}: use 'auto', 'bk' or 'vmap'")
     if not chunk >= 1: raise ConfigError(f"chunk={chunk}: must be ≥ 1 (examples per per-example pass)")
+    if weight is not None and weight.shape != (len(x),): raise ConfigError(f"weight {tuple(weight.shape)}: expected ({len(x)},), one per example")
     on = sel if clip_on == "selected" else masks                    # the coordinates the clipping norm counts
     ksel = mask_kinds(sel); kon = ksel if clip_on == "selected" else mask_kinds(masks)
     names = [n for n in params if kon[n] != "none"]                 # tensors whose per-example gradients are needed
@@ -507,7 +515,8 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
     total = None
     size = max(1, math.ceil(len(x) / max(1, math.ceil(len(x) / chunk))))   # equal chunks of ≤ chunk: 530 → 177 × 3, not 256, 256, 18
     for i in range(0, len(x), size):
-        s = _chunk_sum(model, x[i:i + size], y[i:i + size], names, C, masks, sel, on, kon, clip_on, use_bk)
+        w = weight[i:i + size] if weight is not None else None
+        s = _chunk_sum(model, x[i:i + size], y[i:i + size], names, C, masks, sel, on, kon, clip_on, use_bk, w)
         if total is None: total = s
         else: torch._foreach_add_([total[n] for n in names], [s[n] for n in names])
     total = total or {n: torch.zeros_like(params[n]) for n in names}
@@ -515,6 +524,71 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
         _noise_and_update([params[n] for n in upd], [total[n] for n in upd], [sel[n] if ksel[n] == "part" else None for n in upd],
                           C=C, sigma=sigma, lr=lr, expected_batch=expected_batch, generator=generator)
     return {"batch": len(x)}
+
+# %% ../../nbs/43_privacy.dp_prune.ipynb #1cb95ab0
+class GraphedDPStep:
+    """`dp_sgd_step` on a model, replayed from CUDA graphs: `step(x, y, sel)` per Poisson batch. Batches are padded to
+    a multiple of `pad_to` (pads weighted 0: the update is the unpadded one's); one graph per (padded size, selection
+    kinds), captured on first use after `warmup` steps whose updates are undone. `capture` (default: on CUDA) False runs
+    the padded step eagerly. The masks and the parameters must stay the same tensors (a graph reads them in place)."""
+    def __init__(self, model: nn.Module, *, C: float, sigma: float, lr: float, expected_batch: float,
+                 masks: Masks | None = None, generator: torch.Generator | None = None, clip_on: str = "selected",
+                 chunk: int = 256, method: Literal["auto", "bk", "vmap"] = "auto", pad_to: int = 64,
+                 capture: bool | None = None, warmup: int = 2):
+        self.device = next(model.parameters()).device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda": raise ConfigError("capture=True needs the model on a CUDA device")
+        if not pad_to >= 1: raise ConfigError(f"pad_to={pad_to}: must be ≥ 1")
+        self.model, self.masks, self.pad_to, self.warmup, self.generator = model, masks, pad_to, warmup, generator
+        self.masks = full_masks(model) if masks is None else masks
+        self.kw = dict(C=C, sigma=sigma, lr=lr, masks=self.masks, expected_batch=expected_batch, generator=generator,
+                       clip_on=clip_on, chunk=chunk, method=method)
+        self.entries: dict[tuple, SimpleNamespace] = {}               # (padded size, kinds) → static buffers and graph
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None   # one memory pool for every graph
+
+    def padded(self, b: int) -> int: return max(1, math.ceil(b / self.pad_to)) * self.pad_to
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, sel: Masks | None = None) -> dict:
+        sel = self.masks if sel is None else sel
+        kinds = mask_kinds(sel)                                       # cached (told by select_coordinates): no read-back
+        key = (self.padded(len(x)), tuple(kinds[n] for n in sel))
+        e = self.entries.get(key) or self._build(key, x, y, sel, kinds)
+        self._load(e, x, y, sel, kinds)
+        if e.graph is not None: e.graph.replay()
+        else: dp_sgd_step(self.model, e.x, e.y, sel=e.sel, weight=e.w, **self.kw)
+        return {"batch": len(x), "padded": key[0]}
+
+    def _load(self, e: SimpleNamespace, x, y, sel: Masks, kinds: dict):
+        "Fill the static inputs: the batch and its weights (1, then 0 on the pads), the selection tensors that keep part."
+        b = len(x)
+        e.x[:b].copy_(x); e.y[:b].copy_(y); e.w[:b].fill_(1); e.w[b:].fill_(0)   # pads keep old (finite) examples
+        part = [n for n in e.sel if kinds[n] == "part"]
+        if part:
+            torch._foreach_copy_([e.sel[n] for n in part], [sel[n] for n in part])
+            _told({n: e.sel[n] for n in part}, kinds)                  # their kinds are known: nothing read back
+
+    def _build(self, key: tuple, x, y, sel: Masks, kinds: dict) -> SimpleNamespace:
+        cap = key[0]
+        e = SimpleNamespace(x=x.new_zeros((cap, *x.shape[1:])), y=y.new_zeros((cap, *y.shape[1:])),
+                            w=x.new_zeros(cap, dtype=torch.promote_types(x.dtype, torch.float32)), graph=None,
+                            sel={n: s.clone() if kinds[n] == "part" else s for n, s in sel.items()})   # "all"/"none": as given
+        _told(e.sel, kinds)
+        if self.capture:
+            self._load(e, x, y, sel, kinds)
+            step = lambda: dp_sgd_step(self.model, e.x, e.y, sel=e.sel, weight=e.w, **self.kw)
+            params = list(self.model.parameters())
+            saved = [p.detach().clone() for p in params]
+            side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup): step()                   # lazy initialisation (cuBLAS, cuDNN, allocator)
+            main.wait_stream(side)
+            with torch.no_grad(): torch._foreach_copy_(params, saved)  # the warm-up steps undone
+            e.graph = torch.cuda.CUDAGraph()
+            if self.generator is not None: e.graph.register_generator_state(self.generator)   # fresh noise each replay
+            with torch.cuda.graph(e.graph, pool=self.pool): step()
+        self.entries[key] = e
+        return e
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #f80e1340
 @dataclass
@@ -543,10 +617,11 @@ class DPConfig(PresetConfig):
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #46465afc
 def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig, masks: Masks | None = None,
-             eval_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[pd.DataFrame, dict]:
+             eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, graphs: bool = False) -> tuple[pd.DataFrame, dict]:
     """DP-SGD with Poisson sampling for `cfg.steps` steps; σ solved for `cfg.epsilon` up front, ε(δ) tracked by an Opacus
     accountant step by step. Returns the history (step, ε so far, batch size, loss/accuracy at log steps) and a summary
-    with the q, σ, steps used and the final ε."""
+    with the q, σ, steps used and the final ε. `graphs`: run the steps from CUDA graphs (`GraphedDPStep`, batches padded
+    to multiples of 64; the model on a GPU)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
     check_dp_model(model)
     if masks is None:      # pre-pruning from the config (on the weights the model has now, never the private data)
@@ -560,14 +635,17 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig, 
     dev = next(model.parameters()).device
     g_noise = torch.Generator(device=dev).manual_seed(cfg.seed + 1)    # noise drawn where the parameters live
     xd, yd = x.to(dev), y.to(dev)                                      # the private set moves once; batches are gathered there
+    kw = dict(C=cfg.clip, sigma=sigma, lr=cfg.lr, masks=masks, expected_batch=q * n, generator=g_noise, clip_on=cfg.clip_on,
+              chunk=cfg.chunk, method=cfg.method)
+    graphed = GraphedDPStep(model, capture=True, **kw) if graphs else None
     rows, t0 = [], time.time()
     model.train()
     for t in range(1, steps + 1):
         idx = poisson_batch(n, q, g_batch)
         sel = select_coordinates(model, masks, cfg.drop, cfg.drop_mode, g_sel)
         idx_d = idx.to(dev)
-        dp_sgd_step(model, xd[idx_d], yd[idx_d], C=cfg.clip, sigma=sigma, lr=cfg.lr, masks=masks, sel=sel,
-                    expected_batch=q * n, generator=g_noise, clip_on=cfg.clip_on, chunk=cfg.chunk, method=cfg.method)
+        if graphed: graphed(xd[idx_d], yd[idx_d], sel)
+        else: dp_sgd_step(model, xd[idx_d], yd[idx_d], sel=sel, **kw)
         if sigma > 0: acc.step(noise_multiplier=sigma, sample_rate=q)
         if t % cfg.log_every == 0 or t == steps:
             row = {"step": t, "epsilon": float(acc.get_epsilon(cfg.delta)) if sigma > 0 else math.inf, "batch": len(idx),
