@@ -163,7 +163,9 @@ def report(d: Path) -> str:
     parts += ["## Dynamic-k inference (bench/d2dmoe.py)", markdown(dynamic_k_verdicts(pd.read_csv(tables[0])) if tables else pd.DataFrame())]
     gpt_log = _read(d, "bench_gpt.log")
     parts += ["## GPT step (bench/gpt.py)", markdown(gpt_verdicts(gpt_rows(gpt_log))), block(gpt_loss_table(gpt_log))]
-    parts += ["## DP-SGD step (bench/dp.py)", markdown(dp_verdicts(dp_rows(_read(d, "bench_dp.log"))))]
+    dp_log = _read(d, "bench_dp.log")                  # the CUDA tests' result and a failed capture, beside the table
+    parts += ["## DP-SGD step (bench/dp.py)", markdown(dp_verdicts(dp_rows(dp_log))),
+              block([line.strip() for line in dp_log.splitlines() if re.search(r"\d+ (passed|failed)|failed \(|FAILED", line)])]
     anchors = _read(d, "bench_anchors.log").strip().splitlines()[-15:]
     parts += ["## Anchors (the card's baselines)", block(anchors)]
     return "\n\n".join(parts)

@@ -539,7 +539,7 @@ class GraphedDPStep:
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda": raise ConfigError("capture=True needs the model on a CUDA device")
         if not pad_to >= 1: raise ConfigError(f"pad_to={pad_to}: must be ≥ 1")
-        self.model, self.masks, self.pad_to, self.warmup, self.generator = model, masks, pad_to, warmup, generator
+        self.model, self.pad_to, self.warmup, self.generator = model, pad_to, warmup, generator
         self.masks = full_masks(model) if masks is None else masks
         self.kw = dict(C=C, sigma=sigma, lr=lr, masks=self.masks, expected_batch=expected_batch, generator=generator,
                        clip_on=clip_on, chunk=chunk, method=method)
