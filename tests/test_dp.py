@@ -312,6 +312,31 @@ def test_pads_weighted_zero_leave_the_update_of_the_unpadded_batch(method):
         dp_sgd_step(m, *data(4), C=1.0, sigma=0.0, lr=0.1, weight=torch.ones(3))
 
 
+def test_capture_path_replays_the_recorded_step_from_refilled_buffers_after_an_undone_warm_up():
+    """GraphedDPStep's capture path on a CPU, its graph a stand-in that replays the recorded call: with the warm-up's
+    updates undone and the static buffers refilled before each replay, every step's update is the unpadded step's."""
+    from types import SimpleNamespace
+    class Replayed(GraphedDPStep):
+        def _capture(self, step):
+            self._warm_up(step)
+            return SimpleNamespace(replay=step)
+    def run(graphed):
+        m = tiny(2).double(); masks = prune_masks(m, 0.5, "random"); apply_masks(m, masks)
+        g_sel, g_data = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+        kw = dict(C=0.3, sigma=0.0, lr=0.5, masks=masks, expected_batch=10.0, chunk=8)
+        step = Replayed(m, pad_to=8, capture=False, **kw) if graphed else None
+        if graphed: step.capture = True                                    # the capture path, with the stand-in graph
+        for b in (10, 13, 6, 12):                                           # padded to 16, 16, 8, 16
+            x = torch.rand(b, 1, 16, 16, generator=g_data, dtype=torch.float64)
+            y = torch.randint(0, 5, (b,), generator=g_data)
+            sel = select_coordinates(m, masks, 0.5, "random", g_sel)
+            step(x, y, sel) if graphed else dp_sgd_step(m, x, y, sel=sel, **kw)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]), step
+    (a, step), (b, _) = run(True), run(False)
+    assert sorted(k[0] for k in step.entries) == [8, 16] and all(e.graph is not None for e in step.entries.values())
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_step_on_cuda_replays_the_eager_padded_step_with_fresh_noise_and_no_sync():
     """GraphedDPStep captured on a GPU: without noise its replays make the eager padded step's update; with noise two

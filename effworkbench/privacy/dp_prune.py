@@ -575,20 +575,27 @@ class GraphedDPStep:
         _told(e.sel, kinds)
         if self.capture:
             self._load(e, x, y, sel, kinds)
-            step = lambda: dp_sgd_step(self.model, e.x, e.y, sel=e.sel, weight=e.w, **self.kw)
-            params = list(self.model.parameters())
-            saved = [p.detach().clone() for p in params]
-            side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup): step()                   # lazy initialisation (cuBLAS, cuDNN, allocator)
-            main.wait_stream(side)
-            with torch.no_grad(): torch._foreach_copy_(params, saved)  # the warm-up steps undone
-            e.graph = torch.cuda.CUDAGraph()
-            if self.generator is not None: e.graph.register_generator_state(self.generator)   # fresh noise each replay
-            with torch.cuda.graph(e.graph, pool=self.pool): step()
+            e.graph = self._capture(lambda: dp_sgd_step(self.model, e.x, e.y, sel=e.sel, weight=e.w, **self.kw))
         self.entries[key] = e
         return e
+
+    def _warm_up(self, step: Callable[[], object]):
+        "Run `step` `warmup` times (lazy initialisation: cuBLAS, cuDNN, the allocator) and undo their parameter updates."
+        params = list(self.model.parameters())
+        saved = [p.detach().clone() for p in params]
+        for _ in range(self.warmup): step()
+        with torch.no_grad(): torch._foreach_copy_(params, saved)
+
+    def _capture(self, step: Callable[[], object]) -> torch.cuda.CUDAGraph:
+        "`step` recorded in a CUDA graph (nothing runs), after the warm-up on a side stream."
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side): self._warm_up(step)
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None: graph.register_generator_state(self.generator)   # fresh noise each replay
+        with torch.cuda.graph(graph, pool=self.pool): step()
+        return graph
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #f80e1340
 @dataclass
