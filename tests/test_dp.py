@@ -340,7 +340,8 @@ def test_capture_path_replays_the_recorded_step_from_refilled_buffers_after_an_u
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_step_on_cuda_replays_the_eager_padded_step_with_fresh_noise_and_no_sync():
     """GraphedDPStep captured on a GPU: without noise its replays make the eager padded step's update; with noise two
-    replays of the same batch from the same weights differ (the generator advances); a replay never waits for the device."""
+    replays of the same batch from the same weights differ (the generator advances); a replay never waits for the device;
+    train_dp(graphs=True) trains through it."""
     import copy
     dev = torch.device("cuda")
     base = vgg_small(num_classes=5, width=8, norm="group").to(dev); masks = prune_masks(base, 0.5); apply_masks(base, masks)
@@ -368,6 +369,9 @@ def test_graphed_step_on_cuda_replays_the_eager_padded_step_with_fresh_noise_and
     w2 = torch.cat([p.detach().flatten() for p in params])
     moved = (w1 != w0) & (w2 != w0)
     assert moved.float().mean() > 0.3 and not torch.equal(w1[moved], w2[moved])   # fresh noise in every replay
+    m = vgg_small(num_classes=5, width=8, norm="group").to(dev)                  # and through the trainer
+    hist, summary = train_dp(m, *data(120, seed=7), DPConfig(epsilon=3.0, q=0.1, epochs=0.5, log_every=5), graphs=True)
+    assert summary["steps"] == 5 and all(torch.isfinite(p).all() for p in m.parameters())
 
 
 def test_layer_outside_the_loss_gets_zero_gradient():
