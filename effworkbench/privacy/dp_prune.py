@@ -242,10 +242,10 @@ def param_owners(model: nn.Module, names: list[str]) -> dict[nn.Module, dict[str
             if full in want: out.setdefault(m, {})[pn] = full
     return out
 
-def bk_unsupported(model: nn.Module, names: list[str]) -> list[str]:
+def bk_unsupported(model: nn.Module, names: list[str], owners: dict | None = None) -> list[str]:
     "The parameters in `names` whose layer book-keeping cannot handle (it knows Linear, Conv2d with groups=1, GroupNorm)."
     bad = []
-    for m, ps in param_owners(model, names).items():
+    for m, ps in (owners if owners is not None else param_owners(model, names)).items():
         ok = isinstance(m, (nn.Linear, nn.GroupNorm)) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
                                                           and not isinstance(m.padding, str))
         if not ok: bad += [f"{n} ({type(m).__name__})" for n in ps.values()]
@@ -414,14 +414,15 @@ def norm_per_example(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple
 SMALL_PER_EXAMPLE = 1024   # per-example tensors up to this many numbers an example share one norm and one product
 
 def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], C: float,
-                     on: dict, ghost: Literal["auto", "always", "never"] = "auto", weight: torch.Tensor | None = None
-                     ) -> tuple[dict, torch.Tensor]:
+                     on: dict, ghost: Literal["auto", "always", "never"] = "auto", weight: torch.Tensor | None = None,
+                     owners: dict | None = None) -> tuple[dict, torch.Tensor]:
     """Σ_i min(1, C/‖g_i‖)·g_i for the parameters in `names`, and the per-example norms ‖g_i‖ (B,), from one forward and one
     backward (book-keeping): ‖g_i‖² = Σ_n ‖g_{i,n} ⊙ on_n‖², `on[n]` a bool mask of the coordinates that count or None (all).
     A weight whose `on` is None may use the ghost norm; a masked one always gets its explicit per-example product.
-    `weight` (B,): example i enters the sum as weight_i·min(1, C/‖g_i‖)·g_i (0: a pad of a batch padded to a fixed size)."""
+    `weight` (B,): example i enters the sum as weight_i·min(1, C/‖g_i‖)·g_i (0: a pad of a batch padded to a fixed size).
+    `owners`: `param_owners(model, names)` if the caller has it (a walk over the module tree saved per chunk)."""
     if ghost not in ("auto", "always", "never"): raise ConfigError(f"ghost={ghost!r}: use 'auto', 'always' or 'never'")
-    owners = param_owners(model, names)
+    owners = owners if owners is not None else param_owners(model, names)
     B = len(x)
     per_ex, ghosts, sq = {}, {}, []                    # name → (B, *shape);  name → (layer, a, b);  ghost ‖g_{i,n}‖² (B,)
     def visit(m, a, g):                                # called by the backward, layer by layer
@@ -437,7 +438,7 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     for m, (gw, gb) in norms_ex.items():
         if "weight" in owners[m]: per_ex[owners[m]["weight"]] = gw
         if "bias" in owners[m]: per_ex[owners[m]["bias"]] = gb
-    shape = {n: p.shape for n, p in model.named_parameters()}
+    shape = {n: getattr(m, pn).shape for m, ps in owners.items() for pn, n in ps.items()}   # name → shape, for `names`
     # the small per-example tensors (biases, norm parameters: a few hundred numbers an example) as one (B, S) block: one
     # norm and one product for all of them, not one each (on a GPU, each a kernel launch of a few microseconds' work)
     def flat(n, masked=False):                         # (B, numel): the per-example rows of n (masked: its counted coordinates)
@@ -461,9 +462,10 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     return total, norms
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #16773d8c
-def _chunk_sum(model, x, y, names, C, masks, sel, on, kon, clip_on, use_bk, weight=None) -> dict[str, torch.Tensor]:
+def _chunk_sum(model, x, y, names, C, masks, sel, on, kon, clip_on, use_bk, weight=None, owners=None) -> dict[str, torch.Tensor]:
     "Σ_i w_i ḡ_i over one chunk (w = 1 when `weight` is None), by book-keeping or by vmap per-example gradients + `clip_per_sample` (zero off S there)."
-    if use_bk: return clipped_grad_sum(model, x, y, names, C, {n: None if kon[n] == "all" else on[n] for n in names}, weight=weight)[0]
+    if use_bk: return clipped_grad_sum(model, x, y, names, C, {n: None if kon[n] == "all" else on[n] for n in names}, weight=weight,
+                                     owners=owners)[0]
     with torch.enable_grad(): gs = per_sample_grads(model, x, y, names)
     clipped = clip_per_sample(gs, sel, C, clip_on, masks)[0]                  # name → (B, *shape)
     return {n: g.sum(0) if weight is None else torch.tensordot(weight, g, 1) for n, g in clipped.items()}
@@ -509,14 +511,15 @@ def dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, C: float,
     ksel = mask_kinds(sel); kon = ksel if clip_on == "selected" else mask_kinds(masks)
     names = [n for n in params if kon[n] != "none"]                 # tensors whose per-example gradients are needed
     upd = [n for n in names if ksel[n] != "none"]                   # tensors the step changes
-    bad = bk_unsupported(model, names) if method != "vmap" else []
+    owners = param_owners(model, names) if method != "vmap" else None    # module → its parameters in `names`, once a step
+    bad = bk_unsupported(model, names, owners) if method != "vmap" else []
     if method == "bk" and bad: raise ConfigError(f"method='bk' cannot handle {bad[:3]}: use method='vmap' (or 'auto')")
     use_bk = method != "vmap" and not bad
     total = None
     size = max(1, math.ceil(len(x) / max(1, math.ceil(len(x) / chunk))))   # equal chunks of ≤ chunk: 530 → 177 × 3, not 256, 256, 18
     for i in range(0, len(x), size):
         w = weight[i:i + size] if weight is not None else None
-        s = _chunk_sum(model, x[i:i + size], y[i:i + size], names, C, masks, sel, on, kon, clip_on, use_bk, w)
+        s = _chunk_sum(model, x[i:i + size], y[i:i + size], names, C, masks, sel, on, kon, clip_on, use_bk, w, owners)
         if total is None: total = s
         else: torch._foreach_add_([total[n] for n in names], [s[n] for n in names])
     total = total or {n: torch.zeros_like(params[n]) for n in names}
