@@ -366,8 +366,9 @@ class GroupedAdamW(torch.optim.AdamW):
     and those four numbers, so it is the same bit for bit, `grad_scale` and `found_inf` (the clip and the divergence guard
     of `train_step`) included; the state dict is torch's. A parameterization gives a GPT up to 16 groups, most of them alike
     under SP, and torch's step costs up to 80 µs of host time per group: 0.55 ms against 0.23 a step with 7 groups,
-    grad_scale and found_inf set as the trainer steps (one CPU thread, the smoke GPT). The first step (the state is created), a closure, step hooks and the options the fused
-    kernel lacks or this step leaves out (amsgrad, maximize, capturable, differentiable, a tensor lr) take torch's step."""
+    grad_scale and found_inf set as the trainer steps (one CPU thread, the smoke GPT). The first step (the state is
+    created), a closure, step hooks and the options the fused kernel lacks or this step leaves out (amsgrad, maximize,
+    capturable, differentiable, a tensor lr) take torch's step."""
     def __init__(self, params, **kw): super().__init__(params, **{**kw, "fused": True})
 
     def _torch_step(self, closure=None):

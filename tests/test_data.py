@@ -283,7 +283,8 @@ def test_sampler_offsets_cover_the_valid_range():
 
 
 def test_sampler_offsets_drawn_ahead_are_each_steps_own_generator():
-    "Offsets drawn ahead in runs of `ahead` steps equal a fresh generator's per (seed, step), in any order of steps and after a load changes the seed."
+    """Offsets drawn ahead in runs of `ahead` steps equal a fresh generator's per (seed, step), in any order of steps and
+    after a load changes the seed."""
     s = LMBatchSampler(TOKS, batch_size=5, seq_len=16, seed=7)
     own = lambda seed, k: np.random.default_rng([seed, k]).integers(0, len(TOKS) - 16, size=5)   # noqa: E731
     for k in (0, 1, s.ahead - 1, s.ahead, s.ahead + 1, 3, 2 * s.ahead + 5, 0):

@@ -220,7 +220,8 @@ def test_group_norm_per_example_gradients_from_its_own_backward():
 
 
 def test_small_per_example_tensors_share_one_norm_and_one_product():
-    "Biases and norm parameters (≤ SMALL_PER_EXAMPLE numbers an example) get one norm and one product for all, masked or not; each larger explicit one its own."
+    """Biases and norm parameters (≤ SMALL_PER_EXAMPLE numbers an example) get one norm and one product for all, masked
+    or not; each larger explicit one its own."""
     net = tiny(); xb, yb = data(5)
     names = [n for n, _ in net.named_parameters()]
     shapes = dict(net.named_parameters())
@@ -399,7 +400,8 @@ def test_unsupported_layers_fall_back_to_vmap():
 
 
 def test_noise_is_one_flat_draw_from_the_generator():
-    "Empty batch: the update is −lr·σC/(qN)·ξ ⊙ S with ξ the next Σ numel normals of the generator, split in parameter order."
+    """Empty batch: the update is −lr·σC/(qN)·ξ ⊙ S with ξ the next Σ numel normals of the generator, split in parameter
+    order."""
     m = tiny(2); masks = prune_masks(m, 0.5); apply_masks(m, masks)
     sel = select_coordinates(m, masks, 0.5, "layer", torch.Generator().manual_seed(3))
     before = [p.detach().clone() for p in m.parameters()]

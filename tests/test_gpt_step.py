@@ -11,7 +11,8 @@ from effworkbench.train import TrainConfig, Trainer, TrainingDiverged
 
 
 def reference_forward(model: GPT, idx, targets):
-    "The GPT written out the plain way: three q/k/v matmuls, interleaved rotary by strided slices and `stack`, F.cross_entropy on float32 (float64) logits."
+    """The GPT written out the plain way: three q/k/v matmuls, interleaved rotary by strided slices and `stack`,
+    F.cross_entropy on float32 (float64) logits."""
     cfg = model.cfg
     B, T = idx.shape
     H, Dh = cfg.n_heads, cfg.d_head
@@ -112,7 +113,8 @@ def test_unfused_fallback_when_a_projection_is_replaced():
 
 
 def test_hooked_projection_takes_the_unfused_path_with_the_same_bits():
-    "A forward hook on q makes q, k, v three calls; in float32 the logits equal the fused path's bit for bit (compression's step 0 relies on it)."
+    """A forward hook on q makes q, k, v three calls; in float32 the logits equal the fused path's bit for bit
+    (compression's step 0 relies on it)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=4))
     idx = torch.randint(0, 50, (3, 16))
@@ -140,7 +142,8 @@ def test_chunked_cross_entropy_matches_torch_in_float64():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_matches_torch_in_float64(bias):
-    "Loss and the gradients of h, W (and b) against F.cross_entropy(m · linear) with ignored rows, blocks of 1, 7 and all rows."
+    """Loss and the gradients of h, W (and b) against F.cross_entropy(m · linear) with ignored rows, blocks of 1, 7 and
+    all rows."""
     torch.manual_seed(2)
     h = torch.randn(41, 9, dtype=torch.float64, requires_grad=True)
     W = torch.randn(23, 9, dtype=torch.float64, requires_grad=True)
@@ -207,7 +210,8 @@ def test_compiled_linear_cross_entropy_sums_dw_in_place():
 
 
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_unfused_head():
-    "Under CPU bf16 autocast the fused head+loss gives the unfused path's loss and gradients to bf16 accuracy, in their dtypes."
+    """Under CPU bf16 autocast the fused head+loss gives the unfused path's loss and gradients to bf16 accuracy, in their
+    dtypes."""
     torch.manual_seed(3)
     h = torch.randn(64, 32, requires_grad=True); W = (0.1 * torch.randn(300, 32)).requires_grad_()
     y = torch.randint(0, 300, (64,))
@@ -280,7 +284,8 @@ def test_unsynced_step_reads_nothing_back():
 
 
 def test_nonfinite_unsynced_step_is_skipped_and_reported_at_the_next_sync():
-    "A NaN at an unsynced step: that update and all later ones are skipped on the device, the next sync raises and rewinds to it."
+    """A NaN at an unsynced step: that update and all later ones are skipped on the device, the next sync raises and
+    rewinds to it."""
     t = toy_trainer()
     for _ in range(2): t.train_step(sync=False)
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
@@ -298,7 +303,8 @@ def test_nonfinite_unsynced_step_is_skipped_and_reported_at_the_next_sync():
 
 
 def test_clipping_inside_the_fused_adamw_equals_clipping_in_place():
-    "The fused AdamW's grad_scale = 1/c gives the weights and the stored .grad of clip_grads_with_norm_ followed by the step."
+    """The fused AdamW's grad_scale = 1/c gives the weights and the stored .grad of clip_grads_with_norm_ followed by the
+    step."""
     def run(clip, in_place=False, sync=False):                                     # one after the other: dropout draws from the global RNG
         t = toy_trainer(grad_clip=clip)
         t.fused_opt = not in_place                                                 # in place: the same fused optimizer, no grad_scale
@@ -339,7 +345,8 @@ def test_prefetched_batch_is_the_batch_of_the_next_step():
 
 
 def test_chunked_cross_entropy_bf16_gradient_is_rounded_once():
-    "bf16 logits, confident rows (p_y near 1): the gradient p_y - 1 is formed in float32 and rounded once, as autocast's cast would."
+    """bf16 logits, confident rows (p_y near 1): the gradient p_y - 1 is formed in float32 and rounded once, as
+    autocast's cast would."""
     torch.manual_seed(2)
     z = torch.randn(24, 40) * 0.1
     y = torch.randint(0, 40, (24,))
@@ -365,7 +372,8 @@ def test_hooks_on_a_projection_still_fire():
 
 
 def test_grouped_adamw_equals_torch_fused_adamw_with_one_kernel_call_per_hyperparameter_set(monkeypatch):
-    "Four groups, two of them alike: three kernel calls a step; weights, moments, step counts and .grad bit for bit torch's, through grad_scale, found_inf and a missing gradient."
+    """Four groups, two of them alike: three kernel calls a step; weights, moments, step counts and .grad bit for bit
+    torch's, through grad_scale, found_inf and a missing gradient."""
     from effworkbench.train import GroupedAdamW
     g = torch.Generator().manual_seed(0)
     shapes = [(5, 3), (7,), (4, 4), (3,), (6, 2), (2, 5)]
@@ -405,7 +413,8 @@ def test_trainer_steps_groups_alike_together():
 
 
 def test_rotary_table_is_cached_and_rebuilt_when_the_tables_change():
-    "`Rotary.qkv`'s complex table is built once and rebuilt after the tables change in place or in dtype; one first built under inference_mode still trains."
+    """`Rotary.qkv`'s complex table is built once and rebuilt after the tables change in place or in dtype; one first
+    built under inference_mode still trains."""
     from effworkbench.nn.gpt import _swap_pairs
     r = Rotary(8, 16)
     y5 = torch.randn(2, 16, 3, 2, 8, dtype=torch.float64)
@@ -453,7 +462,8 @@ def test_rotary_table_follows_replaced_buffers():
 
 @pytest.mark.parametrize("patched_first", [True, False])
 def test_grouped_adamw_runs_step_hooks_once(patched_first):
-    "Hooks registered on the optimizer run once a step, on torch's path (the first step, hooks present) too, whether or not a plain AdamW wrapped torch's step first."
+    """Hooks registered on the optimizer run once a step, on torch's path (the first step, hooks present) too, whether or
+    not a plain AdamW wrapped torch's step first."""
     from effworkbench.train import GroupedAdamW
     if patched_first: torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     p = torch.nn.Parameter(torch.randn(3))

@@ -557,8 +557,8 @@ class GraphedDPStep:
         key = (self.padded(len(x)), tuple(kinds[n] for n in sel))
         e = self.entries.get(key) or self._build(key, x, y, sel, kinds)
         self._load(e, x, y, sel, kinds)
-        if e.graph is not None: e.graph.replay()
-        else: dp_sgd_step(self.model, e.x, e.y, sel=e.sel, weight=e.w, **self.kw)
+        if self.capture and e.graph is None: e.graph = self._capture(e.step)   # first use: warm up, record
+        (e.graph.replay if e.graph is not None else e.step)()
         return {"batch": len(x), "padded": key[0]}
 
     def _load(self, e: SimpleNamespace, x, y, sel: Masks, kinds: dict):
@@ -571,14 +571,13 @@ class GraphedDPStep:
             _told({n: e.sel[n] for n in part}, kinds)                  # their kinds are known: nothing read back
 
     def _build(self, key: tuple, x, y, sel: Masks, kinds: dict) -> SimpleNamespace:
+        "A new entry: static buffers for a padded batch of key[0] examples, and the step that reads them (no graph yet)."
         cap = key[0]
         e = SimpleNamespace(x=x.new_zeros((cap, *x.shape[1:])), y=y.new_zeros((cap, *y.shape[1:])),
                             w=x.new_zeros(cap, dtype=torch.promote_types(x.dtype, torch.float32)), graph=None,
                             sel={n: s.clone() if kinds[n] == "part" else s for n, s in sel.items()})   # "all"/"none": as given
         _told(e.sel, kinds)
-        if self.capture:
-            self._load(e, x, y, sel, kinds)
-            e.graph = self._capture(lambda: dp_sgd_step(self.model, e.x, e.y, sel=e.sel, weight=e.w, **self.kw))
+        e.step = lambda: dp_sgd_step(self.model, e.x, e.y, sel=e.sel, weight=e.w, **self.kw)
         self.entries[key] = e
         return e
 
