@@ -35,8 +35,8 @@ __all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerConfig', 'HoyerFFN', 'build_ho
            'dynamic_k_skeleton', 'set_routing', 'model_flops', 'ffn_flops', 'evaluate', 'routing_sweep', 'layer_speed',
            'D2DMoEConfig', 'SparsifyUnit', 'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified',
            'stored_conversion', 'mean_loss', 'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit',
-           'sparsify_units', 'convert_units', 'seed_tables', 'run', 'frontier', 'plot_tau', 'density_drop',
-           'dynamic_vs_topk', 'ffn_flops_saved']
+           'sparsify_units', 'convert_units', 'seed_tables', 'experts_variant', 'run', 'frontier', 'plot_tau',
+           'density_drop', 'dynamic_vs_topk', 'ffn_flops_saved']
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #3f8f73a3
 def hoyer(a: torch.Tensor) -> torch.Tensor:
@@ -522,7 +522,12 @@ def seed_tables(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     out = {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens), "routers": pd.concat(routers, ignore_index=True)}
     return {k: v.assign(seed=cfg.seed) for k, v in out.items()}
 
-@register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe")
+def experts_variant(cfg: D2DMoEConfig) -> str:
+    """The preset's number of experts publishes the main tables; another its own, `d2dmoe_experts<E>_*` (smaller experts,
+    as in the paper: 6 units an expert for ViT-B, 4 for GPT-2)."""
+    return "" if cfg.n_experts == type(cfg).for_preset(cfg.preset).n_experts else f"experts{cfg.n_experts}"
+
+@register_experiment("compress.d2dmoe", D2DMoEConfig, notebook="31_compress.d2dmoe", prefix="d2dmoe", variant=experts_variant)
 def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "The base model (published, or trained as a unit), the pipeline at every seed, and the speed of the first seed's fastest FFN conversion."
     ensure_base(ctx, cfg.base)
