@@ -36,7 +36,7 @@ __all__ = ['ATTN_PROJ', 'WEIGHTS', 'hoyer', 'HoyerConfig', 'HoyerFFN', 'build_ho
            'D2DMoEConfig', 'SparsifyUnit', 'ConvertUnit', 'SweepUnit', 'sparsify', 'val_batches', 'stored_sparsified',
            'stored_conversion', 'mean_loss', 'sparsify_unit', 'convert_unit', 'sweep_unit', 'speed_unit',
            'sparsify_units', 'convert_units', 'seed_tables', 'experts_variant', 'run', 'frontier', 'plot_tau',
-           'density_drop', 'dynamic_vs_topk', 'ffn_flops_saved']
+           'density_drop', 'dynamic_vs_topk', 'crossing_ratio', 'ffn_flops_saved']
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #3f8f73a3
 def hoyer(a: torch.Tensor) -> torch.Tensor:
@@ -575,11 +575,28 @@ def dynamic_vs_topk(sweep: pd.DataFrame, variant: str = "ReLU + Hoyer, FFN") -> 
         if len(top): per.append(float((top.loss - np.interp(top.avg_experts, dyn.avg_experts, dyn.loss)).mean()))
     return bootstrap_mean(per, "loss")
 
-def ffn_flops_saved(sweep: pd.DataFrame, variant: str = "ReLU + Hoyer, FFN", tolerance: float = 0.01) -> Evidence:
-    "Per seed, 1 − the least FFN FLOPs ratio among dynamic-k settings within `tolerance` of the dense ReLU model's loss."
+def crossing_ratio(d: pd.DataFrame, limit: float) -> float:
+    """The FFN FLOPs ratio where one seed's dynamic-k curve (rows of one τ each) crosses loss = `limit`: linear in loss
+    between the last τ within the limit and the first beyond it, walking up from the smallest τ; its least ratio if no τ
+    exceeds the limit, NaN if the smallest does."""
+    d = d.sort_values("tau")
+    loss, ratio = d.loss.to_numpy(), d.ffn_flops_ratio.to_numpy()
+    over = np.flatnonzero(loss > limit)
+    if len(over) == 0: return float(ratio.min())
+    i = over[0]
+    if i == 0: return float("nan")
+    return float(ratio[i - 1] + (limit - loss[i - 1]) / (loss[i] - loss[i - 1]) * (ratio[i] - ratio[i - 1]))
+
+def ffn_flops_saved(sweep: pd.DataFrame, variant: str = "ReLU + Hoyer, FFN", tolerance: float = 0.01,
+                    interpolate: bool = False) -> Evidence:
+    """Per seed, 1 − the least FFN FLOPs ratio among dynamic-k settings within `tolerance` of the dense ReLU model's loss
+    (a τ of the grid one can run); `interpolate`: 1 − the ratio where the curve crosses that loss (`crossing_ratio`),
+    which a coarse τ grid does not round down."""
     fr = frontier(sweep, by_seed=True)
     fr = fr[(fr.variant == variant) & (fr["mode"] == "dynamic-k")]
-    per = [1 - float(d[d.loss <= d.dense_loss * (1 + tolerance)].ffn_flops_ratio.min()) for _, d in fr.groupby("seed")]
+    limits = {s: float(d.dense_loss.iloc[0]) * (1 + tolerance) for s, d in fr.groupby("seed")}
+    per = [1 - (crossing_ratio(d, limits[s]) if interpolate else float(d[d.loss <= limits[s]].ffn_flops_ratio.min()))
+           for s, d in fr.groupby("seed")]
     return bootstrap_mean([v for v in per if v == v], "share of the FFN FLOPs saved")
 
 register_claims("compress.d2dmoe", [
