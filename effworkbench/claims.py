@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/claims.html.md"""
 # %% ../nbs/03b_claims.ipynb #d24ddab1
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -14,11 +15,12 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .core import ConfigError, Registry, load_table
+from .core import ConfigError, Registry, load_table, results_dir
 
 # %% auto #0
 __all__ = ['VERDICTS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'seeds_to_decide', 'paired_effect', 'Claim', 'ClaimSet',
-           'register_claims', 'verdict_table', 'published_tables', 'verdicts', 'stated_experiments']
+           'register_claims', 'verdict_table', 'published_tables', 'verdicts', 'published_variants',
+           'stated_experiments']
 
 # %% ../nbs/03b_claims.ipynb #304fb8ae
 VERDICTS = ("reproduced", "not reproduced", "not decided")
@@ -122,6 +124,20 @@ def verdicts(experiment: str, preset: str = "medium", variant: str = "") -> pd.D
     EXPERIMENTS[experiment]                                        # imports the module that registers its claims
     cs = CLAIMS[experiment]
     return verdict_table(cs.claims, published_tables(experiment, cs.tables, preset, variant))
+
+def published_variants(experiment: str, preset: str = "medium") -> list[str]:
+    """The variants of `experiment` committed at `preset`: each `<variant>` of `results/<prefix>_<variant>_<table>_<preset>.csv`
+    whose claim tables are all there with records naming this experiment (another experiment's tables, under a
+    prefix that begins with this one's, are not taken for a variant)."""
+    from effworkbench.experiment import EXPERIMENTS
+    prefix = EXPERIMENTS[experiment].table_prefix                  # the lookup imports the module that files the claims
+    tables, tail = CLAIMS[experiment].tables, f"_{CLAIMS[experiment].tables[0]}_{preset}.csv"
+    out = []
+    for p in sorted(results_dir().glob(f"{prefix}_*{tail}")):
+        v = p.name[len(prefix) + 1:-len(tail)]
+        recs = [results_dir() / f"{prefix}_{v}_{t}_{preset}.env.json" for t in tables]
+        if all(r.is_file() and json.loads(r.read_text()).get("experiment") == experiment for r in recs): out.append(v)
+    return out
 
 def stated_experiments() -> list[str]:
     "The registered experiments that state claims (each experiment's module imported, which files its claims)."

@@ -3,7 +3,8 @@ outcome fails here until the notebook's prose (and this list) say what the new t
 import numpy as np
 import pytest
 
-from effworkbench.claims import CLAIMS, Claim, bootstrap_mean, decide, paired_effect, stated_experiments, verdicts
+from effworkbench.claims import (CLAIMS, Claim, bootstrap_mean, decide, paired_effect, published_variants, stated_experiments,
+                                 verdicts)
 from effworkbench.core import ConfigError
 
 R, N, U = "reproduced", "not reproduced", "not decided"
@@ -52,6 +53,11 @@ def test_variant_verdicts_from_committed_tables(experiment, variant):
 
 def test_every_claim_set_has_its_stated_verdicts_here():
     assert set(stated_experiments()) == set(STATED)          # a notebook that states claims is checked above
+
+
+def test_every_published_variant_has_its_stated_verdicts_here():
+    published = {(n, v) for n in stated_experiments() for v in published_variants(n)}
+    assert published == set(STATED_VARIANTS)                 # a variant's committed tables are checked above too
 
 
 def test_decision_rule():
