@@ -131,7 +131,8 @@ def published_variants(experiment: str, preset: str = "medium") -> list[str]:
     prefix that begins with this one's, are not taken for a variant)."""
     from effworkbench.experiment import EXPERIMENTS
     prefix = EXPERIMENTS[experiment].table_prefix                  # the lookup imports the module that files the claims
-    tables, tail = CLAIMS[experiment].tables, f"_{CLAIMS[experiment].tables[0]}_{preset}.csv"
+    tables = CLAIMS[experiment].tables
+    tail = f"_{tables[0]}_{preset}.csv"                              # how the variant's first claim table's file name ends
     out = []
     for p in sorted(results_dir().glob(f"{prefix}_*{tail}")):
         v = p.name[len(prefix) + 1:-len(tail)]

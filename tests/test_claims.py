@@ -26,9 +26,10 @@ STATED = {
                           "agent vs centre-zoom": R},
 }
 
-STATED_VARIANTS = {                                   # the same claims from a variant's tables (23: token-choice routing;
+# The same claims from a variant's tables: 23's token-choice routing, 31's smaller experts (64 and 128 per FFN).
+STATED_VARIANTS = {
     ("scaling.granularity", "token_choice"): {"G = 2 beats G = 1": R, "G = 4 beats G = 2": R, "G* > 1 at every budget": R,
-                                              "MoE beats dense at every budget": R},    # 31: smaller experts)
+                                              "MoE beats dense at every budget": R},
     ("compress.d2dmoe", "experts64"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
                                        "half the FFN FLOPs saved within 1 %": R},
     ("compress.d2dmoe", "experts128"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
