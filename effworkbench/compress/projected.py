@@ -38,7 +38,7 @@ __all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'targe
            'save_pretrained', 'compress_base', 'CompressionPresets', 'publish_base', 'published_base', 'base_model',
            'ensure_base', 'ProjectedConfig', 'RetrainUnit', 'retrain_units', 'retrain', 'calibration_batches',
            'stored_base', 'base_loss_unit', 'retrain_unit', 'best_lr', 'margin_table', 'final_margin', 'margin_growth',
-           'plot_curves', 'seed_repeats', 'run']
+           'plot_curves', 'seed_repeats', 'steps_variant', 'run']
 
 # %% ../../nbs/30_compress.projected.ipynb #883f51ff
 def rotary_keep(d_head: int, k_head: int, rope_base: float) -> tuple[list[int], float]:
@@ -842,7 +842,12 @@ def seed_repeats(cfg: ProjectedConfig, tuning: pd.DataFrame) -> list[RetrainUnit
     return [dataclasses.replace(u, seed=s) for u in retrain_units(cfg) for s in cfg.seeds if s != cfg.seed
             if ((best.ratio == u.ratio) & (best.method == u.method) & (best.lr == u.lr)).any()]
 
-@register_experiment("compress.projected", ProjectedConfig, notebook="30_compress.projected")
+def steps_variant(cfg: ProjectedConfig) -> str:
+    """The preset's retraining steps publish the main tables; another number of steps its own, `compress_projected_steps<S>_*`
+    (the same grid and seeds trained longer: does the margin grow with tokens?)."""
+    return "" if cfg.steps == type(cfg).for_preset(cfg.preset).steps else f"steps{cfg.steps}"
+
+@register_experiment("compress.projected", ProjectedConfig, notebook="30_compress.projected", variant=steps_variant)
 def run(cfg: ProjectedConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     """The base model (published, or trained as a unit), its loss, the learning-rate grid of every (ratio, method) at
     `cfg.seed`, then each one's best rate at `cfg.seeds`: the loss curves (`tuning` marks the grid) and the FLOPs per token."""
