@@ -37,8 +37,8 @@ __all__ = ['PROJECTED', 'COMPRESS_BASE', 'rotary_keep', 'attention_keep', 'targe
            'ffn_flops_per_token', 'measured_flops_per_token', 'checkpoint_style', 'read_checkpoint', 'load_pretrained',
            'save_pretrained', 'compress_base', 'CompressionPresets', 'publish_base', 'published_base', 'base_model',
            'ensure_base', 'ProjectedConfig', 'RetrainUnit', 'retrain_units', 'retrain', 'calibration_batches',
-           'stored_base', 'base_loss_unit', 'retrain_unit', 'best_lr', 'margin_table', 'final_margin', 'margin_growth',
-           'plot_curves', 'seed_repeats', 'steps_variant', 'run']
+           'stored_base', 'base_loss_unit', 'retrain_unit', 'best_lr', 'lr_grid_edges', 'margin_table', 'final_margin',
+           'margin_growth', 'plot_curves', 'seed_repeats', 'steps_variant', 'run']
 
 # %% ../../nbs/30_compress.projected.ipynb #883f51ff
 def rotary_keep(d_head: int, k_head: int, rope_base: float) -> tuple[list[int], float]:
@@ -787,6 +787,14 @@ def best_lr(curves: pd.DataFrame) -> pd.DataFrame:
     last = grid[grid.step == grid.step.max()]
     best = last.loc[last.groupby(["ratio", "method"]).val_loss.idxmin(), ["ratio", "method", "lr"]]
     return curves.merge(best, on=["ratio", "method", "lr"])
+
+def lr_grid_edges(curves: pd.DataFrame) -> pd.DataFrame:
+    "Per (ratio, method): the best learning rate, the grid's ends, and whether the best lies inside them (else widen the grid)."
+    grid = _seeded(curves)
+    grid = grid[grid.tuning]
+    ends = grid.groupby(["ratio", "method"]).lr.agg(lo="min", hi="max").reset_index()
+    t = best_lr(grid)[["ratio", "method", "lr"]].drop_duplicates().merge(ends, on=["ratio", "method"])
+    return t.assign(interior=(t.lr > t.lo) & (t.lr < t.hi))
 
 def margin_table(curves: pd.DataFrame) -> pd.DataFrame:
     "Per ratio, seed and evaluation point: hard-prune loss − projected loss, each at its best LR (positive: projected ahead)."
