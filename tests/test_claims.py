@@ -26,10 +26,13 @@ STATED = {
                           "agent vs centre-zoom": R},
 }
 
-# The same claims from a variant's tables: 23's token-choice routing, 31's smaller experts (64 and 128 per FFN).
+# The same claims from a variant's tables: 23's token-choice routing, 30's retraining three times longer, 31's smaller
+# experts (64 and 128 per FFN).
 STATED_VARIANTS = {
     ("scaling.granularity", "token_choice"): {"G = 2 beats G = 1": R, "G = 4 beats G = 2": R, "G* > 1 at every budget": R,
                                               "MoE beats dense at every budget": R},
+    ("compress.projected", "steps1200"): {"beats hard pruning, 50 % kept": N, "beats hard pruning, 75 % kept": N,
+                                          "margin grows with tokens, 50 % kept": U, "margin grows with tokens, 75 % kept": N},
     ("compress.d2dmoe", "experts64"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
                                        "half the FFN FLOPs saved within 1 %": R},
     ("compress.d2dmoe", "experts128"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
