@@ -33,6 +33,9 @@ class Evidence:
     hi: float
     n: int
     unit: str = ""
+    def __format__(self, spec: str) -> str:
+        "`f\"{ev:.3f}\"` → 'estimate [lo, hi]', each number in the format `spec`."
+        return f"{self.estimate:{spec}} [{self.lo:{spec}}, {self.hi:{spec}}]"
 
 def bootstrap_mean(values: Sequence[float], unit: str = "", n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> Evidence:
     "The mean of `values` (one per seed or independent sample) with its percentile-bootstrap interval; non-finite values dropped."
