@@ -62,11 +62,12 @@ def _write(path: Path, cells) -> Path:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory) -> Path:
-    "The sample notebooks executed by papermill in parallel (injected parameters included)."
+    """The sample notebooks executed in parallel by `effwb run` (papermill, injected parameters included). Its kernels
+    talk over IPC sockets: parallel kernels on TCP ports race for them ("Address already in use", papermill#511)."""
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("executed")
-    procs = [subprocess.Popen([sys.executable, "-m", "papermill", str(_write(src / f"{n}.ipynb", cells)),
-                               str(out / f"{n}.ipynb"), "-k", "python3", "-p", "preset", "smoke",
-                               "--log-level", "ERROR", "--no-progress-bar"],
+    procs = [subprocess.Popen([sys.executable, "-c", "from effworkbench.cli import main; main()", "run",
+                               str(_write(src / f"{n}.ipynb", cells)), "--out", str(out), "--no-html",
+                               "--timeout", "120"],
                               env={**os.environ, "PLOTLY_RENDERER": renderer, "EFFWB_QUIET": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n, (cells, renderer) in NOTEBOOKS.items()]
