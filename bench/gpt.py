@@ -11,7 +11,8 @@ Rows (eager, then compiled; --compiled-rows names the rows also compiled, each a
                        clipping, loss/grad-norm check synced on every --log-every-th step as `fit` does
                        (on CUDA, three unsynced steps are then run under torch.cuda.set_sync_debug_mode("error"))
 
-MFU = tokens/s × (6·N + 12·L·T·d) / peak, N = non-embedding parameters (the head included), against two peaks:
+MFU = tokens/s × (6·(N + V·d) + 12·L·T·d) / peak, the library's `flops_per_token(cfg, training=True)`: N the layers'
+matmul weights, V·d the head's (its matmul is a third of the step at the cpu-small shape), against two peaks:
 the datasheet's (--peak-tflops, default 989 = H100 dense bf16; none on CPU unless given) and the card's own measured
 GEMM peak (a large matmul in the compute dtype, the best of 5 timings in the same run). The rows take turns round by
 round; ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine),
@@ -36,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effworkbench.nn.gpt import GPT, GPTConfig, ce_block_rows, chunked_cross_entropy, linear_cross_entropy, param_counts
+from effworkbench.nn.gpt import (GPT, GPTConfig, ce_block_rows, chunked_cross_entropy, flops_per_token, linear_cross_entropy,
+                                 param_counts)
 from effworkbench.train import TrainConfig, Trainer
 from heap import steady_heap
 
@@ -192,15 +194,16 @@ def main():
     s = SHAPES[args.shape or ("gpt2-small" if device.type == "cuda" else "smoke")]
     B, T = s["batch"], s["seq_len"]
     mcfg = GPTConfig(**{k: s[k] for k in ("d_model", "n_layers", "n_heads", "seq_len", "vocab_size")})
-    N = param_counts(mcfg)["non_embedding"]
-    flops_per_token = 6 * N + 12 * mcfg.n_layers * T * mcfg.d_model
+    N = param_counts(mcfg, matmul_only=True)                       # .active: the layers' matmul weights; .embedding: the head's V·d
+    step_flops_per_token = flops_per_token(mcfg, training=True)     # 6·(N + V·d) + 12·L·T·d
     corpus = SyntheticCorpus(mcfg.vocab_size)
     amp = dict(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak_sheet = args.peak_tflops or (989.0 if device.type == "cuda" else float("nan"))
     peak_gemm = gemm_tflops(device, dtype, args.gemm_n or (8192 if device.type == "cuda" else 1024))
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}{', ' + heap if heap else ''}, shape {s}, N_non_embedding {N / 1e6:.2f} M, {flops_per_token / 1e9:.3f} GFLOP/token")
+          f"threads {torch.get_num_threads()}{', ' + heap if heap else ''}, shape {s}, "
+          f"matmul weights {N.active / 1e6:.2f} M in the layers + {N.embedding / 1e6:.2f} M in the head, {step_flops_per_token / 1e9:.4f} GFLOP/token")
     print(f"peaks: datasheet {peak_sheet:.1f} TFLOP/s, measured {dtype} GEMM {peak_gemm:.2f} TFLOP/s")
 
     rows, rounds = [], {}
@@ -208,7 +211,7 @@ def main():
         rounds[(name, mode)] = np.array(secs)
         sec = float(np.median(secs))
         tps = B * T / sec
-        ach = tps * flops_per_token / 1e12
+        ach = tps * step_flops_per_token / 1e12
         rows.append(dict(name=name, mode=mode, ms_per_step=sec * 1e3, ms_min=min(secs) * 1e3, tokens_per_s=tps, tflops=ach,
                          mfu_datasheet=ach / peak_sheet, mfu_gemm=ach / peak_gemm))
         print(f"  {name:<20} {mode:<8} {sec * 1e3:9.2f} ms/step (min {min(secs) * 1e3:.2f}) {tps:12,.0f} tok/s   "
