@@ -188,10 +188,14 @@ def test_losses_are_exact_where_the_target_probability_underflows():
     want = F.cross_entropy(z.double(), y)
     torch.testing.assert_close(chunked_cross_entropy(z, y, chunk_elems=40 * 5).double(), want, rtol=1e-6, atol=0)
     torch.testing.assert_close(linear_cross_entropy(h, W, y, mult=5.0, chunk_elems=40 * 5).double(), want, rtol=1e-6, atol=0)
-    for by_index in (False, True):                       # the CPU's two max passes and the GPU's argmax give the same
-        p, lpy = _softmax_log_py(z.double(), y[:, None], torch.float64, by_index)
+    for how in ("gather", "amax", "argmax"):            # the CPU's log p_y (rows 0-3 redone from z), two max passes, argmax
+        p, lpy = _softmax_log_py(z.double(), y[:, None], torch.float64, how)
         torch.testing.assert_close(lpy[:, 0], torch.log_softmax(z.double(), -1).gather(1, y[:, None])[:, 0], rtol=1e-13, atol=0)
         torch.testing.assert_close(p, torch.softmax(z.double(), -1), rtol=0, atol=0)
+    zs = torch.zeros(3, 8); zs[:, 0] = torch.tensor([80.0, 95.0, 102.0])   # p_1 = e^-80 (normal), e^-95, e^-102 (subnormal)
+    ys = torch.ones(3, 1, dtype=torch.long)
+    _, lpy = _softmax_log_py(zs, ys, torch.float32, "gather")         # float32's log of a subnormal p_y is off by > 1e-4
+    torch.testing.assert_close(lpy.double(), torch.log_softmax(zs.double(), -1).gather(1, ys), rtol=0, atol=1e-5)
 
 
 def test_compiled_linear_cross_entropy_sums_dw_in_place():

@@ -397,19 +397,35 @@ def _backward_once(ctx, name: str):
                                      "so run the forward again rather than retain_graph")
     ctx.spent = True
 
-def _softmax_log_py(z: torch.Tensor, yc: torch.Tensor, acc: torch.dtype, by_index: bool | None = None
+def _softmax_log_py(z: torch.Tensor, yc: torch.Tensor, acc: torch.dtype, how: str | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """p = softmax(z) in `acc` (c, V) and log p_y (c, 1) for logits z (c, V) and targets yc (c, 1), from a softmax and
-    the row maxima: with m = max_j z_j and p_m its probability (p_m ≥ 1/V, so log p_m is accurate),
-    log p_y = z_y − m + log p_m, exact however small p_y. log_softmax then exp takes two passes that write the block;
-    on one CPU thread (1024 × 4096 float32) this is 3.8 ms against 7.0 (torch.exp alone costs more than a softmax).
-    `by_index` (default: off a CPU) finds m and p_m by one argmax over z, a gather each; else by two amax passes, over z
-    and over p (on a CPU argmax takes 4.6 ms against 0.3 for amax; elsewhere it saves a float32 read of the block)."""
+    """p = softmax(z) in `acc` (c, V) and log p_y (c, 1) for logits z (c, V) and targets yc (c, 1), exact however small
+    p_y, without log_softmax (it and an exp take two passes that write the block: on one CPU thread, 1024 × 4096
+    float32, 7.0 ms against 3.8 for a softmax). `how` (default: "gather" on a CPU, "amax" there under torch.compile,
+"argmax" elsewhere):
+    - "gather": log p_y = log(p_y) from the softmax, exact while p_y ≥ 2⁻¹⁰⁰ (float32 keeps full precision down to 2⁻¹²⁶);
+      the rare rows below are redone from their logits, z_y − m − log Σ_j e^{z_j − m}. Nothing more reads the block
+      (one host sync to find those rows: free on a CPU, but a graph break when compiled). The two amax passes of "amax"
+      cost 3 % (one thread) and 8 % (two) of the head and loss' forward and backward at 1024 × 4096 × 128.
+    - "argmax" and "amax": with m = max_j z_j and p_m its probability (p_m ≥ 1/V, so log p_m is accurate),
+      log p_y = z_y − m + log p_m, m and p_m found by one argmax over z and a gather each, or by two amax passes, over z
+      and over p (on a CPU argmax takes 4.6 ms against 0.3 for amax; elsewhere it saves a float32 read of the block)."""
+    if how is None: how = "argmax" if z.device.type != "cpu" else "amax" if torch.compiler.is_compiling() else "gather"
     p = torch.softmax(z, -1, dtype=acc)                            # (c, V)
-    if by_index if by_index is not None else z.device.type != "cpu":
+    if how == "gather":
+        py = p.gather(1, yc)                                       # (c, 1)
+        lpy = py.log()
+        low = (py < 2.0 ** -100).nonzero()[:, 0]                   # rows whose p_y lost precision (or is 0)
+        if len(low):
+            zl = z[low].to(acc)                                    # (r, V)
+            m = zl.amax(-1, keepdim=True)
+            lpy[low] = zl.gather(1, yc[low]) - m - (zl - m).exp().sum(-1, keepdim=True).log()
+        return p, lpy
+    if how == "argmax":
         am = z.argmax(-1, keepdim=True)                            # (c, 1) the max logit's class
         m, lpm = z.gather(1, am), p.gather(1, am).log()
-    else: m, lpm = z.amax(-1, keepdim=True), p.amax(-1, keepdim=True).log()
+    elif how == "amax": m, lpm = z.amax(-1, keepdim=True), p.amax(-1, keepdim=True).log()
+    else: raise ValueError(f"how={how!r}: choose 'gather', 'argmax' or 'amax'")
     return p, (z.gather(1, yc).to(acc) - m.to(acc)) + lpm          # (c, 1) log p_y = z_y − m + log p_m
 
 class _ChunkedCE(torch.autograd.Function):
