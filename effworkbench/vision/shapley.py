@@ -341,7 +341,7 @@ class ShapleyConfig(PresetConfig):
     base_seeds: list[int] = field(default_factory=lambda: [0])      # one base model (and its data) per seed: the effects' samples
     presets: ClassVar = {"medium": {"n_train": 3000, "n_val": 128, "batch_size": 64, "n_test": 1000, "width": 10, "epochs": 8, "finetune_epochs": 2,
                                     "exact_layers": ["1"], "perms": [2, 4, 8, 16], "kernel": [16, 32, 64, 128, 256, 512],
-                                    "seeds": 3, "ratios": [0.25, 0.5, 0.75], "time_repeats": 7, "base_seeds": [0, 1, 2]},
+                                    "seeds": 3, "ratios": [0.25, 0.5, 0.75], "time_repeats": 7, "base_seeds": list(range(10))},
                          "full": {"n_train": 20000, "n_val": 1000, "n_test": 5000, "width": 12, "epochs": 30, "finetune_epochs": 5,
                                   "exact_layers": ["0", "1"], "perms": [4, 16, 64], "kernel": [32, 128, 512, 2048],
                                   "seeds": 5, "ratios": [0.25, 0.5, 0.625, 0.75, 0.875], "base_seeds": [0, 1, 2, 3, 4]}}
