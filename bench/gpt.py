@@ -12,7 +12,7 @@ Rows (eager, then compiled; --compiled-rows names the rows also compiled, each a
                        (on CUDA, three unsynced steps are then run under torch.cuda.set_sync_debug_mode("error"))
 
 MFU = tokens/s × (6·(N + V·d) + 12·L·T·d) / peak, the library's `flops_per_token(cfg, training=True)`: N the layers'
-matmul weights, V·d the head's (its matmul is a third of the step at the cpu-small shape), against two peaks:
+matmul weights, V·d the head's (36 % of the step's FLOPs at the cpu-small shape), against two peaks:
 the datasheet's (--peak-tflops, default 989 = H100 dense bf16; none on CPU unless given) and the card's own measured
 GEMM peak (a large matmul in the compute dtype, the best of 5 timings in the same run). The rows take turns round by
 round; ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine),
