@@ -690,7 +690,7 @@ class DPPruneConfig(PresetConfig):
     tune_clips: tuple[float, ...] = ()
     dp: DPConfig = field(default_factory=lambda: DPConfig(**_GRID_DP))   # every private run; the grid sets ε, prune, drop, seed (and lr, clip when tuned)
     presets: ClassVar = {"smoke": {"dp": _GRID_DP},
-                         "medium": {"seeds": [0, 1, 2, 3, 4], "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
+                         "medium": {"seeds": list(range(15)), "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
                                     "epsilons": [1.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.8],
                                     "structured_prunes": [0.5], "drop_modes": ["layer", "magnitude"],
                                     "tune_frac": 0.3, "tune_lrs": [0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
