@@ -685,7 +685,8 @@ class DPPruneConfig(PresetConfig):
     drop_modes: tuple[str, ...] = ()                # beside the grid: these dropping rules at the largest drop rate (no pruning)
     settings: tuple[str, ...] = ("scratch", "finetune")
     seeds: tuple[int, ...] = (0,)  # independent repeats (data draw, pretraining, init, sampling and noise)
-    tune_frac: float = 0.0        # share of the private images held out to tune lr and clip per (setting, ε); 0: no tuning
+    tune_frac: float = 0.0        # share of the private source digits (people) held out to tune lr and clip per (setting, ε); 0: no tuning
+    tune_seeds: int = 1           # each (lr, clip) is scored by its mean held-out accuracy over the first tune_seeds seeds
     tune_lrs: tuple[float, ...] = ()
     tune_clips: tuple[float, ...] = ()
     dp: DPConfig = field(default_factory=lambda: DPConfig(**_GRID_DP))   # every private run; the grid sets ε, prune, drop, seed (and lr, clip when tuned)
@@ -693,30 +694,38 @@ class DPPruneConfig(PresetConfig):
                          "medium": {"seeds": list(range(15)), "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
                                     "epsilons": [1.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.8],
                                     "structured_prunes": [0.5], "drop_modes": ["layer", "magnitude"],
-                                    "tune_frac": 0.3, "tune_lrs": [0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
+                                    "tune_frac": 0.3, "tune_seeds": 5, "tune_lrs": [0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
                                     "dp": {**_GRID_DP, "epochs": 5.0, "q": 0.05}},
                          "full": {"n_train": 20000, "n_test": 4000, "size": 32, "width": 16, "pretrain_epochs": 10,
                                   "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0], "prunes": [0.0, 0.3, 0.5, 0.7, 0.9],
                                   "drops": [0.0, 0.3, 0.5, 0.7, 0.9], "structured_prunes": [0.5, 0.8], "drop_modes": ["layer", "magnitude"],
-                                  "seeds": [0, 1, 2, 3, 4], "tune_frac": 0.2, "tune_lrs": [0.25, 0.5, 1.0, 2.0, 4.0],
+                                  "seeds": [0, 1, 2, 3, 4], "tune_frac": 0.2, "tune_seeds": 3, "tune_lrs": [0.25, 0.5, 1.0, 2.0, 4.0],
                                   "tune_clips": [0.25, 0.5, 1.0, 2.0], "dp": {**_GRID_DP, "epochs": 20.0, "q": 0.02}}}
 
 def data_unit(cfg: DPPruneConfig, seed: int) -> dict:
     "The run-store config of the data and the public model of one seed."
     return {"task": dataclasses.asdict(cfg.task), "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size,
-            "width": cfg.width, "pretrain_epochs": cfg.pretrain_epochs, "tune_frac": cfg.tune_frac, "seed": seed}
+            "width": cfg.width, "pretrain_epochs": cfg.pretrain_epochs, "tune_source_frac": cfg.tune_frac, "seed": seed}
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #f22c1510
 def public_private_splits(d: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The task's images split by label: `public` 0–4 (labels 0–4), `private` and `test` 5–9 (relabelled 0–4). With
-    `tune_frac` > 0 the first tune_frac of the private images are held out of `private` for tuning: `tune_train` (70 %)
-    and `tune_val` (30 %); their people are not in the training set, so tuning spends no privacy of the people trained on."""
+    """The task's images split by label: `public` 0–4 (labels 0–4), `private` and `test` 5–9 (relabelled 0–4). A person
+    is a source digit: the generated sets hold several augmented copies of each. With `tune_source_frac` > 0 that share
+    of the private source digits (drawn with the seed) is held out of `private` with all their copies, for tuning:
+    `tune_train` (70 % of those people) and `tune_val` (30 %). No held-out person is in `private`, so tuning spends none
+    of the privacy of the people the reported models are trained on."""
     s = VisionTask(**d.get("task", {"name": "digits"})).splits(d["n_train"], d["n_test"], d["seed"], size=d["size"])
     pub, prv, te = s.y_train < 5, s.y_train >= 5, s.y_test >= 5
-    xp, yp = s.x_train[prv], s.y_train[prv] - 5
-    n_tune = round(d.get("tune_frac", 0.0) * len(xp)); n_fit = round(0.7 * n_tune)
-    out = {"public": (s.x_train[pub], s.y_train[pub]), "private": (xp[n_tune:], yp[n_tune:]), "test": (s.x_test[te], s.y_test[te] - 5)}
-    if n_tune: out.update(tune_train=(xp[:n_fit], yp[:n_fit]), tune_val=(xp[n_fit:n_tune], yp[n_fit:n_tune]))
+    xp, yp, src = s.x_train[prv], s.y_train[prv] - 5, s.src_train[prv]        # (P, 1, H, W), (P,), (P,) source digit
+    out = {"public": (s.x_train[pub], s.y_train[pub]), "private": (xp, yp), "test": (s.x_test[te], s.y_test[te] - 5)}
+    people = src.unique()                                                     # sorted
+    n_tune = round(d.get("tune_source_frac", 0.0) * len(people)); n_fit = round(0.7 * n_tune)
+    if n_tune:
+        held = people[torch.randperm(len(people), generator=torch.Generator().manual_seed(d["seed"]))[:n_tune]]
+        part = lambda who: torch.isin(src, who)                               # (P,) bool: the images of these people
+        out.update(private=(xp[~part(held)], yp[~part(held)]),
+                   tune_train=(xp[part(held[:n_fit])], yp[part(held[:n_fit])]),
+                   tune_val=(xp[part(held[n_fit:])], yp[part(held[n_fit:])]))
     return out
 
 @run_function("privacy.dp_prune.pretrain")
@@ -764,15 +773,20 @@ def _data(cfg: DPPruneConfig, seed: int, setting: str) -> dict:
     return d if setting == "finetune" else {k: v for k, v in d.items() if k != "pretrain_epochs"}
 
 def tune(cfg: DPPruneConfig, ctx: Context) -> tuple[pd.DataFrame, dict]:
-    """Per (setting, ε): the (lr, clip) of `tune_lrs` × `tune_clips` with the best accuracy on `tune_val` after DP-SGD on
-    `tune_train` (first seed, no pruning or dropping). The tuning table and {(setting, ε): (lr, clip)}; empty without tuning."""
+    """Per (setting, ε): the (lr, clip) of `tune_lrs` × `tune_clips` with the best mean accuracy on `tune_val` after
+    DP-SGD on `tune_train` (no pruning or dropping), the mean taken over the first `tune_seeds` seeds (each its own data
+    draw, held-out people, initialisation and noise). The tuning table (one row per candidate and seed) and
+    {(setting, ε): (lr, clip)}; empty without tuning."""
     if not (cfg.tune_frac and cfg.tune_lrs and cfg.tune_clips): return pd.DataFrame(), {}
-    s = cfg.seeds[0]
+    if not 1 <= cfg.tune_seeds <= len(cfg.seeds):
+        raise ConfigError(f"tune_seeds={cfg.tune_seeds}: give 1 to len(seeds) = {len(cfg.seeds)}; tuning runs on the first seeds")
     cells = [{"data": _data(cfg, s, st), "setting": st, "fit": "tune_train", "score": "tune_val",
               "dp": replace(cfg.dp, epsilon=e, seed=s, lr=lr, clip=c)}
-             for st in cfg.settings for e in cfg.epsilons for lr in cfg.tune_lrs for c in cfg.tune_clips]
+             for s in cfg.seeds[:cfg.tune_seeds] for st in cfg.settings for e in cfg.epsilons
+             for lr in cfg.tune_lrs for c in cfg.tune_clips]
     t = pd.DataFrame(ctx.units(grid_cell_unit, cells, desc="tuning lr and clip"))
-    best = t.loc[t.groupby(["setting", "target_epsilon"]).accuracy.idxmax()]
+    score = t.groupby(["setting", "target_epsilon", "lr", "clip"], as_index=False).accuracy.mean()   # over the tuning seeds
+    best = score.loc[score.groupby(["setting", "target_epsilon"]).accuracy.idxmax()]
     return t, {(r.setting, r.target_epsilon): (r.lr, r.clip) for r in best.itertuples()}
 
 def grid_cells(cfg: DPPruneConfig, tuned: dict) -> list[dict]:
