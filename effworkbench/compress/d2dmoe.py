@@ -381,7 +381,7 @@ class D2DMoEConfig(CompressionPresets, PresetConfig):
     attn_steps: int = 100
     seed: int = 0
     seeds: tuple[int, ...] = ()                       # more seeds of the whole pipeline (sparsify, convert, sweep)
-    presets: ClassVar = {"medium": {"seeds": (1, 2, 3, 4, 5, 6, 7, 8, 9), "sparsify_steps": 150, "router_hidden": 64, "router_steps": 500, "eval_batches": 6,
+    presets: ClassVar = {"medium": {"seeds": tuple(range(1, 16)), "sparsify_steps": 150, "router_hidden": 64, "router_steps": 500, "eval_batches": 6,
                                     "attn_steps": 500, "ks": (1, 2, 4, 8, 16), "calib_batches": 12,
                                     "taus": (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0)},
                          "full": {"seeds": (1, 2), "sparsify_steps": 1000, "batch_size": 32, "n_experts": 32, "router_hidden": 128,
