@@ -694,7 +694,7 @@ class DPPruneConfig(PresetConfig):
                          "medium": {"seeds": list(range(15)), "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
                                     "epsilons": [1.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.8],
                                     "structured_prunes": [0.5], "drop_modes": ["layer", "magnitude"],
-                                    "tune_frac": 0.3, "tune_seeds": 5, "tune_lrs": [0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
+                                    "tune_frac": 0.3, "tune_seeds": 5, "tune_lrs": [0.125, 0.25, 0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
                                     "dp": {**_GRID_DP, "epochs": 5.0, "q": 0.05}},
                          "full": {"n_train": 20000, "n_test": 4000, "size": 32, "width": 16, "pretrain_epochs": 10,
                                   "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0], "prunes": [0.0, 0.3, 0.5, 0.7, 0.9],
