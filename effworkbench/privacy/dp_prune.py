@@ -626,18 +626,19 @@ class DPConfig(PresetConfig):
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #46465afc
 def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DPConfig, masks: Masks | None = None,
-             eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, graphs: bool = False) -> tuple[pd.DataFrame, dict]:
-    """DP-SGD with Poisson sampling for `cfg.steps` steps; σ solved for `cfg.epsilon` up front, ε(δ) tracked by an Opacus
-    accountant step by step. Returns the history (step, ε so far, batch size, loss/accuracy at log steps) and a summary
-    with the q, σ, steps used and the final ε. `graphs`: run the steps from CUDA graphs (`GraphedDPStep`, batches padded
-    to multiples of 64; the model on a GPU)."""
+             eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, graphs: bool = False,
+             sigma: float | None = None) -> tuple[pd.DataFrame, dict]:
+    """DP-SGD with Poisson sampling for `cfg.steps` steps; σ solved for `cfg.epsilon` up front (or the `sigma` given),
+    ε(δ) tracked by an Opacus accountant step by step. Returns the history (step, ε so far, batch size, loss/accuracy at
+    log steps) and a summary with the q, σ, steps used and the final ε. `graphs`: run the steps from CUDA graphs
+    (`GraphedDPStep`, batches padded to multiples of 64; the model on a GPU)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
     check_dp_model(model)
     if masks is None:      # pre-pruning from the config (on the weights the model has now, never the private data)
         masks = prune_masks(model, cfg.prune, cfg.prune_criterion, cfg.seed) if cfg.prune > 0 else full_masks(model)
     apply_masks(model, masks)
     n, q, steps = len(x), cfg.q, cfg.steps
-    sigma = noise_for_epsilon(cfg.epsilon, cfg.delta, q, steps, cfg.accountant)
+    if sigma is None: sigma = noise_for_epsilon(cfg.epsilon, cfg.delta, q, steps, cfg.accountant)
     acc = RDPAccountant() if cfg.accountant == "rdp" else PRVAccountant()
     g_batch = torch.Generator().manual_seed(cfg.seed)
     g_sel = torch.Generator().manual_seed(cfg.seed + 2)          # public randomness: independent of the data
@@ -752,15 +753,23 @@ def start_model(d: dict, setting: str, public_state: dict | None) -> BlockNet:
 def grid_cell_unit(u: dict, run: Run) -> dict:
     """Unit: one private run, setting `u["setting"]` with the `DPConfig` `u["dp"]` (its ε, prune rate and rule, drop rate
     and mode, lr, clip, seed): pre-pruning of the public or initial weights (magnitude masks, or structured: a smaller
-    model), DP-SGD on the split `u["fit"]`; accuracy on `u["score"]`, the accountant's ε, σ, steps."""
+    model), DP-SGD on the split `u["fit"]`; accuracy on `u["score"]`, the accountant's ε, σ, steps. With `u["as_private"]`
+    (the tuning runs) the run on the smaller split repeats the private run's updates in distribution: the same expected
+    batch q·N_private (so q grows by N_private / N_fit), the same number of steps and the σ the private run needs for
+    its ε. The noise per update is then what the private run's is; the held-out people's own ε is larger (recorded)."""
     d, setting = u["data"], u["setting"]
     dp = u["dp"] if isinstance(u["dp"], DPConfig) else DPConfig(**u["dp"])
     data = public_private_splits(d)
+    sigma = None
+    if u.get("as_private"):
+        sigma = noise_for_epsilon(dp.epsilon, dp.delta, dp.q, dp.steps, dp.accountant)     # the private run's σ
+        q = min(1.0, dp.q * len(data["private"][0]) / len(data[u["fit"]][0]))             # its expected batch
+        dp = replace(dp, q=q, epochs=dp.steps * q)                                         # its steps
     public = unit_weights(run, pretrain_public_unit, d) if setting == "finetune" else None
     m = start_model(d, setting, public)
     if dp.prune_criterion == "structured": m, masks = prune_structured(m, dp.prune), None      # a smaller dense model
     else: masks = prune_masks(m, dp.prune, dp.prune_criterion, seed=dp.seed)
-    hist, s = train_dp(m, *data[u["fit"]], replace(dp, prune=0.0) if masks is None else dp, masks)
+    hist, s = train_dp(m, *data[u["fit"]], replace(dp, prune=0.0) if masks is None else dp, masks, sigma=sigma)
     return {"setting": setting, "prune": dp.prune, "prune_rule": dp.prune_criterion, "drop": dp.drop, "drop_mode": dp.drop_mode,
             "lr": dp.lr, "clip": dp.clip, "target_epsilon": dp.epsilon, "epsilon": s["epsilon"], "sigma": s["sigma"],
             "steps": s["steps"], "q": s["q"], "n_private": len(data[u["fit"]][0]), "params": n_params(m),
@@ -774,13 +783,13 @@ def _data(cfg: DPPruneConfig, seed: int, setting: str) -> dict:
 
 def tune(cfg: DPPruneConfig, ctx: Context) -> tuple[pd.DataFrame, dict]:
     """Per (setting, ε): the (lr, clip) of `tune_lrs` × `tune_clips` with the best mean accuracy on `tune_val` after
-    DP-SGD on `tune_train` (no pruning or dropping), the mean taken over the first `tune_seeds` seeds (each its own data
+    DP-SGD on `tune_train` with the private run's batch, steps and σ (no pruning or dropping), the mean taken over the first `tune_seeds` seeds (each its own data
     draw, held-out people, initialisation and noise). The tuning table (one row per candidate and seed) and
     {(setting, ε): (lr, clip)}; empty without tuning."""
     if not (cfg.tune_frac and cfg.tune_lrs and cfg.tune_clips): return pd.DataFrame(), {}
     if not 1 <= cfg.tune_seeds <= len(cfg.seeds):
         raise ConfigError(f"tune_seeds={cfg.tune_seeds}: give 1 to len(seeds) = {len(cfg.seeds)}; tuning runs on the first seeds")
-    cells = [{"data": _data(cfg, s, st), "setting": st, "fit": "tune_train", "score": "tune_val",
+    cells = [{"data": _data(cfg, s, st), "setting": st, "fit": "tune_train", "score": "tune_val", "as_private": True,
               "dp": replace(cfg.dp, epsilon=e, seed=s, lr=lr, clip=c)}
              for s in cfg.seeds[:cfg.tune_seeds] for st in cfg.settings for e in cfg.epsilons
              for lr in cfg.tune_lrs for c in cfg.tune_clips]
