@@ -13,7 +13,7 @@ STATED = {
                        "prune 50 %: vs random": U, "prune 75 %: vs L1": N, "prune 75 %: global, normalised": N},
     "vision.early_exit": {"mixed vs joint": N, "mixed vs disjoint": R, "disjoint heads are weak": R},
     "privacy.dp_prune": {"pre-pruning helps, ε = 1, finetune": U, "pre-pruning helps, ε = 1, scratch": U,
-                         "dropping helps, ε = 1, finetune": U, "dropping helps, ε = 1, scratch": U,
+                         "dropping helps, ε = 1, finetune": U, "dropping helps, ε = 1, scratch": R,
                          "public pretraining helps, ε = 1": R},
     "rlrs": {"speed-up, dense": R, "speed-up, MoE": R},
     "compress.d2dmoe": {"Hoyer lowers activation density": R, "dynamic-k beats top-k": U, "half the FFN FLOPs saved within 1 %": N},
