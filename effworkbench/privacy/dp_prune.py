@@ -783,9 +783,9 @@ def _data(cfg: DPPruneConfig, seed: int, setting: str) -> dict:
 
 def tune(cfg: DPPruneConfig, ctx: Context) -> tuple[pd.DataFrame, dict]:
     """Per (setting, ε): the (lr, clip) of `tune_lrs` × `tune_clips` with the best mean accuracy on `tune_val` after
-    DP-SGD on `tune_train` with the private run's batch, steps and σ (no pruning or dropping), the mean taken over the first `tune_seeds` seeds (each its own data
-    draw, held-out people, initialisation and noise). The tuning table (one row per candidate and seed) and
-    {(setting, ε): (lr, clip)}; empty without tuning."""
+    DP-SGD on `tune_train` with the private run's batch, steps and σ (no pruning or dropping), the mean taken over the
+    first `tune_seeds` seeds (each its own data draw, held-out people, initialisation and noise). The tuning table (one
+    row per candidate and seed) and {(setting, ε): (lr, clip)}; empty without tuning."""
     if not (cfg.tune_frac and cfg.tune_lrs and cfg.tune_clips): return pd.DataFrame(), {}
     if not 1 <= cfg.tune_seeds <= len(cfg.seeds):
         raise ConfigError(f"tune_seeds={cfg.tune_seeds}: give 1 to len(seeds) = {len(cfg.seeds)}; tuning runs on the first seeds")
