@@ -305,6 +305,23 @@ def _exp_config(args):
     exp = resolve_experiment(args.name)
     return exp, exp.config_for(args.preset, args.param or [], args.config)
 
+def _finished(exp, cfg) -> bool:
+    "The store holds a finished run of (exp, cfg): `effwb exp` reads its tables back rather than running anything."
+    from effworkbench.experiment import experiment_run
+    from effworkbench.store import RunKeyError
+    try: return experiment_run(exp, cfg).status == "done"
+    except RunKeyError: return False
+
+def _read_back_note(exp, cfg, made: str | None) -> str:
+    """What `effwb exp` says when it read a finished run back: its tables are keyed by the config, not the code, so a run
+    made at another commit than HEAD is named, with the way to run it again."""
+    from effworkbench.core import git_info
+    now = git_info().get("git_hash")
+    if not (made and now and made != now): return "  read back: the store had this run finished"
+    return (f"  read back: the store had this run finished, made at commit {made[:7]} (HEAD is {now[:7]}); the code may "
+            f"have changed since: `effwb exp {exp.name} --preset {cfg.preset} --rerun` runs it again (units whose "
+            "configs are unchanged are read back)")
+
 def _cmd_exp(args) -> int:
     from effworkbench.experiment import EXPERIMENTS, experiment_run, publish, run_experiment
     if args.list:
@@ -317,8 +334,11 @@ def _cmd_exp(args) -> int:
         print(f"finished {len(keys)} experiment runs" + "".join(f"\n  {k}" for k in keys)); return 0
     if not args.name: raise ConfigError("name an experiment (`effwb exp --list` shows them)")
     exp, cfg = _exp_config(args)
+    was_done = not args.rerun and _finished(exp, cfg)
     tables = run_experiment(exp, cfg, workers=args.workers, max_minutes=args.max_minutes, rerun=args.rerun, log=print)
-    print(f"experiment {exp.name} ({cfg.preset}): run {experiment_run(exp, cfg).key}")
+    run = experiment_run(exp, cfg)
+    print(f"experiment {exp.name} ({cfg.preset}): run {run.key}")
+    if was_done: print(_read_back_note(exp, cfg, run.env.get("git_hash")))
     for name, df in tables.items(): print(f"  table {name}: {len(df)} rows × {len(df.columns)} columns")
     if args.publish:
         for p in publish(exp, cfg, allow_dirty=args.allow_dirty): print(f"published {p}")

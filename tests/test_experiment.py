@@ -66,6 +66,22 @@ def test_exp_runs_in_chunks_and_resumes_without_recomputing(dirs, monkeypatch, c
     assert "table values: 4 rows" in capsys.readouterr().out
 
 
+def test_exp_names_the_commit_of_a_run_it_reads_back(dirs, monkeypatch, capsys):
+    "A finished run is read back, not run: `effwb exp` says so, and names its commit where HEAD has moved since."
+    import effworkbench.core as core
+    head = lambda h: monkeypatch.setattr(core, "git_info", lambda path=None: {"git_hash": h * 40, "git_dirty": False})
+    args = ["exp", "toyx", "-p", "noise.scale=0.25"]
+    head("a"); assert main(args) == 0 and "read back" not in capsys.readouterr().out        # computed now, at aaaa…
+    assert experiment_run("toyx", EXPERIMENTS["toyx"].config_for("smoke", ["noise.scale=0.25"])).env["git_hash"] == "a" * 40
+    assert main(args) == 0 and CALLS == [0, 1, 2]
+    out = capsys.readouterr().out
+    assert "read back" in out and "--rerun" not in out                                      # HEAD is the run's commit
+    head("f"); assert main(args) == 0 and CALLS == [0, 1, 2]                                 # still nothing recomputed
+    out = capsys.readouterr().out
+    assert "made at commit aaaaaaa (HEAD is fffffff)" in out and "toyx --preset smoke --rerun" in out
+    assert main(args + ["--rerun"]) == 0 and "read back" not in capsys.readouterr().out    # runs it (its units read back)
+
+
 def test_exp_refuses_unknown_fields_and_names(dirs, capsys):
     assert main(["exp", "toyx", "-p", "noise.sigma=1"]) == 2
     assert "no field" in capsys.readouterr().err
