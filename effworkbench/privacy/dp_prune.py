@@ -723,10 +723,8 @@ def public_private_splits(d: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor
     n_tune = round(d.get("tune_source_frac", 0.0) * len(people)); n_fit = round(0.7 * n_tune)
     if n_tune:
         held = people[torch.randperm(len(people), generator=torch.Generator().manual_seed(d["seed"]))[:n_tune]]
-        part = lambda who: torch.isin(src, who)                               # (P,) bool: the images of these people
-        out.update(private=(xp[~part(held)], yp[~part(held)]),
-                   tune_train=(xp[part(held[:n_fit])], yp[part(held[:n_fit])]),
-                   tune_val=(xp[part(held[n_fit:])], yp[part(held[n_fit:])]))
+        fit, val = torch.isin(src, held[:n_fit]), torch.isin(src, held[n_fit:])   # (P,) bool: the images of these people
+        out.update(private=(xp[~(fit | val)], yp[~(fit | val)]), tune_train=(xp[fit], yp[fit]), tune_val=(xp[val], yp[val]))
     return out
 
 @run_function("privacy.dp_prune.pretrain")
