@@ -31,13 +31,13 @@ from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_pa
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
 # %% auto #0
-__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE', 'DP_CLAIMS', 'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch',
-           'prunable', 'full_masks', 'prune_masks', 'apply_masks', 'density', 'prune_structured', 'mask_kinds',
-           'select_coordinates', 'per_sample_grads', 'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep',
-           'weight_per_example', 'input_gram', 'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example',
-           'clipped_grad_sum', 'dp_sgd_step', 'GraphedDPStep', 'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit',
-           'public_private_splits', 'pretrain_public_unit', 'start_model', 'grid_cell_unit', 'tuned_arms', 'tune',
-           'grid_cells', 'run', 'grid_effect']
+__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE_ARM', 'DENSE', 'DP_CLAIMS', 'check_dp_model', 'epsilon', 'noise_for_epsilon',
+           'poisson_batch', 'prunable', 'full_masks', 'prune_masks', 'apply_masks', 'density', 'prune_structured',
+           'mask_kinds', 'select_coordinates', 'per_sample_grads', 'clip_per_sample', 'param_owners', 'bk_unsupported',
+           'book_keep', 'weight_per_example', 'input_gram', 'ghost_cheaper', 'ghost_sq_norm', 'weight_sum',
+           'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step', 'GraphedDPStep', 'DPConfig', 'train_dp',
+           'DPPruneConfig', 'data_unit', 'public_private_splits', 'pretrain_public_unit', 'start_model',
+           'grid_cell_unit', 'grid_arms', 'tuned_arms', 'tune', 'grid_cells', 'run', 'grid_effect']
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #bd7b3930
 def check_dp_model(model: nn.Module) -> nn.Module:
@@ -690,20 +690,22 @@ class DPPruneConfig(PresetConfig):
     tune_seeds: int = 1           # each (lr, clip) is scored by its mean held-out accuracy over the first tune_seeds seeds
     tune_lrs: tuple[float, ...] = ()
     tune_clips: tuple[float, ...] = ()
-    tune_arms: tuple[tuple[float, float], ...] = ()   # (prune, drop) cells of the magnitude × random grid tuned on their own; the others take the dense model's lr and clip
+    tune_per_arm: bool = False    # tune lr and clip for every arm of the grid (prune, drop and their rules) on its own; False: once, for the dense model
     dp: DPConfig = field(default_factory=lambda: DPConfig(**_GRID_DP))   # every private run; the grid sets ε, prune, drop, seed (and lr, clip when tuned)
     presets: ClassVar = {"smoke": {"dp": _GRID_DP},
                          "medium": {"seeds": list(range(15)), "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
                                     "epsilons": [1.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.8],
                                     "structured_prunes": [0.5], "drop_modes": ["layer", "magnitude"],
                                     "tune_frac": 0.3, "tune_seeds": 5, "tune_lrs": [0.125, 0.25, 0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
-                                    "tune_arms": [[0.5, 0.0], [0.0, 0.8]],             # the arms the claims compare with the dense model
+                                    "tune_per_arm": True,
                                     "dp": {**_GRID_DP, "epochs": 5.0, "q": 0.05}},
                          "full": {"n_train": 20000, "n_test": 4000, "size": 32, "width": 16, "pretrain_epochs": 10,
                                   "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0], "prunes": [0.0, 0.3, 0.5, 0.7, 0.9],
                                   "drops": [0.0, 0.3, 0.5, 0.8, 0.9], "structured_prunes": [0.5, 0.8], "drop_modes": ["layer", "magnitude"],
                                   "seeds": [0, 1, 2, 3, 4], "tune_frac": 0.2, "tune_seeds": 3, "tune_lrs": [0.25, 0.5, 1.0, 2.0, 4.0],
-                                  "tune_clips": [0.25, 0.5, 1.0, 2.0], "tune_arms": [[0.5, 0.0], [0.0, 0.8]], "dp": {**_GRID_DP, "epochs": 20.0, "q": 0.02}}}
+                                  "tune_clips": [0.25, 0.5, 1.0, 2.0],
+                                  "tune_per_arm": False,    # per arm: 29 arms × 20 candidates × 3 seeds × 10 (setting, ε) = 17 400 tuning runs
+                                  "dp": {**_GRID_DP, "epochs": 20.0, "q": 0.02}}}
 
 def data_unit(cfg: DPPruneConfig, seed: int) -> dict:
     "The run-store config of the data and the public model of one seed."
@@ -781,42 +783,41 @@ def _data(cfg: DPPruneConfig, seed: int, setting: str) -> dict:
     d = data_unit(cfg, seed)
     return d if setting == "finetune" else {k: v for k, v in d.items() if k != "pretrain_epochs"}
 
-def tuned_arms(cfg: DPPruneConfig) -> list[tuple[float, float]]:
-    "The (prune, drop) arms tuned on their own: the dense model first, then `tune_arms`, each a cell of the prune × drop grid."
-    arms = [(0.0, 0.0)] + [(float(p), float(dr)) for p, dr in cfg.tune_arms if (p, dr) != (0.0, 0.0)]
-    for p, dr in arms[1:]:
-        if p not in cfg.prunes or dr not in cfg.drops:
-            raise ConfigError(f"tune_arms: ({p:g}, {dr:g}) is not a cell of prunes {list(cfg.prunes)} × drops {list(cfg.drops)}")
-    return arms
+DENSE_ARM = (0.0, "magnitude", 0.0, "random")
+
+def grid_arms(cfg: DPPruneConfig) -> list[tuple[float, str, float, str]]:
+    """The arms of the grid, each (prune rate, prune rule, drop rate, drop mode): the magnitude × random prune × drop
+    grid, structured pre-pruning beside it (no dropping) and the other dropping rules at the largest drop rate (no pruning)."""
+    return ([(p, "magnitude", dr, "random") for p in cfg.prunes for dr in cfg.drops]
+            + [(p, "structured", 0.0, "random") for p in cfg.structured_prunes]
+            + [(0.0, "magnitude", max(cfg.drops), m) for m in cfg.drop_modes])
+
+def tuned_arms(cfg: DPPruneConfig) -> list[tuple[float, str, float, str]]:
+    "The arms whose lr and clip are tuned: every arm of the grid with `tune_per_arm`, else the dense model alone."
+    return [DENSE_ARM] + [a for a in grid_arms(cfg) if a != DENSE_ARM] if cfg.tune_per_arm else [DENSE_ARM]
 
 def tune(cfg: DPPruneConfig, ctx: Context) -> tuple[pd.DataFrame, dict]:
-    """Per (setting, ε, arm) for the arms of `tuned_arms` (magnitude pre-pruning and random dropping at those rates): the
-    (lr, clip) of `tune_lrs` × `tune_clips` with the best mean accuracy on `tune_val` after DP-SGD on `tune_train` with
-    the private run's batch, steps and σ, the mean taken over the first `tune_seeds` seeds (each its own data draw,
-    held-out people, initialisation and noise). The tuning table (one row per arm, candidate and seed) and
-    {(setting, ε, prune, drop): (lr, clip)}; empty without tuning."""
+    """Per (setting, ε, arm) for the arms of `tuned_arms`: the (lr, clip) of `tune_lrs` × `tune_clips` with the best mean
+    accuracy on `tune_val` after DP-SGD on `tune_train` with the private run's batch, steps and σ, the mean taken over
+    the first `tune_seeds` seeds (each its own data draw, held-out people, initialisation and noise). The tuning table
+    (one row per arm, candidate and seed) and {(setting, ε, *arm): (lr, clip)}; empty without tuning."""
     if not (cfg.tune_frac and cfg.tune_lrs and cfg.tune_clips): return pd.DataFrame(), {}
     if not 1 <= cfg.tune_seeds <= len(cfg.seeds):
         raise ConfigError(f"tune_seeds={cfg.tune_seeds}: give 1 to len(seeds) = {len(cfg.seeds)}; tuning runs on the first seeds")
     cells = [{"data": _data(cfg, s, st), "setting": st, "fit": "tune_train", "score": "tune_val", "as_private": True,
-              "dp": replace(cfg.dp, epsilon=e, seed=s, lr=lr, clip=c, prune=p, drop=dr)}
-             for s in cfg.seeds[:cfg.tune_seeds] for st in cfg.settings for e in cfg.epsilons for p, dr in tuned_arms(cfg)
+              "dp": replace(cfg.dp, epsilon=e, seed=s, lr=lr, clip=c, prune=p, prune_criterion=pc, drop=dr, drop_mode=dm)}
+             for s in cfg.seeds[:cfg.tune_seeds] for st in cfg.settings for e in cfg.epsilons for p, pc, dr, dm in tuned_arms(cfg)
              for lr in cfg.tune_lrs for c in cfg.tune_clips]
     t = pd.DataFrame(ctx.units(grid_cell_unit, cells, desc="tuning lr and clip"))
-    arm = ["setting", "target_epsilon", "prune", "drop"]
+    arm = ["setting", "target_epsilon", "prune", "prune_rule", "drop", "drop_mode"]
     score = t.groupby(arm + ["lr", "clip"], as_index=False).accuracy.mean()   # over the tuning seeds
     best = score.loc[score.groupby(arm).accuracy.idxmax()]
-    return t, {(r.setting, r.target_epsilon, r.prune, r.drop): (r.lr, r.clip) for r in best.itertuples()}
+    return t, {tuple(getattr(r, k) for k in arm): (r.lr, r.clip) for r in best.itertuples()}
 
 def grid_cells(cfg: DPPruneConfig, tuned: dict) -> list[dict]:
     """Every private run: the prune × drop grid, structured pre-pruning and the other dropping rules beside it; per setting,
     ε, seed. A cell runs at its arm's tuned (lr, clip) when `tune` chose one for it, else at the dense model's."""
-    kinds = ([(p, "magnitude", dr, "random") for p in cfg.prunes for dr in cfg.drops]
-             + [(p, "structured", 0.0, "random") for p in cfg.structured_prunes]
-             + [(0.0, "magnitude", max(cfg.drops), m) for m in cfg.drop_modes])
-    def step(st, e, p, pc, dr, dm):                    # the arm's own (lr, clip) if it was tuned, else the dense model's
-        own = tuned.get((st, e, p, dr)) if (pc, dm) == ("magnitude", "random") else None
-        return own or tuned.get((st, e, 0.0, 0.0), (cfg.dp.lr, cfg.dp.clip))
+    step = lambda st, e, *arm: tuned.get((st, e, *arm)) or tuned.get((st, e, *DENSE_ARM), (cfg.dp.lr, cfg.dp.clip))
     out = []
     for seed in cfg.seeds:
         for st in cfg.settings:
@@ -824,7 +825,7 @@ def grid_cells(cfg: DPPruneConfig, tuned: dict) -> list[dict]:
                 out += [{"data": _data(cfg, seed, st), "setting": st, "fit": "private", "score": "test",
                          "dp": replace(cfg.dp, epsilon=e, prune=p, prune_criterion=pc, drop=dr, drop_mode=dm, seed=seed,
                                        **dict(zip(("lr", "clip"), step(st, e, p, pc, dr, dm))))}
-                        for p, pc, dr, dm in kinds]
+                        for p, pc, dr, dm in grid_arms(cfg)]
     return out
 
 @register_experiment("privacy.dp_prune", DPPruneConfig, notebook="43_privacy.dp_prune", prefix="dp")
