@@ -381,17 +381,22 @@ class RunIndex:
         "The folder name of (fn, config)."
         return config_hash({"fn": fn if isinstance(fn, str) else fn_name(fn), "config": config})
 
+    @staticmethod
+    def _is_run_folder(p: Path) -> bool:
+        "A real directory named by a hex key, holding a config.json."
+        return bool(_HEX.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and (p / "config.json").is_file()
+
     def _folders(self) -> list[Path]:
-        "Run folders: real directories directly under `root`, named by a hex key, holding a config.json."
+        "Run folders directly under `root`."
         if not self.root.is_dir(): return []
-        return [p for p in self.root.iterdir() if _HEX.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
-                and (p / "config.json").is_file()]
+        return [p for p in self.root.iterdir() if self._is_run_folder(p)]
 
     def get(self, key: str) -> Run:
         "The run whose key is `key` or starts with it (a unique hex prefix); anything else, or a prefix of several runs, is a `RunKeyError`."
         if not isinstance(key, str) or not _HEX.fullmatch(key):
             raise RunKeyError(f"{key!r} is not a run key: a key is lowercase hex (or a unique prefix of one), "
                               "as `effwb runs ls` lists them")
+        if self._is_run_folder(self.root / key): return Run(self.root / key)   # a whole key: no scan of the store
         hits = sorted(p for p in self._folders() if p.name.startswith(key))
         exact = [p for p in hits if p.name == key]
         if exact or len(hits) == 1: return Run((exact or hits)[0])

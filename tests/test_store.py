@@ -57,6 +57,19 @@ def test_finished_run_is_not_recomputed(tmp_path):
     assert r3["resumed_from"] == 0 and (run.path / "calls.txt").read_text().count("start=") == 2
 
 
+def test_a_whole_key_is_found_without_scanning_the_store(tmp_path, monkeypatch):
+    "Publishing an experiment looks up thousands of unit keys: each must not list the store's folders."
+    store = RunStore(tmp_path)
+    keys = [store.key(square, {"x": x}) for x in range(3)]
+    for x in range(3): store.run(square, {"x": x})
+    monkeypatch.setattr(RunStore, "_folders", lambda self: pytest.fail("scanned the store for a whole key"))
+    assert [store.get(k).result["y"] for k in keys] == [0, 1, 4]
+    monkeypatch.undo()
+    assert store.get(keys[0][:5]).key == keys[0]                            # a prefix still scans, and finds it
+    (tmp_path / keys[1] / "config.json").unlink()                          # a folder without its config is not a run
+    with pytest.raises(KeyError): store.get(keys[1])
+
+
 def test_failure_is_recorded_and_retried(tmp_path):
     store = RunStore(tmp_path)
     with pytest.raises(ValueError, match="asked to fail"):
