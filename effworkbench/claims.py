@@ -18,9 +18,9 @@ import pandas as pd
 from .core import ConfigError, Registry, load_table, results_dir
 
 # %% auto #0
-__all__ = ['VERDICTS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'seeds_to_decide', 'paired_effect', 'Claim', 'ClaimSet',
-           'register_claims', 'verdict_table', 'published_tables', 'verdicts', 'published_variants',
-           'stated_experiments']
+__all__ = ['VERDICTS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'seeds_to_decide', 'paired_differences', 'paired_effect',
+           'Claim', 'ClaimSet', 'register_claims', 'verdict_table', 'published_tables', 'verdicts',
+           'published_variants', 'stated_experiments']
 
 # %% ../nbs/03b_claims.ipynb #304fb8ae
 VERDICTS = ("reproduced", "not reproduced", "not decided")
@@ -61,9 +61,8 @@ def seeds_to_decide(ev: Evidence, threshold: float = 0.0) -> float:
     return float(max(ev.n, math.ceil(ev.n * (half / gap) ** 2)))
 
 # %% ../nbs/03b_claims.ipynb #4b4c4a41
-def paired_effect(table: pd.DataFrame, metric: str, where: dict, better: dict, worse: dict, pair: str = "seed",
-                  unit: str = "", seed: int = 0) -> Evidence:
-    """Mean over `pair` (seeds) of metric[better] − metric[worse], both rows also matching `where`, with its bootstrap interval.
+def paired_differences(table: pd.DataFrame, metric: str, where: dict, better: dict, worse: dict, pair: str = "seed") -> pd.Series:
+    """Per `pair` (seed) that has both: metric[better] − metric[worse], both rows also matching `where`.
     `better`/`worse`: column → value selecting the claimed-better and the baseline rows; one row per seed each."""
     def pick(sel):
         d = table
@@ -73,7 +72,12 @@ def paired_effect(table: pd.DataFrame, metric: str, where: dict, better: dict, w
     a, b = pick(better), pick(worse)
     common = a.index.intersection(b.index)
     if not len(common): raise ConfigError(f"no {pair} has both {better} and {worse} (with {where})")
-    return bootstrap_mean((a[common] - b[common]).to_numpy(), unit, seed=seed)
+    return a[common] - b[common]
+
+def paired_effect(table: pd.DataFrame, metric: str, where: dict, better: dict, worse: dict, pair: str = "seed",
+                  unit: str = "", seed: int = 0) -> Evidence:
+    "Mean over `pair` (seeds) of `paired_differences`, with its bootstrap interval."
+    return bootstrap_mean(paired_differences(table, metric, where, better, worse, pair).to_numpy(), unit, seed=seed)
 
 # %% ../nbs/03b_claims.ipynb #e9da152f
 @dataclass(frozen=True)

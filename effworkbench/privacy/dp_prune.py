@@ -22,22 +22,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from ..claims import Claim, Evidence, paired_effect, register_claims
+from ..claims import Claim, Evidence, bootstrap_mean, paired_differences, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment, unit_weights
-from ..store import Run, run_function
+from ..store import Run, config_hash, run_function
 from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_params, prune_channels, vgg_small
 
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
 # %% auto #0
-__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE_ARM', 'DENSE', 'DP_CLAIMS', 'check_dp_model', 'epsilon', 'noise_for_epsilon',
-           'poisson_batch', 'prunable', 'full_masks', 'prune_masks', 'apply_masks', 'density', 'prune_structured',
-           'mask_kinds', 'select_coordinates', 'per_sample_grads', 'clip_per_sample', 'param_owners', 'bk_unsupported',
-           'book_keep', 'weight_per_example', 'input_gram', 'ghost_cheaper', 'ghost_sq_norm', 'weight_sum',
-           'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step', 'GraphedDPStep', 'DPConfig', 'train_dp',
-           'DPPruneConfig', 'data_unit', 'public_private_splits', 'pretrain_public_unit', 'start_model',
-           'grid_cell_unit', 'grid_arms', 'tuned_arms', 'tune', 'grid_cells', 'run', 'grid_effect']
+__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE_ARM', 'DENSE', 'OWN', 'PRUNE50', 'DROP80', 'STATEMENT', 'DP_CLAIMS',
+           'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable', 'full_masks', 'prune_masks',
+           'apply_masks', 'density', 'prune_structured', 'mask_kinds', 'select_coordinates', 'per_sample_grads',
+           'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep', 'weight_per_example', 'input_gram',
+           'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step',
+           'GraphedDPStep', 'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit', 'public_private_splits',
+           'pretrain_public_unit', 'start_model', 'grid_cell_unit', 'grid_arms', 'tuned_arms', 'tune', 'arm_name',
+           'grid_cells', 'cross_cells', 'run', 'grid_effect', 'matched_effect']
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #bd7b3930
 def check_dp_model(model: nn.Module) -> nn.Module:
@@ -814,48 +815,90 @@ def tune(cfg: DPPruneConfig, ctx: Context) -> tuple[pd.DataFrame, dict]:
     best = score.loc[score.groupby(arm).accuracy.idxmax()]
     return t, {tuple(getattr(r, k) for k in arm): (r.lr, r.clip) for r in best.itertuples()}
 
+def arm_name(arm: tuple[float, str, float, str]) -> str:
+    "How tables name an arm: `prune 0.5 magnitude, drop 0 random`."
+    p, pc, dr, dm = arm
+    return f"prune {p:g} {pc}, drop {dr:g} {dm}"
+
+def _arm(cell: dict) -> tuple[float, str, float, str]:
+    dp = cell["dp"]
+    return (dp.prune, dp.prune_criterion, dp.drop, dp.drop_mode)
+
+def _cell(cfg: DPPruneConfig, tuned: dict, seed: int, st: str, e: float, arm: tuple, step_of: tuple) -> dict:
+    "The private run of `arm` at the (lr, clip) tuned for the arm `step_of` (the dense model's if that arm was not tuned)."
+    lr, clip = tuned.get((st, e, *step_of)) or tuned.get((st, e, *DENSE_ARM), (cfg.dp.lr, cfg.dp.clip))
+    p, pc, dr, dm = arm
+    return {"data": _data(cfg, seed, st), "setting": st, "fit": "private", "score": "test",
+            "dp": replace(cfg.dp, epsilon=e, prune=p, prune_criterion=pc, drop=dr, drop_mode=dm, seed=seed, lr=lr, clip=clip)}
+
 def grid_cells(cfg: DPPruneConfig, tuned: dict) -> list[dict]:
     """Every private run: the prune × drop grid, structured pre-pruning and the other dropping rules beside it; per setting,
     ε, seed. A cell runs at its arm's tuned (lr, clip) when `tune` chose one for it, else at the dense model's."""
-    step = lambda st, e, *arm: tuned.get((st, e, *arm)) or tuned.get((st, e, *DENSE_ARM), (cfg.dp.lr, cfg.dp.clip))
-    out = []
-    for seed in cfg.seeds:
-        for st in cfg.settings:
-            for e in cfg.epsilons:
-                out += [{"data": _data(cfg, seed, st), "setting": st, "fit": "private", "score": "test",
-                         "dp": replace(cfg.dp, epsilon=e, prune=p, prune_criterion=pc, drop=dr, drop_mode=dm, seed=seed,
-                                       **dict(zip(("lr", "clip"), step(st, e, p, pc, dr, dm))))}
-                        for p, pc, dr, dm in grid_arms(cfg)]
-    return out
+    return [_cell(cfg, tuned, seed, st, e, arm, arm) for seed in cfg.seeds for st in cfg.settings for e in cfg.epsilons
+            for arm in grid_arms(cfg)]
+
+def cross_cells(cfg: DPPruneConfig, tuned: dict) -> list[tuple[dict, tuple]]:
+    """With `tune_per_arm`, the runs that compare each knob at equal steps: every arm at the dense model's tuned step,
+    and the dense model at every arm's; each with the arm whose step it runs at. Empty otherwise."""
+    if not cfg.tune_per_arm or not tuned: return []
+    arms = [a for a in grid_arms(cfg) if a != DENSE_ARM]
+    return [(_cell(cfg, tuned, seed, st, e, *pair), pair[1]) for seed in cfg.seeds for st in cfg.settings for e in cfg.epsilons
+            for a in arms for pair in ((a, DENSE_ARM), (DENSE_ARM, a))]
 
 @register_experiment("privacy.dp_prune", DPPruneConfig, notebook="43_privacy.dp_prune", prefix="dp")
 def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "Tuning (if asked), then one private run per cell of `grid_cells`, each a unit; the tables `grid` and (if tuned) `tuning`."
+    """Tuning (if asked), then one private run per cell of `grid_cells` and `cross_cells`, each a unit; the tables `grid`
+    (`cross`: a run of `cross_cells`; `step_of`: the arm whose tuned lr and clip it ran at) and (if tuned) `tuning`."""
     if "finetune" in cfg.settings: ctx.units(pretrain_public_unit, [data_unit(cfg, s) for s in cfg.seeds], desc="public pretraining")
     tuning, tuned = tune(cfg, ctx)
-    grid = pd.DataFrame(ctx.units(grid_cell_unit, grid_cells(cfg, tuned), desc="private runs"))
+    own, cross = grid_cells(cfg, tuned), cross_cells(cfg, tuned)
+    cells = own + [c for c, _ in cross]
+    keys = [config_hash(c) for c in cells]                        # a cross cell can repeat another cell: run each once
+    first = {}
+    for k, c in zip(keys, cells): first.setdefault(k, c)
+    done = dict(zip(first, ctx.units(grid_cell_unit, list(first.values()), desc="private runs")))
+    step_of = [arm_name(_arm(c)) if (c["setting"], c["dp"].epsilon, *_arm(c)) in tuned else arm_name(DENSE_ARM) for c in own]
+    grid = pd.DataFrame([done[k] for k in keys]).assign(cross=[False] * len(own) + [True] * len(cross),
+                                                         step_of=step_of + [arm_name(a) for _, a in cross])
     return {"grid": grid, **({"tuning": tuning} if len(tuning) else {})}
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #d5974703
 DENSE = {"drop": 0.0, "drop_mode": "random"}
+OWN = {"cross": False}                                   # the grid's own cells: each arm at its own tuned step
 
 def grid_effect(where: dict, better: dict, worse: dict) -> Callable[[dict], Evidence]:
-    "Per seed: test accuracy of the grid cell `better` minus that of `worse`, both also matching `where`."
-    return lambda ts: paired_effect(ts["grid"], "accuracy", where, better, worse, pair="seed", unit="test accuracy")
+    "Per seed: test accuracy of the grid cell `better` minus that of `worse`, both also matching `where` (own cells only)."
+    return lambda ts: paired_effect(ts["grid"], "accuracy", {**where, **OWN}, better, worse, pair="seed", unit="test accuracy")
+
+def matched_effect(where: dict, arm: tuple[float, str, float, str]) -> Callable[[dict], Evidence]:
+    """Per seed: `arm` minus the dense model at equal steps, averaged over the two steps the tuning chose,
+    ½ [(arm − dense) at the arm's step + (arm − dense) at the dense model's]: the knob's effect with the step held
+    fixed, so a step that the tuning chose badly for one side does not count as the knob's (rows of `cross_cells`)."""
+    A, D = dict(zip(("prune", "prune_rule", "drop", "drop_mode"), arm)), dict(zip(("prune", "prune_rule", "drop", "drop_mode"), DENSE_ARM))
+    def measure(ts):
+        diff = lambda better, worse: paired_differences(ts["grid"], "accuracy", where, better, worse)
+        at_arm = diff({**A, **OWN}, {**D, "cross": True, "step_of": arm_name(arm)})
+        at_dense = diff({**A, "cross": True, "step_of": arm_name(DENSE_ARM)}, {**D, **OWN})
+        return bootstrap_mean(((at_arm + at_dense) / 2).dropna().to_numpy(), "test accuracy")
+    return measure
+
+PRUNE50, DROP80 = (0.5, "magnitude", 0.0, "random"), (0.0, "magnitude", 0.8, "random")
 
 def _claims_at(eps: float) -> list[Claim]:
     at = lambda setting: {"target_epsilon": eps, "setting": setting}
-    return [Claim(f"pre-pruning helps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), pre-pruning 50 % of the weights by magnitude "
-                  "raises accuracy over the dense model", grid_effect({**at(s), **DENSE}, {"prune": 0.5, "prune_rule": "magnitude"},
-                                                                        {"prune": 0.0}), margin=0.01)
-            for s in ("finetune", "scratch")] + [
-            Claim(f"dropping helps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), dropping 80 % of the gradient coordinates at "
-                  "random per step raises accuracy over updating all", grid_effect({**at(s), "prune": 0.0, "drop_mode": "random"},
-                                                                                   {"drop": 0.8}, {"drop": 0.0}), margin=0.01)
-            for s in ("finetune", "scratch")]
+    knob = lambda s, arm, what: [
+        Claim(f"{what} helps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), {STATEMENT[what]}, each at its own tuned step",
+              grid_effect(at(s), dict(zip(("prune", "prune_rule", "drop", "drop_mode"), arm)), {"prune": 0.0, **DENSE}), margin=0.01),
+        Claim(f"{what} helps at equal steps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), {STATEMENT[what]}, both at the same "
+              "step (averaged over the two tuned steps)", matched_effect(at(s), arm), margin=0.01)]
+    return [c for s in ("finetune", "scratch") for c in knob(s, PRUNE50, "pre-pruning")] + [
+            c for s in ("finetune", "scratch") for c in knob(s, DROP80, "dropping")]
+
+STATEMENT = {"pre-pruning": "pre-pruning 50 % of the weights by magnitude raises accuracy over the dense model",
+             "dropping": "dropping 80 % of the gradient coordinates at random per step raises accuracy over updating all"}
 
 DP_CLAIMS = _claims_at(1.0) + [
     Claim("public pretraining helps, ε = 1", "At ε = 1, fine-tuning a model pretrained on the public digits 0–4 beats "
-          "training from scratch", grid_effect({"target_epsilon": 1.0, "prune": 0.0, **DENSE}, {"setting": "finetune"},
-                                               {"setting": "scratch"}), margin=0.01)]
+          "training from scratch", grid_effect({"target_epsilon": 1.0, "prune": 0.0, "prune_rule": "magnitude", **DENSE},
+                                               {"setting": "finetune"}, {"setting": "scratch"}), margin=0.01)]
 register_claims("privacy.dp_prune", DP_CLAIMS, tables=("grid",))
