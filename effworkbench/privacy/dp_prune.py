@@ -31,14 +31,14 @@ from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_pa
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
 # %% auto #0
-__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE_ARM', 'DENSE', 'OWN', 'PRUNE50', 'DROP80', 'STATEMENT', 'DP_CLAIMS',
-           'check_dp_model', 'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable', 'full_masks', 'prune_masks',
-           'apply_masks', 'density', 'prune_structured', 'mask_kinds', 'select_coordinates', 'per_sample_grads',
-           'clip_per_sample', 'param_owners', 'bk_unsupported', 'book_keep', 'weight_per_example', 'input_gram',
-           'ghost_cheaper', 'ghost_sq_norm', 'weight_sum', 'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step',
-           'GraphedDPStep', 'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit', 'public_private_splits',
-           'pretrain_public_unit', 'start_model', 'grid_cell_unit', 'grid_arms', 'tuned_arms', 'tune', 'arm_name',
-           'grid_cells', 'cross_cells', 'run', 'grid_effect', 'matched_effect']
+__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE_ARM', 'OWN', 'PRUNE50', 'DROP80', 'STATEMENT', 'DP_CLAIMS', 'check_dp_model',
+           'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable', 'full_masks', 'prune_masks', 'apply_masks',
+           'density', 'prune_structured', 'mask_kinds', 'select_coordinates', 'per_sample_grads', 'clip_per_sample',
+           'param_owners', 'bk_unsupported', 'book_keep', 'weight_per_example', 'input_gram', 'ghost_cheaper',
+           'ghost_sq_norm', 'weight_sum', 'norm_per_example', 'clipped_grad_sum', 'dp_sgd_step', 'GraphedDPStep',
+           'DPConfig', 'train_dp', 'DPPruneConfig', 'data_unit', 'public_private_splits', 'pretrain_public_unit',
+           'start_model', 'grid_cell_unit', 'grid_arms', 'tuned_arms', 'tune', 'arm_name', 'grid_cells', 'cross_cells',
+           'run', 'rows_of', 'grid_effect', 'matched_effect']
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #bd7b3930
 def check_dp_model(model: nn.Module) -> nn.Module:
@@ -821,6 +821,7 @@ def arm_name(arm: tuple[float, str, float, str]) -> str:
     return f"prune {p:g} {pc}, drop {dr:g} {dm}"
 
 def _arm(cell: dict) -> tuple[float, str, float, str]:
+    "The arm of a private run's unit config."
     dp = cell["dp"]
     return (dp.prune, dp.prune_criterion, dp.drop, dp.drop_mode)
 
@@ -863,8 +864,14 @@ def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     return {"grid": grid, **({"tuning": tuning} if len(tuning) else {})}
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #d5974703
-DENSE = {"drop": 0.0, "drop_mode": "random"}
 OWN = {"cross": False}                                   # the grid's own cells: each arm at its own tuned step
+PRUNE50, DROP80 = (0.5, "magnitude", 0.0, "random"), (0.0, "magnitude", 0.8, "random")
+STATEMENT = {"pre-pruning": "pre-pruning 50 % of the weights by magnitude raises accuracy over the dense model",
+             "dropping": "dropping 80 % of the gradient coordinates at random per step raises accuracy over updating all"}
+
+def rows_of(arm: tuple[float, str, float, str]) -> dict:
+    "The grid columns that select an arm."
+    return dict(zip(("prune", "prune_rule", "drop", "drop_mode"), arm))
 
 def grid_effect(where: dict, better: dict, worse: dict) -> Callable[[dict], Evidence]:
     "Per seed: test accuracy of the grid cell `better` minus that of `worse`, both also matching `where` (own cells only)."
@@ -874,7 +881,7 @@ def matched_effect(where: dict, arm: tuple[float, str, float, str]) -> Callable[
     """Per seed: `arm` minus the dense model at equal steps, averaged over the two steps the tuning chose,
     ½ [(arm − dense) at the arm's step + (arm − dense) at the dense model's]: the knob's effect with the step held
     fixed, so a step that the tuning chose badly for one side does not count as the knob's (rows of `cross_cells`)."""
-    A, D = dict(zip(("prune", "prune_rule", "drop", "drop_mode"), arm)), dict(zip(("prune", "prune_rule", "drop", "drop_mode"), DENSE_ARM))
+    A, D = rows_of(arm), rows_of(DENSE_ARM)
     def measure(ts):
         diff = lambda better, worse: paired_differences(ts["grid"], "accuracy", where, better, worse)
         at_arm = diff({**A, **OWN}, {**D, "cross": True, "step_of": arm_name(arm)})
@@ -882,23 +889,18 @@ def matched_effect(where: dict, arm: tuple[float, str, float, str]) -> Callable[
         return bootstrap_mean(((at_arm + at_dense) / 2).dropna().to_numpy(), "test accuracy")
     return measure
 
-PRUNE50, DROP80 = (0.5, "magnitude", 0.0, "random"), (0.0, "magnitude", 0.8, "random")
-
 def _claims_at(eps: float) -> list[Claim]:
     at = lambda setting: {"target_epsilon": eps, "setting": setting}
     knob = lambda s, arm, what: [
         Claim(f"{what} helps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), {STATEMENT[what]}, each at its own tuned step",
-              grid_effect(at(s), dict(zip(("prune", "prune_rule", "drop", "drop_mode"), arm)), {"prune": 0.0, **DENSE}), margin=0.01),
+              grid_effect(at(s), rows_of(arm), rows_of(DENSE_ARM)), margin=0.01),
         Claim(f"{what} helps at equal steps, ε = {eps:g}, {s}", f"At ε = {eps:g} ({s}), {STATEMENT[what]}, both at the same "
               "step (averaged over the two tuned steps)", matched_effect(at(s), arm), margin=0.01)]
     return [c for s in ("finetune", "scratch") for c in knob(s, PRUNE50, "pre-pruning")] + [
             c for s in ("finetune", "scratch") for c in knob(s, DROP80, "dropping")]
 
-STATEMENT = {"pre-pruning": "pre-pruning 50 % of the weights by magnitude raises accuracy over the dense model",
-             "dropping": "dropping 80 % of the gradient coordinates at random per step raises accuracy over updating all"}
-
 DP_CLAIMS = _claims_at(1.0) + [
     Claim("public pretraining helps, ε = 1", "At ε = 1, fine-tuning a model pretrained on the public digits 0–4 beats "
-          "training from scratch", grid_effect({"target_epsilon": 1.0, "prune": 0.0, "prune_rule": "magnitude", **DENSE},
+          "training from scratch", grid_effect({"target_epsilon": 1.0, **rows_of(DENSE_ARM)},
                                                {"setting": "finetune"}, {"setting": "scratch"}), margin=0.01)]
 register_claims("privacy.dp_prune", DP_CLAIMS, tables=("grid",))
