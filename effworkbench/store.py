@@ -398,8 +398,7 @@ class RunIndex:
                               "as `effwb runs ls` lists them")
         if self._is_run_folder(self.root / key): return Run(self.root / key)   # a whole key: no scan of the store
         hits = sorted(p for p in self._folders() if p.name.startswith(key))
-        exact = [p for p in hits if p.name == key]
-        if exact or len(hits) == 1: return Run((exact or hits)[0])
+        if len(hits) == 1: return Run(hits[0])
         if not hits: raise RunKeyError(f"no run {key!r} in {self.root} (`effwb runs ls` lists the runs)")
         raise RunKeyError(f"{key!r} is the prefix of {len(hits)} runs: {', '.join(p.name for p in hits)}; give more digits")
 

@@ -25,7 +25,7 @@ from torch.func import functional_call, grad, vmap
 from ..claims import Claim, Evidence, bootstrap_mean, paired_differences, paired_effect, register_claims
 from ..core import ConfigError, PresetConfig, set_seed
 from ..experiment import Context, register_experiment, unit_weights
-from ..store import Run, config_hash, run_function
+from ..store import Run, run_function
 from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_params, prune_channels, vgg_small
 
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
@@ -825,9 +825,13 @@ def _arm(cell: dict) -> tuple[float, str, float, str]:
     dp = cell["dp"]
     return (dp.prune, dp.prune_criterion, dp.drop, dp.drop_mode)
 
+def _step_arm(tuned: dict, st: str, e: float, arm: tuple) -> tuple:
+    "The arm whose tuned (lr, clip) a run of `arm` uses: its own if `tune` chose one for it, else the dense model's."
+    return arm if (st, e, *arm) in tuned else DENSE_ARM
+
 def _cell(cfg: DPPruneConfig, tuned: dict, seed: int, st: str, e: float, arm: tuple, step_of: tuple) -> dict:
     "The private run of `arm` at the (lr, clip) tuned for the arm `step_of` (the dense model's if that arm was not tuned)."
-    lr, clip = tuned.get((st, e, *step_of)) or tuned.get((st, e, *DENSE_ARM), (cfg.dp.lr, cfg.dp.clip))
+    lr, clip = tuned.get((st, e, *_step_arm(tuned, st, e, step_of)), (cfg.dp.lr, cfg.dp.clip))
     p, pc, dr, dm = arm
     return {"data": _data(cfg, seed, st), "setting": st, "fit": "private", "score": "test",
             "dp": replace(cfg.dp, epsilon=e, prune=p, prune_criterion=pc, drop=dr, drop_mode=dm, seed=seed, lr=lr, clip=clip)}
@@ -852,15 +856,10 @@ def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     (`cross`: a run of `cross_cells`; `step_of`: the arm whose tuned lr and clip it ran at) and (if tuned) `tuning`."""
     if "finetune" in cfg.settings: ctx.units(pretrain_public_unit, [data_unit(cfg, s) for s in cfg.seeds], desc="public pretraining")
     tuning, tuned = tune(cfg, ctx)
-    own, cross = grid_cells(cfg, tuned), cross_cells(cfg, tuned)
-    cells = own + [c for c, _ in cross]
-    keys = [config_hash(c) for c in cells]                        # a cross cell can repeat another cell: run each once
-    first = {}
-    for k, c in zip(keys, cells): first.setdefault(k, c)
-    done = dict(zip(first, ctx.units(grid_cell_unit, list(first.values()), desc="private runs")))
-    step_of = [arm_name(_arm(c)) if (c["setting"], c["dp"].epsilon, *_arm(c)) in tuned else arm_name(DENSE_ARM) for c in own]
-    grid = pd.DataFrame([done[k] for k in keys]).assign(cross=[False] * len(own) + [True] * len(cross),
-                                                         step_of=step_of + [arm_name(a) for _, a in cross])
+    own, cross = grid_cells(cfg, tuned), cross_cells(cfg, tuned)        # a cross cell can repeat another: run once
+    rows = ctx.units(grid_cell_unit, own + [c for c, _ in cross], desc="private runs")
+    step_of = [_step_arm(tuned, c["setting"], c["dp"].epsilon, _arm(c)) for c in own] + [a for _, a in cross]
+    grid = pd.DataFrame(rows).assign(cross=[False] * len(own) + [True] * len(cross), step_of=[arm_name(a) for a in step_of])
     return {"grid": grid, **({"tuning": tuning} if len(tuning) else {})}
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #d5974703
