@@ -26,9 +26,10 @@ from .experiment import OutOfTime
 from .store import RunStore
 
 # %% auto #0
-__all__ = ['COMMANDS', 'nbs_dir', 'find_notebooks', 'resolve_notebook', 'notebook_params', 'coerce_param', 'validate_params',
-           'notebook_budget', 'CommandFailed', 'local_kernel_manager', 'CellHooks', 'CellProgress', 'NotebookError',
-           'run_notebook', 'run_all', 'resolve_experiment', 'parser', 'command_plugins', 'main']
+__all__ = ['STORED_RENDERER', 'COMMANDS', 'nbs_dir', 'find_notebooks', 'resolve_notebook', 'notebook_params', 'coerce_param',
+           'validate_params', 'notebook_budget', 'CommandFailed', 'local_kernel_manager', 'CellHooks', 'CellProgress',
+           'NotebookError', 'store_outputs', 'run_notebook', 'run_all', 'resolve_experiment', 'parser',
+           'command_plugins', 'main']
 
 # %% ../nbs/04_cli.ipynb #7f5b06d7
 def nbs_dir() -> Path:
@@ -231,18 +232,49 @@ def _env(**kv):
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # %% ../nbs/04_cli.ipynb #cfbbf275
+STORED_RENDERER = "plotly_mimetype+notebook_connected"   # a stored notebook's figures: data, not 5 MB of plotly.js
+
+def store_outputs(executed: str | Path, source: str | Path) -> int:
+    """Write the outputs and execution counts of `executed` (a copy `run_notebook` made of `source`) into the notebook
+    `source`, cell by cell id, then clean it as `nbdev-clean` does; sources, tags and markdown stay as they are.
+    Papermill's injected parameters cell has no counterpart and is left out. A code cell of `source` missing from the
+    copy, or with another source, is an error: the copy was made from another version. Returns the code cells written."""
+    from fastcore.nbio import read_nb, write_nb
+    from nbdev.clean import clean_nb
+    from nbdev.config import get_config
+    ex, src = read_nb(executed), read_nb(source)
+    ran = {c.get("id"): c for c in ex.cells if c.cell_type == "code"}
+    code = [c for c in src.cells if c.cell_type == "code"]
+    for c in code:
+        e = ran.get(c.get("id"))
+        if e is None or e.source != c.source:
+            raise ConfigError(f"{executed} is not an executed copy of {source} as it is now (code cell {c.get('id')} "
+                              "differs): run the notebook again")
+        c["outputs"], c["execution_count"] = e.get("outputs", []), e.get("execution_count")
+    cfg = get_config(path=Path(source).resolve().parent)            # the project's [tool.nbdev]: the tags it keeps
+    clean_nb(src, cfg.clear_all, cfg.get("allowed_metadata_keys") or [], cfg.get("allowed_cell_metadata_keys") or [],
+             cfg.clean_ids, cfg.get("allowed_out_metadata_keys") or [])
+    write_nb(src, source)
+    return len(code)
+
 def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, Any] | None = None,
                  out_dir: str | Path = "_site", timeout: float | None = None, html: bool = True,
-                 progress: bool | float | None = None) -> dict[str, Any]:
+                 progress: bool | float | None = None, in_place: bool = False) -> dict[str, Any]:
     """Execute `notebook` through papermill into `out_dir` (and render it to HTML); returns name, seconds, paths.
-    `progress`: True or a period in seconds shows `CellProgress` on stderr; None: on unless `is_quiet()`."""
+    `progress`: True or a period in seconds shows `CellProgress` on stderr; None: on unless `is_quiet()`.
+    `in_place`: then write the outputs into the notebook itself (`store_outputs`), only at its defaults (smoke, no
+    parameters): how a committed notebook's outputs are made."""
     import papermill as pm
     path = resolve_notebook(notebook)
+    if in_place and (params or preset != "smoke"):
+        raise ConfigError(f"{path.name}: outputs go into the notebook only from a run at its defaults (the smoke preset, "
+                          "no -p): a notebook's stored outputs are what it shows as committed")
     overrides = validate_params(path, params, preset)
     out_dir = Path(out_dir).resolve(); out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
     if timeout is None and overrides["preset"] == "smoke": timeout = notebook_budget(path)
-    env = {"PLOTLY_RENDERER": os.environ.get("PLOTLY_RENDERER", "notebook"), "EFFWB_STATIC": "1", "EFFWB_QUIET": "1"}
+    renderer = STORED_RENDERER if in_place else "notebook"
+    env = {"PLOTLY_RENDERER": os.environ.get("PLOTLY_RENDERER", renderer), "EFFWB_STATIC": "1", "EFFWB_QUIET": "1"}
     if progress is None: progress = not is_quiet()
     bar = CellProgress(path.stem, every=None if progress is True else progress) if progress else None
     km = local_kernel_manager()
@@ -263,6 +295,7 @@ def run_notebook(notebook: str | Path, preset: str = "smoke", params: dict[str, 
     finally:
         if bar: bar.close()
     seconds = time.time() - t0
+    if in_place: store_outputs(out, path)
     page = None
     if html:
         from effworkbench.pages import render_html
@@ -407,14 +440,23 @@ def _run_params(sets: list[str] | None) -> dict[str, str]:
 
 def _cmd_run(args) -> int:
     params = _run_params(args.param)
+    if args.all and args.in_place:     # every notebook runs before any is written: each runs on the checkout as it was
+        if params or args.preset != "smoke": raise ConfigError("--all --in-place runs every notebook at its defaults: no -p, no --preset")
+        with _env(PLOTLY_RENDERER=os.environ.get("PLOTLY_RENDERER", STORED_RENDERER)):
+            runs = [(nb, run_notebook(nb, out_dir=args.out, timeout=args.timeout, html=False)) for nb in find_notebooks()]
+        for nb, r in runs:
+            store_outputs(r["output"], nb)
+            print(f"{r['notebook']}: ok in {r['seconds']} s, outputs stored", flush=True)
+        return 0
     if args.all:
         if params: raise ConfigError("-p applies to one notebook; `effwb run --all` takes only --preset")
         df = run_all(args.preset, args.out, html=not args.no_html)
         print(df.drop(columns=[c for c in ("output", "html", "error") if c in df]).to_string(index=False))
         return 0 if (df.status == "ok").all() else 1
     if not args.notebook: raise ConfigError("name a notebook (`effwb list` shows them) or pass --all")
-    r = run_notebook(args.notebook, args.preset, params, args.out, timeout=args.timeout, html=not args.no_html)
-    print(f"{r['notebook']}: ok in {r['seconds']} s -> {r['html'] or r['output']}")
+    r = run_notebook(args.notebook, args.preset, params, args.out, timeout=args.timeout, html=not args.no_html,
+                     in_place=args.in_place)
+    print(f"{r['notebook']}: ok in {r['seconds']} s -> {r['html'] or r['output']}" + (", outputs stored" if args.in_place else ""))
     return 0
 
 # %% ../nbs/04_cli.ipynb #27d961a5
@@ -477,6 +519,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="_site", help="output folder (default _site)")
     r.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds (default: smoke budget)")
     r.add_argument("--no-html", action="store_true", help="skip rendering the HTML page")
+    r.add_argument("--in-place", action="store_true",
+                   help="also write the outputs into the notebook itself (at its defaults only): what is committed")
     r.set_defaults(func=_cmd_run)
     l = sub.add_parser("list", help="the notebooks with their parameters and defaults")
     l.set_defaults(func=_cmd_list)

@@ -112,8 +112,8 @@ class Context:
 
     def units(self, fn: Callable[[Any, Run], dict], cfgs: Sequence, desc: str | None = None) -> list[dict]:
         """`unit` for every config, in parallel worker processes when `workers > 1`; the results in input order. A config
-        given twice is computed once."""
-        todo = list({self.store.key(fn, c): c for c in cfgs if not self.store.is_done(fn, c)}.values())
+        given twice is computed once (`sweep` sends each key once; the store reads a finished run back)."""
+        todo = [c for c in cfgs if not self.store.is_done(fn, c)]
         if todo: self._check_time(f"{len(todo)} units")
         if self.workers > 1 and len(todo) > 1:
             table = sweep(fn, todo, store=self.store, executor="process", max_workers=self.workers, desc=desc)

@@ -10,7 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from effworkbench.cli import main, resolve_notebook, run_notebook
+from effworkbench.cli import main, resolve_notebook, run_notebook, store_outputs
+from effworkbench.core import ConfigError
 from effworkbench.store import RunStore
 
 EFFWB = [str(Path(sys.executable).parent / "effwb")]  # the installed console script
@@ -68,6 +69,47 @@ def test_run_injects_typed_parameters(nbs, tmp_path):
     assert "result 4.0 1" in text                                 # steps * lr with int and float overrides; static mode
     injected = [c for c in out.cells if "injected-parameters" in c.metadata.get("tags", [])][0].source
     assert "preset = \"medium\"" in injected and "lr = 1.0" in injected
+
+
+def test_run_in_place_stores_the_outputs_in_the_notebook(nbs, tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.nbdev]\nallowed_cell_metadata_keys = ["tags"]\n')   # the project's
+    src = nbs / "10_toy.ipynb"
+    nb = nbformat.read(src, as_version=4)
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="result 0 stale\n")]   # from an older version
+    nbformat.write(nb, src)
+    r = _effwb("run", "10_toy", "--in-place", "--no-html")
+    assert r.returncode == 0, r.stderr
+    out = nbformat.read(src, as_version=4)
+    assert [(c.cell_type, c.source) for c in out.cells] == [(c.cell_type, c.source) for c in nb.cells]   # no injected cell
+    assert "".join(o.get("text", "") for o in out.cells[2].outputs) == "result 1.5 1\n"
+    assert out.cells[1].metadata["tags"] == ["parameters"] and "papermill" not in out.metadata   # clean, tag kept
+    assert all(c.execution_count is None for c in out.cells if c.cell_type == "code")        # as nbdev-clean leaves it
+    r = _effwb("run", "10_toy", "--in-place", "-p", "steps=4", "--no-html")
+    assert r.returncode != 0 and "at its defaults" in r.stderr
+    assert nbformat.read(src, as_version=4).cells[2].outputs == out.cells[2].outputs          # left as it was
+
+
+def test_run_all_in_place_writes_nothing_until_every_notebook_ran(nbs, tmp_path):
+    before = {p.name: p.read_bytes() for p in nbs.glob("*.ipynb")}
+    r = _effwb("run", "--all", "--in-place")
+    assert r.returncode != 0 and "the broken cell" in r.stderr
+    assert {p.name: p.read_bytes() for p in nbs.glob("*.ipynb")} == before      # 10_toy ran, but nothing was written
+    (nbs / "11_broken.ipynb").unlink()
+    _nb(nbs / "12_figure.ipynb", "preset = 'smoke'", "import os\nprint(os.environ['PLOTLY_RENDERER'])")
+    env = {k: v for k, v in os.environ.items() if k != "PLOTLY_RENDERER"}
+    r = subprocess.run([*EFFWB, "run", "--all", "--in-place"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = nbformat.read(nbs / "10_toy.ipynb", as_version=4)
+    assert "".join(o.get("text", "") for o in out.cells[2].outputs) == "result 1.5 1\n"
+    out = nbformat.read(nbs / "12_figure.ipynb", as_version=4)        # figures stored as data, not with plotly.js
+    assert "".join(o.get("text", "") for o in out.cells[2].outputs) == "plotly_mimetype+notebook_connected\n"
+
+
+def test_store_outputs_refuses_a_copy_of_another_version(nbs, tmp_path):
+    run_notebook("10_toy", out_dir=tmp_path / "x", html=False)
+    src = nbs / "10_toy.ipynb"
+    nb = nbformat.read(src, as_version=4); nb.cells[2].source += "\nx = 1"; nbformat.write(nb, src)
+    with pytest.raises(ConfigError, match="not an executed copy"): store_outputs(tmp_path / "x" / "10_toy.ipynb", src)
 
 
 def test_failure_exits_nonzero_and_shows_the_cell(nbs, tmp_path):

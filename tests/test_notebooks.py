@@ -32,6 +32,15 @@ def test_every_notebook_has_a_preset_parameter():
         assert notebook_params(nb)["preset"] == "smoke", nb.name
 
 
+def test_papermill_reads_every_parameter():
+    "papermill's own parser (its injection and `--help-notebook`) finds each parameter: a comment holding `=` hides one"
+    import nbformat
+    from papermill.translators import PythonTranslator
+    for nb in NOTEBOOKS:
+        cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        assert {p.name for p in PythonTranslator.inspect(cell)} == set(notebook_params(nb)), nb.name
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_smoke(nb):

@@ -1,6 +1,7 @@
 """Provenance of committed result tables: each `results/<name>.csv` has a record `results/<name>.env.json` naming the clean
 commit that made it (`git_hash`, `git_dirty: false`), unless it is on the explicit, shrinking allow-list
-`results/LEGACY_PROVENANCE.txt` (one `<name>  <reason>` per line) that the reproduction issues work off."""
+`results/LEGACY_PROVENANCE.txt` (one `<name>  <reason>` per line) that the reproduction issues work off; and the
+notebooks' stored outputs show the committed tables, not older ones."""
 import json
 import re
 import subprocess
@@ -79,3 +80,21 @@ def test_save_table_always_records_the_commit(tmp_path, monkeypatch):
         save_table(pd.DataFrame({"a": [1]}), "t", "medium", git_dirty=False, git_hash="0" * 40, note="x")
     rec = json.loads((tmp_path / "t.env.json").read_text())
     assert rec["note"] == "x" and rec["git_hash"] == git_info()["git_hash"] and rec["git_dirty"] == git_info()["git_dirty"]
+
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"      # a table record's `time_utc`, as the notebooks print it
+
+
+def test_stored_notebook_outputs_show_the_committed_tables():
+    """A time stamp in a notebook's stored outputs (`table: preset 'medium', <machine>, <time_utc>`) is that of a
+    committed table record: a table republished without `effwb run NAME --in-place` leaves its notebook showing the old
+    numbers to anyone who opens it."""
+    times = {json.loads(p.read_text()).get("time_utc") for p in RESULTS.glob("*.env.json")}
+    stale = []
+    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+        for cell in json.loads(nb.read_text())["cells"]:
+            for out in cell.get("outputs", []):
+                text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+                stale += [f"{nb.name}: {t}" for t in re.findall(STAMP, text) if t not in times]
+    assert not stale, (f"stored outputs show tables no longer committed ({', '.join(stale)}): refresh them with "
+                       "`.venv/bin/effwb run NAME --in-place` from a clean checkout and commit the notebook")

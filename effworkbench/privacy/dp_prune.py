@@ -31,7 +31,7 @@ from ..vision.models import BlockNet, VisionTask, accuracy, fit_classifier, n_pa
 Masks = dict[str, torch.Tensor]   # parameter name → bool tensor of the parameter's shape (True: the coordinate is live)
 
 # %% auto #0
-__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE_ARM', 'OWN', 'PRUNE50', 'DROP80', 'STATEMENT', 'DP_CLAIMS', 'check_dp_model',
+__all__ = ['Masks', 'SMALL_PER_EXAMPLE', 'DENSE_ARM', 'PRUNE50', 'DROP80', 'OWN', 'STATEMENT', 'DP_CLAIMS', 'check_dp_model',
            'epsilon', 'noise_for_epsilon', 'poisson_batch', 'prunable', 'full_masks', 'prune_masks', 'apply_masks',
            'density', 'prune_structured', 'mask_kinds', 'select_coordinates', 'per_sample_grads', 'clip_per_sample',
            'param_owners', 'bk_unsupported', 'book_keep', 'weight_per_example', 'input_gram', 'ghost_cheaper',
@@ -691,21 +691,22 @@ class DPPruneConfig(PresetConfig):
     tune_seeds: int = 1           # each (lr, clip) is scored by its mean held-out accuracy over the first tune_seeds seeds
     tune_lrs: tuple[float, ...] = ()
     tune_clips: tuple[float, ...] = ()
-    tune_per_arm: bool = False    # tune lr and clip for every arm of the grid (prune, drop and their rules) on its own; False: once, for the dense model
+    tune_arms: Literal["dense", "claims", "all"] = "dense"   # lr and clip tuned for: the dense model alone (every arm runs at its
+                                  # step); also for the arms the claims compare with it (PRUNE50, DROP80); for every arm
     dp: DPConfig = field(default_factory=lambda: DPConfig(**_GRID_DP))   # every private run; the grid sets ε, prune, drop, seed (and lr, clip when tuned)
     presets: ClassVar = {"smoke": {"dp": _GRID_DP},
-                         "medium": {"seeds": list(range(15)), "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
+                         "medium": {"seeds": list(range(26)), "n_train": 3000, "n_test": 1000, "pretrain_epochs": 5,
                                     "epsilons": [1.0, 8.0], "prunes": [0.0, 0.5, 0.8], "drops": [0.0, 0.8],
                                     "structured_prunes": [0.5], "drop_modes": ["layer", "magnitude"],
                                     "tune_frac": 0.3, "tune_seeds": 5, "tune_lrs": [0.125, 0.25, 0.5, 1.0, 2.0], "tune_clips": [0.5, 1.0, 2.0],
-                                    "tune_per_arm": True,
+                                    "tune_arms": "claims",
                                     "dp": {**_GRID_DP, "epochs": 5.0, "q": 0.05}},
                          "full": {"n_train": 20000, "n_test": 4000, "size": 32, "width": 16, "pretrain_epochs": 10,
                                   "epsilons": [0.5, 1.0, 2.0, 4.0, 8.0], "prunes": [0.0, 0.3, 0.5, 0.7, 0.9],
                                   "drops": [0.0, 0.3, 0.5, 0.8, 0.9], "structured_prunes": [0.5, 0.8], "drop_modes": ["layer", "magnitude"],
                                   "seeds": [0, 1, 2, 3, 4], "tune_frac": 0.2, "tune_seeds": 3, "tune_lrs": [0.25, 0.5, 1.0, 2.0, 4.0],
                                   "tune_clips": [0.25, 0.5, 1.0, 2.0],
-                                  "tune_per_arm": False,    # per arm: 29 arms × 20 candidates × 3 seeds × 10 (setting, ε) = 17 400 tuning runs
+                                  "tune_arms": "claims",    # "all": 29 arms × 20 candidates × 3 seeds × 10 (setting, ε) = 17 400 tuning runs
                                   "dp": {**_GRID_DP, "epochs": 20.0, "q": 0.02}}}
 
 def data_unit(cfg: DPPruneConfig, seed: int) -> dict:
@@ -785,6 +786,7 @@ def _data(cfg: DPPruneConfig, seed: int, setting: str) -> dict:
     return d if setting == "finetune" else {k: v for k, v in d.items() if k != "pretrain_epochs"}
 
 DENSE_ARM = (0.0, "magnitude", 0.0, "random")
+PRUNE50, DROP80 = (0.5, "magnitude", 0.0, "random"), (0.0, "magnitude", 0.8, "random")   # what the claims compare with it
 
 def grid_arms(cfg: DPPruneConfig) -> list[tuple[float, str, float, str]]:
     """The arms of the grid, each (prune rate, prune rule, drop rate, drop mode): the magnitude × random prune × drop
@@ -794,8 +796,10 @@ def grid_arms(cfg: DPPruneConfig) -> list[tuple[float, str, float, str]]:
             + [(0.0, "magnitude", max(cfg.drops), m) for m in cfg.drop_modes])
 
 def tuned_arms(cfg: DPPruneConfig) -> list[tuple[float, str, float, str]]:
-    "The arms whose lr and clip are tuned: every arm of the grid with `tune_per_arm`, else the dense model alone."
-    return [DENSE_ARM] + [a for a in grid_arms(cfg) if a != DENSE_ARM] if cfg.tune_per_arm else [DENSE_ARM]
+    """The arms whose lr and clip are tuned (`tune_arms`), the dense model first: it alone, or with the arms of the grid
+    that the claims compare with it (`PRUNE50`, `DROP80`), or with every arm of the grid."""
+    others = [a for a in grid_arms(cfg) if a != DENSE_ARM]
+    return [DENSE_ARM] + {"dense": [], "claims": [a for a in others if a in (PRUNE50, DROP80)], "all": others}[cfg.tune_arms]
 
 def tune(cfg: DPPruneConfig, ctx: Context) -> tuple[pd.DataFrame, dict]:
     """Per (setting, ε, arm) for the arms of `tuned_arms`: the (lr, clip) of `tune_lrs` × `tune_clips` with the best mean
@@ -843,18 +847,20 @@ def grid_cells(cfg: DPPruneConfig, tuned: dict) -> list[dict]:
             for arm in grid_arms(cfg)]
 
 def cross_cells(cfg: DPPruneConfig, tuned: dict) -> list[tuple[dict, tuple]]:
-    """With `tune_per_arm`, the runs that compare each knob at equal steps: every arm at the dense model's tuned step,
-    and the dense model at every arm's; each with the arm whose step it runs at. Empty otherwise."""
-    if not cfg.tune_per_arm or not tuned: return []
-    arms = [a for a in grid_arms(cfg) if a != DENSE_ARM]
+    """The runs that compare each tuned arm with the dense model at equal steps: the arm at the dense model's tuned step,
+    and the dense model at the arm's; each with the arm whose step it runs at. None without tuning or with the dense
+    model tuned alone (an arm that is not tuned runs at the dense model's step already)."""
+    if not tuned: return []
     return [(_cell(cfg, tuned, seed, st, e, *pair), pair[1]) for seed in cfg.seeds for st in cfg.settings for e in cfg.epsilons
-            for a in arms for pair in ((a, DENSE_ARM), (DENSE_ARM, a))]
+            for a in tuned_arms(cfg)[1:] for pair in ((a, DENSE_ARM), (DENSE_ARM, a))]
 
 @register_experiment("privacy.dp_prune", DPPruneConfig, notebook="43_privacy.dp_prune", prefix="dp")
 def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     """Tuning (if asked), then one private run per cell of `grid_cells` and `cross_cells`, each a unit; the tables `grid`
     (`cross`: a run of `cross_cells`; `step_of`: the arm whose tuned lr and clip it ran at) and (if tuned) `tuning`."""
     if "finetune" in cfg.settings: ctx.units(pretrain_public_unit, [data_unit(cfg, s) for s in cfg.seeds], desc="public pretraining")
+    # σ per ε, solved once here: the worker processes (forked) inherit it and the accountant's import (≈ 1.4 s a unit)
+    for e in cfg.epsilons: noise_for_epsilon(e, cfg.dp.delta, cfg.dp.q, cfg.dp.steps, cfg.dp.accountant)
     tuning, tuned = tune(cfg, ctx)
     own, cross = grid_cells(cfg, tuned), cross_cells(cfg, tuned)        # a cross cell can repeat another: run once
     rows = ctx.units(grid_cell_unit, own + [c for c, _ in cross], desc="private runs")
@@ -864,7 +870,6 @@ def run(cfg: DPPruneConfig, ctx: Context) -> dict[str, pd.DataFrame]:
 
 # %% ../../nbs/43_privacy.dp_prune.ipynb #d5974703
 OWN = {"cross": False}                                   # the grid's own cells: each arm at its own tuned step
-PRUNE50, DROP80 = (0.5, "magnitude", 0.0, "random"), (0.0, "magnitude", 0.8, "random")
 STATEMENT = {"pre-pruning": "pre-pruning 50 % of the weights by magnitude raises accuracy over the dense model",
              "dropping": "dropping 80 % of the gradient coordinates at random per step raises accuracy over updating all"}
 
@@ -885,7 +890,11 @@ def matched_effect(where: dict, arm: tuple[float, str, float, str]) -> Callable[
         diff = lambda better, worse: paired_differences(ts["grid"], "accuracy", where, better, worse)
         at_arm = diff({**A, **OWN}, {**D, "cross": True, "step_of": arm_name(arm)})
         at_dense = diff({**A, "cross": True, "step_of": arm_name(DENSE_ARM)}, {**D, **OWN})
-        return bootstrap_mean(((at_arm + at_dense) / 2).dropna().to_numpy(), "test accuracy")
+        both = (at_arm + at_dense) / 2                                # per seed; NaN where a seed lacks one of the runs
+        if both.isna().any():
+            raise ConfigError(f"{arm_name(arm)} ({where}): seeds {both.index[both.isna()].tolist()} lack a run at one of "
+                              "the two steps: publish the experiment's whole grid")
+        return bootstrap_mean(both.to_numpy(), "test accuracy")
     return measure
 
 def _claims_at(eps: float) -> list[Claim]:
