@@ -1,5 +1,5 @@
 """Provenance of committed result tables: each `results/<name>.csv` has a record `results/<name>.env.json` naming the clean
-commit that made it (`git_hash`, `git_dirty: false`), unless it is on the explicit, shrinking allow-list
+commit that made it (`git_hash`, `git_dirty: false`, a commit in this repository's history), unless it is on the explicit, shrinking allow-list
 `results/LEGACY_PROVENANCE.txt` (one `<name>  <reason>` per line) that the reproduction issues work off; and the
 notebooks' stored outputs show the committed tables, not older ones."""
 import json
@@ -36,7 +36,17 @@ def problem(name: str) -> str | None:
     rec = json.loads(env.read_text())
     if not re.fullmatch(r"[0-9a-f]{40}", str(rec.get("git_hash"))): return f"no commit (git_hash={rec.get('git_hash')!r})"
     if rec.get("git_dirty") is not False: return f"git_dirty={rec.get('git_dirty')!r}"
+    if not in_history(rec["git_hash"]): return f"commit {rec['git_hash'][:10]} is not in this repository's history"
     return None
+
+
+def in_history(sha: str) -> bool:
+    "Whether `sha` is HEAD or an ancestor of it (a record naming a commit that never landed fails). True where the"
+    " history cannot tell: no git, or a shallow clone that lacks old commits."
+    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+    top = run("rev-parse", "--is-shallow-repository")
+    if top.returncode != 0 or top.stdout.strip() == "true": return True
+    return run("merge-base", "--is-ancestor", sha, "HEAD").returncode == 0
 
 
 TABLES = sorted(p.stem for p in RESULTS.glob("*.csv"))
