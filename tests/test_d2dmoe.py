@@ -215,3 +215,28 @@ def test_active_mask_is_the_slots_rule(mode):
             idx = layer.slots(x)
             want = torch.zeros(len(x), E + 1, dtype=torch.bool).scatter_(1, torch.where(idx >= 0, idx, E), True)[:, :E]
             assert torch.equal(layer.active(x), want), (mode, tau, k)
+
+
+def test_seeds_run_stage_by_stage_with_the_rows_of_each_seed(tmp_path, monkeypatch):
+    """More seeds: each stage (sparsify, convert, sweep) sends the units of every seed at once, and the tables hold, in
+    seed order, exactly the rows the same experiment gives at each seed alone."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from effworkbench.experiment import EXPERIMENTS, Context, run_experiment
+    from effworkbench.store import RunStore
+    stages, units = [], Context.units
+    def recording(self, fn, cfgs, desc=None):
+        stages.append((desc, len(cfgs)))
+        return units(self, fn, cfgs, desc)
+    monkeypatch.setattr(Context, "units", recording)
+    store = RunStore(tmp_path)
+    cfg = EXPERIMENTS["compress.d2dmoe"].config_for("smoke", TINY + ["attention=false", "seeds=(3,)", "hoyer=0.5"])
+    res = run_experiment("compress.d2dmoe", cfg, store=store)
+    assert stages == [("sparsify", 4), ("convert", 4), ("sweep", 4)]        # 2 seeds × (ReLU, Hoyer), one call a stage
+    for name in ("sweep", "density", "routers"):
+        assert list(dict.fromkeys(res[name].seed)) == [0, 3]
+    alone = [run_experiment("compress.d2dmoe", replace(cfg, seed=s, seeds=()), store=store) for s in (0, 3)]
+    for name in ("sweep", "density", "routers"):
+        pd.testing.assert_frame_equal(res[name], pd.concat([a[name] for a in alone], ignore_index=True))

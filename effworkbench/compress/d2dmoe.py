@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -506,21 +506,24 @@ def convert_units(cfg: D2DMoEConfig, su: SparsifyUnit) -> list[tuple[str, Conver
     u = ConvertUnit(su, False, cfg.n_experts, cfg.router_hidden, cfg.router_steps, cfg.calib_batches, cfg.attn_hidden_mult, cfg.attn_steps)
     return [("FFN", u)] + ([("FFN + attention", replace(u, attention=True))] if cfg.attention and su.hoyer else [])
 
-def seed_tables(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
-    "The pipeline at `cfg.seed`: sparsification, conversion and routing sweep (each stage's units in parallel with workers)."
-    spars = sparsify_units(cfg)                                                   # [(name, unit)]
-    s_res = ctx.units(sparsify_unit, [su for _, su in spars], desc="sparsify")
-    convs = [(f"{name}, {v}", s, cu) for (name, su), s in zip(spars, s_res) for v, cu in convert_units(cfg, su)]
+def seed_tables(cfg: D2DMoEConfig, ctx: Context, seeds: Sequence[int]) -> dict[str, pd.DataFrame]:
+    """The pipeline at every seed: sparsification, conversion and routing sweep. Each stage runs the units of all seeds
+    at once (in parallel with workers), so that the workers stay busy while one seed's slow unit (the attention
+    distillation) runs; the rows in seed order."""
+    spars = [(s, name, su) for s in seeds for name, su in sparsify_units(replace(cfg, seed=s))]        # [(seed, name, unit)]
+    s_res = ctx.units(sparsify_unit, [su for *_, su in spars], desc="sparsify")
+    convs = [(seed, f"{name}, {v}", s, cu) for (seed, name, su), s in zip(spars, s_res) for v, cu in convert_units(cfg, su)]
     c_res = ctx.units(convert_unit, [cu for *_, cu in convs], desc="convert")
     ks = tuple(k for k in cfg.ks if k <= cfg.n_experts)
     w_res = ctx.units(sweep_unit, [SweepUnit(cu, cfg.taus, ks) for *_, cu in convs], desc="sweep")
-    dens = [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"]}
-            for (name, su), s in zip(spars, s_res) for i, v in enumerate(s["density"])]
-    routers = [pd.DataFrame(c["routers"]).assign(variant=label) for (label, *_), c in zip(convs, c_res)]
-    sweeps = [pd.DataFrame(w["sweep"]).assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"]) for (_, s, _), w in zip(convs, w_res)]
-    for (label, *_), sw in zip(convs, sweeps): sw.insert(0, "variant", label)
-    out = {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens), "routers": pd.concat(routers, ignore_index=True)}
-    return {k: v.assign(seed=cfg.seed) for k, v in out.items()}
+    dens = [{"model": name, "hoyer": su.hoyer, "layer": i, "density": v, "dense_loss": s["dense_loss"], "seed": seed}
+            for (seed, name, su), s in zip(spars, s_res) for i, v in enumerate(s["density"])]
+    routers = [pd.DataFrame(c["routers"]).assign(variant=label, seed=seed) for (seed, label, *_), c in zip(convs, c_res)]
+    sweeps = []
+    for (seed, label, s, _), w in zip(convs, w_res):
+        sw = pd.DataFrame(w["sweep"]).assign(dense_loss=s["dense_loss"], base_loss=s["base_loss"], seed=seed)
+        sw.insert(0, "variant", label); sweeps.append(sw)
+    return {"sweep": pd.concat(sweeps, ignore_index=True), "density": pd.DataFrame(dens), "routers": pd.concat(routers, ignore_index=True)}
 
 def experts_variant(cfg: D2DMoEConfig) -> str:
     """The preset's number of experts publishes the main tables; another its own, `d2dmoe_experts<E>_*` (smaller experts,
@@ -531,11 +534,11 @@ def experts_variant(cfg: D2DMoEConfig) -> str:
 def run(cfg: D2DMoEConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "The base model (published, or trained as a unit), the pipeline at every seed, and the speed of the first seed's fastest FFN conversion."
     ensure_base(ctx, cfg.base)
-    per_seed = [seed_tables(replace(cfg, seed=s), ctx) for s in dict.fromkeys((cfg.seed, *cfg.seeds))]
+    tables = seed_tables(cfg, ctx, list(dict.fromkeys((cfg.seed, *cfg.seeds))))
     spars = sparsify_units(cfg)
     fastest = [cu for _, su in spars for _, cu in convert_units(cfg, su) if not cu.attention][-1]   # Hoyer's when λ > 0
     speed = pd.DataFrame(ctx.unit(speed_unit, SweepUnit(fastest, cfg.taus))["speed"])
-    return {**{k: pd.concat([t[k] for t in per_seed], ignore_index=True) for k in per_seed[0]}, "speed": speed}
+    return {**tables, "speed": speed}
 
 # %% ../../nbs/31_compress.d2dmoe.ipynb #4d171563
 def frontier(sweep: pd.DataFrame, by_seed: bool = False) -> pd.DataFrame:
