@@ -510,7 +510,7 @@ def seed_tables(cfg: D2DMoEConfig, ctx: Context, seeds: Sequence[int]) -> dict[s
     """The pipeline at every seed: sparsification, conversion and routing sweep. Each stage runs the units of all seeds
     at once (in parallel with workers), so that the workers stay busy while one seed's slow unit (the attention
     distillation) runs; the rows in seed order."""
-    spars = [(s, name, su) for s in seeds for name, su in sparsify_units(replace(cfg, seed=s))]        # [(seed, name, unit)]
+    spars = [(seed, name, su) for seed in seeds for name, su in sparsify_units(replace(cfg, seed=seed))]  # [(seed, name, unit)]
     s_res = ctx.units(sparsify_unit, [su for *_, su in spars], desc="sparsify")
     convs = [(seed, f"{name}, {v}", s, cu) for (seed, name, su), s in zip(spars, s_res) for v, cu in convert_units(cfg, su)]
     c_res = ctx.units(convert_unit, [cu for *_, cu in convs], desc="convert")
