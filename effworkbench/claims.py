@@ -88,6 +88,7 @@ class Claim:
     measure: Callable[[dict[str, pd.DataFrame]], Evidence]     # the effect in the claimed direction
     threshold: float = 0.0
     margin: float = 0.0                                        # the smallest effect that matters
+    variants: tuple[str, ...] | None = None                    # the only variants whose tables decide it (None: all)
 
     def verdict(self, tables: dict[str, pd.DataFrame]) -> dict:
         "One row of a verdict table."
@@ -105,7 +106,13 @@ class ClaimSet:
 
     def __repr__(self) -> str:                         # what a notebook shows below its `register_claims` cell
         lines = [f"{len(self.claims)} claim{'s' * (len(self.claims) != 1)}, decided from the tables {', '.join(self.tables)}:"]
-        return "\n".join(lines + [f"- {c.name}: {c.statement} (margin {c.margin:g})" for c in self.claims])
+        return "\n".join(lines + [f"- {c.name}: {c.statement} (margin {c.margin:g}"
+                                   + (f"; decided only from the variant{'s' * (len(c.variants) > 1)} {', '.join(c.variants)})"
+                                      if c.variants is not None else ")") for c in self.claims])
+
+    def for_variant(self, variant: str = "") -> tuple[Claim, ...]:
+        "The claims the tables of `variant` decide (\"\": the main tables): every claim not restricted to other variants."
+        return tuple(c for c in self.claims if c.variants is None or variant in c.variants)
 
 CLAIMS = Registry("claims")          # experiment name -> ClaimSet
 
@@ -130,7 +137,7 @@ def verdicts(experiment: str, preset: str = "medium", variant: str = "") -> pd.D
     from effworkbench.experiment import EXPERIMENTS
     EXPERIMENTS[experiment]                                        # imports the module that registers its claims
     cs = CLAIMS[experiment]
-    return verdict_table(cs.claims, published_tables(experiment, cs.tables, preset, variant))
+    return verdict_table(cs.for_variant(variant), published_tables(experiment, cs.tables, preset, variant))
 
 def published_variants(experiment: str, preset: str = "medium") -> list[str]:
     """The variants of `experiment` committed at `preset`: each `<variant>` of `results/<prefix>_<variant>_<table>_<preset>.csv`
