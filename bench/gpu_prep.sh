@@ -30,4 +30,7 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $pins 2>&1 | grep -v "^WARNING" || true
 ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels downloaded into .whl/ for: $pins"; exit 1; }
 echo "wheels: $(ls .whl | tr '\n' ' ')($(du -sh .whl | cut -f1))"
-echo "carry: .git_manifest .carry .whl data   ($(du -sh --exclude=.git --exclude=.venv --exclude=_site --exclude=_proc --exclude=runs . | cut -f1) with the tree; the limit is 64 MiB)"
+# what travels: the tracked files (and untracked ones git does not ignore) and the carried paths
+tree=$( { git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null; \
+          find .git_manifest .carry .whl data -type f -printf '%s\n' 2>/dev/null; } | awk '{ s += $1 } END { printf "%.1f", s / 2^20 }')
+echo "carry: .git_manifest .carry .whl data   (${tree} MiB with the tree; the limit is 64 MiB)"
