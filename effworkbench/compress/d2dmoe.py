@@ -616,7 +616,7 @@ register_claims("compress.d2dmoe", [
           "runs under half the dense FFNs' FLOPs (the paper: about 60 % of the cost saved)",
           lambda t: ffn_flops_saved(t["sweep"]), threshold=0.5, margin=0.0),
     Claim("dynamic-k beats top-k, k = 4 and 8", "stated after the sixteen-seed main tables, where top-k won at k = 2 and "
-          "dynamic-k at k = 4 and 8 (a quarter and half of the 16 experts, where the 1 % line lies): loss(top-k) − "
-          "loss(dynamic-k) > 0 at equal average experts per token, mean over k ∈ {4, 8}; decided only from eight fresh seeds",
+          "dynamic-k at k = 4 and 8 (a quarter and half of the 16 experts): loss(top-k) − loss(dynamic-k) > 0 at equal "
+          "average experts per token, mean over k ∈ {4, 8}, on eight fresh seeds (16–23)",
           lambda t: dynamic_vs_topk(t["sweep"], ks=(4, 8)), margin=0.005, variants=("seeds16",)),
 ], tables=("sweep", "density"))
