@@ -106,9 +106,10 @@ class ClaimSet:
 
     def __repr__(self) -> str:                         # what a notebook shows below its `register_claims` cell
         lines = [f"{len(self.claims)} claim{'s' * (len(self.claims) != 1)}, decided from the tables {', '.join(self.tables)}:"]
-        return "\n".join(lines + [f"- {c.name}: {c.statement} (margin {c.margin:g}"
-                                   + (f"; decided only from the variant{'s' * (len(c.variants) > 1)} {', '.join(c.variants)})"
-                                      if c.variants is not None else ")") for c in self.claims])
+        def deciders(c: Claim) -> str:
+            if c.variants is None: return ""
+            return f"; decided only from the variant{'s' * (len(c.variants) > 1)} {', '.join(c.variants)}"
+        return "\n".join(lines + [f"- {c.name}: {c.statement} (margin {c.margin:g}{deciders(c)})" for c in self.claims])
 
     def for_variant(self, variant: str = "") -> tuple[Claim, ...]:
         "The claims the tables of `variant` decide (\"\": the main tables): every claim not restricted to other variants."
