@@ -13,7 +13,7 @@ Prints one line per compiled kernel and a summary; exit status 1 on any failure.
 
     python tests/moe_aot.py                 # sm_90 and sm_80
     python tests/moe_aot.py 90              # sm_90 only
-    python tests/moe_aot.py 90 --candidates # instead: the training kernels at every 16-bit tile the tuner may pick, both combines"""
+    python tests/moe_aot.py 90 --candidates # instead: the training kernels at every tile the tuner may pick (16-bit, float32), both combines"""
 import dataclasses
 import os
 import re
@@ -60,18 +60,19 @@ def record_launches(candidates: bool = False):
     g = torch.Generator().manual_seed(0)
     N, E, d, h = 96, 4, 64, 128
 
-    def bf16_layer(cfg, act, atomic):
-        ws = [torch.randn(*s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(N, d), (E, d, h), (E, h, d), (E, d, h)]]
+    def layer(cfg, act, atomic, dtype=torch.bfloat16):
+        ws = [torch.randn(*s, generator=g).to(dtype).requires_grad_() for s in [(N, d), (E, d, h), (E, h, d), (E, d, h)]]
         idx, gates = torch.randint(-1, E, (N, 2), generator=g), torch.rand(N, 2, generator=g).requires_grad_()
         y = mk.triton_moe_mlp(ws[0], ws[1], ws[2], ws[3] if act == "swiglu" else None, idx, gates, act, atomic=atomic, config=cfg)
         torch.autograd.grad(y, [*ws[:3], gates], torch.ones_like(y), allow_unused=True)
 
-    if candidates:                                                   # bf16 training kernels, gelu and swiglu, each tile, both combines
-        for cfg in mk.TILE_CANDIDATES["16bit"]:
-            for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: bf16_layer(cfg, act, atomic)
+    if candidates:                                                   # training kernels, each activation, each tile, both combines
+        for key, dtype in (("16bit", torch.bfloat16), ("float32", torch.float32)):
+            for cfg in mk.TILE_CANDIDATES[key]:
+                for act, atomic in [(a, at) for a in ("gelu", "relu", "swiglu") for at in (False, True)]: layer(cfg, act, atomic, dtype)
         return list(seen.values())
     tma = dataclasses.replace(mk.kernel_config("cuda", torch.bfloat16), tma=True)
-    for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: bf16_layer(tma, act, atomic)
+    for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: layer(tma, act, atomic)
     for E2, h2 in ((32, 128), (128, 32)):                            # the dynamic-k inference kernel with TMA weight tiles
         x, take = torch.randn(N, d, generator=g).bfloat16(), torch.rand(N, E2, generator=g) < 0.2
         w_in, w_out = torch.randn(E2, d, h2, generator=g).bfloat16(), torch.randn(E2, h2, d, generator=g).bfloat16()

@@ -371,7 +371,7 @@ def test_bf16_and_autocast(act):
 @pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}), reason="triton without its NVIDIA backend")
 def test_kernels_compile_for_hopper():
     """Every launch the layer makes, compiled for sm_90 without a GPU: wgmma, pipelined loads, shared memory that fits;
-    with the registers and spills ptxas reports for each kernel."""
+    the registers ptxas reports for each kernel, and no kernel spilling to local memory at the default tiles."""
     import re
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("moe_aot.py")), "90"], env=env,
@@ -384,6 +384,8 @@ def test_kernels_compile_for_hopper():
     regs = [int(m.group(1)) for m in res]
     assert all(0 < g <= 255 for g in regs) and len(set(regs)) > 1, regs      # parsed per kernel, within sm_90's limit
     assert "summary sm_90: " in r.stdout and f"most registers {max(regs)} " in r.stdout
+    spilling = [ln for ln, m in zip(lines, res) if m.group(3) != "0" or m.group(4) != "0"]
+    assert not spilling and f"{len(lines)} kernels" in r.stdout and ", 0 spilling" in r.stdout, spilling
     tma = [ln for ln in lines if re.search(r"TMA(_I|_O)?=True", ln)]       # launches built with a TMA descriptor
     assert all(ln.endswith(" tma") for ln in tma), [ln for ln in tma if not ln.endswith(" tma")]
     assert {ln.split()[2] for ln in tma} >= {"_moe_up_kernel", "_moe_rows_kernel", "_moe_dh_kernel", "_masked_mlp_kernel"}, tma
