@@ -129,7 +129,7 @@ sec_dp() {
 sec_tune() {
   start tune 150 "bench/moe.py --tune" || return 0
   echo "=== bench/moe.py --tune" >> "$OUT/bench_moe.log"
-  timeout "$T" $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128,triton_tma > /tmp/effwb_tune.log 2>&1
+  timeout "$T" $PY bench/moe.py --tune --no-check --routing uniform --skip loop,triton_atomic,triton_dh128,triton_tma,triton_persistent > /tmp/effwb_tune.log 2>&1
   cat /tmp/effwb_tune.log >> "$OUT/bench_moe.log"; tail -12 /tmp/effwb_tune.log
 }
 

@@ -6,7 +6,8 @@ arguments, constexprs, warps, stages — are exactly the library's, with CUDA's 
 specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 marked divisible, ints equal to 1 made
 constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
 (`warp_group_dot`) fed by a software-pipelined loop of async copies, and every kernel must fit in shared memory.
-Launches with TMA descriptors (`MoEKernelConfig.tma`) are compiled for sm_90 only and must copy by TMA.
+Launches with TMA descriptors (`MoEKernelConfig.tma`) are compiled for sm_90 only and must copy by TMA; the persistent
+kernel 1 (`MoEKernelConfig.persistent`) must flatten its tile and reduction loops into one pipelined loop.
 Each line also reports what `ptxas -v` says of the kernel's PTX (Triton's own ptxas, the same target): registers per
 thread, the thread blocks per SM those registers allow, and spill stores/loads in bytes. Spills are reported, not failed.
 Prints one line per compiled kernel and a summary; exit status 1 on any failure.
@@ -50,6 +51,23 @@ def ptxas_resources(k, cc: int, warps: int) -> dict:
     return {"regs": regs, "blocks": REGS_PER_SM // per_block, "spill_st": st, "spill_ld": ld}
 
 
+def dot_loops(ttgir: str) -> tuple[list[int], bool]:
+    """How many scf.for loops enclose each dot of a kernel's TTGIR, and whether a store sits in the innermost loop of a
+    dot (a tile loop flattened with its reduction loop: the epilogue runs under an scf.if inside that one loop)."""
+    stack, n_ids, depths, dot_loops_, store_loops = [], 0, [], set(), set()   # stack: id of each open region (-1: not a loop)
+    for ln in ttgir.splitlines():
+        fors = [r for r in stack if r >= 0]
+        if "warp_group_dot " in ln or "tt.dot " in ln:
+            depths.append(len(fors))
+            if fors: dot_loops_.add(fors[-1])
+        if "tt.store " in ln and fors: store_loops.add(fors[-1])
+        net = ln.count("{") - ln.count("}")
+        for _ in range(max(net, 0)):
+            stack.append(n_ids if "scf.for " in ln else -1); n_ids += 1
+        for _ in range(max(-net, 0)): stack.pop()
+    return depths, bool(dot_loops_ & store_loops)
+
+
 def record_launches(candidates: bool = False):
     seen = {}
     def rec(kernel, n_programs, cfg, *args, max_stages=8, **meta):
@@ -73,6 +91,7 @@ def record_launches(candidates: bool = False):
         return list(seen.values())
     tma = dataclasses.replace(mk.kernel_config("cuda", torch.bfloat16), tma=True)
     for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: layer(tma, act, atomic)
+    for act in ("gelu", "relu", "swiglu"): layer(dataclasses.replace(tma, persistent=True), act, False)   # kernel 1 persistent
     for E2, h2 in ((32, 128), (128, 32)):                            # the dynamic-k inference kernel with TMA weight tiles
         x, take = torch.randn(N, d, generator=g).bfloat16(), torch.rand(N, E2, generator=g) < 0.2
         w_in, w_out = torch.randn(E2, d, h2, generator=g).bfloat16(), torch.randn(E2, h2, d, generator=g).bfloat16()
@@ -155,6 +174,9 @@ def compile_all(ccs=(90, 80), candidates: bool = False):
                 if "async_copy_global_to_local" not in ttgir and "async_tma_copy_global_to_local" not in ttgir:
                     problems.append("loads not pipelined")
             if tma and "async_tma_copy_global_to_local" not in ttgir: problems.append("no TMA copy")
+            if "persistent" in kernel.fn.__name__:
+                depths, epilogue_in_loop = dot_loops(ttgir)
+                if not depths or any(n != 1 for n in depths) or not epilogue_in_loop: problems.append("loops not flattened")
             r = ptxas_resources(k, cc, warps)
             res.append((cc, label, r))
             print(f"{'FAIL' if problems else 'ok  '} sm_{cc} {label}: warps {warps} stages {stages} smem {smem} "

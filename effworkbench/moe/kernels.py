@@ -171,6 +171,7 @@ class MoEKernelConfig:
     dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
     atomic: bool | None = None      # the combine these tiles were tuned with (`tuned_config(atomic=None)`); None: the caller's
     tma: bool = False               # weight tiles (and kernel 2's sorted rows) by TMA copies where the card has them (sm_90+)
+    persistent: bool = False        # kernel 1 as one program per SM looping over its tiles, where its weights come by TMA
 
 def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelConfig:
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
@@ -240,6 +241,11 @@ def _moe_up_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_
         if ACT == 2:
             wgb = _w_tile(wg_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
             accg = _dot(xa, wgb, accg, PREC)                              # A_g += X[tok] W_gate[e]
+    _up_epilogue(acc, accg, rows, rmask, cols, cmask, a_ptr, ag_ptr, h_ptr, HD, ACT)
+
+@triton.jit
+def _up_epilogue(acc, accg, rows, rmask, cols, cmask, a_ptr, ag_ptr, h_ptr, HD, ACT: tl.constexpr):
+    "Kernel 1's stores of one tile: A (and A_g) rounded to the storage dtype, and H = act(A) from the rounded A."
     out = rows.to(tl.int64)[:, None] * HD + cols[None, :]                 # (BM, BN) in sorted-row order
     m2 = rmask[:, None] & cmask[None, :]
     a = acc.to(a_ptr.dtype.element_ty)
@@ -248,6 +254,38 @@ def _moe_up_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_
     if ACT == 2: tl.store(ag_ptr + out, ag, mask=m2)
     hid, _, _ = _act_fwd_bwd(a.to(tl.float32), ag.to(tl.float32), ACT)    # from the rounded A, as the backward does
     tl.store(h_ptr + out, hid.to(h_ptr.dtype.element_ty), mask=m2)
+
+@triton.jit
+def _moe_up_persistent_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_ptr, n_real_ptr, a_ptr, ag_ptr,
+                              h_ptr, D, HD, s_we, s_wk, s_wn, ACT: tl.constexpr, PREC: tl.constexpr,
+                              TMA: tl.constexpr, W_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Kernel 1 as a persistent loop: program p of P computes tiles p, p + P, p + 2P, … of the n_real row tiles of real
+    experts (a prefix of tile_e: it is sorted) × the hidden column blocks. The tile loop and the reduction loop are
+    flattened into one, so the software pipeline issues the next tile's first loads while this tile's epilogue stores.
+    Nothing is held across tiles but scalars: the pointers are formed inside the reduction loop."""
+    pid, P = tl.program_id(0), tl.num_programs(0)
+    n_tn = tl.cdiv(HD, BN)
+    ks = tl.arange(0, BK)
+    for t in tl.range(pid, tl.load(n_real_ptr) * n_tn, P, flatten=True):
+        pid_m, pid_n = t // n_tn, t % n_tn
+        e = tl.load(tile_e_ptr + pid_m)                                    # < E: real experts only
+        rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BM)
+        rmask = rows < tl.load(off_ptr + e + 1)
+        tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)   # (BM,)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < HD
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        accg = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            kmask = (k0 + ks) < D
+            xa = tl.load(x_ptr + tok[:, None] * D + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w_off = e.to(tl.int64) * s_we + (k0 + ks)[:, None] * s_wk + cols[None, :] * s_wn   # (BK, BN): pointer tiles only
+            wb = _w_tile(w_ptr, w_off, 0, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
+            acc = _dot(xa, wb, acc, PREC)                                 # A += X[tok] W_in[e]
+            if ACT == 2:
+                wgb = _w_tile(wg_ptr, w_off, 0, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
+                accg = _dot(xa, wgb, accg, PREC)                          # A_g += X[tok] W_gate[e]
+        _up_epilogue(acc, accg, rows, rmask, cols, cmask, a_ptr, ag_ptr, h_ptr, HD, ACT)
 
 # %% ../../nbs/13_moe.kernels.ipynb #443bd3c2
 def _prec(t: torch.Tensor) -> int:
@@ -287,11 +325,21 @@ def _up(x, w_in, w_gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     ag = _alloc((S, h), x.dtype, x.device) if act == "swiglu" else None
     hid = _alloc((S, h), x.dtype, x.device)
     (wi, wg), tma, w_t = _weights([w_in, w_gate if w_gate is not None else w_in], cfg, cfg.block_k, cfg.block_n)
-    _launch(_moe_up_kernel, plan.tile_e.numel() * triton.cdiv(h, cfg.block_n), cfg,
-            x, wi, wg, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
-            a, ag if ag is not None else a, hid, d, h, E, *w_in.stride(),
-            ACT=ACTS[act], PREC=_prec(x), TMA=tma, W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
+    n_tiles = plan.tile_e.numel() * triton.cdiv(h, cfg.block_n)             # a bound from the shapes: T row tiles × column blocks
+    meta = dict(ACT=ACTS[act], PREC=_prec(x), TMA=tma, W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
+    if cfg.persistent and tma:                                               # (pointer tiles spill in the flattened loop)
+        n_real = (plan.tile_e < E).sum(dtype=torch.int32)                   # row tiles of real experts, on the device
+        _launch(_moe_up_persistent_kernel, min(n_tiles, _persistent_programs(x)), cfg,
+                x, wi, wg, plan.tok, plan.tile_e, plan.tile_row, plan.offsets, n_real,
+                a, ag if ag is not None else a, hid, d, h, *w_in.stride(), **meta)
+    else:
+        _launch(_moe_up_kernel, n_tiles, cfg, x, wi, wg, plan.tok, plan.tile_e, plan.tile_row, plan.offsets,
+                a, ag if ag is not None else a, hid, d, h, E, *w_in.stride(), **meta)
     return a, ag, hid
+
+def _persistent_programs(t: torch.Tensor) -> int:
+    "Programs of a persistent kernel: one per SM on CUDA (its tiles take most of an SM's shared memory); 3 elsewhere."
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 3
 
 # %% ../../nbs/13_moe.kernels.ipynb #e5b41832
 @triton.jit
@@ -576,10 +624,14 @@ TILE_CANDIDATES: dict[str, tuple[MoEKernelConfig, ...]] = {
               MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64),
               # the same tiles with TMA copies of the weights and sorted rows (tried on sm_90+ cards only)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True),
-              MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64, tma=True)),
+              MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64, tma=True),
+              # kernel 1 persistent, over TMA weight tiles (sm_90+)
+              MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True, persistent=True),
+              MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True, persistent=True)),
     # float32 on CUDA (IEEE products on the CUDA cores): tiles whose kernels compile without spills, as above
     "float32": (MoEKernelConfig(64, 64, 32, 8, 3), MoEKernelConfig(64, 128, 32, 8, 3), MoEKernelConfig(64, 64, 32, 4, 2, dh_block_n=32)),
-    "interpreter": (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1), MoEKernelConfig(32, 32, 16, 4, 1, tma=True)),
+    "interpreter": (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1), MoEKernelConfig(32, 32, 16, 4, 1, tma=True),
+                    MoEKernelConfig(16, 32, 16, 4, 1, tma=True, persistent=True)),
 }
 _TUNED: dict[str, MoEKernelConfig] = {}
 
@@ -597,8 +649,9 @@ def tile_key(x: torch.Tensor, w_in: torch.Tensor, n_slots: int, act: str, atomic
     return f"{dev}|{str(x.dtype).removeprefix('torch.')}|{act}|{combine}|E={E}|d={d}|h={h}|S={S}"
 
 def _tile_label(c: MoEKernelConfig) -> str:
-    "block_m,block_n,block_k,warps,stages,dh_block_n[,tma] (and |atomic or |deterministic where the combine was tuned too)."
-    tiles = ",".join(map(str, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.dh_block_n))) + (",tma" if c.tma else "")
+    "block_m,block_n,block_k,warps,stages,dh_block_n[,tma][,persistent] (and |atomic or |deterministic where the combine was tuned too)."
+    tiles = ",".join(map(str, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.dh_block_n)))
+    tiles += (",tma" if c.tma else "") + (",persistent" if c.persistent else "")
     return tiles if c.atomic is None else f"{tiles}|{'atomic' if c.atomic else 'deterministic'}"
 
 def tile_cache_path() -> Path: return cache_dir() / "moe_tiles.json"
