@@ -71,15 +71,14 @@ def backends(act, config=None, tune: bool = False):
     dh128 = dataclasses.replace(config or kernel_config("cuda", torch.bfloat16), dh_block_n=128)   # the dH tile before it spilled
     # triton_tuned: tiles and combine tuned together (atomic=None), the layer's choice under EFFWB_MOE_TUNE=1
     tuned = {"triton_tuned": lambda *a: triton_moe_mlp(*a, act, config=tuned_config(*a[:5], act, None))} if tune else {}
+    tiles = lambda x, **kw: dataclasses.replace(config or kernel_config(x.device, x.dtype), **kw)   # the default tiles, changed
     return {**tuned, "triton": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=config),
             "triton_atomic": lambda *a: triton_moe_mlp(*a, act, atomic=True, config=config),
             "triton_dh128": lambda *a: triton_moe_mlp(*a, act, config=dh128 if a[0].is_cuda else config),
             # the default tiles with TMA copies of the weights and of kernel 2's rows (sm_90+; pointer loads elsewhere)
-            "triton_tma": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=dataclasses.replace(
-                config or kernel_config(a[0].device, a[0].dtype), tma=True)),
+            "triton_tma": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=tiles(a[0], tma=True)),
             # the same with kernel 1 persistent: one program per SM, tile and reduction loops flattened into one
-            "triton_persistent": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=dataclasses.replace(
-                config or kernel_config(a[0].device, a[0].dtype), tma=True, persistent=True)),
+            "triton_persistent": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=tiles(a[0], tma=True, persistent=True)),
             "torch": lambda *a: moe_mlp_torch(*a, act),                # the project's torch backend
             "plain_grouped_mm": lambda *a: plain_grouped_mm(*a, act),
             "loop": lambda *a: moe_mlp_loop(*a, act)}
