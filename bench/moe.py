@@ -13,15 +13,15 @@ plan alone by counting sort and by radix sort.
 
 Triton rows: `triton` (the default tiles, deterministic combine), `triton_atomic` (float32 atomic combine),
 `triton_dh128` (the dH kernel on 128 columns), `triton_tma` (weights and kernel 2's rows by TMA copies, sm_90+),
-`triton_persistent` (the same with kernel 1 as a persistent loop over its tiles, one program per SM) and,
+`triton_persistent` (the same with kernels 1 and 2 as persistent loops over their tiles, one program per SM) and,
 with --tune, `triton_tuned`. Beside them `torch` (the project's torch backend, `moe_mlp_torch`), `plain_grouped_mm`
 (the plain layer one would write around `torch._grouped_mm`: gather, two grouped GEMMs, gate weight, scatter-add) and
 `loop` (one matmul per expert).
 Printed per case and backend: ms per forward+backward, time(dense)/time(backend) (higher is better; the H100 anchors of
 the design notes are grouped_mm 0.63/0.45/0.32/0.20 and loop 0.44/0.13/0.05/0.015), the peak memory of the step above
 what was allocated before it, and the activations autograd saves for the backward, each also relative to dense; on CUDA
-the step's TFLOP/s against the card's measured bf16 GEMM peak and the datasheet's, and for the Triton layer (`triton`
-and `triton_persistent`) each kernel's time and TFLOP/s from the profiler. Times on CUDA: windows of back-to-back
+the step's TFLOP/s against the card's measured bf16 GEMM peak and the datasheet's, and for the Triton layer (`triton`,
+`triton_tma` and `triton_persistent`) each kernel's time and TFLOP/s from the profiler. Times on CUDA: windows of back-to-back
 steps between two events (no sync inside), the median over 5 windows.
 Then, on CUDA, the proof that the Triton layer never synchronises with the host: forward+backward under
 torch.cuda.set_sync_debug_mode("error"), and forward+backward captured in one CUDA graph, replayed after the routing
@@ -77,7 +77,7 @@ def backends(act, config=None, tune: bool = False):
             "triton_dh128": lambda *a: triton_moe_mlp(*a, act, config=dh128 if a[0].is_cuda else config),
             # the default tiles with TMA copies of the weights and of kernel 2's rows (sm_90+; pointer loads elsewhere)
             "triton_tma": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=tiles(a[0], tma=True)),
-            # the same with kernel 1 persistent: one program per SM, tile and reduction loops flattened into one
+            # the same with kernels 1 and 2 persistent: one program per SM, tile and reduction loops flattened into one
             "triton_persistent": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=tiles(a[0], tma=True, persistent=True)),
             "torch": lambda *a: moe_mlp_torch(*a, act),                # the project's torch backend
             "plain_grouped_mm": lambda *a: plain_grouped_mm(*a, act),
@@ -123,7 +123,8 @@ def gemm_peak_tflops(device, dtype, n: int = 8192) -> float:
     return max(2 * n**3 / time_step(lambda: a @ b, device, 3 if i == 0 else 0, 10, 1) / 1e12 for i in range(5))
 
 
-GEMM_KERNELS = ("_moe_up_kernel", "_moe_up_persistent_kernel", "_moe_rows_kernel", "_moe_dh_kernel", "_moe_wgrad_kernel")   # 2·S·d·h FLOPs a launch
+GEMM_KERNELS = ("_moe_up_kernel", "_moe_up_persistent_kernel", "_moe_rows_kernel", "_moe_rows_persistent_kernel", "_moe_dh_kernel",
+                "_moe_wgrad_kernel")   # 2·S·d·h FLOPs a launch
 
 
 def kernel_breakdown(step, flops_per_gemm: float, steps: int = 3) -> list[tuple[str, int, float, float]]:
@@ -338,7 +339,7 @@ def main():
                     entry = json.loads(tile_cache_path().read_text()).get(tile_key(x, w_in, idx.numel(), args.act, None), {})
                     print(f"{'':>18}tuned tiles {entry.get('config')}; ms per candidate (block_m,n,k,warps,stages,dh_block_n|combine): {entry.get('ms')}")
                 y = fwd(); outs[name] = [y.detach(), *[g.detach() for g in torch.autograd.grad(y, leaves, dy)]]
-                if name in ("triton", "triton_persistent") and device.type == "cuda":   # kernel 1 per tile and persistent
+                if name in ("triton", "triton_tma", "triton_persistent") and device.type == "cuda":   # per tile, TMA, persistent
                     try:
                         for kn, n, ms, tf in kernel_breakdown(step, 2 * T * k * d * h):
                             print(f"{'':>18}{kn[:40]:<40} {n:5.1f}/step {ms:8.3f} ms" + ("" if math.isnan(tf) else f" {tf:5.0f} TFLOP/s"))

@@ -7,7 +7,7 @@ specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 
 constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
 (`warp_group_dot`) fed by a software-pipelined loop of async copies, and every kernel must fit in shared memory.
 Launches with TMA descriptors (`MoEKernelConfig.tma`) are compiled for sm_90 only and must copy by TMA; the persistent
-kernel 1 (`MoEKernelConfig.persistent`) must flatten its tile and reduction loops into one pipelined loop.
+kernels 1 and 2 (`MoEKernelConfig.persistent`) must flatten their tile and reduction loops into one pipelined loop.
 Each line also reports what `ptxas -v` says of the kernel's PTX (Triton's own ptxas, the same target): registers per
 thread, the thread blocks per SM those registers allow, and spill stores/loads in bytes. Spills are reported, not failed
 (test_moe_kernels.py fails on any at the default tiles).
@@ -53,15 +53,15 @@ def ptxas_resources(k, cc: int, warps: int) -> dict:
 
 
 def dot_loops(ttgir: str) -> tuple[list[int], bool]:
-    """How many scf.for loops enclose each dot of a kernel's TTGIR, and whether a store sits in the innermost loop of a
-    dot (a tile loop flattened with its reduction loop: the epilogue runs under an scf.if inside that one loop)."""
+    """How many scf.for loops enclose each dot of a kernel's TTGIR, and whether a store (or atomic add) sits in the
+    innermost loop of a dot (a tile loop flattened with its reduction loop: the epilogue runs under an scf.if inside that one loop)."""
     stack, n_ids, depths, dot_fors, store_fors = [], 0, [], set(), set()   # stack: id of each open region (-1: not a loop)
     for ln in ttgir.splitlines():
         fors = [r for r in stack if r >= 0]
         if "warp_group_dot " in ln or "tt.dot " in ln:
             depths.append(len(fors))
             if fors: dot_fors.add(fors[-1])
-        if "tt.store " in ln and fors: store_fors.add(fors[-1])
+        if ("tt.store " in ln or "tt.atomic_rmw " in ln) and fors: store_fors.add(fors[-1])
         net = ln.count("{") - ln.count("}")
         for _ in range(max(net, 0)):
             stack.append(n_ids if "scf.for " in ln else -1); n_ids += 1
@@ -79,9 +79,9 @@ def record_launches(candidates: bool = False):
     g = torch.Generator().manual_seed(0)
     N, E, d, h = 96, 4, 64, 128
 
-    def layer(cfg, act, atomic, dtype=torch.bfloat16):
+    def layer(cfg, act, atomic, dtype=torch.bfloat16, K=2):
         ws = [torch.randn(*s, generator=g).to(dtype).requires_grad_() for s in [(N, d), (E, d, h), (E, h, d), (E, d, h)]]
-        idx, gates = torch.randint(-1, E, (N, 2), generator=g), torch.rand(N, 2, generator=g).requires_grad_()
+        idx, gates = torch.randint(-1, E, (N, K), generator=g), torch.rand(N, K, generator=g).requires_grad_()
         y = mk.triton_moe_mlp(ws[0], ws[1], ws[2], ws[3] if act == "swiglu" else None, idx, gates, act, atomic=atomic, config=cfg)
         torch.autograd.grad(y, [*ws[:3], gates], torch.ones_like(y), allow_unused=True)
 
@@ -92,7 +92,8 @@ def record_launches(candidates: bool = False):
         return list(seen.values())
     tma = dataclasses.replace(mk.kernel_config("cuda", torch.bfloat16), tma=True)
     for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: layer(tma, act, atomic)
-    for act in ("gelu", "relu", "swiglu"): layer(dataclasses.replace(tma, persistent=True), act, False)   # kernel 1 persistent
+    for act, atomic, K in [("gelu", False, 2), ("relu", False, 2), ("swiglu", False, 2), ("gelu", True, 2), ("swiglu", False, 1)]:
+        layer(dataclasses.replace(tma, persistent=True), act, atomic, K=K)   # kernels 1 and 2 persistent (K = 1: zero rows)
     for E2, h2 in ((32, 128), (128, 32)):                            # the dynamic-k inference kernel with TMA weight tiles
         x, take = torch.randn(N, d, generator=g).bfloat16(), torch.rand(N, E2, generator=g) < 0.2
         w_in, w_out = torch.randn(E2, d, h2, generator=g).bfloat16(), torch.randn(E2, h2, d, generator=g).bfloat16()

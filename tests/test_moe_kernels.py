@@ -87,6 +87,7 @@ CASES = {   # name: (N, E, K, d, h, act, routing)
     "dynamic_k_swiglu": (33, 4, 4, 16, 16, "swiglu", "dynamic_k"),
     "odd_widths_relu": (29, 3, 2, 24, 40, "relu", "uniform"),       # d, h not multiples of the tiles
     "all_unused_gelu": (20, 4, 2, 16, 16, "gelu", "none"),          # every slot -1: y = 0, every gradient 0
+    "top1_dropped_swiglu": (45, 6, 1, 32, 40, "swiglu", "skewed"),  # K = 1 with dropped slots: kernel 2 writes their rows' zeros
 }
 
 
@@ -174,8 +175,8 @@ def test_tma_copies_match_float64(name, monkeypatch):
 @pytest.mark.parametrize("persistent", [False, True])
 def test_tma_falls_back_where_copies_cannot_address(persistent, monkeypatch):
     """h = 42 float32 (168-byte rows, not a multiple of 16): W_in, H and dA cannot be described, so kernel 1 and both
-    kernel-2 launches load by pointers, while the dH kernel still copies W_out (rows of d = 24: 96 bytes) by TMA; a
-    persistent kernel 1 runs only over TMA weight tiles, so here the per-tile kernel 1 runs."""
+    kernel-2 launches load by pointers, while the dH kernel still copies W_out (rows of d = 24: 96 bytes) by TMA; the
+    persistent kernels 1 and 2 run only over TMA copies, so here the per-tile kernels run."""
     seen = record_tma(monkeypatch)
     cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=True, persistent=persistent)
     y, grads, names, refs = run_case((29, 3, 2, 24, 42, "relu", "uniform"), 6100, config=cfg)
@@ -185,23 +186,29 @@ def test_tma_falls_back_where_copies_cannot_address(persistent, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # kernel 2 copies rows it never writes out
-@pytest.mark.parametrize("name", ["uneven_empty_k2_gelu", "k3_swiglu", "odd_widths_relu", "dynamic_k_gelu", "all_unused_gelu"])
-def test_persistent_kernel_1_matches_float64(name, monkeypatch):
-    """`persistent` over TMA weight tiles: kernel 1 runs as min(tiles, programs) programs (3 under the interpreter, one per
-    SM on a card), each looping over every P-th tile of the real experts' row tiles × column blocks; the layer is
-    unchanged, empty experts and all-unused routings included. On a card before sm_90 the per-tile kernel 1 runs."""
-    seen, grids, launch = record_tma(monkeypatch), [], mk._launch
+@pytest.mark.parametrize("name,atomic", [(n, False) for n in ["uneven_empty_k2_gelu", "k3_swiglu", "odd_widths_relu", "dynamic_k_gelu",
+                                                              "all_unused_gelu", "top1_dropped_swiglu"]]
+                                        + [("uneven_empty_k2_gelu", True), ("top1_dropped_swiglu", True)])
+def test_persistent_kernels_match_float64(name, atomic, monkeypatch):
+    """`persistent` where the copies are TMA's: kernels 1 and 2 (forward and dX) each run as min(tiles, programs) programs
+    (3 under the interpreter, one per SM on a card), each looping over every P-th tile of the row tiles they compute ×
+    column blocks; the layer is unchanged, empty experts, all-unused routings and K = 1 with dropped slots (whose zero
+    rows kernel 2 writes) included, with either combine. On a card before sm_90 the per-tile kernels run."""
+    grids, launch = [], mk._launch
     monkeypatch.setattr(mk, "_launch", lambda kernel, n, *a, **kw: grids.append((kernel.fn.__name__, n)) or launch(kernel, n, *a, **kw))
     cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=True, persistent=True)
-    y, grads, names, refs = run_case(CASES[name], 6200 + list(CASES).index(name), config=cfg)
+    y, grads, names, refs = run_case(CASES[name], 6200 + list(CASES).index(name), atomic=atomic, config=cfg)
     assert_matches([y, *grads], refs, names, name)
     on = mk._has_tma(y)
-    assert {k for k, _, _ in seen if k.startswith("_moe_up")} == {"_moe_up_persistent_kernel" if on else "_moe_up_kernel"}, seen
+    ran = {k for k, _ in grids if k.startswith(("_moe_up", "_moe_rows"))}
+    assert ran == ({"_moe_up_persistent_kernel", "_moe_rows_persistent_kernel"} if on else {"_moe_up_kernel", "_moe_rows_kernel"}), grids
     if on:
         N, E, K, d, h = CASES[name][:5]
-        n_tiles = (triton.cdiv(N * K, cfg.block_m) + E + 1) * triton.cdiv(h, cfg.block_n)
-        assert [n for k, n in grids if k == "_moe_up_persistent_kernel"] == [min(n_tiles, mk._persistent_programs(y))], grids
-        if DEV.type == "cpu": assert n_tiles > 3                      # the grid is the programs, not the tiles
+        P = mk._persistent_programs(y)
+        up, rows = ((triton.cdiv(N * K, cfg.block_m) + E + 1) * triton.cdiv(n, cfg.block_n) for n in (h, d))
+        assert [n for k, n in grids if k == "_moe_up_persistent_kernel"] == [min(up, P)], grids
+        assert [n for k, n in grids if k == "_moe_rows_persistent_kernel"] == [min(rows, P)] * 2, grids   # y and dX
+        if DEV.type == "cpu": assert min(up, rows) > 3                # the grid is the programs, not the tiles
 
 
 def test_tuned_config_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
@@ -408,18 +415,22 @@ def test_kernels_compile_for_hopper():
     assert "summary sm_90: " in r.stdout and f"most registers {max(regs)} " in r.stdout
     spilling = [ln for ln, m in zip(lines, res) if m.group(3) != "0" or m.group(4) != "0"]
     assert not spilling and f"{len(lines)} kernels" in r.stdout and ", 0 spilling" in r.stdout, spilling
-    tma = [ln for ln in lines if re.search(r"TMA(_I|_O)?=True", ln)]       # launches built with a TMA descriptor
+    tma = [ln for ln in lines if re.search(r"TMA(_I|_O)?=True", ln) or " _moe_rows_persistent_kernel " in ln]   # built with a TMA
+                                                                           # descriptor (the persistent kernel 2 takes only those)
     assert all(ln.endswith(" tma") for ln in tma), [ln for ln in tma if not ln.endswith(" tma")]
-    assert {ln.split()[2] for ln in tma} >= {"_moe_up_kernel", "_moe_up_persistent_kernel", "_moe_rows_kernel", "_moe_dh_kernel",
+    assert {ln.split()[2] for ln in tma} >= {"_moe_up_kernel", "_moe_up_persistent_kernel", "_moe_rows_kernel", "_moe_rows_persistent_kernel",
+                                             "_moe_dh_kernel",
                                              "_masked_mlp_kernel"}, tma
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # TMA: NaN rows copied, never written out
-@pytest.mark.parametrize("tma,persistent", [(False, False), (True, False), (True, True)])
-def test_deterministic_and_no_unwritten_reads(tma, persistent, monkeypatch):
+@pytest.mark.parametrize("tma,persistent,name", [(False, False, "k3_swiglu"), (True, False, "k3_swiglu"), (True, True, "k3_swiglu"),
+                                                (True, True, "top1_dropped_swiglu")])
+def test_deterministic_and_no_unwritten_reads(tma, persistent, name, monkeypatch):
     """Every buffer from NaN-filled memory: any element read into a result before it is written would poison it. (With
-    TMA, kernel 2 copies whole row tiles, so rows of the unused slots come on chip too; their output rows are not written.)"""
-    case = CASES["k3_swiglu"]
+    TMA, kernel 2 copies whole row tiles, so rows of the unused slots come on chip too; their output rows are not written,
+    or, by the persistent kernel 2 at K = 1, written as zeros.)"""
+    case = CASES[name]
     cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=tma, persistent=persistent)
     y1, g1, _, _ = run_case(case, 7, config=cfg)
     monkeypatch.setattr(mk, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))

@@ -171,7 +171,7 @@ class MoEKernelConfig:
     dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
     atomic: bool | None = None      # the combine these tiles were tuned with (`tuned_config(atomic=None)`); None: the caller's
     tma: bool = False               # weight tiles (and kernel 2's sorted rows) by TMA copies where the card has them (sm_90+)
-    persistent: bool = False        # kernel 1 as one program per SM looping over its tiles, where its weights come by TMA
+    persistent: bool = False        # kernels 1 and 2 as one program per SM looping over their tiles, where they copy by TMA
 
 def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelConfig:
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
@@ -379,6 +379,11 @@ def _moe_rows_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr, tile_e_pt
             else: la2 = tl.load(l2_ptr + l_off + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
             wb2 = _w_tile(w2_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
             acc = _dot(la2, wb2, acc, PREC)
+    _rows_epilogue(acc, rows, rmask, cols, cmask, gate_ptr, orow_ptr, out_ptr, ND, SCALE, ATOMIC)
+
+@triton.jit
+def _rows_epilogue(acc, rows, rmask, cols, cmask, gate_ptr, orow_ptr, out_ptr, ND, SCALE: tl.constexpr, ATOMIC: tl.constexpr):
+    "Kernel 2's stores of one tile: out[orow[r]] = g[r]·acc[r] (float32 atomic adds into token rows with ATOMIC)."
     if SCALE:
         g = tl.load(gate_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * g[:, None]                                             # o_r = g_r · H_r W_out[e]
@@ -387,6 +392,34 @@ def _moe_rows_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr, tile_e_pt
     m2 = rmask[:, None] & cmask[None, :]
     if ATOMIC: tl.atomic_add(optrs, acc, mask=m2)
     else: tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+@triton.jit
+def _moe_rows_persistent_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr, tile_e_ptr, tile_row_ptr, off_ptr, n_work_ptr,
+                                out_ptr, KD, ND, E, HAS2: tl.constexpr, SCALE: tl.constexpr, ATOMIC: tl.constexpr,
+                                ZERO_UNUSED: tl.constexpr, PREC: tl.constexpr, W_T: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Kernel 2 as a persistent loop, every operand a TMA descriptor: program p of P computes tiles p, p + P, … of the
+    first n_work row tiles (the real experts', then, with ZERO_UNUSED, the unused slots') × the output column blocks, its
+    tile and reduction loops flattened into one as in kernel 1. A flattened loop's bounds cannot depend on the tile, so an
+    unused-slot tile runs the reduction too (on whatever its rows hold, with W[E−1]) and `where` stores zeros."""
+    pid, P = tl.program_id(0), tl.num_programs(0)
+    n_tn = tl.cdiv(ND, BN)
+    for t in tl.range(pid, tl.load(n_work_ptr) * n_tn, P, flatten=True):
+        pid_m, pid_n = t // n_tn, t % n_tn
+        e = tl.load(tile_e_ptr + pid_m)                                    # ≤ E; E only with ZERO_UNUSED
+        row0 = tl.load(tile_row_ptr + pid_m)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < tl.load(off_ptr + e + 1)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < ND
+        ew = tl.minimum(e, E - 1)                                          # a real expert's weights for an unused tile
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, KD, BK):
+            acc = _dot(l_ptr.load([row0, k0]), _w_tile(w_ptr, 0, 0, ew, k0, pid_n * BN, cmask, cmask, True, W_T, BK, BN), acc, PREC)
+            if HAS2:
+                acc = _dot(l2_ptr.load([row0, k0]), _w_tile(w2_ptr, 0, 0, ew, k0, pid_n * BN, cmask, cmask, True, W_T, BK, BN), acc, PREC)
+        if ZERO_UNUSED: acc = tl.where(e < E, acc, 0.0)                    # a select: NaN rows of unused slots cannot leak
+        _rows_epilogue(acc, rows, rmask, cols, cmask, gate_ptr, orow_ptr, out_ptr, ND, SCALE, ATOMIC)
 
 # %% ../../nbs/13_moe.kernels.ipynb #52f5b3bf
 @triton.jit
@@ -422,12 +455,17 @@ def _down(l, w, l2, w2, gate, plan: MoEPlan, expert_idx, w_t: bool, atomic: bool
     (wd, w2d), tma, tma_t = _weights([w.transpose(1, 2) if w_t else w, w2.transpose(1, 2) if w_t else w2], cfg, cfg.block_k, cfg.block_n)
     ld = [_descriptor(t, (cfg.block_m, cfg.block_k)) for t in (l, l2)] if tma else [None]
     if None in ld: wd, w2d, tma, tma_t, ld = w, w2, False, False, (l, l2)            # sorted rows TMA cannot address
-    _launch(_moe_rows_kernel, plan.tile_e.numel() * triton.cdiv(ND, cfg.block_n), cfg,
-            ld[0], wd, ld[1], w2d, gate if gate is not None else l,
-            plan.tok if atomic else plan.order, plan.tile_e, plan.tile_row, plan.offsets, out,
-            KD, ND, E, s_we, s_wk, s_wn,
-            HAS2=has2, SCALE=gate is not None, ATOMIC=atomic, ZERO_UNUSED=(K == 1 and not atomic), PREC=_prec(l),
-            TMA=tma, W_T=tma_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, max_stages=2 if has2 else 8)   # 2 operand pairs: smem
+    n_tiles = plan.tile_e.numel() * triton.cdiv(ND, cfg.block_n)             # a bound from the shapes: T row tiles × column blocks
+    zero_unused = K == 1 and not atomic                                      # y = out: the unused slots' rows must be 0
+    args = (gate if gate is not None else l, plan.tok if atomic else plan.order, plan.tile_e, plan.tile_row, plan.offsets)
+    meta = dict(HAS2=has2, SCALE=gate is not None, ATOMIC=atomic, ZERO_UNUSED=zero_unused, PREC=_prec(l), W_T=tma_t,
+                BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, max_stages=2 if has2 else 8)   # 2 operand pairs: smem
+    if cfg.persistent and tma:                                               # every operand by TMA, as kernel 1's
+        n_work = (plan.tile_e < E + zero_unused).sum(dtype=torch.int32)     # row tiles to run, on the device (a prefix)
+        _launch(_moe_rows_persistent_kernel, min(n_tiles, _persistent_programs(l)), cfg,
+                ld[0], wd, ld[1], w2d, *args, n_work, out, KD, ND, E, **meta)
+    else:
+        _launch(_moe_rows_kernel, n_tiles, cfg, ld[0], wd, ld[1], w2d, *args, out, KD, ND, E, s_we, s_wk, s_wn, TMA=tma, **meta)
     if atomic: return out.to(l.dtype)
     if K == 1: return out                                                  # already y, unused rows zero
     y = _alloc((N, ND), l.dtype, l.device)
@@ -625,7 +663,7 @@ TILE_CANDIDATES: dict[str, tuple[MoEKernelConfig, ...]] = {
               # the same tiles with TMA copies of the weights and sorted rows (tried on sm_90+ cards only)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True),
               MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64, tma=True),
-              # kernel 1 persistent, over TMA weight tiles (sm_90+)
+              # kernels 1 and 2 persistent, over TMA copies (sm_90+)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True, persistent=True),
               MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True, persistent=True)),
     # float32 on CUDA (IEEE products on the CUDA cores): tiles whose kernels compile without spills, as above
