@@ -13,7 +13,7 @@ plan alone by counting sort and by radix sort.
 
 Triton rows: `triton` (the default tiles, deterministic combine), `triton_atomic` (float32 atomic combine),
 `triton_dh128` (the dH kernel on 128 columns), `triton_tma` (weights and kernel 2's rows by TMA copies, sm_90+),
-`triton_persistent` (the same with kernels 1 and 2 as persistent loops over their tiles, one program per SM) and,
+`triton_persistent` (the same with kernels 1, 2 and dH as persistent loops over their tiles, one program per SM) and,
 with --tune, `triton_tuned`. Beside them `torch` (the project's torch backend, `moe_mlp_torch`), `plain_grouped_mm`
 (the plain layer one would write around `torch._grouped_mm`: gather, two grouped GEMMs, gate weight, scatter-add) and
 `loop` (one matmul per expert).
@@ -77,7 +77,7 @@ def backends(act, config=None, tune: bool = False):
             "triton_dh128": lambda *a: triton_moe_mlp(*a, act, config=dh128 if a[0].is_cuda else config),
             # the default tiles with TMA copies of the weights and of kernel 2's rows (sm_90+; pointer loads elsewhere)
             "triton_tma": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=tiles(a[0], tma=True)),
-            # the same with kernels 1 and 2 persistent: one program per SM, tile and reduction loops flattened into one
+            # the same with kernels 1, 2 and dH persistent: one program per SM, tile and reduction loops flattened into one
             "triton_persistent": lambda *a: triton_moe_mlp(*a, act, atomic=False, config=tiles(a[0], tma=True, persistent=True)),
             "torch": lambda *a: moe_mlp_torch(*a, act),                # the project's torch backend
             "plain_grouped_mm": lambda *a: plain_grouped_mm(*a, act),
@@ -124,7 +124,7 @@ def gemm_peak_tflops(device, dtype, n: int = 8192) -> float:
 
 
 GEMM_KERNELS = ("_moe_up_kernel", "_moe_up_persistent_kernel", "_moe_rows_kernel", "_moe_rows_persistent_kernel", "_moe_dh_kernel",
-                "_moe_wgrad_kernel")   # 2·S·d·h FLOPs a launch
+                "_moe_dh_persistent_kernel", "_moe_wgrad_kernel")   # 2·S·d·h FLOPs a launch
 
 
 def kernel_breakdown(step, flops_per_gemm: float, steps: int = 3) -> list[tuple[str, int, float, float]]:

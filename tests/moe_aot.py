@@ -7,7 +7,7 @@ specialised as Triton's JIT would (16-byte-aligned pointers and multiples of 16 
 constants) and compiled to a cubin for sm_90 (H100/H200) and sm_80 (A100). On sm_90 the 16-bit kernels must use wgmma
 (`warp_group_dot`) fed by a software-pipelined loop of async copies, and every kernel must fit in shared memory.
 Launches with TMA descriptors (`MoEKernelConfig.tma`) are compiled for sm_90 only and must copy by TMA; the persistent
-kernels 1 and 2 (`MoEKernelConfig.persistent`) must flatten their tile and reduction loops into one pipelined loop.
+kernels (`MoEKernelConfig.persistent`: kernels 1, 2 and dH) must flatten their tile and reduction loops into one loop.
 Each line also reports what `ptxas -v` says of the kernel's PTX (Triton's own ptxas, the same target): registers per
 thread, the thread blocks per SM those registers allow, and spill stores/loads in bytes. Spills are reported, not failed
 (test_moe_kernels.py fails on any at the default tiles).
@@ -93,7 +93,7 @@ def record_launches(candidates: bool = False):
     tma = dataclasses.replace(mk.kernel_config("cuda", torch.bfloat16), tma=True)
     for act, atomic in [(a, at) for a in ("gelu", "swiglu") for at in (False, True)]: layer(tma, act, atomic)
     for act, atomic, K in [("gelu", False, 2), ("relu", False, 2), ("swiglu", False, 2), ("gelu", True, 2), ("swiglu", False, 1)]:
-        layer(dataclasses.replace(tma, persistent=True), act, atomic, K=K)   # kernels 1 and 2 persistent (K = 1: zero rows)
+        layer(dataclasses.replace(tma, persistent=True), act, atomic, K=K)   # persistent kernels (K = 1: zero rows)
     for E2, h2 in ((32, 128), (128, 32)):                            # the dynamic-k inference kernel with TMA weight tiles
         x, take = torch.randn(N, d, generator=g).bfloat16(), torch.rand(N, E2, generator=g) < 0.2
         w_in, w_out = torch.randn(E2, d, h2, generator=g).bfloat16(), torch.randn(E2, h2, d, generator=g).bfloat16()

@@ -176,13 +176,17 @@ def test_tma_copies_match_float64(name, monkeypatch):
 def test_tma_falls_back_where_copies_cannot_address(persistent, monkeypatch):
     """h = 42 float32 (168-byte rows, not a multiple of 16): W_in, H and dA cannot be described, so kernel 1 and both
     kernel-2 launches load by pointers, while the dH kernel still copies W_out (rows of d = 24: 96 bytes) by TMA; the
-    persistent kernels 1 and 2 run only over TMA copies, so here the per-tile kernels run."""
-    seen = record_tma(monkeypatch)
+    persistent kernels run only over TMA copies, so here kernels 1 and 2 run per tile and the dH kernel persistent."""
+    seen, names_run, launch = record_tma(monkeypatch), [], mk._launch
+    monkeypatch.setattr(mk, "_launch", lambda kernel, *a, **kw: names_run.append(kernel.fn.__name__) or launch(kernel, *a, **kw))
     cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=True, persistent=persistent)
     y, grads, names, refs = run_case((29, 3, 2, 24, 42, "relu", "uniform"), 6100, config=cfg)
     assert_matches([y, *grads], refs, names, "h=42")
     on = mk._has_tma(y)
-    assert set(seen) == {("_moe_up_kernel", False, False), ("_moe_rows_kernel", False, False), ("_moe_dh_kernel", on, on)}, seen
+    dh_persistent = persistent and on
+    assert set(seen) == {("_moe_up_kernel", False, False), ("_moe_rows_kernel", False, False)} | (set() if dh_persistent else
+                                                                                                  {("_moe_dh_kernel", on, on)}), seen
+    assert ("_moe_dh_persistent_kernel" in names_run) == dh_persistent, names_run
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # kernel 2 copies rows it never writes out
@@ -190,25 +194,30 @@ def test_tma_falls_back_where_copies_cannot_address(persistent, monkeypatch):
                                                               "all_unused_gelu", "top1_dropped_swiglu"]]
                                         + [("uneven_empty_k2_gelu", True), ("top1_dropped_swiglu", True)])
 def test_persistent_kernels_match_float64(name, atomic, monkeypatch):
-    """`persistent` where the copies are TMA's: kernels 1 and 2 (forward and dX) each run as min(tiles, programs) programs
-    (3 under the interpreter, one per SM on a card), each looping over every P-th tile of the row tiles they compute ×
-    column blocks; the layer is unchanged, empty experts, all-unused routings and K = 1 with dropped slots (whose zero
-    rows kernel 2 writes) included, with either combine. On a card before sm_90 the per-tile kernels run."""
+    """`persistent` where the copies are TMA's: kernels 1 and 2 (forward and dX) and the dH kernel (not for SwiGLU) each
+    run as min(tiles, programs) programs (3 under the interpreter, one per SM on a card), each looping over every P-th
+    tile of the row tiles they compute × column blocks; the layer is unchanged, empty experts, all-unused routings and
+    K = 1 with dropped slots (whose zero rows kernel 2 writes) included, with either combine. On a card before sm_90 the
+    per-tile kernels run."""
     grids, launch = [], mk._launch
     monkeypatch.setattr(mk, "_launch", lambda kernel, n, *a, **kw: grids.append((kernel.fn.__name__, n)) or launch(kernel, n, *a, **kw))
     cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=True, persistent=True)
     y, grads, names, refs = run_case(CASES[name], 6200 + list(CASES).index(name), atomic=atomic, config=cfg)
     assert_matches([y, *grads], refs, names, name)
     on = mk._has_tma(y)
-    ran = {k for k, _ in grids if k.startswith(("_moe_up", "_moe_rows"))}
-    assert ran == ({"_moe_up_persistent_kernel", "_moe_rows_persistent_kernel"} if on else {"_moe_up_kernel", "_moe_rows_kernel"}), grids
+    ran = {k for k, _ in grids if k.startswith(("_moe_up", "_moe_rows", "_moe_dh"))}
+    swiglu = CASES[name][5] == "swiglu"
+    if on: assert ran == {"_moe_up_persistent_kernel", "_moe_rows_persistent_kernel", "_moe_dh_kernel" if swiglu else "_moe_dh_persistent_kernel"}, grids
+    else: assert ran == {"_moe_up_kernel", "_moe_rows_kernel", "_moe_dh_kernel"}, grids
     if on:
         N, E, K, d, h = CASES[name][:5]
         P = mk._persistent_programs(y)
-        up, rows = ((triton.cdiv(N * K, cfg.block_m) + E + 1) * triton.cdiv(n, cfg.block_n) for n in (h, d))
+        up, rows, dh = ((triton.cdiv(N * K, cfg.block_m) + E + 1) * triton.cdiv(n, b) for n, b in
+                        ((h, cfg.block_n), (d, cfg.block_n), (h, cfg.dh_block_n or cfg.block_n)))
         assert [n for k, n in grids if k == "_moe_up_persistent_kernel"] == [min(up, P)], grids
         assert [n for k, n in grids if k == "_moe_rows_persistent_kernel"] == [min(rows, P)] * 2, grids   # y and dX
-        if DEV.type == "cpu": assert min(up, rows) > 3                # the grid is the programs, not the tiles
+        assert [n for k, n in grids if k == "_moe_dh_persistent_kernel"] == ([] if swiglu else [min(dh, P)]), grids
+        if DEV.type == "cpu": assert min(up, rows, dh) > 3            # the grid is the programs, not the tiles
 
 
 def test_tuned_config_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
@@ -415,17 +424,17 @@ def test_kernels_compile_for_hopper():
     assert "summary sm_90: " in r.stdout and f"most registers {max(regs)} " in r.stdout
     spilling = [ln for ln, m in zip(lines, res) if m.group(3) != "0" or m.group(4) != "0"]
     assert not spilling and f"{len(lines)} kernels" in r.stdout and ", 0 spilling" in r.stdout, spilling
-    tma = [ln for ln in lines if re.search(r"TMA(_I|_O)?=True", ln) or " _moe_rows_persistent_kernel " in ln]   # built with a TMA
-                                                                           # descriptor (the persistent kernel 2 takes only those)
+    tma = [ln for ln in lines if re.search(r"TMA(_I|_O)?=True", ln) or re.search(r" _moe_(rows|dh)_persistent_kernel ", ln)]
+                                                                           # built with a TMA descriptor (these two: always)
     assert all(ln.endswith(" tma") for ln in tma), [ln for ln in tma if not ln.endswith(" tma")]
     assert {ln.split()[2] for ln in tma} >= {"_moe_up_kernel", "_moe_up_persistent_kernel", "_moe_rows_kernel", "_moe_rows_persistent_kernel",
-                                             "_moe_dh_kernel",
+                                             "_moe_dh_kernel", "_moe_dh_persistent_kernel",
                                              "_masked_mlp_kernel"}, tma
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # TMA: NaN rows copied, never written out
 @pytest.mark.parametrize("tma,persistent,name", [(False, False, "k3_swiglu"), (True, False, "k3_swiglu"), (True, True, "k3_swiglu"),
-                                                (True, True, "top1_dropped_swiglu")])
+                                                (True, True, "top1_dropped_swiglu"), (True, True, "uneven_empty_k2_gelu")])
 def test_deterministic_and_no_unwritten_reads(tma, persistent, name, monkeypatch):
     """Every buffer from NaN-filled memory: any element read into a result before it is written would poison it. (With
     TMA, kernel 2 copies whole row tiles, so rows of the unused slots come on chip too; their output rows are not written,

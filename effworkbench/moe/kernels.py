@@ -171,7 +171,7 @@ class MoEKernelConfig:
     dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
     atomic: bool | None = None      # the combine these tiles were tuned with (`tuned_config(atomic=None)`); None: the caller's
     tma: bool = False               # weight tiles (and kernel 2's sorted rows) by TMA copies where the card has them (sm_90+)
-    persistent: bool = False        # kernels 1 and 2 as one program per SM looping over their tiles, where they copy by TMA
+    persistent: bool = False        # kernels 1, 2 and dH as one program per SM looping over their tiles, where they copy by TMA
 
 def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelConfig:
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
@@ -499,6 +499,12 @@ def _moe_dh_kernel(dy_ptr, w_ptr, tok_ptr, gate_ptr, a_ptr, ag_ptr, tile_e_ptr, 
         ga = tl.load(dy_ptrs + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
         wb = _w_tile(w_ptr, w_off, s_wk, e, k0, pid_n * BN, kmask, cmask, TMA, W_T, BK, BN)
         acc = _dot(ga, wb, acc, PREC)                                     # G = dy_t W_out[e]ᵀ
+    _dh_epilogue(acc, rows, rmask, cols, cmask, pid_n, n_tn, gate_ptr, a_ptr, ag_ptr, da_ptr, dag_ptr, hg_ptr, dgp_ptr, HD, ACT)
+
+@triton.jit
+def _dh_epilogue(acc, rows, rmask, cols, cmask, pid_n, n_tn, gate_ptr, a_ptr, ag_ptr, da_ptr, dag_ptr, hg_ptr, dgp_ptr, HD,
+                 ACT: tl.constexpr):
+    "The dH kernel's epilogue on one tile, G = acc: H and act'(A) from the saved A, then dA (dA_g), g·H and the ⟨G, H⟩ partial."
     out = rows.to(tl.int64)[:, None] * HD + cols[None, :]
     m2 = rmask[:, None] & cmask[None, :]
     a = tl.load(a_ptr + out, mask=m2, other=0.0).to(tl.float32)
@@ -511,6 +517,31 @@ def _moe_dh_kernel(dy_ptr, w_ptr, tok_ptr, gate_ptr, a_ptr, ag_ptr, tile_e_ptr, 
     tl.store(da_ptr + out, (dh * d_a).to(da_ptr.dtype.element_ty), mask=m2)
     if ACT == 2: tl.store(dag_ptr + out, (dh * d_ag).to(dag_ptr.dtype.element_ty), mask=m2)
     tl.store(hg_ptr + out, (hid * g[:, None]).to(hg_ptr.dtype.element_ty), mask=m2)
+
+@triton.jit
+def _moe_dh_persistent_kernel(dy_ptr, w_ptr, tok_ptr, gate_ptr, a_ptr, ag_ptr, tile_e_ptr, tile_row_ptr, off_ptr, n_real_ptr,
+                              da_ptr, dag_ptr, hg_ptr, dgp_ptr, D, HD, ACT: tl.constexpr, PREC: tl.constexpr,
+                              W_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The dH kernel as a persistent loop over TMA tiles of W_outᵀ, as kernel 1's: program p of P computes tiles p, p + P, …
+    of the real experts' row tiles × the hidden column blocks, the gathered rows of dY loaded by pointers formed inside
+    the reduction loop, tile and reduction loops flattened into one."""
+    pid, P = tl.program_id(0), tl.num_programs(0)
+    n_tn = tl.cdiv(HD, BN)
+    ks = tl.arange(0, BK)
+    for t in tl.range(pid, tl.load(n_real_ptr) * n_tn, P, flatten=True):
+        pid_m, pid_n = t // n_tn, t % n_tn
+        e = tl.load(tile_e_ptr + pid_m)                                    # < E: real experts only
+        rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BM)
+        rmask = rows < tl.load(off_ptr + e + 1)
+        tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)   # (BM,)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < HD
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            kmask = (k0 + ks) < D
+            ga = tl.load(dy_ptr + tok[:, None] * D + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc = _dot(ga, _w_tile(w_ptr, 0, 0, e, k0, pid_n * BN, kmask, cmask, True, W_T, BK, BN), acc, PREC)   # G = dy_t W_out[e]ᵀ
+        _dh_epilogue(acc, rows, rmask, cols, cmask, pid_n, n_tn, gate_ptr, a_ptr, ag_ptr, da_ptr, dag_ptr, hg_ptr, dgp_ptr, HD, ACT)
 
 # %% ../../nbs/13_moe.kernels.ipynb #3650f10b
 @triton.jit
@@ -561,10 +592,16 @@ def _dh(dy, w_out, a, ag, gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     hg = _alloc((S, h), a.dtype, a.device)
     dgp = torch.zeros((S, n_tn), dtype=torch.float32, device=a.device)    # rows of unused slots stay 0
     (wd,), tma, w_t = _weights([w_out.transpose(1, 2)], cfg, cfg.block_k, cfg.block_n)   # W_out[e]ᵀ tiles (d, h)
-    _launch(_moe_dh_kernel, plan.tile_e.numel() * n_tn, cfg,
-            dy, wd, plan.tok, gate, a, ag if ag is not None else a, plan.tile_e, plan.tile_row, plan.offsets,
-            da, dag if dag is not None else da, hg, dgp, d, h, E, w_out.stride(0), w_out.stride(2), w_out.stride(1),
-            ACT=ACTS[act], PREC=_prec(dy), TMA=tma, W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
+    n_tiles = plan.tile_e.numel() * n_tn                                   # a bound from the shapes
+    ins = (dy, wd, plan.tok, gate, a, ag if ag is not None else a, plan.tile_e, plan.tile_row, plan.offsets)
+    outs = (da, dag if dag is not None else da, hg, dgp)
+    meta = dict(ACT=ACTS[act], PREC=_prec(dy), W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
+    if cfg.persistent and tma and act != "swiglu":   # as kernel 1: over TMA weight tiles; not SwiGLU, whose epilogue holds
+                                                      # two more tiles (255 registers and a spill on sm_90, triton 3.6)
+        n_real = (plan.tile_e < E).sum(dtype=torch.int32)
+        _launch(_moe_dh_persistent_kernel, min(n_tiles, _persistent_programs(dy)), cfg, *ins, n_real, *outs, d, h, **meta)
+    else:
+        _launch(_moe_dh_kernel, n_tiles, cfg, *ins, *outs, d, h, E, w_out.stride(0), w_out.stride(2), w_out.stride(1), TMA=tma, **meta)
     return da, dag, hg, dgp.sum(1)
 
 def _wgrad(p, q, q2, plan: MoEPlan, E: int, gather_p: bool, gather_q: bool, cfg: MoEKernelConfig):
@@ -663,11 +700,11 @@ TILE_CANDIDATES: dict[str, tuple[MoEKernelConfig, ...]] = {
               # the same tiles with TMA copies of the weights and sorted rows (tried on sm_90+ cards only)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True),
               MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64, tma=True),
-              # kernels 1 and 2 persistent, over TMA copies (sm_90+)
+              # kernels 1, 2 and dH persistent, over TMA copies (sm_90+)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True, persistent=True),
               MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True, persistent=True)),
     # float32 on CUDA (IEEE products on the CUDA cores): tiles whose kernels compile without spills, as above
-    "float32": (MoEKernelConfig(64, 64, 32, 8, 3), MoEKernelConfig(64, 128, 32, 8, 3), MoEKernelConfig(64, 64, 32, 4, 2, dh_block_n=32)),
+    "float32": (MoEKernelConfig(64, 64, 32, 8, 3), MoEKernelConfig(64, 128, 32, 8, 3, dh_block_n=64), MoEKernelConfig(64, 64, 32, 4, 2, dh_block_n=32)),
     "interpreter": (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1), MoEKernelConfig(32, 32, 16, 4, 1, tma=True),
                     MoEKernelConfig(16, 32, 16, 4, 1, tma=True, persistent=True)),
 }
