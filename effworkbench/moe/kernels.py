@@ -256,6 +256,17 @@ def _up_epilogue(acc, accg, rows, rmask, cols, cmask, a_ptr, ag_ptr, h_ptr, HD, 
     tl.store(h_ptr + out, hid.to(h_ptr.dtype.element_ty), mask=m2)
 
 @triton.jit
+def _gathered_tile(t, n_tn, tile_e_ptr, tile_row_ptr, off_ptr, tok_ptr, HD, BM: tl.constexpr, BN: tl.constexpr):
+    "Tile t of a persistent loop over real experts' row tiles × n_tn column blocks: (pid_n, e, rows, rmask, tok, cols, cmask)."
+    pid_m, pid_n = t // n_tn, t % n_tn
+    e = tl.load(tile_e_ptr + pid_m)                                        # < E: real experts only
+    rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BM)
+    rmask = rows < tl.load(off_ptr + e + 1)
+    tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)       # (BM,) token of each row
+    cols = pid_n * BN + tl.arange(0, BN)
+    return pid_n, e, rows, rmask, tok, cols, cols < HD
+
+@triton.jit
 def _moe_up_persistent_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_row_ptr, off_ptr, n_real_ptr, a_ptr, ag_ptr,
                               h_ptr, D, HD, s_we, s_wk, s_wn, ACT: tl.constexpr, PREC: tl.constexpr,
                               TMA: tl.constexpr, W_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -267,13 +278,7 @@ def _moe_up_persistent_kernel(x_ptr, w_ptr, wg_ptr, tok_ptr, tile_e_ptr, tile_ro
     n_tn = tl.cdiv(HD, BN)
     ks = tl.arange(0, BK)
     for t in tl.range(pid, tl.load(n_real_ptr) * n_tn, P, flatten=True):
-        pid_m, pid_n = t // n_tn, t % n_tn
-        e = tl.load(tile_e_ptr + pid_m)                                    # < E: real experts only
-        rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BM)
-        rmask = rows < tl.load(off_ptr + e + 1)
-        tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)   # (BM,)
-        cols = pid_n * BN + tl.arange(0, BN)
-        cmask = cols < HD
+        pid_n, e, rows, rmask, tok, cols, cmask = _gathered_tile(t, n_tn, tile_e_ptr, tile_row_ptr, off_ptr, tok_ptr, HD, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         accg = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, D, BK):
@@ -529,13 +534,7 @@ def _moe_dh_persistent_kernel(dy_ptr, w_ptr, tok_ptr, gate_ptr, a_ptr, ag_ptr, t
     n_tn = tl.cdiv(HD, BN)
     ks = tl.arange(0, BK)
     for t in tl.range(pid, tl.load(n_real_ptr) * n_tn, P, flatten=True):
-        pid_m, pid_n = t // n_tn, t % n_tn
-        e = tl.load(tile_e_ptr + pid_m)                                    # < E: real experts only
-        rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BM)
-        rmask = rows < tl.load(off_ptr + e + 1)
-        tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)   # (BM,)
-        cols = pid_n * BN + tl.arange(0, BN)
-        cmask = cols < HD
+        pid_n, e, rows, rmask, tok, cols, cmask = _gathered_tile(t, n_tn, tile_e_ptr, tile_row_ptr, off_ptr, tok_ptr, HD, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, D, BK):
             kmask = (k0 + ks) < D
