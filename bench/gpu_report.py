@@ -30,17 +30,47 @@ def _read(d: Path, name: str) -> str:
     return f.read_text(errors="replace") if f.is_file() else ""
 
 
+def _moe_row(line: str) -> tuple[int, int, int, str, list[float]] | None:
+    "(E, k, G, backend, its six numbers) of one of bench/moe.py's rows, or None for any other line."
+    t = re.sub(r"\s+\d+ TFLOP/s = .*$", "", line).split()              # on CUDA a row ends with its TFLOP/s
+    if len(t) < 10 or not all(x.isdigit() for x in t[:3]): return None
+    try: return int(t[0]), int(t[1]), int(t[2]), " ".join(t[3:-6]), [float(x) for x in t[-6:]]
+    except ValueError: return None
+
+
 def moe_rows(text: str) -> pd.DataFrame:
     "bench/moe.py's rows `E k G backend [routing] ms dense/this peakMiB peak/dense savedMiB saved/dense`."
     rows = []
-    for line in text.splitlines():
-        t = re.sub(r"\s+\d+ TFLOP/s = .*$", "", line).split()          # on CUDA a row ends with its TFLOP/s
-        if len(t) < 10 or not all(x.isdigit() for x in t[:3]): continue
-        try: nums = [float(x) for x in t[-6:]]
-        except ValueError: continue
-        rows.append(dict(E=int(t[0]), k=int(t[1]), G=int(t[2]), backend=" ".join(t[3:-6]), ms=nums[0], dense_over_this=nums[1],
-                         peak_vs_dense=nums[3], saved_vs_dense=nums[5]))
+    for r in filter(None, map(_moe_row, text.splitlines())):
+        E, k, G, backend, nums = r
+        rows.append(dict(E=E, k=k, G=G, backend=backend, ms=nums[0], dense_over_this=nums[1], peak_vs_dense=nums[3],
+                         saved_vs_dense=nums[5]))
     return pd.DataFrame(rows, columns=["E", "k", "G", "backend", "ms", "dense_over_this", "peak_vs_dense", "saved_vs_dense"])
+
+
+SCHEDULES = ("triton", "triton_tma", "triton_persistent")   # the rows bench/moe.py breaks down kernel by kernel
+
+
+def moe_kernel_table(text: str) -> pd.DataFrame:
+    """The kernel breakdowns bench/moe.py prints under its `triton`, `triton_tma` and `triton_persistent` rows, side by side:
+    ms per step of each GEMM kernel (a persistent kernel beside the per-tile kernel it replaces) under each schedule, and
+    the fastest. Answers, kernel by kernel, whether the TMA copies and the persistent loops pay on this card."""
+    ms, where = {}, None
+    for line in text.splitlines():
+        if (r := _moe_row(line)) is not None:                              # a row; its breakdown lines follow it
+            name = r[3].rsplit(" ", 1)                                     # (backend, routing)
+            where = (*r[:3], name[-1], name[0]) if len(name) == 2 and name[0] in SCHEDULES else None
+            continue
+        m = re.match(r"^\s+(_moe_\w+_kernel)\s+([\d.]+)/step\s+([\d.]+) ms", line)
+        if m and where is not None:
+            E, k, G, routing, sched = where
+            ms[(E, k, G, routing, m.group(1).replace("_persistent_kernel", "_kernel"), sched)] = float(m.group(3))
+    if not ms: return pd.DataFrame()
+    df = pd.Series(ms).unstack(-1).reindex(columns=list(SCHEDULES)).reset_index()
+    df.columns = ["E", "k", "G", "routing", "kernel", *[f"{c} ms" for c in SCHEDULES]]
+    times = df[[f"{c} ms" for c in SCHEDULES]]
+    df["fastest"] = [SCHEDULES[i] for i in times.fillna(float("inf")).to_numpy().argmin(1)]
+    return df
 
 
 def moe_verdicts(rows: pd.DataFrame) -> pd.DataFrame:
@@ -158,7 +188,8 @@ def report(d: Path) -> str:
     block = lambda lines: "\n".join(["```", *lines, "```"])
     parts = ["## Session", block(session_summary(_read(d, "session.log")))]
     moe_log = _read(d, "bench_moe.log")
-    parts += ["## MoE training (bench/moe.py)", markdown(moe_verdicts(moe_rows(moe_log))), block(moe_checks(moe_log))]
+    parts += ["## MoE training (bench/moe.py)", markdown(moe_verdicts(moe_rows(moe_log))), block(moe_checks(moe_log)),
+              "### Kernel by kernel: per tile, TMA, persistent (ms per step)", markdown(moe_kernel_table(moe_log))]
     tables = sorted(d.glob("d2dmoe_speed_*.csv"))
     parts += ["## Dynamic-k inference (bench/d2dmoe.py)", markdown(dynamic_k_verdicts(pd.read_csv(tables[0])) if tables else pd.DataFrame())]
     gpt_log = _read(d, "bench_gpt.log")

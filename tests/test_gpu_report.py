@@ -57,6 +57,38 @@ def test_memory_bound_counts():
     assert not gr.moe_verdicts(rows).set_index(["E, k, G", "routing"]).loc[("8, 1, 1", "uniform"), "met"]
 
 
+KERNELS = """\
+   8   1   1  triton uniform             1.100       0.91    110.00       1.10    60.00        1.20   401 TFLOP/s =  51% of GEMM peak,  41% of datasheet
+                  _moe_up_kernel                             1.0/step    0.300 ms   300 TFLOP/s
+                  _moe_rows_kernel                           2.0/step    0.500 ms   360 TFLOP/s
+                  _moe_combine_kernel                        1.0/step    0.050 ms
+   8   1   1  triton_atomic uniform      1.300       0.77    110.00       1.10    60.00        1.20
+                  _moe_up_kernel                             1.0/step    9.000 ms   10 TFLOP/s
+   8   1   1  triton_tma uniform         1.000       1.00    110.00       1.10    60.00        1.20
+                  _moe_up_kernel                             1.0/step    0.250 ms   360 TFLOP/s
+                  _moe_rows_kernel                           2.0/step    0.520 ms   346 TFLOP/s
+   8   1   1  triton_persistent uniform  0.900       1.11    110.00       1.10    60.00        1.20
+                  _moe_up_persistent_kernel                  1.0/step    0.200 ms   450 TFLOP/s
+                  _moe_rows_persistent_kernel                2.0/step    0.600 ms   300 TFLOP/s
+   8   1   1  triton skewed              1.400       0.71    110.00       1.10    70.00        1.40
+                  _moe_up_kernel                             1.0/step    0.400 ms   225 TFLOP/s
+"""
+
+
+def test_moe_kernel_table():
+    "Each kernel's time under the three schedules side by side, a persistent kernel beside the per-tile one it replaces."
+    t = gr.moe_kernel_table(KERNELS).set_index(["E", "k", "G", "routing", "kernel"])
+    up = t.loc[(8, 1, 1, "uniform", "_moe_up_kernel")]
+    assert (up["triton ms"], up["triton_tma ms"], up["triton_persistent ms"], up["fastest"]) == (0.3, 0.25, 0.2, "triton_persistent")
+    rows = t.loc[(8, 1, 1, "uniform", "_moe_rows_kernel")]
+    assert rows["fastest"] == "triton" and rows["triton_persistent ms"] == 0.6
+    assert (8, 1, 1, "uniform", "_moe_combine_kernel") in t.index                  # other kernels: one schedule measured
+    sk = t.loc[(8, 1, 1, "skewed", "_moe_up_kernel")]
+    assert sk["triton ms"] == 0.4 and pd.isna(sk["triton_tma ms"]) and sk["fastest"] == "triton"
+    assert 9.0 not in t["triton ms"].tolist()                                       # the atomic row's breakdown is not a schedule's
+    assert len(t) == 4 and gr.moe_kernel_table(MOE_LOG).empty
+
+
 def test_gpt_and_dp_rows():
     v = gr.gpt_verdicts(gr.gpt_rows(GPT_LOG)).set_index(["row", "mode"])
     assert v.loc[("workbench model", "eager"), "met"]                              # 28 % ≥ 27 %, ahead of the reference
@@ -104,4 +136,4 @@ def test_report_of_a_partial_session(tmp_path):
     text = gr.report(tmp_path)
     assert "3 passed, 1 failed" in text and "rlrs unfinished" in text and "noise line" not in text
     assert "| 8, 1, 1 | uniform | triton uniform |" in text
-    assert text.count("(nothing measured)") == 3                                   # dynamic-k, GPT and DP: no files
+    assert text.count("(nothing measured)") == 4                                   # dynamic-k, GPT, DP: no files; no breakdowns
