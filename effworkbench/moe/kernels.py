@@ -419,7 +419,7 @@ def _moe_rows_persistent_kernel(l_ptr, w_ptr, l2_ptr, w2_ptr, gate_ptr, orow_ptr
         cmask = cols < ND
         ew = tl.minimum(e, E - 1)                                          # a real expert's weights for an unused tile
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, KD, BK):
+        for k0 in range(0, KD, BK):                                        # (TMA tiles: _w_tile's offsets and masks unused)
             acc = _dot(l_ptr.load([row0, k0]), _w_tile(w_ptr, 0, 0, ew, k0, pid_n * BN, cmask, cmask, True, W_T, BK, BN), acc, PREC)
             if HAS2:
                 acc = _dot(l2_ptr.load([row0, k0]), _w_tile(w2_ptr, 0, 0, ew, k0, pid_n * BN, cmask, cmask, True, W_T, BK, BN), acc, PREC)
