@@ -344,7 +344,7 @@ def main():
                         for kn, n, ms, tf in kernel_breakdown(step, 2 * T * k * d * h):
                             print(f"{'':>18}{kn[:40]:<40} {n:5.1f}/step {ms:8.3f} ms" + ("" if math.isnan(tf) else f" {tf:5.0f} TFLOP/s"))
                     except Exception as e: print(f"{'':>18}kernel breakdown failed: {type(e).__name__}: {str(e)[:200]}")
-            for other in ("triton", "triton_persistent", "plain_grouped_mm"):  # the fast paths agree with the torch backend
+            for other in ("triton", "triton_tma", "triton_persistent", "plain_grouped_mm"):   # the fast paths agree with the torch backend
                 if other not in outs or "torch" not in outs: continue
                 errs = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
                         for a, b in zip(outs[other], outs["torch"])]
