@@ -221,6 +221,43 @@ def test_persistent_kernels_match_float64(name, atomic, monkeypatch):
     if DEV.type == "cpu": assert min(up, rows, dh) > 3                # the grid is the programs, not the tiles
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # kernel 2 copies rows it never writes out
+@pytest.mark.parametrize("persistent", ["up", "rows", "dh", "up,dh"])
+def test_persistent_subsets_run_only_the_kernels_they_name(persistent, monkeypatch):
+    """`persistent` naming some of kernels 1 ('up'), 2 ('rows': its y and dX launches) and dH: those run as persistent
+    loops, the others per tile over the same TMA copies, and the layer is unchanged."""
+    names_run, launch = [], mk._launch
+    monkeypatch.setattr(mk, "_launch", lambda kernel, *a, **kw: names_run.append(kernel.fn.__name__) or launch(kernel, *a, **kw))
+    cfg = dataclasses.replace(CFG or mk.kernel_config(DEV, torch.float32), tma=True, persistent=persistent)
+    y, grads, names, refs = run_case(CASES["uneven_empty_k2_gelu"], 6300, config=cfg)
+    assert_matches([y, *grads], refs, names, persistent)
+    on = mk._has_tma(y)
+    for kernel in mk.PERSISTENT_KERNELS:
+        launches = [n for n in names_run if n.startswith(f"_moe_{kernel}_")]
+        want = f"_moe_{kernel}_persistent_kernel" if on and kernel in persistent.split(",") else f"_moe_{kernel}_kernel"
+        assert launches == [want] * (2 if kernel == "rows" else 1), names_run
+
+
+def test_config_names_its_persistent_kernels():
+    """`persistent` is stored as the kernels it names, in one order (True: all three, False: none), so equal choices are
+    equal configs, a subset survives the tile cache's JSON and an old cache's `true` still reads; the tuner's label names
+    a subset, and an unknown kernel is an error."""
+    C = MoEKernelConfig
+    assert C(persistent=True).persistent == "up,rows,dh" and C(persistent=False).persistent == ""
+    assert C(persistent="dh, up") == C(persistent="up,dh") and C(persistent="dh, up").persistent == "up,dh"
+    assert [C(persistent="rows,dh").persists(k) for k in mk.PERSISTENT_KERNELS] == [False, True, True]
+    assert not any(C().persists(k) for k in mk.PERSISTENT_KERNELS)
+    sub = C(16, 32, 16, 4, 1, tma=True, persistent="dh,rows")
+    assert C(**json.loads(json.dumps(dataclasses.asdict(sub)))) == sub
+    old = dataclasses.asdict(C(persistent=True)) | {"persistent": True}
+    assert C(**json.loads(json.dumps(old))) == C(persistent="up,rows,dh")
+    assert mk._tile_label(sub) == "16,32,16,4,1,None,tma,persistent=rows+dh"
+    assert mk._tile_label(dataclasses.replace(sub, persistent=True)) == "16,32,16,4,1,None,tma,persistent"
+    assert mk._tile_label(dataclasses.replace(sub, persistent="")) == "16,32,16,4,1,None,tma"
+    with pytest.raises(ValueError, match="unknown kernels"): C(persistent="up,down")
+    with pytest.raises(TypeError): C(persistent=1)
+
+
 def test_tuned_config_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
     """The tuner runs the real timing step once per candidate, keeps the argmin of the times it is given, writes every
     time to the cache file, and answers later calls of the shape class from memory, then from the file alone; a new shape

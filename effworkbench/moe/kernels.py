@@ -36,10 +36,10 @@ from ..core import cache_dir
 from .layers import sort_key
 
 # %% auto #0
-__all__ = ['ACTS', 'SLOTS_PER_BLOCK', 'TILE_CANDIDATES', 'moe_mlp_reference', 'MoEPlan', 'moe_plan', 'MoEKernelConfig',
-           'kernel_config', 'MoEMLPFunction', 'triton_moe_mlp', 'tile_key', 'tile_cache_path', 'time_tiles',
-           'tuned_config', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp', 'tau_plan',
-           'triton_tau_relu_mlp']
+__all__ = ['ACTS', 'SLOTS_PER_BLOCK', 'PERSISTENT_KERNELS', 'TILE_CANDIDATES', 'moe_mlp_reference', 'MoEPlan', 'moe_plan',
+           'MoEKernelConfig', 'kernel_config', 'MoEMLPFunction', 'triton_moe_mlp', 'tile_key', 'tile_cache_path',
+           'time_tiles', 'tuned_config', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp',
+           'tau_plan', 'triton_tau_relu_mlp']
 
 # %% ../../nbs/13_moe.kernels.ipynb #e5657487
 ACTS = {"gelu": 0, "relu": 1, "swiglu": 2}   # the act constexpr of the kernels
@@ -160,6 +160,8 @@ def _tiles(offsets: torch.Tensor, S: int, E: int, block_m: int) -> tuple[torch.T
     return tile_e.to(torch.int32), tile_row.to(torch.int32)
 
 # %% ../../nbs/13_moe.kernels.ipynb #2a29d122
+PERSISTENT_KERNELS = ("up", "rows", "dh")   # kernel 1; kernel 2 (its y and dX launches); the dH kernel
+
 @dataclass(frozen=True)
 class MoEKernelConfig:
     "Tiles: `block_m` expert rows × `block_n` output columns, reduced in `block_k` steps (weight-gradient tiles: block_n²)."
@@ -171,7 +173,22 @@ class MoEKernelConfig:
     dh_block_n: int | None = None   # the dH kernel's column tile (None: block_n); its epilogue holds G, A, H and act'(A) at once
     atomic: bool | None = None      # the combine these tiles were tuned with (`tuned_config(atomic=None)`); None: the caller's
     tma: bool = False               # weight tiles (and kernel 2's sorted rows) by TMA copies where the card has them (sm_90+)
-    persistent: bool = False        # kernels 1, 2 and dH as one program per SM looping over their tiles, where they copy by TMA
+    persistent: bool | str = False  # the kernels that run as one program per SM looping over their tiles, where they copy by TMA:
+                                    # True all three, else a comma-separated subset of PERSISTENT_KERNELS (stored that way)
+
+    def __post_init__(self):
+        "`persistent` in one spelling: the kernels it names, comma-separated in PERSISTENT_KERNELS' order ('' for none)."
+        p = self.persistent
+        if isinstance(p, bool): names = set(PERSISTENT_KERNELS) if p else set()
+        elif isinstance(p, str): names = {s.strip() for s in p.split(",")} - {""}
+        else: raise TypeError(f"persistent must be a bool or a str, got {type(p).__name__}")
+        if unknown := names - set(PERSISTENT_KERNELS):
+            raise ValueError(f"persistent names unknown kernels {sorted(unknown)}; use a subset of {PERSISTENT_KERNELS}")
+        object.__setattr__(self, "persistent", ",".join(k for k in PERSISTENT_KERNELS if k in names))
+
+    def persists(self, kernel: str) -> bool:
+        "Whether `kernel` (one of PERSISTENT_KERNELS) runs as a persistent loop (where its copies are TMA's)."
+        return kernel in self.persistent.split(",")
 
 def kernel_config(device: torch.device | str, dtype: torch.dtype) -> MoEKernelConfig:
     "Tensor-core tiles on CUDA (smaller for float32), 32-wide tiles under the interpreter."
@@ -332,7 +349,7 @@ def _up(x, w_in, w_gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     (wi, wg), tma, w_t = _weights([w_in, w_gate if w_gate is not None else w_in], cfg, cfg.block_k, cfg.block_n)
     n_tiles = plan.tile_e.numel() * triton.cdiv(h, cfg.block_n)             # a bound from the shapes: T row tiles × column blocks
     meta = dict(ACT=ACTS[act], PREC=_prec(x), TMA=tma, W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
-    if cfg.persistent and tma:                                               # (pointer tiles spill in the flattened loop)
+    if cfg.persists("up") and tma:                                           # (pointer tiles spill in the flattened loop)
         n_real = (plan.tile_e < E).sum(dtype=torch.int32)                   # row tiles of real experts, on the device
         _launch(_moe_up_persistent_kernel, min(n_tiles, _persistent_programs(x)), cfg,
                 x, wi, wg, plan.tok, plan.tile_e, plan.tile_row, plan.offsets, n_real,
@@ -465,7 +482,7 @@ def _down(l, w, l2, w2, gate, plan: MoEPlan, expert_idx, w_t: bool, atomic: bool
     args = (gate if gate is not None else l, plan.tok if atomic else plan.order, plan.tile_e, plan.tile_row, plan.offsets)
     meta = dict(HAS2=has2, SCALE=gate is not None, ATOMIC=atomic, ZERO_UNUSED=zero_unused, PREC=_prec(l), W_T=tma_t,
                 BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, max_stages=2 if has2 else 8)   # 2 operand pairs: smem
-    if cfg.persistent and tma:                                               # every operand by TMA, as kernel 1's
+    if cfg.persists("rows") and tma:                                         # every operand by TMA, as kernel 1's
         n_work = (plan.tile_e < E + zero_unused).sum(dtype=torch.int32)     # row tiles to run, on the device (a prefix)
         _launch(_moe_rows_persistent_kernel, min(n_tiles, _persistent_programs(l)), cfg,
                 ld[0], wd, ld[1], w2d, *args, n_work, out, KD, ND, E, **meta)
@@ -595,8 +612,8 @@ def _dh(dy, w_out, a, ag, gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     ins = (dy, wd, plan.tok, gate, a, ag if ag is not None else a, plan.tile_e, plan.tile_row, plan.offsets)
     outs = (da, dag if dag is not None else da, hg, dgp)
     meta = dict(ACT=ACTS[act], PREC=_prec(dy), W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
-    if cfg.persistent and tma and act != "swiglu":   # as kernel 1: over TMA weight tiles; not SwiGLU, whose epilogue holds
-                                                      # two more tiles (255 registers and a spill on sm_90, triton 3.6)
+    if cfg.persists("dh") and tma and act != "swiglu":   # as kernel 1: over TMA weight tiles; not SwiGLU, whose epilogue holds
+                                                          # two more tiles (255 registers and a spill on sm_90, triton 3.6)
         n_real = (plan.tile_e < E).sum(dtype=torch.int32)
         _launch(_moe_dh_persistent_kernel, min(n_tiles, _persistent_programs(dy)), cfg, *ins, n_real, *outs, d, h, **meta)
     else:
@@ -699,9 +716,12 @@ TILE_CANDIDATES: dict[str, tuple[MoEKernelConfig, ...]] = {
               # the same tiles with TMA copies of the weights and sorted rows (tried on sm_90+ cards only)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True), MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True),
               MoEKernelConfig(128, 128, 32, 8, 5, dh_block_n=64, tma=True),
-              # kernels 1, 2 and dH persistent, over TMA copies (sm_90+)
+              # kernels 1, 2 and dH all persistent, over TMA copies (sm_90+)
               MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True, persistent=True),
-              MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True, persistent=True)),
+              MoEKernelConfig(128, 128, 64, 8, 4, dh_block_n=64, tma=True, persistent=True),
+              # one or two of them persistent, the others per tile over the same TMA copies: the card says whose loop pays
+              *(MoEKernelConfig(128, 128, 64, 8, 3, dh_block_n=64, tma=True, persistent=p)
+                for p in ("up", "rows", "dh", "up,rows", "up,dh", "rows,dh"))),
     # float32 on CUDA (IEEE products on the CUDA cores): tiles whose kernels compile without spills, as above
     "float32": (MoEKernelConfig(64, 64, 32, 8, 3), MoEKernelConfig(64, 128, 32, 8, 3, dh_block_n=64), MoEKernelConfig(64, 64, 32, 4, 2, dh_block_n=32)),
     "interpreter": (MoEKernelConfig(32, 32, 32, 4, 1), MoEKernelConfig(16, 32, 16, 4, 1), MoEKernelConfig(32, 32, 16, 4, 1, tma=True),
@@ -723,9 +743,11 @@ def tile_key(x: torch.Tensor, w_in: torch.Tensor, n_slots: int, act: str, atomic
     return f"{dev}|{str(x.dtype).removeprefix('torch.')}|{act}|{combine}|E={E}|d={d}|h={h}|S={S}"
 
 def _tile_label(c: MoEKernelConfig) -> str:
-    "block_m,block_n,block_k,warps,stages,dh_block_n[,tma][,persistent] (and |atomic or |deterministic where the combine was tuned too)."
+    """block_m,block_n,block_k,warps,stages,dh_block_n[,tma][,persistent] — `persistent=up+dh` where only some kernels are —
+    (and |atomic or |deterministic where the combine was tuned too)."""
     tiles = ",".join(map(str, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.dh_block_n)))
-    tiles += (",tma" if c.tma else "") + (",persistent" if c.persistent else "")
+    tiles += ",tma" if c.tma else ""
+    if c.persistent: tiles += ",persistent" + ("" if c.persistent == ",".join(PERSISTENT_KERNELS) else "=" + c.persistent.replace(",", "+"))
     return tiles if c.atomic is None else f"{tiles}|{'atomic' if c.atomic else 'deterministic'}"
 
 def tile_cache_path() -> Path: return cache_dir() / "moe_tiles.json"
