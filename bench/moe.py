@@ -337,7 +337,7 @@ def main():
                 report(E, k, G, f"{name} {rname}", t, peak_bytes(step, device), saved_bytes(fwd, leaves))
                 if name == "triton_tuned":                                     # what the tuner chose, and every candidate's time
                     entry = json.loads(tile_cache_path().read_text()).get(tile_key(x, w_in, idx.numel(), args.act, None), {})
-                    print(f"{'':>18}tuned tiles {entry.get('config')}; ms per candidate (block_m,n,k,warps,stages,dh_block_n|combine): {entry.get('ms')}")
+                    print(f"{'':>18}tuned tiles {entry.get('config')}; ms per candidate (block_m,n,k,warps,stages,dh_block_n[,tma][,persistent[=kernels]]|combine): {entry.get('ms')}")
                 y = fwd(); outs[name] = [y.detach(), *[g.detach() for g in torch.autograd.grad(y, leaves, dy)]]
                 if name in ("triton", "triton_tma", "triton_persistent") and device.type == "cuda":   # per tile, TMA, persistent
                     try:
