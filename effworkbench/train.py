@@ -351,11 +351,12 @@ class TrainerGrads:
 
     def grad_norm(self) -> torch.Tensor:
         """Global gradient L2 norm, () on the device. With `grad_clip`, every gradient is scaled by c = min(1, clip / (norm + 1e-6))
-        as `clip_grads_with_norm_` does: in place, or, for the fused AdamW, inside its update (`opt.grad_scale` = 1/c, which
-        the kernel divides each gradient by and stores back: the same update and `.grad`, one pass over the gradients fewer)."""
+        as `clip_grads_with_norm_` does: in place, or, with `clip_in_update`, inside the fused AdamW's update (`opt.grad_scale`
+        = 1/c, which the kernel divides each gradient by and stores back: the same update and `.grad`, one pass over the
+        gradients fewer)."""
         norm = self.scheme.grad_norm(self.model)
         if not self.cfg.grad_clip: return norm
-        if self.fused_opt: self.opt.grad_scale = 1.0 / (self.cfg.grad_clip / (norm.float() + 1e-6)).clamp(max=1.0)   # () float32, on the device
+        if self.clip_in_update: self.opt.grad_scale = 1.0 / (self.cfg.grad_clip / (norm.float() + 1e-6)).clamp(max=1.0)   # () float32, on the device
         else: torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip, norm)
         return norm
 
@@ -500,6 +501,9 @@ class Trainer(TrainerRun, TrainerState, TrainerStep, TrainerGrads, TrainerData):
         # the no-sync divergence guard of `train_step` rests on it (sharded states sync every step instead)
         self.fused_opt = self.device.type in ("cuda", "cpu", "mps", "xpu") and not self.scheme.sharded
         self.opt = (GroupedAdamW if self.fused_opt else torch.optim.AdamW)(groups, lr=cfg.lr, betas=cfg.betas)
+        # clipping inside the fused update saves a pass over the gradients on a GPU; on the CPU the fused kernel's grad_scale
+        # path costs more than the pass it saves (cpu-small GPT: about 0.4 ms a step against 0.1 for the in-place product)
+        self.clip_in_update = self.fused_opt and self.device.type != "cpu"
         for g in self.opt.param_groups:                      # schedule end points of each group
             g["lr_s"] = g["base_lr"] * g["lr_start"]; g["lr_e"] = g["base_lr"] * cfg.final_frac * g["lr_end"]
         self.step, self.tokens = 0, 0

@@ -307,16 +307,17 @@ def test_nonfinite_unsynced_step_is_skipped_and_reported_at_the_next_sync():
 
 
 def test_clipping_inside_the_fused_adamw_equals_clipping_in_place():
-    """The fused AdamW's grad_scale = 1/c gives the weights and the stored .grad of clip_grads_with_norm_ followed by the
-    step."""
-    def run(clip, in_place=False, sync=False):                                     # one after the other: dropout draws from the global RNG
+    """The fused AdamW's grad_scale = 1/c (`clip_in_update`, a GPU's default) gives the weights and the stored .grad of
+    clip_grads_with_norm_ followed by the step (the CPU's default, where the fused kernel's grad_scale path is the slower)."""
+    def run(clip, in_update=False, sync=False):                                    # one after the other: dropout draws from the global RNG
         t = toy_trainer(grad_clip=clip)
-        t.fused_opt = not in_place                                                 # in place: the same fused optimizer, no grad_scale
+        assert t.fused_opt and not t.clip_in_update                                # on the CPU: the fused AdamW, clipping in place
+        t.clip_in_update = in_update
         for _ in range(3):
             t.train_step(sync=sync)
             assert getattr(t.opt, "grad_scale", None) is None                      # not left for a later step
         return t
-    fused, in_place, unclipped = run(0.05), run(0.05, in_place=True, sync=True), run(0.0)
+    fused, in_place, unclipped = run(0.05, in_update=True), run(0.05, sync=True), run(0.0)
     for (n, p), q, u in zip(fused.model.named_parameters(), in_place.model.parameters(), unclipped.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9, msg=n)   # .grad holds the clipped gradient
