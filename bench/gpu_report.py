@@ -73,6 +73,23 @@ def moe_kernel_table(text: str) -> pd.DataFrame:
     return df
 
 
+PERSISTENT_FLAG = {"_moe_up_kernel": "up", "_moe_rows_kernel": "rows", "_moe_dh_kernel": "dh"}   # MoEKernelConfig.persistent's names
+
+
+def persistent_by_kernel(kernels: pd.DataFrame) -> pd.DataFrame:
+    """Per shape and routing, the `MoEKernelConfig.persistent` that `moe_kernel_table` points to: the kernels whose
+    persistent loop beat their per-tile launch over the same TMA copies. The tuner times whole layers; this says which of
+    its persistent candidates (all three, or one or two alone) the kernels' own times favour."""
+    cols = ["E", "k", "G", "routing", "persistent"]
+    if kernels.empty: return pd.DataFrame(columns=cols)
+    both = kernels[kernels.kernel.isin(PERSISTENT_FLAG)].dropna(subset=["triton_tma ms", "triton_persistent ms"])
+    out = []
+    for key, g in both.groupby(["E", "k", "G", "routing"], sort=False):
+        won = set(g.kernel[g["triton_persistent ms"] < g["triton_tma ms"]].map(PERSISTENT_FLAG))
+        out.append(dict(zip(cols, (*key, ",".join(f for f in PERSISTENT_FLAG.values() if f in won) or "none"))))
+    return pd.DataFrame(out, columns=cols)
+
+
 def moe_verdicts(rows: pd.DataFrame) -> pd.DataFrame:
     "Per (E, k, G) and routing: the project's best Triton row against the target, beside its torch backend and the plain grouped GEMM."
     out = []
@@ -189,7 +206,8 @@ def report(d: Path) -> str:
     parts = ["## Session", block(session_summary(_read(d, "session.log")))]
     moe_log = _read(d, "bench_moe.log")
     parts += ["## MoE training (bench/moe.py)", markdown(moe_verdicts(moe_rows(moe_log))), block(moe_checks(moe_log)),
-              "### Kernel by kernel: per tile, TMA, persistent (ms per step)", markdown(moe_kernel_table(moe_log))]
+              "### Kernel by kernel: per tile, TMA, persistent (ms per step)", markdown(kernels := moe_kernel_table(moe_log)),
+              "### The persistent kernels these times favour (beside the tuner's choice above)", markdown(persistent_by_kernel(kernels))]
     tables = sorted(d.glob("d2dmoe_speed_*.csv"))
     parts += ["## Dynamic-k inference (bench/d2dmoe.py)", markdown(dynamic_k_verdicts(pd.read_csv(tables[0])) if tables else pd.DataFrame())]
     gpt_log = _read(d, "bench_gpt.log")

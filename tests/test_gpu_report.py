@@ -89,6 +89,25 @@ def test_moe_kernel_table():
     assert len(t) == 4 and gr.moe_kernel_table(MOE_LOG).empty
 
 
+def test_persistent_by_kernel():
+    """The kernels whose persistent loop beat their TMA per-tile launch, in MoEKernelConfig.persistent's spelling; a
+    shape whose persistent row was not run names none."""
+    log = KERNELS + """\
+   8   1   1  triton_tma uniform         1.000       1.00    110.00       1.10    60.00        1.20
+                  _moe_dh_kernel                             1.0/step    0.400 ms   300 TFLOP/s
+   8   1   1  triton_persistent uniform  0.900       1.11    110.00       1.10    60.00        1.20
+                  _moe_dh_persistent_kernel                  1.0/step    0.300 ms   400 TFLOP/s
+  32   4   4  triton_tma uniform         1.000       1.00    110.00       1.10    60.00        1.20
+                  _moe_up_kernel                             1.0/step    0.250 ms   360 TFLOP/s
+  32   4   4  triton_persistent uniform  0.900       1.11    110.00       1.10    60.00        1.20
+                  _moe_up_persistent_kernel                  1.0/step    0.260 ms   350 TFLOP/s
+"""
+    p = gr.persistent_by_kernel(gr.moe_kernel_table(log)).set_index(["E", "k", "G", "routing"]).persistent
+    assert p.to_dict() == {(8, 1, 1, "uniform"): "up,dh", (32, 4, 4, "uniform"): "none"}   # rows: 0.6 ms persistent > 0.52
+    assert gr.persistent_by_kernel(gr.moe_kernel_table(KERNELS)).persistent.tolist() == ["up"]
+    assert gr.persistent_by_kernel(gr.moe_kernel_table(MOE_LOG)).empty
+
+
 def test_gpt_and_dp_rows():
     v = gr.gpt_verdicts(gr.gpt_rows(GPT_LOG)).set_index(["row", "mode"])
     assert v.loc[("workbench model", "eager"), "met"]                              # 28 % ≥ 27 %, ahead of the reference
@@ -136,4 +155,4 @@ def test_report_of_a_partial_session(tmp_path):
     text = gr.report(tmp_path)
     assert "3 passed, 1 failed" in text and "rlrs unfinished" in text and "noise line" not in text
     assert "| 8, 1, 1 | uniform | triton uniform |" in text
-    assert text.count("(nothing measured)") == 4                                   # dynamic-k, GPT, DP: no files; no breakdowns
+    assert text.count("(nothing measured)") == 5                                   # dynamic-k, GPT, DP: no files; no breakdowns (2 tables)
