@@ -316,6 +316,23 @@ def test_tuner_tries_tma_tiles_only_where_the_card_has_tma(tmp_path, monkeypatch
     assert mk.tuned_config(x, w_in, w_out, None, idx, candidates=(c0, c1), timer=timer, cache=False) == c1 and calls == [c0, c1]
 
 
+def test_tuner_times_swiglu_persistent_subsets_once(tmp_path, monkeypatch):
+    "SwiGLU's dH kernel runs per tile whatever `persistent` says, so subsets that differ only in 'dh' are timed once for it."
+    monkeypatch.setenv("EFFWB_CACHE", str(tmp_path))
+    base = MoEKernelConfig(16, 32, 16, 4, 1, tma=True)
+    cands = tuple(dataclasses.replace(base, persistent=p) for p in ("up", "up,dh", "dh", "", "rows,dh"))
+    g = torch.Generator().manual_seed(13)
+    x, w_in, w_out = (torch.randn(*s, generator=g).to(DEV) for s in [(37, 16), (3, 16, 24), (3, 24, 16)])
+    idx = torch.randint(0, 3, (37, 2), generator=g).to(DEV)
+    monkeypatch.setattr(mk, "_has_tma", lambda t: True)
+    for act, w_gate, timed in (("swiglu", w_in.clone(), ["up", "", "rows"]), ("gelu", None, ["up", "up,dh", "dh", "", "rows,dh"])):
+        monkeypatch.setattr(mk, "_TUNED", {})
+        calls = []
+        best = mk.tuned_config(x, w_in, w_out, w_gate, idx, act, candidates=cands, cache=False,
+                               timer=lambda cfg, *a: calls.append(cfg.persistent) or len(calls))
+        assert calls == timed and best.persistent == "up", (act, calls)
+
+
 def test_layer_tunes_only_when_asked_and_on_cuda(monkeypatch):
     "EFFWB_MOE_TUNE=1 routes a CUDA call without a config through tuned_config; off, or on CPU, the default tiles."
     asked = []

@@ -809,6 +809,8 @@ def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: 
     g = torch.Generator().manual_seed(0)
     idx = torch.rand(N, E, generator=g).argsort(-1)[:, :K].to(x.device) if K <= E else expert_idx   # (N, K) distinct experts
     cands = [c for c in candidates or TILE_CANDIDATES[_candidate_set(x)] if not c.tma or _has_tma(x)]   # no TMA: no repeats
+    if act == "swiglu":                                  # SwiGLU's dH kernel runs per tile whatever `persistent` says: no repeats
+        cands = list(dict.fromkeys(dataclasses.replace(c, persistent=c.persistent.replace("dh", "")) for c in cands))
     if atomic is None: cands = [dataclasses.replace(c, atomic=a) for c in cands for a in ((False, True) if K > 1 else (False,))]
     times = {}
     for cfg in cands:
