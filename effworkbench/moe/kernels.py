@@ -597,6 +597,12 @@ def _moe_wgrad_kernel(p_ptr, q_ptr, q2_ptr, tok_ptr, off_ptr, out_ptr, out2_ptr,
     if HAS2: tl.store(out2_ptr + o, acc2.to(out2_ptr.dtype.element_ty), mask=m2)
 
 # %% ../../nbs/13_moe.kernels.ipynb #c47aca90
+def _persistent_for(cfg: MoEKernelConfig, act: str) -> MoEKernelConfig:
+    """cfg with the kernels that run persistent for `act`: SwiGLU's dH kernel stays per tile (its epilogue holds two more
+    tiles than GELU's: 255 registers and a spill on sm_90 with triton 3.6)."""
+    if act != "swiglu" or not cfg.persists("dh"): return cfg
+    return dataclasses.replace(cfg, persistent=",".join(k for k in cfg.persistent.split(",") if k != "dh"))
+
 def _dh(dy, w_out, a, ag, gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     "dH kernel → dA (S, h), dA_gate or None, g·H (S, h), and the gate gradient in sorted-row order (S,) float32."
     S, h = a.shape
@@ -612,8 +618,7 @@ def _dh(dy, w_out, a, ag, gate, plan: MoEPlan, act: str, cfg: MoEKernelConfig):
     ins = (dy, wd, plan.tok, gate, a, ag if ag is not None else a, plan.tile_e, plan.tile_row, plan.offsets)
     outs = (da, dag if dag is not None else da, hg, dgp)
     meta = dict(ACT=ACTS[act], PREC=_prec(dy), W_T=w_t, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
-    if cfg.persists("dh") and tma and act != "swiglu":   # as kernel 1: over TMA weight tiles; not SwiGLU, whose epilogue holds
-                                                          # two more tiles (255 registers and a spill on sm_90, triton 3.6)
+    if _persistent_for(cfg, act).persists("dh") and tma:                     # as kernel 1: over TMA weight tiles
         n_real = (plan.tile_e < E).sum(dtype=torch.int32)
         _launch(_moe_dh_persistent_kernel, min(n_tiles, _persistent_programs(dy)), cfg, *ins, n_real, *outs, d, h, **meta)
     else:
@@ -809,8 +814,7 @@ def tuned_config(x, w_in, w_out, w_gate, expert_idx, act: str = "gelu", atomic: 
     g = torch.Generator().manual_seed(0)
     idx = torch.rand(N, E, generator=g).argsort(-1)[:, :K].to(x.device) if K <= E else expert_idx   # (N, K) distinct experts
     cands = [c for c in candidates or TILE_CANDIDATES[_candidate_set(x)] if not c.tma or _has_tma(x)]   # no TMA: no repeats
-    if act == "swiglu":                                  # SwiGLU's dH kernel runs per tile whatever `persistent` says: no repeats
-        cands = list(dict.fromkeys(dataclasses.replace(c, persistent=c.persistent.replace("dh", "")) for c in cands))
+    cands = list(dict.fromkeys(_persistent_for(c, act) for c in cands))   # SwiGLU: subsets differing only in "dh" timed once
     if atomic is None: cands = [dataclasses.replace(c, atomic=a) for c in cands for a in ((False, True) if K > 1 else (False,))]
     times = {}
     for cfg in cands:
