@@ -285,7 +285,7 @@ class TrainerData:
         tot, n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for x, y in eval_batches(self.corpus.val, self.cfg.batch_size // self.world, self.cfg.model.seq_len,
                                  self.cfg.eval_batches, self.device, self.rank, self.world):
-            with autocast(self.device): _, loss = self.model(x, y)
+            with autocast(self.device): _, loss = self.model(x, y, **self._fwd_kwargs)   # no (B·T, V) logits
             tot += loss.float() * len(x); n += len(x)
         if self.world > 1: dist.all_reduce(tot); dist.all_reduce(n)
         self.model.train()

@@ -165,6 +165,22 @@ def test_linear_cross_entropy_matches_torch_in_float64(bias):
     with pytest.raises(RuntimeError, match="backward ran twice"): torch.autograd.grad(loss, h)
 
 
+def test_linear_cross_entropy_under_no_grad_does_only_the_forward_matmul():
+    """Under no_grad (an evaluation) the loss forms no gradients: the FLOPs of one (N, d) × (d, V) matmul, where a
+    training call forms ∂ℓ/∂h and ∂ℓ/∂W in its forward too (three); the same loss either way."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(3)
+    N, d, V = 64, 16, 96
+    h, W = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)   # W a parameter as in a model
+    y = torch.randint(0, V, (N,))
+    def flops(grad_mode):
+        with torch.set_grad_enabled(grad_mode), FlopCounterMode(display=False) as fc: loss = linear_cross_entropy(h, W, y)
+        return fc.get_total_flops(), loss.detach()
+    (f_eval, l_eval), (f_train, l_train) = flops(False), flops(True)
+    assert f_eval == 2 * N * d * V and f_train == 3 * f_eval
+    torch.testing.assert_close(l_eval, l_train, rtol=0, atol=0)
+
+
 def test_loss_block_sizes():
     """linear_cross_entropy's default blocks: on a CPU 2²² logits but never fewer than 256 rows (its matmuls slow down
     with fewer); on a GPU at the GPT-2 vocabulary enough rows c that the block's matmuls (6·c·V·d FLOPs) outweigh its

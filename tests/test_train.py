@@ -52,6 +52,20 @@ def test_group_lrs_follow_the_formula(corpus_file):
         assert all(g["lr"] == pytest.approx(want, rel=1e-12) for g in t.opt.param_groups)
 
 
+def test_evaluate_runs_the_head_inside_the_loss(corpus_file):
+    """Validation never forms the (B·T, V) logits (the head's matmul runs inside linear_cross_entropy, forward only) and
+    gives the loss of the unfused head + cross-entropy."""
+    t = Trainer(tiny(corpus_file, eval_batches=2))
+    hook = t.model.head.register_forward_hook(lambda *a: None)   # a hooked head is not fusable: the logits path
+    want = t.evaluate()
+    hook.remove()
+    def no_logits(*a): raise AssertionError("evaluate formed the logits")
+    t.model.head.forward = no_logits                  # the unfused path calls the head module; the fused one reads its weight
+    assert t.evaluate() == pytest.approx(want, rel=1e-6)
+    t.model.head.register_forward_hook(lambda *a: None)
+    with pytest.raises(AssertionError, match="formed the logits"): t.evaluate()
+
+
 def test_every_parameter_in_exactly_one_optimizer_group(corpus_file):
     t = Trainer(tiny(corpus_file, model={"tie_weights": True}))
     ids = [id(p) for g in t.opt.param_groups for p in g["params"]]

@@ -497,11 +497,11 @@ def _sum_into(acc_t: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc:
 class _LinearCE(torch.autograd.Function):
     "Mean cross-entropy of the logits m·(h Wᵀ + b) a block of rows at a time; the gradients of h, W, b are formed in the forward."
     @staticmethod
-    def forward(ctx, h, w, b, y, mult: float, ignore_index: int, rows: int):   # h (N, d), w (V, d), b (V,) | None, y (N,)
+    def forward(ctx, h, w, b, y, mult: float, ignore_index: int, rows: int, grads: bool):   # h (N, d), w (V, d), b (V,) | None, y (N,)
         dev = h.device.type
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype   # the matmuls' dtype, as F.linear's
         acc = torch.promote_types(cd, torch.float32)             # float32 (float64 stays float64)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = (grads and n for n in ctx.needs_input_grad[:3])   # none under no_grad: no graph to use them
         need_b = need_b and b is not None
         valid = y != ignore_index                                  # (N,)
         n, N = valid.sum(), h.shape[0]
@@ -535,15 +535,17 @@ class _LinearCE(torch.autograd.Function):
         dh, dw, db, n = ctx.saved_tensors
         s = g * ctx.mult / n                                       # upstream · m / N
         out = [None if t is None else t.mul_(s).to(dt) for t, dt in zip((dh, dw, db), ctx.dtypes)]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
                          mult: float = 1.0, ignore_index: int = -100, chunk_elems: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(mult * F.linear(h, weight, bias), targets)` for h (N, d), weight (V, d), targets (N,), without an (N, V)
-    tensor: blocks of about `chunk_elems` logits (default: `ce_block_rows`), the gradients formed in the forward pass."""
+    tensor: blocks of about `chunk_elems` logits (default: `ce_block_rows`), the gradients formed in the forward pass
+    (not under `torch.no_grad`: an evaluation costs the forward's one matmul, not three)."""
     if h.ndim != 2 or targets.shape != h.shape[:1] or weight.ndim != 2 or weight.shape[1] != h.shape[1]:
         raise ValueError(f"h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}: expected (N, d), (V, d), (N,)")
-    return _LinearCE.apply(h, weight, bias, targets, float(mult), ignore_index, ce_block_rows(weight.shape[0], h.device, chunk_elems))
+    return _LinearCE.apply(h, weight, bias, targets, float(mult), ignore_index, ce_block_rows(weight.shape[0], h.device, chunk_elems),
+                           torch.is_grad_enabled())
 
 # %% ../../nbs/10_nn.gpt.ipynb #6dae1376
 class TokenSampler:
