@@ -91,8 +91,8 @@ PYEOF
 
 sec_kernels() {
   start kernels 150 "Triton MoE kernel tests, compiled" || return 0
-  # left out: the sm_90 compile without a GPU, and a test of the interpreter in CPU-only subprocesses (triton 3.6's
-  # interpreter does not run under the image's numpy 2.5)
+  # left out: the sm_90 compile without a GPU, and a test of the interpreter in CPU-only subprocesses (CPU work, which
+  # CI does)
   EFFWB_TEST_CUDA=1 timeout "$T" $PY -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider \
     -k "not compile_for_hopper and not interpreter_chosen_too_late" 2>&1 | tail -25 > /tmp/effwb_kernels.log
   cat /tmp/effwb_kernels.log >> "$LOG"; tail -3 /tmp/effwb_kernels.log

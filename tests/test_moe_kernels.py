@@ -895,3 +895,12 @@ def test_tau_relu_mlp_matches_float64_and_has_no_host_sync(no_python_reads):
     assert torch.equal(take.cpu(), want)
     torch.testing.assert_close(y.cpu().double(), masked_loop_reference(x, w_in, w_out, want), rtol=1e-5, atol=1e-5)
     assert not any(op.startswith(("aten.sort", "aten.argsort")) for op, _ in mode.trace)
+
+
+def test_interpreter_index_fix_is_given_only_where_it_is_needed():
+    """Triton's interpreter before 3.7 makes a scalar argument an index by int((1,) array), which numpy 2.4 and later
+    refuse; the kernels module gives those versions triton 3.7's squeeze, and leaves every other pairing alone."""
+    from effworkbench.moe.kernels import _interpreter_needs_index_fix as needs, _major_minor
+    assert _major_minor("3.10.1") == (3, 10) and _major_minor("2.4.0rc1") == (2, 4) and _major_minor("3") == (3, 0)
+    assert needs("3.6.0", "2.5.2") and needs("3.5.1", "2.4.0rc1")              # the device image's pairing, and older
+    assert not needs("3.6.0", "2.3.5") and not needs("3.7.1", "2.5.2") and not needs("3.10.0", "2.4.6")

@@ -41,6 +41,28 @@ __all__ = ['ACTS', 'SLOTS_PER_BLOCK', 'PERSISTENT_KERNELS', 'TILE_CANDIDATES', '
            'time_tiles', 'tuned_config', 'mask_plan', 'MaskedMLPConfig', 'masked_mlp_config', 'triton_masked_relu_mlp',
            'tau_plan', 'triton_tau_relu_mlp']
 
+# %% ../../nbs/13_moe.kernels.ipynb #a7f3c2d9
+def _major_minor(v: str) -> tuple[int, int]:
+    "(major, minor) of a version string such as '3.6.0', '3.10.1' or '2.4.0rc1'."
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in (v.split(".") + ["0"])[:2])
+
+def _interpreter_needs_index_fix(triton_version: str, numpy_version: str) -> bool:
+    """Triton's interpreter holds a scalar kernel argument as a (1,) numpy array and, before triton 3.7, makes it a Python
+    index by int(array), which numpy 2.4 and later refuse ('only 0-dimensional arrays can be converted to Python scalars'):
+    every kernel that loops to a runtime bound (`range(0, D, BK)`) fails. Triton 3.7 squeezes the array first."""
+    return _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4)
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    import numpy as np
+    import triton.runtime.interpreter as _interp
+    if _interpreter_needs_index_fix(triton.__version__, np.__version__) and hasattr(_interp, "_patch_lang_tensor"):
+        _patch_lang_tensor = _interp._patch_lang_tensor
+        def _patch_lang_tensor_index(tensor, scope):          # triton 3.7's own __index__, given to an older interpreter
+            _patch_lang_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        _interp._patch_lang_tensor = _patch_lang_tensor_index
+
+
 # %% ../../nbs/13_moe.kernels.ipynb #e5657487
 ACTS = {"gelu": 0, "relu": 1, "swiglu": 2}   # the act constexpr of the kernels
 
