@@ -82,6 +82,21 @@ def test_bf16_rotary_qkv_is_one_node_and_matches_float64():
     torch.testing.assert_close(g.double(), g64, rtol=2e-2, atol=3e-2)
 
 
+def test_compiled_rotary_equals_the_eager_rotation_in_float64():
+    """Under torch.compile rotary takes `_rotate_pairs` (even and odd halves, one interleaving write): q, k, v from the fused
+    projection, a rotation along another dim, and the gradients equal the eager complex product in float64."""
+    torch.manual_seed(5)
+    rot = Rotary(16, 12)
+    y5 = torch.randn(2, 10, 3, 4, 16, dtype=torch.float64, requires_grad=True)   # (B, T, 3, H, Dh), T < seq_len
+    x = torch.randn(2, 10, 4, 16, dtype=torch.float64, requires_grad=True)       # (B, T, H, Dh): positions along dim 1
+    def f(y5, x): return (*rot.qkv(y5), rot(x, seq_dim=1))
+    want, got = f(y5, x), torch.compile(f, fullgraph=True)(y5, x)
+    gs = [torch.randn_like(t) for t in want]
+    for a, b in zip(got, want): torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (y5, x), gs), torch.autograd.grad(want, (y5, x), gs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(7, 16), (2, 9, 16)])
 def test_cpu_rms_norm_matches_the_formula_in_float64(shape):
     "The closed-form CPU RMSNorm against F.rms_norm: output and the gradients of x and the gain (a non-unit gain)."
@@ -338,6 +353,21 @@ def test_clipping_inside_the_fused_adamw_equals_clipping_in_place():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9, msg=n)   # .grad holds the clipped gradient
     assert not all(torch.allclose(p, u, rtol=1e-4) for p, u in zip(fused.model.parameters(), unclipped.model.parameters()))
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e6])
+def test_trainer_clips_as_clip_grad_norm_does(clip):
+    """The trainer's in-place clip (one `_foreach_mul_` over the gradients listed from the optimizer's groups) equals
+    torch's clip_grad_norm_ bit for bit: the norm and every gradient, clipping (0.05) or not (a threshold far above the norm)."""
+    t = toy_trainer(grad_clip=clip)
+    g = torch.Generator().manual_seed(1)
+    for p in t.model.parameters(): p.grad = 3 * torch.randn(p.shape, generator=g)
+    shadow = [torch.nn.Parameter(p.detach().clone()) for p in t.model.parameters()]
+    for s, p in zip(shadow, t.model.parameters()): s.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(shadow, clip)
+    assert (want > clip) == (clip < 1)
+    assert torch.equal(t.grad_norm(), want)
+    for (n, p), s in zip(t.model.named_parameters(), shadow): assert torch.equal(p.grad, s.grad), n
 
 
 def test_infinite_gradient_at_an_unsynced_step():
