@@ -254,15 +254,16 @@ class Rotary(nn.Module):
         complex form applies, `_RotaryQKVReal` elsewhere in eager mode (bf16), the plain ops under torch.compile (fused)."""
         T = y5.shape[1]
         if T > self.cos.shape[0]: raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cos.shape[0]}")
-        if self._complex_ok(y5): return _RotaryQKV.apply(y5, self._complex_table(T, y5.shape[3], y5.dtype))
+        if self._complex_ok(y5): return _RotaryQKV.apply(y5, *self._complex_table(T, y5.shape[3], y5.dtype))
         c, s = self.cos[:T].to(y5.dtype), self.sin[:T].to(y5.dtype)   # (T, Dh)
         if not torch.compiler.is_compiling(): return _RotaryQKVReal.apply(y5, c, s)
         qk = _rotate_pairs(y5[:, :, :2], c[:, None, None, 0::2], s[:, None, None, 1::2])   # (B, T, 2, H, Dh); tables (T, 1, 1, Dh/2)
         q, k = qk.permute(2, 0, 3, 1, 4)                           # views, each (B, H, T, Dh)
         return q, k, y5[:, :, 2].transpose(1, 2)
 
-    def _complex_table(self, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
-        """e = cos + i sin at (T, 2, H, Dh/2) for `_RotaryQKV` (full width: long inner loops), built once for (T, H,
+    def _complex_table(self, T: int, H: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """e = cos + i sin and its conjugate ē at (T, 2, H, Dh/2) for `_RotaryQKV` (full width: long inner loops; ē stored,
+        not a lazy conjugate view, which every product would first copy out), built once for (T, H,
         dtype) and these very tables at their present version (eight small ops a layer and step otherwise); the
         cached entry holds the tables it was built from, so a moved or replaced buffer is never mistaken for them."""
         key = (T, H, dtype, self.cos._version, self.sin._version)
@@ -271,6 +272,7 @@ class Rotary(nn.Module):
             c, s = self.cos[:T].to(dtype), self.sin[:T].to(dtype)                     # (T, Dh)
             e = torch.complex(c[:, 0::2], s[:, 1::2])[:, None, None]                 # (T, 1, 1, Dh/2): cos + i sin
             e = e.expand(T, 2, H, -1).contiguous()
+            e = (e, e.conj().resolve_conj())
         self._e = (key, self.cos, self.sin, e)
         return e
 
@@ -295,19 +297,20 @@ def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
 
 class _RotaryQKV(torch.autograd.Function):
     """q, k rotated and v from y5 (B, T, 3, H, Dh) by one complex product with e = e^{i tθ} (T, 2, H, Dh/2); the backward
-    rotates the q and k gradients back (by ē) and writes them with v's into one (B, T, 3, H, Dh) buffer: no stack, no copies."""
+    rotates the q and k gradients back (by ē, given stored) and writes them with v's into one (B, T, 3, H, Dh) buffer: no
+    stack, no copies."""
     @staticmethod
-    def forward(ctx, y5, e):
-        ctx.save_for_backward(e)
+    def forward(ctx, y5, e, ec):
+        ctx.save_for_backward(ec)
         qk = torch.view_as_real(_complex_pairs(y5[:, :, :2]) * e).flatten(-2)   # (B, T, 2, H, Dh)
         q, k = qk.permute(2, 0, 3, 1, 4)                           # views (B, H, T, Dh)
         return q, k, y5[:, :, 2].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):                                 # each (B, H, T, Dh)
-        ec = ctx.saved_tensors[0].conj()                           # (T, 2, H, Dh/2): the inverse rotation
+        ec = ctx.saved_tensors[0]                                  # (T, 2, H, Dh/2): ē, the inverse rotation
         def back(g, i, dst): torch.mul(_complex_pairs(g), ec[:, i], out=torch.view_as_complex(dst.unflatten(-1, (-1, 2))))
-        return _qkv_grad(gq, gk, gv, back), None
+        return _qkv_grad(gq, gk, gv, back), None, None
 
 def _qkv_grad(gq, gk, gv, rotate_back) -> torch.Tensor:
     """y5's gradient (B, T, 3, H, Dh) from those of q, k, v (B, H, T, Dh each): `rotate_back(g, i, dst)` writes q's (i = 0)
