@@ -15,7 +15,8 @@ MFU = tokens/s × (6·(N + V·d) + 12·L·T·d) / peak, the library's `flops_per
 matmul weights, V·d the head's (36 % of the step's FLOPs at the cpu-small shape), against two peaks:
 the datasheet's (--peak-tflops, default 989 = H100 dense bf16; none on CPU unless given) and the card's own measured
 GEMM peak (a large matmul in the compute dtype, the best of 5 timings in the same run). The rows take turns round by
-round; ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine),
+round, each round starting one row later (of three copies of the reference timed in turn, the two that always ran
+after the first were 0.6–0.8 % slower); ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine),
 paired_vs_reference the median over rounds of (reference's time / the row's time) in the same round, with its quartiles
 (on a noisy CPU: --iters 100 --rounds 100, one step a round).
 
@@ -236,9 +237,9 @@ def main():
         # the rows take turns, round by round, so a load change on the machine hits them alike; median over rounds
         secs = {name: [] for name in steps}
         for name, step in steps.items(): timed(step, device, args.warmup, 0)
-        per = max(1, args.iters // args.rounds)
-        for _ in range(args.rounds):
-            for name, step in steps.items(): secs[name].append(timed(step, device, 0, per))
+        per, names = max(1, args.iters // args.rounds), list(steps)
+        for r in range(args.rounds):                               # each round starts one row later: no row always runs first
+            for name in names[r % len(names):] + names[:r % len(names)]: secs[name].append(timed(steps[name], device, 0, per))
         for name in steps: record(name, mode, secs[name])
         if device.type == "cuda" and t is not None:    # an unsynced trainer step must not wait for the device
             t.train_step(sync=True)
