@@ -16,9 +16,9 @@ matmul weights, V·d the head's (36 % of the step's FLOPs at the cpu-small shape
 the datasheet's (--peak-tflops, default 989 = H100 dense bf16; none on CPU unless given) and the card's own measured
 GEMM peak (a large matmul in the compute dtype, the best of 5 timings in the same run). The rows take turns round by
 round, each round starting one row later (of three copies of the reference timed in turn, the two that always ran
-after the first were 0.6–0.8 % slower); ms_per_step is the median over rounds, ms_min the fastest round (the least disturbed on a shared machine),
-paired_vs_reference the median over rounds of (reference's time / the row's time) in the same round, with its quartiles
-(on a noisy CPU: --iters 100 --rounds 100, one step a round).
+after the first were 0.6–0.8 % slower); ms_per_step is the median over rounds, ms_min the fastest round (the least
+disturbed on a shared machine), paired_vs_reference the median over rounds of (reference's time / the row's time) in
+the same round, with its quartiles (on a noisy CPU: --iters 100 --rounds 100, one step a round).
 
 A second table, "head + loss", times the head's matmul with the cross-entropy alone, forward and backward (eager, the
 compute dtype as in the step, weights in float32 under autocast on CUDA), at the step's B·T rows: F.linear with

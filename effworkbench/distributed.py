@@ -364,7 +364,7 @@ class ExpertParallelism(ShardedParallelism):
     def sync_grads(self, model, mesh): sync_grads(model, mesh)
 
     def grad_norm(self, model, grads=None) -> torch.Tensor:
-        "‖g‖² = Σ replicated g² + Σ over the expert group of every rank's expert g²."
+        "‖g‖² = Σ replicated g² + Σ over the expert group of every rank's expert g² (`grads` unused: the sum needs each parameter's flag)."
         grads = [(p.grad, getattr(p, "expert_parallel", False)) for p in model.parameters() if p.grad is not None]
         sq = lambda gs: torch.nn.utils.get_total_norm(gs).square() if gs else torch.zeros((), device=grads[0][0].device)
         experts = sq([g for g, e in grads if e])

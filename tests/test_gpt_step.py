@@ -357,8 +357,9 @@ def test_clipping_inside_the_fused_adamw_equals_clipping_in_place():
 
 @pytest.mark.parametrize("clip", [0.05, 1e6])
 def test_trainer_clips_as_clip_grad_norm_does(clip):
-    """The trainer's in-place clip (one `_foreach_mul_` over the gradients listed from the optimizer's groups) equals
-    torch's clip_grad_norm_ bit for bit: the norm and every gradient, clipping (0.05) or not (a threshold far above the norm)."""
+    """The trainer's in-place clip (one `_foreach_mul_` over the gradients of the parameters it updates, in module order)
+    equals torch's clip_grad_norm_ bit for bit: the norm and every gradient, clipping (0.05) or not (a threshold far above
+    the norm). In the optimizer's group order instead, the norm differs in its last bit."""
     t = toy_trainer(grad_clip=clip)
     g = torch.Generator().manual_seed(1)
     for p in t.model.parameters(): p.grad = 3 * torch.randn(p.shape, generator=g)
