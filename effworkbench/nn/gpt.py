@@ -285,8 +285,8 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     cos and sin (..., Dh/2) broadcasting over x's pairs; the same numbers, bit for bit, as x·cos + swap(x)·sin on the
     full-width tables. The form torch.compile is given: the even and odd elements are two stride-2 reads and the results
     one interleaving write, affine indices in inductor's CPU loop; for the pair swap it computes the index
-    1 − t mod 2 + 2⌊t/2⌋ of every element, a division and a modulo each. Rotary's cost in a compiled attention layer, forward and backward, at (B, T, d, H) =
-    (8, 128, 128, 4) on a 2-core CPU: about 0.5 ms in that form, 0.2 in this one."""
+    1 − t mod 2 + 2⌊t/2⌋ of every element, a division and a modulo each. Rotary's cost in a compiled attention layer,
+    forward and backward, at (B, T, d, H) = (8, 128, 128, 4) on a 2-core CPU: about 0.5 ms in that form, 0.2 in this one."""
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)                     # x_2i, x_2i+1: (..., Dh/2) strided views
     return torch.stack((a * cos - b * sin, b * cos + a * sin), -1).flatten(-2)
 
