@@ -354,15 +354,18 @@ class TrainerGrads:
         as `clip_grads_with_norm_` does: in place, or, with `clip_in_update`, inside the fused AdamW's update (`opt.grad_scale`
         = 1/c, which the kernel divides each gradient by and stores back: the same update and `.grad`, one pass over the
         gradients fewer). In place, unsharded: `clip_grads_with_norm_`'s arithmetic in one `_foreach_mul_` (its grouping by
-        device and dtype costs 0.2 ms of host time a step on a CPU). The gradients are those of the parameters the optimizer
-        updates, listed once in module order (the order of the norm's sum, as `model.parameters()` gives them), not by a
-        walk of every module each step."""
+        device and dtype costs 0.2 ms of host time a step on a CPU), left out when c = 1 where reading c is no device sync
+        (`clip_reads_factor`: on a CPU), since a product by 1.0 changes no value: a step that does not clip makes no pass
+        over the gradients. The gradients are those of the parameters the optimizer updates, listed once in module order
+        (the order of the norm's sum, as `model.parameters()` gives them), not by a walk of every module each step."""
         grads = [p.grad for p in self._trained if p.grad is not None]
         norm = self.scheme.grad_norm(self.model, grads)
         if not self.cfg.grad_clip: return norm
         if self.clip_in_update: self.opt.grad_scale = 1.0 / (self.cfg.grad_clip / (norm.float() + 1e-6)).clamp(max=1.0)   # () float32, on the device
         elif self.scheme.sharded: torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip, norm)   # DTensors
-        else: torch._foreach_mul_(grads, (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))   # c = min(1, clip / (‖g‖ + 1e-6))
+        else:
+            c = (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # c = min(1, clip / (‖g‖ + 1e-6)), () on the device
+            if not (self.clip_reads_factor and c.item() >= 1.0): torch._foreach_mul_(grads, c)   # NaN: multiplied, as torch does
         return norm
 
 # %% ../nbs/11_train.ipynb #3e5a91c7
@@ -511,6 +514,8 @@ class Trainer(TrainerRun, TrainerState, TrainerStep, TrainerGrads, TrainerData):
         # clipping inside the fused update saves a pass over the gradients on a GPU; on the CPU the fused kernel's grad_scale
         # path costs more than the pass it saves (cpu-small GPT: about 0.4 ms a step against 0.1 for the in-place product)
         self.clip_in_update = self.fused_opt and self.device.type != "cpu"
+        # a CPU reads the clip factor without a sync, so it leaves out the product when the factor is 1 (`grad_norm`)
+        self.clip_reads_factor = self.device.type == "cpu"
         for g in self.opt.param_groups:                      # schedule end points of each group
             g["lr_s"] = g["base_lr"] * g["lr_start"]; g["lr_e"] = g["base_lr"] * cfg.final_frac * g["lr_end"]
         self.step, self.tokens = 0, 0

@@ -1,4 +1,5 @@
 "The GPT training step: fused q/k/v and table rotary equal the plain formulas (float64), the chunked cross-entropy, and a trainer step with no host sync off logging steps."
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -311,7 +312,9 @@ class _NoSync:
 
 
 def test_unsynced_step_reads_nothing_back():
+    "What a GPU's trainer does: on a CPU, where a read is no sync, the trainer reads the clip factor (`clip_reads_factor`)."
     t = toy_trainer()
+    t.clip_reads_factor = False
     t.train_step()
     with _NoSync():
         for _ in range(3): t.train_step(sync=False)
@@ -355,20 +358,29 @@ def test_clipping_inside_the_fused_adamw_equals_clipping_in_place():
     assert not all(torch.allclose(p, u, rtol=1e-4) for p, u in zip(fused.model.parameters(), unclipped.model.parameters()))
 
 
-@pytest.mark.parametrize("clip", [0.05, 1e6])
-def test_trainer_clips_as_clip_grad_norm_does(clip):
-    """The trainer's in-place clip (one `_foreach_mul_` over the gradients of the parameters it updates, in module order)
-    equals torch's clip_grad_norm_ bit for bit: the norm and every gradient, clipping (0.05) or not (a threshold far above
-    the norm). In the optimizer's group order instead, the norm differs in its last bit."""
+@pytest.mark.parametrize("reads", [True, False])
+@pytest.mark.parametrize("over", [20.0, 1.001, 0.999, 0.01, float("nan")])
+def test_trainer_clips_as_clip_grad_norm_does(over, reads):
+    """The trainer's in-place clip (one `_foreach_mul_` over the gradients of the parameters it updates, in module order,
+    left out when c = 1 if the trainer `reads` c, as on a CPU) equals torch's clip_grad_norm_ bit for bit: the norm and
+    every gradient, at a norm `over` × the threshold (0.5): clipping hard, barely (c just below 1), not quite, far below,
+    and with a NaN gradient (torch multiplies every gradient by c = NaN). In the optimizer's group order instead, the norm
+    differs in its last bit."""
+    clip = 0.5
     t = toy_trainer(grad_clip=clip)
+    t.clip_reads_factor = reads
     g = torch.Generator().manual_seed(1)
     for p in t.model.parameters(): p.grad = 3 * torch.randn(p.shape, generator=g)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in t.model.parameters()])
+    for p in t.model.parameters(): p.grad *= (clip * (1.0 if math.isnan(over) else over)) / norm
+    if math.isnan(over): t.model.blocks[0].ffn.w_in.weight.grad[0, 0] = float("nan")
     shadow = [torch.nn.Parameter(p.detach().clone()) for p in t.model.parameters()]
     for s, p in zip(shadow, t.model.parameters()): s.grad = p.grad.clone()
     want = torch.nn.utils.clip_grad_norm_(shadow, clip)
-    assert (want > clip) == (clip < 1)
-    assert torch.equal(t.grad_norm(), want)
-    for (n, p), s in zip(t.model.named_parameters(), shadow): assert torch.equal(p.grad, s.grad), n
+    assert math.isnan(over) or (want > clip) == (over > 1)
+    assert torch.equal(t.grad_norm(), want) if not math.isnan(over) else t.grad_norm().isnan()
+    for (n, p), s in zip(t.model.named_parameters(), shadow): assert torch.equal(p.grad, s.grad) or (
+        math.isnan(over) and p.grad.isnan().all() and s.grad.isnan().all()), n
 
 
 def test_infinite_gradient_at_an_unsynced_step():
