@@ -335,8 +335,9 @@ class TrainerGrads:
             last = i == len(chunks) - 1
             with (contextlib.nullcontext() if last else self.scheme.no_sync(self.fwd)), autocast(self.device):
                 _, loss = self.fwd(xb, yb, **self._fwd_kwargs)   # no logits kept alive through the backward
-                aux = sum(self.model.aux_losses().values(), torch.zeros((), device=self.device))
-                part = (loss + aux) * (len(xb) / len(x))     # micro-batch mean → this rank's mean
+                aux = self.model.aux_losses()
+                part = loss + sum(aux.values(), torch.zeros((), device=self.device)) if aux else loss
+                if len(chunks) > 1: part = part * (len(xb) / len(x))   # micro-batch mean → this rank's mean
             part.backward()
             total += loss.detach() * (len(xb) / len(x))
         self.scheme.sync_grads(self.model, self.mesh)

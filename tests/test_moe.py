@@ -396,3 +396,32 @@ def test_compiled_moe_gpt_matches_eager(backend, routing):
     for a, b in zip(got, want):
         if b is None: assert a is None
         else: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_aux_losses_sum_in_module_order_each_module_once():
+    """GPT.aux_losses walks the modules itself: the same sums, bit for bit, as summing each module's `aux_loss` in
+    `model.modules()` order, with a layer registered twice counted once, an empty module slot skipped and an
+    `aux_loss` that a class defines as a property read. The "order" terms, 1 then 2⁻²⁴ twice, sum to 1 in that order in
+    float32 and to 1 + 2⁻²³ in any order that adds the small ones first."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=3, n_heads=2, ffn="moe",
+                      ffn_kwargs={"expansion": 2, "granularity": 2, "top_k": 1, "backend": "torch"}))
+
+    class Prop(torch.nn.Module):
+        def __init__(self, v): super().__init__(); self.v = v
+        @property
+        def aux_loss(self): return {"order": torch.tensor(self.v), "load_balance": torch.tensor(1e-3)}
+
+    m.again = m.blocks[1].ffn                          # a shared layer: one entry in modules()
+    m.blocks[2].register_module("empty", None)
+    m.blocks[0].prop, m.tail1, m.tail2 = Prop(1.0), Prop(2.0 ** -24), Prop(2.0 ** -24)
+    x = torch.randint(0, 64, (3, 8))
+    m(x, x, return_logits=False)
+    want: dict = {}
+    for mod in m.modules():
+        for name, v in (getattr(mod, "aux_loss", None) or {}).items(): want[name] = want.get(name, 0) + v
+    got = m.aux_losses()
+    assert list(got) == list(want) and set(want) >= {"load_balance", "order"} and want["order"].item() == 1.0
+    for name in want: assert torch.equal(got[name], want[name]), name
+    terms = [mod.aux_loss["load_balance"] for mod in m.modules() if hasattr(mod, "aux_loss")]
+    assert len(terms) == 6 and not all(torch.equal(t, terms[0]) for t in terms)   # 3 MoE layers, 3 properties
