@@ -622,8 +622,8 @@ class GPT(TokenSampler, nn.Module):
             m = stack.pop()
             if id(m) in seen: continue
             seen.add(id(m))
-            d = m.__dict__
-            aux = d["aux_loss"] if "aux_loss" in d else getattr(m, "aux_loss", None) if hasattr(type(m), "aux_loss") else None
+            d = m.__dict__                                          # an instance attribute, else a class's (a property)
+            aux = d.get("aux_loss") if "aux_loss" in d or not hasattr(type(m), "aux_loss") else m.aux_loss
             for name, v in (aux or {}).items(): out[name] = out.get(name, 0) + v
             stack.extend(reversed([c for c in d["_modules"].values() if c is not None]))
         return out
