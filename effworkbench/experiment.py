@@ -117,12 +117,20 @@ class Context:
         if todo: self._check_time(f"{len(todo)} units")
         if self.workers > 1 and len(todo) > 1:
             table = sweep(fn, todo, store=self.store, executor="process", max_workers=self.workers, desc=desc)
-            if "error" in table and table.error.notna().any():
-                bad = table[table.error.notna()]
-                if bad.error.str.startswith("OutOfTime").all():        # units stopped mid-way by the chunk's deadline
-                    raise OutOfTime(f"time budget spent in {len(bad)} units (checkpointed); run the same command again to continue")
-                raise RuntimeError(f"{len(bad)} of {len(todo)} units failed; first: {bad.error.iloc[0]}")
+            left = table[table.status != "done"]
+            skipped = left.status == "skipped"                        # not started: the deadline had passed
+            stopped = ~skipped & left.key.map(self._stopped_by_deadline).astype(bool)   # stopped mid-way by it (checkpointed)
+            if len(bad := left[~(skipped | stopped)]):
+                first = bad.iloc[0]
+                raise RuntimeError(f"{len(bad)} of {len(todo)} units failed; first: {first.get('error') or first.status}")
+            if len(left):
+                raise OutOfTime(f"time budget spent: {len(todo) - len(left)} of {len(todo)} units finished, {int(stopped.sum())} "
+                                f"stopped mid-way (checkpointed), {int(skipped.sum())} not started; run the same command again to continue")
         return [self.unit(fn, c) for c in cfgs]
+
+    def _stopped_by_deadline(self, key: str) -> bool:
+        "Whether unit `key` last ended by raising `OutOfTime`: a run that saved its checkpoint at the chunk's deadline."
+        return (Run(self.store.root / key).error or {}).get("type") == "OutOfTime"
 
 # %% ../nbs/03a_experiment.ipynb #8215a588
 def unit_result(run: Run, fn: Callable, cfg) -> dict:

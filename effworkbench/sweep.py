@@ -265,7 +265,10 @@ def get_executor(executor: str | Executor = "process", max_workers: int | None =
 
 # %% ../nbs/03_sweep.ipynb #79d7854f
 def _run_one(root: str, fn: Callable, config: Any) -> dict:
-    "Worker body: run one config through the store; never raise (the failure is in the run's error.json)."
+    """Worker body: run one config through the store; never raise (the failure is in the run's error.json). Past the
+    deadline of the chunk it works in (`EFFWB_DEADLINE`, inherited from the process that set it) it starts nothing."""
+    from .experiment import past_deadline                      # imported here: that module imports this one
+    if past_deadline(): return {"status": "skipped", "seconds": 0.0}
     t0 = time.time()
     try:
         RunStore(root).run(fn, config)
@@ -304,6 +307,7 @@ def sweep(fn: Callable, configs: Sequence, store: RunStore | None = None, execut
     n_cached = len(set(keys)) - len(todo)
     ex = get_executor(executor, max_workers, timeout)
     failures = {}                                               # key → error, for the runs that failed in this sweep
+    skipped = set()                                             # keys a worker did not start: the chunk's deadline had passed
     todo_keys = list(todo)
     bar = progress(total=len(todo), desc=desc or f"sweep {getattr(fn, '__name__', 'run')}", unit="run")
     if n_cached: bar.set_postfix(cached=n_cached)
@@ -316,14 +320,17 @@ def sweep(fn: Callable, configs: Sequence, store: RunStore | None = None, execut
                 why = _record_failure(store, k, fn, todo[k], str(out))
                 if why: failures[k] += f" (not recorded in the store: {why})"
             elif out["status"] == "failed": failures[k] = out["error"]
-            bar.update(1); bar.set_postfix(cached=n_cached, failed=len(failures))
+            elif out["status"] == "skipped": skipped.add(k)
+            bar.update(1); bar.set_postfix(cached=n_cached, failed=len(failures), **({"skipped": len(skipped)} if skipped else {}))
     finally:   # closing the generator first lets an executor cancel its unfinished tasks
         bar.close(); getattr(outcomes, "close", lambda: None)(); ex.close()
-    return _sweep_table(store, fn, keys, dict(zip(keys, configs)), failures)
+    return _sweep_table(store, fn, keys, dict(zip(keys, configs)), failures, skipped)
 
 # %% ../nbs/03_sweep.ipynb #664bb87e
-def _sweep_table(store: RunStore, fn: Callable, keys: list[str], configs: dict, failures: dict) -> pd.DataFrame:
-    "`store.load()` rows of the sweep's keys in input order; a failure the store does not show gets its row from `failures`, with a warning."
+def _sweep_table(store: RunStore, fn: Callable, keys: list[str], configs: dict, failures: dict,
+                 skipped: set = frozenset()) -> pd.DataFrame:
+    """`store.load()` rows of the sweep's keys in input order; a failure the store does not show gets its row from
+    `failures`, with a warning; a run not started (`skipped`) has status `skipped` and no error from an earlier attempt."""
     df = store.load()
     rows = {r["key"]: r for r in df.to_dict("records")} if len(df) else {}
     out, lost = [], []
@@ -332,6 +339,7 @@ def _sweep_table(store: RunStore, fn: Callable, keys: list[str], configs: dict, 
         if not isinstance(row.get("fn"), str): row.update(fn=fn_name(fn), **_config_columns(configs[k]))   # config.json missing or unreadable
         if k in failures and row["status"] not in ("failed", "done", "corrupt"):
             row.update(status="failed", error=failures[k]); lost.append(k)
+        if k in skipped and row["status"] != "done": row.update(status="skipped", error=None)
         out.append(row)
     if lost:
         warnings.warn(f"{len(lost)} failed run(s) have no error.json in {store.root}: {', '.join(lost)}; their errors are "

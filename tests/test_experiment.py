@@ -4,6 +4,7 @@ notebook's `overrides` and checked against its config, equal configs giving equa
 import dataclasses
 import json
 import os
+import time
 
 import nbformat
 import pandas as pd
@@ -95,6 +96,57 @@ def test_units_given_twice_are_computed_once(dirs, monkeypatch):
     a, b = {"seed": 1, "scale": 2.0}, {"seed": 2, "scale": 2.0}
     out = Context(RunStore(dirs / "runs"), workers=2).units(logged_unit, [a, b, dict(a), a])
     assert sorted((dirs / "calls.txt").read_text().split()) == ["1", "2"] and [r["y"] for r in out] == [2.0, 4.0, 2.0, 2.0]
+
+
+@run_function("tests.toyx.chunked_unit")
+def chunked_unit(cfg: dict, run) -> dict:
+    """Counts to cfg['steps'], `sleep` seconds a step, as a training run does: at the chunk's deadline it saves its step
+    and raises `OutOfTime`; started again it goes on from there. Writes its seed, start step and start time."""
+    from effworkbench.experiment import OutOfTime, past_deadline
+    start = (run.load_checkpoint() or {"step": 0})["step"]
+    with open(os.environ["TOYX_CALLS"], "a") as f: f.write(f"{cfg['seed']} {start} {time.time()!r}\n")
+    for step in range(start, cfg["steps"]):
+        time.sleep(cfg["sleep"])
+        if past_deadline() and step + 1 < cfg["steps"]:
+            run.save_checkpoint({"step": step + 1})
+            raise OutOfTime(f"stopped at step {step + 1} of {cfg['steps']}")
+    return {"y": 10 * cfg["seed"], "resumed_from": start}
+
+
+@dataclasses.dataclass
+class ToyChunksConfig(PresetConfig):
+    preset: str = "smoke"
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    steps: int = 8
+    sleep: float = 0.25
+
+
+@register_experiment("toyx_chunks", ToyChunksConfig, notebook="99_toyx_chunks")
+def run_toyx_chunks(cfg: ToyChunksConfig, ctx: Context) -> dict[str, pd.DataFrame]:
+    units = ctx.units(chunked_unit, [{"seed": s, "steps": cfg.steps, "sleep": cfg.sleep} for s in cfg.seeds])
+    return {"values": pd.DataFrame([{"seed": s, **u} for s, u in zip(cfg.seeds, units)])}
+
+
+def test_parallel_units_stop_at_the_deadline_and_the_next_chunk_resumes_them(dirs, monkeypatch):
+    """A chunk with worker processes: the two units going at the deadline checkpoint and stop, no worker starts a unit
+    after it, and the chunk ends with `OutOfTime` (not a failure); the next chunk resumes the stopped units from their
+    checkpoints and runs the others. Four units of 2 s on two workers, a deadline 1 s after the start."""
+    from effworkbench.experiment import OutOfTime
+    calls = dirs / "calls.txt"
+    monkeypatch.setenv("TOYX_CALLS", str(calls))
+    cfg = EXPERIMENTS["toyx_chunks"].config_for("smoke")
+    t0 = time.time()
+    with pytest.raises(OutOfTime, match="0 of 4 units finished, 2 stopped mid-way .checkpointed., 2 not started"):
+        run_experiment("toyx_chunks", cfg, workers=2, max_minutes=1 / 60)
+    deadline = t0 + 1.0
+    first = [line.split() for line in calls.read_text().splitlines()]
+    assert len(first) == 2 and all(start == "0" and float(t) < deadline for _, start, t in first)   # none after the deadline
+    stopped = {int(seed) for seed, _, _ in first}
+    assert all(0 < RunStore().get(RunStore().key(chunked_unit, {"seed": s, "steps": 8, "sleep": 0.25})).load_checkpoint()["step"] < 8
+               for s in stopped)
+    values = run_experiment("toyx_chunks", cfg, workers=2)["values"].set_index("seed")
+    assert values.y.tolist() == [0, 10, 20, 30]
+    assert all((values.resumed_from[s] > 0) == (s in stopped) for s in range(4))   # the stopped two went on from their step
 
 
 def test_exp_refuses_unknown_fields_and_names(dirs, capsys):

@@ -153,3 +153,15 @@ def test_a_timed_out_run_takes_its_own_processes_with_it_and_runs_may_start_proc
     time.sleep(0.5)
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"   # gone, or a zombie nobody reaped yet
+
+
+@pytest.mark.parametrize("executor", ["serial", "process"])
+def test_a_sweep_past_its_chunks_deadline_starts_nothing(tmp_path, monkeypatch, executor):
+    "Inside an experiment's chunk whose deadline has passed (`EFFWB_DEADLINE`), no run starts: rows `skipped`, no run folders."
+    store = RunStore(tmp_path / "runs")
+    sweep(square, [{"x": 1}], store=store, executor=executor, max_workers=2)              # one finished before the deadline
+    monkeypatch.setenv("EFFWB_DEADLINE", repr(time.time() - 1))
+    df = sweep(square, [{"x": 1}, {"x": 2}, {"x": 3}], store=store, executor=executor, max_workers=2)
+    assert df.status.tolist() == ["done", "skipped", "skipped"] and len(list((tmp_path / "runs").iterdir())) == 1
+    monkeypatch.setenv("EFFWB_DEADLINE", repr(time.time() + 600))
+    assert sweep(square, [{"x": 2}, {"x": 3}], store=store, executor=executor, max_workers=2).status.tolist() == ["done"] * 2
