@@ -181,7 +181,7 @@ class RLRSConfig(PresetConfig):
         "medium": {**_SEARCH_MEDIUM, "large": {"width": 128, "n_layers": 4, "steps": 500}, "seeds": [1, 2, 3],
                    "reuse_lr_factors": [0.5, 1.0, 2.0]},
         "full": {**_SEARCH_MEDIUM, "large": {"width": 256, "n_layers": 8, "steps": 2000}, "seeds": [1, 2, 3],   # medium's search
-                 "reuse_lr_factors": [0.5, 1.0, 2.0], "kinds": ["moe", "dense"]},                             # the MoE pair first
+                 "reuse_lr_factors": [0.5, 1.0, 2.0, 4.0], "kinds": ["moe", "dense"]},                        # the MoE pair first
     }
 
     def search_groups(self, kind: str) -> list[str]:
