@@ -7,9 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/experiment.html.md"""
 # %% ../nbs/03a_experiment.ipynb #4e78e435
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +17,13 @@ import pandas as pd
 
 from .core import ConfigError, Registry, check_preset, config_from, is_quiet, save_table
 from .store import Run, RunStore, run_function
-from .sweep import sweep
+from .sweep import DEADLINE_ENV, chunk_deadline, past_deadline, sweep
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'DEADLINE_ENV', 'FULL_QUEUE', 'Experiment', 'register_experiment', 'experiment_for_notebook',
-           'OutOfTime', 'past_deadline', 'chunk_deadline', 'Context', 'unit_result', 'unit_weights', 'get_experiment',
-           'run_experiment', 'experiment_run', 'publish', 'unfinished_experiments', 'continue_experiments', 'advance']
+__all__ = ['EXPERIMENTS', 'FULL_QUEUE', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime', 'Context',
+           'unit_result', 'unit_weights', 'get_experiment', 'run_experiment', 'experiment_run', 'publish',
+           'unfinished_experiments', 'continue_experiments', 'advance', 'DEADLINE_ENV', 'past_deadline',
+           'chunk_deadline']
 
 # %% ../nbs/03a_experiment.ipynb #e769bb3f
 EXPERIMENTS = Registry("experiments")
@@ -70,22 +69,7 @@ def experiment_for_notebook(stem: str) -> Experiment | None:
 class OutOfTime(RuntimeError):
     "The experiment's time budget is spent: finished units are stored, and running the same command again continues."
 
-DEADLINE_ENV = "EFFWB_DEADLINE"     # the chunk's deadline in epoch seconds; worker processes inherit it
-
-def past_deadline() -> bool:
-    "Whether the deadline of the chunk this process works in (`EFFWB_DEADLINE`) has passed: a unit that can stop mid-way asks."
-    v = os.environ.get(DEADLINE_ENV)
-    return bool(v) and time.time() > float(v)
-
-@contextlib.contextmanager
-def chunk_deadline(deadline: float | None):
-    "Set `EFFWB_DEADLINE` to `deadline` (None: no deadline) for the block, then put back what was there."
-    old = os.environ.pop(DEADLINE_ENV, None)
-    if deadline is not None: os.environ[DEADLINE_ENV] = repr(float(deadline))
-    try: yield
-    finally:
-        os.environ.pop(DEADLINE_ENV, None)
-        if old is not None: os.environ[DEADLINE_ENV] = old
+_all_ = ["DEADLINE_ENV", "past_deadline", "chunk_deadline"]   # defined in `03_sweep` (its workers ask too), part of this API
 
 class Context:
     "What an experiment's `run(cfg, ctx)` works through: the run store (one run per unit), the preset, a time budget, a log."

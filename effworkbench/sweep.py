@@ -7,6 +7,7 @@ Docs: https://effworkbench.github.io/effworkbench/sweep.html.md"""
 # %% ../nbs/03_sweep.ipynb #29f94619
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -27,8 +28,9 @@ from .core import ConfigError, is_quiet, progress
 from .store import Run, RunStore, _flat, _lock, atomic_write_json, fn_name, read_json, run_function, to_jsonable
 
 # %% auto #0
-__all__ = ['grid', 'TaskFailed', 'Executor', 'SerialExecutor', 'ProcessExecutor', 'ray_token_file', 'secure_ray_token',
-           'RayExecutor', 'get_executor', 'sweep', 'file_sha256', 'notebook_grid', 'notebook_run']
+__all__ = ['DEADLINE_ENV', 'grid', 'TaskFailed', 'Executor', 'SerialExecutor', 'ProcessExecutor', 'ray_token_file',
+           'secure_ray_token', 'RayExecutor', 'get_executor', 'past_deadline', 'chunk_deadline', 'sweep', 'file_sha256',
+           'notebook_grid', 'notebook_run']
 
 # %% ../nbs/03_sweep.ipynb #05ae172b
 def grid(base: Any = None, **axes: Sequence) -> list:
@@ -263,11 +265,28 @@ def get_executor(executor: str | Executor = "process", max_workers: int | None =
     if executor == "process": return ProcessExecutor(max_workers, timeout=timeout)
     return RayExecutor(num_cpus=max_workers)
 
+# %% ../nbs/03_sweep.ipynb #d1e4a7c2
+DEADLINE_ENV = "EFFWB_DEADLINE"     # the chunk's deadline in epoch seconds; worker processes inherit it
+
+def past_deadline() -> bool:
+    "Whether the deadline of the chunk this process works in (`EFFWB_DEADLINE`) has passed: a unit that can stop mid-way asks."
+    v = os.environ.get(DEADLINE_ENV)
+    return bool(v) and time.time() > float(v)
+
+@contextlib.contextmanager
+def chunk_deadline(deadline: float | None):
+    "Set `EFFWB_DEADLINE` to `deadline` (None: no deadline) for the block, then put back what was there."
+    old = os.environ.pop(DEADLINE_ENV, None)
+    if deadline is not None: os.environ[DEADLINE_ENV] = repr(float(deadline))
+    try: yield
+    finally:
+        os.environ.pop(DEADLINE_ENV, None)
+        if old is not None: os.environ[DEADLINE_ENV] = old
+
 # %% ../nbs/03_sweep.ipynb #79d7854f
 def _run_one(root: str, fn: Callable, config: Any) -> dict:
     """Worker body: run one config through the store; never raise (the failure is in the run's error.json). Past the
     deadline of the chunk it works in (`EFFWB_DEADLINE`, inherited from the process that set it) it starts nothing."""
-    from .experiment import past_deadline                      # imported here: that module imports this one
     if past_deadline(): return {"status": "skipped", "seconds": 0.0}
     t0 = time.time()
     try:
