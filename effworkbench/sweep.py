@@ -347,7 +347,7 @@ def sweep(fn: Callable, configs: Sequence, store: RunStore | None = None, execut
 
 # %% ../nbs/03_sweep.ipynb #664bb87e
 def _sweep_table(store: RunStore, fn: Callable, keys: list[str], configs: dict, failures: dict,
-                 skipped: set = frozenset()) -> pd.DataFrame:
+                 skipped: set) -> pd.DataFrame:
     """`store.load()` rows of the sweep's keys in input order; a failure the store does not show gets its row from
     `failures`, with a warning; a run not started (`skipped`) has status `skipped` and no error from an earlier attempt."""
     df = store.load()

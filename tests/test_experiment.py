@@ -149,6 +149,18 @@ def test_parallel_units_stop_at_the_deadline_and_the_next_chunk_resumes_them(dir
     assert all((values.resumed_from[s] > 0) == (s in stopped) for s in range(4))   # the stopped two went on from their step
 
 
+@run_function("tests.toyx.failing_unit")
+def failing_unit(cfg: dict, run) -> dict:
+    if cfg["seed"] == 1: raise ValueError("seed 1 is bad")
+    return {"y": cfg["seed"]}
+
+
+def test_a_failing_parallel_unit_is_an_error_not_a_spent_budget(dirs):
+    "With worker processes, a unit that fails (not stopped by a deadline) fails the units call, with its error."
+    with pytest.raises(RuntimeError, match="1 of 2 units failed; first: seed 1 is bad"):
+        Context(RunStore(dirs / "runs"), workers=2).units(failing_unit, [{"seed": 0}, {"seed": 1}])
+
+
 def test_exp_refuses_unknown_fields_and_names(dirs, capsys):
     assert main(["exp", "toyx", "-p", "noise.sigma=1"]) == 2
     assert "no field" in capsys.readouterr().err
