@@ -179,7 +179,7 @@ class RLRSConfig(PresetConfig):
     presets: ClassVar = {
         "smoke": {"large": {"width": 64, "n_layers": 2, "steps": 40}},    # so that `large.steps=…` keeps the other fields
         "medium": {**_SEARCH_MEDIUM, "large": {"width": 128, "n_layers": 4, "steps": 500}, "seeds": [1, 2, 3],
-                   "reuse_lr_factors": [0.5, 1.0, 2.0]},
+                   "reuse_lr_factors": [0.5, 1.0, 2.0, 4.0]},
         "full": {**_SEARCH_MEDIUM, "large": {"width": 256, "n_layers": 8, "steps": 2000}, "seeds": [1, 2, 3],   # medium's search
                  "reuse_lr_factors": [0.5, 1.0, 2.0, 4.0], "kinds": ["moe", "dense"]},                        # the MoE pair first
     }
