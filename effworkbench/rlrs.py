@@ -15,18 +15,18 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import pandas as pd
 
-from .claims import Claim, bootstrap_mean, register_claims
+from .claims import CLAIMS, Claim, bootstrap_mean, published_tables, register_claims, verdict_table
 from .core import ConfigError, PresetConfig
 from .experiment import Context, register_experiment
 from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts, parameterization_options
 from .train import schedule_lr
 
 # %% auto #0
-__all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers',
+__all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'CLAIM_KINDS', 'relative_group', 'relative_lr', 'check_multipliers',
            'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
            'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
            'best_uniform', 'speedups', 'reuse_configs', 'reuse_curves', 'tuned_multipliers', 'committed_tuning',
-           'tuning_frame', 'run', 'steps_saved', 'schedule_frame', 'plot_schedule']
+           'tuning_frame', 'run', 'steps_saved', 'verdicts_at', 'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -367,6 +367,14 @@ register_claims("rlrs", [
           "loss in fewer steps (share of steps saved > 0)", lambda t: steps_saved(t["reuse"], "dense"), margin=0.05),
     Claim("speed-up, MoE", "the same on the larger MoE model (E = 8, top-1)", lambda t: steps_saved(t["reuse"], "moe"), margin=0.05),
 ], tables=("reuse",))
+CLAIM_KINDS = {"speed-up, dense": "dense", "speed-up, MoE": "moe"}    # the model each claim is about
+
+def verdicts_at(preset: str = "medium") -> pd.DataFrame:
+    """The verdicts from the committed reuse table at `preset`, of the claims about the kinds it holds (`full` runs are
+    long: a table published when one kind's runs had finished holds that kind only)."""
+    tables = published_tables("rlrs", CLAIMS["rlrs"].tables, preset)
+    kinds = set(tables["reuse"].kind)
+    return verdict_table([c for c in CLAIMS["rlrs"].claims if CLAIM_KINDS[c.name] in kinds], tables)
 
 # %% ../nbs/21_rlrs.ipynb #e65fd8aa
 def schedule_frame(tuned: pd.DataFrame, steps: int, warmup: int, final_frac: float, n: int = 200) -> pd.DataFrame:

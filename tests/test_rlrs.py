@@ -13,7 +13,8 @@ from effworkbench.core import config_from
 from effworkbench.experiment import EXPERIMENTS, OutOfTime, publish, run_experiment
 from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, KindTuning, RelativeLR, RLRSConfig, Search, Tuned, committed_tuning,
                                coordinate_search, final_multipliers, relative_group, relative_lr, speedups, steps_to_reach,
-                               train_config, tuned_multipliers)
+                               train_config, tuned_multipliers, verdicts_at)
+from effworkbench.claims import verdicts
 from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, Trainer, lr_at
 from tests_common import finished_units, spend_budget_after
@@ -127,6 +128,23 @@ def test_steps_to_reach_and_speedups():
                         "step": [0, 100, 200] * 2, "val_loss": [4.0, 3.0, 2.5, 4.0, 2.0, 1.9]})
     s = speedups(toy).iloc[0]
     assert s.t_star == pytest.approx(75.0) and s.steps_saved == pytest.approx(0.625) and s.speedup == pytest.approx(200 / 75)
+
+
+def test_verdicts_at_decide_the_kinds_a_table_holds(tmp_path, monkeypatch):
+    "A `full` table published when only its MoE runs had finished: the MoE claim alone, decided as from the whole table."
+    whole = load_table("rlrs_reuse_medium")
+    env = json.loads(open("results/rlrs_reuse_medium.env.json").read())
+    assert verdicts_at("medium").equals(verdicts("rlrs"))
+    monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path))
+    for kind in ("moe", "dense"):
+        whole[whole.kind == kind].to_csv(tmp_path / "rlrs_reuse_full.csv", index=False)
+        (tmp_path / "rlrs_reuse_full.env.json").write_text(json.dumps(env))
+        v = verdicts_at("full")
+        monkeypatch.delenv("EFFWB_RESULTS")
+        row = verdicts("rlrs").set_index("claim").loc[[c for c in v.claim]]
+        monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path))
+        assert list(v.claim) == [{"moe": "speed-up, MoE", "dense": "speed-up, dense"}[kind]]
+        assert v.estimate.tolist() == row.estimate.tolist() and v.verdict.tolist() == row.verdict.tolist()
 
 
 def test_committed_tuned_multipliers_load_and_differ_from_uniform():
