@@ -217,3 +217,8 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
     assert (t.loc["head", "r"], t.loc["head", "f"]) == (2.0, 0.5) and "router" not in t.index
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
     assert sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)) == ["rlrs_reuse_smoke.csv", "rlrs_tuned_smoke.csv"]
+
+
+def test_the_committed_full_verdicts():
+    "The `full` table's verdicts as the notebook states them (its MoE pair, 64× the tuning model, two seeds)."
+    assert verdicts_at("full").set_index("claim").verdict.to_dict() == {"speed-up, MoE": "not reproduced"}
