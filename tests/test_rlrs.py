@@ -13,7 +13,7 @@ from effworkbench.core import config_from
 from effworkbench.experiment import EXPERIMENTS, OutOfTime, publish, run_experiment
 from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, KindTuning, RelativeLR, RLRSConfig, Search, Tuned, committed_tuning,
                                coordinate_search, final_multipliers, relative_group, relative_lr, speedups, steps_to_reach,
-                               train_config, tuned_multipliers, verdicts_at)
+                               steps_saved, train_config, tuned_multipliers, verdicts_at)
 from effworkbench.claims import verdicts
 from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, Trainer, lr_at
@@ -143,8 +143,26 @@ def test_verdicts_at_decide_the_kinds_a_table_holds(tmp_path, monkeypatch):
         monkeypatch.delenv("EFFWB_RESULTS")
         row = verdicts("rlrs").set_index("claim").loc[[c for c in v.claim]]
         monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path))
-        assert list(v.claim) == [{"moe": "speed-up, MoE", "dense": "speed-up, dense"}[kind]]
+        assert list(v.claim) == {"moe": ["speed-up, MoE", "speed-up, MoE, η re-tuned for both"],
+                                 "dense": ["speed-up, dense", "speed-up, dense, η re-tuned for both"]}[kind]
         assert v.estimate.tolist() == row.estimate.tolist() and v.verdict.tolist() == row.verdict.tolist()
+
+
+def test_speedups_against_the_best_factor_of_each_schedule():
+    "The baseline is the uniform factor with the lowest mean final loss; the tuned run is the one at factor 1, or its own best."
+    rows = []
+    for seed, noise in ((1, 0.0), (2, 0.01)):
+        for sched, f, end in (("uniform", 1.0, 3.0), ("uniform", 2.0, 2.8), ("uniform", 4.0, 2.9),
+                              ("tuned", 1.0, 2.85), ("tuned", 2.0, 2.5), ("tuned", 4.0, 2.7)):
+            rows += [{"kind": "moe", "seed": seed, "params": 1, "schedule": sched, "lr_factor": f, "step": st, "val_loss": v + noise}
+                     for st, v in ((0, 4.0), (100, 3.2), (200, end))]
+    toy = pd.DataFrame(rows)
+    as_tuned, retuned = speedups(toy), speedups(toy, retuned=True)
+    assert set(as_tuned.uniform_lr_factor) == set(retuned.uniform_lr_factor) == {2.0}
+    assert set(as_tuned.tuned_lr_factor) == {1.0} and set(retuned.tuned_lr_factor) == {2.0}
+    assert as_tuned.t_star.isna().all()                                          # 2.85 never reaches 2.8
+    assert retuned.t_star.tolist() == pytest.approx([100 + 0.4 / 0.7 * 100] * 2)  # 3.2 → 2.5 crosses 2.8 at 4/7 of the way
+    assert steps_saved(toy, "moe").estimate == 0.0 and steps_saved(toy, "moe", retuned=True).estimate == pytest.approx(1 - (100 + 40 / 0.7) / 200)
 
 
 def test_committed_tuned_multipliers_load_and_differ_from_uniform():
@@ -221,4 +239,5 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
 
 def test_the_committed_full_verdicts():
     "The `full` table's verdicts as the notebook states them (its MoE pair, 64× the tuning model, two seeds)."
-    assert verdicts_at("full").set_index("claim").verdict.to_dict() == {"speed-up, MoE": "not reproduced"}
+    assert verdicts_at("full").set_index("claim").verdict.to_dict() == {"speed-up, MoE": "not reproduced",
+                                                                        "speed-up, MoE, η re-tuned for both": "not reproduced"}
