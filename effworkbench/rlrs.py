@@ -383,15 +383,19 @@ register_claims("rlrs", [
     Claim("speed-up, MoE, η re-tuned for both", "the same on the larger MoE model",
           lambda t: steps_saved(t["reuse"], "moe", retuned=True), margin=0.05),
 ], tables=("reuse",))
-CLAIM_KINDS = {"speed-up, dense": "dense", "speed-up, MoE": "moe", "speed-up, dense, η re-tuned for both": "dense",
-               "speed-up, MoE, η re-tuned for both": "moe"}    # the model each claim is about
+CLAIM_KINDS = {"speed-up, dense": ("dense", False), "speed-up, MoE": ("moe", False),     # each claim's model, and
+               "speed-up, dense, η re-tuned for both": ("dense", True),                 # whether it re-tunes the tuned
+               "speed-up, MoE, η re-tuned for both": ("moe", True)}                     # schedule's η
 
 def verdicts_at(preset: str = "medium") -> pd.DataFrame:
-    """The verdicts from the committed reuse table at `preset`, of the claims about the kinds it holds (`full` runs are
-    long: a table published when one kind's runs had finished holds that kind only)."""
+    """The verdicts from the committed reuse table at `preset` of the claims it can decide: about the kinds it holds
+    (`full` runs are long: a table published when one kind's runs had finished holds that kind only), and with η
+    re-tuned for both only where the tuned schedule ran at more than one factor."""
     tables = published_tables("rlrs", CLAIMS["rlrs"].tables, preset)
-    kinds = set(tables["reuse"].kind)
-    return verdict_table([c for c in CLAIMS["rlrs"].claims if CLAIM_KINDS[c.name] in kinds], tables)
+    tuned = tables["reuse"][tables["reuse"].schedule == "tuned"]
+    factors = tuned.groupby("kind").lr_factor.nunique() if "lr_factor" in tuned else pd.Series(1, tuned.kind.unique())
+    decidable = lambda kind, retuned: kind in factors.index and (not retuned or factors[kind] > 1)
+    return verdict_table([c for c in CLAIMS["rlrs"].claims if decidable(*CLAIM_KINDS[c.name])], tables)
 
 # %% ../nbs/21_rlrs.ipynb #e65fd8aa
 def schedule_frame(tuned: pd.DataFrame, steps: int, warmup: int, final_frac: float, n: int = 200) -> pd.DataFrame:
