@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from effworkbench.core import ConfigError, load_table
+from effworkbench.core import ConfigError, load_table, results_dir
 from effworkbench.nn.gpt import GPT, GPTConfig, GROUPS, make_parameterization, param_groups
 from effworkbench.core import config_from
 from effworkbench.experiment import EXPERIMENTS, OutOfTime, publish, run_experiment
@@ -134,7 +134,7 @@ def test_verdicts_at_decide_the_kinds_a_table_holds(tmp_path, monkeypatch):
     """A `full` table published when only its MoE runs had finished: the MoE claims alone, decided as from the whole
     table; without the tuned schedule's other η factors, the claim that re-tunes them is left out."""
     whole = load_table("rlrs_reuse_medium")
-    env = json.loads(open("results/rlrs_reuse_medium.env.json").read())
+    env = json.loads((results_dir() / "rlrs_reuse_medium.env.json").read_text())
     assert verdicts_at("medium").equals(verdicts("rlrs"))
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path))
     for kind in ("moe", "dense"):
