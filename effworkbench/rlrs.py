@@ -25,7 +25,7 @@ from .train import schedule_lr
 __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'CLAIM_KINDS', 'relative_group', 'relative_lr', 'check_multipliers',
            'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
            'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
-           'best_factor', 'best_uniform', 'speedups', 'reuse_configs', 'reuse_curves', 'tuned_multipliers',
+           'best_factor', 'compared_runs', 'speedups', 'reuse_configs', 'reuse_curves', 'tuned_multipliers',
            'committed_tuning', 'tuning_frame', 'run', 'steps_saved', 'verdicts_at', 'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
@@ -275,7 +275,7 @@ def best_factor(curves: pd.DataFrame, schedule: str) -> pd.Series:
     last = u[u.step == u.groupby(["kind", "lr_factor", "seed"]).step.transform("max")]
     return last.groupby(["kind", "lr_factor"]).val_loss.mean().groupby("kind").idxmin().map(lambda kf: kf[1])
 
-def best_uniform(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
+def compared_runs(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
     """The reuse curves with, per kind, only the uniform runs of their best η factor, and the tuned runs at the small
     model's η (factor 1, the claim) or, with `retuned`, at their own best factor."""
     if "lr_factor" not in curves: return curves
@@ -287,7 +287,7 @@ def speedups(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
     """Per kind and seed: the (re-tuned) uniform final loss, the tuned final loss (at the small model's η, or with
     `retuned` at its own best factor), t* and the share of steps saved."""
     rows = []
-    curves = best_uniform(curves, retuned)
+    curves = compared_runs(curves, retuned)
     for (kind, seed), d in curves.groupby(["kind", "seed"], sort=False):
         u, t = d[d.schedule == "uniform"].sort_values("step"), d[d.schedule == "tuned"].sort_values("step")
         if u.empty or t.empty: continue                  # an unfinished pair (e.g. a run cut off by its time limit)
