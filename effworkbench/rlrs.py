@@ -25,8 +25,9 @@ from .train import schedule_lr
 __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'CLAIM_KINDS', 'relative_group', 'relative_lr', 'check_multipliers',
            'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
            'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
-           'best_factor', 'compared_runs', 'speedups', 'reuse_configs', 'reuse_curves', 'tuned_multipliers',
-           'committed_tuning', 'tuning_frame', 'run', 'steps_saved', 'verdicts_at', 'schedule_frame', 'plot_schedule']
+           'best_factor', 'at_grid_edge', 'grown_grid', 'compared_runs', 'speedups', 'reuse_configs', 'reuse_curves',
+           'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'run', 'steps_saved', 'verdicts_at',
+           'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -166,6 +167,7 @@ class RLRSConfig(PresetConfig):
     seeds: list[int] = field(default_factory=lambda: [1])                # of the reuse runs (the search uses seed 0)
     reuse_lr_factors: list[float] = field(default_factory=lambda: [1.0])  # the uniform baseline's η × these, on the larger model
     tuned_lr_factors: list[float] = field(default_factory=lambda: [1.0])  # the tuned schedule's η × these (1: as tuned, the claim)
+    grid_extensions: int = 0                 # per kind and schedule: factors added where the best sits at a grid's edge
     tuned: Tuned = field(default_factory=Tuned)                          # tunings given as numbers: skip those searches
     n_heads: int = 4
     seq_len: int = 32
@@ -182,7 +184,7 @@ class RLRSConfig(PresetConfig):
         "medium": {**_SEARCH_MEDIUM, "large": {"width": 128, "n_layers": 4, "steps": 500}, "seeds": [1, 2, 3],
                    "reuse_lr_factors": [0.5, 1.0, 2.0, 4.0], "tuned_lr_factors": [0.5, 1.0, 2.0, 4.0]},
         "full": {**_SEARCH_MEDIUM, "large": {"width": 256, "n_layers": 8, "steps": 2000}, "seeds": [1, 2, 3],   # medium's search
-                 "reuse_lr_factors": [0.5, 1.0, 2.0, 4.0], "tuned_lr_factors": [1.0, 2.0, 4.0],
+                 "reuse_lr_factors": [0.5, 1.0, 2.0, 4.0], "tuned_lr_factors": [1.0, 2.0, 4.0], "grid_extensions": 2,
                  "kinds": ["moe", "dense"]},                                                                   # the MoE pair first
     }
 
@@ -275,6 +277,23 @@ def best_factor(curves: pd.DataFrame, schedule: str) -> pd.Series:
     last = u[u.step == u.groupby(["kind", "lr_factor", "seed"]).step.transform("max")]
     return last.groupby(["kind", "lr_factor"]).val_loss.mean().groupby("kind").idxmin().map(lambda kf: kf[1])
 
+def at_grid_edge(curves: pd.DataFrame, kind: str, schedule: str) -> bool:
+    """Whether `schedule`'s best η factor on `kind` is the smallest or the largest of the two or more it ran: its optimum
+    may lie beyond the grid, so its best run is only a bound on how well the schedule can do."""
+    d = curves[curves.kind == kind]
+    fs = d[d.schedule == schedule].lr_factor.unique()
+    return len(fs) >= 2 and best_factor(d, schedule)[kind] in (fs.min(), fs.max())
+
+def grown_grid(curves: pd.DataFrame, factors: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str], list[float]]:
+    "`factors` per (kind, schedule), with half the smallest or twice the largest added where the best factor is that edge."
+    out = {}
+    for (kind, schedule), fs in factors.items():
+        fs = sorted(fs)
+        if at_grid_edge(curves, kind, schedule):
+            fs = [fs[0] / 2, *fs] if best_factor(curves[curves.kind == kind], schedule)[kind] == fs[0] else [*fs, fs[-1] * 2]
+        out[kind, schedule] = fs
+    return out
+
 def compared_runs(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
     """The reuse curves with, per kind, only the uniform runs of their best η factor, and the tuned runs at the small
     model's η (factor 1, the claim) or, with `retuned`, at their own best factor."""
@@ -301,17 +320,19 @@ def speedups(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/21_rlrs.ipynb #743f6ac3
-def reuse_configs(cfg: RLRSConfig, tuned: pd.DataFrame) -> list[tuple[dict, Any]]:
-    "(labels, TrainConfig) of the reuse runs on the large model: per kind and seed, the uniform and the tuned schedule at η × each of their factors."
+def reuse_configs(cfg: RLRSConfig, tuned: pd.DataFrame, factors: dict[tuple[str, str], list[float]] | None = None) -> list[tuple[dict, Any]]:
+    """(labels, TrainConfig) of the reuse runs on the large model: per kind and seed, the uniform and the tuned schedule
+    at η × each of their factors (`factors[kind, schedule]`, by default the config's grids)."""
+    grid = lambda kind, s, default: factors.get((kind, s), default) if factors else default
     out = []
     for kind, t in tuned.groupby("kind", sort=False):
         if kind not in cfg.kinds: continue
         mult, eta = {r.group: (r.r, r.f) for r in t.itertuples()}, float(t.eta.iloc[0])
         for seed in cfg.seeds:
-            for f in cfg.reuse_lr_factors:
+            for f in grid(kind, "uniform", cfg.reuse_lr_factors):
                 out.append(({"kind": kind, "schedule": "uniform", "seed": seed, "lr_factor": f},
                             train_config(cfg, kind, eta * f, None, True, seed)))
-            for f in cfg.tuned_lr_factors:
+            for f in grid(kind, "tuned", cfg.tuned_lr_factors):
                 out.append(({"kind": kind, "schedule": "tuned", "seed": seed, "lr_factor": f},
                             train_config(cfg, kind, eta * f, mult, True, seed)))
     return out
@@ -362,17 +383,28 @@ def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:
         history.append(coordinate_search(cfg, kind, eta, ctx))
         tuned.append(final_multipliers(history[-1]))
     tuned = pd.concat(tuned, ignore_index=True)
-    points = reuse_configs(cfg, tuned)
-    ctx.units(train_run, [c for _, c in points], desc="reuse on the larger model")
-    out = {"tuned": tuned, "reuse": reuse_curves(points, ctx.store)}
+    factors = {(k, s): list(cfg.reuse_lr_factors if s == "uniform" else cfg.tuned_lr_factors)
+               for k in tuned.kind.unique() if k in cfg.kinds for s in ("uniform", "tuned")}
+    for _ in range(cfg.grid_extensions + 1):            # grow a grid while its best factor sits at its edge
+        points = reuse_configs(cfg, tuned, factors)
+        ctx.units(train_run, [c for _, c in points], desc="reuse on the larger model")
+        curves = reuse_curves(points, ctx.store)
+        if (grown := grown_grid(curves, factors)) == factors: break
+        factors = grown
+    out = {"tuned": tuned, "reuse": curves}
     if etas: out.update(eta=pd.concat(etas, ignore_index=True), search=pd.concat(history, ignore_index=True))
     return out
 
 def steps_saved(reuse: pd.DataFrame, kind: str, retuned: bool = False):
     """The share of steps the tuned schedule (at the small model's η, or with `retuned` at its own best factor) saves
-    against the re-tuned uniform baseline, one value per seed (NaN: never reached → 0)."""
+    against the re-tuned uniform baseline, one value per seed (NaN: never reached → 0). Where the baseline's best η
+    factor is its grid's edge, a better baseline may lie beyond: the estimate is an upper bound and its interval starts
+    at −∞ (the claim can be refuted, not reproduced); with `retuned`, where the tuned schedule's is, a lower bound (to +∞)."""
     sp = speedups(reuse, retuned)
-    return bootstrap_mean(sp[sp.kind == kind].steps_saved.fillna(0.0).to_numpy(), "share of steps")
+    ev = bootstrap_mean(sp[sp.kind == kind].steps_saved.fillna(0.0).to_numpy(), "share of steps")
+    if "lr_factor" in reuse and at_grid_edge(reuse, kind, "uniform"): ev = replace(ev, lo=-math.inf)
+    if "lr_factor" in reuse and retuned and at_grid_edge(reuse, kind, "tuned"): ev = replace(ev, hi=math.inf)
+    return ev
 
 register_claims("rlrs", [
     Claim("speed-up, dense", "on the larger dense model, the tuned schedule reaches the re-tuned uniform baseline's final "
