@@ -285,4 +285,4 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
 def test_the_committed_full_verdicts():
     "The `full` table's verdicts as the notebook states them (its MoE pair, 64× the tuning model, two seeds)."
     assert verdicts_at("full").set_index("claim").verdict.to_dict() == {
-        "speed-up, MoE": "not reproduced", "speed-up, MoE, η re-tuned for both": "not decided"}  # tuned best at 1×, its edge
+        "speed-up, MoE": "not reproduced", "speed-up, MoE, η re-tuned for both": "not reproduced"}  # tuned best at 1× of ½–4
