@@ -383,7 +383,7 @@ def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:
         history.append(coordinate_search(cfg, kind, eta, ctx))
         tuned.append(final_multipliers(history[-1]))
     tuned = pd.concat(tuned, ignore_index=True)
-    factors = {(k, s): list(cfg.reuse_lr_factors if s == "uniform" else cfg.tuned_lr_factors)
+    factors = {(k, s): sorted(cfg.reuse_lr_factors if s == "uniform" else cfg.tuned_lr_factors)
                for k in tuned.kind.unique() if k in cfg.kinds for s in ("uniform", "tuned")}
     for _ in range(cfg.grid_extensions + 1):            # grow a grid while its best factor sits at its edge
         points = reuse_configs(cfg, tuned, factors)
