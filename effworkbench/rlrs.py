@@ -26,8 +26,8 @@ __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'CLAIM_KINDS', 'relat
            'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
            'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
            'best_factor', 'at_grid_edge', 'grown_grid', 'compared_runs', 'speedups', 'reuse_configs', 'reuse_curves',
-           'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'run', 'steps_saved', 'verdicts_at',
-           'schedule_frame', 'plot_schedule']
+           'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'reuse_variant', 'run', 'steps_saved',
+           'verdicts_at', 'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -370,7 +370,15 @@ def tuning_frame(kind: str, tuning: KindTuning) -> pd.DataFrame:
 PAPER_MOE = {"embedding": (5.0, 0.666), "head": (0.666, 0.444), "router": (0.666, 1.0), "ffn": (0.3, 1.125), "attention": (1.0, 1.0)}
 
 # %% ../nbs/21_rlrs.ipynb #97f121e3
-@register_experiment("rlrs", RLRSConfig, notebook="21_rlrs", prefix="rlrs")
+def reuse_variant(cfg: RLRSConfig) -> str:
+    """The preset's reuse model publishes the main tables; another one its own, named by what differs from the preset's
+    (`rlrs_depth8_*`: the same width and steps, 8 blocks; `width`, `depth`, `steps` in that order): one factor changed
+    at a time separates what the reuse's size does to the claims."""
+    preset = type(cfg).for_preset(cfg.preset).large
+    return "_".join(f"{name}{mine}" for name, mine, theirs in (("width", cfg.large.width, preset.width),
+                    ("depth", cfg.large.n_layers, preset.n_layers), ("steps", cfg.large.steps, preset.steps)) if mine != theirs)
+
+@register_experiment("rlrs", RLRSConfig, notebook="21_rlrs", prefix="rlrs", variant=reuse_variant)
 def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "η sweep and coordinate search per kind (skipped for a kind `cfg.tuned` gives), then the reuse runs on the larger model."
     from effworkbench.train import train_run
@@ -419,11 +427,11 @@ CLAIM_KINDS = {"speed-up, dense": ("dense", False), "speed-up, MoE": ("moe", Fal
                "speed-up, dense, η re-tuned for both": ("dense", True),                 # whether it re-tunes the tuned
                "speed-up, MoE, η re-tuned for both": ("moe", True)}                     # schedule's η
 
-def verdicts_at(preset: str = "medium") -> pd.DataFrame:
-    """The verdicts from the committed reuse table at `preset` of the claims it can decide: about the kinds it holds
-    (`full` runs are long: a table published when one kind's runs had finished holds that kind only), and with η
-    re-tuned for both only where the tuned schedule ran at more than one factor."""
-    tables = published_tables("rlrs", CLAIMS["rlrs"].tables, preset)
+def verdicts_at(preset: str = "medium", variant: str = "") -> pd.DataFrame:
+    """The verdicts from the committed reuse table at `preset` (of `variant`, if named) of the claims it can decide:
+    about the kinds it holds (`full` runs are long: a table published when one kind's runs had finished holds that kind
+    only), and with η re-tuned for both only where the tuned schedule ran at more than one factor."""
+    tables = published_tables("rlrs", CLAIMS["rlrs"].tables, preset, variant)
     tuned = tables["reuse"][tables["reuse"].schedule == "tuned"]
     factors = tuned.groupby("kind").lr_factor.nunique() if "lr_factor" in tuned else pd.Series(1, tuned.kind.unique())
     decidable = lambda kind, retuned: kind in factors.index and (not retuned or factors[kind] > 1)

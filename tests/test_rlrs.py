@@ -225,6 +225,17 @@ def test_a_grid_given_out_of_order_takes_one_pass_when_its_best_factor_is_inside
     run_experiment("rlrs", EXPERIMENTS["rlrs"].config_for("smoke", ov), store=RunStore(tmp_path))
     assert passes == [[1.0, 2.0, 4.0]]
 
+def test_a_reuse_model_other_than_the_presets_publishes_a_variant():
+    "The preset's reuse model publishes the main tables; one changed in depth, width or steps, tables named for the change."
+    from effworkbench.rlrs import reuse_variant
+    assert EXPERIMENTS["rlrs"].variant is reuse_variant
+    for preset in ("smoke", "medium", "full"):
+        assert reuse_variant(config_from(RLRSConfig, preset, [])) == ""
+        assert reuse_variant(config_from(RLRSConfig, preset, ["seeds=[1, 2]", "reuse_lr_factors=[1.0]"])) == ""
+    cfg = config_from(RLRSConfig, "medium", ["large.n_layers=8"])
+    assert reuse_variant(cfg) == "depth8" and EXPERIMENTS["rlrs"].prefix_for(cfg) == "rlrs_depth8"
+    assert reuse_variant(config_from(RLRSConfig, "full", ["large.steps=500", "large.width=128"])) == "width128_steps500"
+
 def test_committed_tuned_multipliers_load_and_differ_from_uniform():
     t = load_table("rlrs_tuned_medium")
     assert set(t.kind) == {"dense", "moe"}
