@@ -40,6 +40,8 @@ STATED_VARIANTS = {
                                        "half the FFN FLOPs saved within 1 %": R},
     ("compress.d2dmoe", "experts128"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
                                         "half the FFN FLOPs saved within 1 %": R},
+    ("rlrs", "depth8"): {"speed-up, dense": R, "speed-up, MoE": R, "speed-up, dense, η re-tuned for both": R,
+                         "speed-up, MoE, η re-tuned for both": R},
     ("compress.d2dmoe", "seeds16"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
                                      "half the FFN FLOPs saved within 1 %": N, "dynamic-k beats top-k, k = 4 and 8": R},
 }

@@ -236,6 +236,17 @@ def test_a_reuse_model_other_than_the_presets_publishes_a_variant():
     assert reuse_variant(cfg) == "depth8" and EXPERIMENTS["rlrs"].prefix_for(cfg) == "rlrs_depth8"
     assert reuse_variant(config_from(RLRSConfig, "full", ["large.steps=500", "large.width=128"])) == "width128_steps500"
 
+def test_the_committed_depth_variant_is_the_medium_reuse_8_blocks_deep():
+    """`rlrs_depth8`: the `medium` search and tuning, read back unchanged, reused on the `medium` reuse model made 8
+    blocks deep (width and steps as `medium`), three seeds; the notebook states its verdicts (test_claims checks them)."""
+    made = json.loads((results_dir() / "rlrs_depth8_reuse_medium.env.json").read_text())["config"]
+    assert made["large"] == {**vars(RLRSConfig.for_preset("medium").large), "n_layers": 8} and made["seeds"] == [1, 2, 3]
+    for t in ("eta", "search", "tuned"):
+        assert load_table(f"rlrs_depth8_{t}_medium").equals(load_table(f"rlrs_{t}_medium")), t
+    deep, main = load_table("rlrs_depth8_reuse_medium"), load_table("rlrs_reuse_medium")
+    assert (deep.groupby("kind").params.first() > 1.8 * main.groupby("kind").params.first()).all()   # 4 blocks more
+    assert verdicts_at("medium", "depth8").equals(verdicts("rlrs", variant="depth8"))
+
 def test_committed_tuned_multipliers_load_and_differ_from_uniform():
     t = load_table("rlrs_tuned_medium")
     assert set(t.kind) == {"dense", "moe"}
@@ -305,7 +316,8 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
     t = tables["tuned"].set_index("group")
     assert (t.loc["head", "r"], t.loc["head", "f"]) == (2.0, 0.5) and "router" not in t.index
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
-    assert sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)) == ["rlrs_reuse_smoke.csv", "rlrs_tuned_smoke.csv"]
+    published = sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True))
+    assert published == ["rlrs_width16_steps4_reuse_smoke.csv", "rlrs_width16_steps4_tuned_smoke.csv"]   # a smaller reuse model
 
 
 def test_the_committed_full_verdicts():
