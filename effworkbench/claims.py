@@ -128,10 +128,14 @@ def verdict_table(claims: Sequence[Claim], tables: dict[str, pd.DataFrame]) -> p
 
 # %% ../nbs/03b_claims.ipynb #78812978
 def published_tables(experiment: str, names: Sequence[str], preset: str = "medium", variant: str = "") -> dict[str, pd.DataFrame]:
-    "The committed tables `names` of a registered experiment (`results/<prefix>[_<variant>]_<name>_<preset>.csv`)."
+    """The committed tables `names` of a registered experiment (`results/<prefix>[_<variant>]_<name>_<preset>.csv`); a
+    published variant's table it did not publish (its rows are all the main table's: `effworkbench.experiment.publish`)
+    is the main one."""
     from effworkbench.experiment import EXPERIMENTS
-    prefix = EXPERIMENTS[experiment].variant_prefix(variant)
-    return {n: load_table(f"{prefix}_{n}_{preset}") for n in names}
+    exp = EXPERIMENTS[experiment]
+    own = lambda n: (results_dir() / f"{exp.variant_prefix(variant)}_{n}_{preset}.csv").is_file()
+    shares = lambda n: variant and not own(n) and variant in published_variants(experiment, preset)
+    return {n: load_table(f"{exp.table_prefix if shares(n) else exp.variant_prefix(variant)}_{n}_{preset}") for n in names}
 
 def verdicts(experiment: str, preset: str = "medium", variant: str = "") -> pd.DataFrame:
     "The verdict table of a registered experiment's claims, from its committed tables at `preset` (of `variant`, if named)."

@@ -15,14 +15,14 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from .core import ConfigError, Registry, check_preset, config_from, is_quiet, save_table
+from .core import ConfigError, Registry, check_preset, config_from, is_quiet, results_dir, save_table
 from .store import Run, RunStore, run_function
 from .sweep import DEADLINE_ENV, chunk_deadline, past_deadline, sweep
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'FULL_QUEUE', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime', 'Context',
-           'unit_result', 'unit_weights', 'get_experiment', 'run_experiment', 'experiment_run', 'publish',
-           'unfinished_experiments', 'continue_experiments', 'advance', 'DEADLINE_ENV', 'past_deadline',
+           'unit_result', 'unit_weights', 'get_experiment', 'run_experiment', 'experiment_run', 'rows_within',
+           'publish', 'unfinished_experiments', 'continue_experiments', 'advance', 'DEADLINE_ENV', 'past_deadline',
            'chunk_deadline']
 
 # %% ../nbs/03a_experiment.ipynb #e769bb3f
@@ -169,8 +169,18 @@ def experiment_run(name: str | Experiment, cfg: Any, store: RunStore | None = No
     return store.get(store.key(_experiment_fn(exp), cfg))
 
 # %% ../nbs/03a_experiment.ipynb #f1326a07
+def rows_within(df: pd.DataFrame, main: pd.DataFrame) -> bool:
+    "Whether `df` has `main`'s columns and every row of `df` is a row of `main` (NaN equals NaN)."
+    if sorted(df.columns) != sorted(main.columns): return False
+    try: hit = df.merge(main.drop_duplicates(), on=list(df.columns), how="left", indicator="_hit")["_hit"]
+    except (ValueError, TypeError): return False          # columns of different types: not the same rows
+    return bool((hit == "both").all())
+
 def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, allow_dirty: bool = False) -> list[Path]:
-    "Write the tables of the finished run of (`name`, `cfg`) to `results/` with their provenance; returns the paths."
+    """Write the tables of the finished run of (`name`, `cfg`) to `results/` with their provenance; returns the paths.
+    A variant of an experiment with claims publishes its claim tables and every other table that adds a row to the main
+    one (`<prefix>_<table>_<preset>`): a table whose rows are all the main table's (e.g. the search a variant only reuses)
+    is not copied, and `effworkbench.claims.published_tables` reads the main one in its place."""
     exp, store = get_experiment(name), store or RunStore()
     run = experiment_run(exp, cfg, store)
     if run.status != "done":
@@ -186,9 +196,15 @@ def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, all
                           f"rerun (`effwb exp {exp.name} --preset {cfg.preset} --rerun`)")
     record = {"experiment": exp.name, "run": run.key, "config": dataclasses.asdict(cfg), "unit_commits": commits,
               "units": len(units)}
-    out = []
+    from effworkbench.claims import CLAIMS
+    claim_tables = CLAIMS[exp.name].tables if exp.name in CLAIMS else ()
+    prefix, out = exp.prefix_for(cfg), []
     for table, df in run.tables().items():
-        out.append(save_table(df, f"{exp.prefix_for(cfg)}_{table}_{cfg.preset}", cfg.preset, env=env, **record))
+        main = results_dir() / f"{exp.table_prefix}_{table}_{cfg.preset}.csv"
+        if claim_tables and prefix != exp.table_prefix and table not in claim_tables and main.is_file() \
+                and rows_within(df, pd.read_csv(main)):
+            continue
+        out.append(save_table(df, f"{prefix}_{table}_{cfg.preset}", cfg.preset, env=env, **record))
     return out
 
 # %% ../nbs/03a_experiment.ipynb #7456fc55

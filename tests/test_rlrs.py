@@ -14,7 +14,7 @@ from effworkbench.experiment import EXPERIMENTS, OutOfTime, publish, run_experim
 from effworkbench.rlrs import (RELATIVE_GROUPS, TUNED_GROUPS, KindTuning, RelativeLR, RLRSConfig, Search, Tuned, committed_tuning,
                                coordinate_search, final_multipliers, relative_group, relative_lr, speedups, steps_to_reach,
                                steps_saved, train_config, tuned_multipliers, verdicts_at)
-from effworkbench.claims import decide, verdicts
+from effworkbench.claims import decide, published_tables, verdicts
 from effworkbench.store import RunStore
 from effworkbench.train import TrainConfig, Trainer, lr_at
 from tests_common import finished_units, spend_budget_after
@@ -241,8 +241,9 @@ def test_the_committed_depth_variant_is_the_medium_reuse_8_blocks_deep():
     blocks deep (width and steps as `medium`), three seeds; the notebook states its verdicts (test_claims checks them)."""
     made = json.loads((results_dir() / "rlrs_depth8_reuse_medium.env.json").read_text())["config"]
     assert made["large"] == {**vars(RLRSConfig.for_preset("medium").large), "n_layers": 8} and made["seeds"] == [1, 2, 3]
-    for t in ("eta", "search", "tuned"):
-        assert load_table(f"rlrs_depth8_{t}_medium").equals(load_table(f"rlrs_{t}_medium")), t
+    for t in ("eta", "search", "tuned"):         # the search it reused: medium's rows, so not copied, and read there
+        assert not (results_dir() / f"rlrs_depth8_{t}_medium.csv").exists(), t
+        assert published_tables("rlrs", [t], "medium", "depth8")[t].equals(load_table(f"rlrs_{t}_medium")), t
     deep, main = load_table("rlrs_depth8_reuse_medium"), load_table("rlrs_reuse_medium")
     assert (deep.groupby("kind").params.first() > 1.8 * main.groupby("kind").params.first()).all()   # 4 blocks more
     assert verdicts_at("medium", "depth8").equals(verdicts("rlrs", variant="depth8"))
@@ -318,6 +319,19 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
     published = sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True))
     assert published == ["rlrs_width16_steps4_reuse_smoke.csv", "rlrs_width16_steps4_tuned_smoke.csv"]   # a smaller reuse model
+    # where the main tables hold every row of the variant's, only its claim table (reuse) is copied; the rest is read there
+    res = tmp_path / "results"
+    (res / "rlrs_width16_steps4_tuned_smoke.csv").rename(res / "rlrs_tuned_smoke.csv")
+    main = pd.concat([pd.read_csv(res / "rlrs_tuned_smoke.csv"), tables["tuned"].assign(group="other")])   # and more rows
+    main.to_csv(res / "rlrs_tuned_smoke.csv", index=False)
+    (res / "rlrs_reuse_smoke.csv").write_bytes((res / "rlrs_width16_steps4_reuse_smoke.csv").read_bytes())
+    (res / "rlrs_width16_steps4_reuse_smoke.csv").unlink()
+    assert [p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)] == ["rlrs_width16_steps4_reuse_smoke.csv"]
+    read = published_tables("rlrs", ["tuned", "reuse"], "smoke", "width16_steps4")
+    assert len(read["tuned"]) == 2 * len(tables["tuned"]) and set(read["tuned"].group) > set(tables["tuned"].group)
+    with pytest.raises(FileNotFoundError): published_tables("rlrs", ["tuned"], "smoke", "width32")   # no such variant
+    tables["tuned"].assign(r=tables["tuned"].r + 1).to_csv(res / "rlrs_tuned_smoke.csv", index=False)   # a row the main lacks
+    assert sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)) == published
 
 
 def test_the_committed_full_verdicts():
