@@ -89,6 +89,7 @@ class Claim:
     threshold: float = 0.0
     margin: float = 0.0                                        # the smallest effect that matters
     variants: tuple[str, ...] | None = None                    # the only variants whose tables decide it (None: all)
+    decides: Callable[[dict[str, pd.DataFrame]], bool] | None = None   # whether given tables hold what decides it (None: all)
 
     def verdict(self, tables: dict[str, pd.DataFrame]) -> dict:
         "One row of a verdict table."
@@ -123,8 +124,8 @@ def register_claims(experiment: str, claims: Sequence[Claim], tables: Sequence[s
     return CLAIMS.register(experiment, ClaimSet(tuple(claims), tuple(tables)))
 
 def verdict_table(claims: Sequence[Claim], tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    "Every claim decided from `tables`: claim, statement, estimate, lo, hi, n, unit, verdict."
-    return pd.DataFrame([c.verdict(tables) for c in claims])
+    "Every claim `tables` can decide (`Claim.decides`), decided: claim, statement, estimate, lo, hi, n, unit, verdict."
+    return pd.DataFrame([c.verdict(tables) for c in claims if c.decides is None or c.decides(tables)])
 
 # %% ../nbs/03b_claims.ipynb #78812978
 def published_tables(experiment: str, names: Sequence[str], preset: str = "medium", variant: str = "") -> dict[str, pd.DataFrame]:

@@ -15,19 +15,19 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import pandas as pd
 
-from .claims import CLAIMS, Claim, bootstrap_mean, published_tables, register_claims, verdict_table
+from .claims import Claim, bootstrap_mean, register_claims, verdicts
 from .core import ConfigError, PresetConfig
 from .experiment import Context, register_experiment
 from .nn.gpt import GPT, GPTConfig, GROUPS, GroupHP, PARAMETERIZATIONS, Parameterization, make_parameterization, param_counts, parameterization_options
 from .train import schedule_lr
 
 # %% auto #0
-__all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'CLAIM_KINDS', 'relative_group', 'relative_lr', 'check_multipliers',
+__all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers',
            'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
            'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
            'best_factor', 'at_grid_edge', 'grown_grid', 'compared_runs', 'speedups', 'reuse_configs', 'reuse_curves',
-           'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'reuse_variant', 'run', 'steps_saved',
-           'verdicts_at', 'schedule_frame', 'plot_schedule']
+           'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'reuse_variant', 'run', 'steps_saved', 'decidable',
+           'speedup_claim', 'verdicts_at', 'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -414,28 +414,31 @@ def steps_saved(reuse: pd.DataFrame, kind: str, retuned: bool = False):
     if "lr_factor" in reuse and retuned and at_grid_edge(reuse, kind, "tuned"): ev = replace(ev, hi=math.inf)
     return ev
 
+def decidable(reuse: pd.DataFrame, kind: str, retuned: bool = False) -> bool:
+    """Whether `reuse` decides a claim about `kind`: it holds that kind's runs (`full` runs are long: a table published
+    when one kind's runs had finished holds that kind only; a variant may run one kind), and with `retuned`, the tuned
+    schedule ran at more than one η factor."""
+    tuned = reuse[(reuse.schedule == "tuned") & (reuse.kind == kind)]
+    return len(tuned) > 0 and (not retuned or ("lr_factor" in tuned and tuned.lr_factor.nunique() > 1))
+
+def speedup_claim(name: str, statement: str, kind: str, retuned: bool = False) -> Claim:
+    "The claim that the tuned schedule saves steps on the larger `kind` model (with `retuned`: at its own best η factor)."
+    return Claim(name, statement, lambda t: steps_saved(t["reuse"], kind, retuned), margin=0.05,
+                 decides=lambda t: decidable(t["reuse"], kind, retuned))
+
 register_claims("rlrs", [
-    Claim("speed-up, dense", "on the larger dense model, the tuned schedule reaches the re-tuned uniform baseline's final "
-          "loss in fewer steps (share of steps saved > 0)", lambda t: steps_saved(t["reuse"], "dense"), margin=0.05),
-    Claim("speed-up, MoE", "the same on the larger MoE model (E = 8, top-1)", lambda t: steps_saved(t["reuse"], "moe"), margin=0.05),
-    Claim("speed-up, dense, η re-tuned for both", "the same with the tuned schedule's η also re-tuned on the larger dense "
-          "model (the multipliers' own gain)", lambda t: steps_saved(t["reuse"], "dense", retuned=True), margin=0.05),
-    Claim("speed-up, MoE, η re-tuned for both", "the same on the larger MoE model",
-          lambda t: steps_saved(t["reuse"], "moe", retuned=True), margin=0.05),
+    speedup_claim("speed-up, dense", "on the larger dense model, the tuned schedule reaches the re-tuned uniform baseline's "
+                  "final loss in fewer steps (share of steps saved > 0)", "dense"),
+    speedup_claim("speed-up, MoE", "the same on the larger MoE model (E = 8, top-1)", "moe"),
+    speedup_claim("speed-up, dense, η re-tuned for both", "the same with the tuned schedule's η also re-tuned on the larger "
+                  "dense model (the multipliers' own gain)", "dense", retuned=True),
+    speedup_claim("speed-up, MoE, η re-tuned for both", "the same on the larger MoE model", "moe", retuned=True),
 ], tables=("reuse",))
-CLAIM_KINDS = {"speed-up, dense": ("dense", False), "speed-up, MoE": ("moe", False),     # each claim's model, and
-               "speed-up, dense, η re-tuned for both": ("dense", True),                 # whether it re-tunes the tuned
-               "speed-up, MoE, η re-tuned for both": ("moe", True)}                     # schedule's η
 
 def verdicts_at(preset: str = "medium", variant: str = "") -> pd.DataFrame:
-    """The verdicts from the committed reuse table at `preset` (of `variant`, if named) of the claims it can decide:
-    about the kinds it holds (`full` runs are long: a table published when one kind's runs had finished holds that kind
-    only), and with η re-tuned for both only where the tuned schedule ran at more than one factor."""
-    tables = published_tables("rlrs", CLAIMS["rlrs"].tables, preset, variant)
-    tuned = tables["reuse"][tables["reuse"].schedule == "tuned"]
-    factors = tuned.groupby("kind").lr_factor.nunique() if "lr_factor" in tuned else pd.Series(1, tuned.kind.unique())
-    decidable = lambda kind, retuned: kind in factors.index and (not retuned or factors[kind] > 1)
-    return verdict_table([c for c in CLAIMS["rlrs"].claims if decidable(*CLAIM_KINDS[c.name])], tables)
+    """The verdicts from the committed reuse table at `preset` (of `variant`, if named) of the claims it can decide
+    (`decidable`): `effworkbench.claims.verdicts` of this experiment."""
+    return verdicts("rlrs", preset, variant)
 
 # %% ../nbs/21_rlrs.ipynb #e65fd8aa
 def schedule_frame(tuned: pd.DataFrame, steps: int, warmup: int, final_frac: float, n: int = 200) -> pd.DataFrame:
