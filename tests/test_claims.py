@@ -30,7 +30,8 @@ STATED = {
 }
 
 # The same claims from a variant's tables: 23's token-choice routing, 30's retraining three times longer, 31's smaller
-# experts (64 and 128 per FFN), and 31's eight fresh seeds (16–23), which also decide the claim stated before they ran.
+# experts (64 and 128 per FFN), 31's eight fresh seeds (16–23), which also decide the claim stated before they ran, and
+# 21's reuse model made deeper (8 blocks) or wider (256).
 STATED_VARIANTS = {
     ("scaling.granularity", "token_choice"): {"G = 2 beats G = 1": R, "G = 4 beats G = 2": R, "G* > 1 at every budget": R,
                                               "MoE beats dense at every budget": R},
@@ -42,6 +43,8 @@ STATED_VARIANTS = {
                                         "half the FFN FLOPs saved within 1 %": R},
     ("rlrs", "depth8"): {"speed-up, dense": R, "speed-up, MoE": R, "speed-up, dense, η re-tuned for both": R,
                          "speed-up, MoE, η re-tuned for both": R},
+    ("rlrs", "width256"): {"speed-up, dense": R, "speed-up, MoE": R, "speed-up, dense, η re-tuned for both": R,
+                           "speed-up, MoE, η re-tuned for both": R},
     ("compress.d2dmoe", "seeds16"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
                                      "half the FFN FLOPs saved within 1 %": N, "dynamic-k beats top-k, k = 4 and 8": R},
 }

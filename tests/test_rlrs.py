@@ -236,17 +236,20 @@ def test_a_reuse_model_other_than_the_presets_publishes_a_variant():
     assert reuse_variant(cfg) == "depth8" and EXPERIMENTS["rlrs"].prefix_for(cfg) == "rlrs_depth8"
     assert reuse_variant(config_from(RLRSConfig, "full", ["large.steps=500", "large.width=128"])) == "width128_steps500"
 
-def test_the_committed_depth_variant_is_the_medium_reuse_8_blocks_deep():
-    """`rlrs_depth8`: the `medium` search and tuning, read back unchanged, reused on the `medium` reuse model made 8
-    blocks deep (width and steps as `medium`), three seeds; the notebook states its verdicts (test_claims checks them)."""
-    made = json.loads((results_dir() / "rlrs_depth8_reuse_medium.env.json").read_text())["config"]
-    assert made["large"] == {**vars(RLRSConfig.for_preset("medium").large), "n_layers": 8} and made["seeds"] == [1, 2, 3]
+@pytest.mark.parametrize("variant,changed,params", [("depth8", {"n_layers": 8}, (1.8, 2.0)),      # 4 blocks more
+                                                    ("width256", {"width": 256}, (3.5, 4.0))])    # 2× wide: ≈ 4× the blocks
+def test_the_committed_variants_are_the_medium_reuse_with_one_factor_changed(variant, changed, params):
+    """`rlrs_<variant>`: the `medium` search and tuning, read back unchanged, reused on the `medium` reuse model with one
+    factor of its size changed, three seeds; the notebook states their verdicts (test_claims checks them)."""
+    made = json.loads((results_dir() / f"rlrs_{variant}_reuse_medium.env.json").read_text())["config"]
+    assert made["large"] == {**vars(RLRSConfig.for_preset("medium").large), **changed} and made["seeds"] == [1, 2, 3]
     for t in ("eta", "search", "tuned"):         # the search it reused: medium's rows, so not copied, and read there
-        assert not (results_dir() / f"rlrs_depth8_{t}_medium.csv").exists(), t
-        assert published_tables("rlrs", [t], "medium", "depth8")[t].equals(load_table(f"rlrs_{t}_medium")), t
-    deep, main = load_table("rlrs_depth8_reuse_medium"), load_table("rlrs_reuse_medium")
-    assert (deep.groupby("kind").params.first() > 1.8 * main.groupby("kind").params.first()).all()   # 4 blocks more
-    assert verdicts_at("medium", "depth8").equals(verdicts("rlrs", variant="depth8"))
+        assert not (results_dir() / f"rlrs_{variant}_{t}_medium.csv").exists(), t
+        assert published_tables("rlrs", [t], "medium", variant)[t].equals(load_table(f"rlrs_{t}_medium")), t
+    mine, main = load_table(f"rlrs_{variant}_reuse_medium"), load_table("rlrs_reuse_medium")
+    ratio = mine.groupby("kind").params.first() / main.groupby("kind").params.first()
+    assert ratio.between(*params).all() and set(ratio.index) == {"dense", "moe"}, ratio
+    assert verdicts_at("medium", variant).equals(verdicts("rlrs", variant=variant))
 
 def test_committed_tuned_multipliers_load_and_differ_from_uniform():
     t = load_table("rlrs_tuned_medium")
