@@ -371,12 +371,15 @@ PAPER_MOE = {"embedding": (5.0, 0.666), "head": (0.666, 0.444), "router": (0.666
 
 # %% ../nbs/21_rlrs.ipynb #97f121e3
 def reuse_variant(cfg: RLRSConfig) -> str:
-    """The preset's reuse model publishes the main tables; another one its own, named by what differs from the preset's
-    (`rlrs_depth8_*`: the same width and steps, 8 blocks; `width`, `depth`, `steps` in that order): one factor changed
-    at a time separates what the reuse's size does to the claims."""
-    preset = type(cfg).for_preset(cfg.preset).large
-    return "_".join(f"{name}{mine}" for name, mine, theirs in (("width", cfg.large.width, preset.width),
-                    ("depth", cfg.large.n_layers, preset.n_layers), ("steps", cfg.large.steps, preset.steps)) if mine != theirs)
+    """The preset's reuse and search models publish the main tables; others their own, named by what differs from the
+    preset's (`rlrs_depth8_*`: the reuse model 8 blocks deep, its width and steps unchanged; `width`, `depth`, `steps`
+    of the reuse model in that order, then the same of the search's model prefixed `search`, e.g. `searchsteps1000`):
+    one factor changed at a time separates what each does to the claims."""
+    preset = type(cfg).for_preset(cfg.preset)
+    return "_".join(f"{prefix}{name}{getattr(mine, field)}" for prefix, mine, theirs in
+                    (("", cfg.large, preset.large), ("search", cfg.small, preset.small))
+                    for name, field in (("width", "width"), ("depth", "n_layers"), ("steps", "steps"))
+                    if getattr(mine, field) != getattr(theirs, field))
 
 @register_experiment("rlrs", RLRSConfig, notebook="21_rlrs", prefix="rlrs", variant=reuse_variant)
 def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:

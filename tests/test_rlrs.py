@@ -226,7 +226,8 @@ def test_a_grid_given_out_of_order_takes_one_pass_when_its_best_factor_is_inside
     assert passes == [[1.0, 2.0, 4.0]]
 
 def test_a_reuse_model_other_than_the_presets_publishes_a_variant():
-    "The preset's reuse model publishes the main tables; one changed in depth, width or steps, tables named for the change."
+    """The preset's reuse and search models publish the main tables; one changed in depth, width or steps, tables named
+    for the change."""
     from effworkbench.rlrs import reuse_variant
     assert EXPERIMENTS["rlrs"].variant is reuse_variant
     for preset in ("smoke", "medium", "full"):
@@ -235,6 +236,8 @@ def test_a_reuse_model_other_than_the_presets_publishes_a_variant():
     cfg = config_from(RLRSConfig, "medium", ["large.n_layers=8"])
     assert reuse_variant(cfg) == "depth8" and EXPERIMENTS["rlrs"].prefix_for(cfg) == "rlrs_depth8"
     assert reuse_variant(config_from(RLRSConfig, "full", ["large.steps=500", "large.width=128"])) == "width128_steps500"
+    assert reuse_variant(config_from(RLRSConfig, "medium", ["small.steps=1000"])) == "searchsteps1000"    # a longer search
+    assert reuse_variant(config_from(RLRSConfig, "medium", ["small.n_layers=4", "large.steps=2000"])) == "steps2000_searchdepth4"
 
 @pytest.mark.parametrize("variant,changed,params,kinds", [
     ("depth8", {"n_layers": 8}, (1.8, 2.0), {"dense", "moe"}),         # 4 blocks more
@@ -325,16 +328,17 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
     assert (t.loc["head", "r"], t.loc["head", "f"]) == (2.0, 0.5) and "router" not in t.index
     monkeypatch.setenv("EFFWB_RESULTS", str(tmp_path / "results"))
     published = sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True))
-    assert published == ["rlrs_width16_steps4_reuse_smoke.csv", "rlrs_width16_steps4_tuned_smoke.csv"]   # a smaller reuse model
+    v = "width16_steps4_searchwidth16_searchsteps3"                     # smaller reuse and search models than smoke's
+    assert published == [f"rlrs_{v}_reuse_smoke.csv", f"rlrs_{v}_tuned_smoke.csv"]
     # where the main tables hold every row of the variant's, only its claim table (reuse) is copied; the rest is read there
     res = tmp_path / "results"
-    (res / "rlrs_width16_steps4_tuned_smoke.csv").rename(res / "rlrs_tuned_smoke.csv")
+    (res / f"rlrs_{v}_tuned_smoke.csv").rename(res / "rlrs_tuned_smoke.csv")
     main = pd.concat([pd.read_csv(res / "rlrs_tuned_smoke.csv"), tables["tuned"].assign(group="other")])   # and more rows
     main.to_csv(res / "rlrs_tuned_smoke.csv", index=False)
-    (res / "rlrs_reuse_smoke.csv").write_bytes((res / "rlrs_width16_steps4_reuse_smoke.csv").read_bytes())
-    (res / "rlrs_width16_steps4_reuse_smoke.csv").unlink()
-    assert [p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)] == ["rlrs_width16_steps4_reuse_smoke.csv"]
-    read = published_tables("rlrs", ["tuned", "reuse"], "smoke", "width16_steps4")
+    (res / "rlrs_reuse_smoke.csv").write_bytes((res / f"rlrs_{v}_reuse_smoke.csv").read_bytes())
+    (res / f"rlrs_{v}_reuse_smoke.csv").unlink()
+    assert [p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)] == [f"rlrs_{v}_reuse_smoke.csv"]
+    read = published_tables("rlrs", ["tuned", "reuse"], "smoke", v)
     assert len(read["tuned"]) == 2 * len(tables["tuned"]) and set(read["tuned"].group) > set(tables["tuned"].group)
     with pytest.raises(FileNotFoundError): published_tables("rlrs", ["tuned"], "smoke", "width32")   # no such variant
     tables["tuned"].assign(r=tables["tuned"].r + 1).to_csv(res / "rlrs_tuned_smoke.csv", index=False)   # a row the main lacks
