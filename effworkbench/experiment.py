@@ -37,6 +37,7 @@ class Experiment:
     notebook: str                                      # "21_rlrs"
     prefix: str = ""                                   # of the published table files; default: the name with _ for .
     variant: Callable[[Any], str] | None = None        # cfg -> "" for the main tables, else a name that keeps a variant's apart
+    variant_tables: tuple[str, ...] = ()               # what a variant always publishes (others: where they add rows; `publish`)
 
     @property
     def table_prefix(self) -> str: return self.prefix or self.name.replace(".", "_")
@@ -53,11 +54,14 @@ class Experiment:
         "The config of `preset` with `a.b=v` overrides (and a YAML/TOML file), each checked by name and type."
         return config_from(self.config, preset, sets, path)
 
-def register_experiment(name: str, config: type, notebook: str, prefix: str = "", variant: Callable[[Any], str] | None = None):
+def register_experiment(name: str, config: type, notebook: str, prefix: str = "", variant: Callable[[Any], str] | None = None,
+                        variant_tables: Sequence[str] = ()):
     """Decorator on a method's `run(cfg, ctx)`: registers it as experiment `name`. `variant(cfg)` names a variant whose
-    published tables must not replace the main ones (e.g. a routing rule): they go to `<prefix>_<variant>_<table>_<preset>`."""
+    published tables must not replace the main ones (e.g. a routing rule): they go to `<prefix>_<variant>_<table>_<preset>`.
+    Where `variant_tables` are named (the tables that make a variant, such as those its claims read), a variant publishes
+    those and only the other tables that add rows to the main ones (`publish`)."""
     def deco(fn):
-        EXPERIMENTS.register(name, Experiment(name, config, fn, notebook, prefix, variant))
+        EXPERIMENTS.register(name, Experiment(name, config, fn, notebook, prefix, variant, tuple(variant_tables)))
         return fn
     return deco
 
@@ -178,9 +182,9 @@ def rows_within(df: pd.DataFrame, main: pd.DataFrame) -> bool:
 
 def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, allow_dirty: bool = False) -> list[Path]:
     """Write the tables of the finished run of (`name`, `cfg`) to `results/` with their provenance; returns the paths.
-    A variant of an experiment with claims publishes its claim tables and every other table that adds a row to the main
-    one (`<prefix>_<table>_<preset>`): a table whose rows are all the main table's (e.g. the search a variant only reuses)
-    is not copied, and `effworkbench.claims.published_tables` reads the main one in its place."""
+    A variant of an experiment that names its `variant_tables` publishes those and every other table that adds a row to
+    the main one (`<prefix>_<table>_<preset>`): a table whose rows are all the main table's (e.g. the search a variant
+    only reuses) is not copied, and `effworkbench.claims.published_tables` reads the main one in its place."""
     exp, store = get_experiment(name), store or RunStore()
     run = experiment_run(exp, cfg, store)
     if run.status != "done":
@@ -196,12 +200,10 @@ def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, all
                           f"rerun (`effwb exp {exp.name} --preset {cfg.preset} --rerun`)")
     record = {"experiment": exp.name, "run": run.key, "config": dataclasses.asdict(cfg), "unit_commits": commits,
               "units": len(units)}
-    from effworkbench.claims import CLAIMS
-    claim_tables = CLAIMS[exp.name].tables if exp.name in CLAIMS else ()
     prefix, out = exp.prefix_for(cfg), []
     for table, df in run.tables().items():
         main = results_dir() / f"{exp.table_prefix}_{table}_{cfg.preset}.csv"
-        if claim_tables and prefix != exp.table_prefix and table not in claim_tables and main.is_file() \
+        if exp.variant_tables and prefix != exp.table_prefix and table not in exp.variant_tables and main.is_file() \
                 and rows_within(df, pd.read_csv(main)):
             continue
         out.append(save_table(df, f"{prefix}_{table}_{cfg.preset}", cfg.preset, env=env, **record))

@@ -75,6 +75,14 @@ def test_every_published_variant_has_its_stated_verdicts_here():
     assert published == set(STATED_VARIANTS)                 # a variant's committed tables are checked above too
 
 
+def test_a_variant_always_publishes_the_tables_its_claims_read():
+    "Where an experiment names the tables that make a variant, they hold its claim tables (else `published_variants` misses it)."
+    from effworkbench.experiment import EXPERIMENTS
+    named = {n: EXPERIMENTS[n].variant_tables for n in stated_experiments() if EXPERIMENTS[n].variant_tables}
+    assert "rlrs" in named
+    for n, tables in named.items(): assert set(CLAIMS[n].tables) <= set(tables), n
+
+
 def test_decision_rule():
     assert decide(bootstrap_mean([0.01, 0.02, 0.03])) == R
     assert decide(bootstrap_mean([-0.01, -0.02, -0.03])) == N
