@@ -119,8 +119,11 @@ class ClaimSet:
 CLAIMS = Registry("claims")          # experiment name -> ClaimSet
 
 def register_claims(experiment: str, claims: Sequence[Claim], tables: Sequence[str]) -> ClaimSet:
-    "File `claims`, decided from the experiment's published `tables` (names as `publish` writes them, without prefix and preset)."
+    """File `claims`, decided from the experiment's published `tables` (names as `publish` writes them, without prefix and
+    preset); a variant of the experiment always publishes these tables (`effworkbench.experiment.VARIANT_TABLES`)."""
+    from effworkbench.experiment import VARIANT_TABLES
     if len({c.name for c in claims}) < len(claims): raise ConfigError(f"{experiment}: claim names must be unique")
+    VARIANT_TABLES[experiment] = tuple(tables)
     return CLAIMS.register(experiment, ClaimSet(tuple(claims), tuple(tables)))
 
 def verdict_table(claims: Sequence[Claim], tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -134,9 +137,10 @@ def published_tables(experiment: str, names: Sequence[str], preset: str = "mediu
     is the main one."""
     from effworkbench.experiment import EXPERIMENTS
     exp = EXPERIMENTS[experiment]
-    own = lambda n: (results_dir() / f"{exp.variant_prefix(variant)}_{n}_{preset}.csv").is_file()
-    shares = lambda n: variant and not own(n) and variant in published_variants(experiment, preset)
-    return {n: load_table(f"{exp.table_prefix if shares(n) else exp.variant_prefix(variant)}_{n}_{preset}") for n in names}
+    lacks = [n for n in names if variant and not (results_dir() / f"{exp.variant_prefix(variant)}_{n}_{preset}.csv").is_file()]
+    shares = bool(lacks) and variant in published_variants(experiment, preset)     # else load_table says what is missing
+    return {n: load_table(f"{exp.table_prefix if shares and n in lacks else exp.variant_prefix(variant)}_{n}_{preset}")
+            for n in names}
 
 def verdicts(experiment: str, preset: str = "medium", variant: str = "") -> pd.DataFrame:
     "The verdict table of a registered experiment's claims, from its committed tables at `preset` (of `variant`, if named)."

@@ -20,13 +20,15 @@ from .store import Run, RunStore, run_function
 from .sweep import DEADLINE_ENV, chunk_deadline, past_deadline, sweep
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'FULL_QUEUE', 'Experiment', 'register_experiment', 'experiment_for_notebook', 'OutOfTime', 'Context',
-           'unit_result', 'unit_weights', 'get_experiment', 'run_experiment', 'experiment_run', 'rows_within',
-           'publish', 'unfinished_experiments', 'continue_experiments', 'advance', 'DEADLINE_ENV', 'past_deadline',
-           'chunk_deadline']
+__all__ = ['EXPERIMENTS', 'VARIANT_TABLES', 'FULL_QUEUE', 'Experiment', 'register_experiment', 'experiment_for_notebook',
+           'OutOfTime', 'Context', 'unit_result', 'unit_weights', 'get_experiment', 'run_experiment', 'experiment_run',
+           'rows_within', 'publish', 'unfinished_experiments', 'continue_experiments', 'advance', 'DEADLINE_ENV',
+           'past_deadline', 'chunk_deadline']
 
 # %% ../nbs/03a_experiment.ipynb #e769bb3f
 EXPERIMENTS = Registry("experiments")
+VARIANT_TABLES: dict[str, tuple[str, ...]] = {}  # experiment -> the tables a variant always publishes (`publish`): the
+                                                 # tables its claims read, filed by `effworkbench.claims.register_claims`
 
 @dataclass(frozen=True)
 class Experiment:
@@ -37,8 +39,11 @@ class Experiment:
     notebook: str                                      # "21_rlrs"
     prefix: str = ""                                   # of the published table files; default: the name with _ for .
     variant: Callable[[Any], str] | None = None        # cfg -> "" for the main tables, else a name that keeps a variant's apart
-    variant_tables: tuple[str, ...] = ()               # what a variant always publishes (others: where they add rows; `publish`)
 
+    @property
+    def variant_tables(self) -> tuple[str, ...]:
+        "The tables a variant always publishes (others only where they add rows; `publish`): those its claims read."
+        return VARIANT_TABLES.get(self.name, ())
     @property
     def table_prefix(self) -> str: return self.prefix or self.name.replace(".", "_")
     def variant_prefix(self, variant: str = "") -> str:
@@ -54,14 +59,13 @@ class Experiment:
         "The config of `preset` with `a.b=v` overrides (and a YAML/TOML file), each checked by name and type."
         return config_from(self.config, preset, sets, path)
 
-def register_experiment(name: str, config: type, notebook: str, prefix: str = "", variant: Callable[[Any], str] | None = None,
-                        variant_tables: Sequence[str] = ()):
+def register_experiment(name: str, config: type, notebook: str, prefix: str = "", variant: Callable[[Any], str] | None = None):
     """Decorator on a method's `run(cfg, ctx)`: registers it as experiment `name`. `variant(cfg)` names a variant whose
     published tables must not replace the main ones (e.g. a routing rule): they go to `<prefix>_<variant>_<table>_<preset>`.
-    Where `variant_tables` are named (the tables that make a variant, such as those its claims read), a variant publishes
-    those and only the other tables that add rows to the main ones (`publish`)."""
+    Where the experiment states claims, a variant publishes the tables they read and only the other tables that add rows
+    to the main ones (`publish`)."""
     def deco(fn):
-        EXPERIMENTS.register(name, Experiment(name, config, fn, notebook, prefix, variant, tuple(variant_tables)))
+        EXPERIMENTS.register(name, Experiment(name, config, fn, notebook, prefix, variant))
         return fn
     return deco
 
@@ -182,8 +186,8 @@ def rows_within(df: pd.DataFrame, main: pd.DataFrame) -> bool:
 
 def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, allow_dirty: bool = False) -> list[Path]:
     """Write the tables of the finished run of (`name`, `cfg`) to `results/` with their provenance; returns the paths.
-    A variant of an experiment that names its `variant_tables` publishes those and every other table that adds a row to
-    the main one (`<prefix>_<table>_<preset>`): a table whose rows are all the main table's (e.g. the search a variant
+    A variant of an experiment that states claims publishes the tables they read (`Experiment.variant_tables`) and every
+    other table that adds a row to the main one (`<prefix>_<table>_<preset>`): a table whose rows are all the main table's (e.g. the search a variant
     only reuses) is not copied, and `effworkbench.claims.published_tables` reads the main one in its place."""
     exp, store = get_experiment(name), store or RunStore()
     run = experiment_run(exp, cfg, store)

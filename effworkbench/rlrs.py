@@ -381,7 +381,7 @@ def reuse_variant(cfg: RLRSConfig) -> str:
                     for name, field in (("width", "width"), ("depth", "n_layers"), ("steps", "steps"))
                     if getattr(mine, field) != getattr(theirs, field))
 
-@register_experiment("rlrs", RLRSConfig, notebook="21_rlrs", prefix="rlrs", variant=reuse_variant, variant_tables=("reuse",))
+@register_experiment("rlrs", RLRSConfig, notebook="21_rlrs", prefix="rlrs", variant=reuse_variant)
 def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:
     "η sweep and coordinate search per kind (skipped for a kind `cfg.tuned` gives), then the reuse runs on the larger model."
     from effworkbench.train import train_run

@@ -338,8 +338,10 @@ def test_given_tunings_skip_the_search(tmp_path, monkeypatch):
     (res / "rlrs_reuse_smoke.csv").write_bytes((res / f"rlrs_{v}_reuse_smoke.csv").read_bytes())
     (res / f"rlrs_{v}_reuse_smoke.csv").unlink()
     assert [p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)] == [f"rlrs_{v}_reuse_smoke.csv"]
+    pd.read_csv(res / "rlrs_reuse_smoke.csv").iloc[:1].to_csv(res / "rlrs_reuse_smoke.csv", index=False)  # main's differs
     read = published_tables("rlrs", ["tuned", "reuse"], "smoke", v)
     assert len(read["tuned"]) == 2 * len(tables["tuned"]) and set(read["tuned"].group) > set(tables["tuned"].group)
+    assert len(read["reuse"]) == len(tables["reuse"]) > 1                   # the variant's own table, not the main one
     with pytest.raises(FileNotFoundError): published_tables("rlrs", ["tuned"], "smoke", "width32")   # no such variant
     tables["tuned"].assign(r=tables["tuned"].r + 1).to_csv(res / "rlrs_tuned_smoke.csv", index=False)   # a row the main lacks
     assert sorted(p.name for p in publish("rlrs", cfg, store=store, allow_dirty=True)) == published
