@@ -187,8 +187,9 @@ def rows_within(df: pd.DataFrame, main: pd.DataFrame) -> bool:
 def publish(name: str | Experiment, cfg: Any, store: RunStore | None = None, allow_dirty: bool = False) -> list[Path]:
     """Write the tables of the finished run of (`name`, `cfg`) to `results/` with their provenance; returns the paths.
     A variant of an experiment that states claims publishes the tables they read (`Experiment.variant_tables`) and every
-    other table that adds a row to the main one (`<prefix>_<table>_<preset>`): a table whose rows are all the main table's (e.g. the search a variant
-    only reuses) is not copied, and `effworkbench.claims.published_tables` reads the main one in its place."""
+    other table that adds a row to the main one (`<prefix>_<table>_<preset>`): a table whose rows are all the main
+    table's (e.g. the search a variant only reuses) is not copied, and `effworkbench.claims.published_tables` reads the
+    main one in its place."""
     exp, store = get_experiment(name), store or RunStore()
     run = experiment_run(exp, cfg, store)
     if run.status != "done":

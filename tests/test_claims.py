@@ -31,7 +31,8 @@ STATED = {
 
 # The same claims from a variant's tables: 23's token-choice routing, 30's retraining three times longer, 31's smaller
 # experts (64 and 128 per FFN), 31's eight fresh seeds (16–23), which also decide the claim stated before they ran, and
-# 21's reuse model made deeper (8 blocks) or wider (256) or trained longer (2000 steps).
+# 21's reuse model made deeper (8 blocks) or wider (256) or trained longer (2000 steps), the last also with a search
+# five times longer (1000 steps).
 STATED_VARIANTS = {
     ("scaling.granularity", "token_choice"): {"G = 2 beats G = 1": R, "G = 4 beats G = 2": R, "G* > 1 at every budget": R,
                                               "MoE beats dense at every budget": R},
@@ -46,6 +47,7 @@ STATED_VARIANTS = {
     ("rlrs", "width256"): {"speed-up, dense": R, "speed-up, MoE": R, "speed-up, dense, η re-tuned for both": R,
                            "speed-up, MoE, η re-tuned for both": R},
     ("rlrs", "steps2000"): {"speed-up, dense": N, "speed-up, dense, η re-tuned for both": N},   # dense runs only
+    ("rlrs", "steps2000_searchsteps1000"): {"speed-up, dense": U, "speed-up, dense, η re-tuned for both": U},
     ("compress.d2dmoe", "seeds16"): {"Hoyer lowers activation density": R, "dynamic-k beats top-k": R,
                                      "half the FFN FLOPs saved within 1 %": N, "dynamic-k beats top-k, k = 4 and 8": R},
 }

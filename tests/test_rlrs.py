@@ -258,6 +258,22 @@ def test_the_committed_variants_are_the_medium_reuse_with_one_factor_changed(var
     assert mine.groupby(["kind", "schedule", "lr_factor", "seed"]).step.max().eq(changed.get("steps", 500)).all()
     assert verdicts_at("medium", variant).equals(verdicts("rlrs", variant=variant))
 
+def test_the_horizon_variant_searches_at_five_times_the_steps():
+    """`rlrs_steps2000_searchsteps1000`: the `medium` search run on the small model at 1000 steps (5× the preset's) and
+    its tuning reused at 2000 steps on the `medium` reuse model, dense, three seeds: a search of its own, published."""
+    v, med = "steps2000_searchsteps1000", RLRSConfig.for_preset("medium")
+    for t in ("eta", "search", "tuned", "reuse"):
+        made = json.loads((results_dir() / f"rlrs_{v}_{t}_medium.env.json").read_text())["config"]
+        assert made["small"] == {**vars(med.small), "steps": 1000} and made["large"] == {**vars(med.large), "steps": 2000}
+        assert made["kinds"] == ["dense"] and made["seeds"] == [1, 2, 3], t
+    tuned, main = load_table(f"rlrs_{v}_tuned_medium"), load_table("rlrs_tuned_medium")
+    assert set(tuned.kind) == {"dense"} and set(tuned.group) == set(main[main.kind == "dense"].group)
+    assert not tuned[["r", "f"]].equals(main[main.kind == "dense"][["r", "f"]].reset_index(drop=True))   # its own search
+    assert load_table(f"rlrs_{v}_search_medium").best_loss.is_monotonic_decreasing
+    mine = load_table(f"rlrs_{v}_reuse_medium")
+    assert set(mine.kind) == {"dense"} and mine.groupby(["schedule", "lr_factor", "seed"]).step.max().eq(2000).all()
+    assert verdicts_at("medium", v).equals(verdicts("rlrs", variant=v))
+
 def test_committed_tuned_multipliers_load_and_differ_from_uniform():
     t = load_table("rlrs_tuned_medium")
     assert set(t.kind) == {"dense", "moe"}
