@@ -260,12 +260,12 @@ def test_the_committed_variants_are_the_medium_reuse_with_one_factor_changed(var
 
 def test_the_horizon_variant_searches_at_five_times_the_steps():
     """`rlrs_steps2000_searchsteps1000`: the `medium` search run on the small model at 1000 steps (5× the preset's) and
-    its tuning reused at 2000 steps on the `medium` reuse model, dense, three seeds: a search of its own, published."""
+    its tuning reused at 2000 steps on the `medium` reuse model, dense, four seeds: a search of its own, published."""
     v, med = "steps2000_searchsteps1000", RLRSConfig.for_preset("medium")
     for t in ("eta", "search", "tuned", "reuse"):
         made = json.loads((results_dir() / f"rlrs_{v}_{t}_medium.env.json").read_text())["config"]
         assert made["small"] == {**vars(med.small), "steps": 1000} and made["large"] == {**vars(med.large), "steps": 2000}
-        assert made["kinds"] == ["dense"] and made["seeds"] == [1, 2, 3], t
+        assert made["kinds"] == ["dense"] and made["seeds"] == [1, 2, 3, 4], t
     tuned, main = load_table(f"rlrs_{v}_tuned_medium"), load_table("rlrs_tuned_medium")
     assert set(tuned.kind) == {"dense"} and set(tuned.group) == set(main[main.kind == "dense"].group)
     assert not tuned[["r", "f"]].equals(main[main.kind == "dense"][["r", "f"]].reset_index(drop=True))   # its own search
