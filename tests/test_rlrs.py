@@ -239,13 +239,14 @@ def test_a_reuse_model_other_than_the_presets_publishes_a_variant():
     assert reuse_variant(config_from(RLRSConfig, "medium", ["small.steps=1000"])) == "searchsteps1000"    # a longer search
     assert reuse_variant(config_from(RLRSConfig, "medium", ["small.n_layers=4", "large.steps=2000"])) == "steps2000_searchdepth4"
 
-@pytest.mark.parametrize("variant,changed,params,kinds", [
-    ("depth8", {"n_layers": 8}, (1.8, 2.0), {"dense", "moe"}),         # 4 blocks more
-    ("width256", {"width": 256}, (3.5, 4.0), {"dense", "moe"}),        # 2× wide: ≈ 4× the blocks' parameters
-    ("steps2000", {"steps": 2000}, (1.0, 1.0), {"dense"})])            # the same model, 4× the steps; dense only
-def test_the_committed_variants_are_the_medium_reuse_with_one_factor_changed(variant, changed, params, kinds):
+@pytest.mark.parametrize("variant,changed,params,kinds,saved", [
+    ("depth8", {"n_layers": 8}, (1.8, 2.0), {"dense", "moe"}, (0.36, 0.33, 0.42, 0.33)),     # 4 blocks more
+    ("width256", {"width": 256}, (3.5, 4.0), {"dense", "moe"}, (0.32, 0.30, 0.37, 0.30)),    # 2× wide: ≈ 4× the blocks' parameters
+    ("steps2000", {"steps": 2000}, (1.0, 1.0), {"dense"}, (0.0, 0.0))])                      # the same model, 4× the steps
+def test_the_committed_variants_are_the_medium_reuse_with_one_factor_changed(variant, changed, params, kinds, saved):
     """`rlrs_<variant>`: the `medium` search and tuning, read back unchanged, reused on the `medium` reuse model with one
-    factor of its size changed, three seeds; the notebook states their verdicts (test_claims checks them)."""
+    factor of its size changed, three seeds; the notebook states their verdicts (test_claims checks them) and the shares
+    of steps saved (`saved`, per claim in the order the table lists them)."""
     made = json.loads((results_dir() / f"rlrs_{variant}_reuse_medium.env.json").read_text())["config"]
     assert made["large"] == {**vars(RLRSConfig.for_preset("medium").large), **changed} and made["seeds"] == [1, 2, 3]
     assert set(made["kinds"]) == kinds
@@ -256,7 +257,7 @@ def test_the_committed_variants_are_the_medium_reuse_with_one_factor_changed(var
     ratio = mine.groupby("kind").params.first() / main.groupby("kind").params.first()
     assert ratio.dropna().between(*params).all() and set(mine.kind) == kinds, ratio
     assert mine.groupby(["kind", "schedule", "lr_factor", "seed"]).step.max().eq(changed.get("steps", 500)).all()
-    assert verdicts_at("medium", variant).equals(verdicts("rlrs", variant=variant))
+    assert tuple(verdicts("rlrs", variant=variant).estimate.astype(float).round(2)) == saved
 
 def test_the_horizon_variant_searches_at_five_times_the_steps():
     """`rlrs_steps2000_searchsteps1000`: the `medium` search run on the small model at 1000 steps (5× the preset's) and
@@ -272,7 +273,9 @@ def test_the_horizon_variant_searches_at_five_times_the_steps():
     assert load_table(f"rlrs_{v}_search_medium").best_loss.is_monotonic_decreasing
     mine = load_table(f"rlrs_{v}_reuse_medium")
     assert set(mine.kind) == {"dense"} and mine.groupby(["schedule", "lr_factor", "seed"]).step.max().eq(2000).all()
-    assert verdicts_at("medium", v).equals(verdicts("rlrs", variant=v))
+    stated = {"speed-up, dense": (0.047, 0.0, 0.095), "speed-up, dense, η re-tuned for both": (0.088, 0.0, 0.176)}
+    got = verdicts("rlrs", variant=v).set_index("claim")                     # the figures the notebook states
+    assert {c: tuple(got.loc[c, ["estimate", "lo", "hi"]].astype(float).round(3)) for c in stated} == stated
 
 def test_committed_tuned_multipliers_load_and_differ_from_uniform():
     t = load_table("rlrs_tuned_medium")
