@@ -25,9 +25,9 @@ from .train import schedule_lr
 __all__ = ['RELATIVE_GROUPS', 'TUNED_GROUPS', 'PAPER_MOE', 'relative_group', 'relative_lr', 'check_multipliers',
            'RelativeOptions', 'RelativeLR', 'Stage', 'Search', 'GroupMultipliers', 'KindTuning', 'Tuned', 'RLRSConfig',
            'model_config', 'train_config', 'tune_eta', 'coordinate_search', 'final_multipliers', 'steps_to_reach',
-           'best_factor', 'at_grid_edge', 'grown_grid', 'compared_runs', 'speedups', 'reuse_configs', 'reuse_curves',
-           'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'reuse_variant', 'run', 'steps_saved', 'decidable',
-           'speedup_claim', 'verdicts_at', 'schedule_frame', 'plot_schedule']
+           'best_factor', 'at_grid_edge', 'grown_grid', 'compared_runs', 'signed_steps_saved', 'speedups',
+           'reuse_configs', 'reuse_curves', 'tuned_multipliers', 'committed_tuning', 'tuning_frame', 'reuse_variant',
+           'run', 'steps_saved', 'decidable', 'speedup_claim', 'verdicts_at', 'schedule_frame', 'plot_schedule']
 
 # %% ../nbs/21_rlrs.ipynb #b96f0765
 RELATIVE_GROUPS: dict[str, tuple[str, ...]] = {     # relative group -> the parameter groups of `10_nn.gpt` it covers
@@ -302,20 +302,28 @@ def compared_runs(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
     keep_t = curves.lr_factor == (curves.kind.map(best_factor(curves, "tuned")) if retuned else 1.0)
     return curves[np.where(curves.schedule == "uniform", keep_u, keep_t)]
 
+def signed_steps_saved(t_star: float, t_base: float, T: float) -> float:
+    """The share of the T steps the tuned schedule saves: 1 − t*/T where it reaches the baseline's final loss (at t*);
+    else −(1 − t_b/T), the share the baseline saves reaching the tuned run's final loss (at t_b; a diverged tuned run,
+    t_b = 0: −1). Signed, a seed the tuned schedule loses counts against the claim as much as one it wins counts for it."""
+    return 1 - t_star / T if t_star == t_star else -(1 - t_base / T)
+
 def speedups(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
     """Per kind and seed: the (re-tuned) uniform final loss, the tuned final loss (at the small model's η, or with
-    `retuned` at its own best factor), t* and the share of steps saved."""
+    `retuned` at its own best factor), t* (NaN: never reached), t_b (where the tuned run never reaches the baseline's
+    final loss: the step at which the baseline reaches the tuned run's) and the signed share of steps saved."""
     rows = []
     curves = compared_runs(curves, retuned)
     for (kind, seed), d in curves.groupby(["kind", "seed"], sort=False):
         u, t = d[d.schedule == "uniform"].sort_values("step"), d[d.schedule == "tuned"].sort_values("step")
         if u.empty or t.empty: continue                  # an unfinished pair (e.g. a run cut off by its time limit)
-        T, target = float(u.step.iloc[-1]), float(u.val_loss.iloc[-1])
+        T, target, tuned_end = float(u.step.iloc[-1]), float(u.val_loss.iloc[-1]), float(t.val_loss.iloc[-1])
         ts = steps_to_reach(t.step, t.val_loss, target)
+        tb = math.nan if ts == ts else steps_to_reach(u.step, u.val_loss, tuned_end) if math.isfinite(tuned_end) else 0.0
         rows.append({"kind": kind, "seed": seed, "params": int(d.params.iloc[0]), "steps": T, "uniform_loss": target,
                      "uniform_lr_factor": float(u.lr_factor.iloc[0]) if "lr_factor" in u else 1.0,
                      "tuned_lr_factor": float(t.lr_factor.iloc[0]) if "lr_factor" in t else 1.0,
-                     "tuned_loss": float(t.val_loss.iloc[-1]), "t_star": ts, "steps_saved": 1 - ts / T,
+                     "tuned_loss": tuned_end, "t_star": ts, "t_base": tb, "steps_saved": signed_steps_saved(ts, tb, T),
                      "speedup": T / ts if ts == ts and ts > 0 else math.nan})
     return pd.DataFrame(rows)
 
@@ -408,11 +416,11 @@ def run(cfg: RLRSConfig, ctx: Context) -> dict[str, pd.DataFrame]:
 
 def steps_saved(reuse: pd.DataFrame, kind: str, retuned: bool = False):
     """The share of steps the tuned schedule (at the small model's η, or with `retuned` at its own best factor) saves
-    against the re-tuned uniform baseline, one value per seed (NaN: never reached → 0). Where the baseline's best η
+    against the re-tuned uniform baseline, one signed value per seed (`signed_steps_saved`). Where the baseline's best η
     factor is its grid's edge, a better baseline may lie beyond: the estimate is an upper bound and its interval starts
     at −∞ (the claim can be refuted, not reproduced); with `retuned`, where the tuned schedule's is, a lower bound (to +∞)."""
     sp = speedups(reuse, retuned)
-    ev = bootstrap_mean(sp[sp.kind == kind].steps_saved.fillna(0.0).to_numpy(), "share of steps")
+    ev = bootstrap_mean(sp[sp.kind == kind].steps_saved.to_numpy(), "share of steps")
     if "lr_factor" in reuse and at_grid_edge(reuse, kind, "uniform"): ev = replace(ev, lo=-math.inf)
     if "lr_factor" in reuse and retuned and at_grid_edge(reuse, kind, "tuned"): ev = replace(ev, hi=math.inf)
     return ev
