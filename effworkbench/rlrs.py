@@ -318,8 +318,9 @@ def speedups(curves: pd.DataFrame, retuned: bool = False) -> pd.DataFrame:
         u, t = d[d.schedule == "uniform"].sort_values("step"), d[d.schedule == "tuned"].sort_values("step")
         if u.empty or t.empty: continue                  # an unfinished pair (e.g. a run cut off by its time limit)
         T, target, tuned_end = float(u.step.iloc[-1]), float(u.val_loss.iloc[-1]), float(t.val_loss.iloc[-1])
-        ts = steps_to_reach(t.step, t.val_loss, target)
-        tb = math.nan if ts == ts else steps_to_reach(u.step, u.val_loss, tuned_end) if math.isfinite(tuned_end) else 0.0
+        ts, tb = steps_to_reach(t.step, t.val_loss, target), math.nan
+        if ts != ts:                                     # never reached: where the baseline reaches the tuned run's end
+            tb = steps_to_reach(u.step, u.val_loss, tuned_end) if math.isfinite(tuned_end) else 0.0   # diverged: at once
         rows.append({"kind": kind, "seed": seed, "params": int(d.params.iloc[0]), "steps": T, "uniform_loss": target,
                      "uniform_lr_factor": float(u.lr_factor.iloc[0]) if "lr_factor" in u else 1.0,
                      "tuned_lr_factor": float(t.lr_factor.iloc[0]) if "lr_factor" in t else 1.0,
