@@ -18,8 +18,8 @@ import pandas as pd
 from .core import ConfigError, Registry, load_table, results_dir
 
 # %% auto #0
-__all__ = ['VERDICTS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'seeds_to_decide', 'paired_differences', 'paired_effect',
-           'Claim', 'ClaimSet', 'register_claims', 'verdict_table', 'published_tables', 'verdicts',
+__all__ = ['VERDICTS', 'MAX_SEEDS', 'CLAIMS', 'Evidence', 'bootstrap_mean', 'decide', 'seeds_to_decide', 'paired_differences',
+           'paired_effect', 'Claim', 'ClaimSet', 'register_claims', 'verdict_table', 'published_tables', 'verdicts',
            'published_variants', 'stated_experiments']
 
 # %% ../nbs/03b_claims.ipynb #304fb8ae
@@ -53,12 +53,16 @@ def decide(ev: Evidence, threshold: float = 0.0, margin: float = 0.0) -> str:
     if ev.hi < threshold + margin: return "not reproduced"
     return "not decided"
 
+MAX_SEEDS = 1000     # beyond this many seeds a projection says only "a tie at this spread"
+
 def seeds_to_decide(ev: Evidence, threshold: float = 0.0) -> float:
     """Seeds at which an interval with this one's spread per seed would exclude `threshold` (its half-width falls as
-    1/√n): n · (half-width / |estimate − threshold|)², rounded up; inf when the estimate sits on the threshold or n < 2."""
+    1/√n): n · (half-width / |estimate − threshold|)², rounded up; inf when the estimate sits on the threshold or
+    so near it that the projection exceeds `MAX_SEEDS` (a tie no run of seeds settles), or n < 2."""
     gap, half = abs(ev.estimate - threshold), (ev.hi - ev.lo) / 2
     if ev.n < 2 or gap == 0 or not np.isfinite(half): return math.inf
-    return float(max(ev.n, math.ceil(ev.n * (half / gap) ** 2)))
+    n = max(ev.n, math.ceil(ev.n * (half / gap) ** 2))
+    return float(n) if n <= MAX_SEEDS else math.inf
 
 # %% ../nbs/03b_claims.ipynb #4b4c4a41
 def paired_differences(table: pd.DataFrame, metric: str, where: dict, better: dict, worse: dict, pair: str = "seed") -> pd.Series:
