@@ -55,11 +55,13 @@ def decide(ev: Evidence, threshold: float = 0.0, margin: float = 0.0) -> str:
 
 MAX_SEEDS = 1000     # beyond this many seeds a projection says only "a tie at this spread"
 
-def seeds_to_decide(ev: Evidence, threshold: float = 0.0) -> float:
-    """Seeds at which an interval with this one's spread per seed would exclude `threshold` (its half-width falls as
-    1/√n): n · (half-width / |estimate − threshold|)², rounded up; inf when the estimate sits on the threshold or
-    so near it that the projection exceeds `MAX_SEEDS` (a tie no run of seeds settles), or n < 2."""
-    gap, half = abs(ev.estimate - threshold), (ev.hi - ev.lo) / 2
+def seeds_to_decide(ev: Evidence, threshold: float = 0.0, margin: float = 0.0) -> float:
+    """Seeds at which an interval with this one's spread per seed, centred where it is, would decide (`decide`; its
+    half-width falls as 1/√n): n · (half-width / gap)², rounded up, the gap being the larger of estimate − threshold
+    (the distance to "reproduced") and threshold + margin − estimate (to "not reproduced"); inf when the estimate sits
+    on a threshold with no margin, or so near it that the projection exceeds `MAX_SEEDS` (a tie no run of seeds
+    settles), or n < 2."""
+    gap, half = max(ev.estimate - threshold, threshold + margin - ev.estimate), (ev.hi - ev.lo) / 2
     if ev.n < 2 or gap == 0 or not np.isfinite(half): return math.inf
     n = max(ev.n, math.ceil(ev.n * (half / gap) ** 2))
     return float(n) if n <= MAX_SEEDS else math.inf
@@ -101,7 +103,7 @@ class Claim:
         v = decide(ev, self.threshold, self.margin)
         return {"claim": self.name, "statement": self.statement, "estimate": ev.estimate, "lo": ev.lo, "hi": ev.hi,
                 "n": ev.n, "unit": ev.unit, "verdict": v,
-                "seeds_to_decide": seeds_to_decide(ev, self.threshold) if v == "not decided" else float(ev.n)}
+                "seeds_to_decide": seeds_to_decide(ev, self.threshold, self.margin) if v == "not decided" else float(ev.n)}
 
 @dataclass(frozen=True, repr=False)
 class ClaimSet:
